@@ -1,0 +1,108 @@
+# pointgate: API metering and billing gateway.
+#
+#   make            release build: bin/gateway, bin/billing, bin/devsim
+#   make test       installs what is missing, builds with ASan+UBSan, runs every test
+#   make run        the whole stack on this machine, with a demo account
+#   make bench      the benchmark (wrk: upstream direct, nginx proxy_pass, gateway)
+#   make format     clang-format every C file;  make lint: cppcheck
+#
+# MODE=release|asan selects the build directory (build/MODE); `make` copies the
+# release binaries to bin/.
+
+MODE ?= release
+O := build/$(MODE)
+
+CC ?= cc
+PKGS := libmicrohttpd libpq hiredis jansson libsodium libcurl libevent
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wpointer-arith \
+          -Wstrict-prototypes -Wno-unused-parameter -g -I. -I$(O)/gen $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDLIBS := $(PKG_LIBS) -lpq -lhiredis -levent -lpthread -lm
+
+ifeq ($(MODE),asan)
+CFLAGS += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+LDFLAGS += -fsanitize=address,undefined
+else
+CFLAGS += -O2
+endif
+
+LUA := $(wildcard billing/*.lua)
+LIB_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c))
+GW_SRC := $(wildcard gateway/*.c)
+SIM_SRC := $(wildcard tests/sim/*.c)
+UNIT_SRC := $(wildcard tests/unit/test_*.c)
+
+LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o) $(O)/gen/hotlua.o
+GW_OBJ := $(GW_SRC:%.c=$(O)/%.o)
+SIM_OBJ := $(SIM_SRC:%.c=$(O)/%.o)
+UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(O)/bin/%)
+
+BINS := $(O)/bin/billing $(if $(GW_SRC),$(O)/bin/gateway) $(if $(SIM_SRC),$(O)/bin/devsim)
+
+.PHONY: all build bins test run bench format lint clean deps
+all: build
+ifeq ($(MODE),release)
+	@mkdir -p bin && cp $(BINS) bin/
+endif
+
+build: $(BINS) $(UNIT_BIN)
+
+$(O)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+# The Lua scripts are embedded as C strings so a binary is self-contained.
+$(O)/gen/hotlua.c: $(LUA) scripts/embed-lua.sh
+	@mkdir -p $(dir $@)
+	scripts/embed-lua.sh $(LUA) > $@
+
+$(O)/gen/hotlua.o: $(O)/gen/hotlua.c
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(O)/libbilling.a: $(LIB_OBJ)
+	ar rcs $@ $^
+
+$(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(O)/bin/devsim: $(SIM_OBJ) $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+deps:
+	@scripts/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory MODE=asan build
+	@python3 tests/run.py --bin build/asan/bin
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/run.sh
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/bench.sh
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+lint:
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+	    --inline-suppr --suppress=missingIncludeSystem -I. $$(git ls-files '*.c')
+
+clean:
+	rm -rf build bin
+
+-include $(shell find build -name '*.d' 2>/dev/null)

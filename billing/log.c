@@ -1,0 +1,43 @@
+/* log.c: timestamped, levelled lines on stderr. Configuration is written once
+ * at start-up (log_init) and only read afterwards, so no locking is needed;
+ * each line is written with a single fprintf, which stdio serialises. */
+#include "billing/log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static enum log_level log_min = LOG_INFO;
+static const char *log_component = "pointgate";
+
+void log_init(const char *component)
+{
+    const char *lvl = getenv("LOG_LEVEL");
+    log_component = component;
+    if (!lvl) return;
+    if (strcmp(lvl, "debug") == 0) log_min = LOG_DEBUG;
+    else if (strcmp(lvl, "warn") == 0) log_min = LOG_WARN;
+    else if (strcmp(lvl, "error") == 0) log_min = LOG_ERROR;
+}
+
+void log_msg(enum log_level lvl, const char *fmt, ...)
+{
+    static const char *names[] = {"debug", "info", "warn", "error"};
+    char msg[1024];
+    char ts[32];
+    struct timespec now;
+    struct tm tm;
+    va_list ap;
+
+    if (lvl < log_min) return;
+    clock_gettime(CLOCK_REALTIME, &now);
+    gmtime_r(&now.tv_sec, &tm);
+    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s.%03ldZ %s %s: %s\n", ts, now.tv_nsec / 1000000, log_component, names[lvl],
+            msg);
+}

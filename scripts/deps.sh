@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, the stack and the tests need.
+# Used by `make run`, `make test` and `make bench`; does nothing when all are
+# present, so it is cheap to call every time.
+set -euo pipefail
+pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
+      libhiredis-dev libjansson-dev libsodium-dev libcurl4-openssl-dev libevent-dev
+      curl jq python3 nginx wrk procps)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "deps: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian's package starts system-wide services where it can; the project never
+# uses them (the stack runs its own instances on free ports).

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Starts and stops a throwaway Postgres and Redis in a directory of their own,
+# on free loopback ports. Never touches a system-wide instance.
+#
+#   scripts/stack.sh start DIR   -> writes DIR/env (DATABASE_URL, REDIS_URL, ...)
+#   scripts/stack.sh stop DIR
+#
+# PostgreSQL refuses to run as root, so as root the cluster is owned and run by
+# the unprivileged `postgres` user that Debian's package creates.
+set -euo pipefail
+
+cmd=${1:-}
+dir=${2:-}
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[ -x "$pgbin/initdb" ] || { echo "stack: PostgreSQL server binaries not found" >&2; exit 1; }
+
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+free_port() {
+    local p
+    for _ in $(seq 1 200); do
+        p=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+    done
+    echo "stack: no free port" >&2
+    return 1
+}
+
+start() {
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    local pgport rport
+    pgport=${PGPORT_WANTED:-$(free_port)}
+    rport=${REDIS_PORT_WANTED:-$(free_port)}
+    mkdir -p "$dir/pg" "$dir/redis"
+    if [ "$(id -u)" -eq 0 ]; then
+        chown postgres "$dir/pg"
+        chmod 755 "$dir"
+    fi
+    as_pg "$pgbin/initdb" -D "$dir/pg/data" -U postgres -A trust --no-sync -E UTF8 \
+        >"$dir/pg/initdb.log" 2>&1 || { cat "$dir/pg/initdb.log" >&2; exit 1; }
+    # fsync off: this is a throwaway instance for tests and demos; crash tests
+    # kill our processes, never this server.
+    as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 \
+        -o "-p $pgport -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        start >/dev/null || { cat "$dir/pg/server.log" >&2; exit 1; }
+    as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres pointgate
+    redis-server --port "$rport" --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
+        --pidfile "$dir/redis/redis.pid" --logfile "$dir/redis/redis.log" \
+        --appendonly yes --appendfsync everysec --save "" >/dev/null
+    for _ in $(seq 1 100); do
+        redis-cli -p "$rport" ping >/dev/null 2>&1 && break
+        sleep 0.05
+    done
+    redis-cli -p "$rport" ping >/dev/null || { echo "stack: redis did not start" >&2; exit 1; }
+    cat >"$dir/env" <<ENV
+export DATABASE_URL="postgresql://postgres@127.0.0.1:$pgport/pointgate"
+export REDIS_URL="redis://127.0.0.1:$rport/0"
+export PGPORT_STACK=$pgport
+export REDIS_PORT_STACK=$rport
+ENV
+    echo "stack: postgres on 127.0.0.1:$pgport, redis on 127.0.0.1:$rport ($dir)" >&2
+}
+
+stop() {
+    [ -d "$dir" ] || return 0
+    if [ -f "$dir/env" ]; then
+        # shellcheck disable=SC1091
+        . "$dir/env"
+        redis-cli -p "$REDIS_PORT_STACK" shutdown nosave >/dev/null 2>&1 || true
+    fi
+    if [ -d "$dir/pg/data" ]; then
+        as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+}
+
+case "$cmd" in
+    start) start ;;
+    stop) stop ;;
+    *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+esac

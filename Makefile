@@ -34,7 +34,8 @@ GW_SRC := $(wildcard gateway/*.c)
 SIM_SRC := $(wildcard tests/sim/*.c)
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 
-LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o) $(O)/gen/hotlua.o
+SQL := $(sort $(wildcard schema/*.sql))
+LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o) $(O)/gen/hotlua.o $(O)/gen/migrations.o
 GW_OBJ := $(GW_SRC:%.c=$(O)/%.o)
 SIM_OBJ := $(SIM_SRC:%.c=$(O)/%.o)
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(O)/bin/%)
@@ -58,7 +59,11 @@ $(O)/gen/hotlua.c: $(LUA) scripts/embed-lua.sh
 	@mkdir -p $(dir $@)
 	scripts/embed-lua.sh $(LUA) > $@
 
-$(O)/gen/hotlua.o: $(O)/gen/hotlua.c
+$(O)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
+	@mkdir -p $(dir $@)
+	scripts/embed-sql.sh $(SQL) > $@
+
+$(O)/gen/%.o: $(O)/gen/%.c
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(O)/libbilling.a: $(LIB_OBJ)

@@ -1,0 +1,519 @@
+/* api.c: admin and finance HTTP API (see api.h).
+ *
+ * Every answer is JSON; every refusal is a 4xx with {"error","message"} and
+ * changes nothing. Tokens are compared in constant time (apikey_secret_equal)
+ * and never logged. */
+#include "billing/api.h"
+
+#include "billing/control.h"
+#include "billing/env.h"
+#include "billing/log.h"
+
+#include <inttypes.h>
+#include <arpa/inet.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define API_MAX_BODY (64 * 1024)
+#define API_LEDGER_MAX 500
+
+enum api_role { ROLE_NONE, ROLE_FINANCE, ROLE_ADMIN };
+
+struct api_server {
+    struct MHD_Daemon *d;
+    const billing_config *cfg;
+    pthread_key_t ctx_key; /* per MHD thread: control_ctx */
+};
+
+/* State of one request while MHD feeds us its body. */
+typedef struct api_req {
+    char *body;
+    size_t len;
+    int too_big;
+} api_req;
+
+typedef struct api_reply {
+    int status;
+    json_t *json; /* owned; NULL for an empty body */
+} api_reply;
+
+static api_reply api_json(int status, json_t *j)
+{
+    api_reply r = {status, j};
+    return r;
+}
+
+static api_reply api_error(int status, const char *code, const char *message)
+{
+    return api_json(status, json_pack("{s:s, s:s}", "error", code, "message", message));
+}
+
+static void api_ctx_free(void *p)
+{
+    control_ctx *c = p;
+    if (!c) return;
+    if (c->pg) PQfinish(c->pg);
+    hot_close(c->hot);
+    free(c);
+}
+
+/* The calling thread's connections, opened on first use and repaired after a
+ * failure. NULL when Postgres cannot be reached. */
+static control_ctx *api_ctx(api_server *s)
+{
+    control_ctx *c = pthread_getspecific(s->ctx_key);
+    if (!c) {
+        c = calloc(1, sizeof *c);
+        if (!c) return NULL;
+        c->pepper = &s->cfg->pepper;
+        c->hot = hot_open(s->cfg->redis_url);
+        if (!c->hot || pthread_setspecific(s->ctx_key, c) != 0) {
+            api_ctx_free(c);
+            return NULL;
+        }
+    }
+    if (!c->pg) c->pg = ledger_connect(s->cfg->database_url);
+    if (!c->pg || ledger_check(c->pg) != 0) return NULL;
+    return c;
+}
+
+static enum api_role api_role_of(api_server *s, struct MHD_Connection *conn)
+{
+    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    const char *tok;
+    size_t n;
+    if (!auth || strncmp(auth, "Bearer ", 7) != 0) return ROLE_NONE;
+    tok = auth + 7;
+    n = strlen(tok);
+    /* Both comparisons always run so timing does not tell which role matched. */
+    int admin = s->cfg->admin_token &&
+                apikey_secret_equal(tok, n, s->cfg->admin_token, strlen(s->cfg->admin_token));
+    int finance = s->cfg->finance_token && apikey_secret_equal(tok, n, s->cfg->finance_token,
+                                                               strlen(s->cfg->finance_token));
+    if (admin) return ROLE_ADMIN;
+    if (finance) return ROLE_FINANCE;
+    return ROLE_NONE;
+}
+
+/* A positive decimal id of at most 18 digits; 0 if not one. */
+static int64_t api_parse_id(const char *s, size_t n)
+{
+    int64_t v = 0;
+    if (n == 0 || n > 18) return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+/* Checks a text field: present, a string of 1..MAX bytes of valid UTF-8 with
+ * no control characters. Returns the string or NULL. */
+static const char *api_text(json_t *body, const char *field, size_t max)
+{
+    json_t *v = json_object_get(body, field);
+    const char *s;
+    size_t n;
+    if (!json_is_string(v)) return NULL;
+    s = json_string_value(v);
+    n = json_string_length(v);
+    if (n == 0 || n > max || strlen(s) != n) return NULL;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return NULL;
+    return s;
+}
+
+static json_t *api_account_json(const ledger_account *a)
+{
+    return json_pack("{s:I, s:s, s:s, s:I, s:I, s:I}", "id", (json_int_t)a->id, "name", a->name,
+                     "created_at", a->created_at, "credited", (json_int_t)a->credited, "spent",
+                     (json_int_t)a->spent, "balance", (json_int_t)(a->credited - a->spent));
+}
+
+static json_t *api_entry_json(const ledger_entry *e)
+{
+    json_t *j = json_pack("{s:I, s:I, s:s, s:I, s:I, s:I, s:s, s:s}", "id", (json_int_t)e->id,
+                          "account_id", (json_int_t)e->account_id, "kind", e->kind, "amount",
+                          (json_int_t)e->amount, "credit_seq", (json_int_t)e->credit_seq,
+                          "credited_after", (json_int_t)e->credited_after, "operator",
+                          e->operator_name, "created_at", e->created_at);
+    if (!j) return NULL;
+    json_object_set_new(j, "reference", e->reference[0] ? json_string(e->reference) : json_null());
+    json_object_set_new(j, "reason", e->reason[0] ? json_string(e->reason) : json_null());
+    return j;
+}
+
+/* Maps a ledger/control status to an answer. */
+static api_reply api_status_error(int rc, const char *what)
+{
+    switch (rc) {
+    case LEDGER_NOT_FOUND:
+        return api_error(404, "not_found", what);
+    case LEDGER_CONFLICT:
+        return api_error(409, "conflict",
+                         "this reference was already used on this account with other terms");
+    case LEDGER_INSUFFICIENT:
+        return api_error(409, "insufficient_points",
+                         "the adjustment would take the balance below zero");
+    case LEDGER_LIMIT:
+        return api_error(422, "limit_exceeded",
+                         "the amount would exceed the account's maximum credited total");
+    case CONTROL_UNAVAILABLE:
+        return api_error(503, "billing_unavailable", "redis is unreachable; retry");
+    default:
+        return api_error(503, "database_unavailable", "the ledger is unreachable; retry");
+    }
+}
+
+static json_t *api_parse_body(const api_req *rq, api_reply *err)
+{
+    json_error_t e;
+    json_t *j;
+    if (rq->len == 0) {
+        *err = api_error(400, "bad_request", "a JSON object body is required");
+        return NULL;
+    }
+    j = json_loadb(rq->body, rq->len, JSON_REJECT_DUPLICATES, &e);
+    if (!j || !json_is_object(j)) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "malformed JSON: %s", j ? "not an object" : e.text);
+        json_decref(j);
+        *err = api_error(400, "bad_request", msg);
+        return NULL;
+    }
+    return j;
+}
+
+/* Reads "amount": a JSON integer, non-zero, |amount| <= 10^12, and > 0
+ * unless SIGNED. */
+static int api_amount(json_t *body, int is_signed, int64_t *out)
+{
+    json_t *v = json_object_get(body, "amount");
+    json_int_t a;
+    if (!json_is_integer(v)) return -1;
+    a = json_integer_value(v);
+    if (a == 0 || a > LEDGER_MAX_AMOUNT || a < -LEDGER_MAX_AMOUNT) return -1;
+    if (!is_signed && a < 0) return -1;
+    *out = (int64_t)a;
+    return 0;
+}
+
+static api_reply api_create_account(control_ctx *c, const api_req *rq)
+{
+    api_reply err;
+    ledger_account a;
+    json_t *body = api_parse_body(rq, &err);
+    const char *name;
+    int rc;
+    if (!body) return err;
+    name = api_text(body, "name", 200);
+    if (!name) {
+        json_decref(body);
+        return api_error(400, "bad_request", "name must be a string of 1 to 200 characters");
+    }
+    rc = control_account_create(c, name, &a);
+    json_decref(body);
+    if (rc != LEDGER_OK) return api_status_error(rc, "account");
+    return api_json(201, api_account_json(&a));
+}
+
+static api_reply api_get_account(control_ctx *c, int64_t id)
+{
+    ledger_account a;
+    int found = 0;
+    int64_t credited, spent, held;
+    json_t *j;
+    int rc = ledger_account_get(c->pg, id, &a);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
+    j = api_account_json(&a);
+    if (hot_account(c->hot, id, &found, &credited, &spent, &held) == 0 && found) {
+        json_object_set_new(j, "available", json_integer(credited - spent - held));
+        json_object_set_new(j, "held", json_integer(held));
+        json_object_set_new(j, "live", json_true());
+    } else {
+        /* Redis unreachable or not yet synced: say so rather than guess. */
+        json_object_set_new(j, "available", json_null());
+        json_object_set_new(j, "held", json_null());
+        json_object_set_new(j, "live", json_false());
+    }
+    return api_json(200, j);
+}
+
+static api_reply api_create_key(control_ctx *c, int64_t account)
+{
+    char key[APIKEY_LEN + 1];
+    int64_t key_id;
+    json_t *j;
+    int rc = control_key_create(c, account, key, &key_id);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
+    j = json_pack("{s:I, s:I, s:s}", "key_id", (json_int_t)key_id, "account_id",
+                  (json_int_t)account, "api_key", key);
+    sodium_memzero(key, sizeof key);
+    return api_json(201, j);
+}
+
+static api_reply api_revoke_key(control_ctx *c, int64_t key_id)
+{
+    int rc = control_key_revoke(c, key_id);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such key");
+    return api_json(204, NULL);
+}
+
+static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, int is_topup)
+{
+    api_reply err;
+    ledger_entry e;
+    int64_t amount;
+    int created = 0, rc;
+    const char *reference = NULL, *reason = NULL;
+    json_t *body = api_parse_body(rq, &err);
+    if (!body) return err;
+    if (api_amount(body, !is_topup, &amount) != 0) {
+        err = api_error(400, "bad_request",
+                        is_topup ? "amount must be an integer between 1 and 1000000000000"
+                                 : "amount must be a non-zero integer between -1000000000000 "
+                                   "and 1000000000000");
+        goto out;
+    }
+    if (json_object_get(body, "reference")) {
+        reference = api_text(body, "reference", 200);
+        if (!reference) {
+            err = api_error(400, "bad_request", "reference must be a string of 1 to 200 characters");
+            goto out;
+        }
+    }
+    if (is_topup && !reference) {
+        err = api_error(400, "bad_request", "reference is required: it makes a top-up idempotent");
+        goto out;
+    }
+    if (!is_topup) {
+        reason = api_text(body, "reason", 500);
+        if (!reason) {
+            err = api_error(400, "bad_request", "reason must be a string of 1 to 500 characters");
+            goto out;
+        }
+    }
+    rc = control_credit(c, account, is_topup ? "topup" : "adjustment", amount, reference, reason,
+                        "admin", &e, &created);
+    if (rc != LEDGER_OK) {
+        err = api_status_error(rc, "no such account");
+        goto out;
+    }
+    err = api_json(created ? 201 : 200, api_entry_json(&e));
+out:
+    json_decref(body);
+    return err;
+}
+
+static api_reply api_ledger(control_ctx *c, int64_t account, struct MHD_Connection *conn)
+{
+    const char *ls = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "limit");
+    const char *bs = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "before");
+    int64_t limit = 50, before = 0;
+    ledger_entry *rows;
+    ledger_account a;
+    json_t *arr, *j;
+    int n = 0, rc;
+
+    if (ls && (env_parse_int64(ls, &limit) != 0 || limit < 1 || limit > API_LEDGER_MAX))
+        return api_error(400, "bad_request", "limit must be an integer from 1 to 500");
+    if (bs && (env_parse_int64(bs, &before) != 0 || before < 1))
+        return api_error(400, "bad_request", "before must be a positive entry id");
+    rc = ledger_account_get(c->pg, account, &a);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
+    rows = calloc((size_t)limit, sizeof *rows);
+    if (!rows) return api_error(503, "internal", "out of memory");
+    rc = ledger_entries(c->pg, account, before, (int)limit, rows, &n);
+    if (rc != LEDGER_OK) {
+        free(rows);
+        return api_status_error(rc, "ledger");
+    }
+    arr = json_array();
+    for (int i = 0; i < n; i++) json_array_append_new(arr, api_entry_json(&rows[i]));
+    j = json_pack("{s:o}", "entries", arr);
+    /* The cursor for the next (older) page, when this one was full. */
+    json_object_set_new(j, "next_before",
+                        n == limit ? json_integer(rows[n - 1].id) : json_null());
+    free(rows);
+    return api_json(200, j);
+}
+
+/* Splits "/v1/accounts/12/keys" style paths and dispatches. */
+static api_reply api_route(api_server *s, struct MHD_Connection *conn, const char *method,
+                           const char *url, const api_req *rq)
+{
+    const char *seg[6];
+    size_t len[6];
+    int n = 0, is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0,
+        is_delete = strcmp(method, "DELETE") == 0;
+    enum api_role role;
+    control_ctx *c;
+    int64_t id = 0;
+
+    if (strcmp(url, "/healthz") == 0 && is_get)
+        return api_json(200, json_pack("{s:s}", "status", "ok"));
+    for (const char *p = url; *p && n < 6;) {
+        const char *q;
+        if (*p != '/') return api_error(404, "not_found", "no such endpoint");
+        p++;
+        q = strchr(p, '/');
+        seg[n] = p;
+        len[n] = q ? (size_t)(q - p) : strlen(p);
+        n++;
+        p += len[n - 1];
+    }
+#define SEG(i, lit) (len[i] == sizeof(lit) - 1 && memcmp(seg[i], lit, len[i]) == 0)
+    if (n < 2 || !SEG(0, "v1")) return api_error(404, "not_found", "no such endpoint");
+
+    role = api_role_of(s, conn);
+    if (role == ROLE_NONE)
+        return api_error(401, "unauthorized", "a valid operator bearer token is required");
+    if (!is_get && role != ROLE_ADMIN)
+        return api_error(403, "forbidden", "this call needs the admin role");
+    c = api_ctx(s);
+    if (!c) return api_error(503, "database_unavailable", "the ledger is unreachable; retry");
+
+    if (SEG(1, "accounts")) {
+        if (n == 2) {
+            if (is_post) return api_create_account(c, rq);
+            return api_error(405, "method_not_allowed", "use POST");
+        }
+        id = api_parse_id(seg[2], len[2]);
+        if (!id) return api_error(404, "not_found", "no such account");
+        if (n == 3) {
+            if (is_get) return api_get_account(c, id);
+            return api_error(405, "method_not_allowed", "use GET");
+        }
+        if (n == 4 && SEG(3, "keys")) {
+            if (is_post) return api_create_key(c, id);
+            return api_error(405, "method_not_allowed", "use POST");
+        }
+        if (n == 4 && (SEG(3, "topups") || SEG(3, "adjustments"))) {
+            if (is_post) return api_credit(c, id, rq, SEG(3, "topups"));
+            return api_error(405, "method_not_allowed", "use POST");
+        }
+        if (n == 4 && SEG(3, "ledger")) {
+            if (is_get) return api_ledger(c, id, conn);
+            return api_error(405, "method_not_allowed", "use GET");
+        }
+    } else if (SEG(1, "keys") && n == 3) {
+        id = api_parse_id(seg[2], len[2]);
+        if (!id) return api_error(404, "not_found", "no such key");
+        if (is_delete) return api_revoke_key(c, id);
+        return api_error(405, "method_not_allowed", "use DELETE");
+    }
+#undef SEG
+    return api_error(404, "not_found", "no such endpoint");
+}
+
+static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
+{
+    char *text = r.json ? json_dumps(r.json, JSON_COMPACT) : NULL;
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+    if (r.json && !text) {
+        r.status = 500;
+        text = strdup("{\"error\":\"internal\",\"message\":\"could not render\"}");
+    }
+    json_decref(r.json);
+    resp = MHD_create_response_from_buffer(text ? strlen(text) : 0, text,
+                                           MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(text);
+        return MHD_NO;
+    }
+    if (text) MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "Cache-Control", "no-store");
+    ret = MHD_queue_response(conn, (unsigned)r.status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+static enum MHD_Result api_handler(void *cls, struct MHD_Connection *conn, const char *url,
+                                   const char *method, const char *version,
+                                   const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    api_server *s = cls;
+    api_req *rq = *con_cls;
+    if (!rq) {
+        rq = calloc(1, sizeof *rq);
+        if (!rq) return MHD_NO;
+        *con_cls = rq;
+        return MHD_YES;
+    }
+    if (*upload_size > 0) {
+        if (!rq->too_big && rq->len + *upload_size <= API_MAX_BODY) {
+            char *nb = realloc(rq->body, rq->len + *upload_size);
+            if (!nb) return MHD_NO;
+            rq->body = nb;
+            memcpy(rq->body + rq->len, upload_data, *upload_size);
+            rq->len += *upload_size;
+        } else {
+            rq->too_big = 1;
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (rq->too_big) return api_send(conn, api_error(413, "payload_too_large", "body over 64 KiB"));
+    return api_send(conn, api_route(s, conn, method, url, rq));
+}
+
+static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                          enum MHD_RequestTerminationCode toe)
+{
+    api_req *rq = *con_cls;
+    if (!rq) return;
+    free(rq->body);
+    free(rq);
+    *con_cls = NULL;
+}
+
+api_server *api_start(const billing_config *cfg)
+{
+    api_server *s = calloc(1, sizeof *s);
+    struct sockaddr_in addr;
+    if (!s) return NULL;
+    s->cfg = cfg;
+    if (pthread_key_create(&s->ctx_key, api_ctx_free) != 0) {
+        free(s);
+        return NULL;
+    }
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)cfg->listen_port);
+    if (inet_pton(AF_INET, cfg->listen_host, &addr.sin_addr) != 1) {
+        log_error("BILLING_LISTEN host %s: expected an IPv4 address", cfg->listen_host);
+        goto fail;
+    }
+    s->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, 0, NULL, NULL,
+                            api_handler, s, MHD_OPTION_SOCK_ADDR, &addr,
+                            MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->api_threads,
+                            MHD_OPTION_NOTIFY_COMPLETED, api_completed, s,
+                            MHD_OPTION_CONNECTION_TIMEOUT, 30u, MHD_OPTION_CONNECTION_LIMIT,
+                            1000u, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024),
+                            MHD_OPTION_END);
+    if (!s->d) {
+        log_error("admin API: cannot listen on %s:%d", cfg->listen_host, cfg->listen_port);
+        goto fail;
+    }
+    log_info("admin API listening on %s:%d", cfg->listen_host, cfg->listen_port);
+    return s;
+fail:
+    pthread_key_delete(s->ctx_key);
+    free(s);
+    return NULL;
+}
+
+void api_stop(api_server *s)
+{
+    if (!s) return;
+    /* Stopping joins the pool threads, which runs each one's ctx destructor. */
+    MHD_stop_daemon(s->d);
+    pthread_key_delete(s->ctx_key);
+    free(s);
+}

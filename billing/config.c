@@ -1,0 +1,56 @@
+/* config.c: bin/billing configuration from the environment (see config.h). */
+#include "billing/config.h"
+
+#include "billing/env.h"
+#include "billing/log.h"
+
+#include <string.h>
+
+int config_load(billing_config *c, int need_redis, int need_listen, int need_pepper)
+{
+    const char *listen;
+    const char *pepper;
+    int rc = 0;
+
+    memset(c, 0, sizeof *c);
+    c->database_url = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/pointgate");
+    c->redis_url = env_str("REDIS_URL", "redis://127.0.0.1:6379/0");
+    c->admin_token = env_str("ADMIN_TOKEN", NULL);
+    c->finance_token = env_str("FINANCE_TOKEN", NULL);
+    listen = env_str("BILLING_LISTEN", "127.0.0.1:8081");
+    if (need_listen &&
+        env_parse_hostport(listen, c->listen_host, sizeof c->listen_host, &c->listen_port) != 0) {
+        log_error("BILLING_LISTEN=%s: expected host:port", listen);
+        rc = -1;
+    }
+    if (need_listen && c->admin_token && strlen(c->admin_token) < 16) {
+        log_error("ADMIN_TOKEN must be at least 16 characters");
+        rc = -1;
+    }
+    if (need_listen && c->finance_token && strlen(c->finance_token) < 16) {
+        log_error("FINANCE_TOKEN must be at least 16 characters");
+        rc = -1;
+    }
+    pepper = env_str("KEY_PEPPER", NULL);
+    if (pepper) {
+        if (apikey_pepper_init(&c->pepper, pepper) != 0) {
+            log_error("KEY_PEPPER must be at least 16 bytes");
+            rc = -1;
+        } else {
+            c->has_pepper = 1;
+        }
+    } else if (need_pepper) {
+        log_error("KEY_PEPPER is required (the secret API keys are hashed with)");
+        rc = -1;
+    }
+    (void)need_redis; /* REDIS_URL has a usable default; hot_open validates it */
+    if (env_int64("BILLING_API_THREADS", 4, 1, 64, &c->api_threads) != 0 ||
+        env_int64("SETTLE_WORKERS", 1, 0, 16, &c->settle_workers) != 0 ||
+        env_int64("SETTLE_BATCH", 2000, 1, 10000, &c->settle_batch) != 0 ||
+        env_int64("SETTLE_CLAIM_IDLE_MS", 30000, 100, 86400000, &c->settle_claim_idle_ms) != 0 ||
+        env_int64("SWEEP_INTERVAL_MS", 1000, 10, 3600000, &c->sweep_interval_ms) != 0 ||
+        env_int64("CREDIT_SYNC_INTERVAL_MS", 30000, 100, 86400000, &c->credit_sync_interval_ms) !=
+            0)
+        rc = -1;
+    return rc;
+}

@@ -1,0 +1,32 @@
+/* config.h: bin/billing's configuration, read once from the environment at
+ * start and read-only afterwards. Owns defaults and validation; does not own
+ * the gateway's settings (gateway/ has its own). */
+#ifndef POINTGATE_CONFIG_H
+#define POINTGATE_CONFIG_H
+
+#include "billing/apikey.h"
+
+#include <stdint.h>
+
+typedef struct billing_config {
+    const char *database_url;
+    const char *redis_url;
+    char listen_host[256];
+    int listen_port;
+    const char *admin_token;   /* NULL: admin API refuses every call */
+    const char *finance_token; /* NULL: no finance bootstrap token */
+    apikey_pepper pepper;
+    int has_pepper;
+    int64_t api_threads;
+    int64_t settle_workers;
+    int64_t settle_batch;
+    int64_t settle_claim_idle_ms;
+    int64_t sweep_interval_ms;
+    int64_t credit_sync_interval_ms;
+} billing_config;
+
+/* Reads the environment. NEED_* say which parts this command requires; a
+ * missing or malformed required value is logged and makes it return -1. */
+int config_load(billing_config *c, int need_redis, int need_listen, int need_pepper);
+
+#endif

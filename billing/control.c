@@ -1,0 +1,109 @@
+/* control.c: control-plane operations across Postgres and Redis (see control.h). */
+#include "billing/control.h"
+
+#include "billing/hotkeys.h"
+#include "billing/log.h"
+
+#include <inttypes.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
+
+/* How long a negative adjustment's guard hold may live if billing dies
+ * before releasing it (the sweeper then releases it, charging nothing). */
+#define CONTROL_GUARD_TTL_MS 30000
+
+int control_account_create(control_ctx *c, const char *name, ledger_account *out)
+{
+    int applied;
+    int rc = ledger_account_create(c->pg, name, out);
+    if (rc != LEDGER_OK) return rc;
+    /* An account known to Redis with 0 points answers "short" rather than
+     * "unknown"; if this push is lost the repair pass makes it. */
+    if (hot_credit(c->hot, out->id, 0, 0, 0, "", &applied) != 0)
+        log_warn("account %" PRId64 ": initial push to redis failed; repair pass will retry",
+                 out->id);
+    return LEDGER_OK;
+}
+
+int control_key_create(control_ctx *c, int64_t account_id, char key[APIKEY_LEN + 1],
+                       int64_t *key_id)
+{
+    char hash[APIKEY_HASH_HEX + 1];
+    int rc;
+    if (apikey_generate(key) != 0) return LEDGER_ERROR;
+    if (apikey_hash(c->pepper, key, APIKEY_LEN, hash) != 0) return LEDGER_ERROR;
+    rc = ledger_key_create(c->pg, account_id, hash, key_id);
+    if (rc != LEDGER_OK) {
+        sodium_memzero(key, APIKEY_LEN + 1);
+        return rc;
+    }
+    if (hot_key_set(c->hot, hash, account_id) != 0)
+        log_warn("key %" PRId64 ": push to redis failed; repair pass will retry", *key_id);
+    return LEDGER_OK;
+}
+
+int control_key_revoke(control_ctx *c, int64_t key_id)
+{
+    char hash[65];
+    int64_t account;
+    int rc = ledger_key_revoke(c->pg, key_id, hash, &account);
+    if (rc != LEDGER_OK) return rc;
+    if (hot_key_del(c->hot, hash) != 0) {
+        log_error("key %" PRId64 ": revoked in ledger but not yet removed from redis", key_id);
+        return CONTROL_UNAVAILABLE;
+    }
+    log_info("key %" PRId64 " of account %" PRId64 " revoked", key_id, account);
+    return LEDGER_OK;
+}
+
+/* Takes the guard hold of a negative adjustment. *guarded = 0 when Redis does
+ * not know the account (nothing can be in flight against it then). */
+static int control_guard(control_ctx *c, int64_t account_id, int64_t amount, char rid[40],
+                         int *guarded)
+{
+    unsigned char raw[12];
+    char hex[25];
+    int status;
+    int64_t available, held;
+    randombytes_buf(raw, sizeof raw);
+    sodium_bin2hex(hex, sizeof hex, raw, sizeof raw);
+    snprintf(rid, 40, "adj-%s", hex);
+    *guarded = 0;
+    if (hot_reserve(c->hot, account_id, rid, -amount, CONTROL_GUARD_TTL_MS, "_adjustment", &status,
+                    &available, &held) != 0)
+        return CONTROL_UNAVAILABLE;
+    if (status == HOT_RESERVE_SHORT) return LEDGER_INSUFFICIENT;
+    *guarded = status == HOT_RESERVE_HELD;
+    return LEDGER_OK;
+}
+
+int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t amount,
+                   const char *reference, const char *reason, const char *operator_name,
+                   ledger_entry *out, int *created)
+{
+    char guard[40] = "";
+    int guarded = 0, applied, rc;
+    int64_t spent = 0;
+    ledger_account acct;
+
+    *created = 0;
+    if (amount < 0) {
+        rc = control_guard(c, account_id, amount, guard, &guarded);
+        if (rc != LEDGER_OK) return rc;
+        if (!guarded) guard[0] = '\0';
+    }
+    rc = ledger_credit(c->pg, account_id, kind, amount, reference, reason, operator_name, out,
+                       created, &spent);
+    if (rc == LEDGER_OK) {
+        if (hot_credit(c->hot, account_id, out->credit_seq, out->credited_after, spent, guard,
+                       &applied) != 0)
+            log_warn("account %" PRId64 ": credit push to redis failed; repair pass will retry",
+                     account_id);
+        return LEDGER_OK;
+    }
+    /* Refused or failed: drop the guard by re-pushing the current state. */
+    if (guard[0] && ledger_account_get(c->pg, account_id, &acct) == LEDGER_OK)
+        hot_credit(c->hot, account_id, acct.credit_seq, acct.credited, acct.spent, guard, &applied);
+    return rc;
+}

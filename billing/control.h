@@ -1,0 +1,42 @@
+/* control.h: control-plane operations that span both stores.
+ * Owns the order of writes between Postgres (the truth) and Redis (the hot
+ * copy) for accounts, keys and credits: Postgres first, then an immediate
+ * push to Redis, which the periodic repair pass (creditsync.c) redoes if the
+ * push was lost. Used by the admin API and the CLI alike, so both behave the
+ * same. Does not own HTTP or argument parsing. */
+#ifndef POINTGATE_CONTROL_H
+#define POINTGATE_CONTROL_H
+
+#include "billing/apikey.h"
+#include "billing/hot.h"
+#include "billing/ledger.h"
+
+/* One caller's connections; belongs to one thread. */
+typedef struct control_ctx {
+    PGconn *pg;
+    hot_conn *hot;
+    const apikey_pepper *pepper;
+} control_ctx;
+
+enum { CONTROL_UNAVAILABLE = -10 /* Redis unreachable: nothing was changed */ };
+
+int control_account_create(control_ctx *c, const char *name, ledger_account *out);
+
+/* Creates a key: KEY gets the plaintext (shown once, never stored). */
+int control_key_create(control_ctx *c, int64_t account_id, char key[APIKEY_LEN + 1],
+                       int64_t *key_id);
+
+/* Revokes in Postgres, then removes the key from Redis. CONTROL_UNAVAILABLE
+ * when the Redis removal failed: the key is revoked in the ledger and the
+ * repair pass will remove it, but the caller should know it may still work
+ * for up to one repair interval. */
+int control_key_revoke(control_ctx *c, int64_t key_id);
+
+/* A top-up (kind "topup") or signed adjustment (kind "adjustment"); see
+ * ledger_credit for idempotency. A negative adjustment first holds the amount
+ * in Redis so that calls in flight can never be left overdrawn by it. */
+int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t amount,
+                   const char *reference, const char *reason, const char *operator_name,
+                   ledger_entry *out, int *created);
+
+#endif

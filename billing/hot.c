@@ -1,0 +1,292 @@
+/* hot.c: synchronous hot-balance client (see hot.h). */
+#include "billing/hot.h"
+
+#include "billing/env.h"
+#include "billing/hotkeys.h"
+#include "billing/log.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_NSCRIPTS };
+
+struct hot_conn {
+    redisContext *c;
+    char host[256];
+    int port;
+    int db;
+    char sha[HOT_NSCRIPTS][41];
+};
+
+static const char *const hot_sources[HOT_NSCRIPTS] = {hot_lua_reserve, hot_lua_settle,
+                                                      hot_lua_credit};
+
+hot_conn *hot_open(const char *redis_url)
+{
+    hot_conn *h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    if (env_parse_redis_url(redis_url, h->host, sizeof h->host, &h->port, &h->db) != 0) {
+        log_error("REDIS_URL %s: expected redis://host:port/db", redis_url);
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+void hot_close(hot_conn *h)
+{
+    if (!h) return;
+    if (h->c) redisFree(h->c);
+    free(h);
+}
+
+static void hot_drop(hot_conn *h)
+{
+    if (h->c) redisFree(h->c);
+    h->c = NULL;
+}
+
+/* Connects if needed; 0 when a connection is ready. */
+static int hot_ensure(hot_conn *h)
+{
+    struct timeval tv = {2, 0};
+    redisReply *r;
+    if (h->c && !h->c->err) return 0;
+    hot_drop(h);
+    h->c = redisConnectWithTimeout(h->host, h->port, tv);
+    if (!h->c || h->c->err) {
+        log_warn("redis %s:%d: %s", h->host, h->port, h->c ? h->c->errstr : "out of memory");
+        hot_drop(h);
+        return -1;
+    }
+    redisSetTimeout(h->c, (struct timeval){5, 0});
+    if (h->db != 0) {
+        r = redisCommand(h->c, "SELECT %d", h->db);
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            if (r) freeReplyObject(r);
+            hot_drop(h);
+            return -1;
+        }
+        freeReplyObject(r);
+    }
+    memset(h->sha, 0, sizeof h->sha);
+    return 0;
+}
+
+void *hot_command_argv(hot_conn *h, int argc, const char **argv, const size_t *lens)
+{
+    redisReply *r;
+    if (hot_ensure(h) != 0) return NULL;
+    r = redisCommandArgv(h->c, argc, argv, lens);
+    if (!r) {
+        log_warn("redis: %s", h->c->errstr);
+        hot_drop(h);
+    }
+    return r;
+}
+
+static int hot_load(hot_conn *h, int script)
+{
+    redisReply *r = redisCommand(h->c, "SCRIPT LOAD %s", hot_sources[script]);
+    int rc = -1;
+    if (!r) {
+        hot_drop(h);
+        return -1;
+    }
+    if (r->type == REDIS_REPLY_STRING && r->len == 40) {
+        memcpy(h->sha[script], r->str, 41);
+        rc = 0;
+    } else {
+        log_error("redis: SCRIPT LOAD failed: %s", r->type == REDIS_REPLY_ERROR ? r->str : "?");
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* EVALSHA with the script's keys and args; reloads once on NOSCRIPT (Redis
+ * restarted or SCRIPT FLUSH). Returns the reply (caller frees) or NULL. */
+static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **args, int nargs)
+{
+    const char *argv[16];
+    char nk[8];
+    redisReply *r = NULL;
+    if (nargs + 3 > 16) return NULL;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (hot_ensure(h) != 0) return NULL;
+        if (!h->sha[script][0] && hot_load(h, script) != 0) return NULL;
+        snprintf(nk, sizeof nk, "%d", nkeys);
+        argv[0] = "EVALSHA";
+        argv[1] = h->sha[script];
+        argv[2] = nk;
+        for (int i = 0; i < nargs; i++) argv[3 + i] = args[i];
+        r = redisCommandArgv(h->c, nargs + 3, argv, NULL);
+        if (!r) {
+            log_warn("redis: %s", h->c->errstr);
+            hot_drop(h);
+            return NULL;
+        }
+        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
+            freeReplyObject(r);
+            r = NULL;
+            h->sha[script][0] = '\0';
+            continue;
+        }
+        break;
+    }
+    if (r && r->type == REDIS_REPLY_ERROR) {
+        log_error("redis script: %s", r->str);
+        freeReplyObject(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* Reads integer element I of an array reply; 0 if absent. */
+static int64_t hot_elem(const redisReply *r, size_t i)
+{
+    if (r->type != REDIS_REPLY_ARRAY || i >= r->elements) return 0;
+    if (r->element[i]->type == REDIS_REPLY_INTEGER) return r->element[i]->integer;
+    return 0;
+}
+
+int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
+               const char *guard_rid, int *applied)
+{
+    hot_keys k;
+    char s[24], c[24], sp[24];
+    const char *args[7];
+    redisReply *r;
+    hot_keys_for(&k, account);
+    snprintf(s, sizeof s, "%" PRId64, seq);
+    snprintf(c, sizeof c, "%" PRId64, credited);
+    snprintf(sp, sizeof sp, "%" PRId64, spent);
+    args[0] = k.acct;
+    args[1] = k.holds;
+    args[2] = k.dl;
+    args[3] = s;
+    args[4] = c;
+    args[5] = sp;
+    args[6] = guard_rid ? guard_rid : "";
+    r = hot_eval(h, HOT_CREDIT, 3, args, 7);
+    if (!r) return -1;
+    *applied = (int)hot_elem(r, 0);
+    freeReplyObject(r);
+    return 0;
+}
+
+int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
+                const char *route, int *status, int64_t *available, int64_t *held)
+{
+    hot_keys k;
+    char a[24], t[24];
+    const char *args[7];
+    redisReply *r;
+    hot_keys_for(&k, account);
+    snprintf(a, sizeof a, "%" PRId64, amount);
+    snprintf(t, sizeof t, "%" PRId64, ttl_ms);
+    args[0] = k.acct;
+    args[1] = k.holds;
+    args[2] = k.dl;
+    args[3] = rid;
+    args[4] = a;
+    args[5] = t;
+    args[6] = route;
+    r = hot_eval(h, HOT_RESERVE, 3, args, 7);
+    if (!r) return -1;
+    *status = (int)hot_elem(r, 0);
+    *available = hot_elem(r, 1);
+    *held = hot_elem(r, 2);
+    freeReplyObject(r);
+    return 0;
+}
+
+int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, const char *outcome,
+               int upstream_status, int *settled, int64_t *charged, int64_t *available)
+{
+    hot_keys k;
+    char c[24], st[16], acct[24];
+    const char *args[9];
+    redisReply *r;
+    hot_keys_for(&k, account);
+    snprintf(c, sizeof c, "%" PRId64, charge);
+    snprintf(st, sizeof st, "%d", upstream_status);
+    snprintf(acct, sizeof acct, "%" PRId64, account);
+    args[0] = k.acct;
+    args[1] = k.holds;
+    args[2] = k.dl;
+    args[3] = HOT_OUTBOX;
+    args[4] = rid;
+    args[5] = c;
+    args[6] = outcome;
+    args[7] = st;
+    args[8] = acct;
+    r = hot_eval(h, HOT_SETTLE, 4, args, 9);
+    if (!r) return -1;
+    *settled = (int)hot_elem(r, 0);
+    *charged = hot_elem(r, 1);
+    *available = hot_elem(r, 2);
+    freeReplyObject(r);
+    return 0;
+}
+
+int hot_account(hot_conn *h, int64_t account, int *found, int64_t *credited, int64_t *spent,
+                int64_t *held)
+{
+    hot_keys k;
+    const char *argv[5];
+    redisReply *r;
+    hot_keys_for(&k, account);
+    argv[0] = "HMGET";
+    argv[1] = k.acct;
+    argv[2] = "credited";
+    argv[3] = "spent";
+    argv[4] = "held";
+    r = hot_command_argv(h, 5, argv, NULL);
+    if (!r) return -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+        freeReplyObject(r);
+        return -1;
+    }
+    *found = r->element[0]->type == REDIS_REPLY_STRING;
+    *credited = *found ? strtoll(r->element[0]->str, NULL, 10) : 0;
+    *spent = r->element[1]->type == REDIS_REPLY_STRING ? strtoll(r->element[1]->str, NULL, 10) : 0;
+    *held = r->element[2]->type == REDIS_REPLY_STRING ? strtoll(r->element[2]->str, NULL, 10) : 0;
+    freeReplyObject(r);
+    return 0;
+}
+
+static int hot_simple(hot_conn *h, int argc, const char **argv)
+{
+    redisReply *r = hot_command_argv(h, argc, argv, NULL);
+    int rc;
+    if (!r) return -1;
+    rc = r->type == REDIS_REPLY_ERROR ? -1 : 0;
+    freeReplyObject(r);
+    return rc;
+}
+
+int hot_key_set(hot_conn *h, const char *key_hash, int64_t account)
+{
+    char name[96], acct[24];
+    const char *argv[3] = {"SET", name, acct};
+    snprintf(name, sizeof name, HOT_KEY_PREFIX "%s", key_hash);
+    snprintf(acct, sizeof acct, "%" PRId64, account);
+    return hot_simple(h, 3, argv);
+}
+
+int hot_key_del(hot_conn *h, const char *key_hash)
+{
+    char name[96];
+    const char *argv[2] = {"DEL", name};
+    snprintf(name, sizeof name, HOT_KEY_PREFIX "%s", key_hash);
+    return hot_simple(h, 2, argv);
+}
+
+int hot_ping(hot_conn *h)
+{
+    const char *argv[1] = {"PING"};
+    return hot_simple(h, 1, argv);
+}

@@ -1,0 +1,48 @@
+/* hot.h: hot balances in Redis, synchronous client for the control plane.
+ * Owns one hiredis connection, the loading of the Lua scripts (by SHA, with a
+ * reload on NOSCRIPT) and typed wrappers around them. Does not own the key
+ * layout or the scripts (hotkeys.h, *.lua) nor the gateway's async client.
+ * A hot_conn belongs to one thread. It reconnects lazily: after an I/O error
+ * the call fails and the next call tries a fresh connection. */
+#ifndef POINTGATE_HOT_H
+#define POINTGATE_HOT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct hot_conn hot_conn;
+
+/* NULL (logged) if the URL is malformed; a connection failure is not fatal
+ * here: the first call reports it. */
+hot_conn *hot_open(const char *redis_url);
+void hot_close(hot_conn *h);
+/* 0 when Redis answers PING. */
+int hot_ping(hot_conn *h);
+
+/* credit.lua: push (seq, credited); SPENT is used only when Redis has no
+ * state for the account; GUARD_RID ("" for none) drops a guard hold. */
+int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
+               const char *guard_rid, int *applied);
+
+/* reserve.lua. *status is HOT_RESERVE_HELD/SHORT/UNKNOWN. */
+int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
+                const char *route, int *status, int64_t *available, int64_t *held);
+
+/* settle.lua. OUTCOME is "commit", "release" or "expire". */
+int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, const char *outcome,
+               int upstream_status, int *settled, int64_t *charged, int64_t *available);
+
+/* The account's live figures; *found = 0 when Redis has no state for it. */
+int hot_account(hot_conn *h, int64_t account, int *found, int64_t *credited, int64_t *spent,
+                int64_t *held);
+
+/* The API key mirror the gateway authenticates against. */
+int hot_key_set(hot_conn *h, const char *key_hash, int64_t account);
+int hot_key_del(hot_conn *h, const char *key_hash);
+
+/* Raw command access for the workers (settlement, sweeper), which speak
+ * stream and scan commands directly. Returns a redisReply* (caller frees with
+ * freeReplyObject) or NULL on I/O error. */
+void *hot_command_argv(hot_conn *h, int argc, const char **argv, const size_t *lens);
+
+#endif

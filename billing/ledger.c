@@ -1,0 +1,425 @@
+/* ledger.c: the Postgres ledger (see ledger.h).
+ *
+ * Credits serialise per account on the account row (SELECT ... FOR UPDATE):
+ * that is what makes a reference idempotent under concurrent duplicates (the
+ * second transaction waits, then finds the first one's entry) and gives each
+ * entry a gap-free credit_seq. Settlement takes no explicit lock: its single
+ * statement deduplicates by reservation id and bumps totals with relative
+ * updates, so concurrent workers are safe (a deadlock between two is retried
+ * by the caller). */
+#include "billing/ledger.h"
+
+#include "billing/log.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ENTRY_COLS                                                                                 \
+    "id, account_id, kind, amount, coalesce(reference, ''), coalesce(reason, ''), credit_seq, "    \
+    "credited_after, operator, to_char(created_at AT TIME ZONE 'UTC', "                           \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+#define ACCOUNT_COLS                                                                               \
+    "id, name, credited, spent, credit_seq, to_char(created_at AT TIME ZONE 'UTC', "              \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+PGconn *ledger_connect(const char *url)
+{
+    PGconn *conn = PQconnectdb(url);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        log_error("postgres: %s", PQerrorMessage(conn));
+        PQfinish(conn);
+        return NULL;
+    }
+    return conn;
+}
+
+int ledger_check(PGconn *conn)
+{
+    if (PQstatus(conn) == CONNECTION_OK) return 0;
+    PQreset(conn);
+    return PQstatus(conn) == CONNECTION_OK ? 0 : -1;
+}
+
+static int64_t ledger_i64(const PGresult *r, int row, int col)
+{
+    return (int64_t)strtoll(PQgetvalue(r, row, col), NULL, 10);
+}
+
+static void ledger_copy(char *dst, size_t n, const PGresult *r, int row, int col)
+{
+    snprintf(dst, n, "%s", PQgetvalue(r, row, col));
+}
+
+/* Runs a parameterised statement; NULL (after logging) unless it succeeded. */
+static PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params)
+{
+    PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) return r;
+    log_error("postgres: %s", PQerrorMessage(conn));
+    PQclear(r);
+    return NULL;
+}
+
+/* Maps a failed statement to a status: integrity/check violations are the
+ * caller's input, everything else is the database's trouble. */
+static int ledger_failure(PGconn *conn, const char *sql, int n, const char *const *params,
+                          PGresult **out)
+{
+    PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    const char *state;
+    int rc;
+    if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+        *out = r;
+        return LEDGER_OK;
+    }
+    state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    if (state && strcmp(state, "23503") == 0) rc = LEDGER_NOT_FOUND; /* foreign key */
+    else if (state && strcmp(state, "23514") == 0) rc = LEDGER_LIMIT; /* check */
+    else if (state && strncmp(state, "23", 2) == 0) rc = LEDGER_CONFLICT;
+    else rc = LEDGER_ERROR;
+    if (rc == LEDGER_ERROR) log_error("postgres: %s", PQerrorMessage(conn));
+    PQclear(r);
+    *out = NULL;
+    return rc;
+}
+
+static int ledger_exec(PGconn *conn, const char *sql)
+{
+    PGresult *r = ledger_query(conn, sql, 0, NULL);
+    if (!r) return LEDGER_ERROR;
+    PQclear(r);
+    return LEDGER_OK;
+}
+
+static void ledger_fill_account(ledger_account *a, const PGresult *r)
+{
+    a->id = ledger_i64(r, 0, 0);
+    ledger_copy(a->name, sizeof a->name, r, 0, 1);
+    a->credited = ledger_i64(r, 0, 2);
+    a->spent = ledger_i64(r, 0, 3);
+    a->credit_seq = ledger_i64(r, 0, 4);
+    ledger_copy(a->created_at, sizeof a->created_at, r, 0, 5);
+}
+
+static void ledger_fill_entry(ledger_entry *e, const PGresult *r, int row)
+{
+    e->id = ledger_i64(r, row, 0);
+    e->account_id = ledger_i64(r, row, 1);
+    ledger_copy(e->kind, sizeof e->kind, r, row, 2);
+    e->amount = ledger_i64(r, row, 3);
+    ledger_copy(e->reference, sizeof e->reference, r, row, 4);
+    ledger_copy(e->reason, sizeof e->reason, r, row, 5);
+    e->credit_seq = ledger_i64(r, row, 6);
+    e->credited_after = ledger_i64(r, row, 7);
+    ledger_copy(e->operator_name, sizeof e->operator_name, r, row, 8);
+    ledger_copy(e->created_at, sizeof e->created_at, r, row, 9);
+}
+
+int ledger_account_create(PGconn *conn, const char *name, ledger_account *out)
+{
+    const char *p[1] = {name};
+    PGresult *r = NULL;
+    int rc = ledger_failure(
+        conn, "INSERT INTO accounts (name) VALUES ($1) RETURNING " ACCOUNT_COLS, 1, p, &r);
+    if (rc != LEDGER_OK) return rc;
+    ledger_fill_account(out, r);
+    PQclear(r);
+    return LEDGER_OK;
+}
+
+int ledger_account_get(PGconn *conn, int64_t id, ledger_account *out)
+{
+    char ids[24];
+    const char *p[1] = {ids};
+    PGresult *r;
+    int rc = LEDGER_NOT_FOUND;
+    snprintf(ids, sizeof ids, "%" PRId64, id);
+    r = ledger_query(conn, "SELECT " ACCOUNT_COLS " FROM accounts WHERE id = $1", 1, p);
+    if (!r) return LEDGER_ERROR;
+    if (PQntuples(r) == 1) {
+        ledger_fill_account(out, r);
+        rc = LEDGER_OK;
+    }
+    PQclear(r);
+    return rc;
+}
+
+int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id)
+{
+    char ids[24];
+    const char *p[2] = {ids, key_hash};
+    PGresult *r = NULL;
+    int rc;
+    snprintf(ids, sizeof ids, "%" PRId64, account_id);
+    rc = ledger_failure(conn,
+                        "INSERT INTO api_keys (account_id, key_hash) VALUES ($1, $2) RETURNING id",
+                        2, p, &r);
+    if (rc != LEDGER_OK) return rc;
+    *key_id = ledger_i64(r, 0, 0);
+    PQclear(r);
+    return LEDGER_OK;
+}
+
+int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *account_id)
+{
+    char ids[24];
+    const char *p[1] = {ids};
+    PGresult *r;
+    int rc = LEDGER_NOT_FOUND;
+    snprintf(ids, sizeof ids, "%" PRId64, key_id);
+    r = ledger_query(conn,
+                     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 "
+                     "RETURNING key_hash, account_id",
+                     1, p);
+    if (!r) return LEDGER_ERROR;
+    if (PQntuples(r) == 1) {
+        snprintf(key_hash, 65, "%s", PQgetvalue(r, 0, 0));
+        *account_id = ledger_i64(r, 0, 1);
+        rc = LEDGER_OK;
+    }
+    PQclear(r);
+    return rc;
+}
+
+/* The body of ledger_credit, inside its transaction. */
+static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int64_t amount,
+                            const char *reference, const char *reason, const char *operator_name,
+                            ledger_entry *out, int *created, int64_t *spent_out)
+{
+    char amounts[24];
+    PGresult *r;
+    int64_t credited, spent;
+    int rc;
+
+    {
+        const char *p[1] = {ids};
+        r = ledger_query(conn, "SELECT credited, spent FROM accounts WHERE id = $1 FOR UPDATE", 1,
+                         p);
+        if (!r) return LEDGER_ERROR;
+        if (PQntuples(r) != 1) {
+            PQclear(r);
+            return LEDGER_NOT_FOUND;
+        }
+        credited = ledger_i64(r, 0, 0);
+        spent = ledger_i64(r, 0, 1);
+        *spent_out = spent;
+        PQclear(r);
+    }
+    if (reference) {
+        const char *p[2] = {ids, reference};
+        r = ledger_query(conn,
+                         "SELECT " ENTRY_COLS
+                         " FROM ledger_entries WHERE account_id = $1 AND reference = $2",
+                         2, p);
+        if (!r) return LEDGER_ERROR;
+        if (PQntuples(r) == 1) {
+            ledger_fill_entry(out, r, 0);
+            PQclear(r);
+            *created = 0;
+            if (out->amount != amount || strcmp(out->kind, kind) != 0) return LEDGER_CONFLICT;
+            return LEDGER_OK;
+        }
+        PQclear(r);
+    }
+    if (amount < 0 && credited + amount < spent) return LEDGER_INSUFFICIENT;
+    snprintf(amounts, sizeof amounts, "%" PRId64, amount);
+    {
+        const char *p[6] = {ids, kind, amounts, reference, reason, operator_name};
+        rc = ledger_failure(
+            conn,
+            "WITH a AS (UPDATE accounts SET credited = credited + $3::bigint, "
+            "  credit_seq = credit_seq + 1 WHERE id = $1 RETURNING credited, credit_seq) "
+            "INSERT INTO ledger_entries (account_id, kind, amount, reference, reason, credit_seq, "
+            "  credited_after, operator) "
+            "SELECT $1, $2, $3, $4, $5, a.credit_seq, a.credited, $6 FROM a RETURNING " ENTRY_COLS,
+            6, p, &r);
+    }
+    if (rc != LEDGER_OK) return rc;
+    ledger_fill_entry(out, r, 0);
+    PQclear(r);
+    *created = 1;
+    return LEDGER_OK;
+}
+
+int ledger_credit(PGconn *conn, int64_t account_id, const char *kind, int64_t amount,
+                  const char *reference, const char *reason, const char *operator_name,
+                  ledger_entry *out, int *created, int64_t *spent_out)
+{
+    char ids[24];
+    int rc;
+    *created = 0;
+    if (amount == 0 || amount > LEDGER_MAX_AMOUNT || amount < -LEDGER_MAX_AMOUNT)
+        return LEDGER_LIMIT;
+    snprintf(ids, sizeof ids, "%" PRId64, account_id);
+    if (ledger_exec(conn, "BEGIN") != LEDGER_OK) return LEDGER_ERROR;
+    rc = ledger_credit_tx(conn, ids, kind, amount, reference, reason, operator_name, out, created,
+                          spent_out);
+    if (rc == LEDGER_OK && *created) {
+        if (ledger_exec(conn, "COMMIT") != LEDGER_OK) {
+            *created = 0;
+            return LEDGER_ERROR;
+        }
+        return LEDGER_OK;
+    }
+    /* Nothing written (replay, refusal or failure): roll back either way. */
+    ledger_exec(conn, "ROLLBACK");
+    return rc;
+}
+
+int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, ledger_entry *out,
+                   int *n)
+{
+    char ids[24], befores[24], maxs[16];
+    const char *p[3] = {ids, befores, maxs};
+    PGresult *r;
+    snprintf(ids, sizeof ids, "%" PRId64, account_id);
+    snprintf(befores, sizeof befores, "%" PRId64, before > 0 ? before : INT64_MAX);
+    snprintf(maxs, sizeof maxs, "%d", max);
+    r = ledger_query(conn,
+                     "SELECT " ENTRY_COLS " FROM ledger_entries WHERE account_id = $1 AND id < $2 "
+                     "ORDER BY id DESC LIMIT $3",
+                     3, p);
+    if (!r) return LEDGER_ERROR;
+    *n = PQntuples(r);
+    for (int i = 0; i < *n; i++) ledger_fill_entry(&out[i], r, i);
+    PQclear(r);
+    return LEDGER_OK;
+}
+
+/* Growable text buffer for array literals; a batch is bounded by the caller. */
+typedef struct ledger_buf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} ledger_buf;
+
+static void ledger_buf_put(ledger_buf *b, const char *s, size_t n)
+{
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        char *np;
+        while (cap < b->len + n + 1) cap *= 2;
+        np = realloc(b->p, cap);
+        if (!np) {
+            b->oom = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+/* Appends one quoted element of a Postgres array literal. */
+static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
+{
+    ledger_buf_put(b, first ? "{\"" : ",\"", 2);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') ledger_buf_put(b, "\\", 1);
+        ledger_buf_put(b, s, 1);
+    }
+    ledger_buf_put(b, "\"", 1);
+}
+
+int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied)
+{
+    ledger_buf cols[8] = {{0}};
+    const char *p[8];
+    PGresult *r = NULL;
+    int rc = LEDGER_ERROR;
+    char num[32];
+
+    *applied = 0;
+    if (n <= 0) return LEDGER_OK;
+    for (int i = 0; i < n; i++) {
+        ledger_buf_elem(&cols[0], i == 0, c[i].rid);
+        snprintf(num, sizeof num, "%" PRId64, c[i].account_id);
+        ledger_buf_elem(&cols[1], i == 0, num);
+        ledger_buf_elem(&cols[2], i == 0, c[i].route);
+        snprintf(num, sizeof num, "%" PRId64, c[i].amount);
+        ledger_buf_elem(&cols[3], i == 0, num);
+        snprintf(num, sizeof num, "%" PRId64, c[i].hold);
+        ledger_buf_elem(&cols[4], i == 0, num);
+        ledger_buf_elem(&cols[5], i == 0, c[i].outcome);
+        snprintf(num, sizeof num, "%d", c[i].status);
+        ledger_buf_elem(&cols[6], i == 0, num);
+        snprintf(num, sizeof num, "%" PRId64, c[i].ts_ms);
+        ledger_buf_elem(&cols[7], i == 0, num);
+    }
+    for (int k = 0; k < 8; k++) {
+        ledger_buf_put(&cols[k], "}", 1);
+        if (cols[k].oom) goto out;
+        p[k] = cols[k].p;
+    }
+    /* One round trip, one implicit transaction: the new charge rows (those
+     * whose reservation id was not seen before) drive both the accounts'
+     * spent and the rollup, so a redelivered entry changes nothing. */
+    rc = ledger_failure(
+        conn,
+        "WITH input AS ("
+        "  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],"
+        "    $6::text[], $7::int[], $8::bigint[])"
+        "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)),"
+        " ins AS ("
+        "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"
+        "    occurred_at)"
+        "  SELECT rid, account_id, route, amount, hold, outcome, status,"
+        "    to_timestamp(ts_ms::float8 / 1000) FROM input"
+        "  ON CONFLICT (reservation_id) DO NOTHING"
+        "  RETURNING account_id, route, amount, outcome, occurred_at),"
+        " acc AS ("
+        "  UPDATE accounts a SET spent = a.spent + s.total"
+        "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"
+        "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"
+        " roll AS ("
+        "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"
+        "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, count(*),"
+        "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"
+        "  FROM ins GROUP BY 1, 2, 3"
+        "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"
+        "    points = u.points + EXCLUDED.points,"
+        "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"
+        " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM roll)",
+        8, p, &r);
+    if (rc == LEDGER_NOT_FOUND || rc == LEDGER_LIMIT) rc = LEDGER_CONFLICT;
+    if (rc != LEDGER_OK) goto out;
+    *applied = (int)ledger_i64(r, 0, 0);
+    PQclear(r);
+out:
+    for (int k = 0; k < 8; k++) free(cols[k].p);
+    return rc;
+}
+
+int ledger_each_account(PGconn *conn, ledger_account_fn fn, void *arg)
+{
+    PGresult *r = ledger_query(conn, "SELECT id, credit_seq, credited, spent FROM accounts", 0, NULL);
+    int rc = LEDGER_OK;
+    if (!r) return LEDGER_ERROR;
+    for (int i = 0; i < PQntuples(r) && rc == LEDGER_OK; i++)
+        if (fn(arg, ledger_i64(r, i, 0), ledger_i64(r, i, 1), ledger_i64(r, i, 2),
+               ledger_i64(r, i, 3)) != 0)
+            rc = LEDGER_ERROR;
+    PQclear(r);
+    return rc;
+}
+
+int ledger_each_key(PGconn *conn, ledger_key_fn fn, void *arg)
+{
+    PGresult *r = ledger_query(
+        conn, "SELECT key_hash, account_id, revoked_at IS NOT NULL FROM api_keys", 0, NULL);
+    int rc = LEDGER_OK;
+    if (!r) return LEDGER_ERROR;
+    for (int i = 0; i < PQntuples(r) && rc == LEDGER_OK; i++)
+        if (fn(arg, PQgetvalue(r, i, 0), ledger_i64(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') != 0)
+            rc = LEDGER_ERROR;
+    PQclear(r);
+    return rc;
+}

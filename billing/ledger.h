@@ -1,0 +1,98 @@
+/* ledger.h: the Postgres ledger (libpq, synchronous).
+ * Owns accounts, API key hashes, credit entries (top-ups, adjustments),
+ * settled charges and the daily usage rollup. Does not touch Redis: keeping
+ * the hot balances in step is control.c's job (and the workers').
+ * Every query is parameterised; no value is ever spliced into SQL text. */
+#ifndef POINTGATE_LEDGER_H
+#define POINTGATE_LEDGER_H
+
+#include <libpq-fe.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define LEDGER_MAX_AMOUNT 1000000000000LL /* 10^12 per entry */
+
+enum ledger_status {
+    LEDGER_OK = 0,
+    LEDGER_ERROR = -1,        /* database unreachable or failed: retry later */
+    LEDGER_NOT_FOUND = -2,    /* no such account or key */
+    LEDGER_CONFLICT = -3,     /* reference reused with other terms */
+    LEDGER_INSUFFICIENT = -4, /* would take the balance below zero */
+    LEDGER_LIMIT = -5,        /* would exceed the credited ceiling (2^53-1) */
+};
+
+typedef struct ledger_account {
+    int64_t id;
+    char name[201];
+    int64_t credited;
+    int64_t spent;
+    int64_t credit_seq;
+    char created_at[40];
+} ledger_account;
+
+typedef struct ledger_entry {
+    int64_t id;
+    int64_t account_id;
+    char kind[16];
+    int64_t amount;
+    char reference[201]; /* "" when none */
+    char reason[501];    /* "" when none */
+    int64_t credit_seq;
+    int64_t credited_after;
+    char operator_name[65];
+    char created_at[40];
+} ledger_entry;
+
+/* One settled call as read from the outbox. */
+typedef struct ledger_charge {
+    char rid[65];
+    int64_t account_id;
+    char route[129];
+    int64_t amount;
+    int64_t hold;
+    char outcome[16];
+    int status;
+    int64_t ts_ms;
+} ledger_charge;
+
+/* Connects (NULL and a log line on failure). */
+PGconn *ledger_connect(const char *url);
+/* Makes sure CONN is usable, resetting a broken connection. 0 if usable. */
+int ledger_check(PGconn *conn);
+
+int ledger_account_create(PGconn *conn, const char *name, ledger_account *out);
+int ledger_account_get(PGconn *conn, int64_t id, ledger_account *out);
+
+/* Stores a key hash for an account; *key_id gets the new key's id. */
+int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id);
+/* Revokes a key (idempotent); returns its hash and account for the Redis mirror. */
+int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *account_id);
+
+/* Adds a credit entry: kind "topup" (amount > 0, reference required) or
+ * "adjustment" (signed, reason required, reference optional). With a
+ * reference already used on the account, returns that entry and *created = 0
+ * when the terms match, LEDGER_CONFLICT when they don't. A negative amount
+ * that would take credited below spent is LEDGER_INSUFFICIENT. *spent_out
+ * gets the account's spent at the time, for a first push to Redis. */
+int ledger_credit(PGconn *conn, int64_t account_id, const char *kind, int64_t amount,
+                  const char *reference, const char *reason, const char *operator_name,
+                  ledger_entry *out, int *created, int64_t *spent_out);
+
+/* Up to MAX entries of an account, newest first, with id < BEFORE (0: no bound). */
+int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, ledger_entry *out,
+                   int *n);
+
+/* Applies settled calls in one statement: charge rows (deduplicated by
+ * reservation id), accounts' spent and the daily rollup, atomically.
+ * *applied gets the number of new rows. LEDGER_CONFLICT means the batch holds
+ * a row Postgres refuses (integrity): the caller retries one by one. */
+int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied);
+
+/* Calls FN for every account's credit state / every key, for repair passes. */
+typedef int (*ledger_account_fn)(void *arg, int64_t id, int64_t credit_seq, int64_t credited,
+                                 int64_t spent);
+int ledger_each_account(PGconn *conn, ledger_account_fn fn, void *arg);
+typedef int (*ledger_key_fn)(void *arg, const char *key_hash, int64_t account_id, int revoked);
+int ledger_each_key(PGconn *conn, ledger_key_fn fn, void *arg);
+
+#endif

@@ -1,0 +1,137 @@
+/* main.c: bin/billing, the control plane's command line.
+ *
+ *   billing migrate          apply pending schema migrations
+ *   billing serve            admin/finance API + settlement, sweeper, credit sync
+ *   billing repair           one credit-sync pass (Postgres -> Redis), then exit
+ *
+ * Owns argument dispatch, signal handling and the lifetime of the serve
+ * threads; the work itself lives in the modules it starts. */
+#include "billing/api.h"
+#include "billing/config.h"
+#include "billing/hot.h"
+#include "billing/ledger.h"
+#include "billing/log.h"
+#include "billing/migrate.h"
+#include "billing/workers.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: billing COMMAND\n"
+               "\n"
+               "commands:\n"
+               "  migrate   apply pending schema migrations (safe to run twice, or at once)\n"
+               "  serve     admin/finance API on BILLING_LISTEN plus the settlement,\n"
+               "            sweeper and credit-sync workers; stops on SIGTERM/SIGINT\n"
+               "  repair    push every account's credits and every key to Redis once\n"
+               "\n"
+               "configuration (environment): DATABASE_URL, REDIS_URL, BILLING_LISTEN,\n"
+               "KEY_PEPPER, ADMIN_TOKEN, FINANCE_TOKEN; see README.md.\n");
+}
+
+static int cmd_migrate(void)
+{
+    billing_config cfg;
+    PGconn *pg;
+    int applied = 0, rc;
+    if (config_load(&cfg, 0, 0, 0) != 0) return 2;
+    pg = ledger_connect(cfg.database_url);
+    if (!pg) return 1;
+    rc = migrate_apply(pg, &applied);
+    PQfinish(pg);
+    if (rc != 0) return 1;
+    printf("migrations: %d applied, %d known\n", applied, migrations_count);
+    return 0;
+}
+
+static int cmd_repair(void)
+{
+    billing_config cfg;
+    PGconn *pg;
+    hot_conn *hot;
+    int rc = 1;
+    if (config_load(&cfg, 1, 0, 0) != 0) return 2;
+    pg = ledger_connect(cfg.database_url);
+    hot = hot_open(cfg.redis_url);
+    if (pg && hot && creditsync_pass(pg, hot) == 0) {
+        printf("repair: every account and key pushed to redis\n");
+        rc = 0;
+    }
+    if (pg) PQfinish(pg);
+    hot_close(hot);
+    return rc;
+}
+
+static int cmd_serve(void)
+{
+    billing_config cfg;
+    atomic_int stop = 0;
+    sigset_t sigs;
+    int sig = 0, nthreads = 0, rc = 1;
+    pthread_t threads[20];
+    worker_args args[20];
+    api_server *api = NULL;
+
+    if (config_load(&cfg, 1, 1, 1) != 0) return 2;
+    if (!cfg.admin_token) log_warn("ADMIN_TOKEN is not set: every admin call will be refused");
+    /* Block the stop signals in every thread; the main thread waits for them. */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    api = api_start(&cfg);
+    if (!api) goto out;
+    for (int i = 0; i < cfg.settle_workers + 2; i++) {
+        void *(*fn)(void *) = i == 0 ? creditsync_run : i == 1 ? sweeper_run : settlement_run;
+        args[i] = (worker_args){&cfg, &stop, i - 2};
+        if (pthread_create(&threads[nthreads], NULL, fn, &args[i]) != 0) {
+            log_error("cannot start worker thread");
+            goto out;
+        }
+        nthreads++;
+    }
+    log_info("billing serving: %lld settlement worker(s), sweep every %lld ms",
+             (long long)cfg.settle_workers, (long long)cfg.sweep_interval_ms);
+    sigwait(&sigs, &sig);
+    log_info("signal %d: stopping", sig);
+    rc = 0;
+out:
+    atomic_store(&stop, 1);
+    api_stop(api);
+    for (int i = 0; i < nthreads; i++) pthread_join(threads[i], NULL);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    int rc;
+    log_init("billing");
+    if (sodium_init() < 0) {
+        log_error("libsodium failed to initialise");
+        return 1;
+    }
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (strcmp(argv[1], "migrate") == 0) rc = cmd_migrate();
+    else if (strcmp(argv[1], "serve") == 0) rc = cmd_serve();
+    else if (strcmp(argv[1], "repair") == 0) rc = cmd_repair();
+    else {
+        fprintf(stderr, "billing: unknown command '%s'\n\n", argv[1]);
+        usage(stderr);
+        rc = 2;
+    }
+    curl_global_cleanup();
+    return rc;
+}

@@ -1,0 +1,35 @@
+/* workers.h: the background workers of `billing serve`. Each runs on a thread
+ * of its own with its own Postgres and Redis connections, loops until *stop
+ * is set, and survives either store being down (it waits and retries).
+ *
+ *  settlement: outbox stream -> Postgres, exactly once (settlement.c)
+ *  sweeper:    releases holds past their deadline, charging nothing (sweeper.c)
+ *  creditsync: re-pushes every account's credits and every key to Redis at
+ *              start and periodically, repairing lost pushes (creditsync.c)
+ */
+#ifndef POINTGATE_WORKERS_H
+#define POINTGATE_WORKERS_H
+
+#include "billing/config.h"
+
+#include <libpq-fe.h>
+#include <stdatomic.h>
+
+typedef struct worker_args {
+    const billing_config *cfg;
+    atomic_int *stop;
+    int index; /* distinguishes several settlement workers */
+} worker_args;
+
+void *settlement_run(void *worker_args);
+void *sweeper_run(void *worker_args);
+void *creditsync_run(void *worker_args);
+
+/* One repair pass; returns 0 when every account and key was pushed. Also used
+ * by the CLI and tests. */
+int creditsync_pass(PGconn *pg, struct hot_conn *hot);
+
+/* Sleeps up to MS, waking early when *stop is set. */
+void worker_sleep(atomic_int *stop, long ms);
+
+#endif

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Test runner: C unit tests, then the end-to-end suites, on real Postgres and Redis.
+
+Each tests/unit/test_*.c binary is one test (exit 0 = pass). Each
+tests/e2e/test_*.py module gets its own fresh stack (Postgres + Redis, migrated)
+and each of its `test_*(stack)` functions is one test. Prints one line per test
+and, last, `N passed, N failed`.
+
+    python3 tests/run.py --bin build/asan/bin [-k substring]
+"""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "e2e"))
+
+import harness  # noqa: E402
+
+
+def run_unit(bindir, pattern, results):
+    names = sorted(n for n in os.listdir(bindir) if n.startswith("test_"))
+    if not any(pattern in n for n in names):
+        return
+    stack = harness.Stack(bindir)
+    try:
+        stack.start()
+        for name in names:
+            if pattern not in name:
+                continue
+            t0 = time.time()
+            p = subprocess.run([os.path.join(bindir, name)], env=stack.env, capture_output=True,
+                               text=True, timeout=600)
+            ok = p.returncode == 0
+            report(results, "unit/" + name, ok, time.time() - t0, p.stdout + p.stderr)
+    finally:
+        stack.stop()
+
+
+def run_module(bindir, path, pattern, results):
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tests = [(n, getattr(mod, n)) for n in dir(mod) if n.startswith("test_") and callable(getattr(mod, n))]
+    tests = [(n, f) for n, f in tests if pattern in name + "." + n]
+    tests.sort(key=lambda nf: nf[1].__code__.co_firstlineno)
+    if not tests:
+        return
+    stack = harness.Stack(bindir)
+    try:
+        stack.start()
+        for tname, fn in tests:
+            t0 = time.time()
+            try:
+                fn(stack)
+                ok, out = True, ""
+            except Exception:  # noqa: BLE001 - any failure is a failed test
+                ok, out = False, traceback.format_exc()
+            sanitizer = stack.sanitizer_reports()
+            if sanitizer:
+                ok, out = False, out + sanitizer
+            report(results, f"{name}.{tname}", ok, time.time() - t0, out)
+    except Exception:  # noqa: BLE001
+        report(results, f"{name}.<stack>", False, 0, traceback.format_exc())
+    finally:
+        stop_report = stack.stop()
+        if stop_report:
+            report(results, f"{name}.<shutdown>", False, 0, stop_report)
+
+
+def report(results, name, ok, secs, output):
+    results.append(ok)
+    print(f"{'PASS' if ok else 'FAIL'} {name} ({secs:.1f}s)", flush=True)
+    if not ok and output:
+        for line in output.rstrip().splitlines()[-60:]:
+            print("    " + line)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("-k", default="")
+    args = ap.parse_args()
+    bindir = os.path.abspath(args.bin)
+    results = []
+    run_unit(bindir, args.k, results)
+    e2e = os.path.join(HERE, "e2e")
+    for f in sorted(os.listdir(e2e)):
+        if f.startswith("test_") and f.endswith(".py"):
+            run_module(bindir, os.path.join(e2e, f), args.k, results)
+    passed = sum(1 for r in results if r)
+    failed = len(results) - passed
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(0 if failed == 0 and passed > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# The whole pointgate stack on this machine, for trying it out (`make run`).
+#
+#   scripts/run.sh [start]   (re)starts everything, seeds a demo account, prints what to try
+#   scripts/run.sh stop      stops the processes and the local Postgres and Redis
+#   scripts/run.sh status    shows what is running
+#
+# Owns .stack/ at the repo root: Postgres and Redis (scripts/stack.sh, fixed
+# ports 55432 and 56379 when free), the secrets (.stack/secrets, made once and
+# kept), the binaries it runs (.stack/bin: copies, so that `make` can replace
+# bin/* while the stack runs), the logs (.stack/*.log) and pids (.stack/*.pid).
+# The database starts empty on every start; the secrets stay.
+#
+# Addresses can be overridden from the environment: GATEWAY_LISTEN
+# (127.0.0.1:8080), BILLING_LISTEN (127.0.0.1:8081), DEVSIM_LISTEN
+# (127.0.0.1:9090), ROUTES_FILE (routes.example.json).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STACK="$ROOT/.stack"
+SERVICES=(devsim billing gateway) # start order; stopped in reverse
+started=0                         # set once a start has fully succeeded
+
+GATEWAY_LISTEN=${GATEWAY_LISTEN:-127.0.0.1:8080}
+BILLING_LISTEN=${BILLING_LISTEN:-127.0.0.1:8081}
+DEVSIM_LISTEN=${DEVSIM_LISTEN:-127.0.0.1:9090}
+ROUTES_FILE=${ROUTES_FILE:-$ROOT/routes.example.json}
+
+say() { printf 'run: %s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+# ---- processes --------------------------------------------------------------
+
+port_of() { echo "${1##*:}"; }
+host_of() {
+    local h=${1%:*}
+    h=${h#[}
+    echo "${h%]}"
+}
+
+port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# The pid in .stack/NAME.pid if that process is still ours (not a recycled pid).
+live_pid() {
+    local name=$1 pid exe
+    [ -f "$STACK/$name.pid" ] || return 1
+    pid=$(cat "$STACK/$name.pid")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+    [ "${exe% (deleted)}" = "$STACK/bin/$name" ] || return 1
+    echo "$pid"
+}
+
+show_log() {
+    local log="$STACK/$1.log"
+    [ -f "$log" ] || return 0
+    say "last lines of $log:"
+    tail -n 30 "$log" | sed 's/^/    /' >&2
+}
+
+stop_one() {
+    local name=$1 pid
+    pid=$(live_pid "$name") || {
+        rm -f "$STACK/$name.pid"
+        return 0
+    }
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "$name (pid $pid) ignored SIGTERM for 10 s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STACK/$name.pid"
+    say "stopped $name (pid $pid)"
+}
+
+stop_all() {
+    local i
+    [ -d "$STACK" ] || return 0
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+        stop_one "${SERVICES[$i]}"
+    done
+    if [ -f "$STACK/env" ]; then
+        "$ROOT/scripts/stack.sh" stop "$STACK"
+        rm -f "$STACK/env"
+        say "stopped postgres and redis"
+    fi
+}
+
+# Starts NAME (from .stack/bin) in its own session, detached from this
+# terminal, and waits until it listens on ADDR. Extra arguments follow.
+start_one() {
+    local name=$1 addr=$2 pid host port
+    shift 2
+    host=$(host_of "$addr")
+    port=$(port_of "$addr")
+    if port_busy "$host" "$port"; then
+        die "$name: $addr is already in use (see: ss -ltnp 'sport = :$port')"
+    fi
+    (exec setsid "$STACK/bin/$name" "$@" >>"$STACK/$name.log" 2>&1 </dev/null) &
+    pid=$!
+    echo "$pid" >"$STACK/$name.pid"
+    for _ in $(seq 1 150); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            show_log "$name"
+            die "$name exited before listening on $addr"
+        fi
+        port_busy "$host" "$port" && {
+            say "started $name (pid $pid) on $addr, log: .stack/$name.log"
+            return 0
+        }
+        sleep 0.1
+    done
+    show_log "$name"
+    die "$name did not listen on $addr within 15 s"
+}
+
+# ---- admin API ---------------------------------------------------------------
+
+# admin METHOD PATH [JSON]: the response body on 2xx; dies with the body otherwise.
+admin() {
+    local method=$1 path=$2 data=${3:-} out status
+    local args=(-sS -X "$method" -H "Authorization: Bearer $ADMIN_TOKEN" -w '\n%{http_code}'
+        --max-time 10)
+    [ -n "$data" ] && args+=(-H 'Content-Type: application/json' --data "$data")
+    out=$(curl "${args[@]}" "http://$BILLING_LISTEN$path") || die "admin API: $method $path failed"
+    status=${out##*$'\n'}
+    out=${out%$'\n'*}
+    [[ $status == 2?? ]] || die "admin API: $method $path answered $status: $out"
+    printf '%s' "$out"
+}
+
+# new_account NAME POINTS -> "ACCOUNT_ID API_KEY"
+new_account() {
+    local name=$1 points=$2 id key
+    id=$(admin POST /v1/accounts "{\"name\":\"$name\"}" | jq -er .id) ||
+        die "admin API: no id in the new account"
+    admin POST "/v1/accounts/$id/topups" "{\"amount\":$points,\"reference\":\"$name-seed\"}" >/dev/null
+    key=$(admin POST "/v1/accounts/$id/keys" | jq -er .api_key) ||
+        die "admin API: no api_key in the new key"
+    echo "$id $key"
+}
+
+# ---- start ---------------------------------------------------------------------
+
+load_secrets() {
+    if [ ! -s "$STACK/secrets" ]; then
+        gen() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
+        (
+            umask 077
+            {
+                echo "# pointgate local secrets, made by scripts/run.sh; delete to renew."
+                echo "export KEY_PEPPER=$(gen)"
+                echo "export ADMIN_TOKEN=$(gen)"
+                echo "export FINANCE_TOKEN=$(gen)"
+            } >"$STACK/secrets.tmp"
+        )
+        mv "$STACK/secrets.tmp" "$STACK/secrets"
+        say "made new secrets in .stack/secrets"
+    fi
+    # shellcheck disable=SC1091
+    . "$STACK/secrets"
+}
+
+start_all() {
+    local name acct key acct3 key3 pgwanted rwanted
+
+    for name in "${SERVICES[@]}"; do
+        [ -x "$ROOT/bin/$name" ] || die "bin/$name is missing: build it with 'make'"
+    done
+    [ -f "$ROUTES_FILE" ] || die "ROUTES_FILE $ROUTES_FILE does not exist"
+    for tool in curl jq; do
+        command -v "$tool" >/dev/null || die "$tool is needed (scripts/deps.sh installs it)"
+    done
+
+    stop_all # a previous run, if any
+    mkdir -p "$STACK"
+    rm -rf "${STACK:?}/pg" "${STACK:?}/redis" "${STACK:?}/bin"
+    rm -f "$STACK"/*.log
+    trap 'if [ "$started" -eq 0 ]; then say "start failed; cleaning up"; stop_all; fi' EXIT
+    trap 'exit 130' INT TERM
+
+    mkdir -p "$STACK/bin"
+    for name in "${SERVICES[@]}"; do
+        cp "$ROOT/bin/$name" "$STACK/bin/$name"
+    done
+    load_secrets
+
+    pgwanted=55432
+    rwanted=56379
+    if port_busy 127.0.0.1 "$pgwanted"; then
+        say "port $pgwanted is taken; postgres gets a free one"
+        pgwanted=
+    fi
+    if port_busy 127.0.0.1 "$rwanted"; then
+        say "port $rwanted is taken; redis gets a free one"
+        rwanted=
+    fi
+    PGPORT_WANTED=$pgwanted REDIS_PORT_WANTED=$rwanted "$ROOT/scripts/stack.sh" start "$STACK" ||
+        die "could not start postgres and redis (see .stack/pg/server.log)"
+    # shellcheck disable=SC1091
+    . "$STACK/env"
+
+    export DATABASE_URL REDIS_URL KEY_PEPPER ADMIN_TOKEN FINANCE_TOKEN
+    export BILLING_LISTEN GATEWAY_LISTEN DEVSIM_LISTEN ROUTES_FILE
+    export UPSTREAM_URL=${UPSTREAM_URL:-http://$DEVSIM_LISTEN}
+    export LOG_LEVEL=${LOG_LEVEL:-info}
+
+    "$STACK/bin/billing" migrate >>"$STACK/billing.log" 2>&1 || {
+        show_log billing
+        die "billing migrate failed"
+    }
+    say "migrated the database"
+    start_one devsim "$DEVSIM_LISTEN"
+    start_one billing "$BILLING_LISTEN" serve
+    start_one gateway "$GATEWAY_LISTEN"
+
+    read -r acct key < <(new_account demo 20)
+    read -r acct3 key3 < <(new_account demo-small 3)
+    if [ -z "$acct" ] || [ -z "$acct3" ]; then die "could not create the demo accounts"; fi
+    started=1
+
+    {
+        echo "ACCOUNT_ID=$acct"
+        echo "API_KEY=$key"
+        echo "SMALL_ACCOUNT_ID=$acct3"
+        echo "SMALL_API_KEY=$key3"
+    } >"$STACK/demo"
+    chmod 600 "$STACK/demo"
+    print_howto "$acct" "$key" "$acct3" "$key3"
+}
+
+print_howto() {
+    local acct=$1 key=$2 acct3=$3 key3=$4 gw="http://$GATEWAY_LISTEN" adm="http://$BILLING_LISTEN"
+    cat <<EOF
+
+pointgate is running.
+  gateway      $gw            (log .stack/gateway.log)
+  admin API    $adm            (log .stack/billing.log)
+  device API   http://$DEVSIM_LISTEN  (simulator, log .stack/devsim.log)
+  postgres     $DATABASE_URL
+  redis        $REDIS_URL
+
+Secrets (kept in .stack/secrets; 'source .stack/secrets' to use them):
+  ADMIN_TOKEN=$ADMIN_TOKEN
+  FINANCE_TOKEN=$FINANCE_TOKEN
+
+Demo account "demo": $acct, 20 points, key $key
+Second account "demo-small": $acct3, 3 points, key $key3
+
+Try:
+  # a charged call: 1 point (see X-Points-Charged and X-Points-Remaining)
+  curl -i -H 'Authorization: Bearer $key' $gw/v1/devices/thermo-1
+
+  # the device API fails (503): the call costs nothing
+  curl -i -H 'Authorization: Bearer $key' -H 'X-Sim-Status: 503' $gw/v1/devices/thermo-1
+
+  # a command costs 5 points; with 3 points it is refused (402) before the device API sees it
+  curl -i -H 'Authorization: Bearer $key3' -X POST -H 'Content-Type: application/json' \\
+       -d '{"command":"unlock"}' $gw/v1/devices/lock-1/commands
+
+  # a batch is charged 2 points per item the device API reports (X-Usage-Units)
+  curl -i -H 'Authorization: Bearer $key' -X POST -H 'Content-Type: application/json' \\
+       -d '{"items":[{"id":"thermo-1"},{"id":"thermo-2"}]}' $gw/v1/batch
+
+  # the account as admins and finance see it
+  curl -s -H 'Authorization: Bearer $ADMIN_TOKEN' $adm/v1/accounts/$acct | jq .
+  curl -s -H 'Authorization: Bearer $FINANCE_TOKEN' $adm/v1/accounts/$acct/ledger | jq .
+
+Stop everything: scripts/run.sh stop
+EOF
+}
+
+status_all() {
+    local name pid
+    for name in "${SERVICES[@]}"; do
+        if pid=$(live_pid "$name"); then
+            echo "$name: running (pid $pid)"
+        else
+            echo "$name: not running"
+        fi
+    done
+    if [ -f "$STACK/env" ]; then
+        # shellcheck disable=SC1091
+        . "$STACK/env"
+        echo "postgres: $DATABASE_URL"
+        echo "redis: $REDIS_URL"
+    else
+        echo "postgres, redis: not running"
+    fi
+}
+
+case "${1:-start}" in
+    start) start_all ;;
+    stop) stop_all ;;
+    status) status_all ;;
+    *)
+        echo "usage: $0 [start|stop|status]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,398 @@
+/* hotclient.c: async hiredis client (see hotclient.h).
+ *
+ * Scripts run by EVALSHA once SCRIPT LOAD has answered on this connection;
+ * before that (and after a NOSCRIPT error, e.g. SCRIPT FLUSH) by EVAL with
+ * the text, which also caches it server-side. Every command keeps its
+ * arguments in its op so that a NOSCRIPT retry can resend them. */
+#include "gateway/hotclient.h"
+
+#include "billing/hotkeys.h"
+#include "billing/log.h"
+
+#include <hiredis/adapters/libevent.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HOT_ARGS_MAX 12
+#define HOT_ARG_LEN 160
+#define HOT_SETTLE_QUEUE_MAX 65536
+#define HOT_BACKOFF_MIN_MS 50
+#define HOT_BACKOFF_MAX_MS 1000
+
+enum hot_script { HOT_SCRIPT_NONE = -1, HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
+enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_RESERVE, HOT_SETTLE };
+
+struct hotclient {
+    struct event_base *base;
+    char host[256];
+    int port;
+    int db;
+    redisAsyncContext *ac;
+    int connected;
+    int closing;
+    struct event *retry;
+    int backoff_ms;
+    char sha[HOT_NSCRIPTS][48];
+    int inflight;
+    hot_settle_args *queue; /* settles waiting for Redis to come back */
+    size_t qlen;
+};
+
+typedef struct hot_op {
+    hotclient *hc;
+    enum hot_kind kind;
+    enum hot_script script;
+    int retried;
+    hot_cb cb;
+    void *arg;
+    hot_settle_args settle;
+    int argc;
+    char args[HOT_ARGS_MAX][HOT_ARG_LEN];
+} hot_op;
+
+static const char *hot_script_text(enum hot_script s)
+{
+    return s == HOT_SCRIPT_RESERVE ? hot_lua_reserve : hot_lua_settle;
+}
+
+static void hot_connect(hotclient *hc);
+static int hot_send(hot_op *op);
+
+static void hot_schedule_retry(hotclient *hc)
+{
+    struct timeval tv = {hc->backoff_ms / 1000, (hc->backoff_ms % 1000) * 1000};
+    if (hc->closing) return;
+    evtimer_add(hc->retry, &tv);
+    hc->backoff_ms = hc->backoff_ms * 2 > HOT_BACKOFF_MAX_MS ? HOT_BACKOFF_MAX_MS
+                                                             : hc->backoff_ms * 2;
+}
+
+static void hot_on_retry(evutil_socket_t fd, short what, void *arg)
+{
+    hot_connect(arg);
+}
+
+static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
+{
+    if (hc->qlen >= HOT_SETTLE_QUEUE_MAX) {
+        /* The hold stays in Redis; the sweeper releases it at its deadline. */
+        log_error("settle queue full, dropping settle rid=%s account=%lld commit=%d", a->rid,
+                  (long long)a->account, a->commit);
+        return;
+    }
+    hc->queue[hc->qlen++] = *a;
+}
+
+static void hot_flush_queue(hotclient *hc)
+{
+    size_t n = hc->qlen;
+    hot_settle_args *q;
+    if (n == 0) return;
+    /* Take the queue first: failed resends re-enter it. */
+    q = malloc(n * sizeof *q);
+    if (!q) return;
+    memcpy(q, hc->queue, n * sizeof *q);
+    hc->qlen = 0;
+    log_info("resending %zu queued settles", n);
+    for (size_t i = 0; i < n; i++)
+        hotclient_settle(hc, &q[i], NULL, NULL); /* re-queues itself on failure */
+    free(q);
+}
+
+static void hot_on_script_loaded(redisAsyncContext *ac, void *r, void *priv)
+{
+    hotclient *hc = ac->data;
+    redisReply *rep = r;
+    intptr_t idx = (intptr_t)priv;
+    if (!hc || !rep) return;
+    if (rep->type == REDIS_REPLY_STRING && rep->len < 48) {
+        memcpy(hc->sha[idx], rep->str, (size_t)rep->len);
+        hc->sha[idx][rep->len] = '\0';
+    } else {
+        log_warn("SCRIPT LOAD failed: %s", rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+    }
+}
+
+static void hot_on_connect(const redisAsyncContext *ac, int status)
+{
+    hotclient *hc = ac->data;
+    if (!hc) return;
+    if (status != REDIS_OK) {
+        if (hc->backoff_ms == HOT_BACKOFF_MIN_MS)
+            log_warn("redis %s:%d: connect failed: %s", hc->host, hc->port, ac->errstr);
+        hc->ac = NULL; /* hiredis frees the context after this callback */
+        hc->connected = 0;
+        hot_schedule_retry(hc);
+        return;
+    }
+    log_info("redis %s:%d connected", hc->host, hc->port);
+    hc->connected = 1;
+    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
+    hot_flush_queue(hc);
+}
+
+static void hot_on_disconnect(const redisAsyncContext *ac, int status)
+{
+    hotclient *hc = ac->data;
+    if (!hc) return;
+    if (!hc->closing) log_warn("redis disconnected: %s", status == REDIS_OK ? "closed" : ac->errstr);
+    hc->ac = NULL;
+    hc->connected = 0;
+    memset(hc->sha, 0, sizeof hc->sha);
+    hot_schedule_retry(hc);
+}
+
+static void hot_connect(hotclient *hc)
+{
+    redisAsyncContext *ac;
+    if (hc->closing || hc->ac) return;
+    ac = redisAsyncConnect(hc->host, hc->port);
+    if (!ac || ac->err) {
+        log_warn("redis %s:%d: %s", hc->host, hc->port, ac ? ac->errstr : "out of memory");
+        if (ac) redisAsyncFree(ac);
+        hot_schedule_retry(hc);
+        return;
+    }
+    ac->data = hc;
+    if (redisLibeventAttach(ac, hc->base) != REDIS_OK) {
+        redisAsyncFree(ac);
+        hot_schedule_retry(hc);
+        return;
+    }
+    redisAsyncSetConnectCallback(ac, hot_on_connect);
+    redisAsyncSetDisconnectCallback(ac, hot_on_disconnect);
+    hc->ac = ac;
+    /* Queued by hiredis until the connection is up; pipelined before any op. */
+    if (hc->db != 0) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", hc->db);
+    for (intptr_t i = 0; i < HOT_NSCRIPTS; i++)
+        redisAsyncCommand(ac, hot_on_script_loaded, (void *)i, "SCRIPT LOAD %s",
+                          hot_script_text((enum hot_script)i));
+}
+
+int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out)
+{
+    hotclient *hc = calloc(1, sizeof *hc);
+    if (!hc) return -1;
+    hc->base = base;
+    snprintf(hc->host, sizeof hc->host, "%s", host);
+    hc->port = port;
+    hc->db = db;
+    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
+    hc->retry = evtimer_new(base, hot_on_retry, hc);
+    hc->queue = malloc(HOT_SETTLE_QUEUE_MAX * sizeof *hc->queue);
+    if (!hc->retry || !hc->queue) {
+        hotclient_free(hc);
+        return -1;
+    }
+    hot_connect(hc);
+    *out = hc;
+    return 0;
+}
+
+void hotclient_free(hotclient *hc)
+{
+    if (!hc) return;
+    hc->closing = 1;
+    if (hc->ac) {
+        redisAsyncContext *ac = hc->ac;
+        hc->ac = NULL;
+        redisAsyncFree(ac); /* runs pending callbacks with NULL */
+    }
+    if (hc->qlen) log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
+    if (hc->retry) event_free(hc->retry);
+    free(hc->queue);
+    free(hc);
+}
+
+int hotclient_up(const hotclient *hc)
+{
+    return hc->ac != NULL;
+}
+
+int hotclient_busy(const hotclient *hc)
+{
+    return hc->inflight + (int)hc->qlen;
+}
+
+static int hot_int(const redisReply *r, int64_t *out)
+{
+    if (r->type == REDIS_REPLY_INTEGER) {
+        *out = (int64_t)r->integer;
+        return 0;
+    }
+    if (r->type == REDIS_REPLY_STRING) {
+        char *end;
+        long long v = strtoll(r->str, &end, 10);
+        if (end == r->str || *end) return -1;
+        *out = (int64_t)v;
+        return 0;
+    }
+    return -1;
+}
+
+/* Turns a reply into (rc, v). */
+static int hot_decode(const hot_op *op, const redisReply *r, int64_t v[3])
+{
+    if (op->kind == HOT_KEY) {
+        if (r->type == REDIS_REPLY_NIL) return 1;
+        return hot_int(r, &v[0]) == 0 ? 0 : -1;
+    }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) return -1;
+    if (op->kind == HOT_BALANCE && r->element[0]->type == REDIS_REPLY_NIL) return 1;
+    for (int i = 0; i < 3; i++) {
+        if (op->kind == HOT_BALANCE && r->element[i]->type == REDIS_REPLY_NIL) {
+            v[i] = 0;
+            continue;
+        }
+        if (hot_int(r->element[i], &v[i]) != 0) return -1;
+    }
+    return 0;
+}
+
+static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    hot_op *op = priv;
+    hotclient *hc = op->hc;
+    redisReply *rep = r;
+    int64_t v[3] = {0, 0, 0};
+    int rc = -1;
+
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
+        !op->retried && hc->ac && !hc->closing) {
+        op->retried = 1;
+        memset(hc->sha[op->script], 0, sizeof hc->sha[op->script]);
+        if (hot_send(op) == 0) return; /* same op, still in flight */
+    }
+    hc->inflight--;
+    if (rep) {
+        if (rep->type == REDIS_REPLY_ERROR) log_error("redis error: %s", rep->str);
+        else rc = hot_decode(op, rep, v);
+    }
+    if (op->kind == HOT_SETTLE && !rep) hot_enqueue_settle(hc, &op->settle);
+    if (op->cb) op->cb(op->arg, rc, v);
+    free(op);
+}
+
+static int hot_send(hot_op *op)
+{
+    hotclient *hc = op->hc;
+    const char *argv[HOT_ARGS_MAX + 2];
+    size_t lens[HOT_ARGS_MAX + 2];
+    int argc = 0;
+
+    if (!hc->ac) return -1;
+    if (op->script != HOT_SCRIPT_NONE) {
+        const char *sha = hc->sha[op->script];
+        if (sha[0] && !op->retried) {
+            argv[argc++] = "EVALSHA";
+            argv[argc++] = sha;
+        } else {
+            argv[argc++] = "EVAL";
+            argv[argc++] = hot_script_text(op->script);
+        }
+    }
+    for (int i = 0; i < op->argc; i++)
+        argv[argc++] = op->args[i];
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    if (redisAsyncCommandArgv(hc->ac, hot_on_reply, op, argc, argv, lens) != REDIS_OK) return -1;
+    return 0;
+}
+
+static hot_op *hot_op_new(hotclient *hc, enum hot_kind kind, enum hot_script script, hot_cb cb,
+                          void *arg)
+{
+    hot_op *op;
+    if (!hc->ac || hc->closing) return NULL;
+    op = calloc(1, sizeof *op);
+    if (!op) return NULL;
+    op->hc = hc;
+    op->kind = kind;
+    op->script = script;
+    op->cb = cb;
+    op->arg = arg;
+    return op;
+}
+
+#define HOT_ARG(op, ...) snprintf((op)->args[(op)->argc++], HOT_ARG_LEN, __VA_ARGS__)
+
+static int hot_submit(hot_op *op)
+{
+    if (hot_send(op) != 0) {
+        free(op);
+        return -1;
+    }
+    op->hc->inflight++;
+    return 0;
+}
+
+int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg)
+{
+    hot_op *op = hot_op_new(hc, HOT_KEY, HOT_SCRIPT_NONE, cb, arg);
+    if (!op) return -1;
+    HOT_ARG(op, "GET");
+    HOT_ARG(op, "%s%s", HOT_KEY_PREFIX, hash_hex);
+    return hot_submit(op);
+}
+
+int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)
+{
+    hot_op *op = hot_op_new(hc, HOT_BALANCE, HOT_SCRIPT_NONE, cb, arg);
+    hot_keys k;
+    if (!op) return -1;
+    hot_keys_for(&k, account);
+    HOT_ARG(op, "HMGET");
+    HOT_ARG(op, "%s", k.acct);
+    HOT_ARG(op, "credited");
+    HOT_ARG(op, "spent");
+    HOT_ARG(op, "held");
+    return hot_submit(op);
+}
+
+int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
+                      int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg)
+{
+    hot_op *op = hot_op_new(hc, HOT_RESERVE, HOT_SCRIPT_RESERVE, cb, arg);
+    hot_keys k;
+    if (!op) return -1;
+    hot_keys_for(&k, account);
+    HOT_ARG(op, "3");
+    HOT_ARG(op, "%s", k.acct);
+    HOT_ARG(op, "%s", k.holds);
+    HOT_ARG(op, "%s", k.dl);
+    HOT_ARG(op, "%s", rid);
+    HOT_ARG(op, "%lld", (long long)amount);
+    HOT_ARG(op, "%lld", (long long)ttl_ms);
+    HOT_ARG(op, "%s", route_id);
+    return hot_submit(op);
+}
+
+int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg)
+{
+    hot_op *op = hot_op_new(hc, HOT_SETTLE, HOT_SCRIPT_SETTLE, cb, arg);
+    hot_keys k;
+    if (!op) {
+        hot_enqueue_settle(hc, a);
+        return -1;
+    }
+    op->settle = *a;
+    hot_keys_for(&k, a->account);
+    HOT_ARG(op, "4");
+    HOT_ARG(op, "%s", k.acct);
+    HOT_ARG(op, "%s", k.holds);
+    HOT_ARG(op, "%s", k.dl);
+    HOT_ARG(op, "%s", HOT_OUTBOX);
+    HOT_ARG(op, "%s", a->rid);
+    HOT_ARG(op, "%lld", (long long)a->charge);
+    HOT_ARG(op, "%s", a->commit ? "commit" : "release");
+    HOT_ARG(op, "%ld", a->status);
+    HOT_ARG(op, "%lld", (long long)a->account);
+    if (hot_submit(op) != 0) {
+        hot_enqueue_settle(hc, a);
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,48 @@
+/* hotclient.h: the worker's asynchronous Redis client for the hot balances.
+ * Owns one hiredis async connection on the worker's event base (every
+ * in-flight command pipelined on it), the script SHAs, reconnection with
+ * backoff, and a bounded queue of settles to resend after a reconnect.
+ * Does not decide anything about calls: request.c does; this module turns
+ * replies into numbers. Single-threaded: used only by its worker thread. */
+#ifndef GATEWAY_HOTCLIENT_H
+#define GATEWAY_HOTCLIENT_H
+
+#include <event2/event.h>
+#include <stdint.h>
+
+typedef struct hotclient hotclient;
+
+/* RC: 0 success with V filled, 1 "not found" (key unknown, account unknown),
+ * -1 Redis unavailable or error. For reserve, V = {status, available, held};
+ * settle {status, charged, available}; key {account}; balance {credited,
+ * spent, held}. Called exactly once per accepted command, from the loop. */
+typedef void (*hot_cb)(void *arg, int rc, const int64_t v[3]);
+
+typedef struct hot_settle_args {
+    int64_t account;
+    char rid[33];
+    int64_t charge;
+    int commit;
+    long status;
+} hot_settle_args;
+
+int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out);
+/* Closes the connection; callbacks of commands still in flight run with -1. */
+void hotclient_free(hotclient *hc);
+
+/* 1 while connected or connecting (commands are queued by hiredis then). */
+int hotclient_up(const hotclient *hc);
+/* Commands and queued settles not yet answered. */
+int hotclient_busy(const hotclient *hc);
+
+/* Each returns 0 when the command was sent (CB will run), -1 when Redis is
+ * down (CB will not run). */
+int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);
+int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
+int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
+                      int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg);
+/* Settle is never lost to a Redis outage: if it cannot be delivered it is
+ * queued (bounded) and resent on reconnect; CB then gets -1. */
+int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg);
+
+#endif

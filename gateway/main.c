@@ -1,0 +1,122 @@
+/* main.c: gateway entry point: configuration, worker threads, signals.
+ * Owns process-wide setup and teardown (libsodium, curl, libevent threading)
+ * and the signal loop: SIGHUP reloads routes, SIGTERM/SIGINT drain and exit.
+ * Signals are blocked in every thread and taken synchronously here with
+ * sigwait, so no handler ever runs inside a worker's loop. Does not own any
+ * request processing (worker.c, request.c). */
+#include "billing/log.h"
+#include "gateway/config.h"
+#include "gateway/routes.h"
+#include "gateway/worker.h"
+
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+
+/* Loads one table per worker: tables are per thread (no shared refcounts).
+ * All or nothing: -1 leaves OUT untouched. */
+static int main_load_routes(const gw_config *cfg, route_table **out, int n)
+{
+    char err[512];
+    for (int i = 0; i < n; i++) {
+        if (routes_load(cfg->routes_file, cfg->upstream_timeout_ms, &out[i], err, sizeof err) !=
+            0) {
+            log_error("routes: %s", err);
+            while (i-- > 0)
+                routes_unref(out[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Many keep-alive clients plus upstream connections need more than the
+ * usual 1024 descriptors; take what the hard limit allows. */
+static void main_raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) log_warn("cannot raise RLIMIT_NOFILE");
+    }
+}
+
+int main(void)
+{
+    gw_config cfg;
+    worker *workers = NULL;
+    route_table **tables = NULL;
+    sigset_t sigs;
+    int nstarted = 0, ninit = 0, rc = 1, sig = 0;
+
+    log_init("gateway");
+    if (config_load(&cfg) != 0) return 2;
+    if (sodium_init() < 0) {
+        log_error("libsodium init failed");
+        return 1;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
+        log_error("libcurl init failed");
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by the workers */
+    main_raise_nofile();
+
+    workers = calloc((size_t)cfg.threads, sizeof *workers);
+    tables = calloc((size_t)cfg.threads, sizeof *tables);
+    if (!workers || !tables) goto out;
+    if (main_load_routes(&cfg, tables, cfg.threads) != 0) goto out;
+    for (; ninit < cfg.threads; ninit++) {
+        if (worker_init(&workers[ninit], ninit, &cfg, tables[ninit]) != 0) {
+            /* The worker owns its table now, even on failure. */
+            for (int i = ninit + 1; i < cfg.threads; i++)
+                routes_unref(tables[i]);
+            ninit++;
+            goto out;
+        }
+    }
+    for (; nstarted < cfg.threads; nstarted++)
+        if (worker_start(&workers[nstarted]) != 0) goto out;
+    log_info("listening on %s:%d, %d threads, upstream %s", cfg.listen_host, cfg.listen_port,
+             cfg.threads, cfg.upstream);
+
+    for (;;) {
+        if (sigwait(&sigs, &sig) != 0) continue;
+        if (sig != SIGHUP) break;
+        if (main_load_routes(&cfg, tables, cfg.threads) != 0) {
+            log_error("routes reload failed: keeping the current routes");
+            continue;
+        }
+        for (int i = 0; i < cfg.threads; i++)
+            worker_reload(&workers[i], tables[i]);
+        log_info("routes reloaded from %s", cfg.routes_file);
+    }
+    log_info("signal %d: draining", sig);
+    rc = 0;
+out:
+    for (int i = 0; i < nstarted; i++)
+        worker_stop(&workers[i]);
+    for (int i = 0; i < nstarted; i++)
+        worker_join(&workers[i]);
+    for (int i = 0; i < ninit; i++)
+        worker_destroy(&workers[i]);
+    if (ninit == 0 && tables) {
+        for (int i = 0; i < cfg.threads; i++)
+            if (tables[i]) routes_unref(tables[i]);
+    }
+    free(tables);
+    free(workers);
+    curl_global_cleanup();
+    libevent_global_shutdown();
+    if (rc == 0) log_info("stopped");
+    return rc;
+}

@@ -1,0 +1,296 @@
+/* routes.c: routes file parsing (jansson), path normalisation and matching
+ * (see routes.h). Matching is a linear scan: route files are small (tens of
+ * routes) and the scan touches no shared state. */
+#include "gateway/routes.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void routes_free_route(route *r)
+{
+    free(r->id);
+    free(r->method);
+    for (size_t i = 0; i < r->nsegs; i++)
+        free(r->segs[i]);
+    free(r->segs);
+    free(r->units_header);
+}
+
+static void routes_free(route_table *t)
+{
+    if (!t) return;
+    for (size_t i = 0; i < t->n; i++)
+        routes_free_route(&t->routes[i]);
+    free(t->routes);
+    free(t);
+}
+
+void routes_ref(route_table *t)
+{
+    t->refs++;
+}
+
+void routes_unref(route_table *t)
+{
+    if (t && --t->refs == 0) routes_free(t);
+}
+
+/* Parses ["2xx","3xx",...] into a class bit set. */
+static int routes_parse_charge_on(json_t *arr, unsigned *out, char *err, size_t errlen)
+{
+    size_t i;
+    json_t *v;
+    unsigned bits = 0;
+    if (!json_is_array(arr)) {
+        snprintf(err, errlen, "charge_on must be an array like [\"2xx\",\"3xx\"]");
+        return -1;
+    }
+    json_array_foreach(arr, i, v)
+    {
+        const char *s = json_string_value(v);
+        if (!s || strlen(s) != 3 || s[0] < '1' || s[0] > '5' || strcmp(s + 1, "xx") != 0) {
+            snprintf(err, errlen, "charge_on entries must be \"1xx\"..\"5xx\"");
+            return -1;
+        }
+        bits |= 1u << (s[0] - '0');
+    }
+    *out = bits;
+    return 0;
+}
+
+static int routes_get_int(json_t *o, const char *name, int64_t min, int64_t max, int64_t *out,
+                          int required, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, name);
+    if (!v) {
+        if (required) snprintf(err, errlen, "missing \"%s\"", name);
+        return required ? -1 : 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
+        snprintf(err, errlen, "\"%s\" must be an integer in [%lld, %lld]", name, (long long)min,
+                 (long long)max);
+        return -1;
+    }
+    *out = (int64_t)json_integer_value(v);
+    return 0;
+}
+
+static int routes_split_pattern(route *r, const char *path, char *err, size_t errlen)
+{
+    const char *p = path;
+    if (path[0] != '/') {
+        snprintf(err, errlen, "path \"%s\" must start with '/'", path);
+        return -1;
+    }
+    while (*p == '/') {
+        const char *start = ++p;
+        size_t n;
+        char **segs;
+        while (*p && *p != '/')
+            p++;
+        n = (size_t)(p - start);
+        if (n == 0 && *p) {
+            snprintf(err, errlen, "path \"%s\" has an empty segment", path);
+            return -1;
+        }
+        segs = realloc(r->segs, (r->nsegs + 1) * sizeof *segs);
+        if (!segs) goto oom;
+        r->segs = segs;
+        r->segs[r->nsegs] = strndup(start, n);
+        if (!r->segs[r->nsegs]) goto oom;
+        r->nsegs++;
+        if (strcmp(r->segs[r->nsegs - 1], "**") == 0 && *p) {
+            snprintf(err, errlen, "path \"%s\": \"**\" must be the last segment", path);
+            return -1;
+        }
+    }
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t def_timeout,
+                              char *err, size_t errlen)
+{
+    const char *id = json_string_value(json_object_get(o, "id"));
+    const char *method = json_string_value(json_object_get(o, "method"));
+    const char *path = json_string_value(json_object_get(o, "path"));
+    json_t *co = json_object_get(o, "charge_on");
+    const int64_t pmax = (int64_t)1 << 40;
+
+    if (!json_is_object(o) || !id || !*id || !method || !*method || !path) {
+        snprintf(err, errlen, "each route needs string \"id\", \"method\" and \"path\"");
+        return -1;
+    }
+    if (strlen(id) > 128 || strchr(id, '|')) {
+        snprintf(err, errlen, "route id \"%s\": at most 128 chars, no '|'", id);
+        return -1;
+    }
+    r->id = strdup(id);
+    r->method = strdup(method);
+    if (!r->id || !r->method) goto oom;
+    if (routes_split_pattern(r, path, err, errlen) != 0) return -1;
+    r->charge_on = def_charge;
+    if (co && routes_parse_charge_on(co, &r->charge_on, err, errlen) != 0) return -1;
+    r->timeout_ms = def_timeout;
+    if (routes_get_int(o, "timeout_ms", 1, 3600000, &r->timeout_ms, 0, err, errlen) != 0)
+        return -1;
+    if (json_object_get(o, "price")) {
+        if (json_object_get(o, "hold") || json_object_get(o, "unit_price")) {
+            snprintf(err, errlen, "route %s: either \"price\" or \"hold\"+\"unit_price\"", id);
+            return -1;
+        }
+        return routes_get_int(o, "price", 1, pmax, &r->price, 1, err, errlen);
+    }
+    r->usage = 1;
+    if (routes_get_int(o, "hold", 1, pmax, &r->price, 1, err, errlen) != 0 ||
+        routes_get_int(o, "unit_price", 1, pmax, &r->unit_price, 1, err, errlen) != 0)
+        return -1;
+    {
+        const char *uh = json_string_value(json_object_get(o, "units_header"));
+        if (!uh || !*uh) {
+            snprintf(err, errlen, "route %s: usage routes need \"units_header\"", id);
+            return -1;
+        }
+        r->units_header = strdup(uh);
+        if (!r->units_header) goto oom;
+    }
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
+                size_t errlen)
+{
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    json_t *arr, *v;
+    route_table *t = NULL;
+    unsigned def_charge = (1u << 2) | (1u << 3);
+    size_t i;
+    int rc = -1;
+
+    if (!root) {
+        snprintf(err, errlen, "%s:%d: %s", path, jerr.line, jerr.text);
+        goto out;
+    }
+    if (json_object_get(root, "charge_on") &&
+        routes_parse_charge_on(json_object_get(root, "charge_on"), &def_charge, err, errlen) != 0)
+        goto out;
+    arr = json_object_get(root, "routes");
+    if (!json_is_array(arr)) {
+        snprintf(err, errlen, "%s: \"routes\" must be an array", path);
+        goto out;
+    }
+    t = calloc(1, sizeof *t);
+    if (!t) goto oom;
+    t->refs = 1;
+    t->routes = calloc(json_array_size(arr) + 1, sizeof *t->routes);
+    if (!t->routes) goto oom;
+    json_array_foreach(arr, i, v)
+    {
+        char msg[200];
+        t->n++;
+        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, msg,
+                               sizeof msg) != 0) {
+            snprintf(err, errlen, "%s: route #%zu: %s", path, i, msg);
+            goto out;
+        }
+    }
+    *out = t;
+    t = NULL;
+    rc = 0;
+    goto out;
+oom:
+    snprintf(err, errlen, "out of memory");
+out:
+    routes_free(t);
+    json_decref(root);
+    return rc;
+}
+
+static int routes_match_one(const route *r, const char *path)
+{
+    const char *p = path;
+    for (size_t i = 0; i < r->nsegs; i++) {
+        const char *seg = r->segs[i];
+        const char *start;
+        size_t n;
+        if (*p != '/') return 0;
+        if (strcmp(seg, "**") == 0) return 1;
+        start = ++p;
+        while (*p && *p != '/')
+            p++;
+        n = (size_t)(p - start);
+        if (strcmp(seg, "*") == 0) {
+            if (n == 0) return 0;
+        } else if (strlen(seg) != n || memcmp(seg, start, n) != 0) {
+            return 0;
+        }
+    }
+    return *p == '\0';
+}
+
+const route *routes_match(const route_table *t, const char *method, const char *path)
+{
+    for (size_t i = 0; i < t->n; i++) {
+        const route *r = &t->routes[i];
+        if (strcmp(r->method, method) == 0 && routes_match_one(r, path)) return r;
+    }
+    return NULL;
+}
+
+static int routes_hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+int routes_normalise(const char *raw, size_t len, char *out, size_t outlen)
+{
+    size_t o = 0;
+    if (len == 0 || raw[0] != '/' || len >= outlen) return -1;
+    for (size_t i = 0; i < len; i++) {
+        char c = raw[i];
+        if (c == '%') {
+            int hi, lo;
+            if (i + 2 >= len) return -1;
+            hi = routes_hexval(raw[i + 1]);
+            lo = routes_hexval(raw[i + 2]);
+            if (hi < 0 || lo < 0) return -1;
+            c = (char)(hi * 16 + lo);
+            /* Encoded separators would let a path match one route and mean
+             * another upstream; refuse rather than guess. */
+            if (c == '/' || c == '\\' || c == '\0') return -1;
+            i += 2;
+        } else if (c == '\\' || c == '\0') {
+            return -1;
+        }
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    /* Segment checks on the decoded form, so "%2e%2e" is caught as "..". */
+    for (const char *p = out; *p;) {
+        const char *s = ++p;
+        size_t n;
+        while (*p && *p != '/')
+            p++;
+        n = (size_t)(p - s);
+        if (n == 0 && *p == '/') return -1; /* "//" */
+        if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) return -1;
+    }
+    return 0;
+}
+
+int routes_billable(const route *r, long status)
+{
+    long cls = status / 100;
+    return cls >= 1 && cls <= 5 && (r->charge_on & (1u << cls)) != 0;
+}

@@ -1,0 +1,51 @@
+/* routes.h: the route table: parsing the routes file, normalising request
+ * paths and matching them. Owns nothing at run time but immutable tables:
+ * a table is built whole, handed to one worker thread and only read there;
+ * reload builds a new one (one per worker) and the worker swaps it in. The
+ * reference count is therefore per thread and needs no atomics. */
+#ifndef GATEWAY_ROUTES_H
+#define GATEWAY_ROUTES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ROUTES_PATH_MAX 4096
+
+typedef struct route {
+    char *id;
+    char *method;
+    char **segs;   /* pattern segments; "*" one segment, "**" (last) the rest */
+    size_t nsegs;
+    int usage;     /* usage-priced: hold up front, charge units x unit_price */
+    int64_t price; /* fixed price, or the hold of a usage route */
+    int64_t unit_price;
+    char *units_header;
+    int64_t timeout_ms;
+    unsigned charge_on; /* bit N set: status class Nxx is billable */
+} route;
+
+typedef struct route_table {
+    route *routes;
+    size_t n;
+    int refs; /* owner thread only */
+} route_table;
+
+/* Parses PATH into a new table (refs = 1). On error returns -1 with a
+ * message in ERR; nothing is allocated then. */
+int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
+                size_t errlen);
+void routes_ref(route_table *t);
+void routes_unref(route_table *t);
+
+/* The first route matching METHOD and decoded PATH, or NULL. */
+const route *routes_match(const route_table *t, const char *method, const char *path);
+
+/* Checks the raw request path (before '?') of LEN bytes and writes its
+ * percent-decoded form to OUT. Returns -1 for what the gateway refuses:
+ * not absolute, "..", ".", "//", encoded '/' or '\', NUL, bad escapes. */
+int routes_normalise(const char *raw, size_t len, char *out, size_t outlen);
+
+/* 1 if STATUS is billable on route R. */
+int routes_billable(const route *r, long status);
+
+#endif

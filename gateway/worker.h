@@ -1,0 +1,65 @@
+/* worker.h: one worker thread: its event loop and everything bound to it.
+ * Owns the libevent base, the libmicrohttpd daemon (external epoll mode on
+ * the shared port with SO_REUSEPORT, run from the loop), the Redis client,
+ * the curl multi handle, the key cache and the current route table. A
+ * request lives on one worker from accept to answer. Only worker_stop and
+ * worker_reload may be called from another thread (main). */
+#ifndef GATEWAY_WORKER_H
+#define GATEWAY_WORKER_H
+
+#include "gateway/authcache.h"
+#include "gateway/config.h"
+#include "gateway/hotclient.h"
+#include "gateway/proxy.h"
+#include "gateway/routes.h"
+
+#include <event2/event.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+struct gw_request;
+
+typedef struct worker {
+    int idx;
+    const gw_config *cfg;
+    pthread_t thread;
+    int started;
+    struct event_base *base;
+    struct MHD_Daemon *mhd;
+    struct event *mhd_ev;    /* MHD's epoll fd readable */
+    struct event *mhd_timer; /* MHD's own timeouts */
+    struct event *mhd_kick;  /* run MHD soon (after a resume) */
+    int notify_fd;            /* eventfd: main -> worker wake-up */
+    struct event *notify_ev;
+    atomic_int stop_requested;
+    struct event *drain_timer;
+    hotclient *hc;
+    proxy *px;
+    authcache keys;
+    route_table *routes;
+    _Atomic(route_table *) next_routes; /* handed over by main on SIGHUP */
+    struct gw_request *suspended;       /* requests waiting on Redis/upstream */
+    int inflight;
+    int stopping;
+    int aborted;
+    uint64_t stop_ms;
+} worker;
+
+/* Creates the loop, binds the daemon, connects Redis. Takes ROUTES. */
+int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes);
+int worker_start(worker *w);
+/* Thread-safe: stop accepting, finish in-flight calls, leave the loop. */
+void worker_stop(worker *w);
+/* Thread-safe: hand a new route table (ownership passes) to the worker. */
+void worker_reload(worker *w, route_table *t);
+void worker_join(worker *w);
+/* Frees everything; the thread must have been joined (or never started). */
+void worker_destroy(worker *w);
+/* Loop thread: make sure MHD runs again soon (after a resume). */
+void worker_kick(worker *w);
+
+uint64_t worker_now_ms(void);
+
+#endif

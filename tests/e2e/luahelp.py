@@ -1,0 +1,192 @@
+"""A minimal Redis client (RESP2 over a socket, with pipelining) and wrappers
+that call the real billing/*.lua scripts, for tests that drive the hot-balance
+layer directly.
+
+Nothing here reimplements the scripts: every call loads billing/reserve.lua,
+settle.lua and credit.lua from the repository (SCRIPT LOAD) and runs them with
+EVALSHA, with the KEYS/ARGV contract written at the top of each script and the
+key layout of billing/hotkeys.h.
+"""
+import http.client
+import os
+import socket
+import threading
+
+import harness
+from harness import ROOT
+
+# harness.http() refers to `http.client` while its own name `http` shadows the
+# module; give the function the attribute it looks up so it works as written.
+if not hasattr(harness.http, "client"):
+    harness.http.client = http.client
+
+OUTBOX = "pg:outbox"
+
+
+class RedisError(Exception):
+    pass
+
+
+def acct_key(a):
+    return f"pg:{{{a}}}:acct"
+
+
+def holds_key(a):
+    return f"pg:{{{a}}}:holds"
+
+
+def dl_key(a):
+    return f"pg:{{{a}}}:dl"
+
+
+def script_source(name):
+    with open(os.path.join(ROOT, "billing", name + ".lua")) as f:
+        return f.read()
+
+
+class Redis:
+    """One connection. call() for one command; pipeline() for many at once.
+    Error replies come back as RedisError instances (raised by call())."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=60.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.shas = {}
+
+    def close(self):
+        self.sock.close()
+
+    @staticmethod
+    def _encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, bytes):
+                b = a
+            else:
+                b = str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    def _line(self):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i], self.buf[i + 2:]
+                return line
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def _reply(self):
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            return RedisError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n).decode()
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        raise RedisError(f"bad reply line {line!r}")
+
+    def pipeline(self, commands, chunk=2000):
+        replies = []
+        for i in range(0, len(commands), chunk):
+            part = commands[i:i + chunk]
+            self.sock.sendall(b"".join(self._encode(c) for c in part))
+            replies.extend(self._reply() for _ in part)
+        return replies
+
+    def call(self, *args):
+        r = self.pipeline([args])[0]
+        if isinstance(r, RedisError):
+            raise r
+        return r
+
+    # ---- the real scripts ---------------------------------------------------
+    def sha(self, name):
+        if name not in self.shas:
+            self.shas[name] = self.call("SCRIPT", "LOAD", script_source(name))
+        return self.shas[name]
+
+    def reserve_cmd(self, acct, rid, price, ttl_ms=60000, route="device.read"):
+        return ("EVALSHA", self.sha("reserve"), 3, acct_key(acct), holds_key(acct), dl_key(acct),
+                rid, price, ttl_ms, route)
+
+    def settle_cmd(self, acct, rid, charge, outcome="commit", status=200):
+        return ("EVALSHA", self.sha("settle"), 4, acct_key(acct), holds_key(acct), dl_key(acct),
+                OUTBOX, rid, charge, outcome, status, acct)
+
+    def credit_cmd(self, acct, seq, credited, spent=0, guard=""):
+        return ("EVALSHA", self.sha("credit"), 3, acct_key(acct), holds_key(acct), dl_key(acct),
+                seq, credited, spent, guard)
+
+    def reserve(self, acct, rid, price, ttl_ms=60000, route="device.read"):
+        """{status, available, held} as a list of ints."""
+        return self.call(*self.reserve_cmd(acct, rid, price, ttl_ms, route))
+
+    def settle(self, acct, rid, charge, outcome="commit", status=200):
+        """{status, charged, available} as a list of ints."""
+        return self.call(*self.settle_cmd(acct, rid, charge, outcome, status))
+
+    def credit(self, acct, seq, credited, spent=0, guard=""):
+        return self.call(*self.credit_cmd(acct, seq, credited, spent, guard))
+
+    def hash(self, key):
+        r = self.call("HGETALL", key)
+        return {r[i]: r[i + 1] for i in range(0, len(r), 2)}
+
+    def acct(self, a):
+        return {k: int(v) for k, v in self.hash(acct_key(a)).items()}
+
+
+def redis_for(stack):
+    return Redis(stack.redis_port)
+
+
+def entries(stack, stream=OUTBOX):
+    """Every entry of a stream as (id, fields dict)."""
+    r = Redis(stack.redis_port)
+    try:
+        out = r.call("XRANGE", stream, "-", "+")
+    finally:
+        r.close()
+    return [(e[0], {e[1][i]: e[1][i + 1] for i in range(0, len(e[1]), 2)}) for e in out]
+
+
+def run_threads(n, fn):
+    """Runs fn(i) on N threads released together; returns their results in order."""
+    barrier = threading.Barrier(n)
+    results = [None] * n
+    errors = []
+
+    def body(i):
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

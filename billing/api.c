@@ -8,6 +8,8 @@
 #include "billing/control.h"
 #include "billing/env.h"
 #include "billing/log.h"
+#include "billing/operators.h"
+#include "billing/reports.h"
 
 #include <inttypes.h>
 #include <arpa/inet.h>
@@ -39,12 +41,20 @@ typedef struct api_req {
 
 typedef struct api_reply {
     int status;
-    json_t *json; /* owned; NULL for an empty body */
+    json_t *json;      /* owned; NULL for an empty body or a text one */
+    char *text;        /* owned; a non-JSON body (CSV) */
+    const char *ctype; /* content type of text */
 } api_reply;
+
+/* Who is calling: the role and the name recorded on what they change. */
+typedef struct api_caller {
+    enum api_role role;
+    char name[80];
+} api_caller;
 
 static api_reply api_json(int status, json_t *j)
 {
-    api_reply r = {status, j};
+    api_reply r = {status, j, NULL, NULL};
     return r;
 }
 
@@ -82,22 +92,39 @@ static control_ctx *api_ctx(api_server *s)
     return c;
 }
 
-static enum api_role api_role_of(api_server *s, struct MHD_Connection *conn)
+/* Resolves the bearer token: the bootstrap tokens of the environment first
+ * (constant-time compares, both always run), then named operators, looked up
+ * in Postgres on every call so that a revoke is effective at once. */
+static int api_caller_of(api_server *s, control_ctx *c, struct MHD_Connection *conn,
+                         api_caller *who)
 {
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
     const char *tok;
+    operator_info op;
     size_t n;
-    if (!auth || strncmp(auth, "Bearer ", 7) != 0) return ROLE_NONE;
+    int admin, finance, rc;
+
+    who->role = ROLE_NONE;
+    if (!auth || strncmp(auth, "Bearer ", 7) != 0) return LEDGER_OK;
     tok = auth + 7;
     n = strlen(tok);
-    /* Both comparisons always run so timing does not tell which role matched. */
-    int admin = s->cfg->admin_token &&
-                apikey_secret_equal(tok, n, s->cfg->admin_token, strlen(s->cfg->admin_token));
-    int finance = s->cfg->finance_token && apikey_secret_equal(tok, n, s->cfg->finance_token,
-                                                               strlen(s->cfg->finance_token));
-    if (admin) return ROLE_ADMIN;
-    if (finance) return ROLE_FINANCE;
-    return ROLE_NONE;
+    admin = s->cfg->admin_token &&
+            apikey_secret_equal(tok, n, s->cfg->admin_token, strlen(s->cfg->admin_token));
+    finance = s->cfg->finance_token &&
+              apikey_secret_equal(tok, n, s->cfg->finance_token, strlen(s->cfg->finance_token));
+    if (admin || finance) {
+        who->role = admin ? ROLE_ADMIN : ROLE_FINANCE;
+        snprintf(who->name, sizeof who->name, "%s", admin ? "bootstrap-admin" : "bootstrap-finance");
+        return LEDGER_OK;
+    }
+    if (n != APIKEY_LEN || strncmp(tok, OPERATOR_PREFIX, strlen(OPERATOR_PREFIX)) != 0)
+        return LEDGER_OK;
+    rc = operators_authenticate(c->pg, &s->cfg->pepper, tok, &op);
+    if (rc == LEDGER_NOT_FOUND) return LEDGER_OK;
+    if (rc != LEDGER_OK) return rc;
+    who->role = strcmp(op.role, "admin") == 0 ? ROLE_ADMIN : ROLE_FINANCE;
+    snprintf(who->name, sizeof who->name, "%s", op.name);
+    return LEDGER_OK;
 }
 
 /* A positive decimal id of at most 18 digits; 0 if not one. */
@@ -264,7 +291,8 @@ static api_reply api_revoke_key(control_ctx *c, int64_t key_id)
     return api_json(204, NULL);
 }
 
-static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, int is_topup)
+static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, int is_topup,
+                            const char *operator_name)
 {
     api_reply err;
     ledger_entry e;
@@ -299,7 +327,7 @@ static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, 
         }
     }
     rc = control_credit(c, account, is_topup ? "topup" : "adjustment", amount, reference, reason,
-                        "admin", &e, &created);
+                        operator_name, &e, &created);
     if (rc != LEDGER_OK) {
         err = api_status_error(rc, "no such account");
         goto out;
@@ -343,6 +371,69 @@ static api_reply api_ledger(control_ctx *c, int64_t account, struct MHD_Connecti
     return api_json(200, j);
 }
 
+static const char *api_arg(struct MHD_Connection *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+/* GET /v1/reports/usage?from=&to=&group_by=&account=&format=json|csv */
+static api_reply api_usage(control_ctx *c, struct MHD_Connection *conn)
+{
+    const char *from = api_arg(conn, "from"), *to = api_arg(conn, "to");
+    const char *group = api_arg(conn, "group_by"), *fmt = api_arg(conn, "format");
+    const char *accts = api_arg(conn, "account");
+    const char *accept = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Accept");
+    int mask, csv, rc;
+    int64_t account = 0;
+    report_usage u;
+    api_reply out;
+
+    if (reports_valid_date(from) != 0 || reports_valid_date(to) != 0)
+        return api_error(400, "bad_request", "from and to must be dates YYYY-MM-DD (to exclusive)");
+    if (strcmp(from, to) >= 0) return api_error(400, "bad_request", "from must be before to");
+    if (reports_parse_group_by(group, &mask) != 0)
+        return api_error(400, "bad_request",
+                         "group_by is a comma-separated list of account, route, day");
+    if (accts && !(account = api_parse_id(accts, strlen(accts))))
+        return api_error(400, "bad_request", "account must be an account id");
+    if (fmt && strcmp(fmt, "csv") != 0 && strcmp(fmt, "json") != 0)
+        return api_error(400, "bad_request", "format is json or csv");
+    csv = fmt ? strcmp(fmt, "csv") == 0 : (accept && strstr(accept, "text/csv") != NULL);
+    rc = reports_usage(c->pg, from, to, mask, account, &u);
+    if (rc == LEDGER_LIMIT)
+        return api_error(422, "too_many_rows", "the report is too large; narrow it");
+    if (rc != LEDGER_OK) return api_status_error(rc, "report");
+    if (csv) {
+        out = api_json(200, NULL);
+        out.text = reports_usage_csv(&u);
+        out.ctype = "text/csv; charset=utf-8";
+        if (!out.text) out = api_error(500, "internal", "could not render");
+    } else {
+        out = api_json(200, reports_usage_json(&u));
+    }
+    reports_usage_free(&u);
+    return out;
+}
+
+/* GET /v1/reports/statement?account=&month=YYYY-MM */
+static api_reply api_statement(control_ctx *c, struct MHD_Connection *conn)
+{
+    const char *accts = api_arg(conn, "account"), *month = api_arg(conn, "month");
+    char next[8];
+    int64_t account = accts ? api_parse_id(accts, strlen(accts)) : 0;
+    report_statement st;
+    api_reply out;
+    int rc;
+    if (!account) return api_error(400, "bad_request", "account must be an account id");
+    if (reports_valid_month(month, next) != 0)
+        return api_error(400, "bad_request", "month must be YYYY-MM");
+    rc = reports_statement(c->pg, account, month, &st);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
+    out = api_json(200, reports_statement_json(&st));
+    reports_statement_free(&st);
+    return out;
+}
+
 /* Splits "/v1/accounts/12/keys" style paths and dispatches. */
 static api_reply api_route(api_server *s, struct MHD_Connection *conn, const char *method,
                            const char *url, const api_req *rq)
@@ -351,7 +442,7 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
     size_t len[6];
     int n = 0, is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0,
         is_delete = strcmp(method, "DELETE") == 0;
-    enum api_role role;
+    api_caller who;
     control_ctx *c;
     int64_t id = 0;
 
@@ -370,13 +461,14 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
 #define SEG(i, lit) (len[i] == sizeof(lit) - 1 && memcmp(seg[i], lit, len[i]) == 0)
     if (n < 2 || !SEG(0, "v1")) return api_error(404, "not_found", "no such endpoint");
 
-    role = api_role_of(s, conn);
-    if (role == ROLE_NONE)
-        return api_error(401, "unauthorized", "a valid operator bearer token is required");
-    if (!is_get && role != ROLE_ADMIN)
-        return api_error(403, "forbidden", "this call needs the admin role");
     c = api_ctx(s);
     if (!c) return api_error(503, "database_unavailable", "the ledger is unreachable; retry");
+    if (api_caller_of(s, c, conn, &who) != LEDGER_OK)
+        return api_error(503, "database_unavailable", "the ledger is unreachable; retry");
+    if (who.role == ROLE_NONE)
+        return api_error(401, "unauthorized", "a valid operator bearer token is required");
+    if (!is_get && who.role != ROLE_ADMIN)
+        return api_error(403, "forbidden", "this call needs the admin role");
 
     if (SEG(1, "accounts")) {
         if (n == 2) {
@@ -394,13 +486,16 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
             return api_error(405, "method_not_allowed", "use POST");
         }
         if (n == 4 && (SEG(3, "topups") || SEG(3, "adjustments"))) {
-            if (is_post) return api_credit(c, id, rq, SEG(3, "topups"));
+            if (is_post) return api_credit(c, id, rq, SEG(3, "topups"), who.name);
             return api_error(405, "method_not_allowed", "use POST");
         }
         if (n == 4 && SEG(3, "ledger")) {
             if (is_get) return api_ledger(c, id, conn);
             return api_error(405, "method_not_allowed", "use GET");
         }
+    } else if (SEG(1, "reports") && n == 3 && (SEG(2, "usage") || SEG(2, "statement"))) {
+        if (!is_get) return api_error(405, "method_not_allowed", "use GET");
+        return SEG(2, "usage") ? api_usage(c, conn) : api_statement(c, conn);
     } else if (SEG(1, "keys") && n == 3) {
         id = api_parse_id(seg[2], len[2]);
         if (!id) return api_error(404, "not_found", "no such key");
@@ -413,7 +508,8 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
 
 static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
 {
-    char *text = r.json ? json_dumps(r.json, JSON_COMPACT) : NULL;
+    char *text = r.json ? json_dumps(r.json, JSON_COMPACT) : r.text;
+    const char *ctype = r.json ? "application/json" : r.ctype;
     struct MHD_Response *resp;
     enum MHD_Result ret;
     if (r.json && !text) {
@@ -427,7 +523,7 @@ static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
         free(text);
         return MHD_NO;
     }
-    if (text) MHD_add_response_header(resp, "Content-Type", "application/json");
+    if (text) MHD_add_response_header(resp, "Content-Type", ctype ? ctype : "application/json");
     MHD_add_response_header(resp, "Cache-Control", "no-store");
     ret = MHD_queue_response(conn, (unsigned)r.status, resp);
     MHD_destroy_response(resp);

@@ -15,11 +15,16 @@ int apikey_pepper_init(apikey_pepper *p, const char *secret)
 
 int apikey_generate(char out[APIKEY_LEN + 1])
 {
+    return apikey_token(APIKEY_PREFIX, out);
+}
+
+int apikey_token(const char *prefix, char out[APIKEY_LEN + 1])
+{
     unsigned char raw[32];
-    size_t pre = strlen(APIKEY_PREFIX);
-    if (sodium_init() < 0) return -1;
+    size_t pre = strlen(prefix);
+    if (pre != 4 || sodium_init() < 0) return -1;
     randombytes_buf(raw, sizeof raw);
-    memcpy(out, APIKEY_PREFIX, pre);
+    memcpy(out, prefix, pre);
     sodium_bin2base64(out + pre, APIKEY_LEN + 1 - pre, raw, sizeof raw,
                       sodium_base64_VARIANT_URLSAFE_NO_PADDING);
     sodium_memzero(raw, sizeof raw);
@@ -42,11 +47,17 @@ int apikey_wellformed(const char *key, size_t len)
 int apikey_hash(const apikey_pepper *p, const char *key, size_t len,
                 char out[APIKEY_HASH_HEX + 1])
 {
-    unsigned char h[32];
     if (!apikey_wellformed(key, len)) return -1;
+    apikey_hash_secret(p, key, len, out);
+    return 0;
+}
+
+void apikey_hash_secret(const apikey_pepper *p, const char *key, size_t len,
+                        char out[APIKEY_HASH_HEX + 1])
+{
+    unsigned char h[32];
     crypto_generichash(h, sizeof h, (const unsigned char *)key, len, p->key, sizeof p->key);
     sodium_bin2hex(out, APIKEY_HASH_HEX + 1, h, sizeof h);
-    return 0;
 }
 
 int apikey_secret_equal(const char *a, size_t alen, const char *b, size_t blen)

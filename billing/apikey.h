@@ -24,6 +24,14 @@ int apikey_pepper_init(apikey_pepper *p, const char *secret);
 /* Writes a fresh key (APIKEY_LEN chars + NUL). -1 if libsodium is not ready. */
 int apikey_generate(char out[APIKEY_LEN + 1]);
 
+/* A token of the same shape with another 4-character PREFIX (operator
+ * tokens are "pgo_..."). -1 if the prefix is not 4 characters. */
+int apikey_token(const char *prefix, char out[APIKEY_LEN + 1]);
+
+/* The keyed hash of any secret, with no format check (operator tokens). */
+void apikey_hash_secret(const apikey_pepper *p, const char *secret, size_t len,
+                        char out[APIKEY_HASH_HEX + 1]);
+
 /* 1 if KEY has the shape of a key, else 0. Cheap; run before hashing so
  * garbage never reaches Redis or Postgres. */
 int apikey_wellformed(const char *key, size_t len);

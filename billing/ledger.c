@@ -16,11 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ENTRY_COLS                                                                                 \
-    "id, account_id, kind, amount, coalesce(reference, ''), coalesce(reason, ''), credit_seq, "    \
-    "credited_after, operator, to_char(created_at AT TIME ZONE 'UTC', "                           \
-    "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-
 #define ACCOUNT_COLS                                                                               \
     "id, name, credited, spent, credit_seq, to_char(created_at AT TIME ZONE 'UTC', "              \
     "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
@@ -54,7 +49,7 @@ static void ledger_copy(char *dst, size_t n, const PGresult *r, int row, int col
 }
 
 /* Runs a parameterised statement; NULL (after logging) unless it succeeded. */
-static PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params)
+PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params)
 {
     PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(r);
@@ -96,17 +91,22 @@ static int ledger_exec(PGconn *conn, const char *sql)
     return LEDGER_OK;
 }
 
-static void ledger_fill_account(ledger_account *a, const PGresult *r)
+static void ledger_fill_account_row(ledger_account *a, const PGresult *r, int row)
 {
-    a->id = ledger_i64(r, 0, 0);
-    ledger_copy(a->name, sizeof a->name, r, 0, 1);
-    a->credited = ledger_i64(r, 0, 2);
-    a->spent = ledger_i64(r, 0, 3);
-    a->credit_seq = ledger_i64(r, 0, 4);
-    ledger_copy(a->created_at, sizeof a->created_at, r, 0, 5);
+    a->id = ledger_i64(r, row, 0);
+    ledger_copy(a->name, sizeof a->name, r, row, 1);
+    a->credited = ledger_i64(r, row, 2);
+    a->spent = ledger_i64(r, row, 3);
+    a->credit_seq = ledger_i64(r, row, 4);
+    ledger_copy(a->created_at, sizeof a->created_at, r, row, 5);
 }
 
-static void ledger_fill_entry(ledger_entry *e, const PGresult *r, int row)
+static void ledger_fill_account(ledger_account *a, const PGresult *r)
+{
+    ledger_fill_account_row(a, r, 0);
+}
+
+void ledger_fill_entry(ledger_entry *e, const PGresult *r, int row)
 {
     e->id = ledger_i64(r, row, 0);
     e->account_id = ledger_i64(r, row, 1);
@@ -147,6 +147,23 @@ int ledger_account_get(PGconn *conn, int64_t id, ledger_account *out)
     }
     PQclear(r);
     return rc;
+}
+
+int ledger_accounts(PGconn *conn, int64_t after, int max, ledger_account *out, int *n)
+{
+    char afters[24], maxs[16];
+    const char *p[2] = {afters, maxs};
+    PGresult *r;
+    snprintf(afters, sizeof afters, "%" PRId64, after);
+    snprintf(maxs, sizeof maxs, "%d", max);
+    r = ledger_query(conn,
+                     "SELECT " ACCOUNT_COLS " FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", 2,
+                     p);
+    if (!r) return LEDGER_ERROR;
+    *n = PQntuples(r);
+    for (int i = 0; i < *n; i++) ledger_fill_account_row(&out[i], r, i);
+    PQclear(r);
+    return LEDGER_OK;
 }
 
 int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id)
@@ -213,7 +230,7 @@ static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int
     if (reference) {
         const char *p[2] = {ids, reference};
         r = ledger_query(conn,
-                         "SELECT " ENTRY_COLS
+                         "SELECT " LEDGER_ENTRY_COLS
                          " FROM ledger_entries WHERE account_id = $1 AND reference = $2",
                          2, p);
         if (!r) return LEDGER_ERROR;
@@ -236,7 +253,7 @@ static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int
             "  credit_seq = credit_seq + 1 WHERE id = $1 RETURNING credited, credit_seq) "
             "INSERT INTO ledger_entries (account_id, kind, amount, reference, reason, credit_seq, "
             "  credited_after, operator) "
-            "SELECT $1, $2, $3, $4, $5, a.credit_seq, a.credited, $6 FROM a RETURNING " ENTRY_COLS,
+            "SELECT $1, $2, $3, $4, $5, a.credit_seq, a.credited, $6 FROM a RETURNING " LEDGER_ENTRY_COLS,
             6, p, &r);
     }
     if (rc != LEDGER_OK) return rc;
@@ -281,7 +298,7 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
     snprintf(befores, sizeof befores, "%" PRId64, before > 0 ? before : INT64_MAX);
     snprintf(maxs, sizeof maxs, "%d", max);
     r = ledger_query(conn,
-                     "SELECT " ENTRY_COLS " FROM ledger_entries WHERE account_id = $1 AND id < $2 "
+                     "SELECT " LEDGER_ENTRY_COLS " FROM ledger_entries WHERE account_id = $1 AND id < $2 "
                      "ORDER BY id DESC LIMIT $3",
                      3, p);
     if (!r) return LEDGER_ERROR;

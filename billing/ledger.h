@@ -55,6 +55,20 @@ typedef struct ledger_charge {
     int64_t ts_ms;
 } ledger_charge;
 
+/* The columns ledger_fill_entry reads, in order (for SELECT lists). */
+#define LEDGER_ENTRY_COLS                                                                          \
+    "id, account_id, kind, amount, coalesce(reference, ''), coalesce(reason, ''), credit_seq, "    \
+    "credited_after, operator, to_char(created_at AT TIME ZONE 'UTC', "                           \
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+/* Fills E from ROW of a result selecting LEDGER_ENTRY_COLS. */
+void ledger_fill_entry(ledger_entry *e, const PGresult *r, int row);
+
+/* Runs a parameterised statement (text params, NULL = SQL NULL); the result,
+ * or NULL after logging when it failed. Shared by the modules that query the
+ * ledger (reports, operators). */
+PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params);
+
 /* Connects (NULL and a log line on failure). */
 PGconn *ledger_connect(const char *url);
 /* Makes sure CONN is usable, resetting a broken connection. 0 if usable. */
@@ -62,6 +76,8 @@ int ledger_check(PGconn *conn);
 
 int ledger_account_create(PGconn *conn, const char *name, ledger_account *out);
 int ledger_account_get(PGconn *conn, int64_t id, ledger_account *out);
+/* Up to MAX accounts with id > AFTER, by id (cursor paging). */
+int ledger_accounts(PGconn *conn, int64_t after, int max, ledger_account *out, int *n);
 
 /* Stores a key hash for an account; *key_id gets the new key's id. */
 int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id);

@@ -3,10 +3,12 @@
  *   billing migrate          apply pending schema migrations
  *   billing serve            admin/finance API + settlement, sweeper, credit sync
  *   billing repair           one credit-sync pass (Postgres -> Redis), then exit
+ *   billing accounts|keys|topup|adjust|report|operators ...   see cli.c
  *
  * Owns argument dispatch, signal handling and the lifetime of the serve
  * threads; the work itself lives in the modules it starts. */
 #include "billing/api.h"
+#include "billing/cli.h"
 #include "billing/config.h"
 #include "billing/hot.h"
 #include "billing/ledger.h"
@@ -14,7 +16,6 @@
 #include "billing/migrate.h"
 #include "billing/workers.h"
 
-#include <curl/curl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sodium.h>
@@ -31,6 +32,17 @@ static void usage(FILE *f)
                "  serve     admin/finance API on BILLING_LISTEN plus the settlement,\n"
                "            sweeper and credit-sync workers; stops on SIGTERM/SIGINT\n"
                "  repair    push every account's credits and every key to Redis once\n"
+               "\n"
+               "  accounts create NAME | list | show ID\n"
+               "  keys create ACCOUNT_ID | revoke KEY_ID\n"
+               "  topup ACCOUNT_ID AMOUNT --reference REF\n"
+               "  adjust ACCOUNT_ID AMOUNT --reason TEXT [--reference REF]\n"
+               "  report usage --from YYYY-MM-DD --to YYYY-MM-DD [--group-by ...] [--csv|--json]\n"
+               "  report statement ACCOUNT_ID YYYY-MM [--json]\n"
+               "  operators add NAME --role admin|finance | revoke NAME | list\n"
+               "\n"
+               "every command takes --help. exit codes: 0 done, 1 store unreachable (retry),\n"
+               "2 usage error, 3 not found, 4 refused.\n"
                "\n"
                "configuration (environment): DATABASE_URL, REDIS_URL, BILLING_LISTEN,\n"
                "KEY_PEPPER, ADMIN_TOKEN, FINANCE_TOKEN; see README.md.\n");
@@ -123,15 +135,12 @@ int main(int argc, char **argv)
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    if (strcmp(argv[1], "migrate") == 0) rc = cmd_migrate();
-    else if (strcmp(argv[1], "serve") == 0) rc = cmd_serve();
-    else if (strcmp(argv[1], "repair") == 0) rc = cmd_repair();
-    else {
-        fprintf(stderr, "billing: unknown command '%s'\n\n", argv[1]);
-        usage(stderr);
-        rc = 2;
-    }
-    curl_global_cleanup();
-    return rc;
+    if (strcmp(argv[1], "migrate") == 0) return cmd_migrate();
+    if (strcmp(argv[1], "serve") == 0) return cmd_serve();
+    if (strcmp(argv[1], "repair") == 0) return cmd_repair();
+    rc = cli_run(argc - 1, argv + 1);
+    if (rc >= 0) return rc;
+    fprintf(stderr, "billing: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
 }

@@ -1,0 +1,470 @@
+/* cli.c: admin and finance subcommands (see cli.h). Output is a readable
+ * table by default, JSON with --json; errors go to stderr, one line. */
+#include "billing/cli.h"
+
+#include "billing/config.h"
+#include "billing/control.h"
+#include "billing/env.h"
+#include "billing/operators.h"
+#include "billing/reports.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <pwd.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CLI_MAX_ARGS 8
+
+/* Parsed command line: positionals and --flags (with or without a value). */
+typedef struct cli_args {
+    const char *pos[CLI_MAX_ARGS];
+    int npos;
+    const char *flag_name[CLI_MAX_ARGS];
+    const char *flag_value[CLI_MAX_ARGS];
+    int nflags;
+    int help;
+} cli_args;
+
+/* VALUED lists the flags that take a value, BOOLS those that don't. */
+static int cli_parse(int argc, char **argv, const char *valued, const char *bools, cli_args *a)
+{
+    memset(a, 0, sizeof *a);
+    for (int i = 0; i < argc; i++) {
+        const char *s = argv[i];
+        char key[48];
+        if (strcmp(s, "--help") == 0 || strcmp(s, "-h") == 0) {
+            a->help = 1;
+            continue;
+        }
+        if (strncmp(s, "--", 2) != 0) {
+            if (a->npos == CLI_MAX_ARGS) return -1;
+            a->pos[a->npos++] = s;
+            continue;
+        }
+        if (a->nflags == CLI_MAX_ARGS || strlen(s) > 40) return -1;
+        snprintf(key, sizeof key, " %s ", s + 2);
+        a->flag_name[a->nflags] = s + 2;
+        if (valued && strstr(valued, key)) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "billing: --%s needs a value\n", s + 2);
+                return -1;
+            }
+            a->flag_value[a->nflags++] = argv[++i];
+        } else if (bools && strstr(bools, key)) {
+            a->flag_value[a->nflags++] = "";
+        } else {
+            fprintf(stderr, "billing: unknown option %s\n", s);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const char *cli_flag(const cli_args *a, const char *name)
+{
+    for (int i = 0; i < a->nflags; i++)
+        if (strcmp(a->flag_name[i], name) == 0) return a->flag_value[i];
+    return NULL;
+}
+
+static int cli_id(const char *s, const char *what, int64_t *out)
+{
+    if (!s || env_parse_int64(s, out) != 0 || *out <= 0) {
+        fprintf(stderr, "billing: %s must be a positive id, got '%s'\n", what, s ? s : "");
+        return -1;
+    }
+    return 0;
+}
+
+static int cli_status(int rc, const char *what)
+{
+    switch (rc) {
+    case LEDGER_OK:
+        return CLI_OK;
+    case LEDGER_NOT_FOUND:
+        fprintf(stderr, "billing: %s not found\n", what);
+        return CLI_NOT_FOUND;
+    case LEDGER_CONFLICT:
+        fprintf(stderr, "billing: refused: the reference was already used with other terms\n");
+        return CLI_REFUSED;
+    case LEDGER_INSUFFICIENT:
+        fprintf(stderr, "billing: refused: the balance would go below zero\n");
+        return CLI_REFUSED;
+    case LEDGER_LIMIT:
+        fprintf(stderr, "billing: refused: over the allowed limit\n");
+        return CLI_REFUSED;
+    case CONTROL_UNAVAILABLE:
+        fprintf(stderr, "billing: redis is unreachable; the change may be incomplete, retry\n");
+        return CLI_FAIL;
+    default:
+        fprintf(stderr, "billing: the ledger is unreachable or failed; retry\n");
+        return CLI_FAIL;
+    }
+}
+
+static void cli_print_json(json_t *j)
+{
+    char *s = json_dumps(j, JSON_INDENT(2));
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(j);
+}
+
+/* Connections for one command; *operator records who made credit entries. */
+typedef struct cli_env {
+    billing_config cfg;
+    control_ctx c;
+    char operator_name[80];
+} cli_env;
+
+static int cli_open(cli_env *e, int need_pepper)
+{
+    const struct passwd *pw = getpwuid(getuid());
+    const char *user = env_str("USER", pw ? pw->pw_name : "unknown");
+    memset(e, 0, sizeof *e);
+    if (config_load(&e->cfg, 1, 0, need_pepper) != 0) return CLI_USAGE;
+    snprintf(e->operator_name, sizeof e->operator_name, "cli:%s", user);
+    e->c.pepper = &e->cfg.pepper;
+    e->c.pg = ledger_connect(e->cfg.database_url);
+    e->c.hot = hot_open(e->cfg.redis_url);
+    if (!e->c.pg || !e->c.hot) {
+        fprintf(stderr, "billing: cannot reach the ledger (DATABASE_URL) or REDIS_URL is bad\n");
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+static void cli_close(cli_env *e)
+{
+    if (e->c.pg) PQfinish(e->c.pg);
+    hot_close(e->c.hot);
+}
+
+static void cli_print_account(control_ctx *c, const ledger_account *a)
+{
+    int found = 0;
+    int64_t credited, spent, held;
+    printf("id          %" PRId64 "\nname        %s\ncreated_at  %s\n", a->id, a->name,
+           a->created_at);
+    printf("credited    %" PRId64 "\nspent       %" PRId64 "\nbalance     %" PRId64 "\n",
+           a->credited, a->spent, a->credited - a->spent);
+    if (hot_account(c->hot, a->id, &found, &credited, &spent, &held) == 0 && found)
+        printf("available   %" PRId64 "\nheld        %" PRId64 "\n", credited - spent - held,
+               held);
+    else printf("available   (redis unreachable or not synced)\n");
+}
+
+static int cli_accounts(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    ledger_account acct;
+    int rc;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    if (!sub || cli_parse(argc - 1, argv + 1, " after limit ", " json ", &a) != 0 || a.help ||
+        (strcmp(sub, "create") == 0 && a.npos != 1) || (strcmp(sub, "show") == 0 && a.npos != 1) ||
+        (strcmp(sub, "list") == 0 && a.npos != 0)) {
+        fprintf(a.help ? stdout : stderr,
+                "usage: billing accounts create NAME [--json]\n"
+                "       billing accounts list [--after ID] [--limit N] [--json]\n"
+                "       billing accounts show ID [--json]\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    if (strcmp(sub, "create") != 0 && strcmp(sub, "list") != 0 && strcmp(sub, "show") != 0) {
+        fprintf(stderr, "billing: accounts: unknown subcommand '%s'\n", sub);
+        return CLI_USAGE;
+    }
+    if (strcmp(sub, "create") == 0 && (strlen(a.pos[0]) == 0 || strlen(a.pos[0]) > 200)) {
+        fprintf(stderr, "billing: NAME must be 1 to 200 characters\n");
+        return CLI_USAGE;
+    }
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    if (strcmp(sub, "create") == 0) {
+        rc = cli_status(control_account_create(&e.c, a.pos[0], &acct), "account");
+        if (rc == CLI_OK) {
+            if (cli_flag(&a, "json")) cli_print_json(json_pack("{s:I, s:s}", "id", (json_int_t)acct.id, "name", acct.name));
+            else printf("account %" PRId64 " created (%s)\n", acct.id, acct.name);
+        }
+    } else if (strcmp(sub, "show") == 0) {
+        int64_t id;
+        if (cli_id(a.pos[0], "ID", &id) != 0) {
+            rc = CLI_USAGE;
+            goto out;
+        }
+        rc = cli_status(ledger_account_get(e.c.pg, id, &acct), "account");
+        if (rc == CLI_OK) cli_print_account(&e.c, &acct);
+    } else {
+        int64_t after = 0, limit = 100;
+        const char *as = cli_flag(&a, "after"), *ls = cli_flag(&a, "limit");
+        ledger_account *rows;
+        int n = 0;
+        if ((as && (env_parse_int64(as, &after) != 0 || after < 0)) ||
+            (ls && (env_parse_int64(ls, &limit) != 0 || limit < 1 || limit > 10000))) {
+            fprintf(stderr, "billing: --after is an id, --limit 1..10000\n");
+            rc = CLI_USAGE;
+            goto out;
+        }
+        rows = calloc((size_t)limit, sizeof *rows);
+        rc = rows ? cli_status(ledger_accounts(e.c.pg, after, (int)limit, rows, &n), "accounts")
+                  : CLI_FAIL;
+        if (rc == CLI_OK) {
+            printf("%-10s %-30s %14s %14s %14s\n", "ID", "NAME", "CREDITED", "SPENT", "BALANCE");
+            for (int i = 0; i < n; i++)
+                printf("%-10" PRId64 " %-30.30s %14" PRId64 " %14" PRId64 " %14" PRId64 "\n",
+                       rows[i].id, rows[i].name, rows[i].credited, rows[i].spent,
+                       rows[i].credited - rows[i].spent);
+        }
+        free(rows);
+    }
+out:
+    cli_close(&e);
+    return rc;
+}
+
+static int cli_keys(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    int64_t id, key_id;
+    char key[APIKEY_LEN + 1];
+    int rc;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    if (!sub || cli_parse(argc - 1, argv + 1, NULL, NULL, &a) != 0 || a.help || a.npos != 1 ||
+        (strcmp(sub, "create") != 0 && strcmp(sub, "revoke") != 0)) {
+        fprintf(a.help ? stdout : stderr, "usage: billing keys create ACCOUNT_ID\n"
+                                          "       billing keys revoke KEY_ID\n");
+        return a.help ? CLI_OK : CLI_USAGE;
+    }
+    if (cli_id(a.pos[0], strcmp(sub, "create") == 0 ? "ACCOUNT_ID" : "KEY_ID", &id) != 0)
+        return CLI_USAGE;
+    if ((rc = cli_open(&e, 1)) != CLI_OK) goto out;
+    if (strcmp(sub, "create") == 0) {
+        rc = cli_status(control_key_create(&e.c, id, key, &key_id), "account");
+        if (rc == CLI_OK) {
+            printf("key_id  %" PRId64 "\napi_key %s\n(shown once: store it now)\n", key_id, key);
+            sodium_memzero(key, sizeof key);
+        }
+    } else {
+        rc = cli_status(control_key_revoke(&e.c, id), "key");
+        if (rc == CLI_OK) printf("key %" PRId64 " revoked\n", id);
+    }
+out:
+    cli_close(&e);
+    return rc;
+}
+
+static int cli_credit(int argc, char **argv, int is_topup)
+{
+    cli_args a;
+    cli_env e;
+    int64_t account, amount;
+    ledger_entry entry;
+    int created = 0, rc;
+    const char *ref, *reason;
+    if (cli_parse(argc, argv, " reference reason ", " json ", &a) != 0 || a.help || a.npos != 2) {
+        fprintf(a.help ? stdout : stderr,
+                is_topup ? "usage: billing topup ACCOUNT_ID AMOUNT --reference REF [--json]\n"
+                         : "usage: billing adjust ACCOUNT_ID AMOUNT --reason TEXT "
+                           "[--reference REF] [--json]\n");
+        return a.help ? CLI_OK : CLI_USAGE;
+    }
+    ref = cli_flag(&a, "reference");
+    reason = cli_flag(&a, "reason");
+    if (cli_id(a.pos[0], "ACCOUNT_ID", &account) != 0) return CLI_USAGE;
+    if (env_parse_int64(a.pos[1], &amount) != 0 || amount == 0 || amount > LEDGER_MAX_AMOUNT ||
+        amount < -LEDGER_MAX_AMOUNT || (is_topup && amount < 0)) {
+        fprintf(stderr, "billing: AMOUNT must be an integer, %s, at most 10^12 in size\n",
+                is_topup ? "positive" : "non-zero");
+        return CLI_USAGE;
+    }
+    if ((is_topup && (!ref || !*ref || strlen(ref) > 200)) ||
+        (!is_topup && (!reason || !*reason || strlen(reason) > 500)) ||
+        (ref && (!*ref || strlen(ref) > 200))) {
+        fprintf(stderr, is_topup ? "billing: --reference (1-200 characters) is required\n"
+                                 : "billing: --reason (1-500 characters) is required\n");
+        return CLI_USAGE;
+    }
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    rc = cli_status(control_credit(&e.c, account, is_topup ? "topup" : "adjustment", amount, ref,
+                                   is_topup ? NULL : reason, e.operator_name, &entry, &created),
+                    "account");
+    if (rc == CLI_OK) {
+        if (cli_flag(&a, "json"))
+            cli_print_json(json_pack("{s:I, s:I, s:I, s:b}", "id", (json_int_t)entry.id,
+                                     "amount", (json_int_t)entry.amount, "credited_after",
+                                     (json_int_t)entry.credited_after, "created", created));
+        else
+            printf("%s entry %" PRId64 ": %+" PRId64 " points, credited now %" PRId64 "%s\n",
+                   entry.kind, entry.id, entry.amount, entry.credited_after,
+                   created ? "" : " (already recorded: nothing added)");
+    }
+out:
+    cli_close(&e);
+    return rc;
+}
+
+static int cli_report(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    int rc, mask = 0;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    if (!sub ||
+        cli_parse(argc - 1, argv + 1, " from to group-by account ", " csv json ", &a) != 0 ||
+        a.help || (strcmp(sub, "usage") != 0 && strcmp(sub, "statement") != 0)) {
+        fprintf(a.help ? stdout : stderr,
+                "usage: billing report usage --from YYYY-MM-DD --to YYYY-MM-DD "
+                "[--group-by account,route,day] [--account ID] [--csv|--json]\n"
+                "       billing report statement ACCOUNT_ID YYYY-MM [--json]\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    if (strcmp(sub, "usage") == 0) {
+        const char *from = cli_flag(&a, "from"), *to = cli_flag(&a, "to");
+        const char *accts = cli_flag(&a, "account");
+        int64_t account = 0;
+        report_usage u;
+        if (a.npos != 0 || reports_valid_date(from) != 0 || reports_valid_date(to) != 0 ||
+            strcmp(from, to) >= 0) {
+            fprintf(stderr, "billing: --from and --to must be dates YYYY-MM-DD, from < to\n");
+            return CLI_USAGE;
+        }
+        if (reports_parse_group_by(cli_flag(&a, "group-by"), &mask) != 0) {
+            fprintf(stderr, "billing: --group-by is a list of account, route, day\n");
+            return CLI_USAGE;
+        }
+        if (accts && cli_id(accts, "--account", &account) != 0) return CLI_USAGE;
+        if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+        rc = cli_status(reports_usage(e.c.pg, from, to, mask, account, &u), "report");
+        if (rc != CLI_OK) goto out;
+        if (cli_flag(&a, "csv")) {
+            char *csv = reports_usage_csv(&u);
+            if (csv) fputs(csv, stdout);
+            else rc = CLI_FAIL;
+            free(csv);
+        } else if (cli_flag(&a, "json")) {
+            cli_print_json(reports_usage_json(&u));
+        } else {
+            printf("%-10s %-24s %-10s %12s %14s %12s\n", "ACCOUNT", "ROUTE", "DAY", "CALLS",
+                   "POINTS", "FAILED");
+            for (int i = 0; i <= u.nrows; i++) {
+                const report_row *r = i < u.nrows ? &u.rows[i] : &u.totals;
+                char acct[24] = "*";
+                if (i < u.nrows && (mask & REPORT_BY_ACCOUNT))
+                    snprintf(acct, sizeof acct, "%" PRId64, r->account_id);
+                if (i == u.nrows) snprintf(acct, sizeof acct, "TOTAL");
+                printf("%-10s %-24.24s %-10s %12" PRId64 " %14" PRId64 " %12" PRId64 "\n", acct,
+                       i < u.nrows && (mask & REPORT_BY_ROUTE) ? r->route : "*",
+                       i < u.nrows && (mask & REPORT_BY_DAY) ? r->day : "*", r->calls, r->points,
+                       r->failed_calls);
+            }
+        }
+        reports_usage_free(&u);
+    } else {
+        int64_t account;
+        char next[8];
+        report_statement st;
+        if (a.npos != 2 || cli_id(a.pos[0], "ACCOUNT_ID", &account) != 0 ||
+            reports_valid_month(a.pos[1], next) != 0) {
+            fprintf(stderr, "billing: usage: report statement ACCOUNT_ID YYYY-MM\n");
+            return CLI_USAGE;
+        }
+        if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+        rc = cli_status(reports_statement(e.c.pg, account, a.pos[1], &st), "account");
+        if (rc != CLI_OK) goto out;
+        if (cli_flag(&a, "json")) {
+            cli_print_json(reports_statement_json(&st));
+        } else {
+            printf("statement of account %" PRId64 " for %s (UTC)\n\n", account, st.month);
+            printf("  opening balance %16" PRId64 "\n", st.opening);
+            for (int i = 0; i < st.nentries; i++)
+                printf("  %-10s %s %+14" PRId64 "  %s\n", st.entries[i].kind,
+                       st.entries[i].created_at, st.entries[i].amount,
+                       st.entries[i].reference[0] ? st.entries[i].reference
+                                                  : st.entries[i].reason);
+            printf("  credits         %+16" PRId64 "\n", st.credits);
+            for (int i = 0; i < st.nroutes; i++)
+                printf("  %-24.24s %8" PRId64 " calls %+14" PRId64 "\n", st.routes[i].route,
+                       st.routes[i].calls, -st.routes[i].points);
+            printf("  charges         %+16" PRId64 "\n", -st.charges);
+            printf("  closing balance %16" PRId64 "\n", st.closing);
+        }
+        reports_statement_free(&st);
+    }
+out:
+    cli_close(&e);
+    return rc;
+}
+
+static int cli_operators(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    int rc;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    char token[APIKEY_LEN + 1];
+    if (!sub || cli_parse(argc - 1, argv + 1, " role ", NULL, &a) != 0 || a.help ||
+        (strcmp(sub, "add") == 0 && a.npos != 1) || (strcmp(sub, "revoke") == 0 && a.npos != 1) ||
+        (strcmp(sub, "list") == 0 && a.npos != 0) ||
+        (strcmp(sub, "add") != 0 && strcmp(sub, "revoke") != 0 && strcmp(sub, "list") != 0)) {
+        fprintf(a.help ? stdout : stderr, "usage: billing operators add NAME --role admin|finance\n"
+                                          "       billing operators revoke NAME\n"
+                                          "       billing operators list\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    if (strcmp(sub, "list") != 0 && operators_valid_name(a.pos[0]) != 0) {
+        fprintf(stderr, "billing: NAME is 1-64 of a-z 0-9 . _ - (starting with a letter or digit)\n");
+        return CLI_USAGE;
+    }
+    if (strcmp(sub, "add") == 0) {
+        const char *role = cli_flag(&a, "role");
+        if (!role || (strcmp(role, "admin") != 0 && strcmp(role, "finance") != 0)) {
+            fprintf(stderr, "billing: --role admin|finance is required\n");
+            return CLI_USAGE;
+        }
+        if ((rc = cli_open(&e, 1)) != CLI_OK) goto out;
+        rc = operators_add(e.c.pg, &e.cfg.pepper, a.pos[0], role, token);
+        if (rc == LEDGER_CONFLICT) {
+            fprintf(stderr, "billing: an operator named %s already exists\n", a.pos[0]);
+            rc = CLI_REFUSED;
+        } else if ((rc = cli_status(rc, "operator")) == CLI_OK) {
+            printf("operator %s (%s)\ntoken %s\n(shown once: store it now)\n", a.pos[0], role,
+                   token);
+        }
+        sodium_memzero(token, sizeof token);
+    } else if (strcmp(sub, "revoke") == 0) {
+        if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+        rc = cli_status(operators_revoke(e.c.pg, a.pos[0]), "live operator");
+        if (rc == CLI_OK) printf("operator %s revoked\n", a.pos[0]);
+    } else {
+        operator_info *ops = NULL;
+        int n = 0;
+        if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+        rc = cli_status(operators_list(e.c.pg, &ops, &n), "operators");
+        if (rc == CLI_OK) {
+            printf("%-24s %-8s %-22s %s\n", "NAME", "ROLE", "CREATED", "STATE");
+            for (int i = 0; i < n; i++)
+                printf("%-24s %-8s %-22s %s\n", ops[i].name, ops[i].role, ops[i].created_at,
+                       ops[i].revoked ? "revoked" : "active");
+        }
+        free(ops);
+    }
+out:
+    cli_close(&e);
+    return rc;
+}
+
+int cli_run(int argc, char **argv)
+{
+    const char *cmd = argv[0];
+    if (strcmp(cmd, "accounts") == 0) return cli_accounts(argc - 1, argv + 1);
+    if (strcmp(cmd, "keys") == 0) return cli_keys(argc - 1, argv + 1);
+    if (strcmp(cmd, "topup") == 0) return cli_credit(argc - 1, argv + 1, 1);
+    if (strcmp(cmd, "adjust") == 0) return cli_credit(argc - 1, argv + 1, 0);
+    if (strcmp(cmd, "report") == 0) return cli_report(argc - 1, argv + 1);
+    if (strcmp(cmd, "operators") == 0) return cli_operators(argc - 1, argv + 1);
+    return -1;
+}

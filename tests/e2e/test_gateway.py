@@ -1,0 +1,439 @@
+"""bin/gateway: the request path end to end, on real Redis, billing and devsim.
+
+Answers and headers for every outcome of one call (charged, refused,
+unauthorized, no route, bad path, too large, upstream failures), what is and
+is not forwarded upstream, usage pricing, the balance endpoint, and the
+concurrency rules: the seed case (no false refusal while points are only
+held) and a storm (no overdraft, exact counts).
+"""
+import concurrent.futures
+import hashlib
+import json
+import re
+import socket
+import time
+
+import harness
+from harness import http
+
+ROUTES = {
+    "charge_on": ["2xx", "3xx"],
+    "routes": [
+        {"id": "device.read", "method": "GET", "path": "/v1/devices/*", "price": 1},
+        {"id": "device.command", "method": "POST", "path": "/v1/devices/*/commands", "price": 5},
+        {"id": "device.batch", "method": "POST", "path": "/v1/batch", "hold": 100,
+         "unit_price": 2, "units_header": "X-Usage-Units"},
+        {"id": "device.slow", "method": "GET", "path": "/v1/slow/**", "price": 1,
+         "timeout_ms": 300},
+    ],
+}
+
+
+def key_hash(api_key):
+    pepper = hashlib.blake2b(harness.PEPPER.encode(), digest_size=32).digest()
+    return hashlib.blake2b(api_key.encode(), digest_size=32, key=pepper).hexdigest()
+
+
+def _setup(stack):
+    if stack.devsim is None:
+        stack.start_devsim()
+        stack.start_billing()
+        stack.start_gateway(ROUTES)
+    http("POST", stack.devsim.url + "/_sim/reset")
+    return stack.gateway.url
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _sim_requests(stack):
+    return http("GET", stack.devsim.url + "/_sim/stats").json()["requests"]
+
+
+def _held_zero(stack, acct):
+    stack.wait_for(lambda: stack.hot(acct).get("held", 0) == 0, timeout=10, what="held == 0")
+
+
+def _raw(port, data, timeout=10.0):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = []
+        while True:
+            try:
+                b = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not b:
+                break
+            out.append(b)
+        return b"".join(out)
+    finally:
+        s.close()
+
+
+def test_charged_call_headers(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    r = http("GET", gw + "/v1/devices/thermo-1?verbose=1", headers=_auth(key))
+    assert r.status == 200, r
+    assert r.headers["x-points-charged"] == "1"
+    assert r.headers["x-points-remaining"] == "9"
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
+    body = r.json()
+    assert body["path"] == "/v1/devices/thermo-1"
+    assert body["query"] == {"verbose": "1"}
+    assert r.headers["content-type"] == "application/json"
+    h = stack.hot(acct)
+    assert h["spent"] == 1 and h["held"] == 0, h
+    # X-Api-Key works as well, and the POST price applies.
+    r = http("POST", gw + "/v1/devices/thermo-1/commands", {"cmd": "on"}, {"X-Api-Key": key})
+    assert r.status == 202, r
+    assert r.headers["x-points-charged"] == "5"
+    assert r.headers["x-points-remaining"] == "4"
+    assert r.json()["body_length"] == len(json.dumps({"cmd": "on"}))
+
+
+def test_unauthorized(stack):
+    gw = _setup(stack)
+    before = _sim_requests(stack)
+    unknown = "pgk_" + "A" * 43
+    cases = [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"},
+             {"X-Api-Key": "pgk_short"}, _auth(unknown), {"X-Api-Key": unknown}]
+    for h in cases:
+        r = http("GET", gw + "/v1/devices/d1", headers=h)
+        assert r.status == 401, (h, r)
+        assert r.json()["error"] == "unauthorized"
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    assert _sim_requests(stack) == before
+
+
+def test_no_route_upstream_not_called(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for method, path in [("GET", "/v1/nothing"), ("DELETE", "/v1/devices/d1"),
+                         ("GET", "/v1/devices"), ("GET", "/v1/devices/a/b"),
+                         ("POST", "/v1/devices/d1")]:
+        r = http(method, gw + path, headers=_auth(key))
+        assert r.status == 404, (method, path, r)
+        assert r.json()["error"] == "no_route"
+        assert "x-request-id" in r.headers
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0
+
+
+def test_bad_paths(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for path in ["/v1/devices/../devices/x", "//v1/devices/x", "/v1//devices/x",
+                 "/v1/devices/a%2fb", "/v1/devices/a%2Fb", "/v1/devices/a%5cb",
+                 "/v1/devices/a%00", "/v1/devices/%2e%2e", "/v1/devices/%zz",
+                 "/v1/devices/./x"]:
+        r = http("GET", gw + path, headers=_auth(key))
+        assert r.status == 400, (path, r)
+        assert r.json()["error"] == "bad_request"
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0
+
+
+def test_body_too_large(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    big = b"x" * ((1 << 20) + 1)
+    req = (b"POST /v1/devices/d1/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
+           b"\r\nContent-Length: " + str(len(big)).encode() + b"\r\nConnection: close\r\n\r\n")
+    out = _raw(stack.gateway.port, req + big)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    # Chunked: no length up front, refused once the limit is passed.
+    chunked = (b"POST /v1/devices/d1/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
+               b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(17)) + b"0\r\n\r\n"
+    out = _raw(stack.gateway.port, chunked + body)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    # Exactly at the limit is fine.
+    r = http("POST", gw + "/v1/devices/d1/commands", b"y" * (1 << 20), _auth(key))
+    assert r.status == 202, r
+    assert _sim_requests(stack) == before + 1
+    h = stack.hot(acct)
+    assert h["spent"] == 5 and h["held"] == 0, h
+
+
+def test_upstream_5xx_costs_nothing(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    for status in (500, 503, 404, 429):
+        r = http("GET", gw + "/v1/devices/d1", headers=dict(_auth(key), **{"X-Sim-Status": str(status)}))
+        assert r.status == status, r
+        assert r.headers["x-points-charged"] == "0"
+        assert r.headers["x-points-remaining"] == "10"
+    r = http("GET", gw + "/v1/devices/d1", headers=dict(_auth(key), **{"X-Sim-Status": "302"}))
+    assert r.status == 302 and r.headers["x-points-charged"] == "1", r
+    h = stack.hot(acct)
+    assert h["spent"] == 1 and h["held"] == 0, h
+
+
+def test_upstream_timeout_504(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    t0 = time.time()
+    r = http("GET", gw + "/v1/slow/x", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "3000"}))
+    took = time.time() - t0
+    assert r.status == 504, r
+    assert r.json()["error"] == "upstream_timeout"
+    assert took < 2.0, took
+    h = stack.hot(acct)
+    assert h["spent"] == 0 and h["held"] == 0, h
+
+
+def test_upstream_response_too_large(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    r = http("GET", gw + "/v1/devices/d1",
+             headers=dict(_auth(key), **{"X-Sim-Body-Bytes": str((1 << 20) + 10)}))
+    assert r.status == 502, r
+    assert r.json() == {"error": "upstream_unavailable", "message": "response too large"}
+    r = http("GET", gw + "/v1/devices/d1",
+             headers=dict(_auth(key), **{"X-Sim-Body-Bytes": str(1 << 20)}))
+    assert r.status == 200 and len(r.body) == 1 << 20, r
+    h = stack.hot(acct)
+    assert h["spent"] == 1 and h["held"] == 0, h
+
+
+def test_upstream_refused_502(stack):
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    dead = harness.free_port()
+    gw = stack.spawn("gateway-dead", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{harness.free_port()}",
+        "UPSTREAM_URL": f"http://127.0.0.1:{dead}", "ROUTES_FILE": stack.write_routes(ROUTES)})
+    port = int(gw.env["GATEWAY_LISTEN"].rsplit(":", 1)[1])
+    harness.wait_port(port, proc=gw.p)
+    r = http("GET", f"http://127.0.0.1:{port}/v1/devices/d1", headers=_auth(key))
+    assert r.status == 502, r
+    assert r.json()["error"] == "upstream_unavailable"
+    assert r.headers["x-points-charged"] == "0"
+    h = stack.hot(acct)
+    assert h["spent"] == 0 and h["held"] == 0, h
+    assert gw.stop() == 0
+
+
+def test_headers_forwarded(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    r = http("GET", gw + "/v1/devices/d1", headers={
+        "Authorization": f"Bearer {key}", "X-Custom": "kept", "Connection": "X-Secret-Hop",
+        "X-Secret-Hop": "dropped", "X-Account-Id": "999999", "X-Request-Id": "spoofed",
+        "X-Forwarded-For": "10.0.0.1", "Keep-Alive": "timeout=5"})
+    assert r.status == 200, r
+    last = http("GET", stack.devsim.url + "/_sim/last").json()
+    h = last
+    assert "authorization" not in h and "x-api-key" not in h, h
+    assert key not in json.dumps(last)
+    assert h["x-account-id"] == str(acct), h
+    assert h["x-request-id"] == r.headers["x-request-id"], h
+    assert h["x-forwarded-for"] == "10.0.0.1, 127.0.0.1", h
+    assert h["x-custom"] == "kept"
+    assert "x-secret-hop" not in h and "keep-alive" not in h, h
+    assert "expect" not in h
+    http("GET", gw + "/v1/devices/d1", headers={"X-Api-Key": key})
+    h = http("GET", stack.devsim.url + "/_sim/last").json()
+    assert "x-api-key" not in h and "authorization" not in h, h
+
+
+def test_balance_endpoint(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(7)
+    before = _sim_requests(stack)
+    r = http("GET", gw + "/_billing/balance", headers=_auth(key))
+    assert r.status == 200, r
+    assert r.json() == {"account_id": acct, "available": 7, "held": 0}
+    assert http("GET", gw + "/_billing/balance").status == 401
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0
+
+
+def test_usage_priced_route(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(1000)
+    cases = [("7", 14), ("0", 0), ("80", 100), ("99999999999999999999", 100), ("junk", 100),
+             ("-3", 100)]
+    spent = 0
+    for units, charged in cases:
+        r = http("POST", gw + "/v1/batch", {"items": [1, 2]},
+                 dict(_auth(key), **{"X-Sim-Usage": units}))
+        assert r.status == 200, (units, r)
+        assert r.headers["x-points-charged"] == str(charged), (units, r.headers)
+        spent += charged
+        assert r.headers["x-points-remaining"] == str(1000 - spent)
+    # A failed usage call releases the whole hold.
+    r = http("POST", gw + "/v1/batch", {"items": []},
+             dict(_auth(key), **{"X-Sim-Usage": "5", "X-Sim-Status": "500"}))
+    assert r.status == 500 and r.headers["x-points-charged"] == "0", r
+    # The hold is what must be available: 99 points are not enough.
+    acct2, key2 = stack.new_account(99)
+    r = http("POST", gw + "/v1/batch", {"items": [1]}, _auth(key2))
+    assert r.status == 402, r
+    assert r.json()["cost"] == 100 and r.json()["available"] == 99
+    h = stack.hot(acct)
+    assert h["spent"] == spent and h["held"] == 0, h
+
+
+def test_insufficient_points_402(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(3)
+    before = _sim_requests(stack)
+    r = http("POST", gw + "/v1/devices/d1/commands", {}, _auth(key))
+    assert r.status == 402, r
+    assert r.json() == {"error": "insufficient_points", "message": r.json()["message"],
+                        "cost": 5, "available": 3, "held": 0}
+    assert "x-request-id" in r.headers
+    assert _sim_requests(stack) == before
+    # Account with a key but never credited: 402 with available 0.
+    acct0, key0 = stack.new_account(0)
+    r = http("GET", gw + "/v1/devices/d1", headers=_auth(key0))
+    assert r.status == 402 and r.json()["available"] == 0, r
+
+
+def test_seed_case_no_false_refusal(stack):
+    """4 points, 5 concurrent 1-point calls, one fails upstream after a delay:
+    the other four are served, none refused."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(4)
+
+    def call(i):
+        h = _auth(key)
+        if i == 0:
+            h.update({"X-Sim-Status": "500", "X-Sim-Delay-Ms": "500"})
+        else:
+            h.update({"X-Sim-Delay-Ms": "100"})
+        return http("GET", gw + f"/v1/devices/d{i}", headers=h)
+
+    with concurrent.futures.ThreadPoolExecutor(5) as ex:
+        futs = [ex.submit(call, 0)]
+        time.sleep(0.1)  # the failing call holds its point first
+        futs += [ex.submit(call, i) for i in range(1, 5)]
+        res = [f.result() for f in futs]
+    assert res[0].status == 500, res[0]
+    assert [r.status for r in res[1:]] == [200] * 4, res
+    h = stack.hot(acct)
+    assert h["spent"] == 4 and h["held"] == 0, h
+
+
+def test_storm_no_overdraft(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    before = _sim_requests(stack)
+
+    def call(i):
+        return http("GET", gw + f"/v1/devices/d{i}", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "20"}))
+
+    with concurrent.futures.ThreadPoolExecutor(300) as ex:
+        res = list(ex.map(call, range(300)))
+    codes = [r.status for r in res]
+    assert codes.count(200) == 100 and codes.count(402) == 200, {c: codes.count(c) for c in set(codes)}
+    assert all(r.json()["error"] == "insufficient_points" for r in res if r.status == 402)
+    assert _sim_requests(stack) == before + 100
+    h = stack.hot(acct)
+    assert h["spent"] == 100 and h["held"] == 0, h
+    assert h["credited"] - h["spent"] - h["held"] == 0
+
+
+def test_client_gone_releases_hold(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    s = socket.create_connection(("127.0.0.1", stack.gateway.port))
+    s.sendall(b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
+              b"\r\nX-Sim-Delay-Ms: 3000\r\n\r\n")
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="hold taken")
+    s.close()
+    t0 = time.time()
+    _held_zero(stack, acct)
+    assert time.time() - t0 < 2.0  # released at once, not by the upstream's answer or sweeper
+    h = stack.hot(acct)
+    assert h["spent"] == 0, h
+    # The release is in the outbox (amount 0): a failed call is counted, not charged.
+    time.sleep(3.2)
+    assert stack.hot(acct)["spent"] == 0
+
+
+def test_revoke_effective_within_2s(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    stack.redis("DEL", "pg:key:" + key_hash(key))
+    t0 = time.time()
+    while True:
+        # Hit every worker: fresh connections spread over SO_REUSEPORT sockets.
+        codes = [http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status for _ in range(8)]
+        if all(c == 401 for c in codes):
+            break
+        assert time.time() - t0 < 2.0, codes
+        time.sleep(0.05)
+    # Restoring it (as billing would on a new key) works again within the TTL.
+    stack.redis("SET", "pg:key:" + key_hash(key), acct)
+    stack.wait_for(lambda: http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200,
+                   timeout=3, what="key back")
+
+
+def test_sighup_reloads_routes(stack):
+    import http.client as hc
+    import signal
+    gw = _setup(stack)
+    acct, key = stack.new_account(1000)
+
+    def fresh(method, path):
+        return [http(method, gw + path, {} if method == "POST" else None, _auth(key))
+                for _ in range(6)]  # fresh connections: reach every worker
+
+    assert http("GET", gw + "/v1/things/t1", headers=_auth(key)).json()["error"] == "no_route"
+    assert http("POST", gw + "/v1/devices/d1/commands", {}, _auth(key)).status == 202
+    # A keep-alive connection opened before the reload survives it.
+    conn = hc.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=10)
+    conn.request("GET", "/v1/devices/d1", headers=_auth(key))
+    r1 = conn.getresponse()
+    r1.read()
+    assert r1.status == 200 and r1.getheader("X-Points-Charged") == "1"
+
+    routes = json.loads(json.dumps(ROUTES))
+    routes["routes"][0]["price"] = 2
+    del routes["routes"][1]
+    routes["routes"].append({"id": "thing.read", "method": "GET", "path": "/v1/things/*",
+                             "price": 3, "charge_on": ["2xx", "4xx"]})
+    path = stack.gateway.env["ROUTES_FILE"]
+    with open(path, "w") as f:
+        json.dump(routes, f)
+    stack.gateway.signal(signal.SIGHUP)
+    stack.wait_for(lambda: all(r.headers.get("x-points-charged") == "2"
+                               for r in fresh("GET", "/v1/devices/d1")), timeout=5,
+                   what="new price on every worker")
+    assert all(r.status == 404 and r.json()["error"] == "no_route"
+               for r in fresh("POST", "/v1/devices/d1/commands"))
+    # The new route reaches the upstream (devsim answers 404 not_found), and its
+    # own charge_on makes that 4xx billable.
+    r = http("GET", gw + "/v1/things/t1", headers=_auth(key))
+    assert r.status == 404 and r.json()["error"] == "not_found", r
+    assert r.headers["x-points-charged"] == "3"
+    conn.request("GET", "/v1/devices/d2", headers=_auth(key))
+    r2 = conn.getresponse()
+    r2.read()
+    assert r2.status == 200 and r2.getheader("X-Points-Charged") == "2"
+    conn.close()
+    # A broken file on reload keeps the current table.
+    with open(path, "w") as f:
+        f.write("{not json")
+    stack.gateway.signal(signal.SIGHUP)
+    stack.wait_for(lambda: "routes reload failed" in stack.gateway.output(), timeout=5,
+                   what="reload error logged")
+    assert stack.gateway.alive()
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).headers["x-points-charged"] == "2"
+    with open(path, "w") as f:
+        json.dump(ROUTES, f)
+    stack.gateway.signal(signal.SIGHUP)
+    stack.wait_for(lambda: all(r.status == 202 for r in fresh("POST", "/v1/devices/d1/commands")),
+                   timeout=5, what="routes restored")
+    _held_zero(stack, acct)

@@ -1,0 +1,196 @@
+"""bin/gateway under faults and load: Redis going away and coming back (fail
+closed with 503, settles queued and resent), graceful shutdown with calls in
+flight, and 1000 concurrent keep-alive connections.
+"""
+import os
+import selectors
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import harness
+from harness import http
+
+from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
+
+
+def _setup(stack):
+    if stack.devsim is None:
+        stack.start_devsim()
+        stack.start_billing()
+        stack.start_gateway(ROUTES)
+    http("POST", stack.devsim.url + "/_sim/reset")
+    return stack.gateway.url
+
+
+def _redis_stop(stack):
+    subprocess.run(["redis-cli", "-p", str(stack.redis_port), "shutdown"], capture_output=True)
+    stack.wait_for(lambda: subprocess.run(["redis-cli", "-p", str(stack.redis_port), "ping"],
+                                          capture_output=True).returncode != 0,
+                   timeout=10, what="redis down")
+
+
+def _redis_start(stack):
+    d = os.path.join(stack.dir, "redis")
+    subprocess.run(["redis-server", "--port", str(stack.redis_port), "--bind", "127.0.0.1",
+                    "--dir", d, "--daemonize", "yes", "--pidfile", os.path.join(d, "redis.pid"),
+                    "--logfile", os.path.join(d, "redis.log"), "--appendonly", "yes",
+                    "--appendfsync", "everysec", "--save", ""], check=True,
+                   stdout=subprocess.DEVNULL)
+    stack.wait_for(lambda: stack.redis("PING") == "PONG", timeout=10, what="redis up")
+
+
+def test_redis_down_503_then_recovers(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    before = _sim_requests(stack)
+    _redis_stop(stack)
+    try:
+        for _ in range(6):
+            r = http("GET", gw + "/v1/devices/d1", headers=_auth(key))
+            assert r.status == 503, r
+            assert r.json()["error"] == "billing_unavailable"
+            assert "x-request-id" in r.headers
+        assert _sim_requests(stack) == before  # fail closed: nothing proxied
+    finally:
+        _redis_start(stack)
+    stack.wait_for(lambda: all(http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+                               for _ in range(4)), timeout=10, what="served again")
+    _held_zero(stack, acct)
+    assert stack.gateway.alive()
+
+
+def test_settle_queued_while_redis_down(stack):
+    """Redis goes away while a call is at the upstream: the answer still goes
+    out, the settle is queued and applied when Redis is back."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    spent0 = stack.hot(acct)["spent"]
+    out = {}
+
+    def call():
+        out["r"] = http("GET", gw + "/v1/devices/d1",
+                        headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
+
+    t = threading.Thread(target=call)
+    t.start()
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="hold")
+    _redis_stop(stack)
+    t.join(10)
+    r = out["r"]
+    assert r.status == 200, r
+    assert r.headers["x-points-charged"] == "1"
+    assert "x-points-remaining" not in r.headers
+    _redis_start(stack)
+    stack.wait_for(lambda: stack.hot(acct).get("spent") == spent0 + 1, timeout=10,
+                   what="queued settle applied")
+    _held_zero(stack, acct)
+
+
+def test_graceful_shutdown_finishes_calls(stack):
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    port = harness.free_port()
+    gw = stack.spawn("gateway-drain", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(ROUTES)}, port)
+    out = []
+
+    def call(i):
+        out.append(http("GET", gw.url + f"/v1/devices/d{i}",
+                        headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "800"})))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 5, timeout=5, what="5 holds")
+    gw.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        refused = False
+    except OSError:
+        refused = True
+    assert refused, "still accepting after SIGTERM"
+    for t in threads:
+        t.join(10)
+    assert [r.status for r in out] == [200] * 5, out
+    assert gw.p.wait(15) == 0
+    h = stack.hot(acct)
+    assert h["spent"] == 5 and h["held"] == 0, h
+    assert "drain" in gw.output()
+
+
+def test_bad_config_refuses_to_start(stack):
+    base = {"GATEWAY_LISTEN": f"127.0.0.1:{harness.free_port()}", "UPSTREAM_URL": "http://127.0.0.1:1",
+            "ROUTES_FILE": stack.write_routes(ROUTES)}
+    bad_routes = stack.write_routes({"routes": [{"id": "x", "method": "GET", "path": "/a"}]})
+    cases = [{"KEY_PEPPER": "short"}, {"UPSTREAM_URL": "ftp://x"}, {"GATEWAY_LISTEN": "nope"},
+             {"REDIS_URL": "http://x"}, {"ROUTES_FILE": "/nonexistent.json"},
+             {"ROUTES_FILE": bad_routes}, {"MAX_BODY_BYTES": "-1"}, {"GATEWAY_THREADS": "0"}]
+    for extra in cases:
+        env = dict(stack.env, **base)
+        env.update(extra)
+        p = subprocess.run([stack.bin("gateway")], env=env, capture_output=True, text=True,
+                           timeout=20)
+        assert p.returncode != 0, (extra, p.stderr)
+        assert "error" in p.stderr, (extra, p.stderr)
+        assert "Sanitizer" not in p.stderr, p.stderr
+
+
+def test_1000_keepalive_connections(stack):
+    gw = _setup(stack)
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * n), hard))
+    acct, key = stack.new_account(3 * n)
+    before = _sim_requests(stack)
+    req = (f"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {key}\r\n\r\n").encode()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", stack.gateway.port), timeout=10)
+        socks.append(s)
+    t0 = time.time()
+    for rnd in range(2):
+        sel = selectors.DefaultSelector()
+        bufs = {}
+        for s in socks:
+            s.sendall(req)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+            bufs[s] = b""
+        done = 0
+        deadline = time.time() + 60
+        statuses = []
+        while done < n and time.time() < deadline:
+            for k, _ in sel.select(1):
+                s = k.fileobj
+                b = s.recv(65536)
+                assert b, "connection closed by the gateway"
+                bufs[s] += b
+                head, sep, rest = bufs[s].partition(b"\r\n\r\n")
+                if not sep:
+                    continue
+                clen = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")][0]
+                if len(rest) >= clen:
+                    statuses.append(int(head.split(b" ")[1]))
+                    sel.unregister(s)
+                    s.setblocking(True)
+                    done += 1
+        sel.close()
+        assert done == n, f"round {rnd}: {done}/{n} answered"
+        assert statuses.count(200) == n, {c: statuses.count(c) for c in set(statuses)}
+    took = time.time() - t0
+    for s in socks:
+        s.close()
+    assert _sim_requests(stack) == before + 2 * n
+    h = stack.hot(acct)
+    stack.wait_for(lambda: stack.hot(acct)["held"] == 0, timeout=10, what="held 0")
+    assert stack.hot(acct)["spent"] == 2 * n, h
+    print(f"{2 * n} calls on {n} keep-alive connections in {took:.2f}s")

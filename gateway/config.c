@@ -42,8 +42,8 @@ int config_load(gw_config *c)
         log_error("REDIS_URL=%s: expected redis://host:port/db", redis);
         goto out;
     }
-    if (!upstream || (strncmp(upstream, "http://", 7) != 0 &&
-                      strncmp(upstream, "https://", 8) != 0)) {
+    if (!upstream ||
+        (strncmp(upstream, "http://", 7) != 0 && strncmp(upstream, "https://", 8) != 0)) {
         log_error("UPSTREAM_URL must be set to an http:// or https:// base URL");
         goto out;
     }
@@ -64,10 +64,8 @@ int config_load(gw_config *c)
     if (env_int64("GATEWAY_THREADS", cores > 0 ? cores : 1, 1, 256, &v) != 0) goto out;
     c->threads = (int)v;
     if (env_int64("MAX_BODY_BYTES", 1 << 20, 1, (int64_t)1 << 30, &c->max_body) != 0) goto out;
-    if (env_int64("UPSTREAM_TIMEOUT_MS", 10000, 1, 3600000, &c->upstream_timeout_ms) != 0)
-        goto out;
-    if (env_int64("HOLD_WAIT_MS", c->upstream_timeout_ms + 1000, 0, 3600000, &c->hold_wait_ms) !=
-        0)
+    if (env_int64("UPSTREAM_TIMEOUT_MS", 10000, 1, 3600000, &c->upstream_timeout_ms) != 0) goto out;
+    if (env_int64("HOLD_WAIT_MS", c->upstream_timeout_ms + 1000, 0, 3600000, &c->hold_wait_ms) != 0)
         goto out;
     if (env_int64("HOLD_GRACE_MS", 10000, 1000, 3600000, &c->hold_grace_ms) != 0) goto out;
     if (env_int64("MAX_CONNECTIONS", 4096, 1, 1000000, &c->max_connections) != 0) goto out;

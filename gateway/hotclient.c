@@ -38,7 +38,7 @@ struct hotclient {
     char sha[HOT_NSCRIPTS][48];
     int inflight;
     hot_settle_args *queue; /* settles waiting for Redis to come back */
-    size_t qlen;
+    size_t qlen, qcap;      /* grows on demand up to HOT_SETTLE_QUEUE_MAX */
 };
 
 typedef struct hot_op {
@@ -66,8 +66,8 @@ static void hot_schedule_retry(hotclient *hc)
     struct timeval tv = {hc->backoff_ms / 1000, (hc->backoff_ms % 1000) * 1000};
     if (hc->closing) return;
     evtimer_add(hc->retry, &tv);
-    hc->backoff_ms = hc->backoff_ms * 2 > HOT_BACKOFF_MAX_MS ? HOT_BACKOFF_MAX_MS
-                                                             : hc->backoff_ms * 2;
+    hc->backoff_ms =
+        hc->backoff_ms * 2 > HOT_BACKOFF_MAX_MS ? HOT_BACKOFF_MAX_MS : hc->backoff_ms * 2;
 }
 
 static void hot_on_retry(evutil_socket_t fd, short what, void *arg)
@@ -77,8 +77,17 @@ static void hot_on_retry(evutil_socket_t fd, short what, void *arg)
 
 static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
 {
-    if (hc->qlen >= HOT_SETTLE_QUEUE_MAX) {
-        /* The hold stays in Redis; the sweeper releases it at its deadline. */
+    if (hc->qlen == hc->qcap && hc->qcap < HOT_SETTLE_QUEUE_MAX) {
+        size_t cap = hc->qcap ? hc->qcap * 2 : 64;
+        hot_settle_args *q = realloc(hc->queue, cap * sizeof *q);
+        if (q) {
+            hc->queue = q;
+            hc->qcap = cap;
+        }
+    }
+    if (hc->qlen >= hc->qcap) {
+        /* The hold stays in Redis; the sweeper releases it at its deadline
+         * (a lost commit is then a call not charged, never a double charge). */
         log_error("settle queue full, dropping settle rid=%s account=%lld commit=%d", a->rid,
                   (long long)a->account, a->commit);
         return;
@@ -138,7 +147,8 @@ static void hot_on_disconnect(const redisAsyncContext *ac, int status)
 {
     hotclient *hc = ac->data;
     if (!hc) return;
-    if (!hc->closing) log_warn("redis disconnected: %s", status == REDIS_OK ? "closed" : ac->errstr);
+    if (!hc->closing)
+        log_warn("redis disconnected: %s", status == REDIS_OK ? "closed" : ac->errstr);
     hc->ac = NULL;
     hc->connected = 0;
     memset(hc->sha, 0, sizeof hc->sha);
@@ -182,8 +192,7 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hc->db = db;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
-    hc->queue = malloc(HOT_SETTLE_QUEUE_MAX * sizeof *hc->queue);
-    if (!hc->retry || !hc->queue) {
+    if (!hc->retry) {
         hotclient_free(hc);
         return -1;
     }
@@ -201,7 +210,8 @@ void hotclient_free(hotclient *hc)
         hc->ac = NULL;
         redisAsyncFree(ac); /* runs pending callbacks with NULL */
     }
-    if (hc->qlen) log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
+    if (hc->qlen)
+        log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
     if (hc->retry) event_free(hc->retry);
     free(hc->queue);
     free(hc);
@@ -268,8 +278,10 @@ static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
     }
     hc->inflight--;
     if (rep) {
-        if (rep->type == REDIS_REPLY_ERROR) log_error("redis error: %s", rep->str);
-        else rc = hot_decode(op, rep, v);
+        if (rep->type == REDIS_REPLY_ERROR)
+            log_error("redis error: %s", rep->str);
+        else
+            rc = hot_decode(op, rep, v);
     }
     if (op->kind == HOT_SETTLE && !rep) hot_enqueue_settle(hc, &op->settle);
     if (op->cb) op->cb(op->arg, rc, v);

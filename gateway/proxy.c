@@ -37,9 +37,9 @@ struct proxy {
 
 int proxy_hop_by_hop(const char *n)
 {
-    static const char *const hop[] = {"connection", "keep-alive", "proxy-authenticate",
-                                      "proxy-authorization", "te", "trailer",
-                                      "transfer-encoding", "upgrade", "proxy-connection"};
+    static const char *const hop[] = {"connection",          "keep-alive", "proxy-authenticate",
+                                      "proxy-authorization", "te",         "trailer",
+                                      "transfer-encoding",   "upgrade",    "proxy-connection"};
     for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
         if (strcasecmp(n, hop[i]) == 0) return 1;
     return 0;
@@ -57,10 +57,14 @@ static void proxy_check_done(proxy *p)
         curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
         if (!c) continue;
         curl_easy_getinfo(m->easy_handle, CURLINFO_RESPONSE_CODE, &c->status);
-        if (res == CURLE_OK) c->result = PROXY_OK;
-        else if (c->too_large || res == CURLE_FILESIZE_EXCEEDED) c->result = PROXY_TOO_LARGE;
-        else if (res == CURLE_OPERATION_TIMEDOUT) c->result = PROXY_TIMEOUT;
-        else c->result = PROXY_UNAVAILABLE;
+        if (res == CURLE_OK)
+            c->result = PROXY_OK;
+        else if (c->too_large || res == CURLE_FILESIZE_EXCEEDED)
+            c->result = PROXY_TOO_LARGE;
+        else if (res == CURLE_OPERATION_TIMEDOUT)
+            c->result = PROXY_TIMEOUT;
+        else
+            c->result = PROXY_UNAVAILABLE;
         if (res != CURLE_OK) log_debug("upstream: %s", curl_easy_strerror(res));
         /* Detach first: the callback may start new calls or free C. */
         proxy_cancel(c);
@@ -73,7 +77,8 @@ static void proxy_on_event(evutil_socket_t fd, short what, void *arg)
     proxy_sock *s = arg;
     proxy *p = s->p;
     int running;
-    int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    int action =
+        ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
     /* S may be freed inside socket_action (CURL_POLL_REMOVE): not used after. */
     curl_multi_socket_action(p->multi, fd, action, &running);
     proxy_check_done(p);
@@ -89,8 +94,10 @@ static void proxy_on_timer(evutil_socket_t fd, short what, void *arg)
 
 static void proxy_sock_free(proxy *p, proxy_sock *s)
 {
-    if (s->prev) s->prev->next = s->next;
-    else p->socks = s->next;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        p->socks = s->next;
     if (s->next) s->next->prev = s->prev;
     event_free(s->ev);
     free(s);
@@ -212,8 +219,7 @@ static int proxy_skip_response_header(const char *name)
      * headers itself, so an upstream cannot spoof them. */
     return proxy_hop_by_hop(name) || strcasecmp(name, "content-length") == 0 ||
            strcasecmp(name, "date") == 0 || strcasecmp(name, "x-request-id") == 0 ||
-           strcasecmp(name, "x-points-charged") == 0 ||
-           strcasecmp(name, "x-points-remaining") == 0;
+           strcasecmp(name, "x-points-charged") == 0 || strcasecmp(name, "x-points-remaining") == 0;
 }
 
 static size_t proxy_on_header(char *buf, size_t size, size_t nitems, void *userdata)
@@ -323,8 +329,10 @@ void proxy_cancel(proxy_call *c)
     CURL *e = c->easy;
     if (!e) return;
     c->easy = NULL;
-    if (c->prev) c->prev->next = c->next;
-    else p->running = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        p->running = c->next;
     if (c->next) c->next->prev = c->prev;
     c->prev = c->next = NULL;
     curl_multi_remove_handle(p->multi, e);

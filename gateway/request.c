@@ -135,8 +135,10 @@ static void request_finish(gw_request *r)
     if (!r->suspended) return;
     if (r->gone_ev) event_del(r->gone_ev);
     if (r->timer) evtimer_del(r->timer);
-    if (r->prev) r->prev->next = r->next;
-    else w->suspended = r->next;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        w->suspended = r->next;
     if (r->next) r->next->prev = r->prev;
     r->prev = r->next = NULL;
     r->suspended = 0;
@@ -206,7 +208,8 @@ static void request_suspend(gw_request *r)
     w->inflight++;
     ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (!ci) return;
-    if (!r->gone_ev) r->gone_ev = event_new(w->base, ci->connect_fd, EV_READ, request_on_readable, r);
+    if (!r->gone_ev)
+        r->gone_ev = event_new(w->base, ci->connect_fd, EV_READ, request_on_readable, r);
     if (r->gone_ev) event_add(r->gone_ev, NULL);
 }
 
@@ -291,8 +294,8 @@ static int64_t request_usage_charge(gw_request *r)
     if (units < 0) {
         /* A billable answer without a usable count: charge the hold (the
          * ceiling the caller agreed to) rather than give the call away. */
-        log_warn("request %s: route %s: missing or invalid %s, charging the hold", r->rid,
-                 rt->id, rt->units_header);
+        log_warn("request %s: route %s: missing or invalid %s, charging the hold", r->rid, rt->id,
+                 rt->units_header);
         return rt->price;
     }
     /* Overflow-safe units x unit_price, capped at the hold. */
@@ -312,8 +315,7 @@ static void request_on_upstream(void *arg, proxy_call *c)
             request_error(r, MHD_HTTP_GATEWAY_TIMEOUT, "upstream_timeout",
                           "the device API did not answer in time");
         else if (c->result == PROXY_TOO_LARGE)
-            request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
-                          "response too large");
+            request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable", "response too large");
         else
             request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
                           "the device API could not be reached");
@@ -325,8 +327,7 @@ static void request_on_upstream(void *arg, proxy_call *c)
     if (a.commit) a.charge = r->route->usage ? request_usage_charge(r) : r->route->price;
     r->charge = a.charge;
     r->st = ST_SETTLE;
-    if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0)
-        request_on_settled(r, -1, NULL);
+    if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0) request_on_settled(r, -1, NULL);
 }
 
 /* ---- proxy ---------------------------------------------------------- */
@@ -346,8 +347,7 @@ static int request_in_connection(const char *tokens, const char *name)
     while (p && *p) {
         while (*p == ' ' || *p == ',' || *p == '\t')
             p++;
-        if (strncasecmp(p, name, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' '))
-            return 1;
+        if (strncasecmp(p, name, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' ')) return 1;
         p = strchr(p, ',');
     }
     return 0;
@@ -358,8 +358,10 @@ static int request_add_header(request_hdr_ctx *h, const char *name, const char *
     char line[8192];
     struct curl_slist *l;
     /* curl drops "Name:" with no value; "Name;" sends it empty. */
-    if (value && *value) snprintf(line, sizeof line, "%s: %s", name, value);
-    else snprintf(line, sizeof line, "%s;", name);
+    if (value && *value)
+        snprintf(line, sizeof line, "%s: %s", name, value);
+    else
+        snprintf(line, sizeof line, "%s;", name);
     l = curl_slist_append(h->r->call.req_headers, line);
     if (!l) {
         h->failed = 1;
@@ -373,9 +375,9 @@ static enum MHD_Result request_copy_header(void *cls, enum MHD_ValueKind kind, c
                                            const char *value)
 {
     request_hdr_ctx *h = cls;
-    static const char *const drop[] = {"authorization", "x-api-key", "host", "content-length",
-                                       "expect", "x-account-id", "x-request-id",
-                                       "x-forwarded-for"};
+    static const char *const drop[] = {"authorization",  "x-api-key",      "host",
+                                       "content-length", "expect",         "x-account-id",
+                                       "x-request-id",   "x-forwarded-for"};
     for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
         if (strcasecmp(name, drop[i]) == 0) return MHD_YES;
     if (proxy_hop_by_hop(name)) return MHD_YES;
@@ -406,8 +408,10 @@ static int request_build_headers(gw_request *r)
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_copy_header, &h);
     if (h.failed) return -1;
     request_client_ip(r, ip, sizeof ip);
-    if (h.xff && *h.xff) snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
-    else snprintf(buf, sizeof buf, "%s", ip);
+    if (h.xff && *h.xff)
+        snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
+    else
+        snprintf(buf, sizeof buf, "%s", ip);
     if (request_add_header(&h, "X-Forwarded-For", buf) != 0) return -1;
     snprintf(buf, sizeof buf, "%" PRId64, r->account);
     if (request_add_header(&h, "X-Account-Id", buf) != 0) return -1;
@@ -425,12 +429,12 @@ static void request_proxy(gw_request *r)
 {
     char url[REQUEST_URL_MAX];
     const char *query = strchr(r->uri, '?');
-    int n = snprintf(url, sizeof url, "%s%.*s%s", r->w->cfg->upstream, (int)r->raw_path_len,
-                     r->uri, query ? query : "");
+    int n = snprintf(url, sizeof url, "%s%.*s%s", r->w->cfg->upstream, (int)r->raw_path_len, r->uri,
+                     query ? query : "");
     r->st = ST_PROXY;
     if (n < 0 || (size_t)n >= sizeof url || request_build_headers(r) != 0 ||
-        proxy_start(r->w->px, &r->call, url, r->method, r->body, r->body_len,
-                    r->route->timeout_ms, request_on_upstream, r) != 0) {
+        proxy_start(r->w->px, &r->call, url, r->method, r->body, r->body_len, r->route->timeout_ms,
+                    request_on_upstream, r) != 0) {
         request_release_detached(r);
         request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
                       "could not start the upstream call");
@@ -474,8 +478,8 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         uint64_t left = r->wait_until_ms - now;
         uint64_t d = (uint64_t)r->backoff_ms < left ? (uint64_t)r->backoff_ms : left;
         struct timeval tv = {(time_t)(d / 1000), (suseconds_t)((d % 1000) * 1000)};
-        r->backoff_ms = r->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS
-                                                                   : r->backoff_ms * 2;
+        r->backoff_ms =
+            r->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS : r->backoff_ms * 2;
         if (!r->timer) r->timer = evtimer_new(r->w->base, request_on_wait_timer, r);
         if (r->timer && evtimer_add(r->timer, &tv) == 0) {
             r->st = ST_WAIT;
@@ -573,8 +577,7 @@ static void request_start(gw_request *r)
     }
     r->st = ST_KEY;
     request_suspend(r);
-    if (hotclient_key(r->w->hc, r->keyhash, request_on_key, r) != 0)
-        request_on_key(r, -1, NULL);
+    if (hotclient_key(r->w->hc, r->keyhash, request_on_key, r) != 0) request_on_key(r, -1, NULL);
 }
 
 static void request_on_gone(gw_request *r)
@@ -666,8 +669,7 @@ static void request_begin(gw_request *r, const char *method)
         char *end;
         unsigned long long n = strtoull(cl, &end, 10);
         if (*end == '\0' && n > (unsigned long long)cfg->max_body) {
-            request_error(r, 413, "request_too_large",
-                          "request body too large");
+            request_error(r, 413, "request_too_large", "request body too large");
             return;
         }
     }
@@ -718,8 +720,7 @@ enum MHD_Result request_handle(gw_request *r, struct MHD_Connection *conn, const
             return MHD_YES;
         }
         if (r->body_too_big) {
-            request_error(r, 413, "request_too_large",
-                          "request body too large");
+            request_error(r, 413, "request_too_large", "request body too large");
             return request_queue(r);
         }
         request_start(r);

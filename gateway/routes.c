@@ -136,8 +136,7 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
     r->charge_on = def_charge;
     if (co && routes_parse_charge_on(co, &r->charge_on, err, errlen) != 0) return -1;
     r->timeout_ms = def_timeout;
-    if (routes_get_int(o, "timeout_ms", 1, 3600000, &r->timeout_ms, 0, err, errlen) != 0)
-        return -1;
+    if (routes_get_int(o, "timeout_ms", 1, 3600000, &r->timeout_ms, 0, err, errlen) != 0) return -1;
     if (json_object_get(o, "price")) {
         if (json_object_get(o, "hold") || json_object_get(o, "unit_price")) {
             snprintf(err, errlen, "route %s: either \"price\" or \"hold\"+\"unit_price\"", id);
@@ -196,8 +195,8 @@ int routes_load(const char *path, int64_t default_timeout_ms, route_table **out,
     {
         char msg[200];
         t->n++;
-        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, msg,
-                               sizeof msg) != 0) {
+        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, msg, sizeof msg) !=
+            0) {
             snprintf(err, errlen, "%s: route #%zu: %s", path, i, msg);
             goto out;
         }

@@ -14,7 +14,7 @@
 typedef struct route {
     char *id;
     char *method;
-    char **segs;   /* pattern segments; "*" one segment, "**" (last) the rest */
+    char **segs; /* pattern segments; "*" one segment, "**" (last) the rest */
     size_t nsegs;
     int usage;     /* usage-priced: hold up front, charge units x unit_price */
     int64_t price; /* fixed price, or the hold of a usage route */

@@ -184,8 +184,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0)
         goto oom;
     w->mhd = MHD_start_daemon(
-        MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
-            (ipv6 ? MHD_USE_IPv6 : 0),
+        MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (ipv6 ? MHD_USE_IPv6 : 0),
         (uint16_t)cfg->listen_port, NULL, NULL, worker_on_access, w, MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&ss, MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned int)1,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->max_connections,

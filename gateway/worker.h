@@ -31,7 +31,7 @@ typedef struct worker {
     struct event *mhd_ev;    /* MHD's epoll fd readable */
     struct event *mhd_timer; /* MHD's own timeouts */
     struct event *mhd_kick;  /* run MHD soon (after a resume) */
-    int notify_fd;            /* eventfd: main -> worker wake-up */
+    int notify_fd;           /* eventfd: main -> worker wake-up */
     struct event *notify_ev;
     atomic_int stop_requested;
     struct event *drain_timer;

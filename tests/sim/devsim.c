@@ -18,6 +18,8 @@
  *   X-Sim-Body-Bytes: N    answer a body of exactly N bytes (0..64 MiB) instead of the echo
  *   X-Sim-Drop: 1          close the connection without answering (after the delay)
  * A malformed control header is answered 400 {"error":"bad_sim_header"}.
+ * X-Sim-Status 1xx sends that interim answer and no final one: the client
+ * waits, as behind a broken upstream. 1xx, 204 and 304 carry no body.
  * Otherwise the body is JSON echoing what was received: method, path, query,
  * headers (lower-case names, repeats joined with ", "), body_length.
  * Request bodies are read up to 1 MiB; past that the answer is 413.
@@ -616,8 +618,7 @@ int main(void)
                          devsim_completed, &st, MHD_OPTION_CONNECTION_LIMIT, (unsigned)max_conns,
                          MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)DEVSIM_CONN_TIMEOUT_S,
                          MHD_OPTION_THREAD_STACK_SIZE, (size_t)DEVSIM_THREAD_STACK,
-                         MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, MHD_OPTION_EXTERNAL_LOGGER,
-                         devsim_mhd_log, NULL, MHD_OPTION_END);
+                         MHD_OPTION_EXTERNAL_LOGGER, devsim_mhd_log, NULL, MHD_OPTION_END);
     if (!d) {
         log_error("cannot listen on %s: %s", listen_at, strerror(errno));
         goto out;

@@ -41,7 +41,23 @@ host_of() {
     echo "${h%]}"
 }
 
+# Something accepts connections on HOST PORT.
 port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# A server could bind HOST PORT now (as servers do, with SO_REUSEADDR). Unlike
+# a connect probe this also sees ports held by outgoing connections, which
+# ports in the ephemeral range (55432, 56379) can be.
+port_bindable() {
+    python3 - "$1" "$2" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError:
+    sys.exit(1)
+PY
+}
 
 # The pid in .stack/NAME.pid if that process is still ours (not a recycled pid).
 live_pid() {
@@ -100,8 +116,8 @@ start_one() {
     shift 2
     host=$(host_of "$addr")
     port=$(port_of "$addr")
-    if port_busy "$host" "$port"; then
-        die "$name: $addr is already in use (see: ss -ltnp 'sport = :$port')"
+    if ! port_bindable "$host" "$port"; then
+        die "$name: $addr is already in use (see: ss -tnp 'sport = :$port')"
     fi
     (exec setsid "$STACK/bin/$name" "$@" >>"$STACK/$name.log" 2>&1 </dev/null) &
     pid=$!
@@ -169,17 +185,21 @@ load_secrets() {
 }
 
 start_all() {
-    local name acct key acct3 key3 pgwanted rwanted
+    local name acct key acct3 key3 pgwanted rwanted addr tool
 
     for name in "${SERVICES[@]}"; do
         [ -x "$ROOT/bin/$name" ] || die "bin/$name is missing: build it with 'make'"
     done
     [ -f "$ROUTES_FILE" ] || die "ROUTES_FILE $ROUTES_FILE does not exist"
-    for tool in curl jq; do
+    for tool in curl jq python3; do
         command -v "$tool" >/dev/null || die "$tool is needed (scripts/deps.sh installs it)"
     done
 
     stop_all # a previous run, if any
+    for addr in "$DEVSIM_LISTEN" "$BILLING_LISTEN" "$GATEWAY_LISTEN"; do
+        port_bindable "$(host_of "$addr")" "$(port_of "$addr")" ||
+            die "$addr is already in use (see: ss -tnp 'sport = :$(port_of "$addr")')"
+    done
     mkdir -p "$STACK"
     rm -rf "${STACK:?}/pg" "${STACK:?}/redis" "${STACK:?}/bin"
     rm -f "$STACK"/*.log
@@ -194,11 +214,11 @@ start_all() {
 
     pgwanted=55432
     rwanted=56379
-    if port_busy 127.0.0.1 "$pgwanted"; then
+    if ! port_bindable 127.0.0.1 "$pgwanted"; then
         say "port $pgwanted is taken; postgres gets a free one"
         pgwanted=
     fi
-    if port_busy 127.0.0.1 "$rwanted"; then
+    if ! port_bindable 127.0.0.1 "$rwanted"; then
         say "port $rwanted is taken; redis gets a free one"
         rwanted=
     fi

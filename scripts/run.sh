@@ -285,7 +285,10 @@ Try:
   curl -i -H 'Authorization: Bearer $key3' -X POST -H 'Content-Type: application/json' \\
        -d '{"command":"unlock"}' $gw/v1/devices/lock-1/commands
 
-  # a batch is charged 2 points per item the device API reports (X-Usage-Units)
+  # a batch holds 100 points, then costs 2 per item the device API reports
+  # (X-Usage-Units) and releases the rest: top up first, then call it
+  curl -s -H 'Authorization: Bearer $ADMIN_TOKEN' -H 'Content-Type: application/json' \\
+       -d '{"amount":200,"reference":"demo-topup-1"}' $adm/v1/accounts/$acct/topups
   curl -i -H 'Authorization: Bearer $key' -X POST -H 'Content-Type: application/json' \\
        -d '{"items":[{"id":"thermo-1"},{"id":"thermo-2"}]}' $gw/v1/batch
 

@@ -34,6 +34,7 @@ struct hotclient {
     int connected;
     int closing;
     struct event *retry;
+    struct event *flush; /* resend queued settles while connected */
     int backoff_ms;
     char sha[HOT_NSCRIPTS][48];
     int inflight;
@@ -93,6 +94,12 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
         return;
     }
     hc->queue[hc->qlen++] = *a;
+    /* Connected but refused (e.g. LOADING after a restart): try again soon.
+     * Disconnected: hot_on_connect flushes. */
+    if (hc->connected && !hc->closing && !evtimer_pending(hc->flush, NULL)) {
+        struct timeval tv = {0, 100 * 1000};
+        evtimer_add(hc->flush, &tv);
+    }
 }
 
 static void hot_flush_queue(hotclient *hc)
@@ -109,6 +116,12 @@ static void hot_flush_queue(hotclient *hc)
     for (size_t i = 0; i < n; i++)
         hotclient_settle(hc, &q[i], NULL, NULL); /* re-queues itself on failure */
     free(q);
+}
+
+static void hot_on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    hotclient *hc = arg;
+    if (hc->connected) hot_flush_queue(hc);
 }
 
 static void hot_on_script_loaded(redisAsyncContext *ac, void *r, void *priv)
@@ -192,7 +205,8 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hc->db = db;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
-    if (!hc->retry) {
+    hc->flush = evtimer_new(base, hot_on_flush, hc);
+    if (!hc->retry || !hc->flush) {
         hotclient_free(hc);
         return -1;
     }
@@ -213,6 +227,7 @@ void hotclient_free(hotclient *hc)
     if (hc->qlen)
         log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
     if (hc->retry) event_free(hc->retry);
+    if (hc->flush) event_free(hc->flush);
     free(hc->queue);
     free(hc);
 }
@@ -262,6 +277,15 @@ static int hot_decode(const hot_op *op, const redisReply *r, int64_t v[3])
     return 0;
 }
 
+/* Errors Redis answers while it cannot serve yet; the command may succeed later. */
+static int hot_transient(const char *err)
+{
+    static const char *const t[] = {"LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        if (strncmp(err, t[i], strlen(t[i])) == 0) return 1;
+    return 0;
+}
+
 static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
 {
     hot_op *op = priv;
@@ -283,7 +307,11 @@ static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
         else
             rc = hot_decode(op, rep, v);
     }
-    if (op->kind == HOT_SETTLE && !rep) hot_enqueue_settle(hc, &op->settle);
+    /* A settle must not be lost to an outage: no reply, or a transient
+     * refusal, puts it back in the queue (settle is idempotent by rid). */
+    if (op->kind == HOT_SETTLE &&
+        (!rep || (rep->type == REDIS_REPLY_ERROR && hot_transient(rep->str))))
+        hot_enqueue_settle(hc, &op->settle);
     if (op->cb) op->cb(op->arg, rc, v);
     free(op);
 }

@@ -437,3 +437,18 @@ def test_sighup_reloads_routes(stack):
     stack.wait_for(lambda: all(r.status == 202 for r in fresh("POST", "/v1/devices/d1/commands")),
                    timeout=5, what="routes restored")
     _held_zero(stack, acct)
+
+
+def test_script_flush_falls_back_to_eval(stack):
+    """NOSCRIPT (scripts flushed, or a Redis that lost its cache) is retried
+    with EVAL: calls keep working and nothing is lost or doubled."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    stack.redis("SCRIPT", "FLUSH")
+    for i in range(6):
+        r = http("GET", gw + f"/v1/devices/d{i}", headers=_auth(key))
+        assert r.status == 200, r
+    assert r.headers["x-points-remaining"] == "3"
+    h = stack.hot(acct)
+    assert h["spent"] == 7 and h["held"] == 0, h

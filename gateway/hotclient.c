@@ -15,12 +15,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define HOT_ARGS_MAX 12
 #define HOT_ARG_LEN 160
 #define HOT_SETTLE_QUEUE_MAX 65536
 #define HOT_BACKOFF_MIN_MS 50
 #define HOT_BACKOFF_MAX_MS 1000
+/* No reply at all for this long while commands wait: the server is stuck
+ * (or the network silently dropped us). Drop the connection so waiting
+ * calls fail with 503 and settles are queued, instead of hanging. */
+#define HOT_STALL_MS 3000
+#define HOT_WATCHDOG_MS 500
 
 enum hot_script { HOT_SCRIPT_NONE = -1, HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
 enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_RESERVE, HOT_SETTLE };
@@ -35,6 +41,8 @@ struct hotclient {
     int closing;
     struct event *retry;
     struct event *flush; /* resend queued settles while connected */
+    struct event *watchdog;
+    struct timespec last_reply;
     int backoff_ms;
     char sha[HOT_NSCRIPTS][48];
     int inflight;
@@ -116,6 +124,27 @@ static void hot_flush_queue(hotclient *hc)
     for (size_t i = 0; i < n; i++)
         hotclient_settle(hc, &q[i], NULL, NULL); /* re-queues itself on failure */
     free(q);
+}
+
+static int64_t hot_ms_since(const struct timespec *t)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)(now.tv_sec - t->tv_sec) * 1000 + (now.tv_nsec - t->tv_nsec) / 1000000;
+}
+
+static void hot_on_watchdog(evutil_socket_t fd, short what, void *arg)
+{
+    hotclient *hc = arg;
+    if (hc->ac && hc->connected && hc->inflight > 0 &&
+        hot_ms_since(&hc->last_reply) > HOT_STALL_MS) {
+        redisAsyncContext *ac = hc->ac;
+        log_error("redis: no reply for %d ms with %d commands waiting; reconnecting", HOT_STALL_MS,
+                  hc->inflight);
+        /* Not inside a hiredis callback, so this frees at once: pending
+         * callbacks run with NULL, then hot_on_disconnect schedules a retry. */
+        redisAsyncFree(ac);
+    }
 }
 
 static void hot_on_flush(evutil_socket_t fd, short what, void *arg)
@@ -206,10 +235,16 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
     hc->flush = evtimer_new(base, hot_on_flush, hc);
-    if (!hc->retry || !hc->flush) {
+    hc->watchdog = event_new(base, -1, EV_PERSIST, hot_on_watchdog, hc);
+    if (!hc->retry || !hc->flush || !hc->watchdog) {
         hotclient_free(hc);
         return -1;
     }
+    {
+        struct timeval tv = {0, HOT_WATCHDOG_MS * 1000};
+        evtimer_add(hc->watchdog, &tv);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
     hot_connect(hc);
     *out = hc;
     return 0;
@@ -228,6 +263,7 @@ void hotclient_free(hotclient *hc)
         log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
     if (hc->retry) event_free(hc->retry);
     if (hc->flush) event_free(hc->flush);
+    if (hc->watchdog) event_free(hc->watchdog);
     free(hc->queue);
     free(hc);
 }
@@ -301,6 +337,7 @@ static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
         if (hot_send(op) == 0) return; /* same op, still in flight */
     }
     hc->inflight--;
+    if (rep) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
     if (rep) {
         if (rep->type == REDIS_REPLY_ERROR)
             log_error("redis error: %s", rep->str);
@@ -338,6 +375,8 @@ static int hot_send(hot_op *op)
         argv[argc++] = op->args[i];
     for (int i = 0; i < argc; i++)
         lens[i] = strlen(argv[i]);
+    /* The stall clock starts when the first command waits on an idle link. */
+    if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
     if (redisAsyncCommandArgv(hc->ac, hot_on_reply, op, argc, argv, lens) != REDIS_OK) return -1;
     return 0;
 }

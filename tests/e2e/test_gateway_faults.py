@@ -161,6 +161,26 @@ def test_1000_keepalive_connections(stack):
     print(f"{2 * n} calls on {n} keep-alive connections in {took:.2f}s")
 
 
+def test_redis_stalled_fails_closed(stack):
+    """A Redis that accepts but never answers (SIGSTOP) must not hang calls:
+    the watchdog drops the link, calls get 503, and service resumes after."""
+    gw = _setup(stack)
+    acct, key = _account(stack, 100)
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    pid = int(open(os.path.join(stack.dir, "redis", "redis.pid")).read())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        r = http("GET", gw + "/v1/devices/d1", headers=_auth(key), timeout=15)
+        assert r.status == 503 and r.json()["error"] == "billing_unavailable", r
+        assert time.time() - t0 < 6, time.time() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    stack.wait_for(lambda: http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200,
+                   timeout=10, what="served again")
+    _held_zero(stack, acct)
+
+
 def test_redis_down_503_then_recovers(stack):
     gw = _setup(stack)
     acct, key = stack.gwf_accounts.pop()

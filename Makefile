@@ -4,6 +4,7 @@
 #   make test       installs what is missing, builds with ASan+UBSan, runs every test
 #   make run        the whole stack on this machine, with a demo account
 #   make bench      the benchmark (wrk: upstream direct, nginx proxy_pass, gateway)
+#   make bench-reports  the usage report over 10 million charges vs. a scan
 #   make format     clang-format every C file;  make lint: cppcheck
 #
 # MODE=release|asan selects the build directory (build/MODE); `make` copies the
@@ -42,7 +43,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(O)/bin/%)
 
 BINS := $(O)/bin/billing $(if $(GW_SRC),$(O)/bin/gateway) $(if $(SIM_SRC),$(O)/bin/devsim)
 
-.PHONY: all build bins test run bench format lint clean deps
+.PHONY: all build test run bench bench-reports format lint clean deps
 all: build
 ifeq ($(MODE),release)
 	@mkdir -p bin && cp $(BINS) bin/
@@ -99,6 +100,10 @@ run: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@scripts/bench.sh
+
+bench-reports: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-reports.sh
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')

@@ -72,18 +72,23 @@ static int hot_ensure(hot_conn *h)
         }
         freeReplyObject(r);
     }
-    memset(h->sha, 0, sizeof h->sha);
     return 0;
 }
 
+/* Every command this client sends is idempotent (scripts by reservation id
+ * or sequence, SET/DEL, XACK/XDEL; a lost XREADGROUP reply leaves entries
+ * pending, which are read again), so a command that met a dead connection
+ * (Redis restarted since our last call) is retried once on a fresh one. */
 void *hot_command_argv(hot_conn *h, int argc, const char **argv, const size_t *lens)
 {
-    redisReply *r;
-    if (hot_ensure(h) != 0) return NULL;
-    r = redisCommandArgv(h->c, argc, argv, lens);
-    if (!r) {
-        log_warn("redis: %s", h->c->errstr);
-        hot_drop(h);
+    redisReply *r = NULL;
+    for (int attempt = 0; attempt < 2 && !r; attempt++) {
+        if (hot_ensure(h) != 0) return NULL;
+        r = redisCommandArgv(h->c, argc, argv, lens);
+        if (!r) {
+            log_warn("redis: %s", h->c->errstr);
+            hot_drop(h);
+        }
     }
     return r;
 }
@@ -122,12 +127,8 @@ static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **arg
         argv[1] = h->sha[script];
         argv[2] = nk;
         for (int i = 0; i < nargs; i++) argv[3 + i] = args[i];
-        r = redisCommandArgv(h->c, nargs + 3, argv, NULL);
-        if (!r) {
-            log_warn("redis: %s", h->c->errstr);
-            hot_drop(h);
-            return NULL;
-        }
+        r = hot_command_argv(h, nargs + 3, argv, NULL);
+        if (!r) return NULL;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
             freeReplyObject(r);
             r = NULL;

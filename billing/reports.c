@@ -61,8 +61,11 @@ int reports_valid_month(const char *s, char next[8])
     y = atoi(s);
     m = atoi(s + 5);
     if (y < 2000 || y > 9998 || m < 1 || m > 12) return -1;
-    if (m == 12) snprintf(next, 8, "%04d-01", y + 1);
-    else snprintf(next, 8, "%04d-%02d", y, m + 1);
+    {
+        char buf[32]; /* wide enough for any int, so no truncation to reason about */
+        snprintf(buf, sizeof buf, "%04d-%02d", m == 12 ? y + 1 : y, m == 12 ? 1 : m + 1);
+        memcpy(next, buf, 8);
+    }
     return 0;
 }
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
       libhiredis-dev libjansson-dev libsodium-dev libcurl4-openssl-dev libevent-dev
-      curl jq python3 nginx wrk procps)
+      curl jq python3 nginx wrk procps bc)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

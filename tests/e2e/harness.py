@@ -7,7 +7,7 @@ start_devsim(); each runs the sanitized binaries from --bin, logs to the
 stack directory, and is stopped (SIGTERM, then checked for sanitizer reports)
 by Stack.stop(). Nothing here mocks Postgres, Redis or HTTP.
 """
-import http.client
+import http.client as http_client
 import json
 import os
 import shutil
@@ -63,7 +63,7 @@ class Response:
 def http(method, url, body=None, headers=None, timeout=30.0):
     """One HTTP call on a fresh connection. body: bytes, str or JSON-able object."""
     u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = http_client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     hdrs = dict(headers or {})
     if body is not None and not isinstance(body, (bytes, str)):
         body = json.dumps(body)

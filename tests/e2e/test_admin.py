@@ -655,3 +655,55 @@ def test_serve_repairs_at_start(stack):
     stack.wait_for(lambda: stack.hot(acct) == {"credited": 60, "seq": 1, "spent": 0, "held": 0},
                    timeout=10, what="account restored")
     assert stack.admin("GET", f"/v1/accounts/{acct}").json()["available"] == 60
+
+
+# ---- edge cases ------------------------------------------------------------
+def test_adjustment_replay_is_idempotent_while_points_are_held(stack):
+    """A negative adjustment retried with its reference (the client timed out)
+    must answer 200 with the entry already made, whatever is held meanwhile."""
+    _billing(stack)
+    acct = _account(stack, 10)
+    body = {"amount": -5, "reason": "chargeback", "reference": "adj-replay"}
+    r1 = stack.admin("POST", f"/v1/accounts/{acct}/adjustments", body)
+    assert r1.status == 201, r1
+    red = Redis(stack.redis_port)
+    try:
+        # A call in flight now holds 4 of the 5 points left.
+        assert red.reserve(acct, "replay-hold", 4)[0] == 1
+        r2 = stack.admin("POST", f"/v1/accounts/{acct}/adjustments", body)
+        assert red.settle(acct, "replay-hold", 0, "release", 500)[0] == 1
+    finally:
+        red.close()
+    assert r2.status == 200, r2
+    assert r2.json() == r1.json()
+    assert _pg_acct(stack, acct) == {"credited": 5, "spent": 0, "seq": 2}
+    assert stack.hot(acct) == {"credited": 5, "seq": 2, "spent": 0, "held": 0}
+
+
+def test_names_count_characters_not_bytes(stack):
+    """Names (and references) are limited to 200 characters, as the message
+    and the schema say: a 150-character name in a non-Latin script fits."""
+    _billing(stack)
+    name = "é" * 150  # 150 characters, 300 bytes of UTF-8
+    r = stack.admin("POST", "/v1/accounts", {"name": name})
+    assert r.status == 201, r
+    assert r.json()["name"] == name
+    assert stack.scalar(f"select length(name) from accounts where id = {r.json()['id']}") == "150"
+    _err(stack.admin("POST", "/v1/accounts", {"name": "é" * 201}), 400, "bad_request")
+
+
+def test_credited_ceiling(stack):
+    """credited is capped at 2^53-1 (exact in the Lua scripts' doubles): a top-up
+    past it is refused with 422 and changes nothing."""
+    _billing(stack)
+    acct = _account(stack)
+    top = 2**53 - 1
+    stack.psql(f"update accounts set credited = {top - 10} where id = {acct}")
+    stack.run_billing("repair")  # no newer seq: Redis keeps its own copy
+    _err(_topup(stack, acct, 11, "over-cap"), 422, "limit_exceeded")
+    assert _pg_acct(stack, acct) == {"credited": top - 10, "spent": 0, "seq": 0}
+    assert stack.scalar(f"select count(*) from ledger_entries where account_id = {acct}") == "0"
+    r = _topup(stack, acct, 10, "to-cap")
+    assert r.status == 201, r
+    assert r.json()["credited_after"] == top
+    assert stack.hot(acct)["credited"] == top

@@ -27,6 +27,7 @@ int config_load(gw_config *c)
     const char *upstream = env_str("UPSTREAM_URL", NULL);
     const char *routes = env_str("ROUTES_FILE", NULL);
     const char *pepper = env_str("KEY_PEPPER", NULL);
+    const char *dburl = env_str("DATABASE_URL", NULL);
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t v;
     size_t n;
@@ -57,6 +58,9 @@ int config_load(gw_config *c)
         goto out;
     }
     if (config_copy(c->routes_file, sizeof c->routes_file, routes, "ROUTES_FILE") != 0) goto out;
+    /* Optional: only /_billing/usage reads Postgres. */
+    if (dburl && config_copy(c->database_url, sizeof c->database_url, dburl, "DATABASE_URL") != 0)
+        goto out;
     if (apikey_pepper_init(&c->pepper, pepper) != 0) {
         log_error("KEY_PEPPER must be set and at least 16 bytes");
         goto out;

@@ -20,6 +20,7 @@ typedef struct gw_config {
     int redis_db;
     char upstream[CONFIG_URL_MAX]; /* base URL without trailing slash */
     char routes_file[CONFIG_URL_MAX];
+    char database_url[CONFIG_URL_MAX]; /* "" when unset: /_billing/usage answers 503 */
     apikey_pepper pepper;
     int threads;
     int64_t max_body;            /* request and response bodies, bytes */

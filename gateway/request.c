@@ -15,6 +15,7 @@
 #include "billing/apikey.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/usage.h"
 #include "gateway/worker.h"
 
 #include <arpa/inet.h>
@@ -37,6 +38,7 @@ enum request_state {
     ST_BODY,
     ST_KEY,
     ST_BALANCE,
+    ST_USAGE,
     ST_RESERVE,
     ST_WAIT,
     ST_PROXY,
@@ -59,6 +61,8 @@ struct gw_request {
     route_table *table;
     const route *route;
     int balance;
+    int usage;             /* GET /_billing/usage */
+    char from[11], to[11]; /* its dates, checked */
     char keyhash[APIKEY_HASH_HEX + 1];
     int64_t account;
     char *body;
@@ -525,10 +529,71 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
     request_finish(r);
 }
 
+/* ---- usage endpoint ------------------------------------------------- */
+
+static void request_on_usage(void *arg, const PGresult *res)
+{
+    gw_request *r = arg;
+    unsigned status = 503;
+    char *body = res ? usage_render(r->account, r->from, r->to, res, &status) : NULL;
+    struct MHD_Response *resp;
+    if (!body) {
+        if (status == 422)
+            request_error(r, 422, "too_many_rows", "the report is too large; narrow it");
+        else
+            request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
+                          "usage reports are unavailable, try again");
+        return;
+    }
+    resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(body);
+        request_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "X-Points-Charged", "0");
+    request_set_response(r, MHD_HTTP_OK, resp);
+    request_finish(r);
+}
+
+/* Authenticated: check the dates, then read the caller's rows (free, not
+ * proxied). Postgres is optional for the gateway: 503 when it is not there. */
+static void request_usage(gw_request *r)
+{
+    const char *from = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "from");
+    const char *to = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "to");
+    const char *msg, *params[USAGE_NPARAMS];
+    char acct[24];
+    int rc;
+    if (usage_check_range(from, to, &msg) != 0) {
+        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", msg);
+        return;
+    }
+    memcpy(r->from, from, sizeof r->from);
+    memcpy(r->to, to, sizeof r->to);
+    snprintf(acct, sizeof acct, "%" PRId64, r->account);
+    params[0] = acct;
+    params[1] = r->from;
+    params[2] = r->to;
+    r->st = ST_USAGE;
+    rc = pgclient_query(r->w->pg, usage_sql, USAGE_NPARAMS, params, request_on_usage, r);
+    if (rc == PGCLIENT_FULL)
+        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
+                      "too many usage reports waiting, try again");
+    else if (rc != 0)
+        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
+                      "usage reports are unavailable, try again");
+}
+
 /* ---- authentication ------------------------------------------------- */
 
 static void request_with_account(gw_request *r)
 {
+    if (r->usage) {
+        request_usage(r);
+        return;
+    }
     if (r->balance) {
         r->st = ST_BALANCE;
         if (hotclient_balance(r->w->hc, r->account, request_on_balance, r) != 0)
@@ -608,6 +673,8 @@ void request_abort_all(worker *w)
          * that callback. hotclient_free runs such callbacks at the end. */
         if (r->st == ST_PROXY || r->st == ST_WAIT) request_on_gone(r);
     }
+    /* Usage queries: their callbacks run now (503) and answer. */
+    pgclient_fail_all(w->pg);
 }
 
 /* ---- headers -------------------------------------------------------- */
@@ -651,6 +718,8 @@ static void request_begin(gw_request *r, const char *method)
     routes_ref(r->table);
     if (strcmp(r->path, "/_billing/balance") == 0 && strcmp(method, "GET") == 0) {
         r->balance = 1;
+    } else if (strcmp(r->path, "/_billing/usage") == 0 && strcmp(method, "GET") == 0) {
+        r->usage = 1;
     } else {
         r->route = routes_match(r->table, method, r->path);
         if (!r->route) {

@@ -20,8 +20,9 @@
 
 #define WORKER_DRAIN_TICK_MS 20
 #define WORKER_IDLE_TIMEOUT_S 60
-#define WORKER_CONN_MEMORY (64 * 1024)
+#define WORKER_CONN_MEMORY (16 * 1024)
 #define WORKER_AUTHCACHE_SLOTS 16384
+#define WORKER_PG_TIMEOUT_MS 5000
 
 uint64_t worker_now_ms(void)
 {
@@ -183,6 +184,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (proxy_new(w->base, cfg->max_body, &w->px) != 0) goto oom;
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0)
         goto oom;
+    if (pgclient_new(w->base, cfg->database_url, WORKER_PG_TIMEOUT_MS, &w->pg) != 0) goto oom;
     w->mhd = MHD_start_daemon(
         MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (ipv6 ? MHD_USE_IPv6 : 0),
         (uint16_t)cfg->listen_port, NULL, NULL, worker_on_access, w, MHD_OPTION_SOCK_ADDR,
@@ -260,6 +262,8 @@ void worker_destroy(worker *w)
     }
     hotclient_free(w->hc); /* pending Redis callbacks answer their requests */
     w->hc = NULL;
+    pgclient_free(w->pg); /* likewise for usage queries */
+    w->pg = NULL;
     proxy_free(w->px);
     w->px = NULL;
     if (w->mhd) MHD_stop_daemon(w->mhd);

@@ -10,6 +10,7 @@
 #include "gateway/authcache.h"
 #include "gateway/config.h"
 #include "gateway/hotclient.h"
+#include "gateway/pgclient.h"
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
 
@@ -36,6 +37,7 @@ typedef struct worker {
     atomic_int stop_requested;
     struct event *drain_timer;
     hotclient *hc;
+    pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;
     route_table *routes;

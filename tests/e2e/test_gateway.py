@@ -452,3 +452,142 @@ def test_script_flush_falls_back_to_eval(stack):
     assert r.headers["x-points-remaining"] == "3"
     h = stack.hot(acct)
     assert h["spent"] == 7 and h["held"] == 0, h
+
+
+# ---- /_billing/usage: the caller's own usage, free, from the rollups ---------
+
+def _usage_window():
+    """from/to (to exclusive) around today in UTC, whatever day the rollup uses."""
+    import datetime
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    return str(today - datetime.timedelta(days=2)), str(today + datetime.timedelta(days=2))
+
+
+def _usage(gw, key, frm, to):
+    return http("GET", gw + f"/_billing/usage?from={frm}&to={to}", headers=_auth(key) if key else {})
+
+
+def test_usage_endpoint_matches_finance_report(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(200)  # the batch route holds 100
+    other, other_key = stack.new_account(100, name="other")
+    before = _sim_requests(stack)
+    last = None
+    for i in range(3):
+        last = http("GET", gw + f"/v1/devices/d{i}", headers=_auth(key))
+        assert last.status == 200, last
+    for status in ("500", "503"):
+        last = http("GET", gw + "/v1/devices/d9", headers=dict(_auth(key), **{"X-Sim-Status": status}))
+        assert last.status == int(status), last
+    last = http("POST", gw + "/v1/devices/d1/commands", {"cmd": "on"}, _auth(key))
+    assert last.status == 202, last
+    r = http("POST", gw + "/v1/batch", {"items": [1]}, dict(_auth(key), **{"X-Sim-Usage": "3"}))
+    assert r.status == 200 and r.headers["x-points-charged"] == "6", r
+    last = r
+    # Another account's calls must never show up in this account's report.
+    assert http("GET", gw + "/v1/devices/x", headers=_auth(other_key)).status == 200
+    assert http("POST", gw + "/v1/devices/x/commands", {}, _auth(other_key)).status == 202
+    proxied = _sim_requests(stack) - before
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    _held_zero(stack, acct)
+
+    frm, to = _usage_window()
+    r = _usage(gw, key, frm, to)
+    assert r.status == 200, r
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-points-charged"] == "0"
+    got = r.json()
+    assert got["account_id"] == acct and got["from"] == frm and got["to"] == to, got
+    fin = stack.admin("GET", f"/v1/reports/usage?from={frm}&to={to}&account={acct}"
+                              "&group_by=route,day")
+    assert fin.status == 200, fin
+    fin = fin.json()
+    assert got["rows"] == fin["rows"], (got, fin)
+    assert got["totals"] == fin["totals"], (got, fin)
+    # The figures themselves: 3 reads + 2 failed reads, 1 command, 1 batch of 3 units.
+    by_route = {row["route"]: row for row in got["rows"]}
+    assert set(by_route) == {"device.read", "device.command", "device.batch"}, got
+    assert (by_route["device.read"]["calls"], by_route["device.read"]["points"],
+            by_route["device.read"]["failed_calls"]) == (5, 3, 2), got
+    assert got["totals"]["points"] == 3 + 5 + 6, got
+    assert got["totals"]["points"] == int(stack.scalar(f"select spent from accounts where id = {acct}"))
+    # The other account sees only its own rows.
+    o = _usage(gw, other_key, frm, to).json()
+    assert o["account_id"] == other
+    assert {row["route"] for row in o["rows"]} == {"device.read", "device.command"}, o
+    assert o["totals"]["points"] == 6, o
+    # Free and not proxied; the balance endpoint agrees with the last call.
+    assert _sim_requests(stack) == before + proxied
+    b = http("GET", gw + "/_billing/balance", headers=_auth(key)).json()
+    assert b["available"] == int(last.headers["x-points-remaining"]) == 200 - 14, (b, last.headers)
+    assert stack.hot(acct)["spent"] == 14
+    # An empty window is an empty report, not an error.
+    r = _usage(gw, key, "2001-01-01", "2001-02-01")
+    assert r.status == 200, r
+    assert r.json()["rows"] == [] and r.json()["totals"] == {"calls": 0, "points": 0,
+                                                               "failed_calls": 0}, r
+
+
+def test_usage_endpoint_bad_input(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(5)
+    before = _sim_requests(stack)
+    for q in ["", "?from=2024-01-01", "?to=2024-01-02", "?from=2024-02-30&to=2024-03-01",
+              "?from=2023-02-29&to=2023-03-01", "?from=2024-13-01&to=2024-12-01",
+              "?from=2024-1-01&to=2024-02-01", "?from=2024-01-01&to=2024-01-01",
+              "?from=2024-02-01&to=2024-01-01", "?from=1999-12-31&to=2000-01-02",
+              "?from=2024-01-01x&to=2024-02-01", "?from=2024-01-01&to=2025-01-02"]:
+        r = http("GET", gw + "/_billing/usage" + q, headers=_auth(key))
+        assert r.status == 400, (q, r)
+        assert r.json()["error"] == "bad_request", (q, r)
+    # 366 days is the longest window; a leap day is a real date.
+    assert _usage(gw, key, "2024-01-01", "2025-01-01").status == 200
+    assert _usage(gw, key, "2024-02-29", "2024-03-01").status == 200
+    # No key, bad key, unknown key: 401 whatever the dates.
+    for h in [{}, {"Authorization": "Bearer nope"}, _auth("pgk_" + "A" * 43)]:
+        r = http("GET", gw + "/_billing/usage?from=2024-01-01&to=2024-02-01", headers=h)
+        assert r.status == 401 and r.json()["error"] == "unauthorized", (h, r)
+    assert http("POST", gw + "/_billing/usage?from=2024-01-01&to=2024-02-01", {},
+                _auth(key)).status == 404
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0
+
+
+def test_usage_endpoint_without_postgres(stack):
+    """DATABASE_URL at a closed port (or unset): 503 for this endpoint only;
+    proxied calls and the balance keep working."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    frm, to = _usage_window()
+    for dburl in (f"postgresql://127.0.0.1:{harness.free_port()}/pointgate?connect_timeout=2", ""):
+        gw = stack.spawn("gateway-nopg", [stack.bin("gateway")], {
+            "GATEWAY_LISTEN": f"127.0.0.1:{harness.free_port()}", "DATABASE_URL": dburl,
+            "UPSTREAM_URL": stack.devsim.url, "ROUTES_FILE": stack.write_routes(ROUTES)})
+        port = int(gw.env["GATEWAY_LISTEN"].rsplit(":", 1)[1])
+        harness.wait_port(port, proc=gw.p)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(3):  # lazily retried each time, never stuck
+            t0 = time.time()
+            r = _usage(url, key, frm, to)
+            assert r.status == 503 and r.json()["error"] == "usage_unavailable", (dburl, r)
+            assert time.time() - t0 < 3
+        r = http("GET", url + "/v1/devices/d1", headers=_auth(key))
+        assert r.status == 200, r
+        b = http("GET", url + "/_billing/balance", headers=_auth(key))
+        assert b.status == 200 and b.json()["available"] == int(r.headers["x-points-remaining"])
+        assert _usage(url, None, frm, to).status == 401
+        assert gw.stop() == 0, gw.output()[-3000:]
+    _held_zero(stack, acct)
+
+
+def test_usage_endpoint_concurrent(stack):
+    """Many reports at once on few connections: queued per worker, all answered."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    frm, to = _usage_window()
+    with concurrent.futures.ThreadPoolExecutor(32) as ex:
+        res = list(ex.map(lambda i: _usage(gw, key, frm, to), range(200)))
+    assert all(r.status == 200 for r in res), {r.status for r in res}
+    assert all(r.json()["totals"]["points"] == 1 for r in res)

@@ -228,3 +228,50 @@ def test_settle_queued_while_redis_down(stack):
     stack.wait_for(lambda: stack.hot(acct).get("spent") == spent0 + 1, timeout=10,
                    what="queued settle applied")
     _held_zero(stack, acct)
+
+
+def _pg_ctl(stack, action):
+    """Stops or starts the stack's Postgres (as scripts/stack.sh runs it)."""
+    import glob
+    pgbin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+    pgdir = os.path.join(stack.dir, "pg")
+    data = os.path.join(pgdir, "data")
+    if action == "stop":
+        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"]
+    else:
+        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-l", os.path.join(pgdir, "server.log"), "-w",
+               "-t", "60", "-o",
+               f"-p {stack.pg_port} -k {pgdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+               "start"]
+    if os.getuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--"] + cmd
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 0, (action, p.stdout, p.stderr)
+
+
+def test_usage_endpoint_postgres_restart(stack):
+    """Postgres goes away: /_billing/usage answers 503 at once while every
+    billed call still goes through; it answers again once Postgres is back
+    (the gateway reconnects lazily, on the next report)."""
+    gw = _setup(stack)
+    acct, key = _account(stack, 100)
+    q = "/_billing/usage?from=2024-01-01&to=2024-12-31"
+
+    def usage_all():  # fresh connections: reach every worker
+        return [http("GET", gw + q, headers=_auth(key)).status for _ in range(8)]
+
+    assert usage_all() == [200] * 8
+    _pg_ctl(stack, "stop")
+    try:
+        t0 = time.time()
+        assert usage_all() == [503] * 8
+        assert time.time() - t0 < 5
+        for i in range(5):
+            r = http("GET", gw + f"/v1/devices/d{i}", headers=_auth(key))
+            assert r.status == 200 and r.headers["x-points-remaining"] == str(99 - i), r
+    finally:
+        _pg_ctl(stack, "start")
+    stack.wait_for(lambda: usage_all() == [200] * 8, timeout=10, what="usage back")
+    assert stack.gateway.alive()
+    _held_zero(stack, acct)

@@ -114,7 +114,8 @@ static int api_caller_of(api_server *s, control_ctx *c, struct MHD_Connection *c
               apikey_secret_equal(tok, n, s->cfg->finance_token, strlen(s->cfg->finance_token));
     if (admin || finance) {
         who->role = admin ? ROLE_ADMIN : ROLE_FINANCE;
-        snprintf(who->name, sizeof who->name, "%s", admin ? "bootstrap-admin" : "bootstrap-finance");
+        snprintf(who->name, sizeof who->name, "%s",
+                 admin ? "bootstrap-admin" : "bootstrap-finance");
         return LEDGER_OK;
     }
     if (n != APIKEY_LEN || strncmp(tok, OPERATOR_PREFIX, strlen(OPERATOR_PREFIX)) != 0)
@@ -139,20 +140,17 @@ static int64_t api_parse_id(const char *s, size_t n)
     return v;
 }
 
-/* Checks a text field: present, a string of 1..MAX bytes of valid UTF-8 with
- * no control characters. Returns the string or NULL. */
+/* Checks a text field: present, a string of 1..MAX characters (as Postgres
+ * counts them; jansson has already checked the UTF-8), no NUL and no control
+ * characters. Returns the string or NULL. */
 static const char *api_text(json_t *body, const char *field, size_t max)
 {
     json_t *v = json_object_get(body, field);
     const char *s;
-    size_t n;
     if (!json_is_string(v)) return NULL;
     s = json_string_value(v);
-    n = json_string_length(v);
-    if (n == 0 || n > max || strlen(s) != n) return NULL;
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return NULL;
-    return s;
+    if (strlen(s) != json_string_length(v)) return NULL; /* embedded NUL */
+    return ledger_valid_text(s, max) ? s : NULL;
 }
 
 static json_t *api_account_json(const ledger_account *a)
@@ -311,7 +309,8 @@ static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, 
     if (json_object_get(body, "reference")) {
         reference = api_text(body, "reference", 200);
         if (!reference) {
-            err = api_error(400, "bad_request", "reference must be a string of 1 to 200 characters");
+            err =
+                api_error(400, "bad_request", "reference must be a string of 1 to 200 characters");
             goto out;
         }
     }
@@ -362,11 +361,11 @@ static api_reply api_ledger(control_ctx *c, int64_t account, struct MHD_Connecti
         return api_status_error(rc, "ledger");
     }
     arr = json_array();
-    for (int i = 0; i < n; i++) json_array_append_new(arr, api_entry_json(&rows[i]));
+    for (int i = 0; i < n; i++)
+        json_array_append_new(arr, api_entry_json(&rows[i]));
     j = json_pack("{s:o}", "entries", arr);
     /* The cursor for the next (older) page, when this one was full. */
-    json_object_set_new(j, "next_before",
-                        n == limit ? json_integer(rows[n - 1].id) : json_null());
+    json_object_set_new(j, "next_before", n == limit ? json_integer(rows[n - 1].id) : json_null());
     free(rows);
     return api_json(200, j);
 }
@@ -517,8 +516,7 @@ static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
         text = strdup("{\"error\":\"internal\",\"message\":\"could not render\"}");
     }
     json_decref(r.json);
-    resp = MHD_create_response_from_buffer(text ? strlen(text) : 0, text,
-                                           MHD_RESPMEM_MUST_FREE);
+    resp = MHD_create_response_from_buffer(text ? strlen(text) : 0, text, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
         free(text);
         return MHD_NO;
@@ -531,8 +529,8 @@ static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
 }
 
 static enum MHD_Result api_handler(void *cls, struct MHD_Connection *conn, const char *url,
-                                   const char *method, const char *version,
-                                   const char *upload_data, size_t *upload_size, void **con_cls)
+                                   const char *method, const char *version, const char *upload_data,
+                                   size_t *upload_size, void **con_cls)
 {
     api_server *s = cls;
     api_req *rq = *con_cls;
@@ -586,13 +584,12 @@ api_server *api_start(const billing_config *cfg)
         log_error("BILLING_LISTEN host %s: expected an IPv4 address", cfg->listen_host);
         goto fail;
     }
-    s->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, 0, NULL, NULL,
-                            api_handler, s, MHD_OPTION_SOCK_ADDR, &addr,
-                            MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->api_threads,
-                            MHD_OPTION_NOTIFY_COMPLETED, api_completed, s,
-                            MHD_OPTION_CONNECTION_TIMEOUT, 30u, MHD_OPTION_CONNECTION_LIMIT,
-                            1000u, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024),
-                            MHD_OPTION_END);
+    s->d =
+        MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, 0, NULL, NULL,
+                         api_handler, s, MHD_OPTION_SOCK_ADDR, &addr, MHD_OPTION_THREAD_POOL_SIZE,
+                         (unsigned)cfg->api_threads, MHD_OPTION_NOTIFY_COMPLETED, api_completed, s,
+                         MHD_OPTION_CONNECTION_TIMEOUT, 30u, MHD_OPTION_CONNECTION_LIMIT, 1000u,
+                         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024), MHD_OPTION_END);
     if (!s->d) {
         log_error("admin API: cannot listen on %s:%d", cfg->listen_host, cfg->listen_port);
         goto fail;

@@ -44,8 +44,7 @@ int apikey_wellformed(const char *key, size_t len)
     return 1;
 }
 
-int apikey_hash(const apikey_pepper *p, const char *key, size_t len,
-                char out[APIKEY_HASH_HEX + 1])
+int apikey_hash(const apikey_pepper *p, const char *key, size_t len, char out[APIKEY_HASH_HEX + 1])
 {
     if (!apikey_wellformed(key, len)) return -1;
     apikey_hash_secret(p, key, len, out);

@@ -37,8 +37,7 @@ void apikey_hash_secret(const apikey_pepper *p, const char *secret, size_t len,
 int apikey_wellformed(const char *key, size_t len);
 
 /* Hex hash of a well-formed key into OUT (APIKEY_HASH_HEX + NUL). -1 if malformed. */
-int apikey_hash(const apikey_pepper *p, const char *key, size_t len,
-                char out[APIKEY_HASH_HEX + 1]);
+int apikey_hash(const apikey_pepper *p, const char *key, size_t len, char out[APIKEY_HASH_HEX + 1]);
 
 /* Constant-time equality of two secrets of any length (hashes both first, so
  * neither the content nor the length leaks through timing). 1 if equal. */

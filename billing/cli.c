@@ -153,9 +153,9 @@ static void cli_print_account(control_ctx *c, const ledger_account *a)
     printf("credited    %" PRId64 "\nspent       %" PRId64 "\nbalance     %" PRId64 "\n",
            a->credited, a->spent, a->credited - a->spent);
     if (hot_account(c->hot, a->id, &found, &credited, &spent, &held) == 0 && found)
-        printf("available   %" PRId64 "\nheld        %" PRId64 "\n", credited - spent - held,
-               held);
-    else printf("available   (redis unreachable or not synced)\n");
+        printf("available   %" PRId64 "\nheld        %" PRId64 "\n", credited - spent - held, held);
+    else
+        printf("available   (redis unreachable or not synced)\n");
 }
 
 static int cli_accounts(int argc, char **argv)
@@ -178,7 +178,7 @@ static int cli_accounts(int argc, char **argv)
         fprintf(stderr, "billing: accounts: unknown subcommand '%s'\n", sub);
         return CLI_USAGE;
     }
-    if (strcmp(sub, "create") == 0 && (strlen(a.pos[0]) == 0 || strlen(a.pos[0]) > 200)) {
+    if (strcmp(sub, "create") == 0 && !ledger_valid_text(a.pos[0], 200)) {
         fprintf(stderr, "billing: NAME must be 1 to 200 characters\n");
         return CLI_USAGE;
     }
@@ -186,8 +186,11 @@ static int cli_accounts(int argc, char **argv)
     if (strcmp(sub, "create") == 0) {
         rc = cli_status(control_account_create(&e.c, a.pos[0], &acct), "account");
         if (rc == CLI_OK) {
-            if (cli_flag(&a, "json")) cli_print_json(json_pack("{s:I, s:s}", "id", (json_int_t)acct.id, "name", acct.name));
-            else printf("account %" PRId64 " created (%s)\n", acct.id, acct.name);
+            if (cli_flag(&a, "json"))
+                cli_print_json(
+                    json_pack("{s:I, s:s}", "id", (json_int_t)acct.id, "name", acct.name));
+            else
+                printf("account %" PRId64 " created (%s)\n", acct.id, acct.name);
         }
     } else if (strcmp(sub, "show") == 0) {
         int64_t id;
@@ -281,9 +284,8 @@ static int cli_credit(int argc, char **argv, int is_topup)
                 is_topup ? "positive" : "non-zero");
         return CLI_USAGE;
     }
-    if ((is_topup && (!ref || !*ref || strlen(ref) > 200)) ||
-        (!is_topup && (!reason || !*reason || strlen(reason) > 500)) ||
-        (ref && (!*ref || strlen(ref) > 200))) {
+    if ((is_topup && !ref) || (!is_topup && !ledger_valid_text(reason, 500)) ||
+        (ref && !ledger_valid_text(ref, 200))) {
         fprintf(stderr, is_topup ? "billing: --reference (1-200 characters) is required\n"
                                  : "billing: --reason (1-500 characters) is required\n");
         return CLI_USAGE;
@@ -294,8 +296,8 @@ static int cli_credit(int argc, char **argv, int is_topup)
                     "account");
     if (rc == CLI_OK) {
         if (cli_flag(&a, "json"))
-            cli_print_json(json_pack("{s:I, s:I, s:I, s:b}", "id", (json_int_t)entry.id,
-                                     "amount", (json_int_t)entry.amount, "credited_after",
+            cli_print_json(json_pack("{s:I, s:I, s:I, s:b}", "id", (json_int_t)entry.id, "amount",
+                                     (json_int_t)entry.amount, "credited_after",
                                      (json_int_t)entry.credited_after, "created", created));
         else
             printf("%s entry %" PRId64 ": %+" PRId64 " points, credited now %" PRId64 "%s\n",
@@ -342,8 +344,10 @@ static int cli_report(int argc, char **argv)
         if (rc != CLI_OK) goto out;
         if (cli_flag(&a, "csv")) {
             char *csv = reports_usage_csv(&u);
-            if (csv) fputs(csv, stdout);
-            else rc = CLI_FAIL;
+            if (csv)
+                fputs(csv, stdout);
+            else
+                rc = CLI_FAIL;
             free(csv);
         } else if (cli_flag(&a, "json")) {
             cli_print_json(reports_usage_json(&u));
@@ -383,8 +387,7 @@ static int cli_report(int argc, char **argv)
             for (int i = 0; i < st.nentries; i++)
                 printf("  %-10s %s %+14" PRId64 "  %s\n", st.entries[i].kind,
                        st.entries[i].created_at, st.entries[i].amount,
-                       st.entries[i].reference[0] ? st.entries[i].reference
-                                                  : st.entries[i].reason);
+                       st.entries[i].reference[0] ? st.entries[i].reference : st.entries[i].reason);
             printf("  credits         %+16" PRId64 "\n", st.credits);
             for (int i = 0; i < st.nroutes; i++)
                 printf("  %-24.24s %8" PRId64 " calls %+14" PRId64 "\n", st.routes[i].route,
@@ -416,7 +419,8 @@ static int cli_operators(int argc, char **argv)
         return a.help && sub ? CLI_OK : CLI_USAGE;
     }
     if (strcmp(sub, "list") != 0 && operators_valid_name(a.pos[0]) != 0) {
-        fprintf(stderr, "billing: NAME is 1-64 of a-z 0-9 . _ - (starting with a letter or digit)\n");
+        fprintf(stderr,
+                "billing: NAME is 1-64 of a-z 0-9 . _ - (starting with a letter or digit)\n");
         return CLI_USAGE;
     }
     if (strcmp(sub, "add") == 0) {

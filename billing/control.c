@@ -88,6 +88,15 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
     ledger_account acct;
 
     *created = 0;
+    if (amount < 0 && reference) {
+        /* A replay answers with the entry already made, whatever is held
+         * meanwhile: only a new debit needs the guard. (A concurrent first
+         * attempt is still serialised by ledger_credit's row lock.) */
+        rc = ledger_entry_by_reference(c->pg, account_id, reference, out);
+        if (rc == LEDGER_OK)
+            return ledger_same_terms(out, kind, amount) ? LEDGER_OK : LEDGER_CONFLICT;
+        if (rc != LEDGER_NOT_FOUND) return rc;
+    }
     if (amount < 0) {
         rc = control_guard(c, account_id, amount, guard, &guarded);
         if (rc != LEDGER_OK) return rc;

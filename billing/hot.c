@@ -126,7 +126,8 @@ static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **arg
         argv[0] = "EVALSHA";
         argv[1] = h->sha[script];
         argv[2] = nk;
-        for (int i = 0; i < nargs; i++) argv[3 + i] = args[i];
+        for (int i = 0; i < nargs; i++)
+            argv[3 + i] = args[i];
         r = hot_command_argv(h, nargs + 3, argv, NULL);
         if (!r) return NULL;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {

@@ -17,8 +17,20 @@
 #include <string.h>
 
 #define ACCOUNT_COLS                                                                               \
-    "id, name, credited, spent, credit_seq, to_char(created_at AT TIME ZONE 'UTC', "              \
+    "id, name, credited, spent, credit_seq, to_char(created_at AT TIME ZONE 'UTC', "               \
     "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+int ledger_valid_text(const char *s, size_t max_chars)
+{
+    size_t chars = 0;
+    if (!s || !*s) return 0;
+    for (; *s; s++) {
+        unsigned char b = (unsigned char)*s;
+        if (b < 0x20 || b == 0x7f) return 0;
+        if ((b & 0xC0) != 0x80) chars++; /* not a continuation byte */
+    }
+    return chars <= max_chars;
+}
 
 PGconn *ledger_connect(const char *url)
 {
@@ -48,10 +60,31 @@ static void ledger_copy(char *dst, size_t n, const PGresult *r, int row, int col
     snprintf(dst, n, "%s", PQgetvalue(r, row, col));
 }
 
+/* Executes a statement. A connection that died between two calls (Postgres
+ * restarted) is reset and the statement sent once more, but only when it was
+ * not inside a transaction of ours: then it is either a read, a statement
+ * that is idempotent (settlement batches, revokes), or a BEGIN, and the
+ * transaction that follows runs whole on the new connection. The residual
+ * risk, a server dying after committing an autocommit insert but before
+ * answering, can only duplicate an account or key creation, never money. */
+static PGresult *ledger_run(PGconn *conn, const char *sql, int n, const char *const *params)
+{
+    int idle = PQtransactionStatus(conn) == PQTRANS_IDLE;
+    PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    if (idle && PQstatus(conn) == CONNECTION_BAD) {
+        PQclear(r);
+        PQreset(conn);
+        if (PQstatus(conn) != CONNECTION_OK) return NULL;
+        log_info("postgres: reconnected");
+        r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    }
+    return r;
+}
+
 /* Runs a parameterised statement; NULL (after logging) unless it succeeded. */
 PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params)
 {
-    PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    PGresult *r = ledger_run(conn, sql, n, params);
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) return r;
     log_error("postgres: %s", PQerrorMessage(conn));
@@ -64,7 +97,7 @@ PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *
 static int ledger_failure(PGconn *conn, const char *sql, int n, const char *const *params,
                           PGresult **out)
 {
-    PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+    PGresult *r = ledger_run(conn, sql, n, params);
     ExecStatusType st = PQresultStatus(r);
     const char *state;
     int rc;
@@ -73,10 +106,14 @@ static int ledger_failure(PGconn *conn, const char *sql, int n, const char *cons
         return LEDGER_OK;
     }
     state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-    if (state && strcmp(state, "23503") == 0) rc = LEDGER_NOT_FOUND; /* foreign key */
-    else if (state && strcmp(state, "23514") == 0) rc = LEDGER_LIMIT; /* check */
-    else if (state && strncmp(state, "23", 2) == 0) rc = LEDGER_CONFLICT;
-    else rc = LEDGER_ERROR;
+    if (state && strcmp(state, "23503") == 0)
+        rc = LEDGER_NOT_FOUND; /* foreign key */
+    else if (state && strcmp(state, "23514") == 0)
+        rc = LEDGER_LIMIT; /* check */
+    else if (state && strncmp(state, "23", 2) == 0)
+        rc = LEDGER_CONFLICT;
+    else
+        rc = LEDGER_ERROR;
     if (rc == LEDGER_ERROR) log_error("postgres: %s", PQerrorMessage(conn));
     PQclear(r);
     *out = NULL;
@@ -124,8 +161,8 @@ int ledger_account_create(PGconn *conn, const char *name, ledger_account *out)
 {
     const char *p[1] = {name};
     PGresult *r = NULL;
-    int rc = ledger_failure(
-        conn, "INSERT INTO accounts (name) VALUES ($1) RETURNING " ACCOUNT_COLS, 1, p, &r);
+    int rc = ledger_failure(conn, "INSERT INTO accounts (name) VALUES ($1) RETURNING " ACCOUNT_COLS,
+                            1, p, &r);
     if (rc != LEDGER_OK) return rc;
     ledger_fill_account(out, r);
     PQclear(r);
@@ -156,14 +193,35 @@ int ledger_accounts(PGconn *conn, int64_t after, int max, ledger_account *out, i
     PGresult *r;
     snprintf(afters, sizeof afters, "%" PRId64, after);
     snprintf(maxs, sizeof maxs, "%d", max);
-    r = ledger_query(conn,
-                     "SELECT " ACCOUNT_COLS " FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", 2,
-                     p);
+    r = ledger_query(
+        conn, "SELECT " ACCOUNT_COLS " FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", 2, p);
     if (!r) return LEDGER_ERROR;
     *n = PQntuples(r);
-    for (int i = 0; i < *n; i++) ledger_fill_account_row(&out[i], r, i);
+    for (int i = 0; i < *n; i++)
+        ledger_fill_account_row(&out[i], r, i);
     PQclear(r);
     return LEDGER_OK;
+}
+
+int ledger_entry_by_reference(PGconn *conn, int64_t account_id, const char *reference,
+                              ledger_entry *out)
+{
+    char ids[24];
+    const char *p[2] = {ids, reference};
+    PGresult *r;
+    int rc = LEDGER_NOT_FOUND;
+    snprintf(ids, sizeof ids, "%" PRId64, account_id);
+    r = ledger_query(conn,
+                     "SELECT " LEDGER_ENTRY_COLS
+                     " FROM ledger_entries WHERE account_id = $1 AND reference = $2",
+                     2, p);
+    if (!r) return LEDGER_ERROR;
+    if (PQntuples(r) == 1) {
+        ledger_fill_entry(out, r, 0);
+        rc = LEDGER_OK;
+    }
+    PQclear(r);
+    return rc;
 }
 
 int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id)
@@ -173,9 +231,8 @@ int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, in
     PGresult *r = NULL;
     int rc;
     snprintf(ids, sizeof ids, "%" PRId64, account_id);
-    rc = ledger_failure(conn,
-                        "INSERT INTO api_keys (account_id, key_hash) VALUES ($1, $2) RETURNING id",
-                        2, p, &r);
+    rc = ledger_failure(
+        conn, "INSERT INTO api_keys (account_id, key_hash) VALUES ($1, $2) RETURNING id", 2, p, &r);
     if (rc != LEDGER_OK) return rc;
     *key_id = ledger_i64(r, 0, 0);
     PQclear(r);
@@ -203,10 +260,16 @@ int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *
     return rc;
 }
 
+int ledger_same_terms(const ledger_entry *e, const char *kind, int64_t amount)
+{
+    return e->amount == amount && strcmp(e->kind, kind) == 0;
+}
+
 /* The body of ledger_credit, inside its transaction. */
-static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int64_t amount,
-                            const char *reference, const char *reason, const char *operator_name,
-                            ledger_entry *out, int *created, int64_t *spent_out)
+static int ledger_credit_tx(PGconn *conn, int64_t account_id, const char *ids, const char *kind,
+                            int64_t amount, const char *reference, const char *reason,
+                            const char *operator_name, ledger_entry *out, int *created,
+                            int64_t *spent_out)
 {
     char amounts[24];
     PGresult *r;
@@ -228,20 +291,12 @@ static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int
         PQclear(r);
     }
     if (reference) {
-        const char *p[2] = {ids, reference};
-        r = ledger_query(conn,
-                         "SELECT " LEDGER_ENTRY_COLS
-                         " FROM ledger_entries WHERE account_id = $1 AND reference = $2",
-                         2, p);
-        if (!r) return LEDGER_ERROR;
-        if (PQntuples(r) == 1) {
-            ledger_fill_entry(out, r, 0);
-            PQclear(r);
+        rc = ledger_entry_by_reference(conn, account_id, reference, out);
+        if (rc == LEDGER_OK) {
             *created = 0;
-            if (out->amount != amount || strcmp(out->kind, kind) != 0) return LEDGER_CONFLICT;
-            return LEDGER_OK;
+            return ledger_same_terms(out, kind, amount) ? LEDGER_OK : LEDGER_CONFLICT;
         }
-        PQclear(r);
+        if (rc != LEDGER_NOT_FOUND) return rc;
     }
     if (amount < 0 && credited + amount < spent) return LEDGER_INSUFFICIENT;
     snprintf(amounts, sizeof amounts, "%" PRId64, amount);
@@ -253,7 +308,8 @@ static int ledger_credit_tx(PGconn *conn, const char *ids, const char *kind, int
             "  credit_seq = credit_seq + 1 WHERE id = $1 RETURNING credited, credit_seq) "
             "INSERT INTO ledger_entries (account_id, kind, amount, reference, reason, credit_seq, "
             "  credited_after, operator) "
-            "SELECT $1, $2, $3, $4, $5, a.credit_seq, a.credited, $6 FROM a RETURNING " LEDGER_ENTRY_COLS,
+            "SELECT $1, $2, $3, $4, $5, a.credit_seq, a.credited, $6 FROM a "
+            "RETURNING " LEDGER_ENTRY_COLS,
             6, p, &r);
     }
     if (rc != LEDGER_OK) return rc;
@@ -274,8 +330,8 @@ int ledger_credit(PGconn *conn, int64_t account_id, const char *kind, int64_t am
         return LEDGER_LIMIT;
     snprintf(ids, sizeof ids, "%" PRId64, account_id);
     if (ledger_exec(conn, "BEGIN") != LEDGER_OK) return LEDGER_ERROR;
-    rc = ledger_credit_tx(conn, ids, kind, amount, reference, reason, operator_name, out, created,
-                          spent_out);
+    rc = ledger_credit_tx(conn, account_id, ids, kind, amount, reference, reason, operator_name,
+                          out, created, spent_out);
     if (rc == LEDGER_OK && *created) {
         if (ledger_exec(conn, "COMMIT") != LEDGER_OK) {
             *created = 0;
@@ -298,12 +354,14 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
     snprintf(befores, sizeof befores, "%" PRId64, before > 0 ? before : INT64_MAX);
     snprintf(maxs, sizeof maxs, "%d", max);
     r = ledger_query(conn,
-                     "SELECT " LEDGER_ENTRY_COLS " FROM ledger_entries WHERE account_id = $1 AND id < $2 "
+                     "SELECT " LEDGER_ENTRY_COLS
+                     " FROM ledger_entries WHERE account_id = $1 AND id < $2 "
                      "ORDER BY id DESC LIMIT $3",
                      3, p);
     if (!r) return LEDGER_ERROR;
     *n = PQntuples(r);
-    for (int i = 0; i < *n; i++) ledger_fill_entry(&out[i], r, i);
+    for (int i = 0; i < *n; i++)
+        ledger_fill_entry(&out[i], r, i);
     PQclear(r);
     return LEDGER_OK;
 }
@@ -321,7 +379,8 @@ static void ledger_buf_put(ledger_buf *b, const char *s, size_t n)
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 4096;
         char *np;
-        while (cap < b->len + n + 1) cap *= 2;
+        while (cap < b->len + n + 1)
+            cap *= 2;
         np = realloc(b->p, cap);
         if (!np) {
             b->oom = 1;
@@ -404,20 +463,23 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
         "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"
         "    points = u.points + EXCLUDED.points,"
         "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"
-        " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM roll)",
+        " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM "
+        "roll)",
         8, p, &r);
     if (rc == LEDGER_NOT_FOUND || rc == LEDGER_LIMIT) rc = LEDGER_CONFLICT;
     if (rc != LEDGER_OK) goto out;
     *applied = (int)ledger_i64(r, 0, 0);
     PQclear(r);
 out:
-    for (int k = 0; k < 8; k++) free(cols[k].p);
+    for (int k = 0; k < 8; k++)
+        free(cols[k].p);
     return rc;
 }
 
 int ledger_each_account(PGconn *conn, ledger_account_fn fn, void *arg)
 {
-    PGresult *r = ledger_query(conn, "SELECT id, credit_seq, credited, spent FROM accounts", 0, NULL);
+    PGresult *r =
+        ledger_query(conn, "SELECT id, credit_seq, credited, spent FROM accounts", 0, NULL);
     int rc = LEDGER_OK;
     if (!r) return LEDGER_ERROR;
     for (int i = 0; i < PQntuples(r) && rc == LEDGER_OK; i++)

@@ -23,7 +23,7 @@ enum ledger_status {
 
 typedef struct ledger_account {
     int64_t id;
-    char name[201];
+    char name[801]; /* 200 characters of UTF-8 */
     int64_t credited;
     int64_t spent;
     int64_t credit_seq;
@@ -35,8 +35,8 @@ typedef struct ledger_entry {
     int64_t account_id;
     char kind[16];
     int64_t amount;
-    char reference[201]; /* "" when none */
-    char reason[501];    /* "" when none */
+    char reference[801]; /* "" when none; 200 characters of UTF-8 */
+    char reason[2001];   /* "" when none; 500 characters of UTF-8 */
     int64_t credit_seq;
     int64_t credited_after;
     char operator_name[65];
@@ -58,7 +58,7 @@ typedef struct ledger_charge {
 /* The columns ledger_fill_entry reads, in order (for SELECT lists). */
 #define LEDGER_ENTRY_COLS                                                                          \
     "id, account_id, kind, amount, coalesce(reference, ''), coalesce(reason, ''), credit_seq, "    \
-    "credited_after, operator, to_char(created_at AT TIME ZONE 'UTC', "                           \
+    "credited_after, operator, to_char(created_at AT TIME ZONE 'UTC', "                            \
     "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
 
 /* Fills E from ROW of a result selecting LEDGER_ENTRY_COLS. */
@@ -68,6 +68,10 @@ void ledger_fill_entry(ledger_entry *e, const PGresult *r, int row);
  * or NULL after logging when it failed. Shared by the modules that query the
  * ledger (reports, operators). */
 PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *params);
+
+/* 1 if S is 1..MAX_CHARS characters of UTF-8 (counted as Postgres counts
+ * them) with no control characters: the rule for names, references, reasons. */
+int ledger_valid_text(const char *s, size_t max_chars);
 
 /* Connects (NULL and a log line on failure). */
 PGconn *ledger_connect(const char *url);
@@ -93,6 +97,12 @@ int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *
 int ledger_credit(PGconn *conn, int64_t account_id, const char *kind, int64_t amount,
                   const char *reference, const char *reason, const char *operator_name,
                   ledger_entry *out, int *created, int64_t *spent_out);
+
+/* The entry an account made with REFERENCE; LEDGER_NOT_FOUND if none. */
+int ledger_entry_by_reference(PGconn *conn, int64_t account_id, const char *reference,
+                              ledger_entry *out);
+/* 1 if entry E was made with these terms (a replay), 0 if they differ. */
+int ledger_same_terms(const ledger_entry *e, const char *kind, int64_t amount);
 
 /* Up to MAX entries of an account, newest first, with id < BEFORE (0: no bound). */
 int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, ledger_entry *out,

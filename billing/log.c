@@ -17,9 +17,12 @@ void log_init(const char *component)
     const char *lvl = getenv("LOG_LEVEL");
     log_component = component;
     if (!lvl) return;
-    if (strcmp(lvl, "debug") == 0) log_min = LOG_DEBUG;
-    else if (strcmp(lvl, "warn") == 0) log_min = LOG_WARN;
-    else if (strcmp(lvl, "error") == 0) log_min = LOG_ERROR;
+    if (strcmp(lvl, "debug") == 0)
+        log_min = LOG_DEBUG;
+    else if (strcmp(lvl, "warn") == 0)
+        log_min = LOG_WARN;
+    else if (strcmp(lvl, "error") == 0)
+        log_min = LOG_ERROR;
 }
 
 void log_msg(enum log_level lvl, const char *fmt, ...)

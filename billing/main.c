@@ -119,7 +119,8 @@ static int cmd_serve(void)
 out:
     atomic_store(&stop, 1);
     api_stop(api);
-    for (int i = 0; i < nthreads; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < nthreads; i++)
+        pthread_join(threads[i], NULL);
     return rc;
 }
 

@@ -51,8 +51,8 @@ static int migrate_one(PGconn *conn, const struct migration *m)
     if (migrate_exec(conn, "BEGIN") != 0) return -1;
     if (migrate_exec(conn, m->sql) != 0) goto out;
     snprintf(v, sizeof v, "%d", m->version);
-    r = PQexecParams(conn, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2,
-                     NULL, params, NULL, NULL, 0);
+    r = PQexecParams(conn, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", 2, NULL,
+                     params, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
         log_error("migrate: recording %s: %s", m->name, PQerrorMessage(conn));
         PQclear(r);

@@ -6,7 +6,7 @@
 #include <string.h>
 
 #define OPERATOR_COLS                                                                              \
-    "id, name, role, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "  \
+    "id, name, role, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "   \
     "revoked_at IS NOT NULL"
 
 static void operators_fill(operator_info *o, const PGresult *r, int row)
@@ -55,8 +55,9 @@ int operators_revoke(PGconn *pg, const char *name)
 {
     const char *p[1] = {name};
     PGresult *r = ledger_query(
-        pg, "UPDATE operators SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL "
-            "RETURNING id",
+        pg,
+        "UPDATE operators SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL "
+        "RETURNING id",
         1, p);
     int rc;
     if (!r) return LEDGER_ERROR;
@@ -75,10 +76,9 @@ int operators_authenticate(PGconn *pg, const apikey_pepper *pepper, const char *
     /* Looked up by keyed hash: the lookup's timing depends on the MAC, which
      * an attacker cannot steer towards a real token. */
     apikey_hash_secret(pepper, token, strlen(token), hash);
-    r = ledger_query(pg,
-                     "SELECT " OPERATOR_COLS
-                     " FROM operators WHERE token_hash = $1 AND revoked_at IS NULL",
-                     1, p);
+    r = ledger_query(
+        pg, "SELECT " OPERATOR_COLS " FROM operators WHERE token_hash = $1 AND revoked_at IS NULL",
+        1, p);
     if (!r) return LEDGER_ERROR;
     if (PQntuples(r) == 1) {
         operators_fill(out, r, 0);
@@ -98,7 +98,8 @@ int operators_list(PGconn *pg, operator_info **out, int *n)
         PQclear(r);
         return LEDGER_ERROR;
     }
-    for (int i = 0; i < *n; i++) operators_fill(&(*out)[i], r, i);
+    for (int i = 0; i < *n; i++)
+        operators_fill(&(*out)[i], r, i);
     PQclear(r);
     return LEDGER_OK;
 }

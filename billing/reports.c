@@ -17,10 +17,14 @@ int reports_parse_group_by(const char *s, int *mask)
     while (*s) {
         const char *comma = strchr(s, ',');
         size_t n = comma ? (size_t)(comma - s) : strlen(s);
-        if (n == 7 && memcmp(s, "account", 7) == 0) *mask |= REPORT_BY_ACCOUNT;
-        else if (n == 5 && memcmp(s, "route", 5) == 0) *mask |= REPORT_BY_ROUTE;
-        else if (n == 3 && memcmp(s, "day", 3) == 0) *mask |= REPORT_BY_DAY;
-        else return -1;
+        if (n == 7 && memcmp(s, "account", 7) == 0)
+            *mask |= REPORT_BY_ACCOUNT;
+        else if (n == 5 && memcmp(s, "route", 5) == 0)
+            *mask |= REPORT_BY_ROUTE;
+        else if (n == 3 && memcmp(s, "day", 3) == 0)
+            *mask |= REPORT_BY_DAY;
+        else
+            return -1;
         s += n;
         if (*s == ',') {
             s++;
@@ -81,12 +85,18 @@ int reports_usage(PGconn *pg, const char *from, const char *to, int group_by, in
 
     memset(out, 0, sizeof *out);
     out->group_by = group_by;
-    if (group_by & REPORT_BY_ACCOUNT) strcat(cols, "account_id, ");
-    else strcat(cols, "0::bigint, ");
-    if (group_by & REPORT_BY_ROUTE) strcat(cols, "route, ");
-    else strcat(cols, "''::text, ");
-    if (group_by & REPORT_BY_DAY) strcat(cols, "to_char(day, 'YYYY-MM-DD'), ");
-    else strcat(cols, "''::text, ");
+    if (group_by & REPORT_BY_ACCOUNT)
+        strcat(cols, "account_id, ");
+    else
+        strcat(cols, "0::bigint, ");
+    if (group_by & REPORT_BY_ROUTE)
+        strcat(cols, "route, ");
+    else
+        strcat(cols, "''::text, ");
+    if (group_by & REPORT_BY_DAY)
+        strcat(cols, "to_char(day, 'YYYY-MM-DD'), ");
+    else
+        strcat(cols, "''::text, ");
     snprintf(sql, sizeof sql,
              "SELECT %s sum(calls)::bigint, sum(points)::bigint, sum(failed_calls)::bigint "
              "FROM usage_daily WHERE day >= $1::date AND day < $2::date "
@@ -253,7 +263,8 @@ static int reports_statement_tx(PGconn *pg, const char *ids, const char *start, 
         PQclear(r);
         return LEDGER_ERROR;
     }
-    for (int i = 0; i < s->nentries; i++) ledger_fill_entry(&s->entries[i], r, i);
+    for (int i = 0; i < s->nentries; i++)
+        ledger_fill_entry(&s->entries[i], r, i);
     PQclear(r);
 
     r = ledger_query(pg,
@@ -296,8 +307,10 @@ int reports_statement(PGconn *pg, int64_t account, const char *month, report_sta
     PQclear(r);
     rc = reports_statement_tx(pg, ids, start, end, out);
     r = ledger_query(pg, rc == LEDGER_OK ? "COMMIT" : "ROLLBACK", 0, NULL);
-    if (r) PQclear(r);
-    else rc = LEDGER_ERROR;
+    if (r)
+        PQclear(r);
+    else
+        rc = LEDGER_ERROR;
     if (rc != LEDGER_OK) reports_statement_free(out);
     return rc;
 }
@@ -324,14 +337,13 @@ json_t *reports_statement_json(const report_statement *s)
         json_array_append_new(entries, j);
     }
     for (int i = 0; i < s->nroutes; i++)
-        json_array_append_new(routes,
-                              json_pack("{s:s, s:I, s:I, s:I}", "route", s->routes[i].route,
-                                        "calls", (json_int_t)s->routes[i].calls, "points",
-                                        (json_int_t)s->routes[i].points, "failed_calls",
-                                        (json_int_t)s->routes[i].failed_calls));
+        json_array_append_new(routes, json_pack("{s:s, s:I, s:I, s:I}", "route", s->routes[i].route,
+                                                "calls", (json_int_t)s->routes[i].calls, "points",
+                                                (json_int_t)s->routes[i].points, "failed_calls",
+                                                (json_int_t)s->routes[i].failed_calls));
     return json_pack("{s:I, s:s, s:I, s:{s:I, s:o}, s:{s:I, s:o}, s:I}", "account_id",
                      (json_int_t)s->account_id, "month", s->month, "opening",
-                     (json_int_t)s->opening, "credits", "total", (json_int_t)s->credits,
-                     "entries", entries, "charges", "total", (json_int_t)s->charges, "by_route",
-                     routes, "closing", (json_int_t)s->closing);
+                     (json_int_t)s->opening, "credits", "total", (json_int_t)s->credits, "entries",
+                     entries, "charges", "total", (json_int_t)s->charges, "by_route", routes,
+                     "closing", (json_int_t)s->closing);
 }

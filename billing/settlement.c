@@ -90,7 +90,8 @@ static int settle_ack(settle_state *s, int n)
     argv[0] = "XACK";
     argv[1] = HOT_OUTBOX;
     argv[2] = HOT_OUTBOX_GROUP;
-    for (int i = 0; i < n; i++) argv[3 + i] = s->ids[i];
+    for (int i = 0; i < n; i++)
+        argv[3 + i] = s->ids[i];
     redisReply *r = hot_command_argv(s->hot, n + 3, argv, NULL);
     if (r) {
         freeReplyObject(r);
@@ -110,8 +111,8 @@ static int settle_ack(settle_state *s, int n)
 static void settle_dead_letter(settle_state *s, const ledger_charge *c, const char *why)
 {
     char acct[24], amount[24];
-    const char *argv[11] = {"XADD", SETTLE_DEAD_STREAM, "*", "rid", c->rid, "acct", acct,
-                            "amount", amount, "why", why};
+    const char *argv[11] = {"XADD", SETTLE_DEAD_STREAM, "*",    "rid", c->rid, "acct",
+                            acct,   "amount",           amount, "why", why};
     snprintf(acct, sizeof acct, "%" PRId64, c->account_id);
     snprintf(amount, sizeof amount, "%" PRId64, c->amount);
     redisReply *r = hot_command_argv(s->hot, 11, argv, NULL);
@@ -137,8 +138,10 @@ static int settle_write(settle_state *s, int n)
             if (rc == LEDGER_CONFLICT) {
                 for (int i = 0; i < n; i++) {
                     rc = ledger_settle_batch(s->pg, &s->charges[i], 1, &applied);
-                    if (rc == LEDGER_CONFLICT) settle_dead_letter(s, &s->charges[i], "integrity");
-                    else if (rc != LEDGER_OK) break;
+                    if (rc == LEDGER_CONFLICT)
+                        settle_dead_letter(s, &s->charges[i], "integrity");
+                    else if (rc != LEDGER_OK)
+                        break;
                 }
                 if (rc == LEDGER_OK || rc == LEDGER_CONFLICT) return 0;
             }
@@ -182,8 +185,10 @@ static int settle_group_create(settle_state *s)
     redisReply *r = hot_command_argv(s->hot, 6, argv, NULL);
     int rc = -1;
     if (!r) return -1;
-    if (r->type != REDIS_REPLY_ERROR || strncmp(r->str, "BUSYGROUP", 9) == 0) rc = 0;
-    else log_error("settlement: XGROUP CREATE: %s", r->str);
+    if (r->type != REDIS_REPLY_ERROR || strncmp(r->str, "BUSYGROUP", 9) == 0)
+        rc = 0;
+    else
+        log_error("settlement: XGROUP CREATE: %s", r->str);
     freeReplyObject(r);
     return rc;
 }
@@ -193,7 +198,7 @@ static int settle_read(settle_state *s, const char *start, int block_ms)
 {
     char count[16], block[16];
     const char *argv[10] = {"XREADGROUP", "GROUP", HOT_OUTBOX_GROUP, s->consumer, "COUNT", count,
-                            "BLOCK", block, "STREAMS", HOT_OUTBOX};
+                            "BLOCK",      block,   "STREAMS",        HOT_OUTBOX};
     const char *full[11];
     redisReply *r;
     int n = 0;
@@ -218,8 +223,8 @@ static int settle_read(settle_state *s, const char *start, int block_ms)
 static int settle_claim(settle_state *s)
 {
     char idle[24], count[16];
-    const char *argv[8] = {"XAUTOCLAIM", HOT_OUTBOX, HOT_OUTBOX_GROUP, s->consumer, idle, "0-0",
-                           "COUNT", count};
+    const char *argv[8] = {"XAUTOCLAIM", HOT_OUTBOX, HOT_OUTBOX_GROUP, s->consumer,
+                           idle,         "0-0",      "COUNT",          count};
     redisReply *r;
     int n = 0;
     snprintf(idle, sizeof idle, "%lld", (long long)s->cfg->settle_claim_idle_ms);
@@ -252,16 +257,19 @@ void *settlement_run(void *arg)
         log_error("settlement: out of memory");
         goto out;
     }
-    while (!atomic_load(s.stop) && settle_group_create(&s) != 0) worker_sleep(s.stop, 1000);
+    while (!atomic_load(s.stop) && settle_group_create(&s) != 0)
+        worker_sleep(s.stop, 1000);
     /* Our own pending entries first: we may have died after committing. */
-    while (!atomic_load(s.stop) && settle_read(&s, "0", 1) > 0) {}
+    while (!atomic_load(s.stop) && settle_read(&s, "0", 1) > 0) {
+    }
     while (!atomic_load(s.stop)) {
         struct timespec now;
         int n;
         clock_gettime(CLOCK_MONOTONIC, &now);
         if ((now.tv_sec - last_claim.tv_sec) * 1000 >= s.cfg->settle_claim_idle_ms / 2) {
             last_claim = now;
-            while (!atomic_load(s.stop) && settle_claim(&s) > 0) {}
+            while (!atomic_load(s.stop) && settle_claim(&s) > 0) {
+            }
         }
         n = settle_read(&s, ">", 500);
         if (n < 0) worker_sleep(s.stop, 500);

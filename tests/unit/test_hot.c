@@ -18,7 +18,7 @@ static int failures;
 #define CHECK(cond)                                                                                \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);              \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
             failures++;                                                                            \
         }                                                                                          \
     } while (0)
@@ -129,7 +129,8 @@ static void test_no_overdraft(hot_conn *h, int64_t acct)
         r[i] = (racer){acct, i, &held, &negative};
         CHECK(pthread_create(&t[i], NULL, racer_run, &r[i]) == 0);
     }
-    for (int i = 0; i < 50; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < 50; i++)
+        pthread_join(t[i], NULL);
     CHECK(atomic_load(&held) == 20);
     CHECK(atomic_load(&negative) == 0);
     CHECK(hot_account(h, acct, &found, &credited, &spent, &hsum) == 0);

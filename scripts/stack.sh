@@ -4,6 +4,9 @@
 #
 #   scripts/stack.sh start DIR   -> writes DIR/env (DATABASE_URL, REDIS_URL, ...)
 #   scripts/stack.sh stop DIR
+#   scripts/stack.sh pg-stop|pg-start|redis-stop|redis-start DIR
+#                                -> one service of a started stack, same ports
+#                                   (fault tests take a store away and back)
 #
 # PostgreSQL refuses to run as root, so as root the cluster is owned and run by
 # the unprivileged `postgres` user that Debian's package creates.
@@ -11,7 +14,7 @@ set -euo pipefail
 
 cmd=${1:-}
 dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop|pg-start|pg-stop|redis-start|redis-stop DIR" >&2; exit 2; }
 
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -x "$pgbin/initdb" ] || { echo "stack: PostgreSQL server binaries not found" >&2; exit 1; }
@@ -55,20 +58,9 @@ start() {
     fi
     as_pg "$pgbin/initdb" -D "$dir/pg/data" -U postgres -A trust --no-sync -E UTF8 \
         >"$dir/pg/initdb.log" 2>&1 || { cat "$dir/pg/initdb.log" >&2; exit 1; }
-    # fsync off: this is a throwaway instance for tests and demos; crash tests
-    # kill our processes, never this server.
-    as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 \
-        -o "-p $pgport -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-        start >/dev/null || { cat "$dir/pg/server.log" >&2; exit 1; }
+    pg_start "$pgport"
     as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres pointgate
-    redis-server --port "$rport" --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
-        --pidfile "$dir/redis/redis.pid" --logfile "$dir/redis/redis.log" \
-        --appendonly yes --appendfsync everysec --save "" >/dev/null
-    for _ in $(seq 1 100); do
-        redis-cli -p "$rport" ping >/dev/null 2>&1 && break
-        sleep 0.05
-    done
-    redis-cli -p "$rport" ping >/dev/null || { echo "stack: redis did not start" >&2; exit 1; }
+    redis_start "$rport"
     cat >"$dir/env" <<ENV
 export DATABASE_URL="postgresql://postgres@127.0.0.1:$pgport/pointgate"
 export REDIS_URL="redis://127.0.0.1:$rport/0"
@@ -76,6 +68,34 @@ export PGPORT_STACK=$pgport
 export REDIS_PORT_STACK=$rport
 ENV
     echo "stack: postgres on 127.0.0.1:$pgport, redis on 127.0.0.1:$rport ($dir)" >&2
+}
+
+pg_start() {
+    # fsync off: this is a throwaway instance for tests and demos; crash tests
+    # kill our processes, never this server.
+    as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 \
+        -o "-p $1 -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        start >/dev/null || { cat "$dir/pg/server.log" >&2; exit 1; }
+}
+
+redis_start() {
+    redis-server --port "$1" --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
+        --pidfile "$dir/redis/redis.pid" --logfile "$dir/redis/redis.log" \
+        --appendonly yes --appendfsync everysec --save "" >/dev/null
+    for _ in $(seq 1 200); do
+        redis-cli -p "$1" ping 2>/dev/null | grep -q PONG && return 0
+        sleep 0.05
+    done
+    echo "stack: redis did not start" >&2
+    exit 1
+}
+
+# For the single-service commands: the started stack's ports.
+load_env() {
+    [ -f "$dir/env" ] || { echo "stack: no stack in $dir" >&2; exit 1; }
+    dir=$(cd "$dir" && pwd)
+    # shellcheck disable=SC1091
+    . "$dir/env"
 }
 
 stop() {
@@ -93,5 +113,18 @@ stop() {
 case "$cmd" in
     start) start ;;
     stop) stop ;;
-    *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+    pg-start) load_env && pg_start "$PGPORT_STACK" ;;
+    pg-stop) load_env && as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -m fast -w -t 60 stop >/dev/null ;;
+    redis-start) load_env && redis_start "$REDIS_PORT_STACK" ;;
+    redis-stop)
+        load_env
+        redis-cli -p "$REDIS_PORT_STACK" shutdown >/dev/null 2>&1 || true
+        for _ in $(seq 1 200); do
+            redis-cli -p "$REDIS_PORT_STACK" ping >/dev/null 2>&1 || exit 0
+            sleep 0.05
+        done
+        echo "stack: redis did not stop" >&2
+        exit 1
+        ;;
+    *) echo "usage: $0 start|stop|pg-start|pg-stop|redis-start|redis-stop DIR" >&2; exit 2 ;;
 esac

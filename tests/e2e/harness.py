@@ -180,6 +180,14 @@ class Stack:
                 shutil.rmtree(self.dir, ignore_errors=True)
         return "\n".join(p for p in problems if p)
 
+    def service(self, action):
+        """Takes a store away or brings it back on the same port:
+        action is pg-stop, pg-start, redis-stop or redis-start."""
+        p = subprocess.run([os.path.join(ROOT, "scripts/stack.sh"), action, self.dir],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"stack.sh {action} failed: {p.stderr}")
+
     def sanitizer_reports(self):
         out = []
         for p in self.procs:

@@ -46,45 +46,53 @@ BINS := $(O)/bin/billing $(if $(GW_SRC),$(O)/bin/gateway) $(if $(SIM_SRC),$(O)/b
 .PHONY: all build test run bench bench-reports format lint clean deps
 all: build
 ifeq ($(MODE),release)
-	@mkdir -p bin && cp $(BINS) bin/
+	@mkdir -p bin && cp --remove-destination $(BINS) bin/
 endif
 
 build: $(BINS) $(UNIT_BIN)
 
+# V=1 shows the full command lines.
+Q := $(if $(V),,@)
+
 $(O)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
 # The Lua scripts are embedded as C strings so a binary is self-contained.
 $(O)/gen/hotlua.c: $(LUA) scripts/embed-lua.sh
 	@mkdir -p $(dir $@)
-	scripts/embed-lua.sh $(LUA) > $@
+	$(Q)scripts/embed-lua.sh $(LUA) > $@
 
 $(O)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
 	@mkdir -p $(dir $@)
-	scripts/embed-sql.sh $(SQL) > $@
+	$(Q)scripts/embed-sql.sh $(SQL) > $@
 
 $(O)/gen/%.o: $(O)/gen/%.c
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
 $(O)/libbilling.a: $(LIB_OBJ)
-	ar rcs $@ $^
+	$(Q)ar rcs $@ $^
 
 $(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(O)/bin/devsim: $(SIM_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 deps:
 	@scripts/deps.sh

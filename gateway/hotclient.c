@@ -9,7 +9,6 @@
 #include "billing/hotkeys.h"
 #include "billing/log.h"
 
-#include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdio.h>
@@ -39,6 +38,7 @@ struct hotclient {
     redisAsyncContext *ac;
     int connected;
     int closing;
+    int writing; /* inside redisAsyncHandleWrite */
     struct event *retry;
     struct event *flush; /* resend queued settles while connected */
     struct event *watchdog;
@@ -197,6 +197,109 @@ static void hot_on_disconnect(const redisAsyncContext *ac, int status)
     hot_schedule_retry(hc);
 }
 
+/* ---- hiredis on libevent, without epoll_ctl churn ---------------------
+ * hiredis' own libevent adapter (0.14) uses a one-shot read event, re-added
+ * after every read, and adds/deletes a write event around every write:
+ * about four epoll_ctl calls per batch of replies. Here the read event is
+ * persistent, and a write is first tried from a deferred event at the end
+ * of the current loop iteration (so all commands issued in one iteration
+ * go out in one send); only a write that cannot finish (or a connect in
+ * progress) waits for EV_WRITE. */
+typedef struct hot_ev {
+    redisAsyncContext *ac;
+    hotclient *hc;
+    struct event *rev; /* persistent */
+    struct event *wev; /* one-shot: the socket is writable again */
+    struct event *flush;
+    int reading;
+} hot_ev;
+
+static void hot_ev_on_read(evutil_socket_t fd, short what, void *arg)
+{
+    hot_ev *e = arg;
+    redisAsyncHandleRead(e->ac); /* may free E (disconnect) */
+}
+
+static void hot_ev_write_now(hot_ev *e)
+{
+    hotclient *hc = e->hc;
+    hc->writing = 1;              /* a write that does not finish now waits for EV_WRITE */
+    redisAsyncHandleWrite(e->ac); /* may free E */
+    hc->writing = 0;
+}
+
+static void hot_ev_on_write(evutil_socket_t fd, short what, void *arg)
+{
+    hot_ev_write_now(arg);
+}
+
+static void hot_ev_add_read(void *priv)
+{
+    hot_ev *e = priv;
+    if (e->reading) return;
+    if (event_add(e->rev, NULL) == 0) e->reading = 1;
+}
+
+static void hot_ev_del_read(void *priv)
+{
+    hot_ev *e = priv;
+    if (!e->reading) return;
+    event_del(e->rev);
+    e->reading = 0;
+}
+
+static void hot_ev_add_write(void *priv)
+{
+    hot_ev *e = priv;
+    if (e->hc->writing || !(e->ac->c.flags & REDIS_CONNECTED))
+        event_add(e->wev, NULL);
+    else if (!event_pending(e->flush, EV_TIMEOUT, NULL))
+        event_active(e->flush, EV_TIMEOUT, 0);
+}
+
+static void hot_ev_del_write(void *priv)
+{
+    hot_ev *e = priv;
+    event_del(e->wev);
+    event_del(e->flush);
+}
+
+static void hot_ev_cleanup(void *priv)
+{
+    hot_ev *e = priv;
+    if (e->rev) event_free(e->rev);
+    if (e->wev) event_free(e->wev);
+    if (e->flush) event_free(e->flush);
+    free(e);
+}
+
+static int hot_ev_attach(hotclient *hc, redisAsyncContext *ac)
+{
+    hot_ev *e;
+    if (ac->ev.data) return -1;
+    e = calloc(1, sizeof *e);
+    if (!e) return -1;
+    e->ac = ac;
+    e->hc = hc;
+    e->rev = event_new(hc->base, ac->c.fd, EV_READ | EV_PERSIST, hot_ev_on_read, e);
+    e->wev = event_new(hc->base, ac->c.fd, EV_WRITE, hot_ev_on_write, e);
+    e->flush = event_new(hc->base, -1, 0, hot_ev_on_write, e);
+    if (!e->rev || !e->wev || !e->flush) {
+        hot_ev_cleanup(e);
+        return -1;
+    }
+    ac->ev.data = e;
+    ac->ev.addRead = hot_ev_add_read;
+    ac->ev.delRead = hot_ev_del_read;
+    ac->ev.addWrite = hot_ev_add_write;
+    ac->ev.delWrite = hot_ev_del_write;
+    ac->ev.cleanup = hot_ev_cleanup;
+    /* As hiredis' adapter: the connect completes when writable. */
+    hot_ev_add_read(e);
+    event_add(e->wev, NULL);
+    return 0;
+}
+
 static void hot_connect(hotclient *hc)
 {
     redisAsyncContext *ac;
@@ -209,7 +312,7 @@ static void hot_connect(hotclient *hc)
         return;
     }
     ac->data = hc;
-    if (redisLibeventAttach(ac, hc->base) != REDIS_OK) {
+    if (hot_ev_attach(hc, ac) != 0) {
         redisAsyncFree(ac);
         hot_schedule_retry(hc);
         return;

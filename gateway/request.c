@@ -28,6 +28,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <event2/event_struct.h>
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
@@ -72,6 +73,7 @@ struct gw_request {
     int backoff_ms;
     struct event *timer;
     struct event *gone_ev;
+    struct event gone_timer; /* arms gone_ev; assigned in request_new */
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
     unsigned status;
@@ -79,6 +81,8 @@ struct gw_request {
 };
 
 static void request_reserve(gw_request *r);
+
+static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg);
 
 gw_request *request_new(worker *w, const char *uri)
 {
@@ -94,6 +98,7 @@ gw_request *request_new(worker *w, const char *uri)
     randombytes_buf(raw, sizeof raw);
     sodium_bin2hex(r->rid, sizeof r->rid, raw, sizeof raw);
     r->account = -1;
+    evtimer_assign(&r->gone_timer, w->base, request_on_gone_timer, r);
     return r;
 }
 
@@ -103,6 +108,7 @@ void request_completed(gw_request *r)
     proxy_call_clear(&r->call);
     if (r->resp) MHD_destroy_response(r->resp);
     if (r->timer) event_free(r->timer);
+    evtimer_del(&r->gone_timer);
     if (r->gone_ev) event_free(r->gone_ev);
     if (r->table) routes_unref(r->table);
     free(r->body);
@@ -137,6 +143,7 @@ static void request_finish(gw_request *r)
     worker *w = r->w;
     r->st = ST_DONE;
     if (!r->suspended) return;
+    evtimer_del(&r->gone_timer);
     if (r->gone_ev) event_del(r->gone_ev);
     if (r->timer) evtimer_del(r->timer);
     if (r->prev)
@@ -199,10 +206,22 @@ static void request_on_readable(evutil_socket_t fd, short what, void *arg)
     request_on_gone(r);
 }
 
+/* Suspended for WORKER_GONE_ARM_MS: watch the client socket from now on. */
+static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg)
+{
+    gw_request *r = arg;
+    const union MHD_ConnectionInfo *ci;
+    if (!r->suspended) return;
+    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return;
+    if (!r->gone_ev)
+        r->gone_ev = event_new(r->w->base, ci->connect_fd, EV_READ, request_on_readable, r);
+    if (r->gone_ev) event_add(r->gone_ev, NULL);
+}
+
 static void request_suspend(gw_request *r)
 {
     worker *w = r->w;
-    const union MHD_ConnectionInfo *ci;
     if (r->suspended) return;
     MHD_suspend_connection(r->conn);
     r->suspended = 1;
@@ -210,11 +229,10 @@ static void request_suspend(gw_request *r)
     if (w->suspended) w->suspended->prev = r;
     w->suspended = r;
     w->inflight++;
-    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci) return;
-    if (!r->gone_ev)
-        r->gone_ev = event_new(w->base, ci->connect_fd, EV_READ, request_on_readable, r);
-    if (r->gone_ev) event_add(r->gone_ev, NULL);
+    /* The client-gone watcher is armed only for calls still suspended after
+     * WORKER_GONE_ARM_MS: most answer sooner, and a timer costs no syscall
+     * where the watcher costs two epoll_ctl. */
+    evtimer_add(&r->gone_timer, w->gone_arm_tv);
 }
 
 /* ---- settle --------------------------------------------------------- */

@@ -23,6 +23,7 @@
 #define WORKER_CONN_MEMORY (16 * 1024)
 #define WORKER_AUTHCACHE_SLOTS 16384
 #define WORKER_PG_TIMEOUT_MS 5000
+#define WORKER_GONE_ARM_MS 100 /* see request_suspend */
 
 uint64_t worker_now_ms(void)
 {
@@ -180,6 +181,12 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (!w->mhd_timer || !w->mhd_kick || !w->notify_ev || !w->drain_timer ||
         event_add(w->notify_ev, NULL) != 0)
         goto oom;
+    {
+        struct timeval tv = {0, WORKER_GONE_ARM_MS * 1000};
+        /* Many requests share this duration: O(1) queue instead of the heap. */
+        w->gone_arm_tv = event_base_init_common_timeout(w->base, &tv);
+        if (!w->gone_arm_tv) goto oom;
+    }
     if (authcache_init(&w->keys, WORKER_AUTHCACHE_SLOTS) != 0) goto oom;
     if (proxy_new(w->base, cfg->max_body, &w->px) != 0) goto oom;
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0)

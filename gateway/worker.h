@@ -36,6 +36,7 @@ typedef struct worker {
     struct event *notify_ev;
     atomic_int stop_requested;
     struct event *drain_timer;
+    const struct timeval *gone_arm_tv; /* common timeout: REQUEST_GONE_ARM_MS */
     hotclient *hc;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;

@@ -4,7 +4,16 @@
  * watch (CURLMOPT_SOCKETFUNCTION) and when to wake it (TIMERFUNCTION); we
  * translate that into libevent events and call curl_multi_socket_action.
  * Socket watchers are kept on a list so that teardown can free any that
- * curl forgets to remove. */
+ * curl forgets to remove.
+ *
+ * No epoll_ctl churn per call: curl REMOVEs a connection's socket when a
+ * transfer ends and adds it again for the next one on the same keep-alive
+ * connection. For sockets curl opened through our OPENSOCKETFUNCTION (so
+ * their closing comes through our CLOSESOCKETFUNCTION, and a reused fd
+ * number is never mistaken for the old socket) the watcher stays registered
+ * while the connection idles in the pool ("parked"); the next add with the
+ * same events costs nothing. A parked socket that turns readable (the
+ * upstream closed it) is unregistered; curl finds it dead on reuse. */
 #include "gateway/proxy.h"
 
 #include "billing/log.h"
@@ -12,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define PROXY_FREE_EASY_MAX 128
 #define PROXY_HEADERS_MAX (64 * 1024)
@@ -22,6 +33,9 @@ typedef struct proxy_sock {
     struct event *ev;
     proxy *p;
     curl_socket_t fd;
+    short kind; /* events registered, 0 when not registered */
+    int owned;  /* opened by our opensocket callback: closed by ours */
+    int parked; /* curl removed it; connection idle in the pool */
 } proxy_sock;
 
 struct proxy {
@@ -29,6 +43,8 @@ struct proxy {
     CURLM *multi;
     struct event *timer;
     proxy_sock *socks;
+    proxy_sock **by_fd; /* owned sockets by fd number */
+    int by_fd_cap;
     proxy_call *running;
     CURL *free_easy[PROXY_FREE_EASY_MAX];
     int nfree;
@@ -77,8 +93,15 @@ static void proxy_on_event(evutil_socket_t fd, short what, void *arg)
     proxy_sock *s = arg;
     proxy *p = s->p;
     int running;
-    int action =
-        ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    int action;
+    if (s->parked) {
+        /* Idle pooled connection readable: closed or junk. Stop watching
+         * (level-triggered, it would fire again); curl checks on reuse. */
+        event_del(s->ev);
+        s->kind = 0;
+        return;
+    }
+    action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
     /* S may be freed inside socket_action (CURL_POLL_REMOVE): not used after. */
     curl_multi_socket_action(p->multi, fd, action, &running);
     proxy_check_done(p);
@@ -94,6 +117,7 @@ static void proxy_on_timer(evutil_socket_t fd, short what, void *arg)
 
 static void proxy_sock_free(proxy *p, proxy_sock *s)
 {
+    if (s->owned && s->fd < p->by_fd_cap && p->by_fd[s->fd] == s) p->by_fd[s->fd] = NULL;
     if (s->prev)
         s->prev->next = s->next;
     else
@@ -103,41 +127,96 @@ static void proxy_sock_free(proxy *p, proxy_sock *s)
     free(s);
 }
 
+static proxy_sock *proxy_sock_new(proxy *p, curl_socket_t fd)
+{
+    proxy_sock *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->p = p;
+    s->fd = fd;
+    s->ev = event_new(p->base, fd, EV_READ, proxy_on_event, s);
+    if (!s->ev) {
+        free(s);
+        return NULL;
+    }
+    s->next = p->socks;
+    if (p->socks) p->socks->prev = s;
+    p->socks = s;
+    return s;
+}
+
+static proxy_sock *proxy_sock_owned(proxy *p, curl_socket_t fd)
+{
+    return fd >= 0 && fd < p->by_fd_cap ? p->by_fd[fd] : NULL;
+}
+
 static int proxy_socket_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *sockp)
 {
     proxy *p = userp;
-    proxy_sock *s = sockp;
+    proxy_sock *s = sockp ? sockp : proxy_sock_owned(p, fd);
     short kind = EV_PERSIST;
 
     if (what == CURL_POLL_REMOVE) {
-        if (s) {
-            curl_multi_assign(p->multi, fd, NULL);
+        if (!s) return 0;
+        if (s->owned) {
+            /* Keep a read watcher registered while pooled: see the top. */
+            s->parked = 1;
+            if (s->kind != (EV_READ | EV_PERSIST) && s->kind) {
+                event_del(s->ev);
+                s->kind = 0;
+            }
+        } else {
             proxy_sock_free(p, s);
         }
         return 0;
     }
     if (what & CURL_POLL_IN) kind |= EV_READ;
     if (what & CURL_POLL_OUT) kind |= EV_WRITE;
-    if (!s) {
-        s = calloc(1, sizeof *s);
-        if (!s) return -1;
-        s->p = p;
-        s->fd = fd;
-        s->ev = event_new(p->base, fd, kind, proxy_on_event, s);
-        if (!s->ev) {
-            free(s);
-            return -1;
-        }
-        s->next = p->socks;
-        if (p->socks) p->socks->prev = s;
-        p->socks = s;
-        curl_multi_assign(p->multi, fd, s);
-    } else {
-        event_del(s->ev);
-        event_assign(s->ev, p->base, fd, kind, proxy_on_event, s);
-    }
-    event_add(s->ev, NULL);
+    if (!s && !(s = proxy_sock_new(p, fd))) return -1;
+    if (!sockp) curl_multi_assign(p->multi, fd, s);
+    s->parked = 0;
+    if (s->kind == kind) return 0;
+    if (s->kind) event_del(s->ev);
+    s->kind = 0;
+    event_assign(s->ev, p->base, fd, kind, proxy_on_event, s);
+    if (event_add(s->ev, NULL) != 0) return -1;
+    s->kind = kind;
     return 0;
+}
+
+static curl_socket_t proxy_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    proxy *p = clientp;
+    proxy_sock *s;
+    curl_socket_t fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+    if (fd < 0 || purpose != CURLSOCKTYPE_IPCXN) return fd;
+    if (fd >= p->by_fd_cap) {
+        int cap = p->by_fd_cap ? p->by_fd_cap : 64;
+        proxy_sock **nb;
+        while (cap <= fd)
+            cap *= 2;
+        nb = realloc(p->by_fd, (size_t)cap * sizeof *nb);
+        if (!nb) return fd; /* not owned: watched the plain way */
+        memset(nb + p->by_fd_cap, 0, (size_t)(cap - p->by_fd_cap) * sizeof *nb);
+        p->by_fd = nb;
+        p->by_fd_cap = cap;
+    }
+    s = proxy_sock_new(p, fd);
+    if (!s) return fd;
+    s->owned = 1;
+    s->parked = 1; /* not watched until curl asks */
+    p->by_fd[fd] = s;
+    return fd;
+}
+
+static int proxy_close_socket(void *clientp, curl_socket_t fd)
+{
+    proxy *p = clientp;
+    proxy_sock *s = proxy_sock_owned(p, fd);
+    if (s) {
+        if (s->kind) event_del(s->ev);
+        proxy_sock_free(p, s);
+    }
+    return close(fd);
 }
 
 static int proxy_timer_cb(CURLM *multi, long timeout_ms, void *userp)
@@ -186,6 +265,7 @@ void proxy_free(proxy *p)
     while (p->socks)
         proxy_sock_free(p, p->socks);
     if (p->timer) event_free(p->timer);
+    free(p->by_fd);
     free(p);
 }
 
@@ -277,39 +357,60 @@ size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, con
     return off;
 }
 
+/* Options that are the same for every call: set once per easy handle. */
+static CURL *proxy_easy_new(proxy *p)
+{
+    CURL *e = curl_easy_init();
+    if (!e) return NULL;
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, proxy_on_body);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, proxy_on_header);
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)p->max_body);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, proxy_open_socket);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, p);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, proxy_close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, p);
+    return e;
+}
+
 int proxy_start(proxy *p, proxy_call *c, const char *url, const char *method, const char *body,
                 size_t body_len, int64_t timeout_ms, proxy_done_cb done, void *arg)
 {
-    CURL *e = p->nfree > 0 ? p->free_easy[--p->nfree] : curl_easy_init();
+    CURL *e = p->nfree > 0 ? p->free_easy[--p->nfree] : proxy_easy_new(p);
     if (!e) return -1;
     c->p = p;
     c->easy = e;
     c->done = done;
     c->arg = arg;
+    /* A reused handle keeps the previous call's options: every per-call
+     * option is set here, method-related ones explicitly reset. */
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)c);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
-    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)timeout_ms);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, c->req_headers);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, proxy_on_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, c);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, proxy_on_header);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, c);
-    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)p->max_body);
     if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
         curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
     } else if (strcmp(method, "GET") == 0 && body_len == 0) {
-        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L); /* also NOBODY 0, no upload */
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
     } else {
         if (body_len > 0 || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
             strcmp(method, "PATCH") == 0) {
+            curl_easy_setopt(e, CURLOPT_NOBODY, 0L);
             curl_easy_setopt(e, CURLOPT_POSTFIELDS, body ? body : "");
             curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        } else {
+            curl_easy_setopt(e, CURLOPT_HTTPGET, 1L); /* no body from a previous call */
         }
-        if (strcmp(method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, strcmp(method, "POST") != 0 ? method : NULL);
     }
     if (curl_multi_add_handle(p->multi, e) != CURLM_OK) {
         curl_easy_cleanup(e);
@@ -336,10 +437,14 @@ void proxy_cancel(proxy_call *c)
     if (c->next) c->next->prev = c->prev;
     c->prev = c->next = NULL;
     curl_multi_remove_handle(p->multi, e);
-    /* Reuse the handle: curl_easy_reset keeps its DNS and session caches;
-     * the connection pool lives in the multi handle anyway. */
+    /* Reuse the handle as it is (no curl_easy_reset: proxy_start sets every
+     * per-call option); drop what points into the finished call. */
     if (p->nfree < PROXY_FREE_EASY_MAX) {
-        curl_easy_reset(e);
+        curl_easy_setopt(e, CURLOPT_PRIVATE, NULL);
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
+        curl_easy_setopt(e, CURLOPT_WRITEDATA, NULL);
+        curl_easy_setopt(e, CURLOPT_HEADERDATA, NULL);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, NULL);
         p->free_easy[p->nfree++] = e;
     } else {
         curl_easy_cleanup(e);

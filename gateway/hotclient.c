@@ -452,6 +452,11 @@ static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
     if (op->kind == HOT_SETTLE &&
         (!rep || (rep->type == REDIS_REPLY_ERROR && hot_transient(rep->str))))
         hot_enqueue_settle(hc, &op->settle);
+    /* A reserve sent but never answered (link dropped, e.g. by the stall
+     * watchdog) may still run when Redis reads its socket: the caller gets
+     * 503, so queue a release for it. Idempotent by rid: a no-op if the
+     * reserve never ran. */
+    if (op->kind == HOT_RESERVE && !rep && !hc->closing) hot_enqueue_settle(hc, &op->settle);
     if (op->cb) op->cb(op->arg, rc, v);
     free(op);
 }
@@ -540,6 +545,9 @@ int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t a
     hot_op *op = hot_op_new(hc, HOT_RESERVE, HOT_SCRIPT_RESERVE, cb, arg);
     hot_keys k;
     if (!op) return -1;
+    /* The release to queue if the reply is lost (see hot_on_reply). */
+    op->settle.account = account;
+    snprintf(op->settle.rid, sizeof op->settle.rid, "%s", rid);
     hot_keys_for(&k, account);
     HOT_ARG(op, "3");
     HOT_ARG(op, "%s", k.acct);

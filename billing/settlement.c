@@ -78,27 +78,31 @@ static int settle_parse(const redisReply *fields, ledger_charge *c)
     return c->account_id > 0 && c->amount >= 0 ? 0 : -1;
 }
 
-/* XACK + XDEL of N stream ids: acknowledged entries leave the stream, so its
- * length is the settlement backlog. */
+/* XDEL + XACK of N stream ids: acknowledged entries leave the stream, so its
+ * length is the settlement backlog. Delete first: a crash between the two
+ * then leaves ids pending without an entry, which the next read of our own
+ * pending ids ("0") or XAUTOCLAIM returns without fields and acknowledges.
+ * The other order would leave acknowledged entries in the stream for ever
+ * (never redelivered, so never deleted): a backlog that never drains. */
 static int settle_ack(settle_state *s, int n)
 {
     const char **argv;
     int rc = -1;
+    redisReply *r;
     if (n == 0) return 0;
     argv = calloc((size_t)n + 3, sizeof *argv);
     if (!argv) return -1;
-    argv[0] = "XACK";
-    argv[1] = HOT_OUTBOX;
-    argv[2] = HOT_OUTBOX_GROUP;
+    argv[1] = "XDEL";
+    argv[2] = HOT_OUTBOX;
     for (int i = 0; i < n; i++)
         argv[3 + i] = s->ids[i];
-    redisReply *r = hot_command_argv(s->hot, n + 3, argv, NULL);
+    r = hot_command_argv(s->hot, n + 2, argv + 1, NULL);
     if (r) {
         freeReplyObject(r);
-        /* Same ids, as XDEL key id...: reuse the array shifted by one. */
-        argv[1] = "XDEL";
-        argv[2] = HOT_OUTBOX;
-        r = hot_command_argv(s->hot, n + 2, argv + 1, NULL);
+        argv[0] = "XACK";
+        argv[1] = HOT_OUTBOX;
+        argv[2] = HOT_OUTBOX_GROUP;
+        r = hot_command_argv(s->hot, n + 3, argv, NULL);
         if (r) {
             freeReplyObject(r);
             rc = 0;

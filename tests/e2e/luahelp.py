@@ -7,18 +7,11 @@ settle.lua and credit.lua from the repository (SCRIPT LOAD) and runs them with
 EVALSHA, with the KEYS/ARGV contract written at the top of each script and the
 key layout of billing/hotkeys.h.
 """
-import http.client
 import os
 import socket
 import threading
 
-import harness
 from harness import ROOT
-
-# harness.http() refers to `http.client` while its own name `http` shadows the
-# module; give the function the attribute it looks up so it works as written.
-if not hasattr(harness.http, "client"):
-    harness.http.client = http.client
 
 OUTBOX = "pg:outbox"
 

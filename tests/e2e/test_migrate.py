@@ -8,8 +8,6 @@ import re
 import subprocess
 import time
 
-import luahelp  # noqa: F401  (makes harness.http usable)
-
 BASE_TABLES = {"accounts", "api_keys", "ledger_entries", "charges", "usage_daily",
                "schema_migrations"}
 

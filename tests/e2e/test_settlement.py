@@ -336,10 +336,10 @@ def test_kill9_while_settling_loses_and_doubles_nothing(stack):
         before = settled()
         if before >= total:
             break
-        p = _billing(stack, {"SETTLE_BATCH": "300"})
+        p = _billing(stack, {"SETTLE_BATCH": "100"})
         # Kill once it has made progress, at a varying moment.
         stack.wait_for(lambda: settled() > before, timeout=30, what="settlement progress")
-        time.sleep(random.Random(round_).uniform(0.0, 0.3))
+        time.sleep(random.Random(round_).uniform(0.0, 0.15))
         p.kill9()
         at_kill = settled()
         if at_kill < total:

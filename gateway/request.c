@@ -95,7 +95,7 @@ gw_request *request_new(worker *w, const char *uri)
         return NULL;
     }
     unsigned char raw[16];
-    randombytes_buf(raw, sizeof raw);
+    worker_random(w, raw, sizeof raw);
     sodium_bin2hex(r->rid, sizeof r->rid, raw, sizeof raw);
     r->account = -1;
     evtimer_assign(&r->gone_timer, w->base, request_on_gone_timer, r);

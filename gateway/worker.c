@@ -12,6 +12,7 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -30,6 +31,17 @@ uint64_t worker_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void worker_random(worker *w, unsigned char *out, size_t n)
+{
+    if (w->rnd_used + n > sizeof w->rnd) {
+        randombytes_buf(w->rnd, sizeof w->rnd);
+        w->rnd_used = 0;
+    }
+    memcpy(out, w->rnd + w->rnd_used, n);
+    sodium_memzero(w->rnd + w->rnd_used, n); /* handed out once */
+    w->rnd_used += n;
 }
 
 static void worker_run_mhd(worker *w)
@@ -165,6 +177,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
 
     memset(w, 0, sizeof *w);
     w->notify_fd = -1;
+    w->rnd_used = sizeof w->rnd; /* drawn on first use */
     w->idx = idx;
     w->cfg = cfg;
     w->routes = routes;

@@ -44,6 +44,8 @@ typedef struct worker {
     route_table *routes;
     _Atomic(route_table *) next_routes; /* handed over by main on SIGHUP */
     struct gw_request *suspended;       /* requests waiting on Redis/upstream */
+    unsigned char rnd[1024];            /* random bytes for request ids */
+    size_t rnd_used;                    /* consumed from rnd */
     int inflight;
     int stopping;
     int aborted;
@@ -64,5 +66,8 @@ void worker_destroy(worker *w);
 void worker_kick(worker *w);
 
 uint64_t worker_now_ms(void);
+/* Loop thread: N <= sizeof w->rnd random bytes (libsodium's CSPRNG, drawn
+ * a kilobyte at a time instead of one getrandom call per request). */
+void worker_random(worker *w, unsigned char *out, size_t n);
 
 #endif

@@ -26,6 +26,10 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
     return {1, avail, held}
 end
 local price = tonumber(ARGV[2])
+if not price or price <= 0 or price ~= math.floor(price) then
+    -- a non-positive hold would lower held and mint available points
+    return redis.error_reply('reserve: price must be a positive integer')
+end
 if avail < price then
     return {0, avail, held}
 end

@@ -13,6 +13,7 @@
  * offenders moved to the stream pg:outbox:dead, so one bad entry cannot stall
  * settlement. Holds whose route starts with '_' are not calls (a negative
  * adjustment's guard) and are acknowledged without a charge row. */
+#include "billing/env.h"
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
 #include "billing/ledger.h"
@@ -251,8 +252,11 @@ void *settlement_run(void *arg)
     memset(&s, 0, sizeof s);
     s.cfg = w->cfg;
     s.stop = w->stop;
+    /* Stable across restarts, so a restarted worker resumes its own pending
+     * entries; SETTLE_CONSUMER tells apart several serve processes on one
+     * host (sharing a name is safe, only redundant: Postgres deduplicates). */
     gethostname(host, sizeof host - 1);
-    snprintf(s.consumer, sizeof s.consumer, "%s-%d", host, w->index);
+    snprintf(s.consumer, sizeof s.consumer, "%s-%d", env_str("SETTLE_CONSUMER", host), w->index);
     s.hot = hot_open(w->cfg->redis_url);
     s.charges = calloc((size_t)w->cfg->settle_batch, sizeof *s.charges);
     s.ids = calloc((size_t)w->cfg->settle_batch, sizeof *s.ids);

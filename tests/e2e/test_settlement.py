@@ -9,10 +9,7 @@ expired holds released at cost 0, Postgres outages that lose nothing, and no
 overdraft under concurrent reservers.
 """
 import datetime
-import glob
-import os
 import random
-import subprocess
 import threading
 import time
 
@@ -132,24 +129,6 @@ def _assert_conserved(stack, exp, base=None):
 def _snapshot(stack, accts):
     return {a: (_charges(stack, a)[0], _charges(stack, a)[1],
                 _usage_totals(stack, a)[2]) for a in accts}
-
-
-def _pg_ctl(stack, action):
-    pgbin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
-    pgdir = os.path.join(stack.dir, "pg")
-    data = os.path.join(pgdir, "data")
-    if action == "stop":
-        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"]
-    else:
-        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-l", os.path.join(pgdir, "server.log"), "-w",
-               "-t", "60", "-o",
-               f"-p {stack.pg_port} -k {pgdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-               "start"]
-    if os.getuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--"] + cmd
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert p.returncode == 0, (action, p.stdout, p.stderr)
 
 
 # ---- the scripts and one settlement ----------------------------------------
@@ -541,7 +520,7 @@ def test_postgres_down_loses_nothing(stack):
     accts = _accounts(stack, 2, 10**9)
     base = _snapshot(stack, accts)
     _drain(stack)
-    _pg_ctl(stack, "stop")
+    stack.service("pg-stop")
     try:
         exp = _run_plan(stack, _plan(random.Random(5), accts, 1000, "pgdown"), chunk=250)
         time.sleep(1.5)
@@ -551,7 +530,7 @@ def test_postgres_down_loses_nothing(stack):
         r = stack.admin("GET", f"/v1/accounts/{accts[0]}")
         assert r.status == 503 and r.json()["error"] == "database_unavailable", r
     finally:
-        _pg_ctl(stack, "start")
+        stack.service("pg-start")
     _drain(stack, timeout=60)
     _assert_conserved(stack, exp, base)
     assert int(stack.scalar("select count(*) from charges where reservation_id like 'pgdown-%'")) == 1000
@@ -574,8 +553,8 @@ def test_api_answers_every_call_after_postgres_restart(stack):
     # Every API thread has its Postgres connection open.
     for _ in range(24):
         assert stack.admin("GET", f"/v1/accounts/{a}").status == 200
-    _pg_ctl(stack, "stop")
-    _pg_ctl(stack, "start")
+    stack.service("pg-stop")
+    stack.service("pg-start")
     time.sleep(0.5)
     statuses = [stack.admin("GET", f"/v1/accounts/{a}").status for _ in range(24)]
     assert statuses == [200] * 24, statuses

@@ -60,6 +60,11 @@ static void test_semantics(hot_conn *h, int64_t acct)
     CHECK(hot_reserve(h, acct, "r2", 25, 10000, "dev.read", &st, &av, &held) == 0);
     CHECK(st == HOT_RESERVE_SHORT && av == 20 && held == 10);
 
+    /* a non-positive price is refused outright: it would mint points */
+    CHECK(hot_reserve(h, acct, "r-neg", -5, 10000, "t", &st, &av, &held) == -1);
+    CHECK(hot_reserve(h, acct, "r-zero", 0, 10000, "t", &st, &av, &held) == -1);
+    CHECK(hot_account(h, acct, &found, &credited, &spent, &held) == 0 && held == 10);
+
     /* full commit */
     CHECK(hot_settle(h, acct, "r1", 10, "commit", 200, &settled, &charged, &av) == 0);
     CHECK(settled == 1 && charged == 10 && av == 20);

@@ -92,15 +92,14 @@ PGresult *ledger_query(PGconn *conn, const char *sql, int n, const char *const *
     return NULL;
 }
 
-/* Maps a failed statement to a status: integrity/check violations are the
- * caller's input, everything else is the database's trouble. */
-static int ledger_failure(PGconn *conn, const char *sql, int n, const char *const *params,
-                          PGresult **out)
+/* Classifies a statement's result: integrity/check violations are the
+ * caller's input, everything else is the database's trouble. Takes R. */
+static int ledger_result(PGconn *conn, PGresult *r, PGresult **out)
 {
-    PGresult *r = ledger_run(conn, sql, n, params);
     ExecStatusType st = PQresultStatus(r);
     const char *state;
     int rc;
+    *out = NULL;
     if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
         *out = r;
         return LEDGER_OK;
@@ -116,8 +115,13 @@ static int ledger_failure(PGconn *conn, const char *sql, int n, const char *cons
         rc = LEDGER_ERROR;
     if (rc == LEDGER_ERROR) log_error("postgres: %s", PQerrorMessage(conn));
     PQclear(r);
-    *out = NULL;
     return rc;
+}
+
+static int ledger_failure(PGconn *conn, const char *sql, int n, const char *const *params,
+                          PGresult **out)
+{
+    return ledger_result(conn, ledger_run(conn, sql, n, params), out);
 }
 
 static int ledger_exec(PGconn *conn, const char *sql)
@@ -405,6 +409,58 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     ledger_buf_put(b, "\"", 1);
 }
 
+/* One round trip, one implicit transaction: the new charge rows (those whose
+ * reservation id was not seen before) drive both the accounts' spent and the
+ * rollup, so a redelivered entry changes nothing. */
+#define LEDGER_SETTLE_SQL                                                                          \
+    "WITH input AS ("                                                                              \
+    "  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],"     \
+    "    $6::text[], $7::int[], $8::bigint[])"                                                     \
+    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)),"                     \
+    " ins AS ("                                                                                    \
+    "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
+    "    occurred_at)"                                                                             \
+    "  SELECT rid, account_id, route, amount, hold, outcome, status,"                              \
+    "    to_timestamp(ts_ms::float8 / 1000) FROM input"                                            \
+    "  ON CONFLICT (reservation_id) DO NOTHING"                                                    \
+    "  RETURNING account_id, route, amount, outcome, occurred_at),"                                \
+    " acc AS ("                                                                                    \
+    "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
+    "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"              \
+    "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                                 \
+    " roll AS ("                                                                                   \
+    "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"         \
+    "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, count(*),"                \
+    "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"                                 \
+    "  FROM ins GROUP BY 1, 2, 3"                                                                  \
+    "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"       \
+    "    points = u.points + EXCLUDED.points,"                                                     \
+    "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"                       \
+    " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM "       \
+    "roll)"
+
+/* Runs the settlement statement as a prepared statement (planned once per
+ * connection): a connection that does not know it yet (new, or reset after
+ * Postgres restarted) answers 26000, and gets it prepared. */
+static int ledger_settle_exec(PGconn *conn, const char *const *p, PGresult **out)
+{
+    PGresult *r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    if (state && strcmp(state, "26000") == 0) {
+        PQclear(r);
+        r = PQprepare(conn, "settle_batch", LEDGER_SETTLE_SQL, 8, NULL);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) return ledger_result(conn, r, out);
+        PQclear(r);
+        r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
+    } else if (PQstatus(conn) == CONNECTION_BAD) {
+        /* Postgres restarted: ledger_run reconnects and sends it unprepared
+         * (the statement is idempotent); the next batch prepares again. */
+        PQclear(r);
+        return ledger_failure(conn, LEDGER_SETTLE_SQL, 8, p, out);
+    }
+    return ledger_result(conn, r, out);
+}
+
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied)
 {
     ledger_buf cols[8] = {{0}};
@@ -435,37 +491,7 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
         if (cols[k].oom) goto out;
         p[k] = cols[k].p;
     }
-    /* One round trip, one implicit transaction: the new charge rows (those
-     * whose reservation id was not seen before) drive both the accounts'
-     * spent and the rollup, so a redelivered entry changes nothing. */
-    rc = ledger_failure(
-        conn,
-        "WITH input AS ("
-        "  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],"
-        "    $6::text[], $7::int[], $8::bigint[])"
-        "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)),"
-        " ins AS ("
-        "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"
-        "    occurred_at)"
-        "  SELECT rid, account_id, route, amount, hold, outcome, status,"
-        "    to_timestamp(ts_ms::float8 / 1000) FROM input"
-        "  ON CONFLICT (reservation_id) DO NOTHING"
-        "  RETURNING account_id, route, amount, outcome, occurred_at),"
-        " acc AS ("
-        "  UPDATE accounts a SET spent = a.spent + s.total"
-        "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"
-        "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"
-        " roll AS ("
-        "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"
-        "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, count(*),"
-        "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"
-        "  FROM ins GROUP BY 1, 2, 3"
-        "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"
-        "    points = u.points + EXCLUDED.points,"
-        "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"
-        " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM "
-        "roll)",
-        8, p, &r);
+    rc = ledger_settle_exec(conn, p, &r);
     if (rc == LEDGER_NOT_FOUND || rc == LEDGER_LIMIT) rc = LEDGER_CONFLICT;
     if (rc != LEDGER_OK) goto out;
     *applied = (int)ledger_i64(r, 0, 0);

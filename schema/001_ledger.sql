@@ -59,7 +59,8 @@ CREATE TABLE charges (
     occurred_at     timestamptz NOT NULL,
     settled_at      timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX charges_account_time ON charges(account_id, occurred_at);
+-- No further index: reports read usage_daily, and every extra index is paid
+-- on each of the many inserts settlement makes.
 
 -- Daily rollup (UTC days) maintained in the same transaction as the charges,
 -- so reports never scan charges.

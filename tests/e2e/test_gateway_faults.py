@@ -39,23 +39,6 @@ def _account(stack, points):
     return acct, key
 
 
-def _redis_stop(stack):
-    subprocess.run(["redis-cli", "-p", str(stack.redis_port), "shutdown"], capture_output=True)
-    stack.wait_for(lambda: subprocess.run(["redis-cli", "-p", str(stack.redis_port), "ping"],
-                                          capture_output=True).returncode != 0,
-                   timeout=10, what="redis down")
-
-
-def _redis_start(stack):
-    d = os.path.join(stack.dir, "redis")
-    subprocess.run(["redis-server", "--port", str(stack.redis_port), "--bind", "127.0.0.1",
-                    "--dir", d, "--daemonize", "yes", "--pidfile", os.path.join(d, "redis.pid"),
-                    "--logfile", os.path.join(d, "redis.log"), "--appendonly", "yes",
-                    "--appendfsync", "everysec", "--save", ""], check=True,
-                   stdout=subprocess.DEVNULL)
-    stack.wait_for(lambda: stack.redis("PING") == "PONG", timeout=10, what="redis up")
-
-
 def test_graceful_shutdown_finishes_calls(stack):
     _setup(stack)
     acct, key = _account(stack, 100)
@@ -186,7 +169,7 @@ def test_redis_down_503_then_recovers(stack):
     acct, key = stack.gwf_accounts.pop()
     assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
     before = _sim_requests(stack)
-    _redis_stop(stack)
+    stack.service("redis-stop")
     try:
         for _ in range(6):
             r = http("GET", gw + "/v1/devices/d1", headers=_auth(key))
@@ -195,7 +178,7 @@ def test_redis_down_503_then_recovers(stack):
             assert "x-request-id" in r.headers
         assert _sim_requests(stack) == before  # fail closed: nothing proxied
     finally:
-        _redis_start(stack)
+        stack.service("redis-start")
     stack.wait_for(lambda: all(http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
                                for _ in range(4)), timeout=10, what="served again")
     _held_zero(stack, acct)
@@ -218,36 +201,16 @@ def test_settle_queued_while_redis_down(stack):
     t.start()
     stack.wait_for(lambda: stack.hot(acct).get("held") == 1 or "r" in out, timeout=5, what="hold")
     assert "r" not in out, out
-    _redis_stop(stack)
+    stack.service("redis-stop")
     t.join(10)
     r = out["r"]
     assert r.status == 200, r
     assert r.headers["x-points-charged"] == "1"
     assert "x-points-remaining" not in r.headers
-    _redis_start(stack)
+    stack.service("redis-start")
     stack.wait_for(lambda: stack.hot(acct).get("spent") == spent0 + 1, timeout=10,
                    what="queued settle applied")
     _held_zero(stack, acct)
-
-
-def _pg_ctl(stack, action):
-    """Stops or starts the stack's Postgres (as scripts/stack.sh runs it)."""
-    import glob
-    pgbin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
-    pgdir = os.path.join(stack.dir, "pg")
-    data = os.path.join(pgdir, "data")
-    if action == "stop":
-        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"]
-    else:
-        cmd = [f"{pgbin}/pg_ctl", "-D", data, "-l", os.path.join(pgdir, "server.log"), "-w",
-               "-t", "60", "-o",
-               f"-p {stack.pg_port} -k {pgdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-               "start"]
-    if os.getuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--"] + cmd
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert p.returncode == 0, (action, p.stdout, p.stderr)
 
 
 def test_usage_endpoint_postgres_restart(stack):
@@ -262,7 +225,7 @@ def test_usage_endpoint_postgres_restart(stack):
         return [http("GET", gw + q, headers=_auth(key)).status for _ in range(8)]
 
     assert usage_all() == [200] * 8
-    _pg_ctl(stack, "stop")
+    stack.service("pg-stop")
     try:
         t0 = time.time()
         assert usage_all() == [503] * 8
@@ -271,7 +234,7 @@ def test_usage_endpoint_postgres_restart(stack):
             r = http("GET", gw + f"/v1/devices/d{i}", headers=_auth(key))
             assert r.status == 200 and r.headers["x-points-remaining"] == str(99 - i), r
     finally:
-        _pg_ctl(stack, "start")
+        stack.service("pg-start")
     stack.wait_for(lambda: usage_all() == [200] * 8, timeout=10, what="usage back")
     assert stack.gateway.alive()
     _held_zero(stack, acct)

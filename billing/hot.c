@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_NSCRIPTS };
 
@@ -75,32 +76,48 @@ static int hot_ensure(hot_conn *h)
     return 0;
 }
 
+/* A reply that means "Redis is up but cannot answer yet" (loading its data
+ * after a restart, a busy script): worth waiting a moment for. */
+static int hot_transient(const redisReply *r)
+{
+    return r && r->type == REDIS_REPLY_ERROR &&
+           (strncmp(r->str, "LOADING", 7) == 0 || strncmp(r->str, "BUSY", 4) == 0 ||
+            strncmp(r->str, "TRYAGAIN", 8) == 0);
+}
+
 /* Every command this client sends is idempotent (scripts by reservation id
  * or sequence, SET/DEL, XACK/XDEL; a lost XREADGROUP reply leaves entries
  * pending, which are read again), so a command that met a dead connection
- * (Redis restarted since our last call) is retried once on a fresh one. */
+ * (Redis restarted since our last call) is retried on a fresh one, and one
+ * refused as transient is retried for up to about two seconds. This client
+ * serves the control plane's own threads, never an event loop, so waiting
+ * here blocks nobody else. */
 void *hot_command_argv(hot_conn *h, int argc, const char **argv, const size_t *lens)
 {
     redisReply *r = NULL;
-    for (int attempt = 0; attempt < 2 && !r; attempt++) {
+    for (int attempt = 0; attempt < 40; attempt++) {
         if (hot_ensure(h) != 0) return NULL;
         r = redisCommandArgv(h->c, argc, argv, lens);
         if (!r) {
             log_warn("redis: %s", h->c->errstr);
             hot_drop(h);
+            if (attempt >= 1) return NULL; /* a second dead connection: Redis is down */
+            continue;
         }
+        if (!hot_transient(r)) return r;
+        freeReplyObject(r);
+        r = NULL;
+        nanosleep(&(struct timespec){0, 50 * 1000000L}, NULL);
     }
     return r;
 }
 
 static int hot_load(hot_conn *h, int script)
 {
-    redisReply *r = redisCommand(h->c, "SCRIPT LOAD %s", hot_sources[script]);
+    const char *argv[3] = {"SCRIPT", "LOAD", hot_sources[script]};
+    redisReply *r = hot_command_argv(h, 3, argv, NULL);
     int rc = -1;
-    if (!r) {
-        hot_drop(h);
-        return -1;
-    }
+    if (!r) return -1;
     if (r->type == REDIS_REPLY_STRING && r->len == 40) {
         memcpy(h->sha[script], r->str, 41);
         rc = 0;

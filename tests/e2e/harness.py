@@ -222,8 +222,9 @@ class Stack:
 
     def start_billing(self, env=None):
         port = free_port()
+        # Short intervals so that tests see repairs and takeovers in seconds.
         e = {"BILLING_LISTEN": f"127.0.0.1:{port}", "SWEEP_INTERVAL_MS": "200",
-             "SETTLE_CLAIM_IDLE_MS": "2000"}
+             "SETTLE_CLAIM_IDLE_MS": "2000", "CREDIT_SYNC_INTERVAL_MS": "3000"}
         e.update(env or {})
         self.billing = self.spawn("billing", [self.bin("billing"), "serve"], e, port)
         self.admin_url = self.billing.url

@@ -77,11 +77,12 @@ static int hot_ensure(hot_conn *h)
 }
 
 /* A reply that means "Redis is up but cannot answer yet" (loading its data
- * after a restart, a busy script): worth waiting a moment for. */
+ * after a restart, a busy script): worth waiting a moment for. ("BUSY " with
+ * its space: BUSYGROUP is a real answer.) */
 static int hot_transient(const redisReply *r)
 {
     return r && r->type == REDIS_REPLY_ERROR &&
-           (strncmp(r->str, "LOADING", 7) == 0 || strncmp(r->str, "BUSY", 4) == 0 ||
+           (strncmp(r->str, "LOADING", 7) == 0 || strncmp(r->str, "BUSY ", 5) == 0 ||
             strncmp(r->str, "TRYAGAIN", 8) == 0);
 }
 

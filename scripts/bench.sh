@@ -212,6 +212,7 @@ to_us() {
 }
 
 vmhwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+vmrss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # CPU time (clock ticks, user + system) of a process and its children
 # (postgres: the postmaster and its backends alive now).
@@ -346,6 +347,12 @@ cpu_report=$(awk -v n="$gw_reqs" -v hz="$(getconf CLK_TCK)" -v g=$((ca[0] - cb[0
 charged=$((rspent - spent_before))
 served_2xx=$((gw_reqs - gw_non2xx))
 
+# ---- steady state: the same load again on the same gateway; its resident
+# memory after the second run must not exceed the first by more than noise.
+rss_first=$(vmrss_kb "$GW_PID")
+run_wrk gateway-again "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+rss_second=$(vmrss_kb "$GW_PID")
+
 # ---- 1,000 open connections, on a fresh gateway so its peak is this run's ------
 stop_pid "$GW_PID"
 start_gateway
@@ -380,6 +387,7 @@ fi
     echo "gateway / nginx-proxy: ${ratio}x the requests/s, ${p99_ratio}x the p99"
     echo "CPU per gateway call (us, user+sys, during the -c$CONNS run): $cpu_report"
     echo "gateway peak RSS (-c$CONNS): $((GW_RSS_KB / 1024)) MiB ($GW_RSS_KB kB)"
+    echo "gateway RSS after one run: $rss_first kB, after a second identical run: $rss_second kB (growth $((rss_second - rss_first)) kB)"
     echo "settlement lag after wrk's end: ${lag_ms} ms (outbox drained, Postgres spent = Redis spent)"
     echo "charged: $charged points for $served_2xx 2xx answers counted by wrk: $check"
     verdict=ok
@@ -395,5 +403,7 @@ record gateway_charged_points "$charged"
 record gateway_2xx_by_wrk "$served_2xx"
 record gateway_charge_check "$check"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
+record gateway_rss_after_run1_kb "$rss_first"
+record gateway_rss_after_run2_kb "$rss_second"
 record rss_target_kb "$RSS_TARGET_KB"
 say "raw figures in ${OUT#"$ROOT"/}/results.txt"

@@ -38,7 +38,6 @@ typedef struct settle_state {
     char consumer[128];
     ledger_charge *charges; /* cfg->settle_batch slots */
     char (*ids)[48];        /* stream ids of every entry of the batch */
-    int *charge_of;         /* per entry: index in charges, or -1 (ack only) */
 } settle_state;
 
 static const char *settle_field(const redisReply *fields, const char *name)
@@ -126,6 +125,16 @@ static void settle_dead_letter(settle_state *s, const ledger_charge *c, const ch
               c->rid, c->account_id, why, SETTLE_DEAD_STREAM);
 }
 
+/* An entry settle.lua cannot have written (a bug or a foreign writer): kept
+ * in the dead-letter stream by id for a human, never silently dropped. */
+static void settle_dead_entry(settle_state *s, const char *id)
+{
+    const char *argv[7] = {"XADD", SETTLE_DEAD_STREAM, "*", "entry", id, "why", "malformed"};
+    redisReply *r = hot_command_argv(s->hot, 7, argv, NULL);
+    if (r) freeReplyObject(r);
+    log_error("settlement: malformed outbox entry %s moved to %s", id, SETTLE_DEAD_STREAM);
+}
+
 /* Writes the charges to Postgres until it works or we are told to stop.
  * Returns 0 when every charge is durable (or dead-lettered). */
 static int settle_write(settle_state *s, int n)
@@ -170,11 +179,10 @@ static int settle_entries(settle_state *s, const redisReply *list)
             e->element[0]->type != REDIS_REPLY_STRING)
             continue;
         snprintf(s->ids[n], sizeof s->ids[n], "%s", e->element[0]->str);
-        s->charge_of[n] = -1;
         if (e->elements == 2 && settle_parse(e->element[1], &s->charges[nc]) == 0) {
-            if (s->charges[nc].route[0] != '_') s->charge_of[n] = nc++;
+            if (s->charges[nc].route[0] != '_') nc++; /* '_': a guard hold, not a call */
         } else if (e->elements == 2 && e->element[1]->type == REDIS_REPLY_ARRAY) {
-            log_error("settlement: malformed outbox entry %s skipped", s->ids[n]);
+            settle_dead_entry(s, s->ids[n]);
         }
         n++;
     }
@@ -260,8 +268,7 @@ void *settlement_run(void *arg)
     s.hot = hot_open(w->cfg->redis_url);
     s.charges = calloc((size_t)w->cfg->settle_batch, sizeof *s.charges);
     s.ids = calloc((size_t)w->cfg->settle_batch, sizeof *s.ids);
-    s.charge_of = calloc((size_t)w->cfg->settle_batch, sizeof *s.charge_of);
-    if (!s.hot || !s.charges || !s.ids || !s.charge_of) {
+    if (!s.hot || !s.charges || !s.ids) {
         log_error("settlement: out of memory");
         goto out;
     }
@@ -291,7 +298,6 @@ void *settlement_run(void *arg)
 out:
     free(s.charges);
     free(s.ids);
-    free(s.charge_of);
     if (s.pg) PQfinish(s.pg);
     hot_close(s.hot);
     return NULL;

@@ -271,9 +271,11 @@ def test_poison_entries_do_not_stall_settlement(stack):
     _drain(stack)
     assert _charges(stack, a) == (2, 8)
     assert _pg_spent(stack, a) == 8 == stack.hot(a)["spent"]
+    # every poison entry is kept for a human, in the order met, with the reason
     dead = entries(stack, "pg:outbox:dead")
-    assert [f["rid"] for _, f in dead] == ["ghost-1"], dead
-    assert dead[0][1]["why"] == "integrity"
+    assert [f["why"] for _, f in dead] == ["malformed", "malformed", "integrity"], dead
+    assert dead[2][1]["rid"] == "ghost-1"
+    assert all(f["entry"] for _, f in dead[:2])  # the stream ids of the malformed ones
     assert stack.scalar("select count(*) from charges where reservation_id in "
                         "('ghost-1', 'broken-1', 'neg-1')") == "0"
 

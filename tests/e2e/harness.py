@@ -80,6 +80,26 @@ def http(method, url, body=None, headers=None, timeout=30.0):
         conn.close()
 
 
+def raw_http(port, data, timeout=10.0):
+    """Sends DATA bytes on a fresh socket and returns everything read until the
+    peer closes (or resets) it: for requests http.client refuses to send."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = []
+        while True:
+            try:
+                b = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not b:
+                break
+            out.append(b)
+        return b"".join(out)
+    finally:
+        s.close()
+
+
 class Proc:
     def __init__(self, name, argv, env, logpath, port=None):
         self.name = name

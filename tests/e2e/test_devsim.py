@@ -11,7 +11,7 @@ import socket
 import time
 
 import harness
-from harness import http
+from harness import http, raw_http
 
 # harness.http() looks up `http.client` through its own name, which the
 # function shadows; until harness.py is fixed, give it what it looks for
@@ -32,22 +32,6 @@ def _idle(stack, url):
     fully written, which the client may see a moment before."""
     stack.wait_for(lambda: http("GET", url + "/_sim/stats").json()["in_flight"] == 0,
                    timeout=10, what="in_flight == 0")
-
-
-def _raw(port, request, timeout=10.0):
-    """Sends REQUEST bytes on a fresh socket; returns everything read until EOF."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(request)
-        chunks = []
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        s.close()
 
 
 def test_device_read(stack):
@@ -169,7 +153,7 @@ def test_sim_drop(stack):
     except (httpclient.RemoteDisconnected, ConnectionResetError, httpclient.BadStatusLine):
         pass
     # At the socket level: the connection ends with no byte of an answer.
-    out = _raw(stack.devsim.port,
+    out = raw_http(stack.devsim.port,
                b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nX-Sim-Drop: 1\r\nX-Sim-Delay-Ms: 100\r\n"
                b"Content-Length: 12\r\n\r\n{\"items\":[]}")
     assert out == b"", out

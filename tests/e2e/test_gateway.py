@@ -14,15 +14,11 @@ import socket
 import time
 
 import harness
-from harness import http
+from harness import http, raw_http
 
 ROUTES = {
     "charge_on": ["2xx", "3xx"],
-    "routes": [
-        {"id": "device.read", "method": "GET", "path": "/v1/devices/*", "price": 1},
-        {"id": "device.command", "method": "POST", "path": "/v1/devices/*/commands", "price": 5},
-        {"id": "device.batch", "method": "POST", "path": "/v1/batch", "hold": 100,
-         "unit_price": 2, "units_header": "X-Usage-Units"},
+    "routes": harness.DEFAULT_ROUTES["routes"] + [
         {"id": "device.slow", "method": "GET", "path": "/v1/slow/**", "price": 1,
          "timeout_ms": 300},
     ],
@@ -53,24 +49,6 @@ def _sim_requests(stack):
 
 def _held_zero(stack, acct):
     stack.wait_for(lambda: stack.hot(acct).get("held", 0) == 0, timeout=10, what="held == 0")
-
-
-def _raw(port, data, timeout=10.0):
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(data)
-        out = []
-        while True:
-            try:
-                b = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not b:
-                break
-            out.append(b)
-        return b"".join(out)
-    finally:
-        s.close()
 
 
 def test_charged_call_headers(stack):
@@ -146,14 +124,14 @@ def test_body_too_large(stack):
     big = b"x" * ((1 << 20) + 1)
     req = (b"POST /v1/devices/d1/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
            b"\r\nContent-Length: " + str(len(big)).encode() + b"\r\nConnection: close\r\n\r\n")
-    out = _raw(stack.gateway.port, req + big)
+    out = raw_http(stack.gateway.port, req + big)
     assert out.startswith(b"HTTP/1.1 413"), out[:200]
     # Chunked: no length up front, refused once the limit is passed.
     chunked = (b"POST /v1/devices/d1/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
                b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
     chunk = b"x" * 65536
     body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(17)) + b"0\r\n\r\n"
-    out = _raw(stack.gateway.port, chunked + body)
+    out = raw_http(stack.gateway.port, chunked + body)
     assert out.startswith(b"HTTP/1.1 413"), out[:200]
     # Exactly at the limit is fine.
     r = http("POST", gw + "/v1/devices/d1/commands", b"y" * (1 << 20), _auth(key))

@@ -172,83 +172,74 @@ static int64_t hot_elem(const redisReply *r, size_t i)
     return 0;
 }
 
-int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
-               const char *guard_rid, int *applied)
+/* Runs SCRIPT on ACCOUNT: KEYS are the account's three keys (plus OUTBOX
+ * when given), ARGV the script's arguments; OUT gets the first three integers
+ * of its reply (absent ones 0). */
+static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox, const char **argv,
+                   int nargv, int64_t out[3])
 {
     hot_keys k;
-    char s[24], c[24], sp[24];
-    const char *args[7];
+    const char *args[12];
+    int nkeys = outbox ? 4 : 3;
     redisReply *r;
+    if (nkeys + nargv > 12) return -1;
     hot_keys_for(&k, account);
-    snprintf(s, sizeof s, "%" PRId64, seq);
-    snprintf(c, sizeof c, "%" PRId64, credited);
-    snprintf(sp, sizeof sp, "%" PRId64, spent);
     args[0] = k.acct;
     args[1] = k.holds;
     args[2] = k.dl;
-    args[3] = s;
-    args[4] = c;
-    args[5] = sp;
-    args[6] = guard_rid ? guard_rid : "";
-    r = hot_eval(h, HOT_CREDIT, 3, args, 7);
+    if (outbox) args[3] = outbox;
+    for (int i = 0; i < nargv; i++)
+        args[nkeys + i] = argv[i];
+    r = hot_eval(h, script, nkeys, args, nkeys + nargv);
     if (!r) return -1;
-    *applied = (int)hot_elem(r, 0);
+    for (int i = 0; i < 3; i++)
+        out[i] = hot_elem(r, (size_t)i);
     freeReplyObject(r);
+    return 0;
+}
+
+int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
+               const char *guard_rid, int *applied)
+{
+    char s[24], c[24], sp[24];
+    const char *argv[4] = {s, c, sp, guard_rid ? guard_rid : ""};
+    int64_t out[3];
+    snprintf(s, sizeof s, "%" PRId64, seq);
+    snprintf(c, sizeof c, "%" PRId64, credited);
+    snprintf(sp, sizeof sp, "%" PRId64, spent);
+    if (hot_run(h, HOT_CREDIT, account, NULL, argv, 4, out) != 0) return -1;
+    *applied = (int)out[0];
     return 0;
 }
 
 int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
                 const char *route, int *status, int64_t *available, int64_t *held)
 {
-    hot_keys k;
     char a[24], t[24];
-    const char *args[7];
-    redisReply *r;
-    hot_keys_for(&k, account);
+    const char *argv[4] = {rid, a, t, route};
+    int64_t out[3];
     snprintf(a, sizeof a, "%" PRId64, amount);
     snprintf(t, sizeof t, "%" PRId64, ttl_ms);
-    args[0] = k.acct;
-    args[1] = k.holds;
-    args[2] = k.dl;
-    args[3] = rid;
-    args[4] = a;
-    args[5] = t;
-    args[6] = route;
-    r = hot_eval(h, HOT_RESERVE, 3, args, 7);
-    if (!r) return -1;
-    *status = (int)hot_elem(r, 0);
-    *available = hot_elem(r, 1);
-    *held = hot_elem(r, 2);
-    freeReplyObject(r);
+    if (hot_run(h, HOT_RESERVE, account, NULL, argv, 4, out) != 0) return -1;
+    *status = (int)out[0];
+    *available = out[1];
+    *held = out[2];
     return 0;
 }
 
 int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, const char *outcome,
                int upstream_status, int *settled, int64_t *charged, int64_t *available)
 {
-    hot_keys k;
     char c[24], st[16], acct[24];
-    const char *args[9];
-    redisReply *r;
-    hot_keys_for(&k, account);
+    const char *argv[5] = {rid, c, outcome, st, acct};
+    int64_t out[3];
     snprintf(c, sizeof c, "%" PRId64, charge);
     snprintf(st, sizeof st, "%d", upstream_status);
     snprintf(acct, sizeof acct, "%" PRId64, account);
-    args[0] = k.acct;
-    args[1] = k.holds;
-    args[2] = k.dl;
-    args[3] = HOT_OUTBOX;
-    args[4] = rid;
-    args[5] = c;
-    args[6] = outcome;
-    args[7] = st;
-    args[8] = acct;
-    r = hot_eval(h, HOT_SETTLE, 4, args, 9);
-    if (!r) return -1;
-    *settled = (int)hot_elem(r, 0);
-    *charged = hot_elem(r, 1);
-    *available = hot_elem(r, 2);
-    freeReplyObject(r);
+    if (hot_run(h, HOT_SETTLE, account, HOT_OUTBOX, argv, 5, out) != 0) return -1;
+    *settled = (int)out[0];
+    *charged = out[1];
+    *available = out[2];
     return 0;
 }
 

@@ -167,7 +167,9 @@ def test_redis_stalled_fails_closed(stack):
 def test_redis_down_503_then_recovers(stack):
     gw = _setup(stack)
     acct, key = stack.gwf_accounts.pop()
-    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+    # Healthy first (an earlier test may have left the gateway reconnecting).
+    stack.wait_for(lambda: http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200,
+                   timeout=10, what="gateway serving before the outage")
     before = _sim_requests(stack)
     stack.service("redis-stop")
     try:

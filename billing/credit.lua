@@ -5,7 +5,7 @@
 -- Optionally drops a hold without charging it: the guard hold that a negative
 -- adjustment takes while Postgres commits (no outbox entry: not a call).
 --
--- KEYS[1] acct hash, KEYS[2] holds hash, KEYS[3] deadlines zset
+-- KEYS[1] acct hash, KEYS[2] holds hash
 -- ARGV[1] credit_seq, ARGV[2] credited, ARGV[3] spent (creation only),
 -- ARGV[4] rid of a guard hold to drop, or ''
 --
@@ -26,7 +26,6 @@ if ARGV[4] ~= '' then
     if h then
         local sep = string.find(h, '|', 1, true)
         redis.call('HDEL', KEYS[2], ARGV[4])
-        redis.call('ZREM', KEYS[3], ARGV[4])
         redis.call('HINCRBY', KEYS[1], 'held', -tonumber(string.sub(h, 1, sep - 1)))
     end
 end

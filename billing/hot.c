@@ -172,22 +172,22 @@ static int64_t hot_elem(const redisReply *r, size_t i)
     return 0;
 }
 
-/* Runs SCRIPT on ACCOUNT: KEYS are the account's three keys (plus OUTBOX
- * when given), ARGV the script's arguments; OUT gets the first three integers
- * of its reply (absent ones 0). */
+/* Runs SCRIPT on ACCOUNT, as a batch of one for reserve.lua and settle.lua:
+ * KEYS are OUTBOX (when given, first) then the account's two keys, ARGV the
+ * script's arguments; OUT gets the first three integers of its reply
+ * (absent ones 0). */
 static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox, const char **argv,
                    int nargv, int64_t out[3])
 {
     hot_keys k;
     const char *args[12];
-    int nkeys = outbox ? 4 : 3;
+    int nkeys = 0;
     redisReply *r;
-    if (nkeys + nargv > 12) return -1;
+    if (3 + nargv > 12) return -1;
     hot_keys_for(&k, account);
-    args[0] = k.acct;
-    args[1] = k.holds;
-    args[2] = k.dl;
-    if (outbox) args[3] = outbox;
+    if (outbox) args[nkeys++] = outbox;
+    args[nkeys++] = k.acct;
+    args[nkeys++] = k.holds;
     for (int i = 0; i < nargv; i++)
         args[nkeys + i] = argv[i];
     r = hot_eval(h, script, nkeys, args, nkeys + nargv);

@@ -4,10 +4,12 @@
  *
  * Per account A, all under the hash tag {A} so one script touches one slot:
  *   pg:{A}:acct   hash  credited, seq, spent, held
- *   pg:{A}:holds  hash  rid -> "amount|route"
- *   pg:{A}:dl     zset  rid -> hold deadline (ms since epoch)
+ *   pg:{A}:holds  hash  rid -> "amount|route|deadline" (deadline: ms since
+ *                       epoch, Redis clock; the sweeper scans these hashes)
  * Global:
- *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle"
+ *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle";
+ *                 one entry per settle batch: ts, then c = "rid|acct|route|
+ *                 amount|hold|outcome|status" per call
  *   pg:key:<hex>  string: account id of a live API key, by key hash
  */
 #ifndef POINTGATE_HOTKEYS_H
@@ -24,10 +26,13 @@
 typedef struct hot_keys {
     char acct[HOT_KEYNAME_MAX];
     char holds[HOT_KEYNAME_MAX];
-    char dl[HOT_KEYNAME_MAX];
 } hot_keys;
 
-/* Fills the three per-account key names. Cannot fail for a valid id. */
+/* Most calls one reserve.lua / settle.lua run takes: bounds the gateway's
+ * batches and so the outbox entries the settlement worker reads. */
+#define HOT_BATCH_MAX 128
+
+/* Fills the per-account key names. Cannot fail for a valid id. */
 void hot_keys_for(hot_keys *k, int64_t account_id);
 
 /* Script sources, NUL-terminated, generated from billing/<name>.lua at build. */

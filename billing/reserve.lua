@@ -1,41 +1,85 @@
--- reserve.lua: hold a call's price against an account's available points.
+-- reserve.lua: hold calls' prices against their accounts' available points.
 -- Owns the only path that creates holds. Does not price calls (the caller
 -- passes the price) and does not touch the outbox: nothing is charged yet.
 --
--- KEYS[1] acct hash {credited, seq, spent, held}
--- KEYS[2] holds hash  rid -> "amount|route"
--- KEYS[3] deadlines zset rid -> deadline (ms since epoch)
--- ARGV[1] reservation id, ARGV[2] price (> 0), ARGV[3] ttl ms, ARGV[4] route id
+-- One call takes a batch of N >= 1 reservations (the gateway sends every
+-- reservation of one loop iteration at once: Redis then pays the command,
+-- script and reply overhead once per batch instead of once per call). Ops
+-- are applied in order, each seeing the ones before it.
 --
--- Returns {status, available, held}:
---   1  held (or already held under this rid: idempotent), figures after the hold
+-- For op i (1-based): KEYS[2i-1] acct hash {credited, seq, spent, held},
+--                     KEYS[2i]   holds hash rid -> "amount|route|deadline ms"
+-- ARGV[4i-3] reservation id, ARGV[4i-2] price (> 0), ARGV[4i-1] ttl ms,
+-- ARGV[4i] route id
+--
+-- Returns 3 integers per op, {status, available, held}:
+--   1  held (or already held under this rid: idempotent), figures after it
 --   0  short: available < price, figures now; nothing changed
 --  -1  account unknown to Redis (never synced from Postgres)
 --
 -- Numbers pass through Lua doubles: exact up to 2^53, which the ledger
--- enforces as the ceiling of any account's credited total.
-local a = redis.call('HMGET', KEYS[1], 'credited', 'spent', 'held')
-if not a[1] then
-    return {-1, 0, 0}
+-- enforces as the ceiling of any account's credited total. They are written
+-- with %d, never by concatenation (which prints doubles as %.14g).
+local n = #KEYS / 2
+if n < 1 or n ~= math.floor(n) or #ARGV ~= 4 * n then
+    return redis.error_reply('reserve: want 2 keys and 4 arguments per reservation')
 end
-local credited = tonumber(a[1])
-local spent = tonumber(a[2] or '0')
-local held = tonumber(a[3] or '0')
-local avail = credited - spent - held
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-    return {1, avail, held}
-end
-local price = tonumber(ARGV[2])
-if not price or price <= 0 or price ~= math.floor(price) then
-    -- a non-positive hold would lower held and mint available points
-    return redis.error_reply('reserve: price must be a positive integer')
-end
-if avail < price then
-    return {0, avail, held}
+-- Every argument is checked before the first write: a script that fails
+-- half-way keeps its earlier writes.
+for i = 1, n do
+    local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
+    if not price or price <= 0 or price ~= math.floor(price) then
+        -- a non-positive hold would lower held and mint available points
+        return redis.error_reply('reserve: price must be a positive integer')
+    end
+    if not ttl or ttl <= 0 then
+        return redis.error_reply('reserve: ttl must be positive')
+    end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. ARGV[4])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'held', price)
-return {1, avail - price, held + price}
+-- Each account's figures are read once per batch and its held total written
+-- once at the end; ops in between see the running figures.
+local accts, order = {}, {}
+local out = {}
+for i = 1, n do
+    local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
+    local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
+    local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
+    local a = accts[akey]
+    if a == nil then
+        local f = redis.call('HMGET', akey, 'credited', 'spent', 'held')
+        if f[1] then
+            a = {credited = tonumber(f[1]), spent = tonumber(f[2] or '0'),
+                 held = tonumber(f[3] or '0'), added = 0}
+            order[#order + 1] = akey
+        else
+            a = false
+        end
+        accts[akey] = a
+    end
+    local o = 3 * i - 2
+    if not a then
+        out[o], out[o + 1], out[o + 2] = -1, 0, 0
+    else
+        local avail = a.credited - a.spent - a.held
+        if avail >= price then
+            if redis.call('HSETNX', hkey, rid, string.format('%d|%s|%d', price, route, now + ttl)) == 1 then
+                a.held = a.held + price
+                a.added = a.added + price
+                avail = avail - price
+            end
+            out[o], out[o + 1], out[o + 2] = 1, avail, a.held
+        elseif redis.call('HEXISTS', hkey, rid) == 1 then
+            out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
+        else
+            out[o], out[o + 1], out[o + 2] = 0, avail, a.held
+        end
+    end
+end
+for _, akey in ipairs(order) do
+    if accts[akey].added ~= 0 then
+        redis.call('HINCRBY', akey, 'held', accts[akey].added)
+    end
+end
+return out

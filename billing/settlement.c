@@ -22,6 +22,7 @@
 
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,46 +37,76 @@ typedef struct settle_state {
     hot_conn *hot;
     PGconn *pg;
     char consumer[128];
-    ledger_charge *charges; /* cfg->settle_batch slots */
-    char (*ids)[48];        /* stream ids of every entry of the batch */
+    ledger_charge *charges; /* charges_cap slots, grown for a large entry */
+    int charges_cap;
+    char (*ids)[48]; /* stream ids of the entries of the batch */
+    int ids_cap;
 } settle_state;
 
-static const char *settle_field(const redisReply *fields, const char *name)
+/* Copies the next '|'-separated part of *P into OUT (at most CAP-1 chars);
+ * -1 when it is missing or too long. */
+static int settle_part(const char **p, char *out, size_t cap, int last)
 {
-    for (size_t i = 0; i + 1 < fields->elements; i += 2)
-        if (fields->element[i]->type == REDIS_REPLY_STRING &&
-            strcmp(fields->element[i]->str, name) == 0 &&
-            fields->element[i + 1]->type == REDIS_REPLY_STRING)
-            return fields->element[i + 1]->str;
-    return NULL;
+    const char *end = last ? *p + strlen(*p) : strchr(*p, '|');
+    size_t len;
+    if (!end || (last && strchr(*p, '|'))) return -1;
+    len = (size_t)(end - *p);
+    if (len == 0 || len >= cap) return -1;
+    memcpy(out, *p, len);
+    out[len] = '\0';
+    *p = last ? end : end + 1;
+    return 0;
 }
 
-/* Parses one entry's fields; -1 if malformed. */
-static int settle_parse(const redisReply *fields, ledger_charge *c)
+/* A decimal int64 part, whole: -1 otherwise. */
+static int settle_int(const char *text, int64_t *out)
 {
-    const char *rid, *acct, *route, *amount, *hold, *outcome, *status, *ts;
-    if (!fields || fields->type != REDIS_REPLY_ARRAY) return -1;
-    rid = settle_field(fields, "rid");
-    acct = settle_field(fields, "acct");
-    route = settle_field(fields, "route");
-    amount = settle_field(fields, "amount");
-    hold = settle_field(fields, "hold");
-    outcome = settle_field(fields, "outcome");
-    status = settle_field(fields, "status");
-    ts = settle_field(fields, "ts");
-    if (!rid || !acct || !route || !amount || !hold || !outcome || !status || !ts) return -1;
-    if (strlen(rid) >= sizeof c->rid || strlen(route) >= sizeof c->route ||
-        strlen(outcome) >= sizeof c->outcome)
+    char *end;
+    long long v;
+    errno = 0;
+    v = strtoll(text, &end, 10);
+    if (end == text || *end || errno) return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"
+ * (settle.lua's format) stamped TS_MS; -1 if malformed. */
+static int settle_parse(const char *rec, int64_t ts_ms, ledger_charge *c)
+{
+    char acct[24], amount[24], hold[24], status[16];
+    int64_t st;
+    if (settle_part(&rec, c->rid, sizeof c->rid, 0) || settle_part(&rec, acct, sizeof acct, 0) ||
+        settle_part(&rec, c->route, sizeof c->route, 0) ||
+        settle_part(&rec, amount, sizeof amount, 0) || settle_part(&rec, hold, sizeof hold, 0) ||
+        settle_part(&rec, c->outcome, sizeof c->outcome, 0) ||
+        settle_part(&rec, status, sizeof status, 1))
         return -1;
-    snprintf(c->rid, sizeof c->rid, "%s", rid);
-    snprintf(c->route, sizeof c->route, "%s", route);
-    snprintf(c->outcome, sizeof c->outcome, "%s", outcome);
-    c->account_id = strtoll(acct, NULL, 10);
-    c->amount = strtoll(amount, NULL, 10);
-    c->hold = strtoll(hold, NULL, 10);
-    c->status = (int)strtol(status, NULL, 10);
-    c->ts_ms = strtoll(ts, NULL, 10);
-    return c->account_id > 0 && c->amount >= 0 ? 0 : -1;
+    if (settle_int(acct, &c->account_id) || settle_int(amount, &c->amount) ||
+        settle_int(hold, &c->hold) || settle_int(status, &st))
+        return -1;
+    c->status = (int)st;
+    c->ts_ms = ts_ms;
+    return c->account_id > 0 && c->amount >= 0 && c->hold >= 0 && st >= 0 && st < 1000 ? 0 : -1;
+}
+
+/* How many records an entry's FIELDS carry ("ts" then "c" fields), with its
+ * timestamp in *TS_MS; -1 if the entry is malformed. */
+static int settle_count(const redisReply *fields, int64_t *ts_ms)
+{
+    int n = 0;
+    if (!fields || fields->type != REDIS_REPLY_ARRAY || fields->elements < 4 ||
+        fields->elements % 2 != 0)
+        return -1;
+    for (size_t i = 0; i < fields->elements; i++)
+        if (fields->element[i]->type != REDIS_REPLY_STRING) return -1;
+    if (strcmp(fields->element[0]->str, "ts") != 0 || settle_int(fields->element[1]->str, ts_ms))
+        return -1;
+    for (size_t i = 2; i < fields->elements; i += 2) {
+        if (strcmp(fields->element[i]->str, "c") != 0) return -1;
+        n++;
+    }
+    return n;
 }
 
 /* XDEL + XACK of N stream ids: acknowledged entries leave the stream, so its
@@ -167,28 +198,68 @@ static int settle_write(settle_state *s, int n)
     return -1;
 }
 
-/* Applies the entries of an XREADGROUP/XAUTOCLAIM entry list. Returns how
- * many entries it handled, or -1 when they must be retried later. */
+/* Makes room for N more charges after the NC taken. */
+static int settle_reserve_room(settle_state *s, int nc, int n)
+{
+    ledger_charge *c;
+    if (nc + n <= s->charges_cap) return 0;
+    c = realloc(s->charges, (size_t)(nc + n) * sizeof *c);
+    if (!c) return -1;
+    s->charges = c;
+    s->charges_cap = nc + n;
+    return 0;
+}
+
+/* Commits the NC charges taken from the first N entries of the list, then
+ * acknowledges those entries. */
+static int settle_flush(settle_state *s, int n, int nc)
+{
+    if (nc > 0 && settle_write(s, nc) != 0) return -1;
+    return settle_ack(s, n); /* on failure: redelivered later, a no-op then */
+}
+
+/* Applies the entries of an XREADGROUP/XAUTOCLAIM entry list (at most
+ * ids_cap of them: the COUNT of the read), in
+ * transactions of about SETTLE_BATCH charges (an entry's charges always go
+ * in one). Returns how many charges it handled, or -1 when the rest must be
+ * retried later. */
 static int settle_entries(settle_state *s, const redisReply *list)
 {
-    int n = 0, nc = 0;
+    int n = 0, nc = 0, total = 0;
     if (!list || list->type != REDIS_REPLY_ARRAY) return 0;
-    for (size_t i = 0; i < list->elements && n < s->cfg->settle_batch; i++) {
+    for (size_t i = 0; i < list->elements; i++) {
         const redisReply *e = list->element[i];
+        const redisReply *fields;
+        int64_t ts;
+        int count, taken = 0;
         if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 ||
             e->element[0]->type != REDIS_REPLY_STRING)
             continue;
-        snprintf(s->ids[n], sizeof s->ids[n], "%s", e->element[0]->str);
-        if (e->elements == 2 && settle_parse(e->element[1], &s->charges[nc]) == 0) {
-            if (s->charges[nc].route[0] != '_') nc++; /* '_': a guard hold, not a call */
-        } else if (e->elements == 2 && e->element[1]->type == REDIS_REPLY_ARRAY) {
-            settle_dead_entry(s, s->ids[n]);
+        fields = e->elements == 2 ? e->element[1] : NULL;
+        /* No fields: an id still pending whose entry was deleted (a crash
+         * between XDEL and XACK): only acknowledged. */
+        count = fields && fields->type == REDIS_REPLY_ARRAY ? settle_count(fields, &ts) : 0;
+        if (n == s->ids_cap || (count > 0 && nc > 0 && nc + count > s->cfg->settle_batch)) {
+            if (settle_flush(s, n, nc) != 0) return -1;
+            total += nc;
+            n = nc = 0;
         }
-        n++;
+        if (count > 0 && settle_reserve_room(s, nc, count) != 0) return -1;
+        for (size_t f = 3; count > 0 && f < fields->elements; f += 2) {
+            if (settle_parse(fields->element[f]->str, ts, &s->charges[nc + taken]) != 0) {
+                count = -1;
+                break;
+            }
+            if (s->charges[nc + taken].route[0] != '_') taken++; /* '_': a guard hold */
+        }
+        if (count < 0)
+            settle_dead_entry(s, e->element[0]->str); /* none of its records taken */
+        else
+            nc += taken;
+        snprintf(s->ids[n++], sizeof s->ids[0], "%s", e->element[0]->str);
     }
-    if (nc > 0 && settle_write(s, nc) != 0) return -1;
-    if (settle_ack(s, n) != 0) return -1; /* redelivered later: a no-op then */
-    return n;
+    if (settle_flush(s, n, nc) != 0) return -1;
+    return total + nc;
 }
 
 static int settle_group_create(settle_state *s)
@@ -215,7 +286,7 @@ static int settle_read(settle_state *s, const char *start, int block_ms)
     const char *full[11];
     redisReply *r;
     int n = 0;
-    snprintf(count, sizeof count, "%lld", (long long)s->cfg->settle_batch);
+    snprintf(count, sizeof count, "%d", s->ids_cap);
     snprintf(block, sizeof block, "%d", block_ms);
     memcpy(full, argv, sizeof argv);
     full[10] = start;
@@ -241,7 +312,7 @@ static int settle_claim(settle_state *s)
     redisReply *r;
     int n = 0;
     snprintf(idle, sizeof idle, "%lld", (long long)s->cfg->settle_claim_idle_ms);
-    snprintf(count, sizeof count, "%lld", (long long)s->cfg->settle_batch);
+    snprintf(count, sizeof count, "%d", s->ids_cap);
     r = hot_command_argv(s->hot, 8, argv, NULL);
     if (!r) return -1;
     if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2) n = settle_entries(s, r->element[1]);
@@ -266,8 +337,14 @@ void *settlement_run(void *arg)
     gethostname(host, sizeof host - 1);
     snprintf(s.consumer, sizeof s.consumer, "%s-%d", env_str("SETTLE_CONSUMER", host), w->index);
     s.hot = hot_open(w->cfg->redis_url);
-    s.charges = calloc((size_t)w->cfg->settle_batch, sizeof *s.charges);
-    s.ids = calloc((size_t)w->cfg->settle_batch, sizeof *s.ids);
+    /* Entries per read: a gateway's entry carries up to HOT_BATCH_MAX calls
+     * (one per call when traffic is light), so reading SETTLE_BATCH / 8
+     * entries keeps a read's reply within a few MiB after a long backlog
+     * while a transaction under load still gets SETTLE_BATCH charges. */
+    s.ids_cap = w->cfg->settle_batch >= 8 ? (int)(w->cfg->settle_batch / 8) : 1;
+    s.charges_cap = (int)w->cfg->settle_batch;
+    s.charges = calloc((size_t)s.charges_cap, sizeof *s.charges);
+    s.ids = calloc((size_t)s.ids_cap, sizeof *s.ids);
     if (!s.hot || !s.charges || !s.ids) {
         log_error("settlement: out of memory");
         goto out;

@@ -6,7 +6,14 @@
  * settle.lua (outcome "expire"), which also records it in the outbox. Racing
  * a late settle from a live gateway is harmless: settle is idempotent by
  * reservation id and whichever runs first wins. Deadlines never move, so the
- * scan needs no atomicity with the release. */
+ * scan needs no atomicity with the release.
+ *
+ * The deadline is the last part of each hold's value in the account's holds
+ * hash, so the scan reads those hashes (one per account with open holds;
+ * Redis drops an empty hash) rather than a deadline index that every call
+ * would have to maintain: holds live for the length of a call, so the
+ * hashes are short, and the sweep runs once a second while the index would
+ * cost two more writes on every call. */
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
@@ -44,40 +51,50 @@ static int sweeper_now_ms(hot_conn *h, int64_t *now)
     return rc;
 }
 
-/* Releases the expired holds of one account's deadline set. */
-static int sweeper_account(hot_conn *h, const char *dlkey, int64_t now, int *released)
+/* The deadline of a hold value "amount|route|deadline"; -1 if it has none. */
+static int64_t sweeper_deadline(const char *value)
 {
-    const char *open = strchr(dlkey, '{');
-    char nows[24];
-    const char *argv[7];
+    const char *bar = strrchr(value, '|');
+    char *end;
+    long long dl;
+    if (!bar || bar == strchr(value, '|')) return -1;
+    dl = strtoll(bar + 1, &end, 10);
+    return end != bar + 1 && *end == '\0' ? (int64_t)dl : -1;
+}
+
+/* Releases the expired holds of one account's holds hash. */
+static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *released)
+{
+    const char *open = strchr(holdskey, '{');
+    const char *argv[2] = {"HGETALL", holdskey};
     redisReply *r;
     int64_t account;
     int rc = 0;
 
     if (!open) return 0;
     account = strtoll(open + 1, NULL, 10);
-    snprintf(nows, sizeof nows, "%" PRId64, now);
-    argv[0] = "ZRANGEBYSCORE";
-    argv[1] = dlkey;
-    argv[2] = "-inf";
-    argv[3] = nows;
-    argv[4] = "LIMIT";
-    argv[5] = "0";
-    argv[6] = "1000";
-    r = hot_command_argv(h, 7, argv, NULL);
+    r = hot_command_argv(h, 2, argv, NULL);
     if (!r) return -1;
-    for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+    for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
+        const char *rid = r->element[i]->str, *value = r->element[i + 1]->str;
+        int64_t deadline;
         int settled;
         int64_t charged, available;
-        if (hot_settle(h, account, r->element[i]->str, 0, "expire", 0, &settled, &charged,
-                       &available) != 0) {
+        if (!rid || !value) continue;
+        deadline = sweeper_deadline(value);
+        if (deadline < 0) {
+            log_error("sweeper: hold %s of account %" PRId64 " has no deadline (\"%s\"); left", rid,
+                      account, value);
+            continue;
+        }
+        if (deadline > now) continue;
+        if (hot_settle(h, account, rid, 0, "expire", 0, &settled, &charged, &available) != 0) {
             rc = -1;
             break;
         }
         if (settled) {
             (*released)++;
-            log_info("sweeper: released expired hold %s of account %" PRId64, r->element[i]->str,
-                     account);
+            log_info("sweeper: released expired hold %s of account %" PRId64, rid, account);
         }
     }
     freeReplyObject(r);
@@ -91,7 +108,7 @@ static int sweeper_pass(hot_conn *h, int *released)
     int64_t now;
     if (sweeper_now_ms(h, &now) != 0) return -1;
     do {
-        const char *argv[6] = {"SCAN", cursor, "MATCH", "pg:{*}:dl", "COUNT", "1000"};
+        const char *argv[6] = {"SCAN", cursor, "MATCH", "pg:{*}:holds", "COUNT", "1000"};
         redisReply *r = hot_command_argv(h, 6, argv, NULL);
         if (!r) return -1;
         if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {

@@ -1,9 +1,18 @@
 /* hotclient.c: async hiredis client (see hotclient.h).
  *
+ * Reserves and settles are batched: every one asked for during one pass of
+ * the event loop goes to Redis as ONE reserve.lua / settle.lua call (up to
+ * HOT_BATCH_MAX ops; settles first, so that points they free are there for
+ * the reserves behind them). Under load a pass carries many calls, and
+ * Redis then pays its per-command, per-script and per-reply costs, and the
+ * outbox its per-entry costs, once per batch instead of once per call; when
+ * idle a batch is a single call and nothing waits: the batch is sent at the
+ * end of the same loop pass (the latency of a batch is that of its first op).
+ *
  * Scripts run by EVALSHA once SCRIPT LOAD has answered on this connection;
  * before that (and after a NOSCRIPT error, e.g. SCRIPT FLUSH) by EVAL with
- * the text, which also caches it server-side. Every command keeps its
- * arguments in its op so that a NOSCRIPT retry can resend them. */
+ * the text, which also caches it server-side. A batch keeps its ops so that
+ * a NOSCRIPT retry can resend them. */
 #include "gateway/hotclient.h"
 
 #include "billing/hotkeys.h"
@@ -16,8 +25,8 @@
 #include <string.h>
 #include <time.h>
 
-#define HOT_ARGS_MAX 12
-#define HOT_ARG_LEN 160
+/* Route ids are at most 128 bytes (routes.c). */
+#define HOT_ROUTE_MAX 129
 #define HOT_SETTLE_QUEUE_MAX 65536
 #define HOT_BACKOFF_MIN_MS 50
 #define HOT_BACKOFF_MAX_MS 1000
@@ -28,7 +37,45 @@
 #define HOT_WATCHDOG_MS 500
 
 enum hot_script { HOT_SCRIPT_NONE = -1, HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
-enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_RESERVE, HOT_SETTLE };
+enum hot_kind { HOT_RESERVE, HOT_SETTLE, HOT_KEY, HOT_BALANCE };
+
+/* One reserve or settle waiting in, or sent with, a batch. */
+typedef struct hot_op {
+    hot_cb cb;
+    void *arg;
+    /* settle: its arguments; reserve: the release to queue if its reply is
+     * lost (see hot_on_batch_reply) */
+    hot_settle_args settle;
+    int64_t amount, ttl_ms; /* reserve */
+    char route[HOT_ROUTE_MAX];
+} hot_op;
+
+/* Ops of one kind collected during a loop pass. */
+typedef struct hot_pending {
+    int n;
+    hot_op ops[HOT_BATCH_MAX];
+} hot_pending;
+
+/* A batch sent: owns a copy of its ops until the reply. */
+typedef struct hot_batch {
+    hotclient *hc;
+    enum hot_script script; /* HOT_SCRIPT_RESERVE or HOT_SCRIPT_SETTLE */
+    int retried;
+    int n;
+    hot_op ops[];
+} hot_batch;
+
+/* A plain command (GET of a key, HMGET of a balance). */
+typedef struct hot_cmd {
+    hotclient *hc;
+    enum hot_kind kind;
+    hot_cb cb;
+    void *arg;
+} hot_cmd;
+
+/* Room to format one batch's arguments: 4 fixed + 7 per op at most. */
+#define HOT_ARGV_MAX (4 + 7 * HOT_BATCH_MAX)
+#define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 3 * 24 + 33 + HOT_ROUTE_MAX + 8))
 
 struct hotclient {
     struct event_base *base;
@@ -45,22 +92,17 @@ struct hotclient {
     struct timespec last_reply;
     int backoff_ms;
     char sha[HOT_NSCRIPTS][48];
-    int inflight;
-    hot_settle_args *queue; /* settles waiting for Redis to come back */
-    size_t qlen, qcap;      /* grows on demand up to HOT_SETTLE_QUEUE_MAX */
+    int inflight;                      /* ops and commands sent, not yet answered */
+    hot_settle_args *queue;            /* settles waiting for Redis to come back */
+    size_t qlen, qcap;                 /* grows on demand up to HOT_SETTLE_QUEUE_MAX */
+    hot_pending pending[HOT_NSCRIPTS]; /* by script: reserves, settles */
+    struct event *batch;               /* sends the pending ops at the end of the pass */
+    int batch_scheduled;
+    /* formatting space for one command (hiredis copies it at once) */
+    const char *argv[HOT_ARGV_MAX];
+    size_t lens[HOT_ARGV_MAX];
+    char scratch[HOT_SCRATCH];
 };
-
-typedef struct hot_op {
-    hotclient *hc;
-    enum hot_kind kind;
-    enum hot_script script;
-    int retried;
-    hot_cb cb;
-    void *arg;
-    hot_settle_args settle;
-    int argc;
-    char args[HOT_ARGS_MAX][HOT_ARG_LEN];
-} hot_op;
 
 static const char *hot_script_text(enum hot_script s)
 {
@@ -68,7 +110,7 @@ static const char *hot_script_text(enum hot_script s)
 }
 
 static void hot_connect(hotclient *hc);
-static int hot_send(hot_op *op);
+static int hot_send_batch(hot_batch *b);
 
 static void hot_schedule_retry(hotclient *hc)
 {
@@ -327,6 +369,8 @@ static void hot_connect(hotclient *hc)
                           hot_script_text((enum hot_script)i));
 }
 
+static void hot_on_batch(evutil_socket_t fd, short what, void *arg);
+
 int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out)
 {
     hotclient *hc = calloc(1, sizeof *hc);
@@ -339,7 +383,8 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hc->retry = evtimer_new(base, hot_on_retry, hc);
     hc->flush = evtimer_new(base, hot_on_flush, hc);
     hc->watchdog = event_new(base, -1, EV_PERSIST, hot_on_watchdog, hc);
-    if (!hc->retry || !hc->flush || !hc->watchdog) {
+    hc->batch = event_new(base, -1, 0, hot_on_batch, hc);
+    if (!hc->retry || !hc->flush || !hc->watchdog || !hc->batch) {
         hotclient_free(hc);
         return -1;
     }
@@ -353,10 +398,27 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     return 0;
 }
 
+/* Fails every op of OPS[0..N): a settle goes to the resend queue; each
+ * callback then runs with -1. */
+static void hot_fail_ops(hotclient *hc, enum hot_script script, hot_op *ops, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (script == HOT_SCRIPT_SETTLE) hot_enqueue_settle(hc, &ops[i].settle);
+        if (ops[i].cb) ops[i].cb(ops[i].arg, -1, NULL);
+    }
+}
+
 void hotclient_free(hotclient *hc)
 {
     if (!hc) return;
     hc->closing = 1;
+    /* Ops never sent: their callbacks run now, as those of sent ones below. */
+    for (int k = 0; k < HOT_NSCRIPTS; k++) {
+        hot_pending *p = &hc->pending[k];
+        int n = p->n;
+        p->n = 0;
+        hot_fail_ops(hc, (enum hot_script)k, p->ops, n);
+    }
     if (hc->ac) {
         redisAsyncContext *ac = hc->ac;
         hc->ac = NULL;
@@ -367,6 +429,7 @@ void hotclient_free(hotclient *hc)
     if (hc->retry) event_free(hc->retry);
     if (hc->flush) event_free(hc->flush);
     if (hc->watchdog) event_free(hc->watchdog);
+    if (hc->batch) event_free(hc->batch);
     free(hc->queue);
     free(hc);
 }
@@ -378,7 +441,7 @@ int hotclient_up(const hotclient *hc)
 
 int hotclient_busy(const hotclient *hc)
 {
-    return hc->inflight + (int)hc->qlen;
+    return hc->inflight + hc->pending[0].n + hc->pending[1].n + (int)hc->qlen;
 }
 
 static int hot_int(const redisReply *r, int64_t *out)
@@ -397,25 +460,6 @@ static int hot_int(const redisReply *r, int64_t *out)
     return -1;
 }
 
-/* Turns a reply into (rc, v). */
-static int hot_decode(const hot_op *op, const redisReply *r, int64_t v[3])
-{
-    if (op->kind == HOT_KEY) {
-        if (r->type == REDIS_REPLY_NIL) return 1;
-        return hot_int(r, &v[0]) == 0 ? 0 : -1;
-    }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) return -1;
-    if (op->kind == HOT_BALANCE && r->element[0]->type == REDIS_REPLY_NIL) return 1;
-    for (int i = 0; i < 3; i++) {
-        if (op->kind == HOT_BALANCE && r->element[i]->type == REDIS_REPLY_NIL) {
-            v[i] = 0;
-            continue;
-        }
-        if (hot_int(r->element[i], &v[i]) != 0) return -1;
-    }
-    return 0;
-}
-
 /* Errors Redis answers while it cannot serve yet; the command may succeed later. */
 static int hot_transient(const char *err)
 {
@@ -425,164 +469,284 @@ static int hot_transient(const char *err)
     return 0;
 }
 
-static void hot_on_reply(redisAsyncContext *ac, void *r, void *priv)
+/* A reply arrived (REP != NULL) or never will (NULL): the stall clock. */
+static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 {
-    hot_op *op = priv;
-    hotclient *hc = op->hc;
-    redisReply *rep = r;
-    int64_t v[3] = {0, 0, 0};
-    int rc = -1;
-
-    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
-        !op->retried && hc->ac && !hc->closing) {
-        op->retried = 1;
-        memset(hc->sha[op->script], 0, sizeof hc->sha[op->script]);
-        if (hot_send(op) == 0) return; /* same op, still in flight */
-    }
-    hc->inflight--;
+    hc->inflight -= ops;
     if (rep) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
-    if (rep) {
-        if (rep->type == REDIS_REPLY_ERROR)
-            log_error("redis error: %s", rep->str);
-        else
-            rc = hot_decode(op, rep, v);
-    }
-    /* A settle must not be lost to an outage: no reply, or a transient
-     * refusal, puts it back in the queue (settle is idempotent by rid). */
-    if (op->kind == HOT_SETTLE &&
-        (!rep || (rep->type == REDIS_REPLY_ERROR && hot_transient(rep->str))))
-        hot_enqueue_settle(hc, &op->settle);
-    /* A reserve sent but never answered (link dropped, e.g. by the stall
-     * watchdog) may still run when Redis reads its socket: the caller gets
-     * 503, so queue a release for it. Idempotent by rid: a no-op if the
-     * reserve never ran. */
-    if (op->kind == HOT_RESERVE && !rep && !hc->closing) hot_enqueue_settle(hc, &op->settle);
-    if (op->cb) op->cb(op->arg, rc, v);
-    free(op);
 }
 
-static int hot_send(hot_op *op)
-{
-    hotclient *hc = op->hc;
-    const char *argv[HOT_ARGS_MAX + 2];
-    size_t lens[HOT_ARGS_MAX + 2];
-    int argc = 0;
+/* ---- plain commands ---------------------------------------------------- */
 
-    if (!hc->ac) return -1;
-    if (op->script != HOT_SCRIPT_NONE) {
-        const char *sha = hc->sha[op->script];
-        if (sha[0] && !op->retried) {
-            argv[argc++] = "EVALSHA";
-            argv[argc++] = sha;
-        } else {
-            argv[argc++] = "EVAL";
-            argv[argc++] = hot_script_text(op->script);
-        }
+/* Turns a GET / HMGET reply into (rc, v). */
+static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
+{
+    if (kind == HOT_KEY) {
+        if (r->type == REDIS_REPLY_NIL) return 1;
+        return hot_int(r, &v[0]) == 0 ? 0 : -1;
     }
-    for (int i = 0; i < op->argc; i++)
-        argv[argc++] = op->args[i];
-    for (int i = 0; i < argc; i++)
-        lens[i] = strlen(argv[i]);
-    /* The stall clock starts when the first command waits on an idle link. */
-    if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
-    if (redisAsyncCommandArgv(hc->ac, hot_on_reply, op, argc, argv, lens) != REDIS_OK) return -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) return -1;
+    if (r->element[0]->type == REDIS_REPLY_NIL) return 1;
+    for (int i = 0; i < 3; i++) {
+        if (r->element[i]->type == REDIS_REPLY_NIL)
+            v[i] = 0;
+        else if (hot_int(r->element[i], &v[i]) != 0)
+            return -1;
+    }
     return 0;
 }
 
-static hot_op *hot_op_new(hotclient *hc, enum hot_kind kind, enum hot_script script, hot_cb cb,
-                          void *arg)
+static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
 {
-    hot_op *op;
-    if (!hc->ac || hc->closing) return NULL;
-    op = calloc(1, sizeof *op);
-    if (!op) return NULL;
-    op->hc = hc;
-    op->kind = kind;
-    op->script = script;
-    op->cb = cb;
-    op->arg = arg;
-    return op;
+    hot_cmd *cmd = priv;
+    redisReply *rep = r;
+    int64_t v[3] = {0, 0, 0};
+    int rc = -1;
+    hot_answered(cmd->hc, rep, 1);
+    if (rep && rep->type == REDIS_REPLY_ERROR)
+        log_error("redis error: %s", rep->str);
+    else if (rep)
+        rc = hot_decode_cmd(cmd->kind, rep, v);
+    if (cmd->cb) cmd->cb(cmd->arg, rc, v);
+    free(cmd);
 }
 
-#define HOT_ARG(op, ...) snprintf((op)->args[(op)->argc++], HOT_ARG_LEN, __VA_ARGS__)
-
-static int hot_submit(hot_op *op)
+static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, int argc)
 {
-    if (hot_send(op) != 0) {
-        free(op);
+    hot_cmd *cmd;
+    if (!hc->ac || hc->closing) return -1;
+    cmd = malloc(sizeof *cmd);
+    if (!cmd) return -1;
+    *cmd = (hot_cmd){.hc = hc, .kind = kind, .cb = cb, .arg = arg};
+    if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
+    if (redisAsyncCommandArgv(hc->ac, hot_on_cmd_reply, cmd, argc, hc->argv, NULL) != REDIS_OK) {
+        free(cmd);
         return -1;
     }
-    op->hc->inflight++;
+    hc->inflight++;
     return 0;
 }
 
 int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg)
 {
-    hot_op *op = hot_op_new(hc, HOT_KEY, HOT_SCRIPT_NONE, cb, arg);
-    if (!op) return -1;
-    HOT_ARG(op, "GET");
-    HOT_ARG(op, "%s%s", HOT_KEY_PREFIX, hash_hex);
-    return hot_submit(op);
+    char key[HOT_KEYNAME_MAX + 80];
+    snprintf(key, sizeof key, "%s%s", HOT_KEY_PREFIX, hash_hex);
+    hc->argv[0] = "GET";
+    hc->argv[1] = key;
+    return hot_command(hc, HOT_KEY, cb, arg, 2);
 }
 
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)
 {
-    hot_op *op = hot_op_new(hc, HOT_BALANCE, HOT_SCRIPT_NONE, cb, arg);
     hot_keys k;
-    if (!op) return -1;
     hot_keys_for(&k, account);
-    HOT_ARG(op, "HMGET");
-    HOT_ARG(op, "%s", k.acct);
-    HOT_ARG(op, "credited");
-    HOT_ARG(op, "spent");
-    HOT_ARG(op, "held");
-    return hot_submit(op);
+    hc->argv[0] = "HMGET";
+    hc->argv[1] = k.acct;
+    hc->argv[2] = "credited";
+    hc->argv[3] = "spent";
+    hc->argv[4] = "held";
+    return hot_command(hc, HOT_BALANCE, cb, arg, 5);
+}
+
+/* ---- batches ------------------------------------------------------------ */
+
+static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    hot_batch *b = priv;
+    hotclient *hc = b->hc;
+    redisReply *rep = r;
+    int ok, transient;
+
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
+        !b->retried && hc->ac && !hc->closing) {
+        b->retried = 1;
+        memset(hc->sha[b->script], 0, sizeof hc->sha[b->script]);
+        if (hot_send_batch(b) == 0) return; /* same batch, still in flight */
+    }
+    hot_answered(hc, rep, b->n);
+    ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->n * 3;
+    transient = rep && rep->type == REDIS_REPLY_ERROR && hot_transient(rep->str);
+    if (rep && rep->type == REDIS_REPLY_ERROR)
+        log_error("redis error: %s", rep->str);
+    else if (rep && !ok)
+        log_error("redis: unexpected reply to a batch of %d", b->n);
+    for (int i = 0; i < b->n; i++) {
+        hot_op *op = &b->ops[i];
+        int64_t v[3] = {0, 0, 0};
+        int rc = -1;
+        for (int j = 0; ok && j < 3; j++)
+            if (hot_int(rep->element[3 * i + j], &v[j]) != 0) ok = 0;
+        if (ok) rc = 0;
+        /* A settle must not be lost to an outage: no reply, or a transient
+         * refusal, puts it back in the queue (settle is idempotent by rid). */
+        if (b->script == HOT_SCRIPT_SETTLE && (!rep || transient))
+            hot_enqueue_settle(hc, &op->settle);
+        /* A reserve sent but never answered (link dropped, e.g. by the stall
+         * watchdog) may still run when Redis reads its socket: the caller
+         * gets 503, so queue a release for it. Idempotent by rid: a no-op if
+         * the reserve never ran. */
+        if (b->script == HOT_SCRIPT_RESERVE && !rep && !hc->closing)
+            hot_enqueue_settle(hc, &op->settle);
+        if (op->cb) op->cb(op->arg, rc, v);
+    }
+    free(b);
+}
+
+/* Formats B as one EVALSHA (or EVAL) into the client's argv and sends it. */
+static int hot_send_batch(hot_batch *b)
+{
+    hotclient *hc = b->hc;
+    const char *sha = hc->sha[b->script];
+    char *at = hc->scratch, *end = hc->scratch + sizeof hc->scratch;
+    int argc = 0, settle = b->script == HOT_SCRIPT_SETTLE;
+    char nkeys[16];
+
+/* Appends a formatted argument; the scratch space is sized for the worst
+ * batch, so running out is a bug, caught rather than truncated. */
+#define HOT_PUT(...)                                                                               \
+    do {                                                                                           \
+        int len_ = snprintf(at, (size_t)(end - at), __VA_ARGS__);                                  \
+        if (argc == HOT_ARGV_MAX || len_ < 0 || len_ >= end - at) return -1;                       \
+        hc->argv[argc] = at;                                                                       \
+        hc->lens[argc++] = (size_t)len_;                                                           \
+        at += len_ + 1;                                                                            \
+    } while (0)
+
+    if (!hc->ac) return -1;
+    if (sha[0] && !b->retried) {
+        HOT_PUT("EVALSHA");
+        HOT_PUT("%s", sha);
+    } else {
+        hc->argv[argc] = "EVAL";
+        hc->lens[argc++] = 4;
+        hc->argv[argc] = hot_script_text(b->script);
+        hc->lens[argc] = strlen(hc->argv[argc]);
+        argc++;
+    }
+    snprintf(nkeys, sizeof nkeys, "%d", 2 * b->n + settle);
+    HOT_PUT("%s", nkeys);
+    if (settle) HOT_PUT("%s", HOT_OUTBOX);
+    for (int i = 0; i < b->n; i++) {
+        hot_keys k;
+        hot_keys_for(&k, b->ops[i].settle.account);
+        HOT_PUT("%s", k.acct);
+        HOT_PUT("%s", k.holds);
+    }
+    for (int i = 0; i < b->n; i++) {
+        const hot_op *op = &b->ops[i];
+        const hot_settle_args *a = &op->settle;
+        HOT_PUT("%s", a->rid);
+        if (settle) {
+            HOT_PUT("%lld", (long long)a->charge);
+            HOT_PUT("%s", a->commit ? "commit" : "release");
+            HOT_PUT("%ld", a->status);
+            HOT_PUT("%lld", (long long)a->account);
+        } else {
+            HOT_PUT("%lld", (long long)op->amount);
+            HOT_PUT("%lld", (long long)op->ttl_ms);
+            HOT_PUT("%s", op->route);
+        }
+    }
+#undef HOT_PUT
+    /* The stall clock starts when the first command waits on an idle link. */
+    if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
+    if (redisAsyncCommandArgv(hc->ac, hot_on_batch_reply, b, argc, hc->argv, hc->lens) != REDIS_OK)
+        return -1;
+    return 0;
+}
+
+/* Out of memory for a batch: fails the pending ops of SCRIPT from a copy,
+ * since their callbacks may queue new ops. Kept apart so that the big stack
+ * frame is paid only here. */
+static void __attribute__((noinline)) hot_fail_pending(hotclient *hc, enum hot_script script)
+{
+    hot_op ops[HOT_BATCH_MAX];
+    int n = hc->pending[script].n;
+    memcpy(ops, hc->pending[script].ops, (size_t)n * sizeof ops[0]);
+    hc->pending[script].n = 0;
+    log_error("out of memory: failing %d redis ops", n);
+    hot_fail_ops(hc, script, ops, n);
+}
+
+/* Sends the pending ops of SCRIPT as one batch; if that cannot be done, fails them. */
+static void hot_send_pending(hotclient *hc, enum hot_script script)
+{
+    hot_pending *p = &hc->pending[script];
+    int n = p->n;
+    hot_batch *b;
+    if (n == 0) return;
+    b = malloc(sizeof *b + (size_t)n * sizeof b->ops[0]);
+    if (!b) {
+        hot_fail_pending(hc, script);
+        return;
+    }
+    b->hc = hc;
+    b->script = script;
+    b->retried = 0;
+    b->n = n;
+    memcpy(b->ops, p->ops, (size_t)n * sizeof b->ops[0]);
+    p->n = 0;
+    if (hot_send_batch(b) == 0) {
+        hc->inflight += n;
+        return;
+    }
+    hot_fail_ops(hc, script, b->ops, n);
+    free(b);
+}
+
+static void hot_on_batch(evutil_socket_t fd, short what, void *arg)
+{
+    hotclient *hc = arg;
+    hc->batch_scheduled = 0;
+    hot_send_pending(hc, HOT_SCRIPT_SETTLE);
+    hot_send_pending(hc, HOT_SCRIPT_RESERVE);
+}
+
+/* Adds an op to the pending batch of SCRIPT, sent at the end of this loop
+ * pass (or now, when the batch is full). Returns the op to fill. */
+static hot_op *hot_add(hotclient *hc, enum hot_script script, hot_cb cb, void *arg)
+{
+    hot_pending *p = &hc->pending[script];
+    hot_op *op;
+    if (p->n == HOT_BATCH_MAX) hot_send_pending(hc, script);
+    op = &p->ops[p->n++];
+    memset(&op->settle, 0, sizeof op->settle);
+    op->cb = cb;
+    op->arg = arg;
+    if (!hc->batch_scheduled) {
+        /* Active now, run after the callbacks already due in this pass:
+         * everything they ask for joins the batch. */
+        event_active(hc->batch, EV_TIMEOUT, 0);
+        hc->batch_scheduled = 1;
+    }
+    return op;
 }
 
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
                       int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg)
 {
-    hot_op *op = hot_op_new(hc, HOT_RESERVE, HOT_SCRIPT_RESERVE, cb, arg);
-    hot_keys k;
-    if (!op) return -1;
-    /* The release to queue if the reply is lost (see hot_on_reply). */
+    hot_op *op;
+    if (!hc->ac || hc->closing || strlen(route_id) >= HOT_ROUTE_MAX ||
+        strlen(rid) >= sizeof op->settle.rid)
+        return -1;
+    op = hot_add(hc, HOT_SCRIPT_RESERVE, cb, arg);
+    /* The release to queue if the reply is lost (see hot_on_batch_reply). */
     op->settle.account = account;
-    snprintf(op->settle.rid, sizeof op->settle.rid, "%s", rid);
-    hot_keys_for(&k, account);
-    HOT_ARG(op, "3");
-    HOT_ARG(op, "%s", k.acct);
-    HOT_ARG(op, "%s", k.holds);
-    HOT_ARG(op, "%s", k.dl);
-    HOT_ARG(op, "%s", rid);
-    HOT_ARG(op, "%lld", (long long)amount);
-    HOT_ARG(op, "%lld", (long long)ttl_ms);
-    HOT_ARG(op, "%s", route_id);
-    return hot_submit(op);
+    memcpy(op->settle.rid, rid, strlen(rid) + 1);
+    op->amount = amount;
+    op->ttl_ms = ttl_ms;
+    memcpy(op->route, route_id, strlen(route_id) + 1);
+    return 0;
 }
 
 int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg)
 {
-    hot_op *op = hot_op_new(hc, HOT_SETTLE, HOT_SCRIPT_SETTLE, cb, arg);
-    hot_keys k;
-    if (!op) {
+    hot_op *op;
+    if (!hc->ac || hc->closing) {
         hot_enqueue_settle(hc, a);
         return -1;
     }
+    op = hot_add(hc, HOT_SCRIPT_SETTLE, cb, arg);
     op->settle = *a;
-    hot_keys_for(&k, a->account);
-    HOT_ARG(op, "4");
-    HOT_ARG(op, "%s", k.acct);
-    HOT_ARG(op, "%s", k.holds);
-    HOT_ARG(op, "%s", k.dl);
-    HOT_ARG(op, "%s", HOT_OUTBOX);
-    HOT_ARG(op, "%s", a->rid);
-    HOT_ARG(op, "%lld", (long long)a->charge);
-    HOT_ARG(op, "%s", a->commit ? "commit" : "release");
-    HOT_ARG(op, "%ld", a->status);
-    HOT_ARG(op, "%lld", (long long)a->account);
-    if (hot_submit(op) != 0) {
-        hot_enqueue_settle(hc, a);
-        return -1;
-    }
     return 0;
 }

@@ -28,10 +28,6 @@ def holds_key(a):
     return f"pg:{{{a}}}:holds"
 
 
-def dl_key(a):
-    return f"pg:{{{a}}}:dl"
-
-
 def script_source(name):
     with open(os.path.join(ROOT, "billing", name + ".lua")) as f:
         return f.read()
@@ -117,16 +113,26 @@ class Redis:
             self.shas[name] = self.call("SCRIPT", "LOAD", script_source(name))
         return self.shas[name]
 
+    def reserve_batch_cmd(self, ops):
+        """One reserve.lua call for OPS = [(acct, rid, price, ttl_ms, route), ...]."""
+        keys = [k for o in ops for k in (acct_key(o[0]), holds_key(o[0]))]
+        args = [x for o in ops for x in o[1:]]
+        return ("EVALSHA", self.sha("reserve"), len(keys), *keys, *args)
+
+    def settle_batch_cmd(self, ops):
+        """One settle.lua call for OPS = [(acct, rid, charge, outcome, status), ...]."""
+        keys = [OUTBOX] + [k for o in ops for k in (acct_key(o[0]), holds_key(o[0]))]
+        args = [x for o in ops for x in (o[1], o[2], o[3], o[4], o[0])]
+        return ("EVALSHA", self.sha("settle"), len(keys), *keys, *args)
+
     def reserve_cmd(self, acct, rid, price, ttl_ms=60000, route="device.read"):
-        return ("EVALSHA", self.sha("reserve"), 3, acct_key(acct), holds_key(acct), dl_key(acct),
-                rid, price, ttl_ms, route)
+        return self.reserve_batch_cmd([(acct, rid, price, ttl_ms, route)])
 
     def settle_cmd(self, acct, rid, charge, outcome="commit", status=200):
-        return ("EVALSHA", self.sha("settle"), 4, acct_key(acct), holds_key(acct), dl_key(acct),
-                OUTBOX, rid, charge, outcome, status, acct)
+        return self.settle_batch_cmd([(acct, rid, charge, outcome, status)])
 
     def credit_cmd(self, acct, seq, credited, spent=0, guard=""):
-        return ("EVALSHA", self.sha("credit"), 3, acct_key(acct), holds_key(acct), dl_key(acct),
+        return ("EVALSHA", self.sha("credit"), 2, acct_key(acct), holds_key(acct),
                 seq, credited, spent, guard)
 
     def reserve(self, acct, rid, price, ttl_ms=60000, route="device.read"):
@@ -160,6 +166,43 @@ def entries(stack, stream=OUTBOX):
     finally:
         r.close()
     return [(e[0], {e[1][i]: e[1][i + 1] for i in range(0, len(e[1]), 2)}) for e in out]
+
+
+RECORD_FIELDS = ("rid", "acct", "route", "amount", "hold", "outcome", "status")
+
+
+def records(stack, stream=OUTBOX):
+    """Every call recorded in the outbox, in order, as a dict of its parts
+    plus the entry's "ts" and "id" (settle.lua: one entry per batch, "ts"
+    then one "c" field per call)."""
+    out = []
+    for eid, fields in raw_entries(stack, stream):
+        assert fields[:1] == ["ts"], fields
+        ts = fields[1]
+        for i in range(2, len(fields), 2):
+            assert fields[i] == "c", fields
+            rec = dict(zip(RECORD_FIELDS, fields[i + 1].split("|")))
+            rec.update(ts=ts, id=eid)
+            out.append(rec)
+    return out
+
+
+def outbox_add(red, ts, *recs):
+    """Appends one entry in settle.lua's format: RECS are tuples in
+    RECORD_FIELDS order (as a foreign or older writer would, for tests)."""
+    fields = ["ts", ts]
+    for r in recs:
+        fields += ["c", "|".join(str(x) for x in r)]
+    return red.call("XADD", OUTBOX, "*", *fields)
+
+
+def raw_entries(stack, stream=OUTBOX):
+    """Every entry of a stream as (id, [field, value, ...])."""
+    r = Redis(stack.redis_port)
+    try:
+        return [(e[0], e[1]) for e in r.call("XRANGE", stream, "-", "+")]
+    finally:
+        r.close()
 
 
 def run_threads(n, fn):

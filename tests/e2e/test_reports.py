@@ -19,9 +19,9 @@ def ms(iso):
 
 
 def feed(stack, acct, rid, route, amount, outcome, when):
-    stack.redis("XADD", "pg:outbox", "*", "rid", rid, "acct", acct, "route", route, "amount",
-                amount, "hold", max(amount, 1), "outcome", outcome, "status",
-                200 if outcome == "commit" else 503, "ts", ms(when))
+    rec = "|".join(str(x) for x in (rid, acct, route, amount, max(amount, 1), outcome,
+                                     200 if outcome == "commit" else 503))
+    stack.redis("XADD", "pg:outbox", "*", "ts", ms(when), "c", rec)
 
 
 def settled(stack, n):

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 
-from luahelp import OUTBOX, Redis, acct_key, dl_key, entries, holds_key, run_threads
+from luahelp import OUTBOX, Redis, acct_key, entries, holds_key, outbox_add, records, run_threads
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -123,7 +123,6 @@ def _assert_conserved(stack, exp, base=None):
         assert hot["spent"] == spent + b[1], (a, hot)
         assert _usage_totals(stack, a) == (calls + b[0], spent + b[1], failed + b[2]), a
         assert stack.redis_raw("HLEN", holds_key(a)) == "0"
-        assert stack.redis_raw("ZCARD", dl_key(a)) == "0"
 
 
 def _snapshot(stack, accts):
@@ -154,8 +153,10 @@ def test_reserve_settle_outcomes_and_settlement(stack):
         assert red.reserve(a, "r-neg", 7, 60000, "device.read") == [1, 777, 223]
         # Short: nothing changes.
         assert red.reserve(a, "r-big", 778, 60000, "device.read") == [0, 777, 223]
-        assert red.call("HLEN", holds_key(a)) == 6 and red.call("ZCARD", dl_key(a)) == 6
-        assert red.call("HGET", holds_key(a), "r-cap") == "100|device.batch"
+        assert red.call("HLEN", holds_key(a)) == 6
+        amount, route, deadline = red.call("HGET", holds_key(a), "r-cap").split("|")
+        assert (amount, route) == ("100", "device.batch")
+        assert abs(int(deadline) - 60000 - time.time() * 1000) < 120000, deadline
         assert red.acct(a) == {"credited": 1000, "seq": 1, "spent": 0, "held": 223}
         assert red.call("XLEN", OUTBOX) == 0  # reserving charges nothing
 
@@ -167,7 +168,7 @@ def test_reserve_settle_outcomes_and_settlement(stack):
         assert red.settle(a, "r-neg", -3, "commit", 200) == [1, 0, 860]      # floor 0
         final = {"credited": 1000, "seq": 1, "spent": 140, "held": 0}
         assert red.acct(a) == final
-        assert red.call("HLEN", holds_key(a)) == 0 and red.call("ZCARD", dl_key(a)) == 0
+        assert red.call("HLEN", holds_key(a)) == 0
         assert red.call("XLEN", OUTBOX) == 6
         # Settling twice, or a hold that never existed: a no-op.
         assert red.settle(a, "r-commit", 10, "commit", 200) == [0, 0, 860]
@@ -187,7 +188,7 @@ def test_reserve_settle_outcomes_and_settlement(stack):
         "r-neg": ("device.read", 0, 7, "commit", 200),
     }
     ts = {}
-    for _, f in entries(stack):
+    for f in records(stack):
         rid = f["rid"]
         route, amount, hold, outcome, status = want[rid]
         assert f["acct"] == str(a) and f["route"] == route, f
@@ -224,6 +225,107 @@ def test_reserve_settle_outcomes_and_settlement(stack):
     assert stack.scalar(f"select count(*) from charges where account_id = {poor}") == "0"
 
 
+def test_batched_scripts_apply_in_order_and_write_one_entry(stack):
+    """The gateway sends every reserve (settle) of a loop pass as one script
+    call: ops see the ones before them, accounts mix, one outbox entry."""
+    a, b = _accounts(stack, 2, 10)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    try:
+        red.call("DEL", OUTBOX)
+        got = red.call(*red.reserve_batch_cmd([
+            (a, "b-1", 4, 60000, "device.read"),
+            (b, "b-2", 10, 60000, "device.read"),
+            (a, "b-3", 6, 60000, "device.read"),   # exactly what is left of a
+            (a, "b-4", 1, 60000, "device.read"),   # short now
+            (a, "b-1", 4, 60000, "device.read"),   # the same rid: already held
+            (999999999, "b-5", 1, 60000, "device.read"),
+        ]))
+        assert got == [1, 6, 4, 1, 0, 10, 1, 0, 10, 0, 0, 10, 1, 0, 10, -1, 0, 0], got
+        assert red.acct(a)["held"] == 10 and red.acct(b)["held"] == 10
+        # A bad price anywhere refuses the whole batch before any write.
+        bad = red.pipeline([red.reserve_batch_cmd([(a, "b-6", 1, 60000, "r"),
+                                                   (b, "b-7", 0, 60000, "r")])])[0]
+        assert "positive integer" in str(bad)
+        assert red.call("HEXISTS", holds_key(a), "b-6") == 0
+        got = red.call(*red.settle_batch_cmd([
+            (a, "b-1", 4, "commit", 200),
+            (b, "b-2", 0, "release", 503),
+            (a, "b-1", 4, "commit", 200),          # settled just before: a no-op
+            (a, "b-3", 2, "commit", 200),          # usage: 2 of the 6 held
+            (a, "never", 1, "commit", 200),
+        ]))
+        assert got == [1, 4, 0, 1, 0, 10, 0, 0, 0, 1, 2, 4, 0, 0, 4], got
+        assert red.acct(a) == {"credited": 10, "seq": 1, "spent": 6, "held": 0}
+        assert red.acct(b) == {"credited": 10, "seq": 1, "spent": 0, "held": 0}
+        assert red.call("XLEN", OUTBOX) == 1
+        assert [(r["rid"], r["acct"], r["amount"], r["hold"], r["outcome"], r["status"])
+                for r in records(stack)] == [
+            ("b-1", str(a), "4", "4", "commit", "200"),
+            ("b-2", str(b), "0", "10", "release", "503"),
+            ("b-3", str(a), "2", "6", "commit", "200")]
+        # Only no-ops: no entry at all.
+        assert red.call(*red.settle_batch_cmd([(a, "b-1", 4, "commit", 200)])) == [0, 0, 4]
+        assert red.call("XLEN", OUTBOX) == 1
+    finally:
+        red.close()
+    _billing(stack)
+    _drain(stack)
+    assert _charges(stack, a) == (2, 6) and _charges(stack, b) == (1, 0)
+    assert _pg_spent(stack, a) == 6 == stack.hot(a)["spent"]
+
+
+def test_large_figures_stay_exact(stack):
+    """Lua numbers are doubles: every figure the scripts write must stay an
+    exact integer up to the ledger's ceilings (10^12 per entry)."""
+    (a,) = _accounts(stack, 1, 0)
+    for i in range(4):
+        assert stack.admin("POST", f"/v1/accounts/{a}/topups",
+                           {"amount": 10**12, "reference": f"big-{i}"}).status == 201
+    stack.wait_for(lambda: stack.hot(a).get("credited") == 4 * 10**12, what="credits pushed")
+    _stop_billing(stack)
+    price = 10**12 - 7
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "big-1", price, 60000, "device.batch") == \
+            [1, 4 * 10**12 - price, price]
+        assert red.call("HGET", holds_key(a), "big-1").startswith(f"{price}|device.batch|")
+        assert red.settle(a, "big-1", price - 1, "commit", 200) == [1, price - 1,
+                                                                     4 * 10**12 - price + 1]
+        (rec,) = [r for r in records(stack) if r["rid"] == "big-1"]
+        assert (rec["amount"], rec["hold"]) == (str(price - 1), str(price)), rec
+    finally:
+        red.close()
+    _billing(stack)
+    _drain(stack)
+    assert _charges(stack, a) == (1, price - 1)
+    assert _pg_spent(stack, a) == price - 1 == stack.hot(a)["spent"]
+
+
+def test_entry_larger_than_a_transaction_is_settled_whole(stack):
+    """An entry carries up to a gateway batch of calls; the worker's batch
+    may be smaller (SETTLE_BATCH=3): every call is still applied once."""
+    (a,) = _accounts(stack, 1, 1000)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    try:
+        ops = [(a, f"big-entry-{i}", 2, 60000, "device.read") for i in range(50)]
+        assert red.call(*red.reserve_batch_cmd(ops))[0::3] == [1] * 50
+        red.call(*red.settle_batch_cmd([(a, f"big-entry-{i}", 2, "commit", 200)
+                                        for i in range(50)]))
+        red.call(*red.settle_batch_cmd([(a, f"big-entry-x{i}", 2, "commit", 200)
+                                        for i in range(3)]))  # no-ops
+        assert red.call("XLEN", OUTBOX) == 1
+    finally:
+        red.close()
+    _billing(stack, {"SETTLE_BATCH": "3"})
+    _drain(stack)
+    assert _charges(stack, a) == (50, 100)
+    assert _pg_spent(stack, a) == 100 == stack.hot(a)["spent"]
+    _stop_billing(stack)
+    _billing(stack)
+
+
 def test_redelivered_entry_changes_nothing(stack):
     _billing(stack)
     (a,) = _accounts(stack, 1, 100)
@@ -238,8 +340,7 @@ def test_redelivered_entry_changes_nothing(stack):
         # The same entry delivered again (a crash between commit and ack), twice.
         ts = int(time.time() * 1000)
         for _ in range(2):
-            red.call("XADD", OUTBOX, "*", "rid", "dup-1", "acct", a, "route", "device.command",
-                     "amount", 9, "hold", 9, "outcome", "commit", "status", 200, "ts", ts)
+            outbox_add(red, ts, ("dup-1", a, "device.command", 9, 9, "commit", 200))
     finally:
         red.close()
     _drain(stack)
@@ -257,12 +358,10 @@ def test_poison_entries_do_not_stall_settlement(stack):
         assert red.reserve(a, "good-1", 3)[0] == 1
         assert red.settle(a, "good-1", 3)[:2] == [1, 3]
         # An entry for an account Postgres does not know (integrity refusal).
-        red.call("XADD", OUTBOX, "*", "rid", "ghost-1", "acct", 999999999, "route", "device.read",
-                 "amount", 4, "hold", 4, "outcome", "commit", "status", 200, "ts", ts)
+        outbox_add(red, ts, ("ghost-1", 999999999, "device.read", 4, 4, "commit", 200))
         # Malformed entries: missing fields, negative amount.
-        red.call("XADD", OUTBOX, "*", "rid", "broken-1", "acct", a)
-        red.call("XADD", OUTBOX, "*", "rid", "neg-1", "acct", a, "route", "device.read",
-                 "amount", -4, "hold", 4, "outcome", "commit", "status", 200, "ts", ts)
+        red.call("XADD", OUTBOX, "*", "rid", "broken-1", "acct", a)  # an old or foreign format
+        outbox_add(red, ts, ("neg-1", a, "device.read", -4, 4, "commit", 200))
         assert red.reserve(a, "good-2", 5)[0] == 1
         assert red.settle(a, "good-2", 5)[:2] == [1, 5]
     finally:
@@ -366,7 +465,6 @@ def test_sweeper_releases_expired_holds(stack):
         stack.wait_for(lambda: red.call("HKEYS", holds_key(a)) == ["sweep-long"], timeout=10,
                        what="expired hold released")
         assert red.acct(a) == {"credited": 10, "seq": 1, "spent": 0, "held": 3}
-        assert red.call("ZRANGE", dl_key(a), 0, -1) == ["sweep-long"]
         _drain(stack)
         row = stack.psql("select account_id, route, amount, hold, outcome, status from charges "
                          "where reservation_id = 'sweep-short'")

@@ -17,6 +17,7 @@
 
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/resolve.h"
 
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
@@ -376,7 +377,11 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hotclient *hc = calloc(1, sizeof *hc);
     if (!hc) return -1;
     hc->base = base;
-    snprintf(hc->host, sizeof hc->host, "%s", host);
+    /* hiredis resolves names inside redisAsyncConnect, on the loop: not here. */
+    if (resolve_host(host, hc->host, sizeof hc->host) != 0) {
+        free(hc);
+        return -1;
+    }
     hc->port = port;
     hc->db = db;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;

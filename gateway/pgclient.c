@@ -13,7 +13,9 @@
 #include "gateway/pgclient.h"
 
 #include "billing/log.h"
+#include "gateway/resolve.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +32,11 @@ typedef struct pg_op {
 struct pgclient {
     struct event_base *base;
     char *conninfo; /* NULL: disabled */
+    /* conninfo parsed, plus hostaddr= when its host is a name resolved at
+     * start (libpq would resolve it inside PQconnectStart, on the loop) */
+    const char **keys, **vals;
+    PQconninfoOption *opts;
+    char hostaddr[64];
     int64_t timeout_ms;
     PGconn *conn;
     enum pg_state st;
@@ -247,7 +254,7 @@ static void pg_on_deadline(evutil_socket_t fd, short what, void *arg)
 
 static int pg_connect(pgclient *c)
 {
-    c->conn = PQconnectStart(c->conninfo);
+    c->conn = PQconnectStartParams(c->keys, c->vals, 0);
     if (!c->conn || PQstatus(c->conn) == CONNECTION_BAD) {
         if (!c->warned) {
             log_warn("postgres: cannot connect: %s",
@@ -267,6 +274,42 @@ static int pg_connect(pgclient *c)
     return 0;
 }
 
+/* Parses CONNINFO into keyword/value arrays, adding hostaddr= for a host
+ * given by name. -1 (logged) if it does not parse or resolve. */
+static int pg_params(pgclient *c, const char *conninfo)
+{
+    char *err = NULL;
+    const char *host = NULL;
+    int n = 0, has_addr = 0, i = 0;
+    c->opts = PQconninfoParse(conninfo, &err);
+    if (!c->opts) {
+        log_error("DATABASE_URL: %s", err ? err : "out of memory");
+        PQfreemem(err);
+        return -1;
+    }
+    for (PQconninfoOption *o = c->opts; o->keyword; o++) {
+        if (!o->val) continue;
+        n++;
+        if (strcmp(o->keyword, "host") == 0) host = o->val;
+        if (strcmp(o->keyword, "hostaddr") == 0) has_addr = 1;
+    }
+    c->keys = calloc((size_t)n + 2, sizeof *c->keys);
+    c->vals = calloc((size_t)n + 2, sizeof *c->vals);
+    if (!c->keys || !c->vals) return -1;
+    for (PQconninfoOption *o = c->opts; o->keyword; o++) {
+        if (!o->val) continue;
+        c->keys[i] = o->keyword;
+        c->vals[i++] = o->val;
+    }
+    /* A socket directory, several hosts or a given address: left to libpq. */
+    if (host && !has_addr && host[0] != '/' && !strchr(host, ',') && !resolve_is_numeric(host)) {
+        if (resolve_host(host, c->hostaddr, sizeof c->hostaddr) != 0) return -1;
+        c->keys[i] = "hostaddr";
+        c->vals[i] = c->hostaddr;
+    }
+    return 0;
+}
+
 int pgclient_new(struct event_base *base, const char *conninfo, int64_t timeout_ms, pgclient **out)
 {
     pgclient *c = calloc(1, sizeof *c);
@@ -274,7 +317,8 @@ int pgclient_new(struct event_base *base, const char *conninfo, int64_t timeout_
     c->base = base;
     c->timeout_ms = timeout_ms;
     c->ev_fd = -1;
-    if (conninfo && *conninfo && !(c->conninfo = strdup(conninfo))) goto fail;
+    if (conninfo && *conninfo && (!(c->conninfo = strdup(conninfo)) || pg_params(c, conninfo) != 0))
+        goto fail;
     c->ev = event_new(base, -1, 0, pg_on_event, c);
     c->deadline = evtimer_new(base, pg_on_deadline, c);
     c->kick = event_new(base, -1, 0, pg_on_kick, c);
@@ -303,6 +347,9 @@ void pgclient_free(pgclient *c)
     if (c->deadline) event_free(c->deadline);
     if (c->kick) event_free(c->kick);
     free(c->q);
+    free(c->keys);
+    free(c->vals);
+    if (c->opts) PQconninfoFree(c->opts);
     free(c);
 }
 

@@ -202,9 +202,15 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     }
     if (authcache_init(&w->keys, WORKER_AUTHCACHE_SLOTS) != 0) goto oom;
     if (proxy_new(w->base, cfg->max_body, &w->px) != 0) goto oom;
-    if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0)
-        goto oom;
-    if (pgclient_new(w->base, cfg->database_url, WORKER_PG_TIMEOUT_MS, &w->pg) != 0) goto oom;
+    /* These two resolve their host names (and say so when that fails). */
+    if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
+        log_error("worker %d: cannot set up its Redis client", idx);
+        return -1;
+    }
+    if (pgclient_new(w->base, cfg->database_url, WORKER_PG_TIMEOUT_MS, &w->pg) != 0) {
+        log_error("worker %d: cannot set up its Postgres client", idx);
+        return -1;
+    }
     w->mhd = MHD_start_daemon(
         MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (ipv6 ? MHD_USE_IPv6 : 0),
         (uint16_t)cfg->listen_port, NULL, NULL, worker_on_access, w, MHD_OPTION_SOCK_ADDR,

@@ -240,3 +240,37 @@ def test_usage_endpoint_postgres_restart(stack):
     stack.wait_for(lambda: usage_all() == [200] * 8, timeout=10, what="usage back")
     assert stack.gateway.alive()
     _held_zero(stack, acct)
+
+
+def test_dependency_names_resolved_once_at_start(stack):
+    """REDIS_URL and DATABASE_URL may name their hosts: the gateway resolves
+    the names when it starts (getaddrinfo blocks, so never on its loops) and
+    serves; a name that does not resolve stops it at once, saying which."""
+    _setup(stack)
+    acct, key = _account(stack, 10)
+    env = {"REDIS_URL": f"redis://localhost:{stack.redis_port}/0",
+           "DATABASE_URL": stack.env["DATABASE_URL"].replace("127.0.0.1", "localhost")}
+    assert "localhost" in env["DATABASE_URL"]
+    port = harness.free_port()
+    gw = stack.spawn("gateway-names", [stack.bin("gateway")], dict(env, **{
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(ROUTES)}), port)
+    try:
+        r = http("GET", gw.url + "/v1/devices/d1", headers=_auth(key))
+        assert r.status == 200 and r.headers["x-points-remaining"] == "9", r
+        r = http("GET", gw.url + "/_billing/usage?from=2024-01-01&to=2024-12-31",
+                 headers=_auth(key))
+        assert r.status == 200, r
+        assert "resolved localhost to" in gw.output()
+    finally:
+        assert gw.stop() == 0
+    for var, url in (("REDIS_URL", "redis://no-such-host.invalid:6379/0"),
+                     ("DATABASE_URL", "postgresql://postgres@no-such-host.invalid:5432/x")):
+        e = dict(stack.env, GATEWAY_LISTEN=f"127.0.0.1:{harness.free_port()}",
+                 UPSTREAM_URL=stack.devsim.url, ROUTES_FILE=stack.write_routes(ROUTES))
+        e[var] = url
+        p = subprocess.run([stack.bin("gateway")], env=e, capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode != 0, (var, p.stderr[-2000:])
+        assert "cannot resolve no-such-host.invalid" in p.stderr, (var, p.stderr[-2000:])
+    _held_zero(stack, acct)

@@ -22,7 +22,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
-#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,9 +93,7 @@ gw_request *request_new(worker *w, const char *uri)
         free(r);
         return NULL;
     }
-    unsigned char raw[16];
-    worker_random(w, raw, sizeof raw);
-    sodium_bin2hex(r->rid, sizeof r->rid, raw, sizeof raw);
+    worker_request_id(w, r->rid);
     r->account = -1;
     evtimer_assign(&r->gone_timer, w->base, request_on_gone_timer, r);
     return r;

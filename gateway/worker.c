@@ -44,6 +44,19 @@ void worker_random(worker *w, unsigned char *out, size_t n)
     w->rnd_used += n;
 }
 
+void worker_request_id(worker *w, char out[33])
+{
+    unsigned char raw[16];
+    struct timespec ts;
+    uint64_t ms;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    for (int i = 0; i < 6; i++)
+        raw[i] = (unsigned char)(ms >> (8 * (5 - i)));
+    worker_random(w, raw + 6, sizeof raw - 6);
+    sodium_bin2hex(out, 33, raw, sizeof raw);
+}
+
 static void worker_run_mhd(worker *w)
 {
     MHD_UNSIGNED_LONG_LONG to;

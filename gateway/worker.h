@@ -69,5 +69,11 @@ uint64_t worker_now_ms(void);
 /* Loop thread: N <= sizeof w->rnd random bytes (libsodium's CSPRNG, drawn
  * a kilobyte at a time instead of one getrandom call per request). */
 void worker_random(worker *w, unsigned char *out, size_t n);
+/* Loop thread: a new reservation / request id, 32 hex chars: 48 bits of
+ * wall-clock milliseconds then 80 random bits. Time first so that ids are
+ * roughly increasing: Postgres then appends each charge to the right edge
+ * of the charges primary key instead of a random leaf (measured: most of
+ * settlement's CPU went to B-tree descents into random pages). */
+void worker_request_id(worker *w, char out[33]);
 
 #endif

@@ -94,6 +94,9 @@ $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# Unit tests of gateway modules link the module's object too.
+$(O)/bin/test_http1: $(O)/gateway/http1.o
+
 deps:
 	@scripts/deps.sh
 

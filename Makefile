@@ -14,7 +14,7 @@ MODE ?= release
 O := build/$(MODE)
 
 CC ?= cc
-PKGS := libmicrohttpd libpq hiredis jansson libsodium libcurl libevent
+PKGS := libmicrohttpd libpq hiredis jansson libsodium libevent
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 

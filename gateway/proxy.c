@@ -10,7 +10,8 @@
  * junk) is closed at once. A write watcher is added only while a request
  * does not fit in the socket buffer, or while connecting.
  *
- * At most PROXY_CONNS_MAX connections are open per worker. A call that finds
+ * At most max_conns connections are open per worker (UPSTREAM_MAX_CONNECTIONS,
+ * default 1024). A call that finds
  * none idle and the cap reached waits in a FIFO queue (inside its own
  * timeout) and gets the next connection that comes free: a burst past the
  * cap is slowed down, not failed, and the upstream never sees more than the
@@ -48,7 +49,6 @@
 #define PROXY_HEADERS_MAX (64 * 1024)     /* response head, 1xx heads and trailers included */
 #define PROXY_REQ_HEADERS_MAX (64 * 1024) /* request header lines from request.c */
 #define PROXY_TARGET_MAX 8192             /* path prefix + request target */
-#define PROXY_CONNS_MAX 1024              /* open connections per worker */
 #define PROXY_IDLE_MAX 256                /* idle ones kept */
 #define PROXY_IDLE_MS 30000
 #define PROXY_IDLE_TICK_MS 1000
@@ -81,6 +81,7 @@ struct proxy {
     struct event_base *base;
     const gw_upstream *up;
     int64_t max_body;
+    int max_conns;
     char sp_prefix[CONFIG_URL_MAX + 2];   /* " " + path prefix */
     char http_host[CONFIG_HOST_MAX + 32]; /* " HTTP/1.1\r\nHost: <authority>\r\n" */
     size_t sp_prefix_len, http_host_len;
@@ -455,7 +456,7 @@ static void proxy_serve_queue(proxy *p)
 {
     if (p->serving || p->freeing) return;
     p->serving = 1;
-    while (p->wait_head && p->nconns < PROXY_CONNS_MAX) {
+    while (p->wait_head && p->nconns < p->max_conns) {
         proxy_call *c = p->wait_head;
         proxy_unqueue(p, c);
         proxy_connect(p, c);
@@ -787,7 +788,7 @@ static void proxy_dispatch(proxy *p, proxy_call *c)
         if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 1);
         return;
     }
-    if (p->nconns < PROXY_CONNS_MAX)
+    if (p->nconns < p->max_conns)
         proxy_connect(p, c);
     else
         proxy_enqueue(p, c);
@@ -833,7 +834,8 @@ static void proxy_on_idle_timer(evutil_socket_t fd, short what, void *arg)
 
 /* ---- the API ---------------------------------------------------------- */
 
-int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, proxy **out)
+int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, int max_conns,
+              proxy **out)
 {
     proxy *p = calloc(1, sizeof *p);
     int n;
@@ -841,6 +843,7 @@ int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, 
     p->base = base;
     p->up = up;
     p->max_body = max_body;
+    p->max_conns = max_conns > 0 ? max_conns : 1;
     n = snprintf(p->sp_prefix, sizeof p->sp_prefix, " %s", up->prefix);
     if (n < 0 || (size_t)n >= sizeof p->sp_prefix) goto fail;
     p->sp_prefix_len = (size_t)n;

@@ -64,8 +64,10 @@ struct proxy_call {
     void *arg;
 };
 
-/* UP must outlive P. */
-int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, proxy **out);
+/* UP must outlive P. MAX_CONNS: open connections at most; calls past it
+ * wait for one. */
+int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, int max_conns,
+              proxy **out);
 /* Aborts calls still running (without their callbacks), closes every
  * connection and frees all. */
 void proxy_free(proxy *p);

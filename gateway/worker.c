@@ -201,7 +201,8 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
         if (!w->gone_arm_tv) goto oom;
     }
     if (authcache_init(&w->keys, WORKER_AUTHCACHE_SLOTS) != 0) goto oom;
-    if (proxy_new(w->base, &cfg->up, cfg->max_body, &w->px) != 0) goto oom;
+    if (proxy_new(w->base, &cfg->up, cfg->max_body, (int)cfg->upstream_max_conns, &w->px) != 0)
+        goto oom;
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0)
         goto oom;
     if (pgclient_new(w->base, cfg->database_url, WORKER_PG_TIMEOUT_MS, &w->pg) != 0) goto oom;

@@ -299,6 +299,22 @@ def test_prefix_and_localhost(stack):
     _held_zero(stack, acct)
 
 
+def test_target_not_printable_ascii_refused(stack):
+    """Bytes the upstream's request line cannot carry (MHD accepts them):
+    400 before anything is held or proxied."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for target in [b"/v1/devices/\xc3\xa9t\xc3\xa9", b"/v1/devices/a\x7fb", b"/v1/devices/a\x01b",
+                   b"/v1/devices/a\tb", b"/v1/devices/d1?q=\xff"]:
+        out = harness.raw_http(stack.gateway.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                               b"X-Api-Key: " + key.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 400"), (target, out[:200])
+        assert b'"bad_request"' in out, out
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0 and stack.hot(acct)["held"] == 0
+
+
 def test_upstream_url_checks(stack):
     _setup(stack)
     base = {"GATEWAY_LISTEN": f"127.0.0.1:{harness.free_port()}",

@@ -12,7 +12,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential pkg-config ca-certificates \
         libmicrohttpd-dev libpq-dev libhiredis-dev libjansson-dev libsodium-dev \
-        libcurl4-openssl-dev libevent-dev \
+        libevent-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -21,7 +21,7 @@ RUN make -j"$(nproc)" && strip bin/*
 FROM debian:12-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libmicrohttpd12 libpq5 libhiredis0.14 libjansson4 libsodium23 libcurl4 \
+        libmicrohttpd12 libpq5 libhiredis0.14 libjansson4 libsodium23 \
         libevent-2.1-7 ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --no-create-home --home-dir /app --shell /usr/sbin/nologin pointgate

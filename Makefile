@@ -14,7 +14,7 @@ MODE ?= release
 O := build/$(MODE)
 
 CC ?= cc
-PKGS := libmicrohttpd libpq hiredis jansson libsodium libcurl libevent
+PKGS := libmicrohttpd libpq hiredis jansson libsodium libevent
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -93,6 +93,9 @@ $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# Unit tests of gateway modules link the module's object too.
+$(O)/bin/test_http1: $(O)/gateway/http1.o
 
 deps:
 	@scripts/deps.sh

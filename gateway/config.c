@@ -4,9 +4,11 @@
 
 #include "billing/env.h"
 #include "billing/log.h"
+#include "gateway/resolve.h"
 
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 static int config_copy(char *dst, size_t cap, const char *src, const char *name)
@@ -20,6 +22,114 @@ static int config_copy(char *dst, size_t cap, const char *src, const char *name)
     return 0;
 }
 
+static int config_host_char(char c, int literal)
+{
+    if (literal)
+        return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') ||
+               c == ':' || c == '.';
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '.' ||
+           c == '-' || c == '_';
+}
+
+int config_parse_upstream(const char *url, gw_upstream *up, char *err, size_t errlen)
+{
+    const char *a, *end, *host, *host_end, *port = NULL;
+    size_t n;
+    int literal = 0;
+
+    memset(up, 0, sizeof *up);
+    if (strncasecmp(url, "https://", 8) == 0) {
+        /* The upstream client speaks plain HTTP/1.1 only. */
+        snprintf(err, errlen,
+                 "https is not supported: terminate TLS to the device API in a local sidecar "
+                 "(stunnel, nginx, envoy) and set UPSTREAM_URL to its http:// address");
+        return -1;
+    }
+    if (strncmp(url, "http://", 7) != 0) {
+        snprintf(err, errlen, "expected http://host[:port][/prefix]");
+        return -1;
+    }
+    a = url + 7;
+    end = a + strcspn(a, "/?#");
+    if (*end == '?' || *end == '#') {
+        snprintf(err, errlen, "a base URL has no query or fragment");
+        return -1;
+    }
+    n = (size_t)(end - a);
+    if (n == 0 || n >= sizeof up->authority) {
+        snprintf(err, errlen, "empty or overlong host");
+        return -1;
+    }
+    if (*a == '[') { /* [v6 literal] */
+        literal = 1;
+        host = a + 1;
+        host_end = memchr(a, ']', n);
+        if (!host_end || (host_end + 1 < end && host_end[1] != ':')) {
+            snprintf(err, errlen, "malformed [IPv6] host");
+            return -1;
+        }
+        if (host_end + 1 < end) port = host_end + 2;
+    } else {
+        host = a;
+        host_end = memchr(a, ':', n);
+        if (host_end)
+            port = host_end + 1;
+        else
+            host_end = end;
+    }
+    if (host_end == host) {
+        snprintf(err, errlen, "empty host");
+        return -1;
+    }
+    for (const char *h = host; h < host_end; h++) {
+        if (!config_host_char(*h, literal)) {
+            snprintf(err, errlen, "invalid character in host (user info is not supported)");
+            return -1;
+        }
+    }
+    up->port = 80;
+    if (port) {
+        int v = 0;
+        if (port == end) v = -1;
+        for (const char *d = port; d < end && v >= 0; d++)
+            v = (*d >= '0' && *d <= '9' && v <= 65535) ? v * 10 + (*d - '0') : -1;
+        if (v <= 0 || v > 65535) {
+            snprintf(err, errlen, "port must be 1..65535");
+            return -1;
+        }
+        up->port = v;
+    }
+    memcpy(up->host, host, (size_t)(host_end - host));
+    memcpy(up->authority, a, n);
+    /* The prefix is prepended to request targets as-is: printable ASCII,
+     * and no trailing slash since targets start with one. */
+    n = strlen(end);
+    while (n > 0 && end[n - 1] == '/')
+        n--;
+    if (n >= sizeof up->prefix) {
+        snprintf(err, errlen, "path prefix too long");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (end[i] <= ' ' || end[i] >= 0x7f) {
+            snprintf(err, errlen, "invalid character in the path prefix");
+            return -1;
+        }
+    }
+    memcpy(up->prefix, end, n);
+    return 0;
+}
+
+/* Blocking: startup only. Keeps every address so that a connection can
+ * fall back to the next one (localhost may be ::1 then 127.0.0.1). */
+static int config_resolve_upstream(gw_upstream *up)
+{
+    up->naddr = resolve_addrs(up->host, up->port, up->addr, up->addrlen, CONFIG_UPSTREAM_ADDRS);
+    if (up->naddr > 0) return 0;
+    log_error("UPSTREAM_URL: its host %s does not resolve", up->host);
+    return -1;
+}
+
 int config_load(gw_config *c)
 {
     const char *listen = env_str("GATEWAY_LISTEN", "127.0.0.1:8080");
@@ -31,6 +141,7 @@ int config_load(gw_config *c)
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t v;
     size_t n;
+    char err[256];
     int rc = -1;
 
     memset(c, 0, sizeof *c);
@@ -43,9 +154,12 @@ int config_load(gw_config *c)
         log_error("REDIS_URL=%s: expected redis://host:port/db", redis);
         goto out;
     }
-    if (!upstream ||
-        (strncmp(upstream, "http://", 7) != 0 && strncmp(upstream, "https://", 8) != 0)) {
-        log_error("UPSTREAM_URL must be set to an http:// or https:// base URL");
+    if (!upstream) {
+        log_error("UPSTREAM_URL must be set to an http://host[:port][/prefix] base URL");
+        goto out;
+    }
+    if (config_parse_upstream(upstream, &c->up, err, sizeof err) != 0) {
+        log_error("UPSTREAM_URL=%s: %s", upstream, err);
         goto out;
     }
     if (config_copy(c->upstream, sizeof c->upstream, upstream, "UPSTREAM_URL") != 0) goto out;
@@ -53,6 +167,7 @@ int config_load(gw_config *c)
     n = strlen(c->upstream);
     while (n > 0 && c->upstream[n - 1] == '/')
         c->upstream[--n] = '\0';
+    if (config_resolve_upstream(&c->up) != 0) goto out;
     if (!routes) {
         log_error("ROUTES_FILE must be set");
         goto out;
@@ -73,6 +188,8 @@ int config_load(gw_config *c)
         goto out;
     if (env_int64("HOLD_GRACE_MS", 10000, 1000, 3600000, &c->hold_grace_ms) != 0) goto out;
     if (env_int64("MAX_CONNECTIONS", 4096, 1, 1000000, &c->max_connections) != 0) goto out;
+    if (env_int64("UPSTREAM_MAX_CONNECTIONS", 1024, 1, 100000, &c->upstream_max_conns) != 0)
+        goto out;
     rc = 0;
 out:
     return rc;

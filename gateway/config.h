@@ -7,10 +7,25 @@
 
 #include "billing/apikey.h"
 
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #define CONFIG_HOST_MAX 256
 #define CONFIG_URL_MAX 1024
+#define CONFIG_UPSTREAM_ADDRS 8
+
+/* UPSTREAM_URL, split and resolved once at startup (getaddrinfo blocks, so
+ * it never runs on a worker's loop; a changed address needs a restart). */
+typedef struct gw_upstream {
+    char host[CONFIG_HOST_MAX];      /* without the brackets of an IPv6 literal */
+    int port;                        /* 80 when the URL has none */
+    char authority[CONFIG_HOST_MAX]; /* the Host header: host[:port] as written */
+    char prefix[CONFIG_URL_MAX];     /* path prefix, no trailing slash; "" for none */
+    struct sockaddr_storage addr[CONFIG_UPSTREAM_ADDRS]; /* in getaddrinfo's order */
+    socklen_t addrlen[CONFIG_UPSTREAM_ADDRS];
+    int naddr; /* >= 1 */
+} gw_upstream;
 
 typedef struct gw_config {
     char listen_host[CONFIG_HOST_MAX];
@@ -19,6 +34,7 @@ typedef struct gw_config {
     int redis_port;
     int redis_db;
     char upstream[CONFIG_URL_MAX]; /* base URL without trailing slash */
+    gw_upstream up;                /* the same, parsed and resolved */
     char routes_file[CONFIG_URL_MAX];
     char database_url[CONFIG_URL_MAX]; /* "" when unset: /_billing/usage answers 503 */
     apikey_pepper pepper;
@@ -28,9 +44,15 @@ typedef struct gw_config {
     int64_t hold_wait_ms;        /* how long a short call waits for holds to settle */
     int64_t hold_grace_ms;       /* hold deadline = route timeout + this */
     int64_t max_connections;     /* per worker thread */
+    int64_t upstream_max_conns;  /* open upstream connections per worker thread */
 } gw_config;
 
-/* Fills C from the environment. Returns 0, or -1 after logging what is wrong. */
+/* Fills C from the environment and resolves the upstream's host (blocking:
+ * call before any loop runs). Returns 0, or -1 after logging what is wrong. */
 int config_load(gw_config *c);
+
+/* Splits an upstream base URL, http://host[:port][/prefix], into UP (no
+ * resolution). 0, or -1 with a reason in ERR. */
+int config_parse_upstream(const char *url, gw_upstream *up, char *err, size_t errlen);
 
 #endif

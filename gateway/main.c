@@ -1,5 +1,5 @@
 /* main.c: gateway entry point: configuration, worker threads, signals.
- * Owns process-wide setup and teardown (libsodium, curl, libevent threading)
+ * Owns process-wide setup and teardown (libsodium, libevent)
  * and the signal loop: SIGHUP reloads routes, SIGTERM/SIGINT drain and exit.
  * Signals are blocked in every thread and taken synchronously here with
  * sigwait, so no handler ever runs inside a worker's loop. Does not own any
@@ -9,7 +9,6 @@
 #include "gateway/routes.h"
 #include "gateway/worker.h"
 
-#include <curl/curl.h>
 #include <event2/event.h>
 #include <signal.h>
 #include <sodium.h>
@@ -57,10 +56,6 @@ int main(void)
     if (config_load(&cfg) != 0) return 2;
     if (sodium_init() < 0) {
         log_error("libsodium init failed");
-        return 1;
-    }
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
-        log_error("libcurl init failed");
         return 1;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -115,7 +110,6 @@ out:
     }
     free(tables);
     free(workers);
-    curl_global_cleanup();
     libevent_global_shutdown();
     if (rc == 0) log_info("stopped");
     return rc;

@@ -1,350 +1,247 @@
-/* proxy.c: libcurl multi on libevent (see proxy.h).
+/* proxy.c: a small keep-alive HTTP/1.1 client on the worker's loop (see proxy.h).
  *
- * The classic "multi socket" integration: curl tells us which sockets to
- * watch (CURLMOPT_SOCKETFUNCTION) and when to wake it (TIMERFUNCTION); we
- * translate that into libevent events and call curl_multi_socket_action.
- * Socket watchers are kept on a list so that teardown can free any that
- * curl forgets to remove.
+ * One call runs on one connection at a time (no pipelining). A connection is
+ * busy (carrying a call, or connecting for one) or idle in P's pool. Idle
+ * connections are reused LIFO, so the busiest few stay warm and the rest age
+ * out: at most PROXY_IDLE_MAX are kept, each for PROXY_IDLE_MS (less if the
+ * server announces a shorter Keep-Alive timeout). Every connection keeps one
+ * persistent read watcher from connect to close, so reuse costs no epoll_ctl,
+ * and an idle connection that turns readable (the server closed it, or sent
+ * junk) is closed at once. A write watcher is added only while a request
+ * does not fit in the socket buffer, or while connecting.
  *
- * No epoll_ctl churn per call: curl REMOVEs a connection's socket when a
- * transfer ends and adds it again for the next one on the same keep-alive
- * connection. For sockets curl opened through our OPENSOCKETFUNCTION (so
- * their closing comes through our CLOSESOCKETFUNCTION, and a reused fd
- * number is never mistaken for the old socket) the watcher stays registered
- * while the connection idles in the pool ("parked"); the next add with the
- * same events costs nothing. A parked socket that turns readable (the
- * upstream closed it) is unregistered; curl finds it dead on reuse. */
+ * At most max_conns connections are open per worker (UPSTREAM_MAX_CONNECTIONS,
+ * default 1024). A call that finds
+ * none idle and the cap reached waits in a FIFO queue (inside its own
+ * timeout) and gets the next connection that comes free: a burst past the
+ * cap is slowed down, not failed, and the upstream never sees more than the
+ * cap from one worker.
+ *
+ * The request goes out with one sendmsg of iovecs pointing at the caller's
+ * method, target and body, P's constant parts and the call's header lines:
+ * nothing is copied. The response is read into a per-connection buffer
+ * (PROXY_READ_BUF, grown only for a header line longer than that, up to the
+ * head bound), parsed by http1.c, and copied out into the call: kept headers
+ * into hdrs, the body into a buffer of exactly Content-Length bytes (or
+ * grown up to max_body when the length is not known up front).
+ *
+ * Callbacks run only from this file's event handlers, as the last thing the
+ * handler does with the call; a failure found while starting a call (inside
+ * proxy_start, or while handing a freed connection to a queued call) is
+ * reported through the call's timer event made active, so request.c is never
+ * re-entered from its own calls into the proxy. */
 #include "gateway/proxy.h"
 
 #include "billing/log.h"
+#include "gateway/http1.h"
 
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
-#define PROXY_FREE_EASY_MAX 128
-#define PROXY_HEADERS_MAX (64 * 1024)
-#define PROXY_MAXCONNECTS 1024
+#define PROXY_READ_BUF (16 * 1024)
+#define PROXY_HEADERS_MAX (64 * 1024)     /* response head, 1xx heads and trailers included */
+#define PROXY_REQ_HEADERS_MAX (64 * 1024) /* request header lines from request.c */
+#define PROXY_TARGET_MAX 8192             /* path prefix + request target */
+#define PROXY_IDLE_MAX 256                /* idle ones kept */
+#define PROXY_IDLE_MS 30000
+#define PROXY_IDLE_TICK_MS 1000
 
-typedef struct proxy_sock {
-    struct proxy_sock *prev, *next;
-    struct event *ev;
+enum {
+    PROXY_CALL_IDLE,   /* not started, done or cancelled */
+    PROXY_CALL_QUEUED, /* waiting for a connection */
+    PROXY_CALL_ACTIVE, /* on a connection (connecting, writing or reading) */
+    PROXY_CALL_FAILED, /* result set, callback due from the loop */
+};
+
+typedef struct proxy_conn {
     proxy *p;
-    curl_socket_t fd;
-    short kind; /* events registered, 0 when not registered */
-    int owned;  /* opened by our opensocket callback: closed by ours */
-    int parked; /* curl removed it; connection idle in the pool */
-} proxy_sock;
+    struct proxy_conn *prev, *next; /* P's idle list, most recently used first */
+    proxy_call *call;               /* NULL while idle */
+    int fd;                         /* -1 before the first socket; rev/wev assigned when >= 0 */
+    int idle;
+    int addr0, addr, tries; /* first address tried, current one, attempts */
+    int connecting;
+    int writing;         /* wev added */
+    unsigned served;     /* complete responses read: > 0 means a reused connection */
+    uint64_t idle_until; /* monotonic ms, while idle */
+    struct event rev, wev;
+    char *rbuf;
+    size_t rlen, rcap;
+    http1_parser hp;
+} proxy_conn;
 
 struct proxy {
     struct event_base *base;
-    CURLM *multi;
-    struct event *timer;
-    proxy_sock *socks;
-    proxy_sock **by_fd; /* owned sockets by fd number */
-    int by_fd_cap;
-    proxy_call *running;
-    CURL *free_easy[PROXY_FREE_EASY_MAX];
-    int nfree;
+    const gw_upstream *up;
     int64_t max_body;
+    int max_conns;
+    char sp_prefix[CONFIG_URL_MAX + 2];   /* " " + path prefix */
+    char http_host[CONFIG_HOST_MAX + 32]; /* " HTTP/1.1\r\nHost: <authority>\r\n" */
+    size_t sp_prefix_len, http_host_len;
+    int addr_next; /* the address the last connect succeeded on */
+    proxy_conn *idle, *idle_tail;
+    int nidle, nconns;
+    proxy_call *running;               /* every started call until done or cancelled */
+    proxy_call *wait_head, *wait_tail; /* FIFO of calls waiting for a connection */
+    struct event idle_timer;
+    int idle_timer_on;
+    int serving; /* inside proxy_serve_queue */
+    int freeing;
 };
 
-int proxy_hop_by_hop(const char *n)
+static uint64_t proxy_now_ms(void)
 {
-    static const char *const hop[] = {"connection",          "keep-alive", "proxy-authenticate",
-                                      "proxy-authorization", "te",         "trailer",
-                                      "transfer-encoding",   "upgrade",    "proxy-connection"};
-    for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
-        if (strcasecmp(n, hop[i]) == 0) return 1;
-    return 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-static void proxy_check_done(proxy *p)
+/* ---- header names -------------------------------------------------- */
+
+static int proxy_name_is(const char *s, size_t n, const char *lit, size_t litn)
 {
-    CURLMsg *m;
-    int left;
-    while ((m = curl_multi_info_read(p->multi, &left))) {
-        proxy_call *c = NULL;
-        CURLcode res;
-        if (m->msg != CURLMSG_DONE) continue;
-        res = m->data.result;
-        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
-        if (!c) continue;
-        curl_easy_getinfo(m->easy_handle, CURLINFO_RESPONSE_CODE, &c->status);
-        if (res == CURLE_OK)
-            c->result = PROXY_OK;
-        else if (c->too_large || res == CURLE_FILESIZE_EXCEEDED)
-            c->result = PROXY_TOO_LARGE;
-        else if (res == CURLE_OPERATION_TIMEDOUT)
-            c->result = PROXY_TIMEOUT;
-        else
-            c->result = PROXY_UNAVAILABLE;
-        if (res != CURLE_OK) log_debug("upstream: %s", curl_easy_strerror(res));
-        /* Detach first: the callback may start new calls or free C. */
-        proxy_cancel(c);
-        c->done(c->arg, c);
-    }
+    return n == litn && strncasecmp(s, lit, n) == 0;
 }
+#define PROXY_IS(s, n, lit) proxy_name_is((s), (n), (lit), sizeof(lit) - 1)
 
-static void proxy_on_event(evutil_socket_t fd, short what, void *arg)
+/* By length first: this runs for every header of every call. */
+static int proxy_hop_by_hop_n(const char *s, size_t n)
 {
-    proxy_sock *s = arg;
-    proxy *p = s->p;
-    int running;
-    int action;
-    if (s->parked) {
-        /* Idle pooled connection readable: closed or junk. Stop watching
-         * (level-triggered, it would fire again); curl checks on reuse. */
-        event_del(s->ev);
-        s->kind = 0;
-        return;
-    }
-    action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
-    /* S may be freed inside socket_action (CURL_POLL_REMOVE): not used after. */
-    curl_multi_socket_action(p->multi, fd, action, &running);
-    proxy_check_done(p);
-}
-
-static void proxy_on_timer(evutil_socket_t fd, short what, void *arg)
-{
-    proxy *p = arg;
-    int running;
-    curl_multi_socket_action(p->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    proxy_check_done(p);
-}
-
-static void proxy_sock_free(proxy *p, proxy_sock *s)
-{
-    if (s->owned && s->fd < p->by_fd_cap && p->by_fd[s->fd] == s) p->by_fd[s->fd] = NULL;
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        p->socks = s->next;
-    if (s->next) s->next->prev = s->prev;
-    event_free(s->ev);
-    free(s);
-}
-
-static proxy_sock *proxy_sock_new(proxy *p, curl_socket_t fd)
-{
-    proxy_sock *s = calloc(1, sizeof *s);
-    if (!s) return NULL;
-    s->p = p;
-    s->fd = fd;
-    s->ev = event_new(p->base, fd, EV_READ, proxy_on_event, s);
-    if (!s->ev) {
-        free(s);
-        return NULL;
-    }
-    s->next = p->socks;
-    if (p->socks) p->socks->prev = s;
-    p->socks = s;
-    return s;
-}
-
-static proxy_sock *proxy_sock_owned(proxy *p, curl_socket_t fd)
-{
-    return fd >= 0 && fd < p->by_fd_cap ? p->by_fd[fd] : NULL;
-}
-
-static int proxy_socket_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *sockp)
-{
-    proxy *p = userp;
-    proxy_sock *s = sockp ? sockp : proxy_sock_owned(p, fd);
-    short kind = EV_PERSIST;
-
-    if (what == CURL_POLL_REMOVE) {
-        if (!s) return 0;
-        if (s->owned) {
-            /* Keep a read watcher registered while pooled: see the top. */
-            s->parked = 1;
-            if (s->kind != (EV_READ | EV_PERSIST) && s->kind) {
-                event_del(s->ev);
-                s->kind = 0;
-            }
-        } else {
-            proxy_sock_free(p, s);
-        }
+    switch (n) {
+    case 2:
+        return PROXY_IS(s, n, "te");
+    case 7:
+        return PROXY_IS(s, n, "trailer") || PROXY_IS(s, n, "upgrade");
+    case 10:
+        return PROXY_IS(s, n, "connection") || PROXY_IS(s, n, "keep-alive");
+    case 16:
+        return PROXY_IS(s, n, "proxy-connection");
+    case 17:
+        return PROXY_IS(s, n, "transfer-encoding");
+    case 18:
+        return PROXY_IS(s, n, "proxy-authenticate");
+    case 19:
+        return PROXY_IS(s, n, "proxy-authorization");
+    default:
         return 0;
     }
-    if (what & CURL_POLL_IN) kind |= EV_READ;
-    if (what & CURL_POLL_OUT) kind |= EV_WRITE;
-    if (!s && !(s = proxy_sock_new(p, fd))) return -1;
-    if (!sockp) curl_multi_assign(p->multi, fd, s);
-    s->parked = 0;
-    if (s->kind == kind) return 0;
-    if (s->kind) event_del(s->ev);
-    s->kind = 0;
-    event_assign(s->ev, p->base, fd, kind, proxy_on_event, s);
-    if (event_add(s->ev, NULL) != 0) return -1;
-    s->kind = kind;
-    return 0;
 }
 
-static curl_socket_t proxy_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
+int proxy_hop_by_hop(const char *name)
 {
-    proxy *p = clientp;
-    proxy_sock *s;
-    curl_socket_t fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-    if (fd < 0 || purpose != CURLSOCKTYPE_IPCXN) return fd;
-    if (fd >= p->by_fd_cap) {
-        int cap = p->by_fd_cap ? p->by_fd_cap : 64;
-        proxy_sock **nb;
-        while (cap <= fd)
-            cap *= 2;
-        nb = realloc(p->by_fd, (size_t)cap * sizeof *nb);
-        if (!nb) return fd; /* not owned: watched the plain way */
-        memset(nb + p->by_fd_cap, 0, (size_t)(cap - p->by_fd_cap) * sizeof *nb);
-        p->by_fd = nb;
-        p->by_fd_cap = cap;
-    }
-    s = proxy_sock_new(p, fd);
-    if (!s) return fd;
-    s->owned = 1;
-    s->parked = 1; /* not watched until curl asks */
-    p->by_fd[fd] = s;
-    return fd;
+    return proxy_hop_by_hop_n(name, strlen(name));
 }
 
-static int proxy_close_socket(void *clientp, curl_socket_t fd)
-{
-    proxy *p = clientp;
-    proxy_sock *s = proxy_sock_owned(p, fd);
-    if (s) {
-        if (s->kind) event_del(s->ev);
-        proxy_sock_free(p, s);
-    }
-    return close(fd);
-}
-
-static int proxy_timer_cb(CURLM *multi, long timeout_ms, void *userp)
-{
-    proxy *p = userp;
-    if (timeout_ms < 0) {
-        evtimer_del(p->timer);
-    } else {
-        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-        evtimer_add(p->timer, &tv);
-    }
-    return 0;
-}
-
-int proxy_new(struct event_base *base, int64_t max_body, proxy **out)
-{
-    proxy *p = calloc(1, sizeof *p);
-    if (!p) return -1;
-    p->base = base;
-    p->max_body = max_body;
-    p->multi = curl_multi_init();
-    p->timer = evtimer_new(base, proxy_on_timer, p);
-    if (!p->multi || !p->timer) {
-        proxy_free(p);
-        return -1;
-    }
-    curl_multi_setopt(p->multi, CURLMOPT_SOCKETFUNCTION, proxy_socket_cb);
-    curl_multi_setopt(p->multi, CURLMOPT_SOCKETDATA, p);
-    curl_multi_setopt(p->multi, CURLMOPT_TIMERFUNCTION, proxy_timer_cb);
-    curl_multi_setopt(p->multi, CURLMOPT_TIMERDATA, p);
-    /* The keep-alive pool: big enough that steady concurrency reuses. */
-    curl_multi_setopt(p->multi, CURLMOPT_MAXCONNECTS, (long)PROXY_MAXCONNECTS);
-    *out = p;
-    return 0;
-}
-
-void proxy_free(proxy *p)
-{
-    if (!p) return;
-    /* Running calls belong to requests that are being torn down. */
-    while (p->running)
-        proxy_cancel(p->running);
-    for (int i = 0; i < p->nfree; i++)
-        curl_easy_cleanup(p->free_easy[i]);
-    if (p->multi) curl_multi_cleanup(p->multi);
-    while (p->socks)
-        proxy_sock_free(p, p->socks);
-    if (p->timer) event_free(p->timer);
-    free(p->by_fd);
-    free(p);
-}
-
-static size_t proxy_on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-    proxy_call *c = userdata;
-    size_t n = size * nmemb;
-    if (c->body_len + n > (size_t)c->p->max_body) {
-        c->too_large = 1;
-        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
-    }
-    if (c->body_len + n > c->body_cap) {
-        size_t cap = c->body_cap ? c->body_cap : 4096;
-        char *nb;
-        while (cap < c->body_len + n)
-            cap *= 2;
-        if (cap > (size_t)c->p->max_body) cap = (size_t)c->p->max_body;
-        nb = realloc(c->body, cap);
-        if (!nb) return 0;
-        c->body = nb;
-        c->body_cap = cap;
-    }
-    memcpy(c->body + c->body_len, ptr, n);
-    c->body_len += n;
-    return n;
-}
-
-static int proxy_skip_response_header(const char *name)
+static int proxy_skip_response_header(const char *s, size_t n)
 {
     /* MHD writes its own framing and Date; the gateway writes the billing
      * headers itself, so an upstream cannot spoof them. */
-    return proxy_hop_by_hop(name) || strcasecmp(name, "content-length") == 0 ||
-           strcasecmp(name, "date") == 0 || strcasecmp(name, "x-request-id") == 0 ||
-           strcasecmp(name, "x-points-charged") == 0 || strcasecmp(name, "x-points-remaining") == 0;
+    return proxy_hop_by_hop_n(s, n) || PROXY_IS(s, n, "content-length") || PROXY_IS(s, n, "date") ||
+           PROXY_IS(s, n, "x-request-id") || PROXY_IS(s, n, "x-points-charged") ||
+           PROXY_IS(s, n, "x-points-remaining");
 }
 
-static size_t proxy_on_header(char *buf, size_t size, size_t nitems, void *userdata)
+static int proxy_tchar(unsigned char c)
 {
-    proxy_call *c = userdata;
-    size_t n = size * nitems;
-    size_t nl, vs, ve;
-    const char *colon;
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-')
+        return 1;
+    return c != '\0' && strchr("!#$%&'*+.^_`|~", c) != NULL;
+}
 
-    if (n >= 5 && memcmp(buf, "HTTP/", 5) == 0) {
-        c->hdrs_len = 0; /* a new response (after 1xx): start over */
-        return n;
+static int proxy_token_ok(const char *s, size_t n)
+{
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!proxy_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* ---- the call's buffers ---------------------------------------------- */
+
+int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
+{
+    size_t nl = strlen(name), vl = value ? strlen(value) : 0, need, o;
+    if (!proxy_token_ok(name, nl)) return -1;
+    /* No CR or LF may reach the upstream inside a value (header injection). */
+    for (size_t i = 0; i < vl; i++) {
+        unsigned char ch = (unsigned char)value[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
     }
-    colon = memchr(buf, ':', n);
-    if (!colon) return n; /* blank line or junk */
-    nl = (size_t)(colon - buf);
-    vs = nl + 1;
-    while (vs < n && (buf[vs] == ' ' || buf[vs] == '\t'))
-        vs++;
-    ve = n;
-    while (ve > vs && (buf[ve - 1] == '\r' || buf[ve - 1] == '\n' || buf[ve - 1] == ' '))
-        ve--;
-    if (nl == 0) return n;
-    if (c->hdrs_len + nl + (ve - vs) + 2 > PROXY_HEADERS_MAX) {
-        c->too_large = 1;
-        return 0;
-    }
-    if (c->hdrs_len + nl + (ve - vs) + 2 > c->hdrs_cap) {
-        size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 1024;
+    need = nl + 1 + (vl ? 1 + vl : 0) + 2;
+    if (c->req_hdrs_len + need > PROXY_REQ_HEADERS_MAX) return -1;
+    if (c->req_hdrs_len + need > c->req_hdrs_cap) {
+        size_t cap = c->req_hdrs_cap ? c->req_hdrs_cap : 1024;
         char *nb;
-        while (cap < c->hdrs_len + nl + (ve - vs) + 2)
+        while (cap < c->req_hdrs_len + need)
+            cap *= 2;
+        nb = realloc(c->req_hdrs, cap);
+        if (!nb) return -1;
+        c->req_hdrs = nb;
+        c->req_hdrs_cap = cap;
+    }
+    o = c->req_hdrs_len;
+    memcpy(c->req_hdrs + o, name, nl);
+    o += nl;
+    c->req_hdrs[o++] = ':';
+    if (vl) {
+        c->req_hdrs[o++] = ' ';
+        memcpy(c->req_hdrs + o, value, vl);
+        o += vl;
+    }
+    c->req_hdrs[o++] = '\r';
+    c->req_hdrs[o++] = '\n';
+    c->req_hdrs_len = o;
+    return 0;
+}
+
+/* Appends a kept response header as "name\0value\0". Bounded by the
+ * parser's head limit. 0 or -1 (out of memory). */
+static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
+{
+    size_t need = ev->name_len + ev->value_len + 2;
+    if (proxy_skip_response_header(ev->name, ev->name_len)) return 0;
+    if (c->hdrs_len + need > c->hdrs_cap) {
+        size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 512;
+        char *nb;
+        while (cap < c->hdrs_len + need)
             cap *= 2;
         nb = realloc(c->hdrs, cap);
-        if (!nb) return 0;
+        if (!nb) return -1;
         c->hdrs = nb;
         c->hdrs_cap = cap;
     }
-    memcpy(c->hdrs + c->hdrs_len, buf, nl);
-    c->hdrs[c->hdrs_len + nl] = '\0';
-    if (proxy_skip_response_header(c->hdrs + c->hdrs_len)) return n;
-    c->hdrs_len += nl + 1;
-    memcpy(c->hdrs + c->hdrs_len, buf + vs, ve - vs);
-    c->hdrs_len += ve - vs;
+    memcpy(c->hdrs + c->hdrs_len, ev->name, ev->name_len);
+    c->hdrs_len += ev->name_len;
     c->hdrs[c->hdrs_len++] = '\0';
-    return n;
+    memcpy(c->hdrs + c->hdrs_len, ev->value, ev->value_len);
+    c->hdrs_len += ev->value_len;
+    c->hdrs[c->hdrs_len++] = '\0';
+    return 0;
+}
+
+/* Makes room for N more body bytes (the parser has checked max_body). */
+static int proxy_call_body_room(proxy_call *c, size_t n, size_t max)
+{
+    size_t cap;
+    char *nb;
+    if (c->body_len + n <= c->body_cap) return 0;
+    if (c->body_len + n > max) return -1;
+    cap = c->body_cap ? c->body_cap : 4096;
+    while (cap < c->body_len + n)
+        cap *= 2;
+    if (cap > max) cap = max;
+    nb = realloc(c->body, cap);
+    if (!nb) return -1;
+    c->body = nb;
+    c->body_cap = cap;
+    return 0;
 }
 
 size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, const char **value)
@@ -357,109 +254,715 @@ size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, con
     return off;
 }
 
-/* Options that are the same for every call: set once per easy handle. */
-static CURL *proxy_easy_new(proxy *p)
-{
-    CURL *e = curl_easy_init();
-    if (!e) return NULL;
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
-    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
-    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, proxy_on_body);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, proxy_on_header);
-    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)p->max_body);
-    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, proxy_open_socket);
-    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, p);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, proxy_close_socket);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, p);
-    return e;
-}
-
-int proxy_start(proxy *p, proxy_call *c, const char *url, const char *method, const char *body,
-                size_t body_len, int64_t timeout_ms, proxy_done_cb done, void *arg)
-{
-    CURL *e = p->nfree > 0 ? p->free_easy[--p->nfree] : proxy_easy_new(p);
-    if (!e) return -1;
-    c->p = p;
-    c->easy = e;
-    c->done = done;
-    c->arg = arg;
-    /* A reused handle keeps the previous call's options: every per-call
-     * option is set here, method-related ones explicitly reset. */
-    curl_easy_setopt(e, CURLOPT_URL, url);
-    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)c);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, c->req_headers);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, c);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, c);
-    if (strcmp(method, "HEAD") == 0) {
-        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
-        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    } else if (strcmp(method, "GET") == 0 && body_len == 0) {
-        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L); /* also NOBODY 0, no upload */
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
-    } else {
-        if (body_len > 0 || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
-            strcmp(method, "PATCH") == 0) {
-            curl_easy_setopt(e, CURLOPT_NOBODY, 0L);
-            curl_easy_setopt(e, CURLOPT_POSTFIELDS, body ? body : "");
-            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-        } else {
-            curl_easy_setopt(e, CURLOPT_HTTPGET, 1L); /* no body from a previous call */
-        }
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, strcmp(method, "POST") != 0 ? method : NULL);
-    }
-    if (curl_multi_add_handle(p->multi, e) != CURLM_OK) {
-        curl_easy_cleanup(e);
-        c->easy = NULL;
-        return -1;
-    }
-    c->prev = NULL;
-    c->next = p->running;
-    if (p->running) p->running->prev = c;
-    p->running = c;
-    return 0;
-}
-
-void proxy_cancel(proxy_call *c)
-{
-    proxy *p = c->p;
-    CURL *e = c->easy;
-    if (!e) return;
-    c->easy = NULL;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        p->running = c->next;
-    if (c->next) c->next->prev = c->prev;
-    c->prev = c->next = NULL;
-    curl_multi_remove_handle(p->multi, e);
-    /* Reuse the handle as it is (no curl_easy_reset: proxy_start sets every
-     * per-call option); drop what points into the finished call. */
-    if (p->nfree < PROXY_FREE_EASY_MAX) {
-        curl_easy_setopt(e, CURLOPT_PRIVATE, NULL);
-        curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
-        curl_easy_setopt(e, CURLOPT_WRITEDATA, NULL);
-        curl_easy_setopt(e, CURLOPT_HEADERDATA, NULL);
-        curl_easy_setopt(e, CURLOPT_POSTFIELDS, NULL);
-        p->free_easy[p->nfree++] = e;
-    } else {
-        curl_easy_cleanup(e);
-    }
-}
-
 void proxy_call_clear(proxy_call *c)
 {
-    if (c->easy) proxy_cancel(c);
-    curl_slist_free_all(c->req_headers);
-    c->req_headers = NULL;
+    proxy_cancel(c);
+    free(c->req_hdrs);
+    c->req_hdrs = NULL;
+    c->req_hdrs_len = c->req_hdrs_cap = 0;
     free(c->hdrs);
     c->hdrs = NULL;
     c->hdrs_len = c->hdrs_cap = 0;
     free(c->body);
     c->body = NULL;
     c->body_len = c->body_cap = 0;
+}
+
+/* ---- lists ------------------------------------------------------------ */
+
+static void proxy_idle_unlink(proxy *p, proxy_conn *k)
+{
+    if (k->prev)
+        k->prev->next = k->next;
+    else
+        p->idle = k->next;
+    if (k->next)
+        k->next->prev = k->prev;
+    else
+        p->idle_tail = k->prev;
+    k->prev = k->next = NULL;
+    k->idle = 0;
+    p->nidle--;
+}
+
+static void proxy_idle_push(proxy *p, proxy_conn *k)
+{
+    k->prev = NULL;
+    k->next = p->idle;
+    if (p->idle)
+        p->idle->prev = k;
+    else
+        p->idle_tail = k;
+    p->idle = k;
+    k->idle = 1;
+    p->nidle++;
+}
+
+static void proxy_enqueue(proxy *p, proxy_call *c)
+{
+    c->qnext = NULL;
+    c->qprev = p->wait_tail;
+    if (p->wait_tail)
+        p->wait_tail->qnext = c;
+    else
+        p->wait_head = c;
+    p->wait_tail = c;
+    c->state = PROXY_CALL_QUEUED;
+}
+
+static void proxy_unqueue(proxy *p, proxy_call *c)
+{
+    if (c->qprev)
+        c->qprev->qnext = c->qnext;
+    else
+        p->wait_head = c->qnext;
+    if (c->qnext)
+        c->qnext->qprev = c->qprev;
+    else
+        p->wait_tail = c->qprev;
+    c->qprev = c->qnext = NULL;
+}
+
+/* ---- ending a call ------------------------------------------------------ */
+
+/* The call's callback, with RES. The last thing its caller does with C. */
+static void proxy_call_finish(proxy_call *c, enum proxy_result res)
+{
+    proxy *p = c->p;
+    c->result = res;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        p->running = c->next;
+    if (c->next) c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    c->state = PROXY_CALL_IDLE;
+    event_del(&c->timer);
+    c->done(c->arg, c);
+}
+
+/* Reports RES from the loop soon, not from the current stack. C must be on
+ * no connection and in no queue. */
+static void proxy_call_fail_later(proxy_call *c, enum proxy_result res)
+{
+    c->result = res;
+    c->state = PROXY_CALL_FAILED;
+    event_del(&c->timer);
+    event_active(&c->timer, EV_TIMEOUT, 1);
+}
+
+/* ---- connections ---------------------------------------------------- */
+
+static void proxy_on_read(evutil_socket_t fd, short what, void *arg);
+static void proxy_on_write(evutil_socket_t fd, short what, void *arg);
+
+static void proxy_conn_close(proxy_conn *k)
+{
+    proxy *p = k->p;
+    if (k->idle) proxy_idle_unlink(p, k);
+    if (k->fd >= 0) {
+        event_del(&k->rev);
+        event_del(&k->wev);
+        close(k->fd);
+    }
+    free(k->rbuf);
+    free(k);
+    p->nconns--;
+}
+
+static void proxy_conn_attach(proxy_conn *k, proxy_call *c)
+{
+    k->call = c;
+    c->conn = k;
+    c->state = PROXY_CALL_ACTIVE;
+    c->sent = 0;
+    c->got_bytes = 0;
+    http1_init(&k->hp, c->head_request, PROXY_HEADERS_MAX, (uint64_t)k->p->max_body);
+}
+
+static void proxy_conn_detach(proxy_conn *k)
+{
+    if (k->call) k->call->conn = NULL;
+    k->call = NULL;
+}
+
+/* Opens a socket to the next untried address and starts connecting.
+ * 0, or -1 when no address is left (or no socket can be had). */
+static int proxy_conn_open(proxy_conn *k)
+{
+    proxy *p = k->p;
+    const gw_upstream *up = p->up;
+    while (k->tries < up->naddr) {
+        int i = (k->addr0 + k->tries++) % up->naddr;
+        const struct sockaddr *sa = (const struct sockaddr *)&up->addr[i];
+        int one = 1;
+        int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            log_warn("upstream: socket: %s", strerror(errno));
+            return -1;
+        }
+        /* Requests go out in one write and must not wait for an ACK. */
+        if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+            log_debug("upstream: TCP_NODELAY: %s", strerror(errno));
+        if (connect(fd, sa, up->addrlen[i]) != 0 && errno != EINPROGRESS && errno != EINTR) {
+            log_debug("upstream: connect to address %d of %s: %s", i, up->host, strerror(errno));
+            close(fd);
+            continue;
+        }
+        k->fd = fd;
+        k->addr = i;
+        k->connecting = 1;
+        event_assign(&k->rev, p->base, fd, EV_READ | EV_PERSIST, proxy_on_read, k);
+        event_assign(&k->wev, p->base, fd, EV_WRITE | EV_PERSIST, proxy_on_write, k);
+        /* Writable means connected (or failed): see proxy_on_write. */
+        if (event_add(&k->wev, NULL) != 0) {
+            close(fd);
+            k->fd = -1;
+            return -1;
+        }
+        k->writing = 1;
+        return 0;
+    }
+    return -1;
+}
+
+/* Puts C on a new connection. Never runs a callback: a failure here is
+ * reported from the loop. */
+static void proxy_connect(proxy *p, proxy_call *c)
+{
+    proxy_conn *k = calloc(1, sizeof *k);
+    if (k) k->rbuf = malloc(PROXY_READ_BUF);
+    if (!k || !k->rbuf) {
+        if (k) free(k);
+        log_warn("upstream: out of memory for a connection");
+        proxy_call_fail_later(c, PROXY_UNAVAILABLE);
+        return;
+    }
+    k->p = p;
+    k->fd = -1;
+    k->rcap = PROXY_READ_BUF;
+    k->addr0 = p->addr_next;
+    p->nconns++;
+    proxy_conn_attach(k, c);
+    if (proxy_conn_open(k) != 0) {
+        proxy_conn_detach(k);
+        proxy_conn_close(k);
+        proxy_call_fail_later(c, PROXY_UNAVAILABLE);
+    }
+}
+
+/* Connections freed up: start queued calls on new ones. */
+static void proxy_serve_queue(proxy *p)
+{
+    if (p->serving || p->freeing) return;
+    p->serving = 1;
+    while (p->wait_head && p->nconns < p->max_conns) {
+        proxy_call *c = p->wait_head;
+        proxy_unqueue(p, c);
+        proxy_connect(p, c);
+    }
+    p->serving = 0;
+}
+
+/* Writes what is left of the request. 0 when all is written or the rest
+ * waits for writability; -1 (errno set) on error. */
+static int proxy_conn_send(proxy_conn *k)
+{
+    proxy_call *c = k->call;
+    while (c->sent < c->req_len) {
+        struct iovec iov[PROXY_CALL_IOV];
+        struct msghdr m;
+        size_t skip = c->sent;
+        int n = 0;
+        ssize_t w;
+        for (int i = 0; i < PROXY_CALL_IOV; i++) {
+            if (skip >= c->iov[i].iov_len) {
+                skip -= c->iov[i].iov_len;
+                continue;
+            }
+            iov[n].iov_base = (char *)c->iov[i].iov_base + skip;
+            iov[n].iov_len = c->iov[i].iov_len - skip;
+            skip = 0;
+            n++;
+        }
+        memset(&m, 0, sizeof m);
+        m.msg_iov = iov;
+        m.msg_iovlen = (size_t)n;
+        /* MSG_NOSIGNAL: a closed peer is an error here, not a SIGPIPE. */
+        w = sendmsg(k->fd, &m, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+            if (!k->writing && event_add(&k->wev, NULL) != 0) return -1;
+            k->writing = 1;
+            return 0;
+        }
+        c->sent += (size_t)w;
+    }
+    if (k->writing) {
+        event_del(&k->wev);
+        k->writing = 0;
+    }
+    return 0;
+}
+
+/* Closes K, which failed (ERR: errno, or 0 for end of file) while carrying
+ * its call, and retries the call once on a new connection when that is safe.
+ *
+ * A keep-alive connection can be closed by the server at any moment it is
+ * idle (its idle timeout, a restart), and we can pick it for a call just
+ * before we see that. Such a failure is recognisable: the connection was
+ * reused and not one byte of the response arrived. The usual answer
+ * (browsers, curl) is to send the request again on a new connection. But
+ * this gateway bills calls, and the same symptom is also what a server shows
+ * when it read the request, acted on it and died before answering: a door
+ * opened twice for one charge. So the retry is limited:
+ *   - idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE): retried,
+ *     since a second execution does what the first one did;
+ *   - other methods (POST, PATCH, ...): retried only if the kernel took none
+ *     of the request before the error, i.e. the upstream cannot have seen it.
+ *     To make that case the common one, such a call checks an idle
+ *     connection for a pending close before writing on it (proxy_dispatch).
+ * The cost: a POST that meets the remaining race (the server closes just as
+ * we write) fails with 502 and is not charged; the caller may retry it. Only
+ * one retry, and never after a response byte, so a call is never sent more
+ * than twice and a partial answer is never replayed.
+ *
+ * DEFER: report the failure from the loop (we are inside another call's
+ * processing). */
+static void proxy_conn_failed(proxy_conn *k, int err, int defer)
+{
+    proxy *p = k->p;
+    proxy_call *c = k->call;
+    int retry = k->served > 0 && !c->got_bytes && !c->retried && (c->replayable || c->sent == 0);
+    log_debug("upstream: %s on a %s connection after %zu of %zu request bytes%s",
+              err ? strerror(err) : "connection closed", k->served ? "reused" : "new", c->sent,
+              c->req_len, retry ? ": retrying on a new connection" : "");
+    proxy_conn_detach(k);
+    proxy_conn_close(k);
+    if (retry) {
+        c->retried = 1;
+        proxy_connect(p, c); /* takes the slot K freed */
+        proxy_serve_queue(p);
+        return;
+    }
+    proxy_serve_queue(p);
+    if (defer)
+        proxy_call_fail_later(c, PROXY_UNAVAILABLE);
+    else
+        proxy_call_finish(c, PROXY_UNAVAILABLE);
+}
+
+/* Ends K's call with RES and closes K (its state is unknown). */
+static void proxy_conn_end(proxy_conn *k, enum proxy_result res)
+{
+    proxy *p = k->p;
+    proxy_call *c = k->call;
+    proxy_conn_detach(k);
+    proxy_conn_close(k);
+    proxy_serve_queue(p);
+    proxy_call_finish(c, res);
+}
+
+/* After a complete response on K: give it to a queued call, keep it idle,
+ * or close it. KEEPALIVE_S: the server's Keep-Alive timeout, 0 if none. */
+static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
+{
+    proxy *p = k->p;
+    int64_t idle_ms = PROXY_IDLE_MS;
+    k->served++;
+    k->rlen = 0;
+    if (k->rcap > PROXY_READ_BUF) {
+        char *nb = realloc(k->rbuf, PROXY_READ_BUF);
+        if (nb) {
+            k->rbuf = nb;
+            k->rcap = PROXY_READ_BUF;
+        }
+    }
+    if (p->wait_head && !p->freeing) {
+        proxy_call *c = p->wait_head;
+        proxy_unqueue(p, c);
+        proxy_conn_attach(k, c);
+        if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 1);
+        return;
+    }
+    /* Leave a second of margin before the server's own timeout. */
+    if (keepalive_s > 0 && (int64_t)keepalive_s * 1000 - 1000 < idle_ms)
+        idle_ms = (int64_t)keepalive_s * 1000 - 1000;
+    if (idle_ms <= 0) {
+        proxy_conn_close(k);
+        return;
+    }
+    if (p->nidle >= PROXY_IDLE_MAX) proxy_conn_close(p->idle_tail); /* the longest idle */
+    proxy_idle_push(p, k);
+    k->idle_until = proxy_now_ms() + (uint64_t)idle_ms;
+    if (!p->idle_timer_on) {
+        struct timeval tv = {PROXY_IDLE_TICK_MS / 1000, (PROXY_IDLE_TICK_MS % 1000) * 1000};
+        p->idle_timer_on = evtimer_add(&p->idle_timer, &tv) == 0;
+    }
+}
+
+/* The response on K is complete. LEFTOVER: bytes followed it. */
+static void proxy_conn_complete(proxy_conn *k, int leftover)
+{
+    proxy *p = k->p;
+    proxy_call *c = k->call;
+    /* Bytes after the response, or a request not fully written (the server
+     * answered early): the connection's state is not one we can reuse. */
+    int reuse = k->hp.keep_alive && !leftover && c->sent == c->req_len;
+    unsigned keepalive_s = k->hp.keepalive_s;
+    proxy_conn_detach(k);
+    if (reuse)
+        proxy_conn_release(k, keepalive_s);
+    else
+        proxy_conn_close(k);
+    proxy_serve_queue(p);
+    proxy_call_finish(c, PROXY_OK);
+}
+
+/* Parses what K has read. 0: more is needed; 1: the call ended (K may be
+ * gone). */
+static int proxy_conn_parse(proxy_conn *k)
+{
+    proxy_call *c = k->call;
+    size_t off = 0, used;
+    http1_event ev;
+    for (;;) {
+        enum http1_ev e = http1_next(&k->hp, k->rbuf + off, k->rlen - off, &used, &ev);
+        off += used;
+        switch (e) {
+        case HTTP1_MORE:
+            if (off > 0) memmove(k->rbuf, k->rbuf + off, k->rlen - off);
+            k->rlen -= off;
+            return 0;
+        case HTTP1_HEADER:
+            if (proxy_call_keep_header(c, &ev) != 0) goto oom;
+            continue;
+        case HTTP1_HEAD_DONE:
+            c->status = k->hp.status;
+            /* A known length is allocated once, exactly. */
+            if (k->hp.framing == HTTP1_LENGTH &&
+                proxy_call_body_room(c, (size_t)k->hp.content_length, (size_t)k->p->max_body) != 0)
+                goto oom;
+            continue;
+        case HTTP1_BODY:
+            if (proxy_call_body_room(c, ev.len, (size_t)k->p->max_body) != 0) goto oom;
+            memcpy(c->body + c->body_len, ev.data, ev.len);
+            c->body_len += ev.len;
+            continue;
+        case HTTP1_DONE:
+            proxy_conn_complete(k, off < k->rlen);
+            return 1;
+        case HTTP1_TOO_LARGE:
+            log_debug("upstream: response too large");
+            proxy_conn_end(k, PROXY_TOO_LARGE);
+            return 1;
+        default:
+            log_warn("upstream: malformed response (status %d)", k->hp.status);
+            proxy_conn_end(k, PROXY_UNAVAILABLE);
+            return 1;
+        }
+    }
+oom:
+    log_warn("upstream: out of memory for a response");
+    proxy_conn_end(k, PROXY_UNAVAILABLE);
+    return 1;
+}
+
+/* The read buffer is full with a partial line: grow it, within the head
+ * bound (http1.c fails a longer line first). 0 or -1. */
+static int proxy_conn_grow(proxy_conn *k)
+{
+    size_t cap = k->rcap * 2;
+    char *nb;
+    if (k->rcap >= PROXY_HEADERS_MAX) return -1;
+    if (cap > PROXY_HEADERS_MAX) cap = PROXY_HEADERS_MAX;
+    nb = realloc(k->rbuf, cap);
+    if (!nb) return -1;
+    k->rbuf = nb;
+    k->rcap = cap;
+    return 0;
+}
+
+static void proxy_on_read(evutil_socket_t fd, short what, void *arg)
+{
+    proxy_conn *k = arg;
+    proxy_call *c = k->call;
+    if (!c) {
+        /* Idle and readable: the server closed it (end of file or reset)
+         * or sent bytes nobody asked for. It cannot carry a call. */
+        proxy_conn_close(k);
+        return;
+    }
+    if (k->connecting) return; /* the write watcher reports the connect */
+    for (;;) {
+        size_t room;
+        ssize_t n;
+        if (k->rlen == k->rcap && proxy_conn_grow(k) != 0) {
+            proxy_conn_end(k, PROXY_TOO_LARGE);
+            return;
+        }
+        room = k->rcap - k->rlen;
+        n = recv(fd, k->rbuf + k->rlen, room, 0);
+        if (n > 0) {
+            c->got_bytes = 1;
+            k->rlen += (size_t)n;
+            if (proxy_conn_parse(k) != 0) return;
+            if ((size_t)n < room) return; /* drained, most likely: wait for the next event */
+            continue;
+        }
+        if (n == 0) {
+            /* End of file ends a close-delimited body, and nothing else. */
+            enum http1_ev e = http1_eof(&k->hp);
+            if (e == HTTP1_DONE)
+                proxy_conn_complete(k, 0);
+            else if (c->got_bytes)
+                proxy_conn_end(k, e == HTTP1_TOO_LARGE ? PROXY_TOO_LARGE : PROXY_UNAVAILABLE);
+            else
+                proxy_conn_failed(k, 0, 0);
+            return;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        proxy_conn_failed(k, errno, 0);
+        return;
+    }
+}
+
+static void proxy_on_write(evutil_socket_t fd, short what, void *arg)
+{
+    proxy_conn *k = arg;
+    proxy *p = k->p;
+    if (!k->call) { /* cannot happen: idle connections have no write watcher */
+        proxy_conn_close(k);
+        return;
+    }
+    if (k->connecting) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+        if (err != 0) {
+            log_debug("upstream: connect to address %d of %s: %s", k->addr, p->up->host,
+                      strerror(err));
+            event_del(&k->rev);
+            event_del(&k->wev);
+            close(k->fd);
+            k->fd = -1;
+            k->writing = 0;
+            if (proxy_conn_open(k) == 0) return; /* the next address */
+            proxy_conn_end(k, PROXY_UNAVAILABLE);
+            return;
+        }
+        k->connecting = 0;
+        p->addr_next = k->addr;
+        if (event_add(&k->rev, NULL) != 0) {
+            proxy_conn_end(k, PROXY_UNAVAILABLE);
+            return;
+        }
+    }
+    if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 0);
+}
+
+/* 0 if an idle connection shows no sign of having been closed. */
+static int proxy_conn_alive(proxy_conn *k)
+{
+    char b;
+    ssize_t n = recv(k->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
+/* Puts C on an idle connection, a new one, or in the queue. */
+static void proxy_dispatch(proxy *p, proxy_call *c)
+{
+    proxy_conn *k;
+    while ((k = p->idle) != NULL) {
+        proxy_idle_unlink(p, k);
+        /* A call that may not be replayed checks for a close first: one
+         * syscall that turns the usual stale-connection race into a clean
+         * retry-free fallback (see proxy_conn_failed). */
+        if (!c->replayable && !proxy_conn_alive(k)) {
+            proxy_conn_close(k);
+            continue;
+        }
+        proxy_conn_attach(k, c);
+        if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 1);
+        return;
+    }
+    if (p->nconns < p->max_conns)
+        proxy_connect(p, c);
+    else
+        proxy_enqueue(p, c);
+}
+
+/* ---- timers ----------------------------------------------------------- */
+
+static void proxy_on_call_timer(evutil_socket_t fd, short what, void *arg)
+{
+    proxy_call *c = arg;
+    proxy *p = c->p;
+    if (c->state == PROXY_CALL_FAILED) {
+        proxy_call_finish(c, c->result);
+        return;
+    }
+    if (c->state == PROXY_CALL_QUEUED) {
+        proxy_unqueue(p, c);
+    } else if (c->conn) {
+        proxy_conn *k = c->conn;
+        proxy_conn_detach(k);
+        proxy_conn_close(k);
+        proxy_serve_queue(p);
+    }
+    log_debug("upstream: call timed out");
+    proxy_call_finish(c, PROXY_TIMEOUT);
+}
+
+static void proxy_on_idle_timer(evutil_socket_t fd, short what, void *arg)
+{
+    proxy *p = arg;
+    uint64_t now = proxy_now_ms();
+    proxy_conn *k, *next;
+    p->idle_timer_on = 0;
+    for (k = p->idle; k; k = next) {
+        next = k->next;
+        if (k->idle_until <= now) proxy_conn_close(k);
+    }
+    if (p->idle) {
+        struct timeval tv = {PROXY_IDLE_TICK_MS / 1000, (PROXY_IDLE_TICK_MS % 1000) * 1000};
+        p->idle_timer_on = evtimer_add(&p->idle_timer, &tv) == 0;
+    }
+}
+
+/* ---- the API ---------------------------------------------------------- */
+
+int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, int max_conns,
+              proxy **out)
+{
+    proxy *p = calloc(1, sizeof *p);
+    int n;
+    if (!p) return -1;
+    p->base = base;
+    p->up = up;
+    p->max_body = max_body;
+    p->max_conns = max_conns > 0 ? max_conns : 1;
+    n = snprintf(p->sp_prefix, sizeof p->sp_prefix, " %s", up->prefix);
+    if (n < 0 || (size_t)n >= sizeof p->sp_prefix) goto fail;
+    p->sp_prefix_len = (size_t)n;
+    n = snprintf(p->http_host, sizeof p->http_host, " HTTP/1.1\r\nHost: %s\r\n", up->authority);
+    if (n < 0 || (size_t)n >= sizeof p->http_host) goto fail;
+    p->http_host_len = (size_t)n;
+    evtimer_assign(&p->idle_timer, base, proxy_on_idle_timer, p);
+    *out = p;
+    return 0;
+fail:
+    free(p);
+    return -1;
+}
+
+void proxy_free(proxy *p)
+{
+    if (!p) return;
+    p->freeing = 1; /* no queued call is started from here on */
+    while (p->running)
+        proxy_cancel(p->running);
+    while (p->idle)
+        proxy_conn_close(p->idle);
+    event_del(&p->idle_timer);
+    free(p);
+}
+
+/* RFC 9110 9.2.2. */
+static int proxy_idempotent(const char *m)
+{
+    return strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0 || strcmp(m, "PUT") == 0 ||
+           strcmp(m, "DELETE") == 0 || strcmp(m, "OPTIONS") == 0 || strcmp(m, "TRACE") == 0;
+}
+
+/* "Content-Length: N\r\n\r\n" into OUT (48 bytes). */
+static size_t proxy_length_tail(char *out, size_t n)
+{
+    char d[24];
+    size_t nd = 0, o = sizeof("Content-Length: ") - 1;
+    memcpy(out, "Content-Length: ", o);
+    do {
+        d[nd++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    while (nd)
+        out[o++] = d[--nd];
+    memcpy(out + o, "\r\n\r\n", 4);
+    return o + 4;
+}
+
+int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method, const char *body,
+                size_t body_len, int64_t timeout_ms, proxy_done_cb done, void *arg)
+{
+    size_t tlen = strlen(target), mlen = strlen(method), tail_len;
+    struct timeval tv = {(time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000)};
+    int with_length;
+
+    if (c->state != PROXY_CALL_IDLE || !proxy_token_ok(method, mlen)) return -1;
+    /* The target goes on the request line verbatim: printable ASCII only,
+     * so nothing a client sent can split or extend that line. */
+    if (tlen == 0 || target[0] != '/' || p->sp_prefix_len + tlen > PROXY_TARGET_MAX) return -1;
+    for (size_t i = 0; i < tlen; i++)
+        if ((unsigned char)target[i] <= ' ' || (unsigned char)target[i] >= 0x7f) return -1;
+
+    c->p = p;
+    c->done = done;
+    c->arg = arg;
+    c->status = 0;
+    c->retried = 0;
+    c->head_request = strcmp(method, "HEAD") == 0;
+    c->replayable = proxy_idempotent(method);
+    /* As curl did: methods that carry content always say how much. */
+    with_length = body_len > 0 || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
+                  strcmp(method, "PATCH") == 0;
+    if (with_length) {
+        tail_len = proxy_length_tail(c->tail, body_len);
+    } else {
+        memcpy(c->tail, "\r\n", 2);
+        tail_len = 2;
+    }
+    c->iov[0] = (struct iovec){(void *)method, mlen};
+    c->iov[1] = (struct iovec){p->sp_prefix, p->sp_prefix_len};
+    c->iov[2] = (struct iovec){(void *)target, tlen};
+    c->iov[3] = (struct iovec){p->http_host, p->http_host_len};
+    c->iov[4] = (struct iovec){c->req_hdrs, c->req_hdrs_len};
+    c->iov[5] = (struct iovec){c->tail, tail_len};
+    c->iov[6] = (struct iovec){(void *)body, body ? body_len : 0};
+    c->req_len = 0;
+    for (int i = 0; i < PROXY_CALL_IOV; i++)
+        c->req_len += c->iov[i].iov_len;
+
+    evtimer_assign(&c->timer, p->base, proxy_on_call_timer, c);
+    if (evtimer_add(&c->timer, &tv) != 0) return -1;
+    c->prev = NULL;
+    c->next = p->running;
+    if (p->running) p->running->prev = c;
+    p->running = c;
+    c->state = PROXY_CALL_ACTIVE; /* until dispatched: proxy_dispatch sets the real state */
+    proxy_dispatch(p, c);
+    return 0;
+}
+
+void proxy_cancel(proxy_call *c)
+{
+    proxy *p = c->p;
+    if (c->state == PROXY_CALL_IDLE) return;
+    if (c->state == PROXY_CALL_QUEUED) {
+        proxy_unqueue(p, c);
+    } else if (c->conn) {
+        proxy_conn *k = c->conn;
+        proxy_conn_detach(k);
+        proxy_conn_close(k);
+    }
+    event_del(&c->timer);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        p->running = c->next;
+    if (c->next) c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    c->state = PROXY_CALL_IDLE;
+    proxy_serve_queue(p);
 }

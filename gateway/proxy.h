@@ -1,22 +1,30 @@
-/* proxy.h: upstream HTTP calls on a libcurl multi handle driven by the
- * worker's libevent loop. Owns the multi handle (and with it the keep-alive
- * connection pool to the upstream), a small free list of easy handles, and
- * the buffering of responses within the configured bounds. Does not know
- * about billing, routes or clients: request.c builds the call and reads the
- * result. Single-threaded: used only by its worker thread. */
+/* proxy.h: upstream HTTP/1.1 calls on the worker's libevent loop.
+ *
+ * Owns the per-worker keep-alive pool of connections to the one upstream
+ * (connect, reuse, idle expiry, the bound on their number and the queue of
+ * calls waiting for one), writing requests, reading responses through
+ * http1.c within the configured bounds, and per-call timeouts. Does not
+ * know about billing, routes or clients: request.c builds the call (target,
+ * header lines, body) and reads the result. Does not resolve names: the
+ * addresses come resolved from config.c. Single-threaded: used only by its
+ * worker thread. */
 #ifndef GATEWAY_PROXY_H
 #define GATEWAY_PROXY_H
 
-#include <curl/curl.h>
+#include "gateway/config.h"
+
 #include <event2/event.h>
+#include <event2/event_struct.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 typedef struct proxy proxy;
+struct proxy_conn;
 
 enum proxy_result {
     PROXY_OK,          /* an HTTP answer, any status */
-    PROXY_UNAVAILABLE, /* connection refused, DNS, reset, protocol error */
+    PROXY_UNAVAILABLE, /* connection refused or reset, malformed response */
     PROXY_TIMEOUT,
     PROXY_TOO_LARGE, /* response headers or body past the limit */
 };
@@ -24,32 +32,62 @@ enum proxy_result {
 typedef struct proxy_call proxy_call;
 typedef void (*proxy_done_cb)(void *arg, proxy_call *c);
 
+#define PROXY_CALL_IOV 7
+
 struct proxy_call {
     proxy *p;
-    proxy_call *prev, *next; /* running calls of P */
-    CURL *easy;
-    struct curl_slist *req_headers; /* owned: freed by proxy_call_clear */
+    proxy_call *prev, *next;   /* P's started calls */
+    proxy_call *qprev, *qnext; /* P's calls waiting for a connection */
+    struct proxy_conn *conn;   /* the connection carrying it, if any */
+    int state;                 /* PROXY_CALL_* in proxy.c */
+    /* Request header lines "Name: value\r\n", appended by proxy_call_add_header. */
+    char *req_hdrs;
+    size_t req_hdrs_len, req_hdrs_cap;
+    /* The request as written: iovecs over memory that stays valid until the
+     * call ends (the caller's method, target and body; P's constants). */
+    struct iovec iov[PROXY_CALL_IOV];
+    size_t req_len, sent;
+    char tail[48];    /* "Content-Length: n\r\n\r\n" or "\r\n" */
+    int head_request; /* HEAD: the response has no body */
+    int replayable;   /* idempotent method: see proxy_conn_failed */
+    int retried;
+    int got_bytes; /* some response byte arrived on the current connection */
+    struct event timer;
+    /* The result, valid in the callback. */
     enum proxy_result result;
     long status;
     char *hdrs; /* response headers as "name\0value\0" pairs */
     size_t hdrs_len, hdrs_cap;
     char *body;
     size_t body_len, body_cap;
-    int too_large;
     proxy_done_cb done;
     void *arg;
 };
 
-int proxy_new(struct event_base *base, int64_t max_body, proxy **out);
-/* Aborts calls still running (without their callbacks) and frees all. */
+/* UP must outlive P. MAX_CONNS: open connections at most; calls past it
+ * wait for one. */
+int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, int max_conns,
+              proxy **out);
+/* Aborts calls still running (without their callbacks), closes every
+ * connection and frees all. */
 void proxy_free(proxy *p);
 
-/* Starts C (zeroed by the caller, then req_headers set). BODY must stay
- * valid until done or cancelled. DONE runs once, from the loop, unless the
- * call is cancelled first. -1 if it could not be started (nothing to undo). */
-int proxy_start(proxy *p, proxy_call *c, const char *url, const char *method, const char *body,
+/* Appends "NAME: VALUE" to C's request headers (before proxy_start). -1 if
+ * NAME is not a token, VALUE holds CR, LF or another control character, the
+ * headers would pass their bound (64 KiB), or out of memory. */
+int proxy_call_add_header(proxy_call *c, const char *name, const char *value);
+
+/* Starts C (zeroed by the caller, then headers added): METHOD TARGET, where
+ * TARGET ("/path?query", appended to the upstream's path prefix), METHOD
+ * and BODY must stay valid until done or cancelled. DONE runs once, from
+ * the loop (never from inside proxy_start or proxy_cancel), unless the call
+ * is cancelled first. TIMEOUT_MS covers waiting for a connection,
+ * connecting, writing and reading. -1 if it could not be started (bad
+ * method or target; nothing to undo). */
+int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method, const char *body,
                 size_t body_len, int64_t timeout_ms, proxy_done_cb done, void *arg);
-/* Aborts a running call; DONE will not run. No-op if not running. */
+/* Aborts a running call and closes its connection (its state is unknown);
+ * DONE will not run. No-op if not running. */
 void proxy_cancel(proxy_call *c);
 /* Frees buffers of a finished or cancelled call (body may have been taken). */
 void proxy_call_clear(proxy_call *c);

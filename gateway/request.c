@@ -31,7 +31,6 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
-#define REQUEST_URL_MAX 8192
 
 enum request_state {
     ST_NEW,
@@ -374,19 +373,12 @@ static int request_in_connection(const char *tokens, const char *name)
 
 static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
 {
-    char line[8192];
-    struct curl_slist *l;
-    /* curl drops "Name:" with no value; "Name;" sends it empty. */
-    if (value && *value)
-        snprintf(line, sizeof line, "%s: %s", name, value);
-    else
-        snprintf(line, sizeof line, "%s;", name);
-    l = curl_slist_append(h->r->call.req_headers, line);
-    if (!l) {
+    if (proxy_call_add_header(&h->r->call, name, value) != 0) {
+        log_warn("request %s: header %s not forwardable (invalid or past the bound)", h->r->rid,
+                 name);
         h->failed = 1;
         return -1;
     }
-    h->r->call.req_headers = l;
     return 0;
 }
 
@@ -435,25 +427,18 @@ static int request_build_headers(gw_request *r)
     snprintf(buf, sizeof buf, "%" PRId64, r->account);
     if (request_add_header(&h, "X-Account-Id", buf) != 0) return -1;
     if (request_add_header(&h, "X-Request-Id", r->rid) != 0) return -1;
-    /* An empty Expect suppresses curl's 100-continue round trip. */
-    {
-        struct curl_slist *l = curl_slist_append(r->call.req_headers, "Expect:");
-        if (!l) return -1;
-        r->call.req_headers = l;
-    }
     return 0;
 }
 
 static void request_proxy(gw_request *r)
 {
-    char url[REQUEST_URL_MAX];
-    const char *query = strchr(r->uri, '?');
-    int n = snprintf(url, sizeof url, "%s%.*s%s", r->w->cfg->upstream, (int)r->raw_path_len, r->uri,
-                     query ? query : "");
     r->st = ST_PROXY;
-    if (n < 0 || (size_t)n >= sizeof url || request_build_headers(r) != 0 ||
-        proxy_start(r->w->px, &r->call, url, r->method, r->body, r->body_len, r->route->timeout_ms,
-                    request_on_upstream, r) != 0) {
+    /* The raw target (path and query, as the client sent them) goes to the
+     * upstream unchanged after its path prefix; uri, method and body live
+     * as long as the request, so the call can point at them. */
+    if (request_build_headers(r) != 0 ||
+        proxy_start(r->w->px, &r->call, r->uri, r->method, r->body, r->body_len,
+                    r->route->timeout_ms, request_on_upstream, r) != 0) {
         request_release_detached(r);
         request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
                       "could not start the upstream call");
@@ -709,6 +694,16 @@ static const char *request_key(struct MHD_Connection *conn, size_t *len)
     return v;
 }
 
+/* The raw target is forwarded verbatim on the upstream's request line,
+ * which takes printable ASCII only (RFC 9112 3.2); MHD lets control and
+ * non-ASCII bytes through. Refused here, before anything is held. */
+static int request_target_ok(const char *uri)
+{
+    for (; *uri; uri++)
+        if ((unsigned char)*uri <= ' ' || (unsigned char)*uri >= 0x7f) return 0;
+    return 1;
+}
+
 /* Headers are in: everything that needs neither body nor Redis. */
 static void request_begin(gw_request *r, const char *method)
 {
@@ -724,7 +719,7 @@ static void request_begin(gw_request *r, const char *method)
         request_error(r, 500, "internal", "out of memory");
         return;
     }
-    if (strlen(method) >= sizeof r->method ||
+    if (strlen(method) >= sizeof r->method || !request_target_ok(r->uri) ||
         routes_normalise(r->uri, r->raw_path_len, r->path, r->raw_path_len + 1) != 0) {
         request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid request path");
         return;

@@ -214,7 +214,8 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
         if (!w->gone_arm_tv) goto oom;
     }
     if (authcache_init(&w->keys, WORKER_AUTHCACHE_SLOTS) != 0) goto oom;
-    if (proxy_new(w->base, cfg->max_body, &w->px) != 0) goto oom;
+    if (proxy_new(w->base, &cfg->up, cfg->max_body, (int)cfg->upstream_max_conns, &w->px) != 0)
+        goto oom;
     /* These two resolve their host names (and say so when that fails). */
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
         log_error("worker %d: cannot set up its Redis client", idx);
@@ -293,8 +294,8 @@ void worker_join(worker *w)
 void worker_destroy(worker *w)
 {
     route_table *t;
-    /* Order matters: requests are answered while MHD, Redis and curl still
-     * exist; Redis callbacks run (with failure) inside hotclient_free. */
+    /* Order matters: requests are answered while MHD, Redis and the proxy
+     * still exist; Redis callbacks run (with failure) inside hotclient_free. */
     if (w->mhd) {
         w->aborted = 1;
         request_abort_all(w); /* upstream calls and waits; releases via hc */

@@ -1,9 +1,9 @@
 /* worker.h: one worker thread: its event loop and everything bound to it.
  * Owns the libevent base, the libmicrohttpd daemon (external epoll mode on
  * the shared port with SO_REUSEPORT, run from the loop), the Redis client,
- * the curl multi handle, the key cache and the current route table. A
- * request lives on one worker from accept to answer. Only worker_stop and
- * worker_reload may be called from another thread (main). */
+ * the upstream client (its keep-alive pool), the key cache and the current
+ * route table. A request lives on one worker from accept to answer. Only
+ * worker_stop and worker_reload may be called from another thread (main). */
 #ifndef GATEWAY_WORKER_H
 #define GATEWAY_WORKER_H
 

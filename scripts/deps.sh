@@ -4,7 +4,7 @@
 # present, so it is cheap to call every time.
 set -euo pipefail
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
-      libhiredis-dev libjansson-dev libsodium-dev libcurl4-openssl-dev libevent-dev
+      libhiredis-dev libjansson-dev libsodium-dev libevent-dev
       curl jq python3 nginx wrk procps bc)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -165,6 +165,89 @@ def test_sim_drop(stack):
     assert stats["requests"] == 4, stats
 
 
+def test_sim_drop_once(stack):
+    url = _sim(stack)
+    token = f"once-{time.time_ns()}"
+    try:
+        r = http("GET", url + "/v1/devices/d1", headers={"X-Sim-Drop-Once": token})
+        raise AssertionError(f"expected no answer, got {r}")
+    except (httpclient.RemoteDisconnected, ConnectionResetError, httpclient.BadStatusLine):
+        pass
+    # The same token again is answered; another token is dropped once too.
+    assert http("GET", url + "/v1/devices/d1", headers={"X-Sim-Drop-Once": token}).status == 200
+    assert http("GET", url + "/v1/devices/d1", headers={"X-Sim-Drop-Once": token}).status == 200
+    out = raw_http(stack.devsim.port, b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\n"
+                   b"X-Sim-Drop-Once: " + token.encode() + b"-2\r\n\r\n")
+    assert out == b"", out
+    r = http("GET", url + "/v1/devices/d1", headers={"X-Sim-Drop-Once": "t" * 64})
+    assert r.status == 400 and r.json()["error"] == "bad_sim_header", r
+    assert http("GET", url + "/_sim/stats").json()["requests"] == 5
+
+
+def test_sim_framing(stack):
+    url = _sim(stack)
+    for n in (0, 1, 997, 998, 5000):
+        for framing in ("length", "chunked", "close"):
+            r = http("GET", url + "/v1/devices/d1",
+                     headers={"X-Sim-Framing": framing, "X-Sim-Body-Bytes": str(n)})
+            assert r.status == 200 and r.body == b"x" * n, (framing, n, r)
+            te = r.headers.get("transfer-encoding")
+            if framing == "length":
+                assert int(r.headers["content-length"]) == n and te is None, r.headers
+            elif framing == "chunked":
+                assert te == "chunked" and "content-length" not in r.headers, r.headers
+            else:
+                assert te is None and "content-length" not in r.headers, r.headers
+                assert r.headers["connection"] == "close", r.headers
+    # The JSON echo too; bodiless statuses stay bodiless.
+    r = http("GET", url + "/v1/devices/d1?a=1", headers={"X-Sim-Framing": "chunked"})
+    assert r.status == 200 and r.json()["query"] == {"a": "1"}, r
+    r = http("GET", url + "/v1/devices/d1", headers={"X-Sim-Framing": "close", "X-Sim-Status": "204"})
+    assert r.status == 204 and r.body == b"", r
+    # At the socket level: chunks of at most 997 bytes, and a close after the body.
+    out = raw_http(stack.devsim.port, b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\n"
+                   b"X-Sim-Framing: close\r\nX-Sim-Body-Bytes: 3000\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower() and body == b"x" * 3000, out[:300]
+    s = socket.create_connection(("127.0.0.1", stack.devsim.port), timeout=10)
+    try:
+        s.sendall(b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\nX-Sim-Framing: chunked\r\n"
+                  b"X-Sim-Body-Bytes: 2000\r\n\r\n")
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            b = s.recv(65536)
+            assert b, data
+            data += b
+    finally:
+        s.close()
+    assert b"\r\n\r\n3E5\r\n" in data.upper(), data[:300]
+    r = http("GET", url + "/v1/devices/d1", headers={"X-Sim-Framing": "gzip"})
+    assert r.status == 400 and r.json()["error"] == "bad_sim_header", r
+
+
+def test_idle_timeout_env(stack):
+    """DEVSIM_IDLE_TIMEOUT_S: an idle keep-alive connection is closed after it."""
+    port = harness.free_port()
+    sim = stack.spawn("devsim-idle", [stack.bin("devsim")],
+                      {"DEVSIM_LISTEN": f"127.0.0.1:{port}", "DEVSIM_IDLE_TIMEOUT_S": "1"}, port)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\nX-Sim-Body-Bytes: 0\r\n\r\n")
+        t0 = time.time()
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        took = time.time() - t0
+    finally:
+        s.close()
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert 0.5 < took < 5, took
+    assert sim.stop() == 0
+
+
 def test_control_endpoints(stack):
     url = _sim(stack)
     assert http("GET", url + "/_sim/stats").json()["requests"] == 0

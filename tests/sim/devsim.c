@@ -17,6 +17,12 @@
  *   X-Sim-Usage: U         answer X-Usage-Units: U (verbatim; a gateway must cope with junk)
  *   X-Sim-Body-Bytes: N    answer a body of exactly N bytes (0..64 MiB) instead of the echo
  *   X-Sim-Drop: 1          close the connection without answering (after the delay)
+ *   X-Sim-Drop-Once: T     the same, but only the first time token T (1..63 bytes) is
+ *                          seen (the last 256 tokens are remembered): the next request
+ *                          with T is answered, as after a lost keep-alive connection
+ *   X-Sim-Framing: F       how the body is delimited: "length" (Content-Length, the
+ *                          default), "chunked" (chunks of at most 997 bytes) or "close"
+ *                          (no length, Connection: close, the body ends at the close)
  * A malformed control header is answered 400 {"error":"bad_sim_header"}.
  * X-Sim-Status 1xx sends that interim answer and no final one: the client
  * waits, as behind a broken upstream. 1xx, 204 and 304 carry no body.
@@ -32,7 +38,8 @@
  * everything and exits 0.
  *
  * Configuration: DEVSIM_LISTEN (host:port, default 127.0.0.1:9090),
- * DEVSIM_MAX_CONNECTIONS (default 4096), LOG_LEVEL. */
+ * DEVSIM_MAX_CONNECTIONS (default 4096), DEVSIM_IDLE_TIMEOUT_S (how long an
+ * idle keep-alive connection is kept, default 120), LOG_LEVEL. */
 #include "billing/env.h"
 #include "billing/log.h"
 
@@ -57,6 +64,9 @@
 #define DEVSIM_MAX_DELAY_MS 60000
 #define DEVSIM_REPLY_BLOCK (64 * 1024)
 #define DEVSIM_CONN_TIMEOUT_S 120 /* idle keep-alive; above the longest delay */
+#define DEVSIM_PIECE 997          /* chunk size of unknown-length bodies: odd on purpose */
+#define DEVSIM_DROP_ONCE_MAX 256  /* X-Sim-Drop-Once tokens remembered */
+#define DEVSIM_TOKEN_MAX 64
 #define DEVSIM_THREAD_STACK (512 * 1024)
 
 /* Everything shared between connection threads. */
@@ -68,6 +78,8 @@ struct devsim_state {
     uint64_t in_flight; /* of those, not yet completed */
     uint64_t commands;  /* command ids handed out; never reset, ids stay unique */
     json_t *last;       /* last request outside /_sim, or NULL */
+    char drop_once[DEVSIM_DROP_ONCE_MAX][DEVSIM_TOKEN_MAX]; /* ring of X-Sim-Drop-Once tokens */
+    unsigned drop_once_next;
 };
 
 /* Per request, from the first handler call to MHD's completion callback. */
@@ -79,6 +91,8 @@ struct devsim_req {
     bool counted;    /* accounted in requests/in_flight */
 };
 
+enum devsim_framing { DEVSIM_LENGTH, DEVSIM_CHUNKED, DEVSIM_CLOSE };
+
 /* The per-request control headers, parsed. */
 struct devsim_ctl {
     int status;         /* 0: the endpoint's own */
@@ -86,6 +100,8 @@ struct devsim_ctl {
     const char *usage;  /* NULL: the endpoint's own */
     int64_t body_bytes; /* -1: the JSON echo */
     bool drop;
+    const char *drop_once; /* NULL: none */
+    enum devsim_framing framing;
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -178,13 +194,14 @@ static int devsim_header_int(struct MHD_Connection *conn, const char *name, int6
 static const char *devsim_parse_ctl(struct MHD_Connection *conn, struct devsim_ctl *ctl)
 {
     int64_t v;
-    const char *drop;
+    const char *drop, *framing;
     int rc;
 
     ctl->status = 0;
     ctl->delay_ms = 0;
     ctl->body_bytes = -1;
     ctl->drop = false;
+    ctl->framing = DEVSIM_LENGTH;
     ctl->usage = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Sim-Usage");
 
     rc = devsim_header_int(conn, "X-Sim-Status", 100, 599, &v);
@@ -202,6 +219,18 @@ static const char *devsim_parse_ctl(struct MHD_Connection *conn, struct devsim_c
             ctl->drop = true;
         else if (strcmp(drop, "0") != 0)
             return "X-Sim-Drop";
+    }
+    ctl->drop_once = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Sim-Drop-Once");
+    if (ctl->drop_once && (ctl->drop_once[0] == '\0' || strlen(ctl->drop_once) >= DEVSIM_TOKEN_MAX))
+        return "X-Sim-Drop-Once";
+    framing = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Sim-Framing");
+    if (framing) {
+        if (strcmp(framing, "chunked") == 0)
+            ctl->framing = DEVSIM_CHUNKED;
+        else if (strcmp(framing, "close") == 0)
+            ctl->framing = DEVSIM_CLOSE;
+        else if (strcmp(framing, "length") != 0)
+            return "X-Sim-Framing";
     }
     return NULL;
 }
@@ -236,10 +265,65 @@ static ssize_t devsim_fill(void *cls, uint64_t pos, char *buf, size_t max)
     return (ssize_t)n;
 }
 
+/* A body of unknown length for chunked or close-delimited framing: TEXT
+ * (owned) or, when NULL, TOTAL bytes of 'x'. */
+struct devsim_piece {
+    char *text;
+    uint64_t total;
+};
+
+static ssize_t devsim_piece_fill(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    const struct devsim_piece *pc = cls;
+    size_t n;
+    if (pos >= pc->total) return MHD_CONTENT_READER_END_OF_STREAM;
+    n = (pc->total - pos < (uint64_t)max) ? (size_t)(pc->total - pos) : max;
+    if (n > DEVSIM_PIECE) n = DEVSIM_PIECE; /* one callback, one chunk */
+    if (pc->text)
+        memcpy(buf, pc->text + pos, n);
+    else
+        memset(buf, 'x', n);
+    return (ssize_t)n;
+}
+
+static void devsim_piece_free(void *cls)
+{
+    struct devsim_piece *pc = cls;
+    free(pc->text);
+    free(pc);
+}
+
+/* LEN bytes of TEXT (stolen) or of 'x' when TEXT is NULL, as an unknown-
+ * length response: MHD sends it chunked to an HTTP/1.1 client, or
+ * close-delimited with FRAMING close. NULL on failure (TEXT freed). */
+static struct MHD_Response *devsim_unknown_length(char *text, uint64_t len,
+                                                  enum devsim_framing framing)
+{
+    struct devsim_piece *pc = malloc(sizeof *pc);
+    struct MHD_Response *resp = NULL;
+    if (pc) {
+        pc->text = text;
+        pc->total = len;
+        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, DEVSIM_PIECE, devsim_piece_fill,
+                                                 pc, devsim_piece_free);
+    }
+    if (!resp) {
+        free(text);
+        free(pc);
+        return NULL;
+    }
+    if (framing == DEVSIM_CLOSE &&
+        MHD_set_response_options(resp, MHD_RF_HTTP_VERSION_1_0_ONLY, MHD_RO_END) != MHD_YES) {
+        MHD_destroy_response(resp);
+        return NULL;
+    }
+    return resp;
+}
+
 /* Queues STATUS with BODY (JSON, stolen; may be NULL for an empty body) and
- * the optional usage header. Returns MHD's verdict. */
+ * the optional usage header, in FRAMING. Returns MHD's verdict. */
 static enum MHD_Result devsim_send_json(struct MHD_Connection *conn, unsigned status, json_t *body,
-                                        const char *usage)
+                                        const char *usage, enum devsim_framing framing)
 {
     char *text = NULL;
     size_t len = 0;
@@ -253,11 +337,16 @@ static enum MHD_Result devsim_send_json(struct MHD_Connection *conn, unsigned st
         if (text) len = strlen(text);
     }
     json_decref(body);
-    resp = MHD_create_response_from_buffer(len, text ? text : (char *)"",
-                                           text ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
-    if (!resp) {
-        free(text);
-        return MHD_NO;
+    if (framing != DEVSIM_LENGTH && !bodiless) {
+        resp = devsim_unknown_length(text, len, framing);
+        if (!resp) return MHD_NO;
+    } else {
+        resp = MHD_create_response_from_buffer(
+            len, text ? text : (char *)"", text ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+        if (!resp) {
+            free(text);
+            return MHD_NO;
+        }
     }
     if (len) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
     if (usage && MHD_add_response_header(resp, "X-Usage-Units", usage) != MHD_YES)
@@ -268,11 +357,13 @@ static enum MHD_Result devsim_send_json(struct MHD_Connection *conn, unsigned st
 }
 
 static enum MHD_Result devsim_send_bytes(struct MHD_Connection *conn, unsigned status, int64_t n,
-                                         const char *usage)
+                                         const char *usage, enum devsim_framing framing)
 {
     struct MHD_Response *resp;
     enum MHD_Result ret;
-    if (n == 0)
+    if (framing != DEVSIM_LENGTH)
+        resp = devsim_unknown_length(NULL, (uint64_t)n, framing);
+    else if (n == 0)
         resp = MHD_create_response_from_buffer(0, (char *)"", MHD_RESPMEM_PERSISTENT);
     else
         resp = MHD_create_response_from_callback((uint64_t)n, DEVSIM_REPLY_BLOCK, devsim_fill,
@@ -318,13 +409,15 @@ static enum MHD_Result devsim_control(struct devsim_state *st, struct MHD_Connec
     } else if (strcmp(url, "/_sim/last") == 0 || strcmp(url, "/_sim/stats") == 0 ||
                strcmp(url, "/_sim/reset") == 0) {
         return devsim_send_json(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
-                                devsim_error("method_not_allowed", "wrong method"), NULL);
+                                devsim_error("method_not_allowed", "wrong method"), NULL,
+                                DEVSIM_LENGTH);
     } else {
         return devsim_send_json(conn, MHD_HTTP_NOT_FOUND,
-                                devsim_error("not_found", "no such control endpoint"), NULL);
+                                devsim_error("not_found", "no such control endpoint"), NULL,
+                                DEVSIM_LENGTH);
     }
     if (!body) return MHD_NO;
-    return devsim_send_json(conn, MHD_HTTP_OK, body, NULL);
+    return devsim_send_json(conn, MHD_HTTP_OK, body, NULL, DEVSIM_LENGTH);
 }
 
 /* ---- the device API ------------------------------------------------------- */
@@ -423,6 +516,21 @@ not_allowed:
     return MHD_HTTP_METHOD_NOT_ALLOWED;
 }
 
+/* True the first time TOKEN is seen among the last DEVSIM_DROP_ONCE_MAX. */
+static bool devsim_first_time(struct devsim_state *st, const char *token)
+{
+    bool first = true;
+    pthread_mutex_lock(&st->mu);
+    for (unsigned i = 0; i < DEVSIM_DROP_ONCE_MAX && first; i++)
+        if (strcmp(st->drop_once[i], token) == 0) first = false;
+    if (first) {
+        snprintf(st->drop_once[st->drop_once_next], DEVSIM_TOKEN_MAX, "%s", token);
+        st->drop_once_next = (st->drop_once_next + 1) % DEVSIM_DROP_ONCE_MAX;
+    }
+    pthread_mutex_unlock(&st->mu);
+    return first;
+}
+
 /* Records the request as the last one seen (for /_sim/last). */
 static void devsim_remember(struct devsim_state *st, struct MHD_Connection *conn,
                             const char *method, const char *url, const struct devsim_req *req)
@@ -455,10 +563,10 @@ static enum MHD_Result devsim_answer(struct devsim_state *st, struct MHD_Connect
         char msg[128];
         snprintf(msg, sizeof msg, "%s is malformed or out of range", bad);
         return devsim_send_json(conn, MHD_HTTP_BAD_REQUEST, devsim_error("bad_sim_header", msg),
-                                NULL);
+                                NULL, DEVSIM_LENGTH);
     }
     devsim_delay(st, ctl.delay_ms);
-    if (ctl.drop) {
+    if (ctl.drop || (ctl.drop_once && devsim_first_time(st, ctl.drop_once))) {
         log_debug("%s %s: dropping the connection as asked", method, url);
         return MHD_NO;
     }
@@ -479,9 +587,9 @@ static enum MHD_Result devsim_answer(struct devsim_state *st, struct MHD_Connect
     }
     if (ctl.body_bytes >= 0) {
         json_decref(out);
-        return devsim_send_bytes(conn, status, ctl.body_bytes, usage);
+        return devsim_send_bytes(conn, status, ctl.body_bytes, usage, ctl.framing);
     }
-    return devsim_send_json(conn, status, out, usage);
+    return devsim_send_json(conn, status, out, usage, ctl.framing);
 }
 
 static enum MHD_Result devsim_handler(void *cls, struct MHD_Connection *conn, const char *url,
@@ -567,7 +675,7 @@ int main(void)
     const char *listen_at = env_str("DEVSIM_LISTEN", "127.0.0.1:9090");
     char host[256], portstr[16];
     int port = 0, sig = 0, rc = 1, gai;
-    int64_t max_conns = 0;
+    int64_t max_conns = 0, idle_s = 0;
     struct addrinfo hints = {0}, *ai = NULL;
     struct MHD_Daemon *d = NULL;
     sigset_t sigs;
@@ -587,6 +695,7 @@ int main(void)
     if (!sync_ok) goto out;
 
     if (env_int64("DEVSIM_MAX_CONNECTIONS", 4096, 1, 1000000, &max_conns) != 0) goto out;
+    if (env_int64("DEVSIM_IDLE_TIMEOUT_S", DEVSIM_CONN_TIMEOUT_S, 1, 3600, &idle_s) != 0) goto out;
     if (env_parse_hostport(listen_at, host, sizeof host, &port) != 0) {
         log_error("DEVSIM_LISTEN=%s: expected host:port", listen_at);
         goto out;
@@ -616,7 +725,7 @@ int main(void)
     d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, devsim_handler, &st,
                          MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
                          devsim_completed, &st, MHD_OPTION_CONNECTION_LIMIT, (unsigned)max_conns,
-                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)DEVSIM_CONN_TIMEOUT_S,
+                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)idle_s,
                          MHD_OPTION_THREAD_STACK_SIZE, (size_t)DEVSIM_THREAD_STACK,
                          MHD_OPTION_EXTERNAL_LOGGER, devsim_mhd_log, NULL, MHD_OPTION_END);
     if (!d) {

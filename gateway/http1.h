@@ -1,0 +1,78 @@
+/* http1.h: a strict, bounded HTTP/1.1 response parser.
+ *
+ * Owns the framing rules of an upstream response (RFC 9112): the status
+ * line, header syntax, interim 1xx responses (skipped), bodiless answers
+ * (HEAD, 204, 304), Content-Length, chunked transfer coding (extensions
+ * accepted, trailers skipped), close-delimited bodies, whether the
+ * connection may carry another request, and the bounds on head and body
+ * size. Pure functions on caller buffers: no I/O, no allocation, no global
+ * state. Does not own buffering (the caller keeps the bytes not consumed and
+ * calls again once more have arrived), nor what headers mean to the gateway
+ * (proxy.c decides which ones it keeps). */
+#ifndef GATEWAY_HTTP1_H
+#define GATEWAY_HTTP1_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum http1_ev {
+    HTTP1_MORE,      /* every byte given was consumed or is a partial line: read more */
+    HTTP1_HEADER,    /* a header of the final response: name, value */
+    HTTP1_HEAD_DONE, /* the final response's head is complete: status and framing known */
+    HTTP1_BODY,      /* body bytes (de-chunked): data, len, pointing into the input */
+    HTTP1_DONE,      /* the response is complete */
+    HTTP1_TOO_LARGE, /* head or body past its bound */
+    HTTP1_MALFORMED, /* syntax or framing error: the connection cannot be trusted */
+};
+
+enum http1_framing {
+    HTTP1_NONE,    /* no body: HEAD, 204, 304, or Content-Length: 0 */
+    HTTP1_LENGTH,  /* Content-Length */
+    HTTP1_CHUNKED, /* Transfer-Encoding: chunked */
+    HTTP1_CLOSE,   /* neither: the body ends when the server closes */
+};
+
+typedef struct http1_event {
+    const char *name, *value; /* HTTP1_HEADER, not NUL-terminated; value trimmed */
+    size_t name_len, value_len;
+    const char *data; /* HTTP1_BODY */
+    size_t len;
+} http1_event;
+
+typedef struct http1_parser {
+    /* Limits, set by http1_init. */
+    size_t max_head;   /* bytes of status lines, headers and trailers together */
+    uint64_t max_body; /* de-chunked body bytes */
+    int head_request;  /* the request was HEAD: the response has no body */
+    /* Results, valid from HTTP1_HEAD_DONE on. */
+    int status;
+    int minor;                  /* HTTP/1.<minor> of the final response */
+    enum http1_framing framing; /* how the body is delimited */
+    int64_t content_length;     /* -1 when the response has none */
+    int keep_alive;             /* the connection may carry another request after DONE */
+    unsigned keepalive_s;       /* Keep-Alive: timeout=N, 0 when absent */
+    /* Internal. */
+    int state;
+    int conn_close, te_seen, te_chunked;
+    size_t head_bytes;
+    uint64_t remaining; /* of the Content-Length body or the current chunk */
+    uint64_t body_bytes;
+} http1_parser;
+
+/* Prepares P for one response. HEAD_REQUEST: the request was HEAD. */
+void http1_init(http1_parser *p, int head_request, size_t max_head, uint64_t max_body);
+
+/* Parses BUF[0..LEN) up to the next event; *USED is how many bytes it
+ * consumed (they may be discarded; body data and header strings of the
+ * event point into them). Call again with the rest of the input after every
+ * event but HTTP1_MORE; HTTP1_DONE, HTTP1_TOO_LARGE and HTTP1_MALFORMED are
+ * final and repeat on every later call. */
+enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *used,
+                         http1_event *ev);
+
+/* The server closed the connection: HTTP1_DONE if that completes the
+ * response (close-delimited body, or the response was already complete),
+ * HTTP1_MALFORMED if it was cut short. */
+enum http1_ev http1_eof(http1_parser *p);
+
+#endif

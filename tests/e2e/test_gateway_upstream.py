@@ -1,0 +1,334 @@
+"""bin/gateway's upstream client against the device simulator: response
+framings (chunked, close-delimited) and bodiless answers, keep-alive reuse,
+what happens when the upstream closes a kept connection (an idle close; a
+request lost on a reused connection: retried once for GET, never replayed
+for POST), the connection cap and its queue, the path prefix, localhost, and
+the UPSTREAM_URL checks. Every call's charge is checked: a call the upstream
+answered is charged once, whatever happened to connections on the way.
+
+The gateways here run one worker thread, so that consecutive calls share one
+keep-alive pool and the connection a call gets is known.
+"""
+import concurrent.futures
+import subprocess
+import threading
+import time
+
+import harness
+from harness import http
+
+from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
+
+UP_ROUTES = {
+    "charge_on": ["2xx", "3xx"],
+    "routes": ROUTES["routes"] + [
+        {"id": "device.head", "method": "HEAD", "path": "/v1/devices/*", "price": 1},
+    ],
+}
+MAX_BODY = 1 << 20
+
+
+def _setup(stack):
+    if stack.devsim is None:
+        stack.start_devsim()
+        stack.start_billing()
+        stack.start_gateway(UP_ROUTES, env={"GATEWAY_THREADS": "1"})
+    http("POST", stack.devsim.url + "/_sim/reset")
+    return stack.gateway.url
+
+
+def _gateway(stack, name, upstream, env=None, routes=UP_ROUTES):
+    port = harness.free_port()
+    e = {"GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": upstream,
+         "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_THREADS": "1"}
+    e.update(env or {})
+    return stack.spawn(name, [stack.bin("gateway")], e, port)
+
+
+def _devsim(stack, name, env=None):
+    port = harness.free_port()
+    e = {"DEVSIM_LISTEN": f"127.0.0.1:{port}"}
+    e.update(env or {})
+    return stack.spawn(name, [stack.bin("devsim")], e, port)
+
+
+def _requests(sim):
+    return http("GET", sim.url + "/_sim/stats").json()["requests"]
+
+
+def _conns_to(port):
+    """Established TCP connections whose remote end is PORT (from /proc)."""
+    n = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+def test_chunked_response(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    before = _sim_requests(stack)
+    h = dict(_auth(key), **{"X-Sim-Framing": "chunked"})
+    r = http("GET", gw + "/v1/devices/d1?x=1", headers=h)
+    assert r.status == 200, r
+    assert r.json()["path"] == "/v1/devices/d1" and r.json()["query"] == {"x": "1"}, r
+    assert r.headers["x-points-charged"] == "1" and r.headers["content-type"] == "application/json"
+    assert "transfer-encoding" not in r.headers  # the gateway answers with a length
+    # Many chunks (997 bytes each) cut across reads, up to the bound exactly.
+    for n in (300001, MAX_BODY):
+        r = http("GET", gw + "/v1/devices/d1", headers=dict(h, **{"X-Sim-Body-Bytes": str(n)}))
+        assert r.status == 200 and r.body == b"x" * n, (n, r.status, len(r.body))
+        assert r.headers["x-points-charged"] == "1"
+    # One byte past it: 502, not charged; the next call is fine.
+    r = http("GET", gw + "/v1/devices/d1",
+             headers=dict(h, **{"X-Sim-Body-Bytes": str(MAX_BODY + 1)}))
+    assert r.status == 502, r
+    assert r.json() == {"error": "upstream_unavailable", "message": "response too large"}
+    assert r.headers["x-points-charged"] == "0"
+    assert http("GET", gw + "/v1/devices/d2", headers=h).status == 200
+    assert _sim_requests(stack) == before + 5  # nothing sent twice
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 4
+
+
+def test_close_delimited_response(stack):
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    before = _sim_requests(stack)
+    h = dict(_auth(key), **{"X-Sim-Framing": "close"})
+    r = http("GET", gw + "/v1/devices/d1", headers=h)
+    assert r.status == 200 and r.json()["path"] == "/v1/devices/d1", r
+    assert r.headers["x-points-charged"] == "1"
+    assert "connection" not in r.headers or r.headers["connection"] != "close"  # hop-by-hop
+    r = http("POST", gw + "/v1/devices/d1/commands", {"cmd": "on"}, h)
+    assert r.status == 202 and r.headers["x-points-charged"] == "5", r
+    r = http("GET", gw + "/v1/devices/d1", headers=dict(h, **{"X-Sim-Body-Bytes": str(MAX_BODY)}))
+    assert r.status == 200 and len(r.body) == MAX_BODY, r.status
+    r = http("GET", gw + "/v1/devices/d1",
+             headers=dict(h, **{"X-Sim-Body-Bytes": str(MAX_BODY + 1)}))
+    assert r.status == 502 and r.json()["message"] == "response too large", r
+    # After connections the upstream closed, calls still go through.
+    for i in range(3):
+        assert http("GET", gw + f"/v1/devices/d{i}", headers=_auth(key)).status == 200
+    assert _sim_requests(stack) == before + 7
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1 + 5 + 1 + 3
+
+
+def test_bodiless_answers_keep_the_connection(stack):
+    """HEAD, 204 and 304 end at the head: no wait for a body that never comes
+    (it would end in a 504), and the connection carries the next call."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    before = _sim_requests(stack)
+    t0 = time.time()
+    r = http("HEAD", gw + "/v1/devices/d1", headers=_auth(key))
+    assert r.status == 200 and r.body == b"" and r.headers["x-points-charged"] == "1", r
+    for status in ("204", "304"):
+        r = http("GET", gw + "/v1/devices/d1", headers=dict(_auth(key), **{"X-Sim-Status": status}))
+        assert r.status == int(status) and r.body == b"", r
+        assert r.headers["x-points-charged"] == "1"
+    r = http("GET", gw + "/v1/devices/d1", headers=_auth(key))
+    assert r.status == 200 and r.json()["id"] == "d1", r
+    assert time.time() - t0 < 3
+    assert _sim_requests(stack) == before + 4
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 4
+
+
+def test_sequential_calls_share_one_connection(stack):
+    """The keep-alive pool: calls one after another reuse one connection."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    sim = _devsim(stack, "devsim-pool")
+    gw = _gateway(stack, "gateway-pool", sim.url)
+    for i in range(20):
+        r = http("GET", gw.url + f"/v1/devices/d{i}", headers=_auth(key))
+        assert r.status == 200, r
+    assert _conns_to(sim.port) == 1, _conns_to(sim.port)
+    assert _requests(sim) == 20
+    assert gw.stop() == 0
+    assert sim.stop() == 0
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 20
+
+
+def test_upstream_closes_idle_connection(stack):
+    """The upstream closes a kept connection while it idles (its keep-alive
+    timeout): the next call still succeeds, is sent once and charged once."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    sim = _devsim(stack, "devsim-idle", {"DEVSIM_IDLE_TIMEOUT_S": "1"})
+    gw = _gateway(stack, "gateway-idle", sim.url)
+    assert http("GET", gw.url + "/v1/devices/d1", headers=_auth(key)).status == 200
+    assert _conns_to(sim.port) == 1
+    time.sleep(2.2)  # devsim has closed it; the gateway saw the close
+    assert _conns_to(sim.port) == 0
+    r = http("GET", gw.url + "/v1/devices/d2", headers=_auth(key))
+    assert r.status == 200 and r.headers["x-points-charged"] == "1", r
+    time.sleep(2.2)
+    r = http("POST", gw.url + "/v1/devices/d2/commands", {"cmd": "on"}, _auth(key))
+    assert r.status == 202 and r.headers["x-points-charged"] == "5", r
+    assert _requests(sim) == 3
+    assert gw.stop() == 0
+    assert sim.stop() == 0
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 7
+
+
+def test_request_lost_on_reused_connection(stack):
+    """The upstream closes a reused connection without answering (as when
+    it closes an idle connection just as the request is written). A GET is
+    sent again once on a new connection; a POST, which the upstream may have
+    acted on, is never replayed: 502 and nothing charged. A connection that
+    was new when it failed is not retried either."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    tok = f"lost-{time.time_ns()}"
+
+    def call(method, headers):
+        body = {"cmd": "on"} if method == "POST" else None
+        path = "/v1/devices/d1/commands" if method == "POST" else "/v1/devices/d1"
+        return http(method, gw + path, body, dict(_auth(key), **headers))
+
+    assert call("GET", {}).status == 200  # a connection in the pool
+    n = _sim_requests(stack)
+    r = call("GET", {"X-Sim-Drop-Once": tok + "-get"})
+    assert r.status == 200 and r.headers["x-points-charged"] == "1", r
+    assert _sim_requests(stack) == n + 2  # the lost one, and the retry
+    r = call("POST", {"X-Sim-Drop-Once": tok + "-post"})
+    assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r
+    assert r.headers["x-points-charged"] == "0"
+    assert _sim_requests(stack) == n + 3  # sent once
+    # One retry at most: a GET dropped every time is sent twice, then 502.
+    assert call("GET", {}).status == 200
+    n = _sim_requests(stack)
+    r = call("GET", {"X-Sim-Drop": "1"})
+    assert r.status == 502 and r.headers["x-points-charged"] == "0", r
+    assert _sim_requests(stack) == n + 2
+    # A new gateway, an empty pool: a call that fails on a new connection is not retried.
+    fresh = _gateway(stack, "gateway-fresh", stack.devsim.url)
+    n = _sim_requests(stack)
+    r = http("GET", fresh.url + "/v1/devices/d1",
+             headers=dict(_auth(key), **{"X-Sim-Drop-Once": tok + "-new"}))
+    assert r.status == 502 and r.headers["x-points-charged"] == "0", r
+    assert _sim_requests(stack) == n + 1
+    assert fresh.stop() == 0
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1 + 1 + 1
+
+
+def test_connection_cap_queues_calls(stack):
+    """UPSTREAM_MAX_CONNECTIONS=2: six concurrent calls use two connections,
+    wait their turn and all succeed; a queued call's own timeout still holds."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    sim = _devsim(stack, "devsim-cap")
+    gw = _gateway(stack, "gateway-cap", sim.url, {"UPSTREAM_MAX_CONNECTIONS": "2"})
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(_conns_to(sim.port))
+            time.sleep(0.02)
+
+    def call(i):
+        return http("GET", gw.url + f"/v1/devices/d{i}",
+                    headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "300"}))
+
+    w = threading.Thread(target=watch)
+    w.start()
+    t0 = time.time()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            res = list(ex.map(call, range(6)))
+    finally:
+        stop.set()
+        w.join()
+    took = time.time() - t0
+    assert [r.status for r in res] == [200] * 6, res
+    assert max(seen) <= 2, max(seen)
+    assert took >= 0.85, took  # three rounds of 300 ms
+    assert _requests(sim) == 6
+    # Both connections busy for 1.5 s: a call on the 300 ms route waits in
+    # the queue and times out there (504, not charged, never sent).
+    slow = [threading.Thread(target=lambda: http(
+        "GET", gw.url + "/v1/devices/busy",
+        headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))) for _ in range(2)]
+    for t in slow:
+        t.start()
+    stack.wait_for(lambda: _conns_to(sim.port) == 2 and _requests(sim) == 8, timeout=5,
+                   what="two slow calls at the upstream")
+    t0 = time.time()
+    r = http("GET", gw.url + "/v1/slow/x", headers=_auth(key))
+    assert r.status == 504 and r.headers["x-points-charged"] == "0", r
+    assert time.time() - t0 < 1.2
+    for t in slow:
+        t.join(10)
+    assert _requests(sim) == 8
+    assert gw.stop() == 0
+    assert sim.stop() == 0
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 8
+
+
+def test_prefix_and_localhost(stack):
+    """UPSTREAM_URL with a path prefix (trailing slash dropped) and the host
+    given by name (localhost, resolved once at startup). Falling back to the
+    next address when one refuses is not exercised here: this machine's
+    /etc/hosts gives localhost a single address."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    routes = {"routes": [{"id": "dev", "method": "GET", "path": "/devices/*", "price": 2}]}
+    gw = _gateway(stack, "gateway-prefix", f"http://localhost:{stack.devsim.port}/v1/",
+                  routes=routes)
+    r = http("GET", gw.url + "/devices/d7?q=a%20b", headers=_auth(key))
+    assert r.status == 200 and r.headers["x-points-charged"] == "2", r
+    assert r.json()["path"] == "/v1/devices/d7" and r.json()["query"] == {"q": "a b"}, r.json()
+    last = http("GET", stack.devsim.url + "/_sim/last").json()
+    assert last["host"] == f"localhost:{stack.devsim.port}", last
+    assert gw.stop() == 0
+    _held_zero(stack, acct)
+
+
+def test_target_not_printable_ascii_refused(stack):
+    """Bytes the upstream's request line cannot carry (MHD accepts them):
+    400 before anything is held or proxied."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for target in [b"/v1/devices/\xc3\xa9t\xc3\xa9", b"/v1/devices/a\x7fb", b"/v1/devices/a\x01b",
+                   b"/v1/devices/a\tb", b"/v1/devices/d1?q=\xff"]:
+        out = harness.raw_http(stack.gateway.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                               b"X-Api-Key: " + key.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 400"), (target, out[:200])
+        assert b'"bad_request"' in out, out
+    assert _sim_requests(stack) == before
+    assert stack.hot(acct)["spent"] == 0 and stack.hot(acct)["held"] == 0
+
+
+def test_upstream_url_checks(stack):
+    _setup(stack)
+    base = {"GATEWAY_LISTEN": f"127.0.0.1:{harness.free_port()}",
+            "ROUTES_FILE": stack.write_routes(UP_ROUTES)}
+    for url in ["https://127.0.0.1:9", "http://", "http://:80", "http://h:0", "http://h:65536",
+                "http://h:", "http://user@h:1", "http://h:1?x=1", "http://h:1#f", "http://h h:1",
+                "http://[::1:1", "ftp://h", "http://no-such-host.invalid:80"]:
+        env = dict(stack.env, **base)
+        env["UPSTREAM_URL"] = url
+        p = subprocess.run([stack.bin("gateway")], env=env, capture_output=True, text=True,
+                           timeout=20)
+        assert p.returncode != 0, (url, p.stderr)
+        assert "error" in p.stderr and "UPSTREAM_URL" in p.stderr, (url, p.stderr)
+        assert "Sanitizer" not in p.stderr, p.stderr
+        if url.startswith("https"):
+            assert "sidecar" in p.stderr, p.stderr

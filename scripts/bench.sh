@@ -22,7 +22,9 @@
 # The gateway also has Redis (two Lua scripts per call), the settlement
 # worker and Postgres beside it on the same cores: that is the price of
 # billing, measured, and the report shows each process's CPU time per call
-# during the gateway run so that it is clear where the time goes.
+# during the gateway run so that it is clear where the time goes, and the
+# nginx proxy's own CPU per call beside the gateway's (the two proxies' cost
+# without what billing's Redis and Postgres add).
 #
 # Environment: BENCH_DURATION (10s), BENCH_THREADS (2), BENCH_CONNECTIONS (64),
 # BENCH_MANY_CONNECTIONS (1000), BENCH_WORKERS (1; BENCH_GATEWAY_THREADS is
@@ -256,6 +258,7 @@ nginx_conf proxy "$PROXY_PORT" '
             proxy_set_header Connection "";
         }' "upstream bench_upstream { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }" "$WORKERS"
 spawn proxy "$PROXY_PORT" nginx -p "$TMP/proxy" -c "$TMP/proxy/nginx.conf" -e "$TMP/proxy/error.log"
+PROXY_PID=$SPAWNED
 
 # ---- the billing stack and the gateway -----------------------------------------
 say "starting postgres and redis"
@@ -306,7 +309,14 @@ start_gateway
 
 # ---- the runs --------------------------------------------------------------------
 run_wrk upstream "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+# The proxy's own CPU per call, to set beside the gateway's.
+nginx_ticks() {
+    echo "$(ticks_of $(pgrep -f "nginx: worker process" -P "$PROXY_PID" 2>/dev/null))" \
+        "$(ticks_of $(pgrep -f "nginx: worker process" -P "$UPSTREAM_PID" 2>/dev/null))"
+}
+px_cpu_before=$(nginx_ticks)
 run_wrk nginx-proxy "http://127.0.0.1:$PROXY_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+px_cpu_after=$(nginx_ticks)
 
 spent_redis() { redis-cli -p "$REDIS_PORT_STACK" --raw HGET "pg:{$ACCT}:acct" spent; }
 spent_before=$(spent_redis)
@@ -344,6 +354,14 @@ cpu_report=$(awk -v n="$gw_reqs" -v hz="$(getconf CLK_TCK)" -v g=$((ca[0] - cb[0
     'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0)
              printf "gateway %.1f, redis %.1f, postgres %.1f, billing %.1f, upstream nginx %.1f",
                     g * f, r * f, p * f, b * f, u * f }')
+read -r _ _ _ px_reqs _ < <(wrk_figures "$OUT/wrk-nginx-proxy.txt")
+# shellcheck disable=SC2206
+pb=($px_cpu_before) pa=($px_cpu_after)
+px_cpu_report=$(awk -v n="$px_reqs" -v hz="$(getconf CLK_TCK)" -v x=$((pa[0] - pb[0])) \
+    -v u=$((pa[1] - pb[1])) -v g=$((ca[0] - cb[0])) -v gn="$gw_reqs" \
+    'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0); fg = (gn > 0 ? 1e6 / hz / gn : 0)
+             printf "nginx proxy %.1f, upstream nginx %.1f; gateway / nginx proxy: %.2fx",
+                    x * f, u * f, (x > 0 ? (g * fg) / (x * f) : 0) }')
 charged=$((rspent - spent_before))
 served_2xx=$((gw_reqs - gw_non2xx))
 
@@ -386,6 +404,7 @@ fi
     echo "workers per proxy: $WORKERS (nginx worker_processes $WORKERS, GATEWAY_THREADS=$GW_THREADS; BENCH_WORKERS)"
     echo "gateway / nginx-proxy: ${ratio}x the requests/s, ${p99_ratio}x the p99"
     echo "CPU per gateway call (us, user+sys, during the -c$CONNS run): $cpu_report"
+    echo "CPU per nginx-proxy call (us, user+sys): $px_cpu_report"
     echo "gateway peak RSS (-c$CONNS): $((GW_RSS_KB / 1024)) MiB ($GW_RSS_KB kB)"
     echo "gateway RSS after one run: $rss_first kB, after a second identical run: $rss_second kB (growth $((rss_second - rss_first)) kB)"
     echo "settlement lag after wrk's end: ${lag_ms} ms (outbox drained, Postgres spent = Redis spent)"
@@ -395,6 +414,7 @@ fi
     echo "gateway peak RSS with $MANY connections: $((GW_MANY_RSS_KB / 1024)) MiB ($GW_MANY_RSS_KB kB): $verdict"
 } | tee "$OUT/report.txt"
 record cpu_us_per_gateway_call "$cpu_report"
+record cpu_us_per_nginx_proxy_call "$px_cpu_report"
 record ratio_rps_gateway_over_nginx_proxy "$ratio"
 record ratio_p99_gateway_over_nginx_proxy "$p99_ratio"
 record gateway_peak_rss_kb "$GW_RSS_KB"

@@ -74,6 +74,7 @@ static int control_guard(control_ctx *c, int64_t account_id, int64_t amount, cha
                     &available, &held) != 0)
         return CONTROL_UNAVAILABLE;
     if (status == HOT_RESERVE_SHORT) return LEDGER_INSUFFICIENT;
+    if (status == HOT_STATUS_UNUSABLE) return CONTROL_UNAVAILABLE; /* no guard: do not debit */
     *guarded = status == HOT_RESERVE_HELD;
     return LEDGER_OK;
 }

@@ -24,11 +24,12 @@ int hot_ping(hot_conn *h);
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
                const char *guard_rid, int *applied);
 
-/* reserve.lua. *status is HOT_RESERVE_HELD/SHORT/UNKNOWN. */
+/* reserve.lua. *status is HOT_RESERVE_HELD/SHORT/UNKNOWN or HOT_STATUS_UNUSABLE. */
 int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
                 const char *route, int *status, int64_t *available, int64_t *held);
 
-/* settle.lua. OUTCOME is "commit", "release" or "expire". */
+/* settle.lua. OUTCOME is "commit", "release" or "expire". *settled is 1
+ * (closed now), 0 (no such hold) or HOT_STATUS_UNUSABLE. */
 int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, const char *outcome,
                int upstream_status, int *settled, int64_t *charged, int64_t *available);
 

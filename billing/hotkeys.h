@@ -42,5 +42,8 @@ extern const char hot_lua_credit[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
 enum { HOT_RESERVE_UNKNOWN = -1, HOT_RESERVE_SHORT = 0, HOT_RESERVE_HELD = 1 };
+/* Either script: the account's (or hold's) data in Redis is unusable;
+ * nothing was changed for that op. */
+#define HOT_STATUS_UNUSABLE (-2)
 
 #endif

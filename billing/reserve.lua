@@ -16,6 +16,15 @@
 --   1  held (or already held under this rid: idempotent), figures after it
 --   0  short: available < price, figures now; nothing changed
 --  -1  account unknown to Redis (never synced from Postgres)
+--  -2  the account's data in Redis is unusable, or Redis refused the write
+--      (e.g. out of memory): nothing changed for this op
+--
+-- A Lua error keeps the writes made before it, so ops in one batch must not
+-- leave each other half-done: arguments are checked before any write, each
+-- hold is one write done through redis.pcall (a refusal fails that op
+-- alone), and an account's held total is written once at the end, when no
+-- write can fail any more (its figures were checked as integers, and Redis
+-- does not refuse later writes of a script for memory once one went in).
 --
 -- Numbers pass through Lua doubles: exact up to 2^53, which the ledger
 -- enforces as the ceiling of any account's credited total. They are written
@@ -24,8 +33,6 @@ local n = #KEYS / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= 4 * n then
     return redis.error_reply('reserve: want 2 keys and 4 arguments per reservation')
 end
--- Every argument is checked before the first write: a script that fails
--- half-way keeps its earlier writes.
 for i = 1, n do
     local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
     if not price or price <= 0 or price ~= math.floor(price) then
@@ -36,6 +43,23 @@ for i = 1, n do
         return redis.error_reply('reserve: ttl must be positive')
     end
 end
+
+local function int(v)
+    local x = tonumber(v)
+    if x and x == math.floor(x) then return x end
+    return nil
+end
+
+-- An account's figures: a table, false when unknown, 'bad' when unusable.
+local function figures(akey)
+    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
+    if type(f) ~= 'table' or f.err then return 'bad' end
+    if not f[1] then return false end
+    local c, s, h = int(f[1]), int(f[2] or '0'), int(f[3] or '0')
+    if not c or not s or not h then return 'bad' end
+    return {credited = c, spent = s, held = h, added = 0}
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Each account's figures are read once per batch and its held total written
@@ -48,38 +72,38 @@ for i = 1, n do
     local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
     local a = accts[akey]
     if a == nil then
-        local f = redis.call('HMGET', akey, 'credited', 'spent', 'held')
-        if f[1] then
-            a = {credited = tonumber(f[1]), spent = tonumber(f[2] or '0'),
-                 held = tonumber(f[3] or '0'), added = 0}
-            order[#order + 1] = akey
-        else
-            a = false
-        end
+        a = figures(akey)
         accts[akey] = a
+        if type(a) == 'table' then order[#order + 1] = akey end
     end
     local o = 3 * i - 2
-    if not a then
-        out[o], out[o + 1], out[o + 2] = -1, 0, 0
-    else
+    out[o], out[o + 1], out[o + 2] = -2, 0, 0
+    if a == false then
+        out[o] = -1
+    elseif a ~= 'bad' then
         local avail = a.credited - a.spent - a.held
         if avail >= price then
-            if redis.call('HSETNX', hkey, rid, string.format('%d|%s|%d', price, route, now + ttl)) == 1 then
+            local r = redis.pcall('HSETNX', hkey, rid, string.format('%d|%s|%d', price, route, now + ttl))
+            if r == 1 then
                 a.held = a.held + price
                 a.added = a.added + price
-                avail = avail - price
+                out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
+            elseif r == 0 then
+                out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
             end
-            out[o], out[o + 1], out[o + 2] = 1, avail, a.held
-        elseif redis.call('HEXISTS', hkey, rid) == 1 then
-            out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
         else
-            out[o], out[o + 1], out[o + 2] = 0, avail, a.held
+            local r = redis.pcall('HEXISTS', hkey, rid)
+            if r == 1 then
+                out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
+            elseif r == 0 then
+                out[o], out[o + 1], out[o + 2] = 0, avail, a.held
+            end
         end
     end
 end
 for _, akey in ipairs(order) do
     if accts[akey].added ~= 0 then
-        redis.call('HINCRBY', akey, 'held', accts[akey].added)
+        redis.call('HINCRBY', akey, 'held', string.format('%d', accts[akey].added))
     end
 end
 return out

@@ -16,57 +16,105 @@
 -- ARGV[5i]   account id (copied into the outbox entry)
 --
 -- Returns 3 integers per op, {status, charged, available}:
---   1  settled now; 0  no such hold (already settled or swept): no-op.
+--   1  settled now; 0  no such hold (already settled or swept): no-op;
+--  -2  the account's or the hold's data in Redis is unusable: nothing
+--      changed for this op (logged; the hold stays for a human)
+-- or an error reply when the outbox refused the entry: then nothing changed.
+--
+-- All or nothing: every read and check comes first; then the outbox entry is
+-- the first write (if Redis refuses it, e.g. out of memory, nothing has been
+-- written), and the writes after it cannot fail (a Lua error would keep the
+-- writes made before it).
 local n = (#KEYS - 1) / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
     return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
 end
+
+local function int(v)
+    local x = tonumber(v)
+    if x and x == math.floor(x) then return x end
+    return nil
+end
+
+-- An account's figures (zeros for an account Redis lost: the hold's own
+-- figures still balance), or 'bad' when unusable.
+local function figures(akey)
+    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
+    if type(f) ~= 'table' or f.err then return 'bad' end
+    local c, s, h = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0')
+    if not c or not s or not h then return 'bad' end
+    return {credited = c, spent = s, held = h, dheld = 0, dspent = 0}
+end
+
+-- A hold's amount and route from "amount|route|deadline"; nil if malformed.
+local function parse_hold(h)
+    local s1 = string.find(h, '|', 1, true)
+    if not s1 then return nil end
+    local s2 = string.find(h, '|', s1 + 1, true)
+    local hold = int(string.sub(h, 1, s1 - 1))
+    if not hold or hold < 0 then return nil end
+    return hold, string.sub(h, s1 + 1, (s2 or 0) - 1)
+end
+
 local accts, order = {}, {}
-local out, entry = {}, {}
+local out, entry, closes, seen = {}, {}, {}, {}
 for i = 1, n do
     local akey, hkey = KEYS[2 * i], KEYS[2 * i + 1]
-    local rid = ARGV[5 * i - 4]
+    local rid, outcome = ARGV[5 * i - 4], ARGV[5 * i - 2]
     local a = accts[akey]
     if a == nil then
-        local f = redis.call('HMGET', akey, 'credited', 'spent', 'held')
-        a = {credited = tonumber(f[1] or '0'), spent = tonumber(f[2] or '0'),
-             held = tonumber(f[3] or '0'), dheld = 0, dspent = 0}
+        a = figures(akey)
         accts[akey] = a
-        order[#order + 1] = akey
+        if a ~= 'bad' then order[#order + 1] = akey end
     end
-    local h = redis.call('HGET', hkey, rid)
     local o = 3 * i - 2
-    if not h then
-        out[o], out[o + 1], out[o + 2] = 0, 0, a.credited - a.spent - a.held
-    else
-        local s1 = string.find(h, '|', 1, true)
-        local s2 = string.find(h, '|', s1 + 1, true)
-        local hold = tonumber(string.sub(h, 1, s1 - 1))
-        local route = string.sub(h, s1 + 1, (s2 or 0) - 1)
-        local outcome = ARGV[5 * i - 2]
-        local charge = 0
-        if outcome == 'commit' then
-            charge = tonumber(ARGV[5 * i - 3]) or hold
-            if charge < 0 then charge = 0 end
-            if charge > hold then charge = hold end
+    out[o], out[o + 1], out[o + 2] = -2, 0, 0
+    local h = nil
+    if a ~= 'bad' then
+        out[o + 2] = a.credited - a.spent - a.held
+        if seen[hkey .. '|' .. rid] then
+            out[o] = 0 -- closed earlier in this batch
+        else
+            h = redis.pcall('HGET', hkey, rid)
+            if h == false then out[o] = 0 end
         end
-        redis.call('HDEL', hkey, rid)
-        a.held, a.dheld = a.held - hold, a.dheld - hold
-        a.spent, a.dspent = a.spent + charge, a.dspent + charge
-        entry[#entry + 1] = 'c'
-        entry[#entry + 1] = string.format('%s|%s|%s|%d|%d|%s|%s', rid, ARGV[5 * i], route, charge,
-                                          hold, outcome, ARGV[5 * i - 1])
-        out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held
     end
-end
-for _, akey in ipairs(order) do
-    local a = accts[akey]
-    if a.dheld ~= 0 then redis.call('HINCRBY', akey, 'held', a.dheld) end
-    if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', a.dspent) end
+    if type(h) == 'string' then
+        local hold, route = parse_hold(h)
+        if not hold then
+            redis.log(redis.LOG_WARNING, 'settle: unusable hold ' .. rid .. ' in ' .. hkey .. ': ' .. h)
+        else
+            local charge = 0
+            if outcome == 'commit' then
+                charge = int(ARGV[5 * i - 3]) or hold
+                if charge < 0 then charge = 0 end
+                if charge > hold then charge = hold end
+            end
+            seen[hkey .. '|' .. rid] = true
+            closes[#closes + 1] = {hkey, rid}
+            a.held, a.dheld = a.held - hold, a.dheld - hold
+            a.spent, a.dspent = a.spent + charge, a.dspent + charge
+            entry[#entry + 1] = 'c'
+            entry[#entry + 1] = string.format('%s|%s|%s|%d|%d|%s|%s', rid, ARGV[5 * i], route,
+                                              charge, hold, outcome, ARGV[5 * i - 1])
+            out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held
+        end
+    end
 end
 if #entry > 0 then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    redis.call('XADD', KEYS[1], '*', 'ts', string.format('%d', now), unpack(entry))
+    local r = redis.pcall('XADD', KEYS[1], '*', 'ts', string.format('%d', now), unpack(entry))
+    if type(r) == 'table' and r.err then
+        return redis.error_reply('settle: outbox refused the entry: ' .. r.err)
+    end
+end
+for _, c in ipairs(closes) do
+    redis.call('HDEL', c[1], c[2])
+end
+for _, akey in ipairs(order) do
+    local a = accts[akey]
+    if a.dheld ~= 0 then redis.call('HINCRBY', akey, 'held', string.format('%d', a.dheld)) end
+    if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', string.format('%d', a.dspent)) end
 end
 return out

@@ -156,14 +156,38 @@ static void settle_dead_letter(settle_state *s, const ledger_charge *c, const ch
               c->rid, c->account_id, why, SETTLE_DEAD_STREAM);
 }
 
-/* An entry settle.lua cannot have written (a bug or a foreign writer): kept
- * in the dead-letter stream by id for a human, never silently dropped. */
-static void settle_dead_entry(settle_state *s, const char *id)
+/* An entry settle.lua cannot have written (a bug or a foreign writer): copied
+ * whole (its id, then its own fields) into the dead-letter stream for a
+ * human, never silently dropped; the caller then deletes it from the outbox.
+ * Returns -1 if Redis did not take the copy (the entry must then stay). */
+static int settle_dead_entry(settle_state *s, const char *id, const redisReply *fields)
 {
-    const char *argv[7] = {"XADD", SETTLE_DEAD_STREAM, "*", "entry", id, "why", "malformed"};
-    redisReply *r = hot_command_argv(s->hot, 7, argv, NULL);
+    size_t nf = fields && fields->type == REDIS_REPLY_ARRAY ? fields->elements : 0;
+    const char **argv = calloc(7 + nf, sizeof *argv);
+    redisReply *r;
+    int argc = 0, rc = -1;
+    if (!argv) return -1;
+    argv[argc++] = "XADD";
+    argv[argc++] = SETTLE_DEAD_STREAM;
+    argv[argc++] = "*";
+    argv[argc++] = "entry";
+    argv[argc++] = id;
+    argv[argc++] = "why";
+    argv[argc++] = "malformed";
+    for (size_t i = 0; i + 1 < nf; i += 2) {
+        if (fields->element[i]->type != REDIS_REPLY_STRING ||
+            fields->element[i + 1]->type != REDIS_REPLY_STRING)
+            continue;
+        argv[argc++] = fields->element[i]->str;
+        argv[argc++] = fields->element[i + 1]->str;
+    }
+    r = hot_command_argv(s->hot, argc, argv, NULL);
+    if (r && r->type != REDIS_REPLY_ERROR) rc = 0;
     if (r) freeReplyObject(r);
-    log_error("settlement: malformed outbox entry %s moved to %s", id, SETTLE_DEAD_STREAM);
+    free(argv);
+    if (rc == 0)
+        log_error("settlement: malformed outbox entry %s moved to %s", id, SETTLE_DEAD_STREAM);
+    return rc;
 }
 
 /* Writes the charges to Postgres until it works or we are told to stop.
@@ -219,13 +243,14 @@ static int settle_flush(settle_state *s, int n, int nc)
 }
 
 /* Applies the entries of an XREADGROUP/XAUTOCLAIM entry list (at most
- * ids_cap of them: the COUNT of the read), in
- * transactions of about SETTLE_BATCH charges (an entry's charges always go
- * in one). Returns how many charges it handled, or -1 when the rest must be
- * retried later. */
-static int settle_entries(settle_state *s, const redisReply *list)
+ * ids_cap of them: the COUNT of the read), in transactions of about
+ * SETTLE_BATCH charges (an entry's charges always go in one). Returns how
+ * many entries it handled (with the charges among them in *CHARGES), or -1
+ * when the rest must be retried later. */
+static int settle_entries(settle_state *s, const redisReply *list, int *charges)
 {
-    int n = 0, nc = 0, total = 0;
+    int n = 0, nc = 0, entries = 0;
+    *charges = 0;
     if (!list || list->type != REDIS_REPLY_ARRAY) return 0;
     for (size_t i = 0; i < list->elements; i++) {
         const redisReply *e = list->element[i];
@@ -241,7 +266,8 @@ static int settle_entries(settle_state *s, const redisReply *list)
         count = fields && fields->type == REDIS_REPLY_ARRAY ? settle_count(fields, &ts) : 0;
         if (n == s->ids_cap || (count > 0 && nc > 0 && nc + count > s->cfg->settle_batch)) {
             if (settle_flush(s, n, nc) != 0) return -1;
-            total += nc;
+            *charges += nc;
+            entries += n;
             n = nc = 0;
         }
         if (count > 0 && settle_reserve_room(s, nc, count) != 0) return -1;
@@ -252,14 +278,17 @@ static int settle_entries(settle_state *s, const redisReply *list)
             }
             if (s->charges[nc + taken].route[0] != '_') taken++; /* '_': a guard hold */
         }
-        if (count < 0)
-            settle_dead_entry(s, e->element[0]->str); /* none of its records taken */
-        else
+        if (count < 0) {
+            /* None of its records taken; if the copy failed, leave it pending. */
+            if (settle_dead_entry(s, e->element[0]->str, fields) != 0) continue;
+        } else {
             nc += taken;
+        }
         snprintf(s->ids[n++], sizeof s->ids[0], "%s", e->element[0]->str);
     }
     if (settle_flush(s, n, nc) != 0) return -1;
-    return total + nc;
+    *charges += nc;
+    return entries + n;
 }
 
 static int settle_group_create(settle_state *s)
@@ -277,8 +306,9 @@ static int settle_group_create(settle_state *s)
     return rc;
 }
 
-/* Reads entries: START "0" = our own pending ones, ">" = new ones. */
-static int settle_read(settle_state *s, const char *start, int block_ms)
+/* Reads entries: START "0" = our own pending ones, ">" = new ones. Returns
+ * the entries handled (charges among them in *CHARGES) or -1. */
+static int settle_read(settle_state *s, const char *start, int block_ms, int *charges)
 {
     char count[16], block[16];
     const char *argv[10] = {"XREADGROUP", "GROUP", HOT_OUTBOX_GROUP, s->consumer, "COUNT", count,
@@ -286,6 +316,7 @@ static int settle_read(settle_state *s, const char *start, int block_ms)
     const char *full[11];
     redisReply *r;
     int n = 0;
+    *charges = 0;
     snprintf(count, sizeof count, "%d", s->ids_cap);
     snprintf(block, sizeof block, "%d", block_ms);
     memcpy(full, argv, sizeof argv);
@@ -298,7 +329,7 @@ static int settle_read(settle_state *s, const char *start, int block_ms)
         return settle_group_create(s) == 0 ? 0 : -1;
     }
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 && r->element[0]->elements == 2)
-        n = settle_entries(s, r->element[0]->element[1]);
+        n = settle_entries(s, r->element[0]->element[1], charges);
     freeReplyObject(r);
     return n;
 }
@@ -310,12 +341,13 @@ static int settle_claim(settle_state *s)
     const char *argv[8] = {"XAUTOCLAIM", HOT_OUTBOX, HOT_OUTBOX_GROUP, s->consumer,
                            idle,         "0-0",      "COUNT",          count};
     redisReply *r;
-    int n = 0;
+    int n = 0, charges;
     snprintf(idle, sizeof idle, "%lld", (long long)s->cfg->settle_claim_idle_ms);
     snprintf(count, sizeof count, "%d", s->ids_cap);
     r = hot_command_argv(s->hot, 8, argv, NULL);
     if (!r) return -1;
-    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2) n = settle_entries(s, r->element[1]);
+    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2)
+        n = settle_entries(s, r->element[1], &charges);
     if (n > 0) log_info("settlement: claimed %d entries from a stalled consumer", n);
     freeReplyObject(r);
     return n;
@@ -327,6 +359,7 @@ void *settlement_run(void *arg)
     settle_state s;
     char host[64] = "host";
     struct timespec last_claim = {0, 0};
+    int charges;
 
     memset(&s, 0, sizeof s);
     s.cfg = w->cfg;
@@ -352,7 +385,7 @@ void *settlement_run(void *arg)
     while (!atomic_load(s.stop) && settle_group_create(&s) != 0)
         worker_sleep(s.stop, 1000);
     /* Our own pending entries first: we may have died after committing. */
-    while (!atomic_load(s.stop) && settle_read(&s, "0", 1) > 0) {
+    while (!atomic_load(s.stop) && settle_read(&s, "0", 1, &charges) > 0) {
     }
     while (!atomic_load(s.stop)) {
         struct timespec now;
@@ -363,13 +396,13 @@ void *settlement_run(void *arg)
             while (!atomic_load(s.stop) && settle_claim(&s) > 0) {
             }
         }
-        n = settle_read(&s, ">", 500);
+        n = settle_read(&s, ">", 500, &charges);
         if (n < 0) worker_sleep(s.stop, 500);
         /* A small batch means we are keeping up: linger so that the next
          * transaction carries more rows. Postgres pays per transaction far
          * more than per row, so this trades a few ms of settlement lag for
          * most of the database's CPU under load. */
-        else if (n > 0 && n < s.cfg->settle_batch / 4)
+        else if (charges > 0 && charges < s.cfg->settle_batch / 4)
             worker_sleep(s.stop, (long)s.cfg->settle_linger_ms);
     }
 out:

@@ -92,7 +92,11 @@ static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *
             rc = -1;
             break;
         }
-        if (settled) {
+        if (settled == HOT_STATUS_UNUSABLE) {
+            log_error("sweeper: hold %s of account %" PRId64 " cannot be released: its data in "
+                      "Redis is unusable (see the Redis log)",
+                      rid, account);
+        } else if (settled) {
             (*released)++;
             log_info("sweeper: released expired hold %s of account %" PRId64, rid, account);
         }

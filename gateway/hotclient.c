@@ -17,6 +17,7 @@
 
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/redisev.h"
 #include "gateway/resolve.h"
 
 #include <hiredis/async.h>
@@ -51,10 +52,12 @@ typedef struct hot_op {
     char route[HOT_ROUTE_MAX];
 } hot_op;
 
-/* Ops of one kind collected during a loop pass. */
+/* Ops of one kind collected during a loop pass, sent in batches of at most
+ * HOT_BATCH_MAX at its end. Grows on demand: its size is bounded by the
+ * requests in flight (one op each) plus the settle queue. */
 typedef struct hot_pending {
-    int n;
-    hot_op ops[HOT_BATCH_MAX];
+    int n, cap;
+    hot_op *ops;
 } hot_pending;
 
 /* A batch sent: owns a copy of its ops until the reply. */
@@ -86,12 +89,14 @@ struct hotclient {
     redisAsyncContext *ac;
     int connected;
     int closing;
-    int writing; /* inside redisAsyncHandleWrite */
+    int writing; /* inside redisAsyncHandleWrite (see redisev.h) */
     struct event *retry;
     struct event *flush; /* resend queued settles while connected */
     struct event *watchdog;
     struct timespec last_reply;
+    struct timespec connect_started;
     int backoff_ms;
+    int flush_ms; /* delay of the next resend of queued settles: backs off */
     char sha[HOT_NSCRIPTS][48];
     int inflight;                      /* ops and commands sent, not yet answered */
     hot_settle_args *queue;            /* settles waiting for Redis to come back */
@@ -117,7 +122,9 @@ static void hot_schedule_retry(hotclient *hc)
 {
     struct timeval tv = {hc->backoff_ms / 1000, (hc->backoff_ms % 1000) * 1000};
     if (hc->closing) return;
-    evtimer_add(hc->retry, &tv);
+    /* Without this timer the client would never reconnect: say so loudly
+     * (the watchdog tries again every HOT_WATCHDOG_MS). */
+    if (evtimer_add(hc->retry, &tv) != 0) log_error("redis: cannot arm the reconnect timer");
     hc->backoff_ms =
         hc->backoff_ms * 2 > HOT_BACKOFF_MAX_MS ? HOT_BACKOFF_MAX_MS : hc->backoff_ms * 2;
 }
@@ -145,11 +152,15 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
         return;
     }
     hc->queue[hc->qlen++] = *a;
-    /* Connected but refused (e.g. LOADING after a restart): try again soon.
-     * Disconnected: hot_on_connect flushes. */
+    /* Connected but refused (e.g. LOADING after a restart): try again,
+     * backing off to HOT_BACKOFF_MAX_MS while refusals go on (a batch that
+     * succeeds resets it). Disconnected: hot_on_connect flushes. */
     if (hc->connected && !hc->closing && !evtimer_pending(hc->flush, NULL)) {
-        struct timeval tv = {0, 100 * 1000};
-        evtimer_add(hc->flush, &tv);
+        struct timeval tv = {hc->flush_ms / 1000, (hc->flush_ms % 1000) * 1000};
+        if (evtimer_add(hc->flush, &tv) != 0)
+            log_error("redis: cannot arm the settle resend timer");
+        hc->flush_ms =
+            hc->flush_ms * 2 > HOT_BACKOFF_MAX_MS ? HOT_BACKOFF_MAX_MS : hc->flush_ms * 2;
     }
 }
 
@@ -179,6 +190,23 @@ static int64_t hot_ms_since(const struct timespec *t)
 static void hot_on_watchdog(evutil_socket_t fd, short what, void *arg)
 {
     hotclient *hc = arg;
+    if (!hc->ac && !hc->closing && !evtimer_pending(hc->retry, NULL)) {
+        hot_schedule_retry(hc); /* the reconnect timer could not be armed */
+        return;
+    }
+    /* hiredis 0.14 has no connect timeout: a connect whose packets are
+     * dropped would hold every call queued behind it for minutes. */
+    if (hc->ac && !hc->connected && hot_ms_since(&hc->connect_started) > HOT_STALL_MS) {
+        redisAsyncContext *ac = hc->ac;
+        log_error("redis %s:%d: no connection after %d ms; trying again", hc->host, hc->port,
+                  HOT_STALL_MS);
+        /* Not connected: hiredis runs no disconnect callback, so the retry
+         * is ours. Queued commands' callbacks run with NULL here. */
+        hc->ac = NULL;
+        redisAsyncFree(ac);
+        hot_schedule_retry(hc);
+        return;
+    }
     if (hc->ac && hc->connected && hc->inflight > 0 &&
         hot_ms_since(&hc->last_reply) > HOT_STALL_MS) {
         redisAsyncContext *ac = hc->ac;
@@ -240,109 +268,6 @@ static void hot_on_disconnect(const redisAsyncContext *ac, int status)
     hot_schedule_retry(hc);
 }
 
-/* ---- hiredis on libevent, without epoll_ctl churn ---------------------
- * hiredis' own libevent adapter (0.14) uses a one-shot read event, re-added
- * after every read, and adds/deletes a write event around every write:
- * about four epoll_ctl calls per batch of replies. Here the read event is
- * persistent, and a write is first tried from a deferred event at the end
- * of the current loop iteration (so all commands issued in one iteration
- * go out in one send); only a write that cannot finish (or a connect in
- * progress) waits for EV_WRITE. */
-typedef struct hot_ev {
-    redisAsyncContext *ac;
-    hotclient *hc;
-    struct event *rev; /* persistent */
-    struct event *wev; /* one-shot: the socket is writable again */
-    struct event *flush;
-    int reading;
-} hot_ev;
-
-static void hot_ev_on_read(evutil_socket_t fd, short what, void *arg)
-{
-    hot_ev *e = arg;
-    redisAsyncHandleRead(e->ac); /* may free E (disconnect) */
-}
-
-static void hot_ev_write_now(hot_ev *e)
-{
-    hotclient *hc = e->hc;
-    hc->writing = 1;              /* a write that does not finish now waits for EV_WRITE */
-    redisAsyncHandleWrite(e->ac); /* may free E */
-    hc->writing = 0;
-}
-
-static void hot_ev_on_write(evutil_socket_t fd, short what, void *arg)
-{
-    hot_ev_write_now(arg);
-}
-
-static void hot_ev_add_read(void *priv)
-{
-    hot_ev *e = priv;
-    if (e->reading) return;
-    if (event_add(e->rev, NULL) == 0) e->reading = 1;
-}
-
-static void hot_ev_del_read(void *priv)
-{
-    hot_ev *e = priv;
-    if (!e->reading) return;
-    event_del(e->rev);
-    e->reading = 0;
-}
-
-static void hot_ev_add_write(void *priv)
-{
-    hot_ev *e = priv;
-    if (e->hc->writing || !(e->ac->c.flags & REDIS_CONNECTED))
-        event_add(e->wev, NULL);
-    else if (!event_pending(e->flush, EV_TIMEOUT, NULL))
-        event_active(e->flush, EV_TIMEOUT, 0);
-}
-
-static void hot_ev_del_write(void *priv)
-{
-    hot_ev *e = priv;
-    event_del(e->wev);
-    event_del(e->flush);
-}
-
-static void hot_ev_cleanup(void *priv)
-{
-    hot_ev *e = priv;
-    if (e->rev) event_free(e->rev);
-    if (e->wev) event_free(e->wev);
-    if (e->flush) event_free(e->flush);
-    free(e);
-}
-
-static int hot_ev_attach(hotclient *hc, redisAsyncContext *ac)
-{
-    hot_ev *e;
-    if (ac->ev.data) return -1;
-    e = calloc(1, sizeof *e);
-    if (!e) return -1;
-    e->ac = ac;
-    e->hc = hc;
-    e->rev = event_new(hc->base, ac->c.fd, EV_READ | EV_PERSIST, hot_ev_on_read, e);
-    e->wev = event_new(hc->base, ac->c.fd, EV_WRITE, hot_ev_on_write, e);
-    e->flush = event_new(hc->base, -1, 0, hot_ev_on_write, e);
-    if (!e->rev || !e->wev || !e->flush) {
-        hot_ev_cleanup(e);
-        return -1;
-    }
-    ac->ev.data = e;
-    ac->ev.addRead = hot_ev_add_read;
-    ac->ev.delRead = hot_ev_del_read;
-    ac->ev.addWrite = hot_ev_add_write;
-    ac->ev.delWrite = hot_ev_del_write;
-    ac->ev.cleanup = hot_ev_cleanup;
-    /* As hiredis' adapter: the connect completes when writable. */
-    hot_ev_add_read(e);
-    event_add(e->wev, NULL);
-    return 0;
-}
-
 static void hot_connect(hotclient *hc)
 {
     redisAsyncContext *ac;
@@ -355,11 +280,12 @@ static void hot_connect(hotclient *hc)
         return;
     }
     ac->data = hc;
-    if (hot_ev_attach(hc, ac) != 0) {
+    if (redisev_attach(hc->base, ac, &hc->writing) != 0) {
         redisAsyncFree(ac);
         hot_schedule_retry(hc);
         return;
     }
+    clock_gettime(CLOCK_MONOTONIC, &hc->connect_started);
     redisAsyncSetConnectCallback(ac, hot_on_connect);
     redisAsyncSetDisconnectCallback(ac, hot_on_disconnect);
     hc->ac = ac;
@@ -385,6 +311,7 @@ int hotclient_new(struct event_base *base, const char *host, int port, int db, h
     hc->port = port;
     hc->db = db;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
+    hc->flush_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
     hc->flush = evtimer_new(base, hot_on_flush, hc);
     hc->watchdog = event_new(base, -1, EV_PERSIST, hot_on_watchdog, hc);
@@ -420,9 +347,11 @@ void hotclient_free(hotclient *hc)
     /* Ops never sent: their callbacks run now, as those of sent ones below. */
     for (int k = 0; k < HOT_NSCRIPTS; k++) {
         hot_pending *p = &hc->pending[k];
+        hot_op *ops = p->ops;
         int n = p->n;
-        p->n = 0;
-        hot_fail_ops(hc, (enum hot_script)k, p->ops, n);
+        *p = (hot_pending){0, 0, NULL}; /* callbacks cannot add: closing */
+        hot_fail_ops(hc, (enum hot_script)k, ops, n);
+        free(ops);
     }
     if (hc->ac) {
         redisAsyncContext *ac = hc->ac;
@@ -463,15 +392,6 @@ static int hot_int(const redisReply *r, int64_t *out)
         return 0;
     }
     return -1;
-}
-
-/* Errors Redis answers while it cannot serve yet; the command may succeed later. */
-static int hot_transient(const char *err)
-{
-    static const char *const t[] = {"LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"};
-    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
-        if (strncmp(err, t[i], strlen(t[i])) == 0) return 1;
-    return 0;
 }
 
 /* A reply arrived (REP != NULL) or never will (NULL): the stall clock. */
@@ -560,7 +480,7 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_batch *b = priv;
     hotclient *hc = b->hc;
     redisReply *rep = r;
-    int ok, transient;
+    int ok;
 
     if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
         !b->retried && hc->ac && !hc->closing) {
@@ -570,28 +490,47 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     }
     hot_answered(hc, rep, b->n);
     ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->n * 3;
-    transient = rep && rep->type == REDIS_REPLY_ERROR && hot_transient(rep->str);
-    if (rep && rep->type == REDIS_REPLY_ERROR)
-        log_error("redis error: %s", rep->str);
-    else if (rep && !ok)
+    for (size_t i = 0; ok && i < rep->elements; i++)
+        if (rep->element[i]->type != REDIS_REPLY_INTEGER) ok = 0;
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        log_error("redis error on a batch of %d: %s", b->n, rep->str);
+        /* A replica (after a failover) refuses writes: reconnect rather
+         * than fail every call until a restart. */
+        if (strncmp(rep->str, "READONLY", 8) == 0 && hc->ac && hc->connected)
+            redisAsyncDisconnect(hc->ac);
+    } else if (rep && !ok) {
         log_error("redis: unexpected reply to a batch of %d", b->n);
+    }
+    if (ok) hc->flush_ms = HOT_BACKOFF_MIN_MS;
     for (int i = 0; i < b->n; i++) {
         hot_op *op = &b->ops[i];
         int64_t v[3] = {0, 0, 0};
         int rc = -1;
-        for (int j = 0; ok && j < 3; j++)
-            if (hot_int(rep->element[3 * i + j], &v[j]) != 0) ok = 0;
-        if (ok) rc = 0;
-        /* A settle must not be lost to an outage: no reply, or a transient
-         * refusal, puts it back in the queue (settle is idempotent by rid). */
-        if (b->script == HOT_SCRIPT_SETTLE && (!rep || transient))
+        if (ok) {
+            for (int j = 0; j < 3; j++)
+                v[j] = (int64_t)rep->element[3 * i + j]->integer;
+            rc = 0;
+            if (v[0] == HOT_STATUS_UNUSABLE) {
+                /* Nothing changed for this op; the script logged why. Not
+                 * retried: a human must repair the account's keys. */
+                log_error("redis: account %lld has unusable data (rid %s, %s): not applied",
+                          (long long)op->settle.account, op->settle.rid,
+                          b->script == HOT_SCRIPT_SETTLE ? "settle" : "reserve");
+                rc = -1;
+            }
+        } else if (b->script == HOT_SCRIPT_SETTLE) {
+            /* A settle must not be lost: no reply, an error (e.g. READONLY
+             * during a failover, OOM) or a reply we cannot read puts it
+             * back in the queue; settle is idempotent by rid, and the
+             * script writes nothing when it fails. */
             hot_enqueue_settle(hc, &op->settle);
-        /* A reserve sent but never answered (link dropped, e.g. by the stall
-         * watchdog) may still run when Redis reads its socket: the caller
-         * gets 503, so queue a release for it. Idempotent by rid: a no-op if
-         * the reserve never ran. */
-        if (b->script == HOT_SCRIPT_RESERVE && !rep && !hc->closing)
+        } else if (!hc->closing) {
+            /* A reserve without a usable answer may still have run (a link
+             * dropped after Redis read it, e.g. by the stall watchdog): the
+             * caller gets 503, so queue a release for it. Idempotent by
+             * rid: a no-op if no hold was taken. */
             hot_enqueue_settle(hc, &op->settle);
+        }
         if (op->cb) op->cb(op->arg, rc, v);
     }
     free(b);
@@ -660,43 +599,43 @@ static int hot_send_batch(hot_batch *b)
     return 0;
 }
 
-/* Out of memory for a batch: fails the pending ops of SCRIPT from a copy,
- * since their callbacks may queue new ops. Kept apart so that the big stack
- * frame is paid only here. */
-static void __attribute__((noinline)) hot_fail_pending(hotclient *hc, enum hot_script script)
+/* Sends OPS[0..N) of SCRIPT as one batch; if that cannot be done, fails them. */
+static void hot_send_ops(hotclient *hc, enum hot_script script, hot_op *ops, int n)
 {
-    hot_op ops[HOT_BATCH_MAX];
-    int n = hc->pending[script].n;
-    memcpy(ops, hc->pending[script].ops, (size_t)n * sizeof ops[0]);
-    hc->pending[script].n = 0;
-    log_error("out of memory: failing %d redis ops", n);
-    hot_fail_ops(hc, script, ops, n);
-}
-
-/* Sends the pending ops of SCRIPT as one batch; if that cannot be done, fails them. */
-static void hot_send_pending(hotclient *hc, enum hot_script script)
-{
-    hot_pending *p = &hc->pending[script];
-    int n = p->n;
-    hot_batch *b;
-    if (n == 0) return;
-    b = malloc(sizeof *b + (size_t)n * sizeof b->ops[0]);
+    hot_batch *b = malloc(sizeof *b + (size_t)n * sizeof b->ops[0]);
     if (!b) {
-        hot_fail_pending(hc, script);
+        log_error("out of memory: failing %d redis ops", n);
+        hot_fail_ops(hc, script, ops, n);
         return;
     }
     b->hc = hc;
     b->script = script;
     b->retried = 0;
     b->n = n;
-    memcpy(b->ops, p->ops, (size_t)n * sizeof b->ops[0]);
-    p->n = 0;
+    memcpy(b->ops, ops, (size_t)n * sizeof b->ops[0]);
     if (hot_send_batch(b) == 0) {
         hc->inflight += n;
         return;
     }
     hot_fail_ops(hc, script, b->ops, n);
     free(b);
+}
+
+/* Sends every pending op of SCRIPT, HOT_BATCH_MAX at a time. The pending
+ * array is taken first: callbacks of failed ops may queue new ones, which
+ * go to the next pass. */
+static void hot_send_pending(hotclient *hc, enum hot_script script)
+{
+    hot_pending taken = hc->pending[script];
+    if (taken.n == 0) return;
+    hc->pending[script] = (hot_pending){0, 0, NULL};
+    for (int at = 0; at < taken.n; at += HOT_BATCH_MAX)
+        hot_send_ops(hc, script, taken.ops + at,
+                     taken.n - at < HOT_BATCH_MAX ? taken.n - at : HOT_BATCH_MAX);
+    if (hc->pending[script].ops == NULL)
+        hc->pending[script] = (hot_pending){0, taken.cap, taken.ops}; /* reuse it */
+    else
+        free(taken.ops);
 }
 
 static void hot_on_batch(evutil_socket_t fd, short what, void *arg)
@@ -707,23 +646,30 @@ static void hot_on_batch(evutil_socket_t fd, short what, void *arg)
     hot_send_pending(hc, HOT_SCRIPT_RESERVE);
 }
 
-/* Adds an op to the pending batch of SCRIPT, sent at the end of this loop
- * pass (or now, when the batch is full). Returns the op to fill. */
+/* Adds an op to the pending ops of SCRIPT, sent at the end of this loop
+ * pass (never from here: callbacks run only from the loop). Returns the op
+ * to fill, or NULL when out of memory. */
 static hot_op *hot_add(hotclient *hc, enum hot_script script, hot_cb cb, void *arg)
 {
     hot_pending *p = &hc->pending[script];
     hot_op *op;
-    if (p->n == HOT_BATCH_MAX) hot_send_pending(hc, script);
-    op = &p->ops[p->n++];
-    memset(&op->settle, 0, sizeof op->settle);
-    op->cb = cb;
-    op->arg = arg;
+    if (p->n == p->cap) {
+        int cap = p->cap ? p->cap * 2 : 64;
+        hot_op *ops = realloc(p->ops, (size_t)cap * sizeof *ops);
+        if (!ops) return NULL;
+        p->ops = ops;
+        p->cap = cap;
+    }
     if (!hc->batch_scheduled) {
         /* Active now, run after the callbacks already due in this pass:
          * everything they ask for joins the batch. */
         event_active(hc->batch, EV_TIMEOUT, 0);
         hc->batch_scheduled = 1;
     }
+    op = &p->ops[p->n++];
+    memset(&op->settle, 0, sizeof op->settle);
+    op->cb = cb;
+    op->arg = arg;
     return op;
 }
 
@@ -735,6 +681,7 @@ int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t a
         strlen(rid) >= sizeof op->settle.rid)
         return -1;
     op = hot_add(hc, HOT_SCRIPT_RESERVE, cb, arg);
+    if (!op) return -1;
     /* The release to queue if the reply is lost (see hot_on_batch_reply). */
     op->settle.account = account;
     memcpy(op->settle.rid, rid, strlen(rid) + 1);
@@ -752,6 +699,10 @@ int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *a
         return -1;
     }
     op = hot_add(hc, HOT_SCRIPT_SETTLE, cb, arg);
+    if (!op) {
+        hot_enqueue_settle(hc, a);
+        return -1;
+    }
     op->settle = *a;
     return 0;
 }

@@ -41,8 +41,11 @@ int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
                       int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg);
-/* Settle is never lost to a Redis outage: if it cannot be delivered it is
- * queued (bounded) and resent on reconnect; CB then gets -1. */
+/* Settle is never lost to a Redis outage or refusal: if it cannot be
+ * delivered or Redis answers an error, it is queued (bounded) and resent
+ * (on reconnect, or with backoff while connected); CB then gets -1. A
+ * reserve without a usable answer gets a release queued the same way. Ops
+ * of one loop pass go to Redis as one script call per kind. */
 int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg);
 
 #endif

@@ -274,3 +274,71 @@ def test_dependency_names_resolved_once_at_start(stack):
         assert p.returncode != 0, (var, p.stderr[-2000:])
         assert "cannot resolve no-such-host.invalid" in p.stderr, (var, p.stderr[-2000:])
     _held_zero(stack, acct)
+
+
+def test_settle_refused_by_a_replica_is_resent(stack):
+    """A Redis that turns replica mid-call (a failover) refuses the settle
+    with READONLY: the gateway keeps the settle and resends it until a
+    primary takes it; the call is charged exactly once, nothing is swept."""
+    gw = _setup(stack)
+    acct, key = _account(stack, 100)
+    out = []
+    t = threading.Thread(target=lambda: out.append(http(
+        "POST", gw + "/v1/devices/d1/commands", body=b'{"command":"unlock"}',
+        headers=dict(_auth(key), **{"Content-Type": "application/json",
+                                    "X-Sim-Delay-Ms": "1500"}))))
+    t.start()
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 5, timeout=5, what="the hold")
+    dead = harness.free_port()  # nothing listens: the replica never syncs, keeps its data
+    assert stack.redis_raw("REPLICAOF", "127.0.0.1", dead) == "OK"
+    try:
+        t.join(20)
+        assert out and out[0].status == 202, out  # the simulator accepts commands with 202
+        time.sleep(1.0)  # resends are refused meanwhile
+        assert stack.hot(acct)["held"] == 5 and stack.hot(acct)["spent"] == 0
+    finally:
+        assert stack.redis_raw("REPLICAOF", "NO", "ONE") == "OK"
+    stack.wait_for(lambda: stack.hot(acct).get("spent") == 5, timeout=15, what="settle resent")
+    assert stack.hot(acct)["held"] == 0
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    rows = stack.psql(f"select amount, outcome from charges where account_id = {acct}")
+    assert rows == [["5", "commit"]], rows
+    assert "READONLY" in stack.gateway.output()
+
+
+def test_redis_connect_that_hangs_fails_calls_in_seconds(stack):
+    """hiredis has no connect timeout: a Redis whose address drops our SYNs
+    (here a listener with a full accept queue) must not hold calls for the
+    kernel's two minutes. The gateway gives up the connect and answers 503."""
+    _setup(stack)
+    acct, key = _account(stack, 10)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue: further SYNs are dropped
+            c = socket.socket()
+            c.settimeout(0.5)
+            try:
+                c.connect(hole.getsockname())
+            except OSError:
+                pass
+            fillers.append(c)
+        port = harness.free_port()
+        gw = stack.spawn("gateway-hole", [stack.bin("gateway")], {
+            "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+            "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_THREADS": "1",
+            "REDIS_URL": f"redis://127.0.0.1:{hole.getsockname()[1]}/0"}, port)
+        t0 = time.time()
+        r = http("GET", gw.url + "/v1/devices/d1", headers=_auth(key), timeout=30)
+        took = time.time() - t0
+        assert r.status == 503 and r.json()["error"] == "billing_unavailable", r
+        assert took < 10, took
+        assert "no connection after" in gw.output()
+        assert gw.stop() == 0
+    finally:
+        for c in fillers:
+            c.close()
+        hole.close()
+    assert stack.hot(acct)["held"] == 0

@@ -275,6 +275,59 @@ def test_batched_scripts_apply_in_order_and_write_one_entry(stack):
     assert _pg_spent(stack, a) == 6 == stack.hot(a)["spent"]
 
 
+def test_a_broken_account_fails_alone_and_changes_nothing(stack):
+    """A Lua error keeps the writes made before it: one account whose data in
+    Redis is unusable must fail its own ops only, and a refused outbox entry
+    must leave every hold as it was."""
+    a, b = _accounts(stack, 2, 100)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    try:
+        red.call("DEL", OUTBOX)
+        red.call("SET", holds_key(b), "not a hash")  # WRONGTYPE for b's holds
+        got = red.call(*red.reserve_batch_cmd([(a, "x-1", 5, 60000, "r"),
+                                               (b, "x-2", 5, 60000, "r"),
+                                               (a, "x-3", 5, 60000, "r")]))
+        assert got == [1, 95, 5, -2, 0, 0, 1, 90, 10], got
+        assert red.acct(a)["held"] == 10 and red.acct(b)["held"] == 0
+        got = red.call(*red.settle_batch_cmd([(a, "x-1", 5, "commit", 200),
+                                              (b, "x-2", 5, "commit", 200)]))
+        assert got == [1, 5, 90, -2, 0, 100], got
+        assert red.acct(a) == {"credited": 100, "seq": 1, "spent": 5, "held": 5}
+        assert [r["rid"] for r in records(stack)] == ["x-1"]
+        # A hold value without its parts: that op alone is refused.
+        red.call("HSET", holds_key(a), "x-bad", "garbage")
+        got = red.call(*red.settle_batch_cmd([(a, "x-bad", 1, "commit", 200),
+                                              (a, "x-3", 5, "commit", 200)]))
+        assert got == [-2, 0, 90, 1, 5, 90], got
+        assert red.call("HGET", holds_key(a), "x-bad") == "garbage"
+        red.call("HDEL", holds_key(a), "x-bad")
+        # Non-numeric figures: the account's ops are refused, nothing held.
+        red.call("HSET", acct_key(b), "credited", "lots")
+        red.call("DEL", holds_key(b))
+        assert red.reserve(b, "x-4", 1) == [-2, 0, 0]
+        assert red.call("EXISTS", holds_key(b)) == 0
+        red.call("HSET", acct_key(b), "credited", "100")
+        # The outbox refuses the entry (wrong type): an error, and no hold
+        # closed, no figure moved.
+        assert red.reserve(a, "x-5", 7)[0] == 1
+        before = red.acct(a)
+        red.call("RENAME", OUTBOX, "pg:outbox:aside")
+        red.call("SET", OUTBOX, "not a stream")
+        bad = red.pipeline([red.settle_cmd(a, "x-5", 7)])[0]
+        assert "outbox refused" in str(bad), bad
+        assert red.acct(a) == before and red.call("HEXISTS", holds_key(a), "x-5") == 1
+        red.call("DEL", OUTBOX)
+        red.call("RENAME", "pg:outbox:aside", OUTBOX)
+        assert red.settle(a, "x-5", 7) == [1, 7, 83]
+    finally:
+        red.close()
+    _billing(stack)
+    _drain(stack)
+    assert _charges(stack, a) == (3, 17) and _charges(stack, b) == (0, 0)
+    assert _pg_spent(stack, a) == 17 == stack.hot(a)["spent"]
+
+
 def test_large_figures_stay_exact(stack):
     """Lua numbers are doubles: every figure the scripts write must stay an
     exact integer up to the ledger's ceilings (10^12 per entry)."""
@@ -374,6 +427,8 @@ def test_poison_entries_do_not_stall_settlement(stack):
     dead = entries(stack, "pg:outbox:dead")
     assert [f["why"] for _, f in dead] == ["malformed", "malformed", "integrity"], dead
     assert dead[2][1]["rid"] == "ghost-1"
+    # a malformed entry is copied whole: its own fields come with it
+    assert (dead[0][1]["rid"], dead[0][1]["acct"]) == ("broken-1", str(a)), dead[0]
     assert all(f["entry"] for _, f in dead[:2])  # the stream ids of the malformed ones
     assert stack.scalar("select count(*) from charges where reservation_id in "
                         "('ghost-1', 'broken-1', 'neg-1')") == "0"

@@ -54,17 +54,23 @@ static int http1_hex(char c)
     return -1;
 }
 
-/* RFC 9110 5.6.2 tchar. */
-static int http1_tchar(unsigned char c)
+int http1_tchar(unsigned char c)
 {
     if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || http1_digit((char)c) || c == '-')
         return 1;
     return c != '\0' && strchr("!#$%&'*+.^_`|~", c) != NULL;
 }
 
-/* Field values, reason phrases, chunk extensions: no control characters but
- * HTAB (this is also what rejects a bare CR and NUL). */
-static int http1_text_ok(const char *s, size_t n)
+int http1_token(const char *s, size_t n)
+{
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!http1_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* This is also what rejects a bare CR and NUL in a response. */
+int http1_text_ok(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
@@ -73,16 +79,22 @@ static int http1_text_ok(const char *s, size_t n)
     return 1;
 }
 
+int http1_target_ok(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] <= ' ' || (unsigned char)s[i] >= 0x7f) return 0;
+    return 1;
+}
+
 static int http1_ows(char c)
 {
     return c == ' ' || c == '\t';
 }
 
-static int http1_is(const char *s, size_t n, const char *lit, size_t litn)
+int http1_is(const char *s, size_t n, const char *lit, size_t litn)
 {
     return n == litn && strncasecmp(s, lit, n) == 0;
 }
-#define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)
 
 /* The next line of BUF[0..LEN), at most LIMIT bytes with its terminator:
  * 1 and its length without CR LF (*LINE_LEN) and with it (*USED); 0 when

@@ -5,10 +5,12 @@
  * (HEAD, 204, 304), Content-Length, chunked transfer coding (extensions
  * accepted, trailers skipped), close-delimited bodies, whether the
  * connection may carry another request, and the bounds on head and body
- * size. Pure functions on caller buffers: no I/O, no allocation, no global
- * state. Does not own buffering (the caller keeps the bytes not consumed and
- * calls again once more have arrived), nor what headers mean to the gateway
- * (proxy.c decides which ones it keeps). */
+ * size; and the HTTP syntax checks the request side shares with it (tokens,
+ * field values, request targets, comma-separated lists), so that there is one
+ * definition of each. Pure functions on caller buffers: no I/O, no
+ * allocation, no global state. Does not own buffering (the caller keeps the
+ * bytes not consumed and calls again once more have arrived), nor what
+ * headers mean to the gateway (proxy.c decides which ones it keeps). */
 #ifndef GATEWAY_HTTP1_H
 #define GATEWAY_HTTP1_H
 
@@ -74,5 +76,22 @@ enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *u
  * response (close-delimited body, or the response was already complete),
  * HTTP1_MALFORMED if it was cut short. */
 enum http1_ev http1_eof(http1_parser *p);
+
+/* ---- syntax checks, shared with proxy.c and request.c ---------------- */
+
+/* 1 if C is a tchar (RFC 9110 5.6.2). */
+int http1_tchar(unsigned char c);
+/* 1 if S[0..N) is a token: one or more tchar (header names, methods). */
+int http1_token(const char *s, size_t n);
+/* 1 if S[0..N) may stand in a field value, reason phrase or chunk extension:
+ * no control character but HTAB (so no CR, LF, NUL or DEL); bytes >= 0x80
+ * (obs-text) pass. */
+int http1_text_ok(const char *s, size_t n);
+/* 1 if S[0..N) may go verbatim on a request line as (part of) its target:
+ * printable ASCII, no space (RFC 9112 3.2). */
+int http1_target_ok(const char *s, size_t n);
+/* 1 if S[0..N) equals LIT[0..LITN) ignoring ASCII case. */
+int http1_is(const char *s, size_t n, const char *lit, size_t litn);
+#define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)
 
 #endif

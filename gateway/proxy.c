@@ -40,7 +40,6 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -105,30 +104,24 @@ static uint64_t proxy_now_ms(void)
 
 /* ---- header names -------------------------------------------------- */
 
-static int proxy_name_is(const char *s, size_t n, const char *lit, size_t litn)
-{
-    return n == litn && strncasecmp(s, lit, n) == 0;
-}
-#define PROXY_IS(s, n, lit) proxy_name_is((s), (n), (lit), sizeof(lit) - 1)
-
 /* By length first: this runs for every header of every call. */
 static int proxy_hop_by_hop_n(const char *s, size_t n)
 {
     switch (n) {
     case 2:
-        return PROXY_IS(s, n, "te");
+        return HTTP1_IS(s, n, "te");
     case 7:
-        return PROXY_IS(s, n, "trailer") || PROXY_IS(s, n, "upgrade");
+        return HTTP1_IS(s, n, "trailer") || HTTP1_IS(s, n, "upgrade");
     case 10:
-        return PROXY_IS(s, n, "connection") || PROXY_IS(s, n, "keep-alive");
+        return HTTP1_IS(s, n, "connection") || HTTP1_IS(s, n, "keep-alive");
     case 16:
-        return PROXY_IS(s, n, "proxy-connection");
+        return HTTP1_IS(s, n, "proxy-connection");
     case 17:
-        return PROXY_IS(s, n, "transfer-encoding");
+        return HTTP1_IS(s, n, "transfer-encoding");
     case 18:
-        return PROXY_IS(s, n, "proxy-authenticate");
+        return HTTP1_IS(s, n, "proxy-authenticate");
     case 19:
-        return PROXY_IS(s, n, "proxy-authorization");
+        return HTTP1_IS(s, n, "proxy-authorization");
     default:
         return 0;
     }
@@ -143,24 +136,9 @@ static int proxy_skip_response_header(const char *s, size_t n)
 {
     /* MHD writes its own framing and Date; the gateway writes the billing
      * headers itself, so an upstream cannot spoof them. */
-    return proxy_hop_by_hop_n(s, n) || PROXY_IS(s, n, "content-length") || PROXY_IS(s, n, "date") ||
-           PROXY_IS(s, n, "x-request-id") || PROXY_IS(s, n, "x-points-charged") ||
-           PROXY_IS(s, n, "x-points-remaining");
-}
-
-static int proxy_tchar(unsigned char c)
-{
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-')
-        return 1;
-    return c != '\0' && strchr("!#$%&'*+.^_`|~", c) != NULL;
-}
-
-static int proxy_token_ok(const char *s, size_t n)
-{
-    if (n == 0) return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!proxy_tchar((unsigned char)s[i])) return 0;
-    return 1;
+    return proxy_hop_by_hop_n(s, n) || HTTP1_IS(s, n, "content-length") || HTTP1_IS(s, n, "date") ||
+           HTTP1_IS(s, n, "x-request-id") || HTTP1_IS(s, n, "x-points-charged") ||
+           HTTP1_IS(s, n, "x-points-remaining");
 }
 
 /* ---- the call's buffers ---------------------------------------------- */
@@ -168,12 +146,8 @@ static int proxy_token_ok(const char *s, size_t n)
 int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
 {
     size_t nl = strlen(name), vl = value ? strlen(value) : 0, need, o;
-    if (!proxy_token_ok(name, nl)) return -1;
     /* No CR or LF may reach the upstream inside a value (header injection). */
-    for (size_t i = 0; i < vl; i++) {
-        unsigned char ch = (unsigned char)value[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
-    }
+    if (!http1_token(name, nl) || !http1_text_ok(value ? value : "", vl)) return -1;
     need = nl + 1 + (vl ? 1 + vl : 0) + 2;
     if (c->req_hdrs_len + need > PROXY_REQ_HEADERS_MAX) return -1;
     if (c->req_hdrs_len + need > c->req_hdrs_cap) {
@@ -900,12 +874,12 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     struct timeval tv = {(time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000)};
     int with_length;
 
-    if (c->state != PROXY_CALL_IDLE || !proxy_token_ok(method, mlen)) return -1;
+    if (c->state != PROXY_CALL_IDLE || !http1_token(method, mlen)) return -1;
     /* The target goes on the request line verbatim: printable ASCII only,
      * so nothing a client sent can split or extend that line. */
-    if (tlen == 0 || target[0] != '/' || p->sp_prefix_len + tlen > PROXY_TARGET_MAX) return -1;
-    for (size_t i = 0; i < tlen; i++)
-        if ((unsigned char)target[i] <= ' ' || (unsigned char)target[i] >= 0x7f) return -1;
+    if (tlen == 0 || target[0] != '/' || p->sp_prefix_len + tlen > PROXY_TARGET_MAX ||
+        !http1_target_ok(target, tlen))
+        return -1;
 
     c->p = p;
     c->done = done;

@@ -15,6 +15,7 @@
 #include "billing/apikey.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/http1.h"
 #include "gateway/usage.h"
 #include "gateway/worker.h"
 
@@ -694,16 +695,6 @@ static const char *request_key(struct MHD_Connection *conn, size_t *len)
     return v;
 }
 
-/* The raw target is forwarded verbatim on the upstream's request line,
- * which takes printable ASCII only (RFC 9112 3.2); MHD lets control and
- * non-ASCII bytes through. Refused here, before anything is held. */
-static int request_target_ok(const char *uri)
-{
-    for (; *uri; uri++)
-        if ((unsigned char)*uri <= ' ' || (unsigned char)*uri >= 0x7f) return 0;
-    return 1;
-}
-
 /* Headers are in: everything that needs neither body nor Redis. */
 static void request_begin(gw_request *r, const char *method)
 {
@@ -719,7 +710,11 @@ static void request_begin(gw_request *r, const char *method)
         request_error(r, 500, "internal", "out of memory");
         return;
     }
-    if (strlen(method) >= sizeof r->method || !request_target_ok(r->uri) ||
+    /* The raw target is forwarded verbatim on the upstream's request line,
+     * which takes printable ASCII only; MHD lets control and non-ASCII bytes
+     * through. Refused here, before anything is held (proxy_start would
+     * refuse it too, but only after the hold). */
+    if (strlen(method) >= sizeof r->method || !http1_target_ok(r->uri, strlen(r->uri)) ||
         routes_normalise(r->uri, r->raw_path_len, r->path, r->raw_path_len + 1) != 0) {
         request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid request path");
         return;

@@ -111,15 +111,16 @@ static int http1_line(const char *buf, size_t len, size_t limit, size_t *line_le
     return 1;
 }
 
-/* Calls FN on each non-empty element of a comma-separated list, trimmed;
- * stops at the first non-zero return and returns it. */
+/* Calls FN on each non-empty element of a comma-separated list, trimmed
+ * (empty elements are skipped, as RFC 9110 5.6.1 asks). Returns how many
+ * elements there were, or -1 as soon as FN returns non-zero. */
 static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const char *, size_t),
                       http1_parser *p)
 {
     size_t i = 0;
+    int count = 0;
     while (i < n) {
         size_t b, e;
-        int rc;
         while (i < n && (http1_ows(s[i]) || s[i] == ','))
             i++;
         b = i;
@@ -128,9 +129,11 @@ static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const c
         e = i;
         while (e > b && http1_ows(s[e - 1]))
             e--;
-        if (e > b && (rc = fn(p, s + b, e - b)) != 0) return rc;
+        if (e == b) continue;
+        if (fn(p, s + b, e - b) != 0) return -1;
+        count++;
     }
-    return 0;
+    return count;
 }
 
 static int http1_on_length(http1_parser *p, const char *s, size_t n)
@@ -220,19 +223,20 @@ static int http1_framing_header(http1_parser *p, const http1_event *ev)
 {
     const char *v = ev->value;
     size_t n = ev->value_len;
-    if (HTTP1_IS(ev->name, ev->name_len, "content-length")) {
-        if (n == 0) return -1;
-        return http1_each(v, n, http1_on_length, p);
-    }
+    /* Content-Length and Transfer-Encoding frame the body: a header of
+     * either with no element at all ("", ",", " , ") is malformed, not
+     * absent. Read as absent, a Content-Length would turn into a body read
+     * to the close, a framing the server never meant. */
+    if (HTTP1_IS(ev->name, ev->name_len, "content-length"))
+        return http1_each(v, n, http1_on_length, p) > 0 ? 0 : -1;
     if (HTTP1_IS(ev->name, ev->name_len, "transfer-encoding")) {
         p->te_seen = 1;
-        if (http1_each(v, n, http1_on_coding, p) != 0) return -1;
-        return p->te_chunked ? 0 : -1; /* an empty list codes nothing: malformed */
+        return http1_each(v, n, http1_on_coding, p) > 0 ? 0 : -1;
     }
     if (HTTP1_IS(ev->name, ev->name_len, "connection"))
-        return http1_each(v, n, http1_on_connection, p);
+        return http1_each(v, n, http1_on_connection, p) < 0 ? -1 : 0;
     if (HTTP1_IS(ev->name, ev->name_len, "keep-alive"))
-        return http1_each(v, n, http1_on_keepalive, p);
+        return http1_each(v, n, http1_on_keepalive, p) < 0 ? -1 : 0;
     return 0;
 }
 

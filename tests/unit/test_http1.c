@@ -189,6 +189,9 @@ static void test_content_length(void)
     CHECK(r.ev == HTTP1_DONE && strcmp(r.body, "abc") == 0);
     run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && strcmp(r.body, "abc") == 0);
+    /* Empty list elements beside a real one are ignored (RFC 9110 5.6.1). */
+    run_all(S("HTTP/1.1 200 OK\r\nContent-Length: ,3,\r\n\r\nabc"), &plain, &r);
+    CHECK(r.ev == HTTP1_DONE && r.framing == HTTP1_LENGTH && strcmp(r.body, "abc") == 0);
     /* Cut short: the end of file is an error, not the end of the body. */
     run(S("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), &with_eof, &r);
     CHECK(r.ev == HTTP1_MALFORMED);
@@ -212,6 +215,11 @@ static void test_bad_lengths(void)
         /* Two different lengths: two framings, refused. */
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        /* A list with no element gives no length: not "no header" (which
+         * would read the body to the close). */
+        "HTTP/1.1 200 OK\r\nContent-Length: ,\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nContent-Length: \t, ,,\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: ,\r\n\r\nhello",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         result r;
@@ -317,6 +325,11 @@ static void test_codings(void)
         &plain, &r);
     CHECK(r.ev == HTTP1_MALFORMED);
     run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\n0\r\n\r\n"), &plain, &r);
+    CHECK(r.ev == HTTP1_MALFORMED);
+    /* An empty list is malformed even after a good header. */
+    run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: ,\r\n\r\n"
+          "0\r\n\r\n"),
+        &plain, &r);
     CHECK(r.ev == HTTP1_MALFORMED);
 }
 

@@ -247,6 +247,13 @@ static enum http1_ev http1_head_done(http1_parser *p)
      * connection is used once. */
     p->keep_alive = p->minor >= 1 && !p->conn_close;
     if (p->head_request || p->status == 204 || p->status == 304) {
+        /* No body, whatever the head says. But this is where servers get
+         * framing wrong most often (a HEAD answered with its GET body, a
+         * 204 or 304 with content), and they may send those bytes in a later
+         * write: on a reused connection they would be read as the next
+         * call's response. So such a connection is not reused (proxy.c
+         * explains why it does not look for stray bytes instead). */
+        p->keep_alive = 0;
         p->framing = HTTP1_NONE;
         p->state = S_DONE;
     } else if (p->te_seen) {

@@ -2,15 +2,16 @@
  *
  * Owns the framing rules of an upstream response (RFC 9112): the status
  * line, header syntax, interim 1xx responses (skipped), bodiless answers
- * (HEAD, 204, 304), Content-Length, chunked transfer coding (extensions
- * accepted, trailers skipped), close-delimited bodies, whether the
- * connection may carry another request, and the bounds on head and body
- * size; and the HTTP syntax checks the request side shares with it (tokens,
- * field values, request targets, comma-separated lists), so that there is one
- * definition of each. Pure functions on caller buffers: no I/O, no
- * allocation, no global state. Does not own buffering (the caller keeps the
- * bytes not consumed and calls again once more have arrived), nor what
- * headers mean to the gateway (proxy.c decides which ones it keeps). */
+ * (HEAD, 204, 304; their connection is never reused), Content-Length,
+ * chunked transfer coding (extensions accepted, trailers skipped),
+ * close-delimited bodies, whether the connection may carry another request,
+ * and the bounds on head and body size; and the HTTP syntax checks the
+ * request side shares with it (tokens, field values, request targets), so
+ * that there is one definition of each. Pure
+ * functions on caller buffers: no I/O, no allocation, no global state. Does
+ * not own buffering (the caller keeps the bytes not consumed and calls again
+ * once more have arrived), nor what headers mean to the gateway (proxy.c
+ * decides which ones it keeps). */
 #ifndef GATEWAY_HTTP1_H
 #define GATEWAY_HTTP1_H
 
@@ -51,7 +52,8 @@ typedef struct http1_parser {
     int minor;                  /* HTTP/1.<minor> of the final response */
     enum http1_framing framing; /* how the body is delimited */
     int64_t content_length;     /* -1 when the response has none */
-    int keep_alive;             /* the connection may carry another request after DONE */
+    int keep_alive;             /* the connection may carry another request after DONE
+                                   (never after a bodiless HEAD, 204 or 304 answer) */
     unsigned keepalive_s;       /* Keep-Alive: timeout=N, 0 when absent */
     /* Internal. */
     int state;

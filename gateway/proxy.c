@@ -582,7 +582,18 @@ static void proxy_conn_complete(proxy_conn *k, int leftover)
     proxy *p = k->p;
     proxy_call *c = k->call;
     /* Bytes after the response, or a request not fully written (the server
-     * answered early): the connection's state is not one we can reuse. */
+     * answered early): the connection's state is not one we can reuse.
+     *
+     * Bytes that come after we looked are the harder case: a server that
+     * sends a HEAD's body, or content after a 204 or 304, in a later write
+     * would have them read as the next call's response, which may be another
+     * client's, and billed to it. http1.c never lets a connection be reused
+     * after such a bodiless answer, the only place where honest servers get
+     * framing wrong often enough to matter; those calls pay a new connection.
+     * We do not instead recv(MSG_PEEK) before every reuse: that is a syscall
+     * on every call's hot path, and it would still miss bytes that arrive
+     * just after it (the read watcher of an idle connection closes it if
+     * they arrive later, see proxy_on_read). */
     int reuse = k->hp.keep_alive && !leftover && c->sent == c->req_len;
     unsigned keepalive_s = k->hp.keepalive_s;
     proxy_conn_detach(k);

@@ -6,10 +6,15 @@ for POST), the connection cap and its queue, the path prefix, localhost, and
 the UPSTREAM_URL checks. Every call's charge is checked: a call the upstream
 answered is charged once, whatever happened to connections on the way.
 
+Where devsim (libmicrohttpd) cannot misbehave the way a test needs, a
+hand-written upstream (RawUpstream) writes the bytes itself: a second response
+after a bodiless one.
+
 The gateways here run one worker thread, so that consecutive calls share one
 keep-alive pool and the connection a call gets is known.
 """
 import concurrent.futures
+import socket
 import subprocess
 import threading
 import time
@@ -72,6 +77,114 @@ def _conns_to(port):
     return n
 
 
+class RawUpstream:
+    """A hand-written HTTP/1.1 upstream on 127.0.0.1. Reads the requests of
+    each connection one after another (head, then a Content-Length body) and
+    hands each to ANSWER(sock, method, path, headers), which writes whatever
+    it likes and returns False to close the connection. Records every request
+    as (connection number, method, path, headers with lower-case names)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+        self.conns = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(c)
+                n = len(self.conns)
+            t = threading.Thread(target=self._serve, args=(c, n), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, c, n):
+        c.settimeout(20)
+        buf = b""
+        try:
+            while not self.stopping:
+                while b"\r\n\r\n" not in buf:
+                    b = c.recv(65536)
+                    if not b:
+                        return
+                    buf += b
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0"))
+                while len(buf) < length:
+                    b = c.recv(65536)
+                    if not b:
+                        return
+                    buf += b
+                buf = buf[length:]
+                with self.lock:
+                    self.requests.append((n, method, path, headers))
+                if not self.answer(c, method, path, headers):
+                    return
+        except OSError:
+            return  # the gateway closed or reset the connection
+        finally:
+            c.close()
+
+    def stop(self):
+        self.stopping = True
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self.threads:
+            t.join(10)
+
+
+GOOD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nGOOD"
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+BODILESS = {
+    "/v1/devices/stray-head": b"HTTP/1.1 200 OK\r\nContent-Length: 196\r\n\r\n",
+    "/v1/devices/stray-204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/v1/devices/stray-304": b"HTTP/1.1 304 Not Modified\r\nETag: \"e1\"\r\n\r\n",
+}
+
+
+def _answer(c, method, path, headers):
+    """RawUpstream's answers, by path: see the tests that use them."""
+    if path in BODILESS:
+        # A bodiless answer, then (a server that sends a HEAD's body, or
+        # content after a 204 or 304, in a second write) a whole second
+        # response 50 ms later. The delay first lets another client's call
+        # queue behind this one.
+        time.sleep(0.5)
+        c.sendall(BODILESS[path])
+        time.sleep(0.05)
+        c.sendall(EVIL)
+    else:
+        c.sendall(GOOD)
+    return True
+
+
 def test_chunked_response(stack):
     gw = _setup(stack)
     acct, key = stack.new_account(100)
@@ -123,9 +236,10 @@ def test_close_delimited_response(stack):
     assert stack.hot(acct)["spent"] == 1 + 5 + 1 + 3
 
 
-def test_bodiless_answers_keep_the_connection(stack):
+def test_bodiless_answers(stack):
     """HEAD, 204 and 304 end at the head: no wait for a body that never comes
-    (it would end in a 504), and the connection carries the next call."""
+    (it would end in a 504), and the next call goes through (on a new
+    connection: see test_no_reuse_after_bodiless_answers)."""
     gw = _setup(stack)
     acct, key = stack.new_account(100)
     before = _sim_requests(stack)
@@ -142,6 +256,46 @@ def test_bodiless_answers_keep_the_connection(stack):
     assert _sim_requests(stack) == before + 4
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 4
+
+
+def test_no_reuse_after_bodiless_answers(stack):
+    """The reviewer's case: an upstream answers a HEAD (or a 204, a 304)
+    correctly, then 50 ms later writes a second response, "EVIL". With one
+    upstream connection, another client's GET waits behind the bodiless call
+    and used to get its connection, and with it EVIL as its answer (and was
+    charged for it). A connection is never reused after a bodiless answer:
+    the GET gets its own answer on a new connection; each call is charged
+    once; nothing is sent twice."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    acct2, key2 = stack.new_account(100)
+    up = RawUpstream(_answer)
+    gw = _gateway(stack, "gateway-stray", up.url, {"UPSTREAM_MAX_CONNECTIONS": "1"})
+    try:
+        for method, path, status in (("HEAD", "/v1/devices/stray-head", 200),
+                                     ("GET", "/v1/devices/stray-204", 204),
+                                     ("GET", "/v1/devices/stray-304", 304)):
+            n = len(up.requests)
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:
+                first = ex.submit(http, method, gw.url + path, None, _auth(key))
+                stack.wait_for(lambda: len(up.requests) == n + 1, timeout=10,
+                               what=f"{method} {path} at the upstream")
+                # The upstream holds its answer 500 ms: this call queues.
+                second = ex.submit(http, "GET", gw.url + "/v1/devices/d1", None, _auth(key2))
+                r1, r2 = first.result(), second.result()
+            assert r1.status == status and r1.body == b"", (path, r1)
+            assert r1.headers["x-points-charged"] == "1", (path, r1.headers)
+            assert r2.status == 200 and r2.body == b"GOOD", (path, r2)
+            assert r2.headers["x-points-charged"] == "1", (path, r2.headers)
+            got = up.requests[n:]
+            assert [(m, p) for _, m, p, _ in got] == [(method, path), ("GET", "/v1/devices/d1")], got
+            assert got[0][0] != got[1][0], got  # two connections
+    finally:
+        assert gw.stop() == 0
+        up.stop()
+    for a in (acct, acct2):
+        _held_zero(stack, a)
+        assert stack.hot(a)["spent"] == 3
 
 
 def test_sequential_calls_share_one_connection(stack):

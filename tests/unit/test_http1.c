@@ -360,7 +360,7 @@ static void test_interim(void)
     run_all(S("HTTP/1.1 100 Continue\r\nContent-Length: 50\r\n\r\n"
               "HTTP/1.1 204 No Content\r\n\r\n"),
             &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 1);
+    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 0);
     /* Only interim answers so far: still waiting. */
     run(S("HTTP/1.1 102 Processing\r\n\r\n"), &plain, &r);
     CHECK(r.ev == HTTP1_MORE && r.status == 0);
@@ -373,9 +373,11 @@ static void test_bodiless(void)
 {
     opts head = {1, 0, 0, 0};
     result r;
-    /* HEAD: the length describes the GET answer, no body follows. */
+    /* HEAD: the length describes the GET answer, no body follows. Never
+     * reused: a server that sends the body anyway, later, must not have it
+     * read as the next call's response. */
     run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 1 && r.framing == HTTP1_NONE);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 0 && r.framing == HTTP1_NONE);
     CHECK(r.leftover == 0);
     /* Even a length past the body bound, or chunked. */
     run(S("HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"), &head, &r);
@@ -383,10 +385,13 @@ static void test_bodiless(void)
     run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), &head, &r);
     CHECK(r.ev == HTTP1_DONE && r.blen == 0);
     run_all(S("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"), &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 1);
+    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 0);
     run_all(S("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n"),
             &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 304 && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.status == 304 && r.blen == 0 && r.keep_alive == 0);
+    /* An empty body by Content-Length is not bodiless: reused. */
+    run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &plain, &r);
+    CHECK(r.ev == HTTP1_DONE && r.framing == HTTP1_NONE && r.keep_alive == 1);
     /* A 204 followed by bytes: the caller sees them left over (no reuse). */
     run(S("HTTP/1.1 204 No Content\r\n\r\njunk"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && r.leftover == 4);

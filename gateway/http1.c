@@ -254,6 +254,9 @@ static enum http1_ev http1_head_done(http1_parser *p)
          * call's response. So such a connection is not reused (proxy.c
          * explains why it does not look for stray bytes instead). */
         p->keep_alive = 0;
+        /* A HEAD answer's length is the GET answer's, which chunked would
+         * override. */
+        if (p->te_seen) p->content_length = -1;
         p->framing = HTTP1_NONE;
         p->state = S_DONE;
     } else if (p->te_seen) {

@@ -51,7 +51,8 @@ typedef struct http1_parser {
     int status;
     int minor;                  /* HTTP/1.<minor> of the final response */
     enum http1_framing framing; /* how the body is delimited */
-    int64_t content_length;     /* -1 when the response has none */
+    int64_t content_length;     /* -1 when the response has none or is chunked;
+                                   for HEAD, the length a GET answer would have */
     int keep_alive;             /* the connection may carry another request after DONE
                                    (never after a bodiless HEAD, 204 or 304 answer) */
     unsigned keepalive_s;       /* Keep-Alive: timeout=N, 0 when absent */

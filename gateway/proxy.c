@@ -625,6 +625,7 @@ static int proxy_conn_parse(proxy_conn *k)
             continue;
         case HTTP1_HEAD_DONE:
             c->status = k->hp.status;
+            c->content_length = k->hp.content_length;
             /* A known length is allocated once, exactly. */
             if (k->hp.framing == HTTP1_LENGTH &&
                 proxy_call_body_room(c, (size_t)k->hp.content_length, (size_t)k->p->max_body) != 0)
@@ -896,6 +897,7 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     c->done = done;
     c->arg = arg;
     c->status = 0;
+    c->content_length = -1;
     c->retried = 0;
     c->head_request = strcmp(method, "HEAD") == 0;
     c->replayable = proxy_idempotent(method);

@@ -56,7 +56,9 @@ struct proxy_call {
     /* The result, valid in the callback. */
     enum proxy_result result;
     long status;
-    char *hdrs; /* response headers as "name\0value\0" pairs */
+    int64_t content_length; /* the response's Content-Length, -1 if none; for
+                               HEAD, the size of the GET answer (no body came) */
+    char *hdrs;             /* response headers as "name\0value\0" pairs */
     size_t hdrs_len, hdrs_cap;
     char *body;
     size_t body_len, body_cap;

@@ -32,6 +32,9 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
+/* MHD allocates a callback response's block with it: a HEAD answer's reader
+ * is never called, so the block is never used. */
+#define REQUEST_HEAD_BLOCK 64
 
 enum request_state {
     ST_NEW,
@@ -242,6 +245,14 @@ static void request_release_detached(gw_request *r)
     hotclient_settle(r->w->hc, &a, NULL, NULL);
 }
 
+/* The body reader of a HEAD answer: MHD never calls it (it sends no body
+ * for HEAD). Were it called, ending with an error closes the client's
+ * connection rather than send bytes the client does not expect. */
+static ssize_t request_head_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    return MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
 static void request_answer_upstream(gw_request *r, int64_t charged, int have_remaining,
                                     int64_t remaining)
 {
@@ -251,7 +262,16 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
     char num[32];
     size_t off = 0;
 
-    if (c->body_len > 0) {
+    if (c->content_length > 0 && strcmp(r->method, "HEAD") == 0) {
+        /* The client gets the upstream's Content-Length (the size of the GET
+         * answer), which MHD writes itself: for HEAD it sends the response
+         * object's size and no body (libmicrohttpd 0.9.75, checked by
+         * test_head_keeps_the_content_length). Without a length (chunked
+         * upstream) the answer says 0 as before: MHD_SIZE_UNKNOWN would make
+         * that MHD send a chunked terminator as the body of a HEAD answer. */
+        resp = MHD_create_response_from_callback((uint64_t)c->content_length, REQUEST_HEAD_BLOCK,
+                                                 request_head_reader, NULL, NULL);
+    } else if (c->body_len > 0) {
         resp = MHD_create_response_from_buffer(c->body_len, c->body, MHD_RESPMEM_MUST_FREE);
         if (resp) c->body = NULL; /* MHD frees it */
         c->body_len = c->body_cap = 0;

@@ -8,7 +8,7 @@ answered is charged once, whatever happened to connections on the way.
 
 Where devsim (libmicrohttpd) cannot misbehave the way a test needs, a
 hand-written upstream (RawUpstream) writes the bytes itself: a second response
-after a bodiless one.
+after a bodiless one, a malformed Content-Length.
 
 The gateways here run one worker thread, so that consecutive calls share one
 keep-alive pool and the connection a call gets is known.
@@ -180,6 +180,12 @@ def _answer(c, method, path, headers):
         c.sendall(BODILESS[path])
         time.sleep(0.05)
         c.sendall(EVIL)
+    elif path == "/v1/devices/sized":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 196\r\n\r\n" + (b"" if method == "HEAD" else b"x" * 196))
+    elif path == "/v1/devices/empty-length":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: ,\r\nConnection: close\r\n\r\nhello")
+        return False
     else:
         c.sendall(GOOD)
     return True
@@ -296,6 +302,64 @@ def test_no_reuse_after_bodiless_answers(stack):
     for a in (acct, acct2):
         _held_zero(stack, a)
         assert stack.hot(a)["spent"] == 3
+
+
+def test_head_keeps_the_content_length(stack):
+    """A HEAD answer carries the upstream's Content-Length (the size a GET
+    would get), and no body. libmicrohttpd (0.9.75 on Debian 12) sends a
+    response object's size as Content-Length and no body for HEAD: checked
+    byte by byte on a keep-alive client connection, whose next request must
+    read its own answer. A malformed length from the upstream is a 502."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    up = RawUpstream(_answer)
+    gw = _gateway(stack, "gateway-head", up.url)
+    try:
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        auth = b"X-Api-Key: " + key.encode() + b"\r\n"
+        s.sendall(b"HEAD /v1/devices/sized HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        out = b""
+        while b"\r\n\r\n" not in out:
+            b = s.recv(65536)
+            assert b, out
+            out += b
+        head, rest = out.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK", lines
+        hdrs = {}
+        for line in lines[1:]:
+            k, v = line.split(":", 1)
+            hdrs.setdefault(k.lower(), []).append(v.strip())
+        assert hdrs["content-length"] == ["196"], hdrs
+        assert hdrs["content-type"] == ["application/json"], hdrs
+        assert hdrs["x-points-charged"] == ["1"], hdrs
+        assert "connection" not in hdrs, hdrs  # kept alive
+        s.settimeout(0.5)
+        try:
+            rest += s.recv(65536)
+        except socket.timeout:
+            pass
+        assert rest == b"", rest  # no body
+        s.settimeout(10)
+        s.sendall(b"GET /v1/devices/sized HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        out = b""
+        while not out.endswith(b"x" * 196):
+            b = s.recv(65536)
+            assert b, out
+            out += b
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 196\r\n" in out, out
+        s.close()
+        # Through http.client as well (it reads no body for HEAD either way).
+        r = http("HEAD", gw.url + "/v1/devices/sized", headers=_auth(key))
+        assert r.status == 200 and r.headers["content-length"] == "196" and r.body == b"", r
+        r = http("GET", gw.url + "/v1/devices/empty-length", headers=_auth(key))
+        assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r
+        assert r.headers["x-points-charged"] == "0"
+    finally:
+        assert gw.stop() == 0
+        up.stop()
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 3
 
 
 def test_sequential_calls_share_one_connection(stack):

@@ -29,6 +29,7 @@ typedef struct result {
     int status;
     int keep_alive;
     int framing;
+    int64_t content_length;
     unsigned keepalive_s;
     char hdrs[2048]; /* "name=value\n" per header */
     size_t hlen;
@@ -86,6 +87,7 @@ static void run_cuts(const char *in, size_t len, const size_t *cuts, int ncuts, 
             if (e == HTTP1_HEAD_DONE) {
                 r->status = p.status;
                 r->framing = p.framing;
+                r->content_length = p.content_length;
                 continue;
             }
             if (e == HTTP1_BODY) {
@@ -379,11 +381,18 @@ static void test_bodiless(void)
     run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"), &head, &r);
     CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 0 && r.framing == HTTP1_NONE);
     CHECK(r.leftover == 0);
+    CHECK(r.content_length == 100); /* what the gateway tells its client */
     /* Even a length past the body bound, or chunked. */
     run(S("HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == 99999999);
     run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == -1);
+    /* Both: the GET answer would be chunked, so there is no length to tell. */
+    run(S("HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n"), &head, &r);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == -1);
+    /* A malformed length is malformed for HEAD too. */
+    run(S("HTTP/1.1 200 OK\r\nContent-Length: ,\r\n\r\n"), &head, &r);
+    CHECK(r.ev == HTTP1_MALFORMED);
     run_all(S("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 0);
     run_all(S("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n"),

@@ -715,6 +715,20 @@ static const char *request_key(struct MHD_Connection *conn, size_t *len)
     return v;
 }
 
+/* MHD_get_connection_values_n callback: clears *CLS at the first header
+ * the upstream's request could not carry. Sizes, not strlen: a NUL inside a
+ * name or value is caught too. */
+static enum MHD_Result request_check_header(void *cls, enum MHD_ValueKind kind, const char *name,
+                                            size_t name_len, const char *value, size_t value_len)
+{
+    int *ok = cls;
+    if (!http1_token(name, name_len) || (value && !http1_text_ok(value, value_len))) {
+        *ok = 0;
+        return MHD_NO;
+    }
+    return MHD_YES;
+}
+
 /* Headers are in: everything that needs neither body nor Redis. */
 static void request_begin(gw_request *r, const char *method)
 {
@@ -722,6 +736,7 @@ static void request_begin(gw_request *r, const char *method)
     const char *q = strchr(r->uri, '?');
     const char *cl, *key;
     size_t keylen = 0;
+    int headers_ok = 1;
 
     r->raw_path_len = q ? (size_t)(q - r->uri) : strlen(r->uri);
     snprintf(r->method, sizeof r->method, "%s", method);
@@ -737,6 +752,15 @@ static void request_begin(gw_request *r, const char *method)
     if (strlen(method) >= sizeof r->method || !http1_target_ok(r->uri, strlen(r->uri)) ||
         routes_normalise(r->uri, r->raw_path_len, r->path, r->raw_path_len + 1) != 0) {
         request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid request path");
+        return;
+    }
+    /* Likewise every header (RFC 9110: names are tokens, values have no
+     * control byte but HTAB): MHD lets DEL and other control bytes through,
+     * proxy_call_add_header refuses them, and that used to be a 502 after
+     * the hold. Checked here, before the key is looked up or anything held. */
+    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, request_check_header, &headers_ok);
+    if (!headers_ok) {
+        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid header");
         return;
     }
     r->table = r->w->routes;

@@ -111,14 +111,9 @@ static int http1_line(const char *buf, size_t len, size_t limit, size_t *line_le
     return 1;
 }
 
-/* Calls FN on each non-empty element of a comma-separated list, trimmed
- * (empty elements are skipped, as RFC 9110 5.6.1 asks). Returns how many
- * elements there were, or -1 as soon as FN returns non-zero. */
-static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const char *, size_t),
-                      http1_parser *p)
+int http1_list_next(const char *s, size_t n, size_t *pos, const char **elem, size_t *elem_len)
 {
-    size_t i = 0;
-    int count = 0;
+    size_t i = *pos;
     while (i < n) {
         size_t b, e;
         while (i < n && (http1_ows(s[i]) || s[i] == ','))
@@ -129,8 +124,37 @@ static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const c
         e = i;
         while (e > b && http1_ows(s[e - 1]))
             e--;
-        if (e == b) continue;
-        if (fn(p, s + b, e - b) != 0) return -1;
+        if (e > b) {
+            *pos = i;
+            *elem = s + b;
+            *elem_len = e - b;
+            return 1;
+        }
+    }
+    *pos = n;
+    return 0;
+}
+
+int http1_list_has(const char *s, size_t n, const char *name, size_t name_len)
+{
+    size_t pos = 0, len;
+    const char *e;
+    while (http1_list_next(s, n, &pos, &e, &len))
+        if (http1_is(e, len, name, name_len)) return 1;
+    return 0;
+}
+
+/* Calls FN on each element of a comma-separated list (see http1_list_next).
+ * Returns how many elements there were, or -1 as soon as FN returns
+ * non-zero. */
+static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const char *, size_t),
+                      http1_parser *p)
+{
+    size_t pos = 0, len;
+    const char *e;
+    int count = 0;
+    while (http1_list_next(s, n, &pos, &e, &len)) {
+        if (fn(p, e, len) != 0) return -1;
         count++;
     }
     return count;

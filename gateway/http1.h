@@ -6,8 +6,8 @@
  * chunked transfer coding (extensions accepted, trailers skipped),
  * close-delimited bodies, whether the connection may carry another request,
  * and the bounds on head and body size; and the HTTP syntax checks the
- * request side shares with it (tokens, field values, request targets), so
- * that there is one definition of each. Pure
+ * request side shares with it (tokens, field values, request targets,
+ * comma-separated lists), so that there is one definition of each. Pure
  * functions on caller buffers: no I/O, no allocation, no global state. Does
  * not own buffering (the caller keeps the bytes not consumed and calls again
  * once more have arrived), nor what headers mean to the gateway (proxy.c
@@ -96,5 +96,12 @@ int http1_target_ok(const char *s, size_t n);
 /* 1 if S[0..N) equals LIT[0..LITN) ignoring ASCII case. */
 int http1_is(const char *s, size_t n, const char *lit, size_t litn);
 #define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)
+/* The next element of the comma-separated list S[0..N) from *POS on (start
+ * at 0): empty elements are skipped and spaces and tabs trimmed (RFC 9110
+ * 5.6.1). 1 with *ELEM and *ELEM_LEN set, or 0 at the end of the list. */
+int http1_list_next(const char *s, size_t n, size_t *pos, const char **elem, size_t *elem_len);
+/* 1 if NAME[0..NAME_LEN) is an element of the list S[0..N), ignoring case
+ * (a Connection header's names). */
+int http1_list_has(const char *s, size_t n, const char *name, size_t name_len);
 
 #endif

@@ -40,6 +40,7 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -175,12 +176,31 @@ int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
     return 0;
 }
 
+/* 1 if a Connection header value names a header: anything but the
+ * connection options close and keep-alive. */
+static int proxy_connection_names_headers(const char *v, size_t n)
+{
+    size_t pos = 0, len;
+    const char *e;
+    while (http1_list_next(v, n, &pos, &e, &len))
+        if (!HTTP1_IS(e, len, "close") && !HTTP1_IS(e, len, "keep-alive")) return 1;
+    return 0;
+}
+
 /* Appends a kept response header as "name\0value\0". Bounded by the
  * parser's head limit. 0 or -1 (out of memory). */
 static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
 {
     size_t need = ev->name_len + ev->value_len + 2;
-    if (proxy_skip_response_header(ev->name, ev->name_len)) return 0;
+    /* A Connection header that names other headers is kept until the head
+     * is complete, so that proxy_call_drop_listed can find them (they may
+     * come before it). The usual "keep-alive" or "close" names none: such a
+     * header is dropped here with the other hop-by-hop ones. */
+    if (HTTP1_IS(ev->name, ev->name_len, "connection") &&
+        proxy_connection_names_headers(ev->value, ev->value_len))
+        c->conn_listed = 1;
+    else if (proxy_skip_response_header(ev->name, ev->name_len))
+        return 0;
     if (c->hdrs_len + need > c->hdrs_cap) {
         size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 512;
         char *nb;
@@ -198,6 +218,46 @@ static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
     c->hdrs_len += ev->value_len;
     c->hdrs[c->hdrs_len++] = '\0';
     return 0;
+}
+
+/* Set on the first byte of a header name to drop: no token has it. */
+#define PROXY_DROPPED '\x01'
+
+/* 1 if one of C's kept Connection headers names NAME. */
+static int proxy_call_listed(const proxy_call *c, const char *name)
+{
+    size_t off = 0, nl = strlen(name);
+    const char *n, *v;
+    while ((off = proxy_header_next(c, off, &n, &v)) != 0)
+        if (strcasecmp(n, "connection") == 0 && http1_list_has(v, strlen(v), name, nl)) return 1;
+    return 0;
+}
+
+/* The head is complete: removes the headers its Connection headers name,
+ * and those Connection headers (RFC 9110 7.6.1: they are for this hop
+ * only). In place, without allocating: the names to drop are marked first,
+ * while every Connection header can still be read, then the rest is packed.
+ * Runs only when a Connection header named something (conn_listed). */
+static void proxy_call_drop_listed(proxy_call *c)
+{
+    size_t off = 0, next, w = 0;
+    const char *name, *value;
+    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
+        if (strcasecmp(name, "connection") != 0 && proxy_call_listed(c, name))
+            c->hdrs[off] = PROXY_DROPPED;
+        off = next;
+    }
+    off = 0;
+    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
+        /* W <= OFF: the move never reaches a pair not read yet. */
+        if (name[0] != PROXY_DROPPED && strcasecmp(name, "connection") != 0) {
+            memmove(c->hdrs + w, c->hdrs + off, next - off);
+            w += next - off;
+        }
+        off = next;
+    }
+    c->hdrs_len = w;
+    c->conn_listed = 0;
 }
 
 /* Makes room for N more body bytes (the parser has checked max_body). */
@@ -626,6 +686,7 @@ static int proxy_conn_parse(proxy_conn *k)
         case HTTP1_HEAD_DONE:
             c->status = k->hp.status;
             c->content_length = k->hp.content_length;
+            if (c->conn_listed) proxy_call_drop_listed(c);
             /* A known length is allocated once, exactly. */
             if (k->hp.framing == HTTP1_LENGTH &&
                 proxy_call_body_room(c, (size_t)k->hp.content_length, (size_t)k->p->max_body) != 0)
@@ -898,6 +959,7 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     c->arg = arg;
     c->status = 0;
     c->content_length = -1;
+    c->conn_listed = 0;
     c->retried = 0;
     c->head_request = strcmp(method, "HEAD") == 0;
     c->replayable = proxy_idempotent(method);

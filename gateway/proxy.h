@@ -51,7 +51,8 @@ struct proxy_call {
     int head_request; /* HEAD: the response has no body */
     int replayable;   /* idempotent method: see proxy_conn_failed */
     int retried;
-    int got_bytes; /* some response byte arrived on the current connection */
+    int got_bytes;   /* some response byte arrived on the current connection */
+    int conn_listed; /* hdrs holds a Connection header that names headers to drop */
     struct event timer;
     /* The result, valid in the callback. */
     enum proxy_result result;

@@ -373,23 +373,42 @@ static void request_on_upstream(void *arg, proxy_call *c)
 
 typedef struct request_hdr_ctx {
     gw_request *r;
-    const char *conn_tokens; /* value of the client's Connection header */
+    const char *conn; /* the client's Connection header(s), joined when several */
+    size_t conn_len;
+    char *conn_joined; /* owns conn when there were several */
     const char *xff;
     int failed;
 } request_hdr_ctx;
 
-/* 1 if NAME is listed in the comma-separated Connection header value. */
-static int request_in_connection(const char *tokens, const char *name)
+/* MHD_get_connection_values callback: gathers the client's Connection
+ * headers. One (the usual case) is used where MHD keeps it; several are
+ * joined into one list, which RFC 9110 5.3 makes equivalent. */
+static enum MHD_Result request_gather_connection(void *cls, enum MHD_ValueKind kind,
+                                                 const char *name, const char *value)
 {
-    size_t n = strlen(name);
-    const char *p = tokens;
-    while (p && *p) {
-        while (*p == ' ' || *p == ',' || *p == '\t')
-            p++;
-        if (strncasecmp(p, name, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' ')) return 1;
-        p = strchr(p, ',');
+    request_hdr_ctx *h = cls;
+    size_t vl;
+    char *j;
+    if (!value || strcasecmp(name, "connection") != 0) return MHD_YES;
+    vl = strlen(value);
+    if (!h->conn) {
+        h->conn = value;
+        h->conn_len = vl;
+        return MHD_YES;
     }
-    return 0;
+    j = malloc(h->conn_len + 1 + vl + 1);
+    if (!j) {
+        h->failed = 1;
+        return MHD_NO;
+    }
+    memcpy(j, h->conn, h->conn_len);
+    j[h->conn_len] = ',';
+    memcpy(j + h->conn_len + 1, value, vl + 1);
+    free(h->conn_joined);
+    h->conn_joined = j;
+    h->conn = j;
+    h->conn_len += 1 + vl;
+    return MHD_YES;
 }
 
 static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
@@ -413,7 +432,8 @@ static enum MHD_Result request_copy_header(void *cls, enum MHD_ValueKind kind, c
     for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
         if (strcasecmp(name, drop[i]) == 0) return MHD_YES;
     if (proxy_hop_by_hop(name)) return MHD_YES;
-    if (h->conn_tokens && request_in_connection(h->conn_tokens, name)) return MHD_YES;
+    /* Named by the client's Connection header: for this hop only. */
+    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return MHD_YES;
     return request_add_header(h, name, value) == 0 ? MHD_YES : MHD_NO;
 }
 
@@ -435,20 +455,25 @@ static int request_build_headers(gw_request *r)
 {
     request_hdr_ctx h = {.r = r};
     char ip[INET6_ADDRSTRLEN + 1], buf[1024];
-    h.conn_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection");
+    int rc = -1;
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_gather_connection, &h);
+    if (h.failed) goto out;
     h.xff = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Forwarded-For");
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_copy_header, &h);
-    if (h.failed) return -1;
+    if (h.failed) goto out;
     request_client_ip(r, ip, sizeof ip);
     if (h.xff && *h.xff)
         snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
     else
         snprintf(buf, sizeof buf, "%s", ip);
-    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) return -1;
+    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) goto out;
     snprintf(buf, sizeof buf, "%" PRId64, r->account);
-    if (request_add_header(&h, "X-Account-Id", buf) != 0) return -1;
-    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) return -1;
-    return 0;
+    if (request_add_header(&h, "X-Account-Id", buf) != 0) goto out;
+    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) goto out;
+    rc = 0;
+out:
+    free(h.conn_joined);
+    return rc;
 }
 
 static void request_proxy(gw_request *r)

@@ -9,12 +9,14 @@ answered is charged once, whatever happened to connections on the way.
 
 Where devsim (libmicrohttpd) cannot misbehave the way a test needs, a
 hand-written upstream (RawUpstream) writes the bytes itself: a second response
-after a bodiless one, a malformed Content-Length.
+after a bodiless one, a malformed Content-Length, hop-by-hop headers named
+by its Connection header.
 
 The gateways here run one worker thread, so that consecutive calls share one
 keep-alive pool and the connection a call gets is known.
 """
 import concurrent.futures
+import http.client as http_client
 import socket
 import subprocess
 import threading
@@ -187,6 +189,12 @@ def _answer(c, method, path, headers):
     elif path == "/v1/devices/empty-length":
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: ,\r\nConnection: close\r\n\r\nhello")
         return False
+    elif path == "/v1/devices/hop":
+        # Connection names hop-by-hop headers, before and after them, in two
+        # Connection headers, with tabs and mixed case.
+        c.sendall(b"HTTP/1.1 200 OK\r\nX-Before: 0\r\nConnection: keep-alive, X-Foo\r\n"
+                  b"X-Foo: 1\r\nX-Bar: 2\r\nConnection:\tx-baz\t,X-BEFORE ,\r\nX-Baz: 3\r\n"
+                  b"Keep-Alive: timeout=20\r\nContent-Length: 4\r\n\r\nGOOD")
     else:
         c.sendall(GOOD)
     return True
@@ -359,6 +367,49 @@ def test_head_keeps_the_content_length(stack):
     finally:
         assert gw.stop() == 0
         up.stop()
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 3
+
+
+def test_connection_listed_headers_not_forwarded(stack):
+    """Headers the upstream names in its Connection header are hop-by-hop
+    (RFC 9110 7.6.1): not passed to the client, wherever they stand and
+    however many Connection headers there are. Likewise on the way up: what
+    the client's Connection headers name (all of them; a tab may end a name)
+    does not reach the upstream."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    up = RawUpstream(_answer)
+    hop = _gateway(stack, "gateway-hop", up.url)
+    try:
+        for _ in range(2):  # the second on the kept connection
+            r = http("GET", hop.url + "/v1/devices/hop", headers=_auth(key))
+            assert r.status == 200 and r.body == b"GOOD", r
+            assert r.headers["x-bar"] == "2", r.headers
+            for name in ("x-foo", "x-baz", "x-before", "keep-alive"):
+                assert name not in r.headers, (name, r.headers)
+        assert len({n for n, _, _, _ in up.requests}) == 1, up.requests
+    finally:
+        assert hop.stop() == 0
+        up.stop()
+    conn = http_client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/v1/devices/d1", skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {key}")
+        conn.putheader("Connection", "X-Hop\t, keep-alive")
+        conn.putheader("Connection", "X-Hop2")
+        conn.putheader("X-Hop", "1")
+        conn.putheader("X-Hop2", "2")
+        conn.putheader("X-Kept", "3")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 200, (r.status, r.read())
+        r.read()
+    finally:
+        conn.close()
+    last = http("GET", stack.devsim.url + "/_sim/last").json()
+    assert last["x-kept"] == "3", last
+    assert "x-hop" not in last and "x-hop2" not in last, last
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 3
 

@@ -2,9 +2,10 @@
  * strings: Content-Length, chunked (with extensions and trailers), close-
  * delimited bodies, 1xx skipping, HEAD/204/304, the head and body bounds,
  * malformed status lines, chunk sizes and lengths, conflicting framing, and
- * keep-alive decisions. Every well-formed case is also fed split at every
- * byte boundary and one byte at a time, the way reads can cut it. Needs no
- * service. Exit 0 when every check holds. */
+ * keep-alive decisions; and the syntax checks shared with proxy.c and
+ * request.c (lists, tokens, field values, targets). Every well-formed case
+ * is also fed split at every byte boundary and one byte at a time, the way
+ * reads can cut it. Needs no service. Exit 0 when every check holds. */
 #include "gateway/http1.h"
 
 #include <stdio.h>
@@ -536,6 +537,36 @@ static void test_keep_alive(void)
     CHECK(r.ev == HTTP1_DONE && r.keep_alive == 1);
 }
 
+static void test_lists(void)
+{
+    const char *e;
+    size_t pos = 0, len, n = 0;
+    static const char list[] = " ,a, b\t,,\tc d ,";
+    static const char *const want[] = {"a", "b", "c d"};
+    while (http1_list_next(list, sizeof list - 1, &pos, &e, &len)) {
+        CHECK(n < 3 && len == strlen(want[n]) && memcmp(e, want[n], len) == 0);
+        n++;
+    }
+    CHECK(n == 3 && pos == sizeof list - 1);
+    pos = 0;
+    CHECK(!http1_list_next(S(" , ,\t"), &pos, &e, &len));
+    /* Connection names: case-insensitive, a tab or space ends a name too. */
+    CHECK(http1_list_has(S("keep-alive, X-Foo"), S("x-foo")));
+    CHECK(http1_list_has(S("X-Hop\t, keep-alive"), S("x-hop")));
+    CHECK(http1_list_has(S("\tx-baz\t,X-BEFORE ,"), S("x-before")));
+    CHECK(!http1_list_has(S("X-Foobar, close"), S("x-foo")));
+    CHECK(!http1_list_has(S("X-Foo"), S("x-foobar")));
+    CHECK(!http1_list_has(S(""), S("x")));
+    CHECK(!http1_list_has(S(","), S("x")));
+    /* The other shared checks. */
+    CHECK(http1_token(S("X-Custom_1.~")) && !http1_token(S("")) && !http1_token(S("X Bad")));
+    CHECK(!http1_token(S("X(Bad)")) && !http1_token(S("X-Bad ")));
+    CHECK(http1_text_ok(S("a\tb \xe9")) && !http1_text_ok(S("a\x7f")) && !http1_text_ok(S("a\rb")));
+    CHECK(!http1_text_ok("a\0b", 3) && !http1_text_ok(S("\x1b[31m")));
+    CHECK(http1_target_ok(S("/a/b?c=d&e=%20")) && !http1_target_ok(S("/a b")));
+    CHECK(!http1_target_ok(S("/a\x7f")) && !http1_target_ok(S("/\xc3\xa9")));
+}
+
 int main(void)
 {
     test_content_length();
@@ -549,6 +580,7 @@ int main(void)
     test_bounds();
     test_bad_heads();
     test_keep_alive();
+    test_lists();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

@@ -190,7 +190,22 @@ static enum MHD_Result request_queue(gw_request *r)
 
 /* ---- suspension and the client-gone watcher --------------------------- */
 
+/* The watcher only notices early that a client left, to abort its upstream
+ * call and release its hold at once. When libevent cannot arm it (out of
+ * memory, epoll_ctl failing), the client is taken as present, with a log
+ * line: the request goes on exactly as one that ends before the watcher is
+ * armed (WORKER_GONE_ARM_MS) always does, to its answer or the route's
+ * timeout, and its hold is settled or released as usual. Failing the
+ * request instead would turn a resource shortage into an error for a
+ * client who is most likely still there, and could abandon a call the
+ * upstream is already carrying out. */
+
 static void request_on_gone(gw_request *r);
+
+static void request_watch_failed(gw_request *r, const char *what)
+{
+    log_warn("request %s: %s failed; the client is taken as present", r->rid, what);
+}
 
 static void request_on_readable(evutil_socket_t fd, short what, void *arg)
 {
@@ -199,7 +214,7 @@ static void request_on_readable(evutil_socket_t fd, short what, void *arg)
     ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n > 0) return; /* pipelined bytes: the client is there; stop watching */
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        event_add(r->gone_ev, NULL);
+        if (event_add(r->gone_ev, NULL) != 0) request_watch_failed(r, "re-arming the gone watcher");
         return;
     }
     r->gone = 1;
@@ -213,10 +228,16 @@ static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg)
     const union MHD_ConnectionInfo *ci;
     if (!r->suspended) return;
     ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci) return;
+    if (!ci) {
+        request_watch_failed(r, "finding the client socket");
+        return;
+    }
     if (!r->gone_ev)
         r->gone_ev = event_new(r->w->base, ci->connect_fd, EV_READ, request_on_readable, r);
-    if (r->gone_ev) event_add(r->gone_ev, NULL);
+    if (!r->gone_ev)
+        request_watch_failed(r, "creating the gone watcher");
+    else if (event_add(r->gone_ev, NULL) != 0)
+        request_watch_failed(r, "adding the gone watcher");
 }
 
 static void request_suspend(gw_request *r)
@@ -232,7 +253,8 @@ static void request_suspend(gw_request *r)
     /* The client-gone watcher is armed only for calls still suspended after
      * WORKER_GONE_ARM_MS: most answer sooner, and a timer costs no syscall
      * where the watcher costs two epoll_ctl. */
-    evtimer_add(&r->gone_timer, w->gone_arm_tv);
+    if (evtimer_add(&r->gone_timer, w->gone_arm_tv) != 0)
+        request_watch_failed(r, "arming the gone timer");
 }
 
 /* ---- settle --------------------------------------------------------- */

@@ -54,17 +54,23 @@ static int http1_hex(char c)
     return -1;
 }
 
-/* RFC 9110 5.6.2 tchar. */
-static int http1_tchar(unsigned char c)
+int http1_tchar(unsigned char c)
 {
     if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || http1_digit((char)c) || c == '-')
         return 1;
     return c != '\0' && strchr("!#$%&'*+.^_`|~", c) != NULL;
 }
 
-/* Field values, reason phrases, chunk extensions: no control characters but
- * HTAB (this is also what rejects a bare CR and NUL). */
-static int http1_text_ok(const char *s, size_t n)
+int http1_token(const char *s, size_t n)
+{
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!http1_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* This is also what rejects a bare CR and NUL in a response. */
+int http1_text_ok(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
@@ -73,16 +79,22 @@ static int http1_text_ok(const char *s, size_t n)
     return 1;
 }
 
+int http1_target_ok(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] <= ' ' || (unsigned char)s[i] >= 0x7f) return 0;
+    return 1;
+}
+
 static int http1_ows(char c)
 {
     return c == ' ' || c == '\t';
 }
 
-static int http1_is(const char *s, size_t n, const char *lit, size_t litn)
+int http1_is(const char *s, size_t n, const char *lit, size_t litn)
 {
     return n == litn && strncasecmp(s, lit, n) == 0;
 }
-#define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)
 
 /* The next line of BUF[0..LEN), at most LIMIT bytes with its terminator:
  * 1 and its length without CR LF (*LINE_LEN) and with it (*USED); 0 when
@@ -99,15 +111,11 @@ static int http1_line(const char *buf, size_t len, size_t limit, size_t *line_le
     return 1;
 }
 
-/* Calls FN on each non-empty element of a comma-separated list, trimmed;
- * stops at the first non-zero return and returns it. */
-static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const char *, size_t),
-                      http1_parser *p)
+int http1_list_next(const char *s, size_t n, size_t *pos, const char **elem, size_t *elem_len)
 {
-    size_t i = 0;
+    size_t i = *pos;
     while (i < n) {
         size_t b, e;
-        int rc;
         while (i < n && (http1_ows(s[i]) || s[i] == ','))
             i++;
         b = i;
@@ -116,9 +124,40 @@ static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const c
         e = i;
         while (e > b && http1_ows(s[e - 1]))
             e--;
-        if (e > b && (rc = fn(p, s + b, e - b)) != 0) return rc;
+        if (e > b) {
+            *pos = i;
+            *elem = s + b;
+            *elem_len = e - b;
+            return 1;
+        }
     }
+    *pos = n;
     return 0;
+}
+
+int http1_list_has(const char *s, size_t n, const char *name, size_t name_len)
+{
+    size_t pos = 0, len;
+    const char *e;
+    while (http1_list_next(s, n, &pos, &e, &len))
+        if (http1_is(e, len, name, name_len)) return 1;
+    return 0;
+}
+
+/* Calls FN on each element of a comma-separated list (see http1_list_next).
+ * Returns how many elements there were, or -1 as soon as FN returns
+ * non-zero. */
+static int http1_each(const char *s, size_t n, int (*fn)(http1_parser *, const char *, size_t),
+                      http1_parser *p)
+{
+    size_t pos = 0, len;
+    const char *e;
+    int count = 0;
+    while (http1_list_next(s, n, &pos, &e, &len)) {
+        if (fn(p, e, len) != 0) return -1;
+        count++;
+    }
+    return count;
 }
 
 static int http1_on_length(http1_parser *p, const char *s, size_t n)
@@ -208,19 +247,20 @@ static int http1_framing_header(http1_parser *p, const http1_event *ev)
 {
     const char *v = ev->value;
     size_t n = ev->value_len;
-    if (HTTP1_IS(ev->name, ev->name_len, "content-length")) {
-        if (n == 0) return -1;
-        return http1_each(v, n, http1_on_length, p);
-    }
+    /* Content-Length and Transfer-Encoding frame the body: a header of
+     * either with no element at all ("", ",", " , ") is malformed, not
+     * absent. Read as absent, a Content-Length would turn into a body read
+     * to the close, a framing the server never meant. */
+    if (HTTP1_IS(ev->name, ev->name_len, "content-length"))
+        return http1_each(v, n, http1_on_length, p) > 0 ? 0 : -1;
     if (HTTP1_IS(ev->name, ev->name_len, "transfer-encoding")) {
         p->te_seen = 1;
-        if (http1_each(v, n, http1_on_coding, p) != 0) return -1;
-        return p->te_chunked ? 0 : -1; /* an empty list codes nothing: malformed */
+        return http1_each(v, n, http1_on_coding, p) > 0 ? 0 : -1;
     }
     if (HTTP1_IS(ev->name, ev->name_len, "connection"))
-        return http1_each(v, n, http1_on_connection, p);
+        return http1_each(v, n, http1_on_connection, p) < 0 ? -1 : 0;
     if (HTTP1_IS(ev->name, ev->name_len, "keep-alive"))
-        return http1_each(v, n, http1_on_keepalive, p);
+        return http1_each(v, n, http1_on_keepalive, p) < 0 ? -1 : 0;
     return 0;
 }
 
@@ -231,6 +271,16 @@ static enum http1_ev http1_head_done(http1_parser *p)
      * connection is used once. */
     p->keep_alive = p->minor >= 1 && !p->conn_close;
     if (p->head_request || p->status == 204 || p->status == 304) {
+        /* No body, whatever the head says. But this is where servers get
+         * framing wrong most often (a HEAD answered with its GET body, a
+         * 204 or 304 with content), and they may send those bytes in a later
+         * write: on a reused connection they would be read as the next
+         * call's response. So such a connection is not reused (proxy.c
+         * explains why it does not look for stray bytes instead). */
+        p->keep_alive = 0;
+        /* A HEAD answer's length is the GET answer's, which chunked would
+         * override. */
+        if (p->te_seen) p->content_length = -1;
         p->framing = HTTP1_NONE;
         p->state = S_DONE;
     } else if (p->te_seen) {

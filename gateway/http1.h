@@ -2,13 +2,16 @@
  *
  * Owns the framing rules of an upstream response (RFC 9112): the status
  * line, header syntax, interim 1xx responses (skipped), bodiless answers
- * (HEAD, 204, 304), Content-Length, chunked transfer coding (extensions
- * accepted, trailers skipped), close-delimited bodies, whether the
- * connection may carry another request, and the bounds on head and body
- * size. Pure functions on caller buffers: no I/O, no allocation, no global
- * state. Does not own buffering (the caller keeps the bytes not consumed and
- * calls again once more have arrived), nor what headers mean to the gateway
- * (proxy.c decides which ones it keeps). */
+ * (HEAD, 204, 304; their connection is never reused), Content-Length,
+ * chunked transfer coding (extensions accepted, trailers skipped),
+ * close-delimited bodies, whether the connection may carry another request,
+ * and the bounds on head and body size; and the HTTP syntax checks the
+ * request side shares with it (tokens, field values, request targets,
+ * comma-separated lists), so that there is one definition of each. Pure
+ * functions on caller buffers: no I/O, no allocation, no global state. Does
+ * not own buffering (the caller keeps the bytes not consumed and calls again
+ * once more have arrived), nor what headers mean to the gateway (proxy.c
+ * decides which ones it keeps). */
 #ifndef GATEWAY_HTTP1_H
 #define GATEWAY_HTTP1_H
 
@@ -48,8 +51,10 @@ typedef struct http1_parser {
     int status;
     int minor;                  /* HTTP/1.<minor> of the final response */
     enum http1_framing framing; /* how the body is delimited */
-    int64_t content_length;     /* -1 when the response has none */
-    int keep_alive;             /* the connection may carry another request after DONE */
+    int64_t content_length;     /* -1 when the response has none or is chunked;
+                                   for HEAD, the length a GET answer would have */
+    int keep_alive;             /* the connection may carry another request after DONE
+                                   (never after a bodiless HEAD, 204 or 304 answer) */
     unsigned keepalive_s;       /* Keep-Alive: timeout=N, 0 when absent */
     /* Internal. */
     int state;
@@ -74,5 +79,29 @@ enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *u
  * response (close-delimited body, or the response was already complete),
  * HTTP1_MALFORMED if it was cut short. */
 enum http1_ev http1_eof(http1_parser *p);
+
+/* ---- syntax checks, shared with proxy.c and request.c ---------------- */
+
+/* 1 if C is a tchar (RFC 9110 5.6.2). */
+int http1_tchar(unsigned char c);
+/* 1 if S[0..N) is a token: one or more tchar (header names, methods). */
+int http1_token(const char *s, size_t n);
+/* 1 if S[0..N) may stand in a field value, reason phrase or chunk extension:
+ * no control character but HTAB (so no CR, LF, NUL or DEL); bytes >= 0x80
+ * (obs-text) pass. */
+int http1_text_ok(const char *s, size_t n);
+/* 1 if S[0..N) may go verbatim on a request line as (part of) its target:
+ * printable ASCII, no space (RFC 9112 3.2). */
+int http1_target_ok(const char *s, size_t n);
+/* 1 if S[0..N) equals LIT[0..LITN) ignoring ASCII case. */
+int http1_is(const char *s, size_t n, const char *lit, size_t litn);
+#define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)
+/* The next element of the comma-separated list S[0..N) from *POS on (start
+ * at 0): empty elements are skipped and spaces and tabs trimmed (RFC 9110
+ * 5.6.1). 1 with *ELEM and *ELEM_LEN set, or 0 at the end of the list. */
+int http1_list_next(const char *s, size_t n, size_t *pos, const char **elem, size_t *elem_len);
+/* 1 if NAME[0..NAME_LEN) is an element of the list S[0..N), ignoring case
+ * (a Connection header's names). */
+int http1_list_has(const char *s, size_t n, const char *name, size_t name_len);
 
 #endif

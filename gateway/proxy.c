@@ -105,30 +105,24 @@ static uint64_t proxy_now_ms(void)
 
 /* ---- header names -------------------------------------------------- */
 
-static int proxy_name_is(const char *s, size_t n, const char *lit, size_t litn)
-{
-    return n == litn && strncasecmp(s, lit, n) == 0;
-}
-#define PROXY_IS(s, n, lit) proxy_name_is((s), (n), (lit), sizeof(lit) - 1)
-
 /* By length first: this runs for every header of every call. */
 static int proxy_hop_by_hop_n(const char *s, size_t n)
 {
     switch (n) {
     case 2:
-        return PROXY_IS(s, n, "te");
+        return HTTP1_IS(s, n, "te");
     case 7:
-        return PROXY_IS(s, n, "trailer") || PROXY_IS(s, n, "upgrade");
+        return HTTP1_IS(s, n, "trailer") || HTTP1_IS(s, n, "upgrade");
     case 10:
-        return PROXY_IS(s, n, "connection") || PROXY_IS(s, n, "keep-alive");
+        return HTTP1_IS(s, n, "connection") || HTTP1_IS(s, n, "keep-alive");
     case 16:
-        return PROXY_IS(s, n, "proxy-connection");
+        return HTTP1_IS(s, n, "proxy-connection");
     case 17:
-        return PROXY_IS(s, n, "transfer-encoding");
+        return HTTP1_IS(s, n, "transfer-encoding");
     case 18:
-        return PROXY_IS(s, n, "proxy-authenticate");
+        return HTTP1_IS(s, n, "proxy-authenticate");
     case 19:
-        return PROXY_IS(s, n, "proxy-authorization");
+        return HTTP1_IS(s, n, "proxy-authorization");
     default:
         return 0;
     }
@@ -143,24 +137,9 @@ static int proxy_skip_response_header(const char *s, size_t n)
 {
     /* MHD writes its own framing and Date; the gateway writes the billing
      * headers itself, so an upstream cannot spoof them. */
-    return proxy_hop_by_hop_n(s, n) || PROXY_IS(s, n, "content-length") || PROXY_IS(s, n, "date") ||
-           PROXY_IS(s, n, "x-request-id") || PROXY_IS(s, n, "x-points-charged") ||
-           PROXY_IS(s, n, "x-points-remaining");
-}
-
-static int proxy_tchar(unsigned char c)
-{
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-')
-        return 1;
-    return c != '\0' && strchr("!#$%&'*+.^_`|~", c) != NULL;
-}
-
-static int proxy_token_ok(const char *s, size_t n)
-{
-    if (n == 0) return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!proxy_tchar((unsigned char)s[i])) return 0;
-    return 1;
+    return proxy_hop_by_hop_n(s, n) || HTTP1_IS(s, n, "content-length") || HTTP1_IS(s, n, "date") ||
+           HTTP1_IS(s, n, "x-request-id") || HTTP1_IS(s, n, "x-points-charged") ||
+           HTTP1_IS(s, n, "x-points-remaining");
 }
 
 /* ---- the call's buffers ---------------------------------------------- */
@@ -168,12 +147,8 @@ static int proxy_token_ok(const char *s, size_t n)
 int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
 {
     size_t nl = strlen(name), vl = value ? strlen(value) : 0, need, o;
-    if (!proxy_token_ok(name, nl)) return -1;
     /* No CR or LF may reach the upstream inside a value (header injection). */
-    for (size_t i = 0; i < vl; i++) {
-        unsigned char ch = (unsigned char)value[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
-    }
+    if (!http1_token(name, nl) || !http1_text_ok(value ? value : "", vl)) return -1;
     need = nl + 1 + (vl ? 1 + vl : 0) + 2;
     if (c->req_hdrs_len + need > PROXY_REQ_HEADERS_MAX) return -1;
     if (c->req_hdrs_len + need > c->req_hdrs_cap) {
@@ -201,12 +176,31 @@ int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
     return 0;
 }
 
+/* 1 if a Connection header value names a header: anything but the
+ * connection options close and keep-alive. */
+static int proxy_connection_names_headers(const char *v, size_t n)
+{
+    size_t pos = 0, len;
+    const char *e;
+    while (http1_list_next(v, n, &pos, &e, &len))
+        if (!HTTP1_IS(e, len, "close") && !HTTP1_IS(e, len, "keep-alive")) return 1;
+    return 0;
+}
+
 /* Appends a kept response header as "name\0value\0". Bounded by the
  * parser's head limit. 0 or -1 (out of memory). */
 static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
 {
     size_t need = ev->name_len + ev->value_len + 2;
-    if (proxy_skip_response_header(ev->name, ev->name_len)) return 0;
+    /* A Connection header that names other headers is kept until the head
+     * is complete, so that proxy_call_drop_listed can find them (they may
+     * come before it). The usual "keep-alive" or "close" names none: such a
+     * header is dropped here with the other hop-by-hop ones. */
+    if (HTTP1_IS(ev->name, ev->name_len, "connection") &&
+        proxy_connection_names_headers(ev->value, ev->value_len))
+        c->conn_listed = 1;
+    else if (proxy_skip_response_header(ev->name, ev->name_len))
+        return 0;
     if (c->hdrs_len + need > c->hdrs_cap) {
         size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 512;
         char *nb;
@@ -224,6 +218,46 @@ static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
     c->hdrs_len += ev->value_len;
     c->hdrs[c->hdrs_len++] = '\0';
     return 0;
+}
+
+/* Set on the first byte of a header name to drop: no token has it. */
+#define PROXY_DROPPED '\x01'
+
+/* 1 if one of C's kept Connection headers names NAME. */
+static int proxy_call_listed(const proxy_call *c, const char *name)
+{
+    size_t off = 0, nl = strlen(name);
+    const char *n, *v;
+    while ((off = proxy_header_next(c, off, &n, &v)) != 0)
+        if (strcasecmp(n, "connection") == 0 && http1_list_has(v, strlen(v), name, nl)) return 1;
+    return 0;
+}
+
+/* The head is complete: removes the headers its Connection headers name,
+ * and those Connection headers (RFC 9110 7.6.1: they are for this hop
+ * only). In place, without allocating: the names to drop are marked first,
+ * while every Connection header can still be read, then the rest is packed.
+ * Runs only when a Connection header named something (conn_listed). */
+static void proxy_call_drop_listed(proxy_call *c)
+{
+    size_t off = 0, next, w = 0;
+    const char *name, *value;
+    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
+        if (strcasecmp(name, "connection") != 0 && proxy_call_listed(c, name))
+            c->hdrs[off] = PROXY_DROPPED;
+        off = next;
+    }
+    off = 0;
+    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
+        /* W <= OFF: the move never reaches a pair not read yet. */
+        if (name[0] != PROXY_DROPPED && strcasecmp(name, "connection") != 0) {
+            memmove(c->hdrs + w, c->hdrs + off, next - off);
+            w += next - off;
+        }
+        off = next;
+    }
+    c->hdrs_len = w;
+    c->conn_listed = 0;
 }
 
 /* Makes room for N more body bytes (the parser has checked max_body). */
@@ -608,7 +642,18 @@ static void proxy_conn_complete(proxy_conn *k, int leftover)
     proxy *p = k->p;
     proxy_call *c = k->call;
     /* Bytes after the response, or a request not fully written (the server
-     * answered early): the connection's state is not one we can reuse. */
+     * answered early): the connection's state is not one we can reuse.
+     *
+     * Bytes that come after we looked are the harder case: a server that
+     * sends a HEAD's body, or content after a 204 or 304, in a later write
+     * would have them read as the next call's response, which may be another
+     * client's, and billed to it. http1.c never lets a connection be reused
+     * after such a bodiless answer, the only place where honest servers get
+     * framing wrong often enough to matter; those calls pay a new connection.
+     * We do not instead recv(MSG_PEEK) before every reuse: that is a syscall
+     * on every call's hot path, and it would still miss bytes that arrive
+     * just after it (the read watcher of an idle connection closes it if
+     * they arrive later, see proxy_on_read). */
     int reuse = k->hp.keep_alive && !leftover && c->sent == c->req_len;
     unsigned keepalive_s = k->hp.keepalive_s;
     proxy_conn_detach(k);
@@ -640,6 +685,8 @@ static int proxy_conn_parse(proxy_conn *k)
             continue;
         case HTTP1_HEAD_DONE:
             c->status = k->hp.status;
+            c->content_length = k->hp.content_length;
+            if (c->conn_listed) proxy_call_drop_listed(c);
             /* A known length is allocated once, exactly. */
             if (k->hp.framing == HTTP1_LENGTH &&
                 proxy_call_body_room(c, (size_t)k->hp.content_length, (size_t)k->p->max_body) != 0)
@@ -900,17 +947,19 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     struct timeval tv = {(time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000)};
     int with_length;
 
-    if (c->state != PROXY_CALL_IDLE || !proxy_token_ok(method, mlen)) return -1;
+    if (c->state != PROXY_CALL_IDLE || !http1_token(method, mlen)) return -1;
     /* The target goes on the request line verbatim: printable ASCII only,
      * so nothing a client sent can split or extend that line. */
-    if (tlen == 0 || target[0] != '/' || p->sp_prefix_len + tlen > PROXY_TARGET_MAX) return -1;
-    for (size_t i = 0; i < tlen; i++)
-        if ((unsigned char)target[i] <= ' ' || (unsigned char)target[i] >= 0x7f) return -1;
+    if (tlen == 0 || target[0] != '/' || p->sp_prefix_len + tlen > PROXY_TARGET_MAX ||
+        !http1_target_ok(target, tlen))
+        return -1;
 
     c->p = p;
     c->done = done;
     c->arg = arg;
     c->status = 0;
+    c->content_length = -1;
+    c->conn_listed = 0;
     c->retried = 0;
     c->head_request = strcmp(method, "HEAD") == 0;
     c->replayable = proxy_idempotent(method);

@@ -34,7 +34,16 @@ typedef void (*proxy_done_cb)(void *arg, proxy_call *c);
 
 #define PROXY_CALL_IOV 7
 
+/* One upstream call. Its type is complete here only so that a caller can
+ * embed it in its own per-request state (request.c's gw_request) and spare
+ * an allocation per call. The caller zeroes it, adds header lines with
+ * proxy_call_add_header, starts it with proxy_start, and in the callback
+ * reads the result fields at the end (response headers through
+ * proxy_header_next); it may take body (then setting body to NULL and
+ * body_len and body_cap to 0). Every other field is private to proxy.c:
+ * nothing else reads or writes it. */
 struct proxy_call {
+    /* ---- private to proxy.c ---- */
     proxy *p;
     proxy_call *prev, *next;   /* P's started calls */
     proxy_call *qprev, *qnext; /* P's calls waiting for a connection */
@@ -51,17 +60,21 @@ struct proxy_call {
     int head_request; /* HEAD: the response has no body */
     int replayable;   /* idempotent method: see proxy_conn_failed */
     int retried;
-    int got_bytes; /* some response byte arrived on the current connection */
+    int got_bytes;   /* some response byte arrived on the current connection */
+    int conn_listed; /* hdrs holds a Connection header that names headers to drop */
     struct event timer;
-    /* The result, valid in the callback. */
-    enum proxy_result result;
-    long status;
-    char *hdrs; /* response headers as "name\0value\0" pairs */
-    size_t hdrs_len, hdrs_cap;
-    char *body;
-    size_t body_len, body_cap;
     proxy_done_cb done;
     void *arg;
+    char *hdrs; /* response headers as "name\0value\0" pairs: read them with
+                   proxy_header_next */
+    size_t hdrs_len, hdrs_cap;
+    /* ---- the result: the caller's to read in the callback ---- */
+    enum proxy_result result;
+    long status;
+    int64_t content_length; /* the response's Content-Length, -1 if none; for
+                               HEAD, the size of the GET answer (no body came) */
+    char *body;
+    size_t body_len, body_cap;
 };
 
 /* UP must outlive P. MAX_CONNS: open connections at most; calls past it

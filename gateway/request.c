@@ -15,6 +15,7 @@
 #include "billing/apikey.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/http1.h"
 #include "gateway/usage.h"
 #include "gateway/worker.h"
 
@@ -31,6 +32,9 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
+/* MHD allocates a callback response's block with it: a HEAD answer's reader
+ * is never called, so the block is never used. */
+#define REQUEST_HEAD_BLOCK 64
 
 enum request_state {
     ST_NEW,
@@ -186,7 +190,22 @@ static enum MHD_Result request_queue(gw_request *r)
 
 /* ---- suspension and the client-gone watcher --------------------------- */
 
+/* The watcher only notices early that a client left, to abort its upstream
+ * call and release its hold at once. When libevent cannot arm it (out of
+ * memory, epoll_ctl failing), the client is taken as present, with a log
+ * line: the request goes on exactly as one that ends before the watcher is
+ * armed (WORKER_GONE_ARM_MS) always does, to its answer or the route's
+ * timeout, and its hold is settled or released as usual. Failing the
+ * request instead would turn a resource shortage into an error for a
+ * client who is most likely still there, and could abandon a call the
+ * upstream is already carrying out. */
+
 static void request_on_gone(gw_request *r);
+
+static void request_watch_failed(gw_request *r, const char *what)
+{
+    log_warn("request %s: %s failed; the client is taken as present", r->rid, what);
+}
 
 static void request_on_readable(evutil_socket_t fd, short what, void *arg)
 {
@@ -195,7 +214,7 @@ static void request_on_readable(evutil_socket_t fd, short what, void *arg)
     ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n > 0) return; /* pipelined bytes: the client is there; stop watching */
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        event_add(r->gone_ev, NULL);
+        if (event_add(r->gone_ev, NULL) != 0) request_watch_failed(r, "re-arming the gone watcher");
         return;
     }
     r->gone = 1;
@@ -209,10 +228,16 @@ static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg)
     const union MHD_ConnectionInfo *ci;
     if (!r->suspended) return;
     ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci) return;
+    if (!ci) {
+        request_watch_failed(r, "finding the client socket");
+        return;
+    }
     if (!r->gone_ev)
         r->gone_ev = event_new(r->w->base, ci->connect_fd, EV_READ, request_on_readable, r);
-    if (r->gone_ev) event_add(r->gone_ev, NULL);
+    if (!r->gone_ev)
+        request_watch_failed(r, "creating the gone watcher");
+    else if (event_add(r->gone_ev, NULL) != 0)
+        request_watch_failed(r, "adding the gone watcher");
 }
 
 static void request_suspend(gw_request *r)
@@ -228,7 +253,8 @@ static void request_suspend(gw_request *r)
     /* The client-gone watcher is armed only for calls still suspended after
      * WORKER_GONE_ARM_MS: most answer sooner, and a timer costs no syscall
      * where the watcher costs two epoll_ctl. */
-    evtimer_add(&r->gone_timer, w->gone_arm_tv);
+    if (evtimer_add(&r->gone_timer, w->gone_arm_tv) != 0)
+        request_watch_failed(r, "arming the gone timer");
 }
 
 /* ---- settle --------------------------------------------------------- */
@@ -241,6 +267,14 @@ static void request_release_detached(gw_request *r)
     hotclient_settle(r->w->hc, &a, NULL, NULL);
 }
 
+/* The body reader of a HEAD answer: MHD never calls it (it sends no body
+ * for HEAD). Were it called, ending with an error closes the client's
+ * connection rather than send bytes the client does not expect. */
+static ssize_t request_head_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    return MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
 static void request_answer_upstream(gw_request *r, int64_t charged, int have_remaining,
                                     int64_t remaining)
 {
@@ -250,7 +284,16 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
     char num[32];
     size_t off = 0;
 
-    if (c->body_len > 0) {
+    if (c->content_length > 0 && strcmp(r->method, "HEAD") == 0) {
+        /* The client gets the upstream's Content-Length (the size of the GET
+         * answer), which MHD writes itself: for HEAD it sends the response
+         * object's size and no body (libmicrohttpd 0.9.75, checked by
+         * test_head_keeps_the_content_length). Without a length (chunked
+         * upstream) the answer says 0 as before: MHD_SIZE_UNKNOWN would make
+         * that MHD send a chunked terminator as the body of a HEAD answer. */
+        resp = MHD_create_response_from_callback((uint64_t)c->content_length, REQUEST_HEAD_BLOCK,
+                                                 request_head_reader, NULL, NULL);
+    } else if (c->body_len > 0) {
         resp = MHD_create_response_from_buffer(c->body_len, c->body, MHD_RESPMEM_MUST_FREE);
         if (resp) c->body = NULL; /* MHD frees it */
         c->body_len = c->body_cap = 0;
@@ -352,23 +395,42 @@ static void request_on_upstream(void *arg, proxy_call *c)
 
 typedef struct request_hdr_ctx {
     gw_request *r;
-    const char *conn_tokens; /* value of the client's Connection header */
+    const char *conn; /* the client's Connection header(s), joined when several */
+    size_t conn_len;
+    char *conn_joined; /* owns conn when there were several */
     const char *xff;
     int failed;
 } request_hdr_ctx;
 
-/* 1 if NAME is listed in the comma-separated Connection header value. */
-static int request_in_connection(const char *tokens, const char *name)
+/* MHD_get_connection_values callback: gathers the client's Connection
+ * headers. One (the usual case) is used where MHD keeps it; several are
+ * joined into one list, which RFC 9110 5.3 makes equivalent. */
+static enum MHD_Result request_gather_connection(void *cls, enum MHD_ValueKind kind,
+                                                 const char *name, const char *value)
 {
-    size_t n = strlen(name);
-    const char *p = tokens;
-    while (p && *p) {
-        while (*p == ' ' || *p == ',' || *p == '\t')
-            p++;
-        if (strncasecmp(p, name, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' ')) return 1;
-        p = strchr(p, ',');
+    request_hdr_ctx *h = cls;
+    size_t vl;
+    char *j;
+    if (!value || strcasecmp(name, "connection") != 0) return MHD_YES;
+    vl = strlen(value);
+    if (!h->conn) {
+        h->conn = value;
+        h->conn_len = vl;
+        return MHD_YES;
     }
-    return 0;
+    j = malloc(h->conn_len + 1 + vl + 1);
+    if (!j) {
+        h->failed = 1;
+        return MHD_NO;
+    }
+    memcpy(j, h->conn, h->conn_len);
+    j[h->conn_len] = ',';
+    memcpy(j + h->conn_len + 1, value, vl + 1);
+    free(h->conn_joined);
+    h->conn_joined = j;
+    h->conn = j;
+    h->conn_len += 1 + vl;
+    return MHD_YES;
 }
 
 static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
@@ -392,7 +454,8 @@ static enum MHD_Result request_copy_header(void *cls, enum MHD_ValueKind kind, c
     for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
         if (strcasecmp(name, drop[i]) == 0) return MHD_YES;
     if (proxy_hop_by_hop(name)) return MHD_YES;
-    if (h->conn_tokens && request_in_connection(h->conn_tokens, name)) return MHD_YES;
+    /* Named by the client's Connection header: for this hop only. */
+    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return MHD_YES;
     return request_add_header(h, name, value) == 0 ? MHD_YES : MHD_NO;
 }
 
@@ -414,20 +477,25 @@ static int request_build_headers(gw_request *r)
 {
     request_hdr_ctx h = {.r = r};
     char ip[INET6_ADDRSTRLEN + 1], buf[1024];
-    h.conn_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection");
+    int rc = -1;
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_gather_connection, &h);
+    if (h.failed) goto out;
     h.xff = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Forwarded-For");
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_copy_header, &h);
-    if (h.failed) return -1;
+    if (h.failed) goto out;
     request_client_ip(r, ip, sizeof ip);
     if (h.xff && *h.xff)
         snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
     else
         snprintf(buf, sizeof buf, "%s", ip);
-    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) return -1;
+    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) goto out;
     snprintf(buf, sizeof buf, "%" PRId64, r->account);
-    if (request_add_header(&h, "X-Account-Id", buf) != 0) return -1;
-    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) return -1;
-    return 0;
+    if (request_add_header(&h, "X-Account-Id", buf) != 0) goto out;
+    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) goto out;
+    rc = 0;
+out:
+    free(h.conn_joined);
+    return rc;
 }
 
 static void request_proxy(gw_request *r)
@@ -694,14 +762,18 @@ static const char *request_key(struct MHD_Connection *conn, size_t *len)
     return v;
 }
 
-/* The raw target is forwarded verbatim on the upstream's request line,
- * which takes printable ASCII only (RFC 9112 3.2); MHD lets control and
- * non-ASCII bytes through. Refused here, before anything is held. */
-static int request_target_ok(const char *uri)
+/* MHD_get_connection_values_n callback: clears *CLS at the first header
+ * the upstream's request could not carry. Sizes, not strlen: a NUL inside a
+ * name or value is caught too. */
+static enum MHD_Result request_check_header(void *cls, enum MHD_ValueKind kind, const char *name,
+                                            size_t name_len, const char *value, size_t value_len)
 {
-    for (; *uri; uri++)
-        if ((unsigned char)*uri <= ' ' || (unsigned char)*uri >= 0x7f) return 0;
-    return 1;
+    int *ok = cls;
+    if (!http1_token(name, name_len) || (value && !http1_text_ok(value, value_len))) {
+        *ok = 0;
+        return MHD_NO;
+    }
+    return MHD_YES;
 }
 
 /* Headers are in: everything that needs neither body nor Redis. */
@@ -711,6 +783,7 @@ static void request_begin(gw_request *r, const char *method)
     const char *q = strchr(r->uri, '?');
     const char *cl, *key;
     size_t keylen = 0;
+    int headers_ok = 1;
 
     r->raw_path_len = q ? (size_t)(q - r->uri) : strlen(r->uri);
     snprintf(r->method, sizeof r->method, "%s", method);
@@ -719,9 +792,22 @@ static void request_begin(gw_request *r, const char *method)
         request_error(r, 500, "internal", "out of memory");
         return;
     }
-    if (strlen(method) >= sizeof r->method || !request_target_ok(r->uri) ||
+    /* The raw target is forwarded verbatim on the upstream's request line,
+     * which takes printable ASCII only; MHD lets control and non-ASCII bytes
+     * through. Refused here, before anything is held (proxy_start would
+     * refuse it too, but only after the hold). */
+    if (strlen(method) >= sizeof r->method || !http1_target_ok(r->uri, strlen(r->uri)) ||
         routes_normalise(r->uri, r->raw_path_len, r->path, r->raw_path_len + 1) != 0) {
         request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid request path");
+        return;
+    }
+    /* Likewise every header (RFC 9110: names are tokens, values have no
+     * control byte but HTAB): MHD lets DEL and other control bytes through,
+     * proxy_call_add_header refuses them, and that used to be a 502 after
+     * the hold. Checked here, before the key is looked up or anything held. */
+    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, request_check_header, &headers_ok);
+    if (!headers_ok) {
+        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid header");
         return;
     }
     r->table = r->w->routes;

@@ -3,13 +3,21 @@ framings (chunked, close-delimited) and bodiless answers, keep-alive reuse,
 what happens when the upstream closes a kept connection (an idle close; a
 request lost on a reused connection: retried once for GET, never replayed
 for POST), the connection cap and its queue, the path prefix, localhost, and
-the UPSTREAM_URL checks. Every call's charge is checked: a call the upstream
+the UPSTREAM_URL checks, client headers the upstream's request could not
+carry. Every call's charge is checked: a call the upstream
 answered is charged once, whatever happened to connections on the way.
+
+Where devsim (libmicrohttpd) cannot misbehave the way a test needs, a
+hand-written upstream (RawUpstream) writes the bytes itself: a second response
+after a bodiless one, a malformed Content-Length, hop-by-hop headers named
+by its Connection header.
 
 The gateways here run one worker thread, so that consecutive calls share one
 keep-alive pool and the connection a call gets is known.
 """
 import concurrent.futures
+import http.client as http_client
+import socket
 import subprocess
 import threading
 import time
@@ -72,6 +80,126 @@ def _conns_to(port):
     return n
 
 
+class RawUpstream:
+    """A hand-written HTTP/1.1 upstream on 127.0.0.1. Reads the requests of
+    each connection one after another (head, then a Content-Length body) and
+    hands each to ANSWER(sock, method, path, headers), which writes whatever
+    it likes and returns False to close the connection. Records every request
+    as (connection number, method, path, headers with lower-case names)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+        self.conns = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(c)
+                n = len(self.conns)
+            t = threading.Thread(target=self._serve, args=(c, n), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, c, n):
+        c.settimeout(20)
+        buf = b""
+        try:
+            while not self.stopping:
+                while b"\r\n\r\n" not in buf:
+                    b = c.recv(65536)
+                    if not b:
+                        return
+                    buf += b
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0"))
+                while len(buf) < length:
+                    b = c.recv(65536)
+                    if not b:
+                        return
+                    buf += b
+                buf = buf[length:]
+                with self.lock:
+                    self.requests.append((n, method, path, headers))
+                if not self.answer(c, method, path, headers):
+                    return
+        except OSError:
+            return  # the gateway closed or reset the connection
+        finally:
+            c.close()
+
+    def stop(self):
+        self.stopping = True
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self.threads:
+            t.join(10)
+
+
+GOOD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nGOOD"
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+BODILESS = {
+    "/v1/devices/stray-head": b"HTTP/1.1 200 OK\r\nContent-Length: 196\r\n\r\n",
+    "/v1/devices/stray-204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/v1/devices/stray-304": b"HTTP/1.1 304 Not Modified\r\nETag: \"e1\"\r\n\r\n",
+}
+
+
+def _answer(c, method, path, headers):
+    """RawUpstream's answers, by path: see the tests that use them."""
+    if path in BODILESS:
+        # A bodiless answer, then (a server that sends a HEAD's body, or
+        # content after a 204 or 304, in a second write) a whole second
+        # response 50 ms later. The delay first lets another client's call
+        # queue behind this one.
+        time.sleep(0.5)
+        c.sendall(BODILESS[path])
+        time.sleep(0.05)
+        c.sendall(EVIL)
+    elif path == "/v1/devices/sized":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 196\r\n\r\n" + (b"" if method == "HEAD" else b"x" * 196))
+    elif path == "/v1/devices/empty-length":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: ,\r\nConnection: close\r\n\r\nhello")
+        return False
+    elif path == "/v1/devices/hop":
+        # Connection names hop-by-hop headers, before and after them, in two
+        # Connection headers, with tabs and mixed case.
+        c.sendall(b"HTTP/1.1 200 OK\r\nX-Before: 0\r\nConnection: keep-alive, X-Foo\r\n"
+                  b"X-Foo: 1\r\nX-Bar: 2\r\nConnection:\tx-baz\t,X-BEFORE ,\r\nX-Baz: 3\r\n"
+                  b"Keep-Alive: timeout=20\r\nContent-Length: 4\r\n\r\nGOOD")
+    else:
+        c.sendall(GOOD)
+    return True
+
+
 def test_chunked_response(stack):
     gw = _setup(stack)
     acct, key = stack.new_account(100)
@@ -123,9 +251,10 @@ def test_close_delimited_response(stack):
     assert stack.hot(acct)["spent"] == 1 + 5 + 1 + 3
 
 
-def test_bodiless_answers_keep_the_connection(stack):
+def test_bodiless_answers(stack):
     """HEAD, 204 and 304 end at the head: no wait for a body that never comes
-    (it would end in a 504), and the connection carries the next call."""
+    (it would end in a 504), and the next call goes through (on a new
+    connection: see test_no_reuse_after_bodiless_answers)."""
     gw = _setup(stack)
     acct, key = stack.new_account(100)
     before = _sim_requests(stack)
@@ -142,6 +271,177 @@ def test_bodiless_answers_keep_the_connection(stack):
     assert _sim_requests(stack) == before + 4
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 4
+
+
+def test_no_reuse_after_bodiless_answers(stack):
+    """The reviewer's case: an upstream answers a HEAD (or a 204, a 304)
+    correctly, then 50 ms later writes a second response, "EVIL". With one
+    upstream connection, another client's GET waits behind the bodiless call
+    and used to get its connection, and with it EVIL as its answer (and was
+    charged for it). A connection is never reused after a bodiless answer:
+    the GET gets its own answer on a new connection; each call is charged
+    once; nothing is sent twice."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    acct2, key2 = stack.new_account(100)
+    up = RawUpstream(_answer)
+    gw = _gateway(stack, "gateway-stray", up.url, {"UPSTREAM_MAX_CONNECTIONS": "1"})
+    try:
+        for method, path, status in (("HEAD", "/v1/devices/stray-head", 200),
+                                     ("GET", "/v1/devices/stray-204", 204),
+                                     ("GET", "/v1/devices/stray-304", 304)):
+            n = len(up.requests)
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:
+                first = ex.submit(http, method, gw.url + path, None, _auth(key))
+                stack.wait_for(lambda: len(up.requests) == n + 1, timeout=10,
+                               what=f"{method} {path} at the upstream")
+                # The upstream holds its answer 500 ms: this call queues.
+                second = ex.submit(http, "GET", gw.url + "/v1/devices/d1", None, _auth(key2))
+                r1, r2 = first.result(), second.result()
+            assert r1.status == status and r1.body == b"", (path, r1)
+            assert r1.headers["x-points-charged"] == "1", (path, r1.headers)
+            assert r2.status == 200 and r2.body == b"GOOD", (path, r2)
+            assert r2.headers["x-points-charged"] == "1", (path, r2.headers)
+            got = up.requests[n:]
+            assert [(m, p) for _, m, p, _ in got] == [(method, path), ("GET", "/v1/devices/d1")], got
+            assert got[0][0] != got[1][0], got  # two connections
+    finally:
+        assert gw.stop() == 0
+        up.stop()
+    for a in (acct, acct2):
+        _held_zero(stack, a)
+        assert stack.hot(a)["spent"] == 3
+
+
+def test_head_keeps_the_content_length(stack):
+    """A HEAD answer carries the upstream's Content-Length (the size a GET
+    would get), and no body. libmicrohttpd (0.9.75 on Debian 12) sends a
+    response object's size as Content-Length and no body for HEAD: checked
+    byte by byte on a keep-alive client connection, whose next request must
+    read its own answer. A malformed length from the upstream is a 502."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    up = RawUpstream(_answer)
+    gw = _gateway(stack, "gateway-head", up.url)
+    try:
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        auth = b"X-Api-Key: " + key.encode() + b"\r\n"
+        s.sendall(b"HEAD /v1/devices/sized HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        out = b""
+        while b"\r\n\r\n" not in out:
+            b = s.recv(65536)
+            assert b, out
+            out += b
+        head, rest = out.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK", lines
+        hdrs = {}
+        for line in lines[1:]:
+            k, v = line.split(":", 1)
+            hdrs.setdefault(k.lower(), []).append(v.strip())
+        assert hdrs["content-length"] == ["196"], hdrs
+        assert hdrs["content-type"] == ["application/json"], hdrs
+        assert hdrs["x-points-charged"] == ["1"], hdrs
+        assert "connection" not in hdrs, hdrs  # kept alive
+        s.settimeout(0.5)
+        try:
+            rest += s.recv(65536)
+        except socket.timeout:
+            pass
+        assert rest == b"", rest  # no body
+        s.settimeout(10)
+        s.sendall(b"GET /v1/devices/sized HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        out = b""
+        while not out.endswith(b"x" * 196):
+            b = s.recv(65536)
+            assert b, out
+            out += b
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 196\r\n" in out, out
+        s.close()
+        # Through http.client as well (it reads no body for HEAD either way).
+        r = http("HEAD", gw.url + "/v1/devices/sized", headers=_auth(key))
+        assert r.status == 200 and r.headers["content-length"] == "196" and r.body == b"", r
+        r = http("GET", gw.url + "/v1/devices/empty-length", headers=_auth(key))
+        assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r
+        assert r.headers["x-points-charged"] == "0"
+    finally:
+        assert gw.stop() == 0
+        up.stop()
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 3
+
+
+def test_connection_listed_headers_not_forwarded(stack):
+    """Headers the upstream names in its Connection header are hop-by-hop
+    (RFC 9110 7.6.1): not passed to the client, wherever they stand and
+    however many Connection headers there are. Likewise on the way up: what
+    the client's Connection headers name (all of them; a tab may end a name)
+    does not reach the upstream."""
+    gw = _setup(stack)
+    acct, key = stack.new_account(100)
+    up = RawUpstream(_answer)
+    hop = _gateway(stack, "gateway-hop", up.url)
+    try:
+        for _ in range(2):  # the second on the kept connection
+            r = http("GET", hop.url + "/v1/devices/hop", headers=_auth(key))
+            assert r.status == 200 and r.body == b"GOOD", r
+            assert r.headers["x-bar"] == "2", r.headers
+            for name in ("x-foo", "x-baz", "x-before", "keep-alive"):
+                assert name not in r.headers, (name, r.headers)
+        assert len({n for n, _, _, _ in up.requests}) == 1, up.requests
+    finally:
+        assert hop.stop() == 0
+        up.stop()
+    conn = http_client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/v1/devices/d1", skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {key}")
+        conn.putheader("Connection", "X-Hop\t, keep-alive")
+        conn.putheader("Connection", "X-Hop2")
+        conn.putheader("X-Hop", "1")
+        conn.putheader("X-Hop2", "2")
+        conn.putheader("X-Kept", "3")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 200, (r.status, r.read())
+        r.read()
+    finally:
+        conn.close()
+    last = http("GET", stack.devsim.url + "/_sim/last").json()
+    assert last["x-kept"] == "3", last
+    assert "x-hop" not in last and "x-hop2" not in last, last
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 3
+
+
+def test_bad_client_header_refused(stack):
+    """A client header the upstream's request could not carry (a control
+    byte in its value, a name that is not a token) used to pass the checks,
+    take a hold and fail as a 502. Now: 400 bad_request before anything is
+    looked up, held or proxied (an unknown key gets the 400 too: Redis is not
+    asked). Bytes >= 0x80 in a value (obs-text) still go through. (A NUL
+    never gets here: libmicrohttpd 0.9.75 cuts the value short at it.)"""
+    gw = _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for k in (key, "pgk_" + "A" * 43):
+        for line in (b"X-Bad: a\x7fb", b"X-Bad: a\x01b", b"X-Bad: \x1b[31mred", b"X-Bad: a\x0bb",
+                     b"X(Bad): v", b"X@Bad: v", b"X\x7fBad: v", b"X Bad: v", b"X-Bad : v"):
+            out = harness.raw_http(stack.gateway.port, b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\n"
+                                   b"X-Api-Key: " + k.encode() + b"\r\n" + line +
+                                   b"\r\nConnection: close\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400"), (line, out[:300])
+            assert b'{"error":"bad_request","message":"invalid header"}' in out, (line, out)
+    assert _sim_requests(stack) == before
+    h = stack.hot(acct)
+    assert h.get("spent", 0) == 0 and h.get("held", 0) == 0, h
+    out = harness.raw_http(stack.gateway.port, b"GET /v1/devices/d1 HTTP/1.1\r\nHost: x\r\n"
+                           b"X-Api-Key: " + key.encode() + b"\r\nX-Latin: caf\xe9\tau lait\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert _sim_requests(stack) == before + 1
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1
 
 
 def test_sequential_calls_share_one_connection(stack):

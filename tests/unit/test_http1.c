@@ -2,9 +2,10 @@
  * strings: Content-Length, chunked (with extensions and trailers), close-
  * delimited bodies, 1xx skipping, HEAD/204/304, the head and body bounds,
  * malformed status lines, chunk sizes and lengths, conflicting framing, and
- * keep-alive decisions. Every well-formed case is also fed split at every
- * byte boundary and one byte at a time, the way reads can cut it. Needs no
- * service. Exit 0 when every check holds. */
+ * keep-alive decisions; and the syntax checks shared with proxy.c and
+ * request.c (lists, tokens, field values, targets). Every well-formed case
+ * is also fed split at every byte boundary and one byte at a time, the way
+ * reads can cut it. Needs no service. Exit 0 when every check holds. */
 #include "gateway/http1.h"
 
 #include <stdio.h>
@@ -29,6 +30,7 @@ typedef struct result {
     int status;
     int keep_alive;
     int framing;
+    int64_t content_length;
     unsigned keepalive_s;
     char hdrs[2048]; /* "name=value\n" per header */
     size_t hlen;
@@ -86,6 +88,7 @@ static void run_cuts(const char *in, size_t len, const size_t *cuts, int ncuts, 
             if (e == HTTP1_HEAD_DONE) {
                 r->status = p.status;
                 r->framing = p.framing;
+                r->content_length = p.content_length;
                 continue;
             }
             if (e == HTTP1_BODY) {
@@ -189,6 +192,9 @@ static void test_content_length(void)
     CHECK(r.ev == HTTP1_DONE && strcmp(r.body, "abc") == 0);
     run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && strcmp(r.body, "abc") == 0);
+    /* Empty list elements beside a real one are ignored (RFC 9110 5.6.1). */
+    run_all(S("HTTP/1.1 200 OK\r\nContent-Length: ,3,\r\n\r\nabc"), &plain, &r);
+    CHECK(r.ev == HTTP1_DONE && r.framing == HTTP1_LENGTH && strcmp(r.body, "abc") == 0);
     /* Cut short: the end of file is an error, not the end of the body. */
     run(S("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), &with_eof, &r);
     CHECK(r.ev == HTTP1_MALFORMED);
@@ -212,6 +218,11 @@ static void test_bad_lengths(void)
         /* Two different lengths: two framings, refused. */
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        /* A list with no element gives no length: not "no header" (which
+         * would read the body to the close). */
+        "HTTP/1.1 200 OK\r\nContent-Length: ,\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nContent-Length: \t, ,,\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: ,\r\n\r\nhello",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         result r;
@@ -318,6 +329,11 @@ static void test_codings(void)
     CHECK(r.ev == HTTP1_MALFORMED);
     run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\n0\r\n\r\n"), &plain, &r);
     CHECK(r.ev == HTTP1_MALFORMED);
+    /* An empty list is malformed even after a good header. */
+    run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: ,\r\n\r\n"
+          "0\r\n\r\n"),
+        &plain, &r);
+    CHECK(r.ev == HTTP1_MALFORMED);
 }
 
 static void test_close_delimited(void)
@@ -347,7 +363,7 @@ static void test_interim(void)
     run_all(S("HTTP/1.1 100 Continue\r\nContent-Length: 50\r\n\r\n"
               "HTTP/1.1 204 No Content\r\n\r\n"),
             &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 1);
+    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 0);
     /* Only interim answers so far: still waiting. */
     run(S("HTTP/1.1 102 Processing\r\n\r\n"), &plain, &r);
     CHECK(r.ev == HTTP1_MORE && r.status == 0);
@@ -360,20 +376,32 @@ static void test_bodiless(void)
 {
     opts head = {1, 0, 0, 0};
     result r;
-    /* HEAD: the length describes the GET answer, no body follows. */
+    /* HEAD: the length describes the GET answer, no body follows. Never
+     * reused: a server that sends the body anyway, later, must not have it
+     * read as the next call's response. */
     run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 1 && r.framing == HTTP1_NONE);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 0 && r.framing == HTTP1_NONE);
     CHECK(r.leftover == 0);
+    CHECK(r.content_length == 100); /* what the gateway tells its client */
     /* Even a length past the body bound, or chunked. */
     run(S("HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == 99999999);
     run(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), &head, &r);
-    CHECK(r.ev == HTTP1_DONE && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == -1);
+    /* Both: the GET answer would be chunked, so there is no length to tell. */
+    run(S("HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n"), &head, &r);
+    CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.content_length == -1);
+    /* A malformed length is malformed for HEAD too. */
+    run(S("HTTP/1.1 200 OK\r\nContent-Length: ,\r\n\r\n"), &head, &r);
+    CHECK(r.ev == HTTP1_MALFORMED);
     run_all(S("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"), &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 1);
+    CHECK(r.ev == HTTP1_DONE && r.status == 204 && r.blen == 0 && r.keep_alive == 0);
     run_all(S("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n"),
             &plain, &r);
-    CHECK(r.ev == HTTP1_DONE && r.status == 304 && r.blen == 0);
+    CHECK(r.ev == HTTP1_DONE && r.status == 304 && r.blen == 0 && r.keep_alive == 0);
+    /* An empty body by Content-Length is not bodiless: reused. */
+    run_all(S("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &plain, &r);
+    CHECK(r.ev == HTTP1_DONE && r.framing == HTTP1_NONE && r.keep_alive == 1);
     /* A 204 followed by bytes: the caller sees them left over (no reuse). */
     run(S("HTTP/1.1 204 No Content\r\n\r\njunk"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && r.leftover == 4);
@@ -509,6 +537,36 @@ static void test_keep_alive(void)
     CHECK(r.ev == HTTP1_DONE && r.keep_alive == 1);
 }
 
+static void test_lists(void)
+{
+    const char *e;
+    size_t pos = 0, len, n = 0;
+    static const char list[] = " ,a, b\t,,\tc d ,";
+    static const char *const want[] = {"a", "b", "c d"};
+    while (http1_list_next(list, sizeof list - 1, &pos, &e, &len)) {
+        CHECK(n < 3 && len == strlen(want[n]) && memcmp(e, want[n], len) == 0);
+        n++;
+    }
+    CHECK(n == 3 && pos == sizeof list - 1);
+    pos = 0;
+    CHECK(!http1_list_next(S(" , ,\t"), &pos, &e, &len));
+    /* Connection names: case-insensitive, a tab or space ends a name too. */
+    CHECK(http1_list_has(S("keep-alive, X-Foo"), S("x-foo")));
+    CHECK(http1_list_has(S("X-Hop\t, keep-alive"), S("x-hop")));
+    CHECK(http1_list_has(S("\tx-baz\t,X-BEFORE ,"), S("x-before")));
+    CHECK(!http1_list_has(S("X-Foobar, close"), S("x-foo")));
+    CHECK(!http1_list_has(S("X-Foo"), S("x-foobar")));
+    CHECK(!http1_list_has(S(""), S("x")));
+    CHECK(!http1_list_has(S(","), S("x")));
+    /* The other shared checks. */
+    CHECK(http1_token(S("X-Custom_1.~")) && !http1_token(S("")) && !http1_token(S("X Bad")));
+    CHECK(!http1_token(S("X(Bad)")) && !http1_token(S("X-Bad ")));
+    CHECK(http1_text_ok(S("a\tb \xe9")) && !http1_text_ok(S("a\x7f")) && !http1_text_ok(S("a\rb")));
+    CHECK(!http1_text_ok("a\0b", 3) && !http1_text_ok(S("\x1b[31m")));
+    CHECK(http1_target_ok(S("/a/b?c=d&e=%20")) && !http1_target_ok(S("/a b")));
+    CHECK(!http1_target_ok(S("/a\x7f")) && !http1_target_ok(S("/\xc3\xa9")));
+}
+
 int main(void)
 {
     test_content_length();
@@ -522,6 +580,7 @@ int main(void)
     test_bounds();
     test_bad_heads();
     test_keep_alive();
+    test_lists();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

@@ -9,9 +9,12 @@
 #                reserved and settled in Redis (route GET /** price 1), the
 #                settlement worker of `bin/billing serve` writing the ledger
 #                to Postgres meanwhile
-# then the gateway's peak RSS, the settlement lag (from wrk's end until the
-# outbox is drained and Postgres `spent` equals Redis `spent`), and a second
-# gateway run with 1,000 open connections for its peak RSS (target 64 MiB).
+# nginx-proxy and gateway run in BENCH_ROUNDS interleaved rounds (median
+# reported: the machine's speed drifts); then the gateway's peak RSS and its
+# growth from the first round to the last, the settlement lag (from wrk's
+# end until the outbox is drained and Postgres `spent` equals Redis
+# `spent`), and a run on a fresh gateway with 1,000 open connections for its
+# peak RSS (target 64 MiB).
 #
 # Fairness: both proxies get the same number of workers, BENCH_WORKERS
 # (default 1): nginx `worker_processes N` for the proxy, GATEWAY_THREADS=N for
@@ -26,7 +29,8 @@
 # nginx proxy's own CPU per call beside the gateway's (the two proxies' cost
 # without what billing's Redis and Postgres add).
 #
-# Environment: BENCH_DURATION (10s), BENCH_THREADS (2), BENCH_CONNECTIONS (64),
+# Environment: BENCH_DURATION (10s, per run), BENCH_ROUNDS (3: nginx-proxy and
+# gateway runs interleaved, medians reported), BENCH_THREADS (2), BENCH_CONNECTIONS (64),
 # BENCH_MANY_CONNECTIONS (1000), BENCH_WORKERS (1; BENCH_GATEWAY_THREADS is
 # an older name for it), BENCH_KEEP=1 keeps the temp dir. Results: a table on stdout, raw figures in
 # build/bench/results.txt, wrk's own outputs in build/bench/wrk-*.txt.
@@ -38,6 +42,7 @@ THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
 MANY=${BENCH_MANY_CONNECTIONS:-1000}
 WORKERS=${BENCH_WORKERS:-${BENCH_GATEWAY_THREADS:-1}}
+ROUNDS=${BENCH_ROUNDS:-3}
 GW_THREADS=$WORKERS
 RSS_TARGET_KB=$((64 * 1024))
 OUT="$ROOT/build/bench"
@@ -308,24 +313,60 @@ start_gateway() { # sets GW_PID
 start_gateway
 
 # ---- the runs --------------------------------------------------------------------
-run_wrk upstream "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$CONNS" "$AUTH"
 # The proxy's own CPU per call, to set beside the gateway's.
 nginx_ticks() {
     echo "$(ticks_of $(pgrep -f "nginx: worker process" -P "$PROXY_PID" 2>/dev/null))" \
         "$(ticks_of $(pgrep -f "nginx: worker process" -P "$UPSTREAM_PID" 2>/dev/null))"
 }
-px_cpu_before=$(nginx_ticks)
-run_wrk nginx-proxy "http://127.0.0.1:$PROXY_PORT$BENCH_PATH" "$CONNS" "$AUTH"
-px_cpu_after=$(nginx_ticks)
-
+# Adds the differences of two tick lists to the running totals in the array named $1.
+add_ticks() {
+    local -n acc=$1
+    local -a b=($2) a=($3)
+    local i
+    for i in "${!a[@]}"; do acc[i]=$((${acc[i]:-0} + a[i] - b[i])); done
+}
 spent_redis() { redis-cli -p "$REDIS_PORT_STACK" --raw HGET "pg:{$ACCT}:acct" spent; }
+
+run_wrk upstream "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$CONNS" "$AUTH"
 spent_before=$(spent_redis)
 spent_before=${spent_before:-0}
-cpu_before=$(cpu_ticks)
-run_wrk gateway "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
-cpu_after=$(cpu_ticks)
+# Interleaved rounds: this machine's speed drifts over a minute (shared
+# cores, other tenants), so nginx and the gateway take turns and the report
+# uses each one's median round; the ratio is that of the medians.
+px_ticks=() gw_ticks=()
+for round in $(seq 1 "$ROUNDS"); do
+    b=$(nginx_ticks)
+    run_wrk "nginx-proxy-$round" "http://127.0.0.1:$PROXY_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    add_ticks px_ticks "$b" "$(nginx_ticks)"
+    b=$(cpu_ticks)
+    run_wrk "gateway-$round" "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    add_ticks gw_ticks "$b" "$(cpu_ticks)"
+    # Steady state: the same load again and again on the same gateway; its
+    # resident memory after the last round must not exceed the first's by
+    # more than noise.
+    [ "$round" = 1 ] && rss_first=$(vmrss_kb "$GW_PID")
+done
+rss_last=$(vmrss_kb "$GW_PID")
 wrk_end=$(date +%s%N)
 GW_RSS_KB=$(vmhwm_kb "$GW_PID")
+
+# The median round of LABEL (by requests/s): its wrk output is copied to
+# wrk-LABEL.txt, which the report reads. Sums requests and non-2xx of all
+# rounds into LABEL_reqs_all / LABEL_non2xx_all.
+median_round() {
+    local label=$1 r rps line best
+    local -a rows=()
+    for r in $(seq 1 "$ROUNDS"); do
+        read -r rps _ _ reqs non2xx _ < <(wrk_figures "$OUT/wrk-$label-$r.txt")
+        rows+=("$rps $r $reqs $non2xx")
+    done
+    best=$(printf '%s\n' "${rows[@]}" | sort -n | sed -n "$(((ROUNDS + 1) / 2))p" | awk '{ print $2 }')
+    cp "$OUT/wrk-$label-$best.txt" "$OUT/wrk-$label.txt"
+    printf '%s\n' "${rows[@]}" | awk '{ q += $3; n += $4; printf "%s%s", (NR > 1 ? " " : ""), $1 }
+        END { printf "\n%d %d\n", q, n }'
+}
+{ read -r px_rounds; read -r px_reqs _; } < <(median_round nginx-proxy)
+{ read -r gw_rounds; read -r gw_reqs gw_non2xx; } < <(median_round gateway)
 
 # Settlement lag: until the outbox is empty, nothing is held, and Postgres
 # agrees with Redis on what was spent.
@@ -346,30 +387,19 @@ done
 [ "$lag_ms" != timeout ] ||
     say "warning: not drained after ${BENCH_DRAIN_TIMEOUT:-120} s (XLEN $xlen, held $held, redis spent $rspent, postgres spent $pspent)"
 
-read -r gw_rps _ gw_p99 gw_reqs gw_non2xx _ < <(wrk_figures "$OUT/wrk-gateway.txt")
-# shellcheck disable=SC2206
-cb=($cpu_before) ca=($cpu_after)
-cpu_report=$(awk -v n="$gw_reqs" -v hz="$(getconf CLK_TCK)" -v g=$((ca[0] - cb[0])) \
-    -v r=$((ca[1] - cb[1])) -v p=$((ca[2] - cb[2])) -v b=$((ca[3] - cb[3])) -v u=$((ca[4] - cb[4])) \
+read -r gw_rps _ gw_p99 _ < <(wrk_figures "$OUT/wrk-gateway.txt")
+cpu_report=$(awk -v n="$gw_reqs" -v hz="$(getconf CLK_TCK)" -v g="${gw_ticks[0]}" \
+    -v r="${gw_ticks[1]}" -v p="${gw_ticks[2]}" -v b="${gw_ticks[3]}" -v u="${gw_ticks[4]}" \
     'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0)
              printf "gateway %.1f, redis %.1f, postgres %.1f, billing %.1f, upstream nginx %.1f",
                     g * f, r * f, p * f, b * f, u * f }')
-read -r _ _ _ px_reqs _ < <(wrk_figures "$OUT/wrk-nginx-proxy.txt")
-# shellcheck disable=SC2206
-pb=($px_cpu_before) pa=($px_cpu_after)
-px_cpu_report=$(awk -v n="$px_reqs" -v hz="$(getconf CLK_TCK)" -v x=$((pa[0] - pb[0])) \
-    -v u=$((pa[1] - pb[1])) -v g=$((ca[0] - cb[0])) -v gn="$gw_reqs" \
+px_cpu_report=$(awk -v n="$px_reqs" -v hz="$(getconf CLK_TCK)" -v x="${px_ticks[0]}" \
+    -v u="${px_ticks[1]}" -v g="${gw_ticks[0]}" -v gn="$gw_reqs" \
     'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0); fg = (gn > 0 ? 1e6 / hz / gn : 0)
              printf "nginx proxy %.1f, upstream nginx %.1f; gateway / nginx proxy: %.2fx",
                     x * f, u * f, (x > 0 ? (g * fg) / (x * f) : 0) }')
 charged=$((rspent - spent_before))
 served_2xx=$((gw_reqs - gw_non2xx))
-
-# ---- steady state: the same load again on the same gateway; its resident
-# memory after the second run must not exceed the first by more than noise.
-rss_first=$(vmrss_kb "$GW_PID")
-run_wrk gateway-again "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
-rss_second=$(vmrss_kb "$GW_PID")
 
 # ---- 1,000 open connections, on a fresh gateway so its peak is this run's ------
 stop_pid "$GW_PID"
@@ -383,9 +413,9 @@ ratio=$(awk -v a="$gw_rps" -v b="$px_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b
 p99_ratio=$(awk -v a="$(to_us "$gw_p99")" -v b="$(to_us "$px_p99")" \
     'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
 # Calls in flight when wrk stopped may be charged without wrk counting them:
-# at most one per connection. Fewer charges than 2xx answers is a bug.
+# at most one per connection and round. Fewer charges than 2xx answers is a bug.
 check=MISMATCH
-if [ "$charged" -ge "$served_2xx" ] && [ "$charged" -le $((served_2xx + CONNS)) ]; then
+if [ "$charged" -ge "$served_2xx" ] && [ "$charged" -le $((served_2xx + CONNS * ROUNDS)) ]; then
     check=ok
 fi
 {
@@ -402,11 +432,12 @@ fi
     done
     echo
     echo "workers per proxy: $WORKERS (nginx worker_processes $WORKERS, GATEWAY_THREADS=$GW_THREADS; BENCH_WORKERS)"
+    echo "rounds (requests/s): nginx-proxy $px_rounds; gateway $gw_rounds (median of $ROUNDS shown)"
     echo "gateway / nginx-proxy: ${ratio}x the requests/s, ${p99_ratio}x the p99"
     echo "CPU per gateway call (us, user+sys, during the -c$CONNS run): $cpu_report"
     echo "CPU per nginx-proxy call (us, user+sys): $px_cpu_report"
     echo "gateway peak RSS (-c$CONNS): $((GW_RSS_KB / 1024)) MiB ($GW_RSS_KB kB)"
-    echo "gateway RSS after one run: $rss_first kB, after a second identical run: $rss_second kB (growth $((rss_second - rss_first)) kB)"
+    echo "gateway RSS after round 1: $rss_first kB, after round $ROUNDS: $rss_last kB (growth $((rss_last - rss_first)) kB)"
     echo "settlement lag after wrk's end: ${lag_ms} ms (outbox drained, Postgres spent = Redis spent)"
     echo "charged: $charged points for $served_2xx 2xx answers counted by wrk: $check"
     verdict=ok
@@ -423,7 +454,7 @@ record gateway_charged_points "$charged"
 record gateway_2xx_by_wrk "$served_2xx"
 record gateway_charge_check "$check"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
-record gateway_rss_after_run1_kb "$rss_first"
-record gateway_rss_after_run2_kb "$rss_second"
+record gateway_rss_after_round1_kb "$rss_first"
+record gateway_rss_after_last_round_kb "$rss_last"
 record rss_target_kb "$RSS_TARGET_KB"
 say "raw figures in ${OUT#"$ROOT"/}/results.txt"

@@ -1,17 +1,18 @@
 /* settlement.c: moves settled calls from the Redis outbox into Postgres.
  *
- * Reads the outbox stream through the consumer group "settle" and applies
- * each batch with ledger_settle_batch (one statement, one transaction), then
- * acknowledges and deletes the entries. Exactly once: Postgres deduplicates by
+ * Reads the outbox stream through the consumer group "settle" (each entry
+ * carries the calls of one settle.lua batch) and applies them with
+ * ledger_settle_batch (one statement, one transaction, about SETTLE_BATCH
+ * calls), then acknowledges and deletes the entries. Exactly once: Postgres deduplicates by
  * reservation id, so an entry redelivered after a crash between commit and
  * acknowledge changes nothing. A worker's consumer name is stable across
  * restarts (host + index), so a restarted worker first finishes its own
  * pending entries; entries left pending by a worker that never came back are
  * claimed by the others after SETTLE_CLAIM_IDLE_MS (XAUTOCLAIM).
  *
- * Entries Postgres refuses (integrity) are retried one by one and the
- * offenders moved to the stream pg:outbox:dead, so one bad entry cannot stall
- * settlement. Holds whose route starts with '_' are not calls (a negative
+ * Calls Postgres refuses (integrity) are retried one by one and the
+ * offenders moved to the stream pg:outbox:dead, so one bad call cannot stall
+ * settlement; an entry settle.lua cannot have written is copied there whole. Holds whose route starts with '_' are not calls (a negative
  * adjustment's guard) and are acknowledged without a charge row. */
 #include "billing/env.h"
 #include "billing/hot.h"

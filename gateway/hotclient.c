@@ -38,8 +38,9 @@
 #define HOT_STALL_MS 3000
 #define HOT_WATCHDOG_MS 500
 
-enum hot_script { HOT_SCRIPT_NONE = -1, HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
-enum hot_kind { HOT_RESERVE, HOT_SETTLE, HOT_KEY, HOT_BALANCE };
+enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
+/* Plain commands (reserves and settles are batches of a script). */
+enum hot_kind { HOT_KEY, HOT_BALANCE };
 
 /* One reserve or settle waiting in, or sent with, a batch. */
 typedef struct hot_op {

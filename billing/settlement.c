@@ -12,8 +12,9 @@
  *
  * Calls Postgres refuses (integrity) are retried one by one and the
  * offenders moved to the stream pg:outbox:dead, so one bad call cannot stall
- * settlement; an entry settle.lua cannot have written is copied there whole. Holds whose route starts with '_' are not calls (a negative
- * adjustment's guard) and are acknowledged without a charge row. */
+ * settlement; an entry settle.lua cannot have written is copied there whole. Holds whose route
+ * starts with '_' are not calls (a negative adjustment's guard) and are acknowledged without a
+ * charge row. */
 #include "billing/env.h"
 #include "billing/hot.h"
 #include "billing/hotkeys.h"

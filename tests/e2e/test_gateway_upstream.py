@@ -581,6 +581,29 @@ def test_connection_cap_queues_calls(stack):
     assert stack.hot(acct)["spent"] == 8
 
 
+def test_burst_of_new_connections(stack):
+    """150 calls at once on a fresh gateway: more than the 64 connects it
+    runs at a time (PROXY_CONNECTING_MAX), so some wait for a connect slot
+    or a connection; every call is served and charged once."""
+    _setup(stack)
+    acct, key = stack.new_account(1000)
+    sim = _devsim(stack, "devsim-burst")
+    gw = _gateway(stack, "gateway-burst", sim.url)
+
+    def call(i):
+        return http("GET", gw.url + f"/v1/devices/d{i}",
+                    headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "200"}))
+
+    with concurrent.futures.ThreadPoolExecutor(150) as ex:
+        res = list(ex.map(call, range(150)))
+    assert [r.status for r in res] == [200] * 150, [r.status for r in res]
+    assert _requests(sim) == 150
+    assert gw.stop() == 0
+    assert sim.stop() == 0
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 150
+
+
 def test_prefix_and_localhost(stack):
     """UPSTREAM_URL with a path prefix (trailing slash dropped) and the host
     given by name (localhost, resolved once at startup). Falling back to the

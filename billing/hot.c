@@ -207,8 +207,12 @@ int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int6
     snprintf(s, sizeof s, "%" PRId64, seq);
     snprintf(c, sizeof c, "%" PRId64, credited);
     snprintf(sp, sizeof sp, "%" PRId64, spent);
-    if (hot_run(h, HOT_CREDIT, account, NULL, argv, 4, out) != 0) return -1;
+    if (hot_run(h, HOT_CREDIT, account, HOT_OUTBOX, argv, 4, out) != 0) return -1;
     *applied = (int)out[0];
+    if (out[2] == 1)
+        log_warn("account %" PRId64 ": Redis had lost settled charges; its spent raised to "
+                 "Postgres' %" PRId64,
+                 account, spent);
     return 0;
 }
 

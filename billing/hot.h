@@ -19,8 +19,9 @@ void hot_close(hot_conn *h);
 /* 0 when Redis answers PING. */
 int hot_ping(hot_conn *h);
 
-/* credit.lua: push (seq, credited); SPENT is used only when Redis has no
- * state for the account; GUARD_RID ("" for none) drops a guard hold. */
+/* credit.lua: push (seq, credited); SPENT (Postgres') creates the account's
+ * state when Redis has none, and repairs Redis spent when Redis lost settled
+ * charges (logged); GUARD_RID ("" for none) drops a guard hold. */
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
                const char *guard_rid, int *applied);
 

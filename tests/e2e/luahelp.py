@@ -132,7 +132,7 @@ class Redis:
         return self.settle_batch_cmd([(acct, rid, charge, outcome, status)])
 
     def credit_cmd(self, acct, seq, credited, spent=0, guard=""):
-        return ("EVALSHA", self.sha("credit"), 2, acct_key(acct), holds_key(acct),
+        return ("EVALSHA", self.sha("credit"), 3, OUTBOX, acct_key(acct), holds_key(acct),
                 seq, credited, spent, guard)
 
     def reserve(self, acct, rid, price, ttl_ms=60000, route="device.read"):

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 from harness import ADMIN_TOKEN, FINANCE_TOKEN, PEPPER, http
-from luahelp import Redis, acct_key, holds_key, run_threads
+from luahelp import OUTBOX, Redis, acct_key, holds_key, run_threads
 
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
 
@@ -598,19 +598,54 @@ def test_credit_sync_is_order_proof(stack):
     red = Redis(stack.redis_port)
     try:
         # Older pushes arriving late change nothing.
-        assert red.credit(acct, 2, 120) == [0, 3]
-        assert red.credit(acct, 1, 100) == [0, 3]
-        assert red.credit(acct, 3, 123) == [0, 3]
+        assert red.credit(acct, 2, 120) == [0, 3, 0]
+        assert red.credit(acct, 1, 100) == [0, 3, 0]
+        assert red.credit(acct, 3, 123) == [0, 3, 0]
         assert red.acct(acct) == {"credited": 123, "seq": 3, "spent": 0, "held": 0}
         # From scratch, out of order: the newest wins whatever the order.
         red.call("DEL", acct_key(acct))
-        assert red.credit(acct, 2, 120) == [1, 2]
-        assert red.credit(acct, 3, 123, 999) == [1, 3]  # spent only taken on creation
-        assert red.credit(acct, 1, 100) == [0, 3]
-        assert red.credit(acct, 2, 120) == [0, 3]
+        assert red.credit(acct, 2, 120) == [1, 2, 0]
+        assert red.credit(acct, 3, 123) == [1, 3, 0]
+        assert red.credit(acct, 1, 100) == [0, 3, 0]
+        assert red.credit(acct, 2, 120) == [0, 3, 0]
         assert red.acct(acct) == {"credited": 123, "seq": 3, "spent": 0, "held": 0}
     finally:
         red.close()
+    _assert_synced(stack, acct)
+
+
+def test_repair_raises_spent_redis_lost(stack):
+    """Redis lost its last writes (a host crash with appendfsync everysec)
+    after the settlement worker had copied the charges to Postgres: the
+    repair pass raises Redis spent to Postgres', never lowers it, and only
+    while the outbox is empty (with charges still on their way Postgres may
+    be behind)."""
+    _billing(stack)
+    acct, _ = stack.new_account(100)
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(acct, "lost-1", 30)[0] == 1
+        assert red.settle(acct, "lost-1", 30)[:2] == [1, 30]
+        stack.wait_for(lambda: stack.scalar(f"select spent from accounts where id = {acct}")
+                       == "30" and stack.drained(), what="settled")
+        for p in stack.procs:
+            if p.name == "billing" and p.alive():
+                assert p.stop() == 0
+        red.call("HINCRBY", acct_key(acct), "spent", -30)  # the lost write
+        eid = red.call("XADD", OUTBOX, "*", "ts", 1, "c", f"other|{acct}|r|1|1|commit|200")
+        assert red.credit(acct, 1, 100, 30) == [0, 1, 0]  # an entry on its way: wait
+        assert red.acct(acct)["spent"] == 0
+        red.call("XDEL", OUTBOX, eid)
+        assert red.credit(acct, 1, 100, 30) == [0, 1, 1]
+        assert red.acct(acct)["spent"] == 30
+        assert red.credit(acct, 1, 100, 10) == [0, 1, 0]  # never lowered
+        assert red.acct(acct)["spent"] == 30
+        red.call("HINCRBY", acct_key(acct), "spent", -30)  # lost again
+    finally:
+        red.close()
+    stack.start_billing()  # its first repair pass puts it right
+    stack.wait_for(lambda: stack.hot(acct)["spent"] == 30, timeout=10, what="spent repaired")
+    assert "Redis had lost settled charges" in stack.billing.output()
     _assert_synced(stack, acct)
 
 

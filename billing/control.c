@@ -20,7 +20,7 @@ int control_account_create(control_ctx *c, const char *name, ledger_account *out
     if (rc != LEDGER_OK) return rc;
     /* An account known to Redis with 0 points answers "short" rather than
      * "unknown"; if this push is lost the repair pass makes it. */
-    if (hot_credit(c->hot, out->id, 0, 0, 0, "", &applied) != 0)
+    if (hot_credit(c->hot, out->id, 0, 0, 0, "", 0, &applied) != 0)
         log_warn("account %" PRId64 ": initial push to redis failed; repair pass will retry",
                  out->id);
     return LEDGER_OK;
@@ -106,7 +106,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
     rc = ledger_credit(c->pg, account_id, kind, amount, reference, reason, operator_name, out,
                        created, &spent);
     if (rc == LEDGER_OK) {
-        if (hot_credit(c->hot, account_id, out->credit_seq, out->credited_after, spent, guard,
+        if (hot_credit(c->hot, account_id, out->credit_seq, out->credited_after, spent, guard, 0,
                        &applied) != 0)
             log_warn("account %" PRId64 ": credit push to redis failed; repair pass will retry",
                      account_id);
@@ -114,6 +114,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
     }
     /* Refused or failed: drop the guard by re-pushing the current state. */
     if (guard[0] && ledger_account_get(c->pg, account_id, &acct) == LEDGER_OK)
-        hot_credit(c->hot, account_id, acct.credit_seq, acct.credited, acct.spent, guard, &applied);
+        hot_credit(c->hot, account_id, acct.credit_seq, acct.credited, acct.spent, guard, 0,
+                   &applied);
     return rc;
 }

@@ -8,22 +8,36 @@
 -- Also repairs spent when Redis lost settled charges (a Redis host crash
 -- with appendfsync everysec loses its last second): every charge row in
 -- Postgres came from an outbox entry written with Redis's spent, so with the
--- outbox empty Redis spent can only be below Postgres spent if Redis lost
--- writes. Postgres spent only grows, so a value read a moment ago is a safe
+-- outbox empty (and no call in flight on the account) Redis spent can only
+-- be below Postgres spent if Redis lost writes. Postgres spent only grows, so a value read a moment ago is a safe
 -- lower bound: spent is raised to it, never lowered.
+--
+-- Guard holds (route starting with '_') are never expired by the sweeper:
+-- releasing one before the adjustment's new credited total reaches Redis
+-- would open an overdraft window. The repair pass (ARGV[5] = '1') drops
+-- those past their deadline here, in the same step that writes the credited
+-- total it read from Postgres after the adjustment committed (or failed).
 --
 -- KEYS[1] outbox stream, KEYS[2] acct hash, KEYS[3] holds hash
 -- ARGV[1] credit_seq, ARGV[2] credited, ARGV[3] Postgres spent,
--- ARGV[4] rid of a guard hold to drop, or ''
+-- ARGV[4] rid of a guard hold to drop, or '', ARGV[5] '1': also drop guard
+-- holds past their deadline
 --
 -- Returns {applied (1/0), seq now in Redis, spent repaired (1/0)}
 --
 -- Reads and checks first, then writes that cannot fail: a Lua error keeps
 -- the writes made before it.
-local f = redis.call('HMGET', KEYS[2], 'seq', 'spent')
-local cur, rspent = f[1], tonumber(f[2] or '0')
-local pspent = tonumber(ARGV[3])
-if not pspent or (cur and (not tonumber(cur) or not rspent)) then
+-- Canonical decimals only: what HINCRBY accepts (see reserve.lua).
+local function int(v)
+    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
+    local x = tonumber(v)
+    if string.format('%d', x) ~= v then return nil end
+    return x
+end
+local f = redis.call('HMGET', KEYS[2], 'seq', 'spent', 'held')
+local cur, rspent = f[1], int(f[2] or '0')
+local pspent = int(ARGV[3])
+if not pspent or (cur and (not int(cur) or not rspent or not int(f[3] or '0'))) then
     return redis.error_reply('credit: unusable figures for ' .. KEYS[2])
 end
 local guard = nil
@@ -31,13 +45,31 @@ if ARGV[4] ~= '' then
     local h = redis.call('HGET', KEYS[3], ARGV[4])
     if h then
         local sep = string.find(h, '|', 1, true)
-        guard = sep and tonumber(string.sub(h, 1, sep - 1))
+        guard = sep and int(string.sub(h, 1, sep - 1))
         if not guard then
             return redis.error_reply('credit: unusable guard hold ' .. ARGV[4] .. ': ' .. h)
         end
     end
 end
-local repair = cur and pspent > rspent and redis.call('XLEN', KEYS[1]) == 0
+-- No open hold either: a hold brought back by the same loss could be
+-- committed again by a late settle, and spent raised twice.
+local expired, dropped = {}, 0
+if ARGV[5] == '1' and cur then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local all = redis.call('HGETALL', KEYS[3])
+    for i = 1, #all, 2 do
+        local rid, v = all[i], all[i + 1]
+        local amount, route, dl = string.match(v, '^([^|]*)|([^|]*)|([^|]*)$')
+        if rid ~= ARGV[4] and route and string.sub(route, 1, 1) == '_' and int(amount) and
+           int(dl) and int(dl) <= now then
+            expired[#expired + 1] = rid
+            dropped = dropped + int(amount)
+        end
+    end
+end
+local repair = cur and pspent > rspent and redis.call('XLEN', KEYS[1]) == 0 and
+               redis.call('HLEN', KEYS[3]) == 0
 local applied = 0
 if not cur then
     redis.call('HSET', KEYS[2], 'credited', ARGV[2], 'seq', ARGV[1], 'spent', ARGV[3], 'held', 0)
@@ -56,5 +88,10 @@ end
 if guard then
     redis.call('HDEL', KEYS[3], ARGV[4])
     redis.call('HINCRBY', KEYS[2], 'held', string.format('%d', -guard))
+end
+if #expired > 0 then
+    redis.call('HDEL', KEYS[3], unpack(expired))
+    redis.call('HINCRBY', KEYS[2], 'held', string.format('%d', -dropped))
+    redis.log(redis.LOG_WARNING, 'credit: dropped ' .. #expired .. ' expired guard hold(s) of ' .. KEYS[2])
 end
 return {applied, tonumber(cur), repair and 1 or 0}

@@ -15,7 +15,9 @@
 static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credited, int64_t spent)
 {
     int applied;
-    return hot_credit(arg, id, seq, credited, spent, "", &applied);
+    /* Also drops guard holds past their deadline: the sweeper leaves them,
+     * since only a push of Postgres' credited total may end one (credit.lua). */
+    return hot_credit(arg, id, seq, credited, spent, "", 1, &applied);
 }
 
 static int creditsync_key(void *arg, const char *key_hash, int64_t account, int revoked)

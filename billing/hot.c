@@ -199,15 +199,15 @@ static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox,
 }
 
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
-               const char *guard_rid, int *applied)
+               const char *guard_rid, int drop_expired_guards, int *applied)
 {
     char s[24], c[24], sp[24];
-    const char *argv[4] = {s, c, sp, guard_rid ? guard_rid : ""};
+    const char *argv[5] = {s, c, sp, guard_rid ? guard_rid : "", drop_expired_guards ? "1" : "0"};
     int64_t out[3];
     snprintf(s, sizeof s, "%" PRId64, seq);
     snprintf(c, sizeof c, "%" PRId64, credited);
     snprintf(sp, sizeof sp, "%" PRId64, spent);
-    if (hot_run(h, HOT_CREDIT, account, HOT_OUTBOX, argv, 4, out) != 0) return -1;
+    if (hot_run(h, HOT_CREDIT, account, HOT_OUTBOX, argv, 5, out) != 0) return -1;
     *applied = (int)out[0];
     if (out[2] == 1)
         log_warn("account %" PRId64 ": Redis had lost settled charges; its spent raised to "

@@ -21,9 +21,11 @@ int hot_ping(hot_conn *h);
 
 /* credit.lua: push (seq, credited); SPENT (Postgres') creates the account's
  * state when Redis has none, and repairs Redis spent when Redis lost settled
- * charges (logged); GUARD_RID ("" for none) drops a guard hold. */
+ * charges (logged); GUARD_RID ("" for none) drops a guard hold;
+ * DROP_EXPIRED_GUARDS (the repair pass) drops guard holds past their
+ * deadline, which the sweeper leaves alone. */
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
-               const char *guard_rid, int *applied);
+               const char *guard_rid, int drop_expired_guards, int *applied);
 
 /* reserve.lua. *status is HOT_RESERVE_HELD/SHORT/UNKNOWN or HOT_STATUS_UNUSABLE. */
 int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,

@@ -44,10 +44,14 @@ for i = 1, n do
     end
 end
 
+-- A figure as Redis's own integer commands read it: canonical decimal only
+-- ("05", "5.0", "1e1" would pass tonumber but make HINCRBY fail after
+-- earlier writes), within the 2^53 the scripts compute exactly.
 local function int(v)
+    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
     local x = tonumber(v)
-    if x and x == math.floor(x) then return x end
-    return nil
+    if string.format('%d', x) ~= v then return nil end
+    return x
 end
 
 -- An account's figures: a table, false when unknown, 'bad' when unusable.
@@ -66,6 +70,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- once at the end; ops in between see the running figures.
 local accts, order = {}, {}
 local out = {}
+local wrote = false
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
     local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
@@ -84,7 +89,14 @@ for i = 1, n do
         local avail = a.credited - a.spent - a.held
         if avail >= price then
             local r = redis.pcall('HSETNX', hkey, rid, string.format('%d|%s|%d', price, route, now + ttl))
+            if type(r) == 'table' and not wrote and not string.find(r.err, 'WRONGTYPE', 1, true) then
+                -- Refused before anything was written (a replica's READONLY,
+                -- OOM: Redis checks those at a script's first write only):
+                -- the whole batch fails with Redis's own error.
+                return redis.error_reply(r.err)
+            end
             if r == 1 then
+                wrote = true
                 a.held = a.held + price
                 a.added = a.added + price
                 out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held

@@ -30,10 +30,17 @@ if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
     return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
 end
 
+-- See reserve.lua: canonical decimals only, within 2^53.
 local function int(v)
+    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
     local x = tonumber(v)
-    if x and x == math.floor(x) then return x end
-    return nil
+    if string.format('%d', x) ~= v then return nil end
+    return x
+end
+for i = 1, n do
+    if not int(ARGV[5 * i - 3]) then
+        return redis.error_reply('settle: charge must be an integer')
+    end
 end
 
 -- An account's figures (zeros for an account Redis lost: the hold's own
@@ -86,7 +93,7 @@ for i = 1, n do
         else
             local charge = 0
             if outcome == 'commit' then
-                charge = int(ARGV[5 * i - 3]) or hold
+                charge = int(ARGV[5 * i - 3])
                 if charge < 0 then charge = 0 end
                 if charge > hold then charge = hold end
             end
@@ -106,7 +113,7 @@ if #entry > 0 then
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     local r = redis.pcall('XADD', KEYS[1], '*', 'ts', string.format('%d', now), unpack(entry))
     if type(r) == 'table' and r.err then
-        return redis.error_reply('settle: outbox refused the entry: ' .. r.err)
+        return redis.error_reply(r.err) -- Redis's own code first (READONLY, OOM...)
     end
 end
 for _, c in ipairs(closes) do

@@ -145,17 +145,34 @@ static int settle_ack(settle_state *s, int n)
     return rc;
 }
 
-static void settle_dead_letter(settle_state *s, const ledger_charge *c, const char *why)
+/* Copies a call Postgres refused into the dead-letter stream with every
+ * part of it (a human can replay it). -1 if Redis did not take it: the
+ * entry must then stay pending, or the call would exist nowhere. */
+static int settle_dead_letter(settle_state *s, const ledger_charge *c, const char *why)
 {
-    char acct[24], amount[24];
-    const char *argv[11] = {"XADD", SETTLE_DEAD_STREAM, "*",    "rid", c->rid, "acct",
-                            acct,   "amount",           amount, "why", why};
+    char acct[24], amount[24], hold[24], status[16], ts[24];
+    const char *argv[21] = {
+        "XADD",     SETTLE_DEAD_STREAM, "*",      "rid",  c->rid, "acct", acct,
+        "route",    c->route,           "amount", amount, "hold", hold,   "outcome",
+        c->outcome, "status",           status,   "ts",   ts,     "why",  why};
+    redisReply *r;
+    int rc = -1;
     snprintf(acct, sizeof acct, "%" PRId64, c->account_id);
     snprintf(amount, sizeof amount, "%" PRId64, c->amount);
-    redisReply *r = hot_command_argv(s->hot, 11, argv, NULL);
+    snprintf(hold, sizeof hold, "%" PRId64, c->hold);
+    snprintf(status, sizeof status, "%d", c->status);
+    snprintf(ts, sizeof ts, "%" PRId64, c->ts_ms);
+    r = hot_command_argv(s->hot, 21, argv, NULL);
+    if (r && r->type != REDIS_REPLY_ERROR) rc = 0;
     if (r) freeReplyObject(r);
-    log_error("settlement: entry %s of account %" PRId64 " refused by postgres (%s); moved to %s",
-              c->rid, c->account_id, why, SETTLE_DEAD_STREAM);
+    if (rc == 0)
+        log_error("settlement: call %s of account %" PRId64
+                  " refused by postgres (%s); moved to %s",
+                  c->rid, c->account_id, why, SETTLE_DEAD_STREAM);
+    else
+        log_error("settlement: call %s refused by postgres (%s) and not copied to %s; kept pending",
+                  c->rid, why, SETTLE_DEAD_STREAM);
+    return rc;
 }
 
 /* An entry settle.lua cannot have written (a bug or a foreign writer): copied
@@ -209,10 +226,9 @@ static int settle_write(settle_state *s, int n)
             if (rc == LEDGER_CONFLICT) {
                 for (int i = 0; i < n; i++) {
                     rc = ledger_settle_batch(s->pg, &s->charges[i], 1, &applied);
-                    if (rc == LEDGER_CONFLICT)
-                        settle_dead_letter(s, &s->charges[i], "integrity");
-                    else if (rc != LEDGER_OK)
-                        break;
+                    if (rc == LEDGER_CONFLICT && settle_dead_letter(s, &s->charges[i], "integrity"))
+                        return -1; /* the entries stay pending: retried later */
+                    if (rc != LEDGER_OK && rc != LEDGER_CONFLICT) break;
                 }
                 if (rc == LEDGER_OK || rc == LEDGER_CONFLICT) return 0;
             }
@@ -278,7 +294,11 @@ static int settle_entries(settle_state *s, const redisReply *list, int *charges)
                 count = -1;
                 break;
             }
-            if (s->charges[nc + taken].route[0] != '_') taken++; /* '_': a guard hold */
+            /* A negative adjustment's guard hold (route "_adjustment",
+             * always released at 0): not a call. Route ids of calls cannot
+             * start with '_' (routes.c). */
+            if (s->charges[nc + taken].route[0] != '_' || s->charges[nc + taken].amount != 0)
+                taken++;
         }
         if (count < 0) {
             /* None of its records taken; if the copy failed, leave it pending. */

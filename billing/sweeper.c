@@ -88,6 +88,11 @@ static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *
             continue;
         }
         if (deadline > now) continue;
+        /* A negative adjustment's guard (route "_adjustment"): released only
+         * with the credited total it guards, by the repair pass (credit.lua);
+         * released here, calls could spend points the adjustment removed
+         * before its total reaches Redis. */
+        if (strchr(value, '|')[1] == '_') continue;
         if (hot_settle(h, account, rid, 0, "expire", 0, &settled, &charged, &available) != 0) {
             rc = -1;
             break;

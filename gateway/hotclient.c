@@ -146,10 +146,18 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
         }
     }
     if (hc->qlen >= hc->qcap) {
-        /* The hold stays in Redis; the sweeper releases it at its deadline
-         * (a lost commit is then a call not charged, never a double charge). */
-        log_error("settle queue full, dropping settle rid=%s account=%lld commit=%d", a->rid,
-                  (long long)a->account, a->commit);
+        /* Full: a commit (money) takes the place of a release (the sweeper
+         * frees that hold at its deadline anyway). What is dropped stays a
+         * hold the sweeper releases: a call not charged, never a double
+         * charge. */
+        size_t i = 0;
+        while (a->commit && i < hc->qlen && hc->queue[i].commit)
+            i++;
+        log_error("settle queue full, dropping settle rid=%s account=%lld commit=%d",
+                  a->commit && i < hc->qlen ? hc->queue[i].rid : a->rid,
+                  (long long)(a->commit && i < hc->qlen ? hc->queue[i].account : a->account),
+                  a->commit && i < hc->qlen ? 0 : a->commit);
+        if (a->commit && i < hc->qlen) hc->queue[i] = *a;
         return;
     }
     hc->queue[hc->qlen++] = *a;
@@ -487,6 +495,9 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         !b->retried && hc->ac && !hc->closing) {
         b->retried = 1;
         memset(hc->sha[b->script], 0, sizeof hc->sha[b->script]);
+        /* Learn the SHA again, or every later batch would carry the text. */
+        redisAsyncCommand(hc->ac, hot_on_script_loaded, (void *)(intptr_t)b->script,
+                          "SCRIPT LOAD %s", hot_script_text(b->script));
         if (hot_send_batch(b) == 0) return; /* same batch, still in flight */
     }
     hot_answered(hc, rep, b->n);
@@ -497,8 +508,7 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         log_error("redis error on a batch of %d: %s", b->n, rep->str);
         /* A replica (after a failover) refuses writes: reconnect rather
          * than fail every call until a restart. */
-        if (strncmp(rep->str, "READONLY", 8) == 0 && hc->ac && hc->connected)
-            redisAsyncDisconnect(hc->ac);
+        if (strstr(rep->str, "READONLY") && hc->ac && hc->connected) redisAsyncDisconnect(hc->ac);
     } else if (rep && !ok) {
         log_error("redis: unexpected reply to a batch of %d", b->n);
     }
@@ -525,11 +535,12 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
              * back in the queue; settle is idempotent by rid, and the
              * script writes nothing when it fails. */
             hot_enqueue_settle(hc, &op->settle);
-        } else if (!hc->closing) {
+        } else if (!hc->closing && (rep || (ac && (ac->c.flags & REDIS_CONNECTED)))) {
             /* A reserve without a usable answer may still have run (a link
              * dropped after Redis read it, e.g. by the stall watchdog): the
              * caller gets 503, so queue a release for it. Idempotent by
-             * rid: a no-op if no hold was taken. */
+             * rid: a no-op if no hold was taken. Not when the connection
+             * never came up: then Redis never saw it. */
             hot_enqueue_settle(hc, &op->settle);
         }
         if (op->cb) op->cb(op->arg, rc, v);

@@ -416,6 +416,14 @@ def test_sighup_reloads_routes(stack):
                    what="reload error logged")
     assert stack.gateway.alive()
     assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).headers["x-points-charged"] == "2"
+    # A route id starting with '_' is refused too: that prefix marks
+    # billing's own holds, which settlement does not count as calls.
+    with open(path, "w") as f:
+        json.dump({"routes": [{"id": "_x", "method": "GET", "path": "/**", "price": 9}]}, f)
+    stack.gateway.signal(signal.SIGHUP)
+    stack.wait_for(lambda: "not starting with '_'" in stack.gateway.output(), timeout=5,
+                   what="reload error logged")
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).headers["x-points-charged"] == "2"
     with open(path, "w") as f:
         json.dump(ROUTES, f)
     stack.gateway.signal(signal.SIGHUP)

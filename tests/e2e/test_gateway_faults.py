@@ -294,6 +294,11 @@ def test_settle_refused_by_a_replica_is_resent(stack):
     try:
         t.join(20)
         assert out and out[0].status == 202, out  # the simulator accepts commands with 202
+        # A new call meanwhile: the replica refuses its hold, 503, not proxied.
+        before = _sim_requests(stack)
+        r = http("GET", gw + "/v1/devices/d2", headers=_auth(key))
+        assert r.status == 503 and r.json()["error"] == "billing_unavailable", r
+        assert _sim_requests(stack) == before
         time.sleep(1.0)  # resends are refused meanwhile
         assert stack.hot(acct)["held"] == 5 and stack.hot(acct)["spent"] == 0
     finally:

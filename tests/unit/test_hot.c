@@ -44,10 +44,10 @@ static void test_semantics(hot_conn *h, int64_t acct)
     CHECK(st == HOT_RESERVE_UNKNOWN);
 
     /* credit sync: creation, newer, then an older one that must be ignored */
-    CHECK(hot_credit(h, acct, 1, 10, 0, "", &applied) == 0 && applied == 1);
-    CHECK(hot_credit(h, acct, 3, 30, 0, "", &applied) == 0 && applied == 1);
-    CHECK(hot_credit(h, acct, 2, 20, 0, "", &applied) == 0 && applied == 0);
-    CHECK(hot_credit(h, acct, 3, 30, 0, "", &applied) == 0 && applied == 0);
+    CHECK(hot_credit(h, acct, 1, 10, 0, "", 0, &applied) == 0 && applied == 1);
+    CHECK(hot_credit(h, acct, 3, 30, 0, "", 0, &applied) == 0 && applied == 1);
+    CHECK(hot_credit(h, acct, 2, 20, 0, "", 0, &applied) == 0 && applied == 0);
+    CHECK(hot_credit(h, acct, 3, 30, 0, "", 0, &applied) == 0 && applied == 0);
     CHECK(hot_account(h, acct, &found, &credited, &spent, &held) == 0);
     CHECK(found && credited == 30 && spent == 0 && held == 0);
 
@@ -76,7 +76,7 @@ static void test_semantics(hot_conn *h, int64_t acct)
     CHECK(hot_reserve(h, acct, "r3", 15, 10000, "batch", &st, &av, &held) == 0 && st == 1);
     CHECK(hot_settle(h, acct, "r3", 50, "commit", 200, &settled, &charged, &av) == 0);
     CHECK(settled == 1 && charged == 15 && av == 5);
-    CHECK(hot_credit(h, acct, 4, 60, 0, "", &applied) == 0 && applied == 1);
+    CHECK(hot_credit(h, acct, 4, 60, 0, "", 0, &applied) == 0 && applied == 1);
     CHECK(hot_reserve(h, acct, "r4", 15, 10000, "batch", &st, &av, &held) == 0 && st == 1);
     CHECK(hot_settle(h, acct, "r4", 4, "commit", 200, &settled, &charged, &av) == 0);
     CHECK(settled == 1 && charged == 4 && av == 60 - 29);
@@ -89,7 +89,7 @@ static void test_semantics(hot_conn *h, int64_t acct)
     /* a guard hold is dropped by credit.lua without an outbox entry */
     long long before = outbox_len(h);
     CHECK(hot_reserve(h, acct, "adj-x", 5, 10000, "_adjustment", &st, &av, &held) == 0 && st == 1);
-    CHECK(hot_credit(h, acct, 5, 55, 0, "adj-x", &applied) == 0 && applied == 1);
+    CHECK(hot_credit(h, acct, 5, 55, 0, "adj-x", 0, &applied) == 0 && applied == 1);
     CHECK(outbox_len(h) == before);
     CHECK(hot_account(h, acct, &found, &credited, &spent, &held) == 0);
     CHECK(credited == 55 && spent == 29 && held == 0);
@@ -129,7 +129,7 @@ static void test_no_overdraft(hot_conn *h, int64_t acct)
     atomic_int held = 0, negative = 0;
     int applied, found;
     int64_t credited, spent, hsum;
-    CHECK(hot_credit(h, acct, 1, 20, 0, "", &applied) == 0);
+    CHECK(hot_credit(h, acct, 1, 20, 0, "", 0, &applied) == 0);
     for (int i = 0; i < 50; i++) {
         r[i] = (racer){acct, i, &held, &negative};
         CHECK(pthread_create(&t[i], NULL, racer_run, &r[i]) == 0);

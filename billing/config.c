@@ -50,6 +50,7 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         env_int64("SETTLE_CLAIM_IDLE_MS", 30000, 100, 86400000, &c->settle_claim_idle_ms) != 0 ||
         env_int64("SETTLE_LINGER_MS", 50, 0, 5000, &c->settle_linger_ms) != 0 ||
         env_int64("SWEEP_INTERVAL_MS", 1000, 10, 3600000, &c->sweep_interval_ms) != 0 ||
+        env_int64("SWEEP_RECOVERY_MS", 15000, 0, 3600000, &c->sweep_recovery_ms) != 0 ||
         env_int64("CREDIT_SYNC_INTERVAL_MS", 30000, 100, 86400000, &c->credit_sync_interval_ms) !=
             0)
         rc = -1;

@@ -23,6 +23,7 @@ typedef struct billing_config {
     int64_t settle_claim_idle_ms;
     int64_t settle_linger_ms;
     int64_t sweep_interval_ms;
+    int64_t sweep_recovery_ms; /* no expiry this long after Redis came back */
     int64_t credit_sync_interval_ms;
 } billing_config;
 

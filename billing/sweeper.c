@@ -13,7 +13,12 @@
  * Redis drops an empty hash) rather than a deadline index that every call
  * would have to maintain: holds live for the length of a call, so the
  * hashes are short, and the sweep runs once a second while the index would
- * cost two more writes on every call. */
+ * cost two more writes on every call.
+ *
+ * Two kinds of holds are left alone: guard holds of negative adjustments
+ * (only a push of the adjusted credited total may end one: credit.lua), and
+ * any hold during SWEEP_RECOVERY_MS after Redis was unreachable (gateways'
+ * queued settles land first). */
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
@@ -136,14 +141,33 @@ static int sweeper_pass(hot_conn *h, int *released)
     return 0;
 }
 
+static int64_t sweeper_mono_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 void *sweeper_run(void *arg)
 {
     worker_args *w = arg;
     hot_conn *h = hot_open(w->cfg->redis_url);
+    int64_t quiet_until = 0;
     if (!h) return NULL;
     while (!atomic_load(w->stop)) {
         int released = 0;
-        if (sweeper_pass(h, &released) != 0) log_warn("sweeper: pass failed; will retry");
+        /* After Redis was unreachable, expire nothing for SWEEP_RECOVERY_MS:
+         * holds whose deadline passed during the outage mostly belong to
+         * calls that ended meanwhile, whose gateways are about to resend
+         * their settles (reconnect backoff, Redis LOADING its data); expired
+         * first, a billable call would cost nothing. */
+        if (sweeper_mono_ms() < quiet_until) {
+            if (hot_ping(h) != 0) quiet_until = sweeper_mono_ms() + w->cfg->sweep_recovery_ms;
+        } else if (sweeper_pass(h, &released) != 0) {
+            log_warn("sweeper: pass failed; no expiry until %lld ms after Redis answers again",
+                     (long long)w->cfg->sweep_recovery_ms);
+            quiet_until = sweeper_mono_ms() + w->cfg->sweep_recovery_ms;
+        }
         worker_sleep(w->stop, (long)w->cfg->sweep_interval_ms);
     }
     hot_close(h);

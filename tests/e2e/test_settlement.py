@@ -549,6 +549,37 @@ def test_sweeper_releases_expired_holds(stack):
 
 
 # ---- no overdraft ----------------------------------------------------------
+def test_sweeper_waits_after_a_redis_outage(stack):
+    """Holds whose deadline passed while Redis was down mostly belong to calls
+    whose gateways are about to resend their settles: the sweeper expires
+    nothing for SWEEP_RECOVERY_MS after Redis answers again, then does."""
+    _stop_billing(stack)
+    _billing(stack, {"SWEEP_RECOVERY_MS": "5000"})
+    (a,) = _accounts(stack, 1, 10)
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "outage-1", 2, 500, "device.read")[0] == 1
+    finally:
+        red.close()
+    stack.service("redis-stop")
+    time.sleep(1.5)  # past the hold's deadline; the sweeper's passes fail
+    stack.service("redis-start")
+    back = time.time()
+    red = Redis(stack.redis_port)
+    try:
+        # Without the quiet period it would go within one sweep (200 ms).
+        time.sleep(1.0)
+        assert red.call("HEXISTS", holds_key(a), "outage-1") == 1, time.time() - back
+        stack.wait_for(lambda: red.call("HEXISTS", holds_key(a), "outage-1") == 0, timeout=10,
+                       what="hold swept after the quiet period")
+    finally:
+        red.close()
+    _drain(stack)
+    assert stack.hot(a) == {"credited": 10, "seq": 1, "spent": 0, "held": 0}
+    _stop_billing(stack)
+    _billing(stack)
+
+
 def test_no_overdraft_under_concurrent_reservers(stack):
     _billing(stack)
     (a,) = _accounts(stack, 1, 20)

@@ -523,11 +523,13 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
             rc = 0;
             if (v[0] == HOT_STATUS_UNUSABLE) {
                 /* Nothing changed for this op; the script logged why. Not
-                 * retried: a human must repair the account's keys. */
+                 * retried: a human must repair the account's keys. A
+                 * reserve fails (503); a settle answers with what it did:
+                 * charged nothing. */
                 log_error("redis: account %lld has unusable data (rid %s, %s): not applied",
                           (long long)op->settle.account, op->settle.rid,
                           b->script == HOT_SCRIPT_SETTLE ? "settle" : "reserve");
-                rc = -1;
+                if (b->script == HOT_SCRIPT_RESERVE) rc = -1;
             }
         } else if (b->script == HOT_SCRIPT_SETTLE) {
             /* A settle must not be lost: no reply, an error (e.g. READONLY

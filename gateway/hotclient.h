@@ -14,7 +14,8 @@ typedef struct hotclient hotclient;
 
 /* RC: 0 success with V filled, 1 "not found" (key unknown, account unknown),
  * -1 Redis unavailable or error. For reserve, V = {status, available, held};
- * settle {status, charged, available}; key {account}; balance {credited,
+ * settle {status, charged, available} (status 1 settled, 0 no such hold,
+ * HOT_STATUS_UNUSABLE: not applied, charged 0); key {account}; balance {credited,
  * spent, held}. Called exactly once per accepted command, from the loop. */
 typedef void (*hot_cb)(void *arg, int rc, const int64_t v[3]);
 

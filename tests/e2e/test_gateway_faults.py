@@ -347,3 +347,25 @@ def test_redis_connect_that_hangs_fails_calls_in_seconds(stack):
             c.close()
         hole.close()
     assert stack.hot(acct)["held"] == 0
+
+
+def test_settle_on_unusable_data_says_nothing_was_charged(stack):
+    """An account whose hold Redis cannot read at settle (a human edited it)
+    is not charged, and the answer says so rather than the route's price."""
+    gw = _setup(stack)
+    acct, key = _account(stack, 100)
+    out = []
+    t = threading.Thread(target=lambda: out.append(http(
+        "GET", gw + "/v1/devices/d1", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "800"}))))
+    t.start()
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="the hold")
+    holds = f"pg:{{{acct}}}:holds"
+    (rid,) = stack.redis_raw("HKEYS", holds).split()
+    stack.redis_raw("HSET", holds, rid, "garbage")
+    t.join(10)
+    assert out and out[0].status == 200, out
+    assert out[0].headers["x-points-charged"] == "0", out[0].headers
+    assert "unusable data" in stack.gateway.output()
+    assert stack.hot(acct)["spent"] == 0
+    stack.redis_raw("HDEL", holds, rid)  # the human's repair
+    stack.redis_raw("HINCRBY", f"pg:{{{acct}}}:acct", "held", -1)

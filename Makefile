@@ -30,6 +30,7 @@ CFLAGS += -O2
 endif
 
 LUA := $(wildcard billing/*.lua)
+LUA_PRELUDE := billing/lua/prelude.lua
 LIB_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c))
 GW_SRC := $(wildcard gateway/*.c)
 SIM_SRC := $(wildcard tests/sim/*.c)
@@ -60,9 +61,9 @@ $(O)/%.o: %.c
 	$(Q)$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
 # The Lua scripts are embedded as C strings so a binary is self-contained.
-$(O)/gen/hotlua.c: $(LUA) scripts/embed-lua.sh
+$(O)/gen/hotlua.c: $(LUA) $(LUA_PRELUDE) scripts/embed-lua.sh
 	@mkdir -p $(dir $@)
-	$(Q)scripts/embed-lua.sh $(LUA) > $@
+	$(Q)scripts/embed-lua.sh $(LUA_PRELUDE) $(LUA) > $@
 
 $(O)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
 	@mkdir -p $(dir $@)

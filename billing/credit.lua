@@ -27,13 +27,6 @@
 --
 -- Reads and checks first, then writes that cannot fail: a Lua error keeps
 -- the writes made before it.
--- Canonical decimals only: what HINCRBY accepts (see reserve.lua).
-local function int(v)
-    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
-    local x = tonumber(v)
-    if string.format('%d', x) ~= v then return nil end
-    return x
-end
 local f = redis.call('HMGET', KEYS[2], 'seq', 'spent', 'held')
 local cur, rspent = f[1], int(f[2] or '0')
 local pspent = int(ARGV[3])

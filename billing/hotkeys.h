@@ -35,7 +35,8 @@ typedef struct hot_keys {
 /* Fills the per-account key names. Cannot fail for a valid id. */
 void hot_keys_for(hot_keys *k, int64_t account_id);
 
-/* Script sources, NUL-terminated, generated from billing/<name>.lua at build. */
+/* Script sources, NUL-terminated, generated at build from billing/lua/prelude.lua
+ * (helpers they share) followed by billing/<name>.lua. */
 extern const char hot_lua_reserve[];
 extern const char hot_lua_settle[];
 extern const char hot_lua_credit[];

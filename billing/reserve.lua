@@ -44,16 +44,6 @@ for i = 1, n do
     end
 end
 
--- A figure as Redis's own integer commands read it: canonical decimal only
--- ("05", "5.0", "1e1" would pass tonumber but make HINCRBY fail after
--- earlier writes), within the 2^53 the scripts compute exactly.
-local function int(v)
-    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
-    local x = tonumber(v)
-    if string.format('%d', x) ~= v then return nil end
-    return x
-end
-
 -- An account's figures: a table, false when unknown, 'bad' when unusable.
 local function figures(akey)
     local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')

@@ -30,13 +30,6 @@ if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
     return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
 end
 
--- See reserve.lua: canonical decimals only, within 2^53.
-local function int(v)
-    if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
-    local x = tonumber(v)
-    if string.format('%d', x) ~= v then return nil end
-    return x
-end
 for i = 1, n do
     if not int(ARGV[5 * i - 3]) then
         return redis.error_reply('settle: charge must be an integer')

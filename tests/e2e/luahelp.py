@@ -29,8 +29,14 @@ def holds_key(a):
 
 
 def script_source(name):
-    with open(os.path.join(ROOT, "billing", name + ".lua")) as f:
-        return f.read()
+    """The script as the binaries embed it: the shared prelude, then it."""
+    parts = [os.path.join(ROOT, "billing", "lua", "prelude.lua"),
+             os.path.join(ROOT, "billing", name + ".lua")]
+    out = []
+    for path in parts:
+        with open(path) as f:
+            out.append(f.read())
+    return "".join(out)
 
 
 class Redis:

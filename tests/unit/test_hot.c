@@ -4,6 +4,7 @@
  * overdraft with 50 concurrent reservers. Exit 0 when every check holds. */
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
+#include "tests/unit/check.h"
 
 #include <hiredis/hiredis.h>
 #include <pthread.h>
@@ -12,16 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int failures;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
 
 static const char *url;
 

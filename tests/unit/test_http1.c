@@ -7,20 +7,11 @@
  * is also fed split at every byte boundary and one byte at a time, the way
  * reads can cut it. Needs no service. Exit 0 when every check holds. */
 #include "gateway/http1.h"
+#include "tests/unit/check.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
 
 #define MAX_HEAD 4096
 #define MAX_BODY 1024

@@ -19,12 +19,18 @@
 --  -2  the account's data in Redis is unusable, or Redis refused the write
 --      (e.g. out of memory): nothing changed for this op
 --
+-- Redis commands are issued per key, not per op: one HMGET per account and
+-- one per holds hash read everything first (each command from a script costs
+-- about a microsecond of Redis's time, which per op was most of the script),
+-- then one HSET per holds hash and one HINCRBY per account write it.
+--
 -- A Lua error keeps the writes made before it, so ops in one batch must not
--- leave each other half-done: arguments are checked before any write, each
--- hold is one write done through redis.pcall (a refusal fails that op
--- alone), and an account's held total is written once at the end, when no
--- write can fail any more (its figures were checked as integers, and Redis
--- does not refuse later writes of a script for memory once one went in).
+-- leave each other half-done: arguments are checked before any write, the
+-- holds are written through redis.pcall, and an account's held total is
+-- written once at the end, when no write can fail any more (its figures were
+-- checked as integers, and Redis does not refuse later writes of a script
+-- for memory once one went in). If the first write is refused (a replica's
+-- READONLY, out of memory) the batch answers that error and nothing changed.
 --
 -- Numbers pass through Lua doubles: exact up to 2^53, which the ledger
 -- enforces as the ceiling of any account's credited total. They are written
@@ -32,6 +38,9 @@
 local n = #KEYS / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= 4 * n then
     return redis.error_reply('reserve: want 2 keys and 4 arguments per reservation')
+end
+if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
+    return redis.error_reply('reserve: at most 1024 reservations per call')
 end
 for i = 1, n do
     local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
@@ -56,50 +65,88 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- Each account's figures are read once per batch and its held total written
--- once at the end; ops in between see the running figures.
+
+-- Pass 1: every account's figures and every asked-for hold, one read per key.
+-- A holds hash groups its ops: rids (for HMGET), their values, the fields to
+-- write and the ops they belong to.
 local accts, order = {}, {}
+local groups, gorder = {}, {}
+for i = 1, n do
+    local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
+    if accts[akey] == nil then
+        local a = figures(akey)
+        accts[akey] = a
+        if type(a) == 'table' then order[#order + 1] = akey end
+    end
+    local g = groups[hkey]
+    if g == nil then
+        g = {rids = {}, fields = {}, ops = {}}
+        groups[hkey] = g
+        gorder[#gorder + 1] = hkey
+    end
+    g.rids[#g.rids + 1] = ARGV[4 * i - 3]
+end
+for _, hkey in ipairs(gorder) do
+    local g = groups[hkey]
+    local v = redis.pcall('HMGET', hkey, unpack(g.rids))
+    if type(v) == 'table' and v.err then
+        g.bad = true -- not a hash: its ops answer -2
+    else
+        g.have = {}
+        for k, rid in ipairs(g.rids) do
+            if v[k] then g.have[rid] = true end
+        end
+    end
+end
+
+-- Pass 2: decide each op in order; each sees the holds taken before it.
 local out = {}
-local wrote = false
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
     local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
     local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
-    local a = accts[akey]
-    if a == nil then
-        a = figures(akey)
-        accts[akey] = a
-        if type(a) == 'table' then order[#order + 1] = akey end
-    end
+    local a, g = accts[akey], groups[hkey]
     local o = 3 * i - 2
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
     if a == false then
         out[o] = -1
-    elseif a ~= 'bad' then
+    elseif a ~= 'bad' and not g.bad then
         local avail = a.credited - a.spent - a.held
-        if avail >= price then
-            local r = redis.pcall('HSETNX', hkey, rid, string.format('%d|%s|%d', price, route, now + ttl))
-            if type(r) == 'table' and not wrote and not string.find(r.err, 'WRONGTYPE', 1, true) then
-                -- Refused before anything was written (a replica's READONLY,
-                -- OOM: Redis checks those at a script's first write only):
-                -- the whole batch fails with Redis's own error.
-                return redis.error_reply(r.err)
-            end
-            if r == 1 then
-                wrote = true
-                a.held = a.held + price
-                a.added = a.added + price
-                out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
-            elseif r == 0 then
-                out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
+        if g.have[rid] then
+            out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
+        elseif avail >= price then
+            g.have[rid] = true
+            g.fields[#g.fields + 1] = rid
+            g.fields[#g.fields + 1] = string.format('%d|%s|%d', price, route, now + ttl)
+            g.ops[#g.ops + 1] = i
+            a.held = a.held + price
+            a.added = a.added + price
+            out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
+        else
+            out[o], out[o + 1], out[o + 2] = 0, avail, a.held
+        end
+    end
+end
+
+-- Pass 3: write the holds, then each account's held total.
+local wrote = false
+for _, hkey in ipairs(gorder) do
+    local g = groups[hkey]
+    if #g.fields > 0 then
+        local r = redis.pcall('HSET', hkey, unpack(g.fields))
+        if type(r) == 'table' and r.err then
+            if not wrote then return redis.error_reply(r.err) end
+            -- Not expected once a write went in (see above); if it happens,
+            -- these ops took nothing. Figures answered to later ops of the
+            -- account stay lower than true, never higher.
+            for _, i in ipairs(g.ops) do
+                local a = accts[KEYS[2 * i - 1]]
+                local price = tonumber(ARGV[4 * i - 2])
+                a.held, a.added = a.held - price, a.added - price
+                out[3 * i - 2], out[3 * i - 1], out[3 * i] = -2, 0, 0
             end
         else
-            local r = redis.pcall('HEXISTS', hkey, rid)
-            if r == 1 then
-                out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
-            elseif r == 0 then
-                out[o], out[o + 1], out[o + 2] = 0, avail, a.held
-            end
+            wrote = true
         end
     end
 end

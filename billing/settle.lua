@@ -25,13 +25,22 @@
 -- the first write (if Redis refuses it, e.g. out of memory, nothing has been
 -- written), and the writes after it cannot fail (a Lua error would keep the
 -- writes made before it).
+--
+-- Redis commands are issued per key, not per op (see reserve.lua): one HMGET
+-- per account and per holds hash, the XADD, one HDEL per holds hash and the
+-- HINCRBYs per account.
 local n = (#KEYS - 1) / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
     return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
 end
+if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
+    return redis.error_reply('settle: at most 1024 settles per call')
+end
 
+local charges = {}
 for i = 1, n do
-    if not int(ARGV[5 * i - 3]) then
+    charges[i] = int(ARGV[5 * i - 3])
+    if not charges[i] then
         return redis.error_reply('settle: charge must be an integer')
     end
 end
@@ -56,42 +65,66 @@ local function parse_hold(h)
     return hold, string.sub(h, s1 + 1, (s2 or 0) - 1)
 end
 
+-- Pass 1: every account's figures and every hold asked for, one read per key.
 local accts, order = {}, {}
-local out, entry, closes, seen = {}, {}, {}, {}
+local groups, gorder = {}, {}
 for i = 1, n do
     local akey, hkey = KEYS[2 * i], KEYS[2 * i + 1]
-    local rid, outcome = ARGV[5 * i - 4], ARGV[5 * i - 2]
-    local a = accts[akey]
-    if a == nil then
-        a = figures(akey)
+    if accts[akey] == nil then
+        local a = figures(akey)
         accts[akey] = a
         if a ~= 'bad' then order[#order + 1] = akey end
     end
+    local g = groups[hkey]
+    if g == nil then
+        g = {rids = {}, closed = {}}
+        groups[hkey] = g
+        gorder[#gorder + 1] = hkey
+    end
+    g.rids[#g.rids + 1] = ARGV[5 * i - 4]
+end
+for _, hkey in ipairs(gorder) do
+    local g = groups[hkey]
+    local v = redis.pcall('HMGET', hkey, unpack(g.rids))
+    g.vals = {}
+    if type(v) == 'table' and v.err then
+        g.bad = true -- not a hash: its ops answer -2
+    else
+        for k, rid in ipairs(g.rids) do
+            if v[k] then g.vals[rid] = v[k] end
+        end
+    end
+end
+
+-- Pass 2: decide each op in order.
+local out, entry = {}, {}
+for i = 1, n do
+    local akey, hkey = KEYS[2 * i], KEYS[2 * i + 1]
+    local rid, outcome = ARGV[5 * i - 4], ARGV[5 * i - 2]
+    local a, g = accts[akey], groups[hkey]
     local o = 3 * i - 2
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
     local h = nil
     if a ~= 'bad' then
         out[o + 2] = a.credited - a.spent - a.held
-        if seen[hkey .. '|' .. rid] then
-            out[o] = 0 -- closed earlier in this batch
-        else
-            h = redis.pcall('HGET', hkey, rid)
-            if h == false then out[o] = 0 end
+        if not g.bad then
+            h = g.vals[rid]
+            if h == nil then out[o] = 0 end -- not held, settled, swept, or closed earlier in this batch
         end
     end
-    if type(h) == 'string' then
+    if h then
         local hold, route = parse_hold(h)
         if not hold then
             redis.log(redis.LOG_WARNING, 'settle: unusable hold ' .. rid .. ' in ' .. hkey .. ': ' .. h)
         else
             local charge = 0
             if outcome == 'commit' then
-                charge = int(ARGV[5 * i - 3])
+                charge = charges[i]
                 if charge < 0 then charge = 0 end
                 if charge > hold then charge = hold end
             end
-            seen[hkey .. '|' .. rid] = true
-            closes[#closes + 1] = {hkey, rid}
+            g.vals[rid] = nil
+            g.closed[#g.closed + 1] = rid
             a.held, a.dheld = a.held - hold, a.dheld - hold
             a.spent, a.dspent = a.spent + charge, a.dspent + charge
             entry[#entry + 1] = 'c'
@@ -101,6 +134,9 @@ for i = 1, n do
         end
     end
 end
+
+-- Pass 3: the outbox entry first (the only write that may be refused), then
+-- the holds and the accounts' totals.
 if #entry > 0 then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -109,8 +145,9 @@ if #entry > 0 then
         return redis.error_reply(r.err) -- Redis's own code first (READONLY, OOM...)
     end
 end
-for _, c in ipairs(closes) do
-    redis.call('HDEL', c[1], c[2])
+for _, hkey in ipairs(gorder) do
+    local g = groups[hkey]
+    if #g.closed > 0 then redis.call('HDEL', hkey, unpack(g.closed)) end
 end
 for _, akey in ipairs(order) do
     local a = accts[akey]

@@ -42,15 +42,19 @@ end
 if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
     return redis.error_reply('reserve: at most 1024 reservations per call')
 end
+-- Prices and ttls as canonical integers: the price's own string then goes
+-- into the hold unchanged (no string.format per op).
+local prices = {}
 for i = 1, n do
-    local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
-    if not price or price <= 0 or price ~= math.floor(price) then
+    local price, ttl = int(ARGV[4 * i - 2]), int(ARGV[4 * i - 1])
+    if not price or price <= 0 then
         -- a non-positive hold would lower held and mint available points
         return redis.error_reply('reserve: price must be a positive integer')
     end
     if not ttl or ttl <= 0 then
-        return redis.error_reply('reserve: ttl must be positive')
+        return redis.error_reply('reserve: ttl must be a positive integer')
     end
+    prices[i] = price
 end
 
 -- An account's figures: a table, false when unknown, 'bad' when unusable.
@@ -100,11 +104,11 @@ for _, hkey in ipairs(gorder) do
 end
 
 -- Pass 2: decide each op in order; each sees the holds taken before it.
-local out = {}
+local out, deadlines = {}, {}
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
     local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
-    local price, ttl = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
+    local price = prices[i]
     local a, g = accts[akey], groups[hkey]
     local o = 3 * i - 2
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
@@ -117,7 +121,13 @@ for i = 1, n do
         elseif avail >= price then
             g.have[rid] = true
             g.fields[#g.fields + 1] = rid
-            g.fields[#g.fields + 1] = string.format('%d|%s|%d', price, route, now + ttl)
+            local ttl = ARGV[4 * i - 1]
+            local dl = deadlines[ttl]
+            if not dl then
+                dl = string.format('%d', now + tonumber(ttl))
+                deadlines[ttl] = dl
+            end
+            g.fields[#g.fields + 1] = ARGV[4 * i - 2] .. '|' .. route .. '|' .. dl
             g.ops[#g.ops + 1] = i
             a.held = a.held + price
             a.added = a.added + price
@@ -141,7 +151,7 @@ for _, hkey in ipairs(gorder) do
             -- account stay lower than true, never higher.
             for _, i in ipairs(g.ops) do
                 local a = accts[KEYS[2 * i - 1]]
-                local price = tonumber(ARGV[4 * i - 2])
+                local price = prices[i]
                 a.held, a.added = a.held - price, a.added - price
                 out[3 * i - 2], out[3 * i - 1], out[3 * i] = -2, 0, 0
             end

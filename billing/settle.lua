@@ -55,14 +55,16 @@ local function figures(akey)
     return {credited = c, spent = s, held = h, dheld = 0, dspent = 0}
 end
 
--- A hold's amount and route from "amount|route|deadline"; nil if malformed.
+-- A hold's amount, route and amount as written, from "amount|route|deadline";
+-- nil if malformed.
 local function parse_hold(h)
     local s1 = string.find(h, '|', 1, true)
     if not s1 then return nil end
     local s2 = string.find(h, '|', s1 + 1, true)
-    local hold = int(string.sub(h, 1, s1 - 1))
+    local hstr = string.sub(h, 1, s1 - 1)
+    local hold = int(hstr)
     if not hold or hold < 0 then return nil end
-    return hold, string.sub(h, s1 + 1, (s2 or 0) - 1)
+    return hold, string.sub(h, s1 + 1, (s2 or 0) - 1), hstr
 end
 
 -- Pass 1: every account's figures and every hold asked for, one read per key.
@@ -113,23 +115,24 @@ for i = 1, n do
         end
     end
     if h then
-        local hold, route = parse_hold(h)
+        local hold, route, hstr = parse_hold(h)
         if not hold then
             redis.log(redis.LOG_WARNING, 'settle: unusable hold ' .. rid .. ' in ' .. hkey .. ': ' .. h)
         else
-            local charge = 0
-            if outcome == 'commit' then
-                charge = charges[i]
-                if charge < 0 then charge = 0 end
-                if charge > hold then charge = hold end
+            -- The figures' own canonical strings go into the entry (no
+            -- string.format per op): the charge as asked, or its bounds.
+            local charge, cstr = 0, '0'
+            if outcome == 'commit' and charges[i] > 0 then
+                charge, cstr = charges[i], ARGV[5 * i - 3]
+                if charge > hold then charge, cstr = hold, hstr end
             end
             g.vals[rid] = nil
             g.closed[#g.closed + 1] = rid
             a.held, a.dheld = a.held - hold, a.dheld - hold
             a.spent, a.dspent = a.spent + charge, a.dspent + charge
             entry[#entry + 1] = 'c'
-            entry[#entry + 1] = string.format('%s|%s|%s|%d|%d|%s|%s', rid, ARGV[5 * i], route,
-                                              charge, hold, outcome, ARGV[5 * i - 1])
+            entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. route .. '|' .. cstr .. '|' ..
+                                    hstr .. '|' .. outcome .. '|' .. ARGV[5 * i - 1]
             out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held
         end
     end

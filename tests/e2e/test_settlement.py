@@ -248,6 +248,18 @@ def test_batched_scripts_apply_in_order_and_write_one_entry(stack):
                                                    (b, "b-7", 0, 60000, "r")])])[0]
         assert "positive integer" in str(bad)
         assert red.call("HEXISTS", holds_key(a), "b-6") == 0
+        # Figures the scripts would not hold exactly or write canonically:
+        # refused before any write, whichever op carries them.
+        for price, ttl in [("1e3", 60000), ("05", 60000), ("2.0", 60000), (2**53 + 2, 60000),
+                           (1, "1.5"), (1, "6e4"), (1, -1)]:
+            bad = red.pipeline([red.reserve_batch_cmd([(a, "b-6", 1, 60000, "r"),
+                                                       (b, "b-7", price, ttl, "r")])])[0]
+            assert "positive integer" in str(bad), (price, ttl, bad)
+        assert red.call("HEXISTS", holds_key(a), "b-6") == 0
+        for charge in ["1e0", "-0", "01", 2**53 + 2]:
+            bad = red.pipeline([red.settle_batch_cmd([(a, "b-1", charge, "commit", 200)])])[0]
+            assert "must be an integer" in str(bad), (charge, bad)
+        assert red.acct(a)["held"] == 10 and red.call("XLEN", OUTBOX) == 0
         got = red.call(*red.settle_batch_cmd([
             (a, "b-1", 4, "commit", 200),
             (b, "b-2", 0, "release", 503),

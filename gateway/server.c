@@ -661,7 +661,7 @@ static int server_read_body(server_conn *c)
 static int server_start_request(server_conn *c, size_t end)
 {
     server *s = c->s;
-    int status, has_body;
+    int status, has_body, buffered;
     gw_request *r;
 
     c->head_len = end;
@@ -685,20 +685,19 @@ static int server_start_request(server_conn *c, size_t end)
     c->head_req = strcmp(c->in + c->req.method, "HEAD") == 0;
     c->chunked = c->req.chunked;
     has_body = c->chunked || c->req.content_length > 0;
+    /* Should request.c answer from the head alone, a body already here in
+     * full is skipped and the connection kept; otherwise the connection
+     * ends after that answer (decided before the answer is built). */
+    buffered = !c->chunked && c->in_len - c->head_len >= (size_t)c->req.content_length;
+    c->body_unread = has_body && !buffered;
     c->in_cb++;
     r = request_head(s->w, c);
     c->in_cb--;
     if (c->replied) {
-        /* Answered from the head. A body already here in full is skipped
-         * and the connection kept; otherwise it ends after the answer. */
-        if (has_body) {
-            if (!c->chunked && c->in_len - c->head_len >= (size_t)c->req.content_length)
-                c->skip = (size_t)c->req.content_length;
-            else
-                c->body_unread = 1;
-        }
+        if (has_body && buffered) c->skip = (size_t)c->req.content_length;
         return server_after_reply(c);
     }
+    c->body_unread = 0;
     if (!r) return server_fail(c, 500, "internal", "out of memory");
     c->r = r;
     if (!has_body) return server_dispatch(c);

@@ -168,14 +168,15 @@ static void test_fields(void)
     const char *bad[] = {
         "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",  /* obs-fold */
         "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\tfolded\r\n\r\n", /* obs-fold, tab */
-        "GET / HTTP/1.1\r\n Host: x\r\n\r\n",                     /* fold of the request line */
+        "GET / HTTP/1.1\r\n Host: x\r\n\r\n",                      /* fold of the request line */
         "GET / HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",            /* space before the colon */
         "GET / HTTP/1.1\r\nHost: x\r\nX A: 1\r\n\r\n",
-        "GET / HTTP/1.1\r\nHost: x\r\n: 1\r\n\r\n",                /* empty name */
+        "GET / HTTP/1.1\r\nHost: x\r\n: 1\r\n\r\n", /* empty name */
         "GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n",
-        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",          /* bare CR */
-        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01" "b\r\n\r\n",     /* control byte */
-        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x7f\r\n\r\n",         /* DEL */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", /* bare CR */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01"
+        "b\r\n\r\n",                                       /* control byte */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x7f\r\n\r\n", /* DEL */
         "GET / HTTP/1.1\r\nHost: x\r\nX@A: 1\r\n\r\n",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -255,8 +256,7 @@ static void test_host_expect_keepalive(void)
           p.h.expect_continue);
     CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", &p) == 417);
     CHECK(strcmp(p.h.error_code, "expectation_failed") == 0);
-    CHECK(parse("GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n", &p) == 0 &&
-          !p.h.expect_continue);
+    CHECK(parse("GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n", &p) == 0 && !p.h.expect_continue);
     CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", &p) == 0 &&
           !p.h.keep_alive);
     CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, CLOSE\r\n\r\n", &p) == 0 &&

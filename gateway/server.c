@@ -229,136 +229,86 @@ static int server_end(server_conn *c)
 
 /* ---- answers --------------------------------------------------------- */
 
+/* Reason phrases of the statuses the gateway and upstreams produce
+ * (sorted); others get "Unknown", which clients ignore anyway. */
+static const struct server_reason {
+    unsigned code;
+    const char *text;
+} server_reasons[] = {{100, "Continue"},
+                      {101, "Switching Protocols"},
+                      {102, "Processing"},
+                      {103, "Early Hints"},
+                      {200, "OK"},
+                      {201, "Created"},
+                      {202, "Accepted"},
+                      {203, "Non-Authoritative Information"},
+                      {204, "No Content"},
+                      {205, "Reset Content"},
+                      {206, "Partial Content"},
+                      {207, "Multi-Status"},
+                      {208, "Already Reported"},
+                      {226, "IM Used"},
+                      {300, "Multiple Choices"},
+                      {301, "Moved Permanently"},
+                      {302, "Found"},
+                      {303, "See Other"},
+                      {304, "Not Modified"},
+                      {305, "Use Proxy"},
+                      {307, "Temporary Redirect"},
+                      {308, "Permanent Redirect"},
+                      {400, "Bad Request"},
+                      {401, "Unauthorized"},
+                      {402, "Payment Required"},
+                      {403, "Forbidden"},
+                      {404, "Not Found"},
+                      {405, "Method Not Allowed"},
+                      {406, "Not Acceptable"},
+                      {407, "Proxy Authentication Required"},
+                      {408, "Request Timeout"},
+                      {409, "Conflict"},
+                      {410, "Gone"},
+                      {411, "Length Required"},
+                      {412, "Precondition Failed"},
+                      {413, "Content Too Large"},
+                      {414, "URI Too Long"},
+                      {415, "Unsupported Media Type"},
+                      {416, "Range Not Satisfiable"},
+                      {417, "Expectation Failed"},
+                      {418, "I'm a teapot"},
+                      {421, "Misdirected Request"},
+                      {422, "Unprocessable Content"},
+                      {423, "Locked"},
+                      {424, "Failed Dependency"},
+                      {425, "Too Early"},
+                      {426, "Upgrade Required"},
+                      {428, "Precondition Required"},
+                      {429, "Too Many Requests"},
+                      {431, "Request Header Fields Too Large"},
+                      {451, "Unavailable For Legal Reasons"},
+                      {500, "Internal Server Error"},
+                      {501, "Not Implemented"},
+                      {502, "Bad Gateway"},
+                      {503, "Service Unavailable"},
+                      {504, "Gateway Timeout"},
+                      {505, "HTTP Version Not Supported"},
+                      {506, "Variant Also Negotiates"},
+                      {507, "Insufficient Storage"},
+                      {508, "Loop Detected"},
+                      {510, "Not Extended"},
+                      {511, "Network Authentication Required"}};
+
 static const char *server_reason(unsigned status)
 {
-    switch (status) {
-    case 100:
-        return "Continue";
-    case 101:
-        return "Switching Protocols";
-    case 102:
-        return "Processing";
-    case 103:
-        return "Early Hints";
-    case 200:
-        return "OK";
-    case 201:
-        return "Created";
-    case 202:
-        return "Accepted";
-    case 203:
-        return "Non-Authoritative Information";
-    case 204:
-        return "No Content";
-    case 205:
-        return "Reset Content";
-    case 206:
-        return "Partial Content";
-    case 207:
-        return "Multi-Status";
-    case 208:
-        return "Already Reported";
-    case 226:
-        return "IM Used";
-    case 300:
-        return "Multiple Choices";
-    case 301:
-        return "Moved Permanently";
-    case 302:
-        return "Found";
-    case 303:
-        return "See Other";
-    case 304:
-        return "Not Modified";
-    case 305:
-        return "Use Proxy";
-    case 307:
-        return "Temporary Redirect";
-    case 308:
-        return "Permanent Redirect";
-    case 400:
-        return "Bad Request";
-    case 401:
-        return "Unauthorized";
-    case 402:
-        return "Payment Required";
-    case 403:
-        return "Forbidden";
-    case 404:
-        return "Not Found";
-    case 405:
-        return "Method Not Allowed";
-    case 406:
-        return "Not Acceptable";
-    case 407:
-        return "Proxy Authentication Required";
-    case 408:
-        return "Request Timeout";
-    case 409:
-        return "Conflict";
-    case 410:
-        return "Gone";
-    case 411:
-        return "Length Required";
-    case 412:
-        return "Precondition Failed";
-    case 413:
-        return "Content Too Large";
-    case 414:
-        return "URI Too Long";
-    case 415:
-        return "Unsupported Media Type";
-    case 416:
-        return "Range Not Satisfiable";
-    case 417:
-        return "Expectation Failed";
-    case 418:
-        return "I'm a teapot";
-    case 421:
-        return "Misdirected Request";
-    case 422:
-        return "Unprocessable Content";
-    case 423:
-        return "Locked";
-    case 424:
-        return "Failed Dependency";
-    case 425:
-        return "Too Early";
-    case 426:
-        return "Upgrade Required";
-    case 428:
-        return "Precondition Required";
-    case 429:
-        return "Too Many Requests";
-    case 431:
-        return "Request Header Fields Too Large";
-    case 451:
-        return "Unavailable For Legal Reasons";
-    case 500:
-        return "Internal Server Error";
-    case 501:
-        return "Not Implemented";
-    case 502:
-        return "Bad Gateway";
-    case 503:
-        return "Service Unavailable";
-    case 504:
-        return "Gateway Timeout";
-    case 505:
-        return "HTTP Version Not Supported";
-    case 506:
-        return "Variant Also Negotiates";
-    case 507:
-        return "Insufficient Storage";
-    case 508:
-        return "Loop Detected";
-    case 510:
-        return "Not Extended";
-    case 511:
-        return "Network Authentication Required";
-    default:
-        return "Unknown";
+    size_t lo = 0, hi = sizeof server_reasons / sizeof server_reasons[0];
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (server_reasons[mid].code == status) return server_reasons[mid].text;
+        if (server_reasons[mid].code < status)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
+    return "Unknown";
 }
 
 static void server_out(server_conn *c, const char *data, size_t n)
@@ -479,7 +429,6 @@ static int server_fail(server_conn *c, unsigned status, const char *code, const 
         c->r = NULL;
     }
     c->body_unread = 1;
-    c->head_req = 0;
     server_reply_begin(c, status);
     SERVER_OUT_LIT(c, "Content-Type: application/json\r\n");
     c->in_cb++;
@@ -502,7 +451,7 @@ static int server_answer_done(server_conn *c)
     c->in_len -= used;
     c->head_len = c->skip = c->scan = 0;
     c->body_len = c->body_need = 0;
-    c->body_unread = c->chunked = 0;
+    c->body_unread = c->chunked = c->head_req = 0;
     if (c->body_cap > SERVER_KEEP_BODY_CAP) {
         free(c->body);
         c->body = NULL;
@@ -671,6 +620,7 @@ static int server_start_request(server_conn *c, size_t end)
     c->req.max_fields = SERVER_MAX_FIELDS;
     status = http1req_parse(c->in, end, &c->req);
     if (status != 0) return server_fail(c, (unsigned)status, c->req.error_code, c->req.error);
+    c->head_req = strcmp(c->in + c->req.method, "HEAD") == 0;
     /* Refused from the length alone: no 100 Continue, the body is not read. */
     if (c->req.content_length > s->cfg->max_body)
         return server_fail(c, 413, "request_too_large", "request body too large");
@@ -682,7 +632,6 @@ static int server_start_request(server_conn *c, size_t end)
         c->in = nb;
         c->in_cap = c->in_len + SERVER_ROOM;
     }
-    c->head_req = strcmp(c->in + c->req.method, "HEAD") == 0;
     c->chunked = c->req.chunked;
     has_body = c->chunked || c->req.content_length > 0;
     /* Should request.c answer from the head alone, a body already here in
@@ -821,7 +770,8 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
                 return;
             }
             if (cap > SERVER_HEAD_MAX) cap = SERVER_HEAD_MAX;
-            nb = realloc(c->in, cap);
+            /* Cannot happen: a full head bound is refused (431) before. */
+            nb = cap > c->in_cap ? realloc(c->in, cap) : NULL;
             if (!nb) {
                 server_close(c);
                 return;

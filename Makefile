@@ -14,9 +14,13 @@ MODE ?= release
 O := build/$(MODE)
 
 CC ?= cc
-PKGS := libmicrohttpd libpq hiredis jansson libsodium libevent
-PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+# The gateway serves HTTP itself (gateway/server.c); libmicrohttpd is left
+# to billing's admin API and the device simulator, and not linked into it.
+PKGS := libpq hiredis jansson libsodium libevent
+MHD_PKG := libmicrohttpd
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) $(MHD_PKG) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+MHD_LIBS := $(shell pkg-config --libs $(MHD_PKG) 2>/dev/null)
 
 CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wpointer-arith \
           -Wstrict-prototypes -Wno-unused-parameter -g -I. -I$(O)/gen $(PKG_CFLAGS) $(EXTRA_CFLAGS)
@@ -78,7 +82,7 @@ $(O)/libbilling.a: $(LIB_OBJ)
 $(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
 
 $(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)
@@ -88,15 +92,16 @@ $(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
 $(O)/bin/devsim: $(SIM_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
 
 $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
 
 # Unit tests of gateway modules link the module's object too.
 $(O)/bin/test_http1: $(O)/gateway/http1.o
+$(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
 
 deps:
 	@scripts/deps.sh

@@ -188,6 +188,8 @@ int config_load(gw_config *c)
         goto out;
     if (env_int64("HOLD_GRACE_MS", 10000, 1000, 3600000, &c->hold_grace_ms) != 0) goto out;
     if (env_int64("MAX_CONNECTIONS", 4096, 1, 1000000, &c->max_connections) != 0) goto out;
+    if (env_int64("GATEWAY_HEAD_TIMEOUT_MS", 30000, 10, 3600000, &c->head_timeout_ms) != 0)
+        goto out;
     if (env_int64("UPSTREAM_MAX_CONNECTIONS", 1024, 1, 100000, &c->upstream_max_conns) != 0)
         goto out;
     rc = 0;

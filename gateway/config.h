@@ -44,6 +44,7 @@ typedef struct gw_config {
     int64_t hold_wait_ms;        /* how long a short call waits for holds to settle */
     int64_t hold_grace_ms;       /* hold deadline = route timeout + this */
     int64_t max_connections;     /* per worker thread */
+    int64_t head_timeout_ms;     /* a client's request head must arrive within this */
     int64_t upstream_max_conns;  /* open upstream connections per worker thread */
 } gw_config;
 

@@ -41,6 +41,20 @@ void http1_init(http1_parser *p, int head_request, size_t max_head, uint64_t max
     p->state = S_STATUS;
 }
 
+void http1_init_body(http1_parser *p, enum http1_framing framing, uint64_t length, size_t max_head,
+                     uint64_t max_body)
+{
+    http1_init(p, 0, max_head, max_body);
+    p->framing = framing;
+    if (framing == HTTP1_CHUNKED) {
+        p->state = S_CHUNK_SIZE;
+    } else {
+        p->remaining = length;
+        p->content_length = (int64_t)length;
+        p->state = length ? S_LENGTH : S_DONE;
+    }
+}
+
 static int http1_digit(char c)
 {
     return c >= '0' && c <= '9';

@@ -67,6 +67,13 @@ typedef struct http1_parser {
 /* Prepares P for one response. HEAD_REQUEST: the request was HEAD. */
 void http1_init(http1_parser *p, int head_request, size_t max_head, uint64_t max_body);
 
+/* Prepares P for the body of a message whose head was parsed elsewhere (a
+ * client's request: server.c): FRAMING HTTP1_LENGTH with LENGTH bytes, or
+ * HTTP1_CHUNKED (MAX_HEAD then bounds the trailers, which are skipped).
+ * http1_next then reports HTTP1_BODY events and HTTP1_DONE. */
+void http1_init_body(http1_parser *p, enum http1_framing framing, uint64_t length, size_t max_head,
+                     uint64_t max_body);
+
 /* Parses BUF[0..LEN) up to the next event; *USED is how many bytes it
  * consumed (they may be discarded; body data and header strings of the
  * event point into them). Call again with the rest of the input after every

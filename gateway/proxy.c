@@ -139,7 +139,7 @@ int proxy_hop_by_hop(const char *name)
 
 static int proxy_skip_response_header(const char *s, size_t n)
 {
-    /* MHD writes its own framing and Date; the gateway writes the billing
+    /* server.c writes its own framing and Date; the gateway writes the billing
      * headers itself, so an upstream cannot spoof them. */
     return proxy_hop_by_hop_n(s, n) || HTTP1_IS(s, n, "content-length") || HTTP1_IS(s, n, "date") ||
            HTTP1_IS(s, n, "x-request-id") || HTTP1_IS(s, n, "x-points-charged") ||

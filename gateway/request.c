@@ -1,15 +1,18 @@
 /* request.c: one request from headers to answer (see request.h).
  *
  *   NEW --headers ok--> BODY --body read--> KEY? --> RESERVE <--> WAIT
- *        --> PROXY --> SETTLE --> DONE (resumed, answer queued)
+ *        --> PROXY --> SETTLE --> DONE (answer handed to the server, freed)
  *
- * The connection is suspended only while something asynchronous runs
- * (Redis command, upstream call, backoff timer); checks that need nothing
- * but the request itself answer synchronously. While suspended, a watcher
- * on the client socket notices a client that went away: the upstream call
- * is aborted and the hold released (cost 0). Fire-and-forget settles (client
+ * The request is suspended (on the worker's list, counted in flight) only
+ * while something asynchronous runs (Redis command, upstream call, backoff
+ * timer); checks that need nothing but the request itself answer
+ * synchronously. The server keeps reading the client socket meanwhile and
+ * calls request_gone when the client goes away: the upstream call is
+ * aborted and the hold released (cost 0). Fire-and-forget settles (client
  * gone, shutdown) carry no pointer to the request, so a request never
- * outlives nor is outlived by a callback that uses it. */
+ * outlives nor is outlived by a callback that uses it. A request ends by
+ * answering (request_finish hands the answer to the server and frees it):
+ * no code touches R after request_finish, request_error or request_short. */
 #include "gateway/request.h"
 
 #include "billing/apikey.h"
@@ -32,9 +35,6 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
-/* MHD allocates a callback response's block with it: a HEAD answer's reader
- * is never called, so the block is never used. */
-#define REQUEST_HEAD_BLOCK 64
 
 enum request_state {
     ST_NEW,
@@ -51,14 +51,14 @@ enum request_state {
 
 struct gw_request {
     worker *w;
-    struct MHD_Connection *conn;
+    server_conn *conn;
     gw_request *prev, *next; /* worker's suspended list */
     enum request_state st;
     int suspended;
     int gone;
     char rid[33];
-    char *uri;  /* raw request target */
-    char *path; /* decoded, for matching */
+    const char *uri; /* raw request target, in the server's buffer */
+    char *path;      /* decoded, for matching */
     size_t raw_path_len;
     char method[16];
     route_table *table;
@@ -68,83 +68,43 @@ struct gw_request {
     char from[11], to[11]; /* its dates, checked */
     char keyhash[APIKEY_HASH_HEX + 1];
     int64_t account;
-    char *body;
-    size_t body_len, body_cap;
-    int body_too_big;
+    const char *body; /* the server's, valid until the answer */
+    size_t body_len;
     uint64_t wait_until_ms;
     int backoff_ms;
     struct event *timer;
-    struct event *gone_ev;
-    struct event gone_timer; /* arms gone_ev; assigned in request_new */
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
-    unsigned status;
-    struct MHD_Response *resp;
 };
 
 static void request_reserve(gw_request *r);
+static int request_begin(gw_request *r);
 
-static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg);
-
-gw_request *request_new(worker *w, const char *uri)
+gw_request *request_head(worker *w, server_conn *c)
 {
     gw_request *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     r->w = w;
-    r->uri = strdup(uri);
-    if (!r->uri) {
-        free(r);
-        return NULL;
-    }
+    r->conn = c;
+    r->uri = server_target(c);
     worker_request_id(w, r->rid);
     r->account = -1;
-    evtimer_assign(&r->gone_timer, w->base, request_on_gone_timer, r);
-    return r;
+    return request_begin(r) == 0 ? r : NULL;
 }
 
-void request_completed(gw_request *r)
+static void request_free(gw_request *r)
 {
-    if (r->suspended) log_error("request %s freed while suspended", r->rid); /* cannot happen */
     proxy_call_clear(&r->call);
-    if (r->resp) MHD_destroy_response(r->resp);
     if (r->timer) event_free(r->timer);
-    evtimer_del(&r->gone_timer);
-    if (r->gone_ev) event_free(r->gone_ev);
     if (r->table) routes_unref(r->table);
-    free(r->body);
     free(r->path);
-    free(r->uri);
     free(r);
 }
 
-/* ---- answers ---------------------------------------------------------- */
-
-static int request_set_response(gw_request *r, unsigned status, struct MHD_Response *resp)
-{
-    if (!resp) return -1;
-    MHD_add_response_header(resp, "X-Request-Id", r->rid);
-    if (r->resp) MHD_destroy_response(r->resp);
-    r->resp = resp;
-    r->status = status;
-    return 0;
-}
-
-static struct MHD_Response *request_json(const char *body)
-{
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(strlen(body), (void *)body, MHD_RESPMEM_MUST_COPY);
-    if (resp) MHD_add_response_header(resp, "Content-Type", "application/json");
-    return resp;
-}
-
-/* Resumes a suspended request; its answer is queued when MHD calls back. */
-static void request_finish(gw_request *r)
+static void request_unsuspend(gw_request *r)
 {
     worker *w = r->w;
-    r->st = ST_DONE;
     if (!r->suspended) return;
-    evtimer_del(&r->gone_timer);
-    if (r->gone_ev) event_del(r->gone_ev);
     if (r->timer) evtimer_del(r->timer);
     if (r->prev)
         r->prev->next = r->next;
@@ -154,17 +114,58 @@ static void request_finish(gw_request *r)
     r->prev = r->next = NULL;
     r->suspended = 0;
     w->inflight--;
-    MHD_resume_connection(r->conn);
-    worker_kick(w);
+}
+
+void request_discard(gw_request *r)
+{
+    if (r->suspended) {
+        /* Only at teardown, after every callback that could use R ran. */
+        log_warn("request %s: discarded in flight (state %d)", r->rid, (int)r->st);
+        if (r->st == ST_PROXY) proxy_cancel(&r->call);
+        request_unsuspend(r);
+    }
+    request_free(r);
+}
+
+/* ---- answers ---------------------------------------------------------- */
+
+/* Starts the answer: the status and the request id every answer carries. */
+static void request_answer_begin(gw_request *r, unsigned status)
+{
+    server_reply_begin(r->conn, status);
+    server_reply_header(r->conn, "X-Request-Id", r->rid);
+}
+
+/* Ends the request: hands the answer (begun, headers added) to the server
+ * with BODY (TAKE: malloc'd, the server frees it) and frees R. */
+static void request_finish(gw_request *r, char *body, size_t len, int take)
+{
+    r->st = ST_DONE;
+    request_unsuspend(r);
+    server_reply_send(r->conn, body, len, take);
+    request_free(r);
+}
+
+/* A JSON answer; CHARGED, when set, is its X-Points-Charged. */
+static void request_json(gw_request *r, unsigned status, const char *body, const char *charged)
+{
+    request_answer_begin(r, status);
+    server_reply_header(r->conn, "Content-Type", "application/json");
+    if (charged) server_reply_header(r->conn, "X-Points-Charged", charged);
+    request_finish(r, (char *)body, strlen(body), 0);
+}
+
+static void request_error_charged(gw_request *r, unsigned status, const char *code, const char *msg,
+                                  const char *charged)
+{
+    char buf[512];
+    snprintf(buf, sizeof buf, "{\"error\":\"%s\",\"message\":\"%s\"}", code, msg);
+    request_json(r, status, buf, charged);
 }
 
 static void request_error(gw_request *r, unsigned status, const char *code, const char *msg)
 {
-    char buf[512];
-    snprintf(buf, sizeof buf, "{\"error\":\"%s\",\"message\":\"%s\"}", code, msg);
-    if (request_set_response(r, status, request_json(buf)) != 0)
-        log_error("request %s: cannot build %u answer", r->rid, status);
-    request_finish(r);
+    request_error_charged(r, status, code, msg, NULL);
 }
 
 static void request_short(gw_request *r, int64_t avail, int64_t held)
@@ -174,87 +175,28 @@ static void request_short(gw_request *r, int64_t avail, int64_t held)
              "{\"error\":\"insufficient_points\",\"message\":\"not enough points for this "
              "call\",\"cost\":%" PRId64 ",\"available\":%" PRId64 ",\"held\":%" PRId64 "}",
              r->route->price, avail < 0 ? 0 : avail, held);
-    request_set_response(r, MHD_HTTP_PAYMENT_REQUIRED, request_json(buf));
-    request_finish(r);
+    request_json(r, 402, buf, NULL);
 }
 
-static enum MHD_Result request_queue(gw_request *r)
-{
-    enum MHD_Result ret;
-    if (!r->resp) return MHD_NO;
-    ret = MHD_queue_response(r->conn, r->status, r->resp);
-    MHD_destroy_response(r->resp);
-    r->resp = NULL;
-    return ret;
-}
-
-/* ---- suspension and the client-gone watcher --------------------------- */
-
-/* The watcher only notices early that a client left, to abort its upstream
- * call and release its hold at once. When libevent cannot arm it (out of
- * memory, epoll_ctl failing), the client is taken as present, with a log
- * line: the request goes on exactly as one that ends before the watcher is
- * armed (WORKER_GONE_ARM_MS) always does, to its answer or the route's
- * timeout, and its hold is settled or released as usual. Failing the
- * request instead would turn a resource shortage into an error for a
- * client who is most likely still there, and could abandon a call the
- * upstream is already carrying out. */
+/* ---- suspension and the client leaving -------------------------------- */
 
 static void request_on_gone(gw_request *r);
 
-static void request_watch_failed(gw_request *r, const char *what)
+void request_gone(gw_request *r)
 {
-    log_warn("request %s: %s failed; the client is taken as present", r->rid, what);
-}
-
-static void request_on_readable(evutil_socket_t fd, short what, void *arg)
-{
-    gw_request *r = arg;
-    char b;
-    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0) return; /* pipelined bytes: the client is there; stop watching */
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        if (event_add(r->gone_ev, NULL) != 0) request_watch_failed(r, "re-arming the gone watcher");
-        return;
-    }
     r->gone = 1;
     request_on_gone(r);
-}
-
-/* Suspended for WORKER_GONE_ARM_MS: watch the client socket from now on. */
-static void request_on_gone_timer(evutil_socket_t fd, short what, void *arg)
-{
-    gw_request *r = arg;
-    const union MHD_ConnectionInfo *ci;
-    if (!r->suspended) return;
-    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci) {
-        request_watch_failed(r, "finding the client socket");
-        return;
-    }
-    if (!r->gone_ev)
-        r->gone_ev = event_new(r->w->base, ci->connect_fd, EV_READ, request_on_readable, r);
-    if (!r->gone_ev)
-        request_watch_failed(r, "creating the gone watcher");
-    else if (event_add(r->gone_ev, NULL) != 0)
-        request_watch_failed(r, "adding the gone watcher");
 }
 
 static void request_suspend(gw_request *r)
 {
     worker *w = r->w;
     if (r->suspended) return;
-    MHD_suspend_connection(r->conn);
     r->suspended = 1;
     r->next = w->suspended;
     if (w->suspended) w->suspended->prev = r;
     w->suspended = r;
     w->inflight++;
-    /* The client-gone watcher is armed only for calls still suspended after
-     * WORKER_GONE_ARM_MS: most answer sooner, and a timer costs no syscall
-     * where the watcher costs two epoll_ctl. */
-    if (evtimer_add(&r->gone_timer, w->gone_arm_tv) != 0)
-        request_watch_failed(r, "arming the gone timer");
 }
 
 /* ---- settle --------------------------------------------------------- */
@@ -267,53 +209,31 @@ static void request_release_detached(gw_request *r)
     hotclient_settle(r->w->hc, &a, NULL, NULL);
 }
 
-/* The body reader of a HEAD answer: MHD never calls it (it sends no body
- * for HEAD). Were it called, ending with an error closes the client's
- * connection rather than send bytes the client does not expect. */
-static ssize_t request_head_reader(void *cls, uint64_t pos, char *buf, size_t max)
-{
-    return MHD_CONTENT_READER_END_WITH_ERROR;
-}
-
 static void request_answer_upstream(gw_request *r, int64_t charged, int have_remaining,
                                     int64_t remaining)
 {
     proxy_call *c = &r->call;
-    struct MHD_Response *resp;
     const char *name, *value;
-    char num[32];
-    size_t off = 0;
+    char num[32], *body;
+    size_t off = 0, len;
 
-    if (c->content_length > 0 && strcmp(r->method, "HEAD") == 0) {
-        /* The client gets the upstream's Content-Length (the size of the GET
-         * answer), which MHD writes itself: for HEAD it sends the response
-         * object's size and no body (libmicrohttpd 0.9.75, checked by
-         * test_head_keeps_the_content_length). Without a length (chunked
-         * upstream) the answer says 0 as before: MHD_SIZE_UNKNOWN would make
-         * that MHD send a chunked terminator as the body of a HEAD answer. */
-        resp = MHD_create_response_from_callback((uint64_t)c->content_length, REQUEST_HEAD_BLOCK,
-                                                 request_head_reader, NULL, NULL);
-    } else if (c->body_len > 0) {
-        resp = MHD_create_response_from_buffer(c->body_len, c->body, MHD_RESPMEM_MUST_FREE);
-        if (resp) c->body = NULL; /* MHD frees it */
-        c->body_len = c->body_cap = 0;
-    } else {
-        resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
-    }
-    if (!resp) {
-        request_error(r, 500, "internal", "out of memory");
-        return;
-    }
+    request_answer_begin(r, (unsigned)c->status);
     while ((off = proxy_header_next(c, off, &name, &value)) != 0)
-        MHD_add_response_header(resp, name, value);
+        server_reply_header(r->conn, name, value);
     snprintf(num, sizeof num, "%" PRId64, charged);
-    MHD_add_response_header(resp, "X-Points-Charged", num);
+    server_reply_header(r->conn, "X-Points-Charged", num);
     if (have_remaining) {
         snprintf(num, sizeof num, "%" PRId64, remaining < 0 ? 0 : remaining);
-        MHD_add_response_header(resp, "X-Points-Remaining", num);
+        server_reply_header(r->conn, "X-Points-Remaining", num);
     }
-    request_set_response(r, (unsigned)c->status, resp);
-    request_finish(r);
+    /* A HEAD answer carries the upstream's Content-Length (the size of the
+     * GET answer) and no body; without one (chunked upstream) it says 0. */
+    if (c->content_length > 0) server_reply_length(r->conn, c->content_length);
+    body = c->body; /* the server frees it */
+    len = c->body_len;
+    c->body = NULL;
+    c->body_len = c->body_cap = 0;
+    request_finish(r, body, len, 1);
 }
 
 static void request_on_settled(void *arg, int rc, const int64_t v[3])
@@ -375,14 +295,13 @@ static void request_on_upstream(void *arg, proxy_call *c)
     if (c->result != PROXY_OK) {
         request_release_detached(r);
         if (c->result == PROXY_TIMEOUT)
-            request_error(r, MHD_HTTP_GATEWAY_TIMEOUT, "upstream_timeout",
-                          "the device API did not answer in time");
+            request_error_charged(r, 504, "upstream_timeout",
+                                  "the device API did not answer in time", "0");
         else if (c->result == PROXY_TOO_LARGE)
-            request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable", "response too large");
+            request_error_charged(r, 502, "upstream_unavailable", "response too large", "0");
         else
-            request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
-                          "the device API could not be reached");
-        if (r->resp) MHD_add_response_header(r->resp, "X-Points-Charged", "0");
+            request_error_charged(r, 502, "upstream_unavailable",
+                                  "the device API could not be reached", "0");
         return;
     }
     a.status = c->status;
@@ -401,30 +320,22 @@ typedef struct request_hdr_ctx {
     size_t conn_len;
     char *conn_joined; /* owns conn when there were several */
     const char *xff;
-    int failed;
 } request_hdr_ctx;
 
-/* MHD_get_connection_values callback: gathers the client's Connection
- * headers. One (the usual case) is used where MHD keeps it; several are
- * joined into one list, which RFC 9110 5.3 makes equivalent. */
-static enum MHD_Result request_gather_connection(void *cls, enum MHD_ValueKind kind,
-                                                 const char *name, const char *value)
+/* Gathers the client's Connection headers. One (the usual case) is used
+ * where the server keeps it; several are joined into one list, which RFC
+ * 9110 5.3 makes equivalent. */
+static int request_gather_connection(request_hdr_ctx *h, const char *value)
 {
-    request_hdr_ctx *h = cls;
-    size_t vl;
+    size_t vl = strlen(value);
     char *j;
-    if (!value || strcasecmp(name, "connection") != 0) return MHD_YES;
-    vl = strlen(value);
     if (!h->conn) {
         h->conn = value;
         h->conn_len = vl;
-        return MHD_YES;
+        return 0;
     }
     j = malloc(h->conn_len + 1 + vl + 1);
-    if (!j) {
-        h->failed = 1;
-        return MHD_NO;
-    }
+    if (!j) return -1;
     memcpy(j, h->conn, h->conn_len);
     j[h->conn_len] = ',';
     memcpy(j + h->conn_len + 1, value, vl + 1);
@@ -432,7 +343,7 @@ static enum MHD_Result request_gather_connection(void *cls, enum MHD_ValueKind k
     h->conn_joined = j;
     h->conn = j;
     h->conn_len += 1 + vl;
-    return MHD_YES;
+    return 0;
 }
 
 static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
@@ -440,51 +351,51 @@ static int request_add_header(request_hdr_ctx *h, const char *name, const char *
     if (proxy_call_add_header(&h->r->call, name, value) != 0) {
         log_warn("request %s: header %s not forwardable (invalid or past the bound)", h->r->rid,
                  name);
-        h->failed = 1;
         return -1;
     }
     return 0;
 }
 
-static enum MHD_Result request_copy_header(void *cls, enum MHD_ValueKind kind, const char *name,
-                                           const char *value)
+static int request_copy_header(request_hdr_ctx *h, const char *name, const char *value)
 {
-    request_hdr_ctx *h = cls;
     static const char *const drop[] = {"authorization",  "x-api-key",      "host",
                                        "content-length", "expect",         "x-account-id",
                                        "x-request-id",   "x-forwarded-for"};
     for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
-        if (strcasecmp(name, drop[i]) == 0) return MHD_YES;
-    if (proxy_hop_by_hop(name)) return MHD_YES;
+        if (strcasecmp(name, drop[i]) == 0) return 0;
+    if (proxy_hop_by_hop(name)) return 0;
     /* Named by the client's Connection header: for this hop only. */
-    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return MHD_YES;
-    return request_add_header(h, name, value) == 0 ? MHD_YES : MHD_NO;
+    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return 0;
+    return request_add_header(h, name, value);
 }
 
 static void request_client_ip(gw_request *r, char *out, size_t len)
 {
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = server_peer(r->conn);
     snprintf(out, len, "unknown");
-    if (!ci || !ci->client_addr) return;
-    if (ci->client_addr->sa_family == AF_INET)
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)ci->client_addr)->sin_addr, out,
-                  (socklen_t)len);
-    else if (ci->client_addr->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ci->client_addr)->sin6_addr, out,
-                  (socklen_t)len);
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
 }
 
 static int request_build_headers(gw_request *r)
 {
     request_hdr_ctx h = {.r = r};
     char ip[INET6_ADDRSTRLEN + 1], buf[1024];
+    size_t n = server_header_count(r->conn);
+    const char *name, *value;
     int rc = -1;
-    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_gather_connection, &h);
-    if (h.failed) goto out;
-    h.xff = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Forwarded-For");
-    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, request_copy_header, &h);
-    if (h.failed) goto out;
+    for (size_t i = 0; i < n; i++) {
+        server_header_at(r->conn, i, &name, &value);
+        if (strcasecmp(name, "connection") == 0 && request_gather_connection(&h, value) != 0)
+            goto out;
+    }
+    h.xff = server_header(r->conn, "X-Forwarded-For");
+    for (size_t i = 0; i < n; i++) {
+        server_header_at(r->conn, i, &name, &value);
+        if (request_copy_header(&h, name, value) != 0) goto out;
+    }
     request_client_ip(r, ip, sizeof ip);
     if (h.xff && *h.xff)
         snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
@@ -510,8 +421,7 @@ static void request_proxy(gw_request *r)
         proxy_start(r->w->px, &r->call, r->uri, r->method, r->body, r->body_len,
                     r->route->timeout_ms, request_on_upstream, r) != 0) {
         request_release_detached(r);
-        request_error(r, MHD_HTTP_BAD_GATEWAY, "upstream_unavailable",
-                      "could not start the upstream call");
+        request_error(r, 502, "upstream_unavailable", "could not start the upstream call");
     }
 }
 
@@ -527,13 +437,12 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
     gw_request *r = arg;
     uint64_t now;
     if (rc != 0) {
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable",
-                      "billing is unavailable, try again");
+        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
         return;
     }
     if (r->gone || r->w->aborted) {
         if (v[0] == HOT_RESERVE_HELD) request_release_detached(r);
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable", "cancelled");
+        request_error(r, 503, "billing_unavailable", "cancelled");
         return;
     }
     if (v[0] == HOT_RESERVE_HELD) {
@@ -570,8 +479,7 @@ static void request_reserve(gw_request *r)
     if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
                           r->route->timeout_ms + cfg->hold_grace_ms, r->route->id,
                           request_on_reserved, r) != 0)
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable",
-                      "billing is unavailable, try again");
+        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
 }
 
 /* ---- balance endpoint ----------------------------------------------- */
@@ -582,8 +490,7 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
     char buf[256];
     int64_t avail = 0, held = 0;
     if (rc < 0) {
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable",
-                      "billing is unavailable, try again");
+        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
         return;
     }
     if (rc == 0) {
@@ -594,9 +501,7 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
     snprintf(buf, sizeof buf,
              "{\"account_id\":%" PRId64 ",\"available\":%" PRId64 ",\"held\":%" PRId64 "}",
              r->account, avail, held);
-    request_set_response(r, MHD_HTTP_OK, request_json(buf));
-    if (r->resp) MHD_add_response_header(r->resp, "X-Points-Charged", "0");
-    request_finish(r);
+    request_json(r, 200, buf, "0");
 }
 
 /* ---- usage endpoint ------------------------------------------------- */
@@ -606,38 +511,59 @@ static void request_on_usage(void *arg, const PGresult *res)
     gw_request *r = arg;
     unsigned status = 503;
     char *body = res ? usage_render(r->account, r->from, r->to, res, &status) : NULL;
-    struct MHD_Response *resp;
     if (!body) {
         if (status == 422)
             request_error(r, 422, "too_many_rows", "the report is too large; narrow it");
         else
-            request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
-                          "usage reports are unavailable, try again");
+            request_error(r, 503, "usage_unavailable", "usage reports are unavailable, try again");
         return;
     }
-    resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
-    if (!resp) {
-        free(body);
-        request_error(r, 500, "internal", "out of memory");
-        return;
+    request_answer_begin(r, 200);
+    server_reply_header(r->conn, "Content-Type", "application/json");
+    server_reply_header(r->conn, "X-Points-Charged", "0");
+    request_finish(r, body, strlen(body), 1);
+}
+
+/* The value of query argument NAME of the target, percent-decoded (and '+'
+ * as a space, as forms write it) into OUT: 1, or 0 when absent. A value that
+ * does not fit is cut short, which no date survives. */
+static int request_query_arg(const gw_request *r, const char *name, char *out, size_t outlen)
+{
+    const char *q = strchr(r->uri, '?'), *p;
+    size_t nl = strlen(name);
+    if (!q) return 0;
+    for (p = q + 1; *p; p += strcspn(p, "&") + (p[strcspn(p, "&")] ? 1 : 0)) {
+        size_t n = 0;
+        if (strncmp(p, name, nl) != 0 || (p[nl] != '=' && p[nl] != '&' && p[nl] != '\0')) continue;
+        p += nl;
+        if (*p == '=') p++;
+        while (*p && *p != '&' && n + 1 < outlen) {
+            unsigned hi, lo;
+            if (*p == '%' && sscanf(p + 1, "%1x%1x", &hi, &lo) == 2) {
+                out[n++] = (char)(hi * 16 + lo);
+                p += 3;
+            } else {
+                out[n++] = *p == '+' ? ' ' : *p;
+                p++;
+            }
+        }
+        out[n] = '\0';
+        return 1;
     }
-    MHD_add_response_header(resp, "Content-Type", "application/json");
-    MHD_add_response_header(resp, "X-Points-Charged", "0");
-    request_set_response(r, MHD_HTTP_OK, resp);
-    request_finish(r);
+    return 0;
 }
 
 /* Authenticated: check the dates, then read the caller's rows (free, not
  * proxied). Postgres is optional for the gateway: 503 when it is not there. */
 static void request_usage(gw_request *r)
 {
-    const char *from = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "from");
-    const char *to = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "to");
+    char from[16], to[16];
     const char *msg, *params[USAGE_NPARAMS];
     char acct[24];
     int rc;
-    if (usage_check_range(from, to, &msg) != 0) {
-        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", msg);
+    if (usage_check_range(request_query_arg(r, "from", from, sizeof from) ? from : NULL,
+                          request_query_arg(r, "to", to, sizeof to) ? to : NULL, &msg) != 0) {
+        request_error(r, 400, "bad_request", msg);
         return;
     }
     memcpy(r->from, from, sizeof r->from);
@@ -649,11 +575,9 @@ static void request_usage(gw_request *r)
     r->st = ST_USAGE;
     rc = pgclient_query(r->w->pg, usage_sql, USAGE_NPARAMS, params, request_on_usage, r);
     if (rc == PGCLIENT_FULL)
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
-                      "too many usage reports waiting, try again");
+        request_error(r, 503, "usage_unavailable", "too many usage reports waiting, try again");
     else if (rc != 0)
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "usage_unavailable",
-                      "usage reports are unavailable, try again");
+        request_error(r, 503, "usage_unavailable", "usage reports are unavailable, try again");
 }
 
 /* ---- authentication ------------------------------------------------- */
@@ -679,17 +603,16 @@ static void request_on_key(void *arg, int rc, const int64_t v[3])
 {
     gw_request *r = arg;
     if (rc < 0) {
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable",
-                      "billing is unavailable, try again");
+        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
         return;
     }
     authcache_put(&r->w->keys, r->keyhash, rc == 0 ? v[0] : AUTHCACHE_NONE, worker_now_ms());
     if (rc != 0 || v[0] < 0) {
-        request_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized", "unknown or revoked API key");
+        request_error(r, 401, "unauthorized", "unknown or revoked API key");
         return;
     }
     if (r->gone) {
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "billing_unavailable", "cancelled");
+        request_error(r, 503, "billing_unavailable", "cancelled");
         return;
     }
     r->account = v[0];
@@ -702,7 +625,7 @@ static void request_start(gw_request *r)
     int64_t acct;
     if (authcache_get(&r->w->keys, r->keyhash, worker_now_ms(), &acct)) {
         if (acct == AUTHCACHE_NONE) {
-            request_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized", "unknown or revoked API key");
+            request_error(r, 401, "unauthorized", "unknown or revoked API key");
             return;
         }
         r->account = acct;
@@ -722,10 +645,10 @@ static void request_on_gone(gw_request *r)
     case ST_PROXY:
         proxy_cancel(&r->call);
         request_release_detached(r);
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", "client went away");
         break;
     case ST_WAIT:
-        request_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", "client went away");
         break;
     default:
         break; /* a Redis command is in flight: its callback sees r->gone */
@@ -749,68 +672,49 @@ void request_abort_all(worker *w)
 
 /* ---- headers -------------------------------------------------------- */
 
-static const char *request_key(struct MHD_Connection *conn, size_t *len)
+static const char *request_key(const server_conn *conn, size_t *len)
 {
-    const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    const char *v = server_header(conn, "Authorization");
     if (v) {
         if (strncasecmp(v, "Bearer ", 7) != 0) return NULL;
         v += 7;
         while (*v == ' ')
             v++;
     } else {
-        v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Api-Key");
+        v = server_header(conn, "X-Api-Key");
     }
     if (v) *len = strlen(v);
     return v;
 }
 
-/* MHD_get_connection_values_n callback: clears *CLS at the first header
- * the upstream's request could not carry. Sizes, not strlen: a NUL inside a
- * name or value is caught too. */
-static enum MHD_Result request_check_header(void *cls, enum MHD_ValueKind kind, const char *name,
-                                            size_t name_len, const char *value, size_t value_len)
-{
-    int *ok = cls;
-    if (!http1_token(name, name_len) || (value && !http1_text_ok(value, value_len))) {
-        *ok = 0;
-        return MHD_NO;
-    }
-    return MHD_YES;
-}
-
-/* Headers are in: everything that needs neither body nor Redis. */
-static void request_begin(gw_request *r, const char *method)
+/* Headers are in: everything that needs neither body nor Redis. 0, or -1
+ * when it answered (R is freed). The server already refused what is not
+ * HTTP (request line, header syntax: names are tokens, values have no
+ * control byte but HTAB, which proxy_call_add_header would refuse after
+ * the hold) and bodies past MAX_BODY_BYTES. */
+static int request_begin(gw_request *r)
 {
     const gw_config *cfg = r->w->cfg;
+    const char *method = server_method(r->conn);
     const char *q = strchr(r->uri, '?');
-    const char *cl, *key;
+    const char *key;
     size_t keylen = 0;
-    int headers_ok = 1;
 
     r->raw_path_len = q ? (size_t)(q - r->uri) : strlen(r->uri);
     snprintf(r->method, sizeof r->method, "%s", method);
     r->path = malloc(r->raw_path_len + 1);
     if (!r->path) {
         request_error(r, 500, "internal", "out of memory");
-        return;
+        return -1;
     }
     /* The raw target is forwarded verbatim on the upstream's request line,
-     * which takes printable ASCII only; MHD lets control and non-ASCII bytes
-     * through. Refused here, before anything is held (proxy_start would
-     * refuse it too, but only after the hold). */
+     * which takes printable ASCII only (the server checks it too). Refused
+     * here, before anything is held (proxy_start would refuse it too, but
+     * only after the hold). */
     if (strlen(method) >= sizeof r->method || !http1_target_ok(r->uri, strlen(r->uri)) ||
         routes_normalise(r->uri, r->raw_path_len, r->path, r->raw_path_len + 1) != 0) {
-        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid request path");
-        return;
-    }
-    /* Likewise every header (RFC 9110: names are tokens, values have no
-     * control byte but HTAB): MHD lets DEL and other control bytes through,
-     * proxy_call_add_header refuses them, and that used to be a 502 after
-     * the hold. Checked here, before the key is looked up or anything held. */
-    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, request_check_header, &headers_ok);
-    if (!headers_ok) {
-        request_error(r, MHD_HTTP_BAD_REQUEST, "bad_request", "invalid header");
-        return;
+        request_error(r, 400, "bad_request", "invalid request path");
+        return -1;
     }
     r->table = r->w->routes;
     routes_ref(r->table);
@@ -821,81 +725,21 @@ static void request_begin(gw_request *r, const char *method)
     } else {
         r->route = routes_match(r->table, method, r->path);
         if (!r->route) {
-            request_error(r, MHD_HTTP_NOT_FOUND, "no_route", "no such route");
-            return;
+            request_error(r, 404, "no_route", "no such route");
+            return -1;
         }
     }
     key = request_key(r->conn, &keylen);
     if (!key || apikey_hash(&cfg->pepper, key, keylen, r->keyhash) != 0) {
-        request_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized",
-                      key ? "malformed API key" : "missing API key");
-        return;
-    }
-    cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
-    if (cl) {
-        char *end;
-        unsigned long long n = strtoull(cl, &end, 10);
-        if (*end == '\0' && n > (unsigned long long)cfg->max_body) {
-            request_error(r, 413, "request_too_large", "request body too large");
-            return;
-        }
+        request_error(r, 401, "unauthorized", key ? "malformed API key" : "missing API key");
+        return -1;
     }
     r->st = ST_BODY;
+    return 0;
 }
 
-static void request_append_body(gw_request *r, const char *data, size_t n)
+void request_body_done(gw_request *r)
 {
-    size_t max = (size_t)r->w->cfg->max_body;
-    if (r->body_too_big) return;
-    if (r->body_len + n > max) {
-        r->body_too_big = 1;
-        free(r->body);
-        r->body = NULL;
-        r->body_len = r->body_cap = 0;
-        return;
-    }
-    if (r->body_len + n > r->body_cap) {
-        size_t cap = r->body_cap ? r->body_cap : 1024;
-        char *nb;
-        while (cap < r->body_len + n)
-            cap *= 2;
-        if (cap > max) cap = max;
-        nb = realloc(r->body, cap);
-        if (!nb) {
-            r->body_too_big = 1;
-            return;
-        }
-        r->body = nb;
-        r->body_cap = cap;
-    }
-    memcpy(r->body + r->body_len, data, n);
-    r->body_len += n;
-}
-
-enum MHD_Result request_handle(gw_request *r, struct MHD_Connection *conn, const char *method,
-                               const char *upload_data, size_t *upload_data_size)
-{
-    r->conn = conn;
-    switch (r->st) {
-    case ST_NEW:
-        request_begin(r, method);
-        return r->resp ? request_queue(r) : MHD_YES;
-    case ST_BODY:
-        if (*upload_data_size > 0) {
-            request_append_body(r, upload_data, *upload_data_size);
-            *upload_data_size = 0;
-            return MHD_YES;
-        }
-        if (r->body_too_big) {
-            request_error(r, 413, "request_too_large", "request body too large");
-            return request_queue(r);
-        }
-        request_start(r);
-        return r->suspended ? MHD_YES : request_queue(r);
-    case ST_DONE:
-        return request_queue(r);
-    default:
-        /* Suspended work in progress; MHD should not call. Keep waiting. */
-        return MHD_YES;
-    }
+    r->body = server_body(r->conn, &r->body_len);
+    request_start(r);
 }

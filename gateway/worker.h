@@ -1,6 +1,6 @@
 /* worker.h: one worker thread: its event loop and everything bound to it.
- * Owns the libevent base, the libmicrohttpd daemon (external epoll mode on
- * the shared port with SO_REUSEPORT, run from the loop), the Redis client,
+ * Owns the libevent base, the HTTP server (server.c: its own listening
+ * socket on the shared port with SO_REUSEPORT, its connections), the Redis client,
  * the upstream client (its keep-alive pool), the key cache and the current
  * route table. A request lives on one worker from accept to answer. Only
  * worker_stop and worker_reload may be called from another thread (main). */
@@ -13,9 +13,9 @@
 #include "gateway/pgclient.h"
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
+#include "gateway/server.h"
 
 #include <event2/event.h>
-#include <microhttpd.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -28,15 +28,11 @@ typedef struct worker {
     pthread_t thread;
     int started;
     struct event_base *base;
-    struct MHD_Daemon *mhd;
-    struct event *mhd_ev;    /* MHD's epoll fd readable */
-    struct event *mhd_timer; /* MHD's own timeouts */
-    struct event *mhd_kick;  /* run MHD soon (after a resume) */
-    int notify_fd;           /* eventfd: main -> worker wake-up */
+    server *srv;   /* the client side: listening socket and connections */
+    int notify_fd; /* eventfd: main -> worker wake-up */
     struct event *notify_ev;
     atomic_int stop_requested;
     struct event *drain_timer;
-    const struct timeval *gone_arm_tv; /* common timeout: REQUEST_GONE_ARM_MS */
     hotclient *hc;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
@@ -52,7 +48,7 @@ typedef struct worker {
     uint64_t stop_ms;
 } worker;
 
-/* Creates the loop, binds the daemon, connects Redis. Takes ROUTES. */
+/* Creates the loop, binds the listening socket, connects Redis. Takes ROUTES. */
 int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes);
 int worker_start(worker *w);
 /* Thread-safe: stop accepting, finish in-flight calls, leave the loop. */
@@ -62,9 +58,6 @@ void worker_reload(worker *w, route_table *t);
 void worker_join(worker *w);
 /* Frees everything; the thread must have been joined (or never started). */
 void worker_destroy(worker *w);
-/* Loop thread: make sure MHD runs again soon (after a resume). */
-void worker_kick(worker *w);
-
 uint64_t worker_now_ms(void);
 /* Loop thread: N <= sizeof w->rnd random bytes (libsodium's CSPRNG, drawn
  * a kilobyte at a time instead of one getrandom call per request). */

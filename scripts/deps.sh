@@ -3,6 +3,8 @@
 # Used by `make run`, `make test` and `make bench`; does nothing when all are
 # present, so it is cheap to call every time.
 set -euo pipefail
+# libmicrohttpd-dev: billing's admin API and the device simulator (the
+# gateway has its own HTTP server and does not link it).
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
       libhiredis-dev libjansson-dev libsodium-dev libevent-dev
       curl jq python3 nginx wrk procps bc)

@@ -315,10 +315,9 @@ def test_no_reuse_after_bodiless_answers(stack):
 
 def test_head_keeps_the_content_length(stack):
     """A HEAD answer carries the upstream's Content-Length (the size a GET
-    would get), and no body. libmicrohttpd (0.9.75 on Debian 12) sends a
-    response object's size as Content-Length and no body for HEAD: checked
-    byte by byte on a keep-alive client connection, whose next request must
-    read its own answer. A malformed length from the upstream is a 502."""
+    would get), and no body: checked byte by byte on a keep-alive client
+    connection, whose next request must read its own answer. A malformed
+    length from the upstream is a 502."""
     _setup(stack)
     acct, key = stack.new_account(100)
     up = RawUpstream(_answer)
@@ -419,8 +418,8 @@ def test_bad_client_header_refused(stack):
     byte in its value, a name that is not a token) used to pass the checks,
     take a hold and fail as a 502. Now: 400 bad_request before anything is
     looked up, held or proxied (an unknown key gets the 400 too: Redis is not
-    asked). Bytes >= 0x80 in a value (obs-text) still go through. (A NUL
-    never gets here: libmicrohttpd 0.9.75 cuts the value short at it.)"""
+    asked). Bytes >= 0x80 in a value (obs-text) still go through. (A NUL is
+    refused as well: test_gateway_http.)"""
     gw = _setup(stack)
     acct, key = stack.new_account(10)
     before = _sim_requests(stack)
@@ -624,8 +623,8 @@ def test_prefix_and_localhost(stack):
 
 
 def test_target_not_printable_ascii_refused(stack):
-    """Bytes the upstream's request line cannot carry (MHD accepts them):
-    400 before anything is held or proxied."""
+    """Bytes the upstream's request line cannot carry: 400 before anything
+    is held or proxied."""
     _setup(stack)
     acct, key = stack.new_account(10)
     before = _sim_requests(stack)

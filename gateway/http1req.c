@@ -1,0 +1,253 @@
+/* http1req.c: strict request-head parsing (see http1req.h).
+ *
+ * Shares the syntax checks (tokens, field values, targets, lists) with the
+ * upstream response parser (http1.c), so that there is one definition of
+ * each. A line may end in CRLF or a lone LF (RFC 9112 2.2); a bare CR
+ * anywhere else is a control byte and refused with the rest. */
+#include "gateway/http1req.h"
+
+#include "gateway/http1.h"
+
+#include <string.h>
+
+static int http1req_fail(http1req *h, int status, const char *code, const char *msg)
+{
+    h->error = msg;
+    h->error_code = code;
+    return status;
+}
+
+static int http1req_bad(http1req *h, const char *msg)
+{
+    return http1req_fail(h, 400, "bad_request", msg);
+}
+
+/* 1 if BUF[0..N) holds only line ends (the empty lines a client may send
+ * before a request line, typically after a POST body). */
+static int http1req_only_eol(const char *buf, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (buf[i] != '\r' && buf[i] != '\n') return 0;
+    return 1;
+}
+
+long http1req_head_end(const char *buf, size_t len, size_t max, size_t *scan)
+{
+    size_t i = *scan;
+    for (;;) {
+        size_t lim = len < max ? len : max;
+        const char *nl = i < lim ? memchr(buf + i, '\n', lim - i) : NULL;
+        size_t n;
+        if (!nl) {
+            *scan = i;
+            return len >= max ? -1 : 0;
+        }
+        n = (size_t)(nl - (buf + i)); /* line length without LF */
+        if (n == 0 || (n == 1 && buf[i] == '\r')) {
+            /* An empty line ends the head, unless nothing came before it. */
+            if (!http1req_only_eol(buf, i)) {
+                *scan = 0;
+                return (long)(i + n + 1);
+            }
+        }
+        i += n + 1;
+    }
+}
+
+/* The next line of BUF[*OFF..LEN): its start and length without CR LF;
+ * *OFF moves past it. 0 at the end of the buffer. */
+static int http1req_line(const char *buf, size_t len, size_t *off, size_t *start, size_t *n)
+{
+    const char *nl;
+    if (*off >= len) return 0;
+    nl = memchr(buf + *off, '\n', len - *off);
+    if (!nl) return 0; /* http1req_head_end found the end: cannot happen */
+    *start = *off;
+    *n = (size_t)(nl - (buf + *off));
+    *off += *n + 1;
+    if (*n > 0 && buf[*start + *n - 1] == '\r') (*n)--;
+    return 1;
+}
+
+/* "METHOD SP target SP HTTP/1.x": exactly one space each (RFC 9112 3). */
+static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
+{
+    const char *line = buf + s, *sp1, *sp2, *v;
+    size_t mlen, tlen, vlen;
+    sp1 = memchr(line, ' ', n);
+    if (!sp1) return http1req_bad(h, "malformed request line");
+    mlen = (size_t)(sp1 - line);
+    sp2 = memchr(sp1 + 1, ' ', n - mlen - 1);
+    if (!sp2) return http1req_bad(h, "malformed request line");
+    tlen = (size_t)(sp2 - sp1 - 1);
+    v = sp2 + 1;
+    vlen = n - mlen - tlen - 2;
+    if (!http1_token(line, mlen) || tlen == 0) return http1req_bad(h, "malformed request line");
+    /* The target goes verbatim on the upstream's request line: printable
+     * ASCII only (this also refuses a tab, a control byte, bytes >= 0x80). */
+    if (!http1_target_ok(sp1 + 1, tlen)) return http1req_bad(h, "invalid request path");
+    if (vlen != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' || v[5] > '9' ||
+        v[7] < '0' || v[7] > '9')
+        return http1req_bad(h, "malformed request line");
+    if (v[5] != '1')
+        return http1req_fail(h, 505, "http_version_not_supported", "HTTP/1.0 and 1.1 only");
+    h->minor = v[7] == '0' ? 0 : 1;
+    h->method = (uint32_t)s;
+    h->method_len = (uint32_t)mlen;
+    h->target = (uint32_t)(s + mlen + 1);
+    h->target_len = (uint32_t)tlen;
+    buf[s + mlen] = '\0';
+    buf[s + mlen + 1 + tlen] = '\0';
+    return 0;
+}
+
+typedef struct http1req_seen {
+    int hosts, te, te_other, conn_close, conn_keep_alive;
+} http1req_seen;
+
+static int http1req_length(http1req *h, const char *v, size_t n)
+{
+    int64_t x = 0;
+    /* Digits only: no sign, no space, no list (RFC 9110 8.6 lets a
+     * recipient take "5, 5"; we do not, as nothing honest sends it). */
+    if (n == 0) return http1req_bad(h, "invalid Content-Length");
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9' || x > (INT64_MAX - 9) / 10)
+            return http1req_bad(h, "invalid Content-Length");
+        x = x * 10 + (v[i] - '0');
+    }
+    if (h->content_length >= 0 && h->content_length != x)
+        return http1req_bad(h, "conflicting Content-Length");
+    h->content_length = x;
+    return 0;
+}
+
+static int http1req_codings(http1req *h, http1req_seen *seen, const char *v, size_t n)
+{
+    size_t pos = 0, len;
+    const char *e;
+    int count = 0;
+    seen->te = 1;
+    while (http1_list_next(v, n, &pos, &e, &len)) {
+        count++;
+        /* chunked, once, and last: anything after it would be a coding
+         * applied on top of the framing, anything before it one we cannot
+         * undo (501 below). */
+        if (h->chunked) return http1req_bad(h, "invalid Transfer-Encoding");
+        if (HTTP1_IS(e, len, "chunked"))
+            h->chunked = 1;
+        else
+            seen->te_other = 1;
+    }
+    return count ? 0 : http1req_bad(h, "invalid Transfer-Encoding");
+}
+
+static void http1req_connection(http1req_seen *seen, const char *v, size_t n)
+{
+    size_t pos = 0, len;
+    const char *e;
+    while (http1_list_next(v, n, &pos, &e, &len)) {
+        if (HTTP1_IS(e, len, "close")) seen->conn_close = 1;
+        if (HTTP1_IS(e, len, "keep-alive")) seen->conn_keep_alive = 1;
+    }
+}
+
+/* One "name: value" line at BUF[S..S+N). */
+static int http1req_field_line(char *buf, size_t s, size_t n, http1req *h, http1req_seen *seen)
+{
+    const char *line = buf + s, *v;
+    size_t i = 0, vb, ve;
+    http1req_field *f;
+    int rc = 0;
+    /* A line starting with whitespace continues the previous one
+     * (obs-fold): RFC 9112 5.2 lets a server reject it, and we do. */
+    if (line[0] == ' ' || line[0] == '\t') return http1req_bad(h, "obsolete line folding");
+    while (i < n && line[i] != ':') {
+        /* Whitespace between name and colon is refused too (RFC 9112 5.1). */
+        if (!http1_tchar((unsigned char)line[i])) return http1req_bad(h, "invalid header");
+        i++;
+    }
+    if (i == 0 || i == n) return http1req_bad(h, "invalid header");
+    vb = i + 1;
+    while (vb < n && (line[vb] == ' ' || line[vb] == '\t'))
+        vb++;
+    ve = n;
+    while (ve > vb && (line[ve - 1] == ' ' || line[ve - 1] == '\t'))
+        ve--;
+    /* No control byte but HTAB: this refuses NUL (which would cut the value
+     * short), a bare CR and DEL. */
+    if (!http1_text_ok(line + vb, ve - vb)) return http1req_bad(h, "invalid header");
+    if (h->nfields == h->max_fields)
+        return http1req_fail(h, 431, "header_too_large", "too many header fields");
+    v = line + vb;
+    if (HTTP1_IS(line, i, "content-length"))
+        rc = http1req_length(h, v, ve - vb);
+    else if (HTTP1_IS(line, i, "transfer-encoding"))
+        rc = http1req_codings(h, seen, v, ve - vb);
+    else if (HTTP1_IS(line, i, "host"))
+        seen->hosts++;
+    else if (HTTP1_IS(line, i, "connection"))
+        http1req_connection(seen, v, ve - vb);
+    else if (HTTP1_IS(line, i, "expect")) {
+        if (!HTTP1_IS(v, ve - vb, "100-continue"))
+            return http1req_fail(h, 417, "expectation_failed", "only 100-continue is supported");
+        h->expect_continue = 1;
+    }
+    if (rc != 0) return rc;
+    f = &h->fields[h->nfields++];
+    f->name = (uint32_t)s;
+    f->name_len = (uint32_t)i;
+    f->value = (uint32_t)(s + vb);
+    f->value_len = (uint32_t)(ve - vb);
+    buf[s + i] = '\0';
+    buf[s + ve] = '\0'; /* the CR, the LF or trailing whitespace */
+    return 0;
+}
+
+int http1req_parse(char *buf, size_t len, http1req *h)
+{
+    http1req_seen seen = {0};
+    size_t off = 0, s, n;
+    int rc;
+
+    h->nfields = 0;
+    h->content_length = -1;
+    h->chunked = h->keep_alive = h->expect_continue = h->minor = 0;
+    h->error = h->error_code = NULL;
+    for (;;) { /* empty lines before the request line (RFC 9112 2.2) */
+        if (!http1req_line(buf, len, &off, &s, &n)) return http1req_bad(h, "malformed request");
+        if (n > 0) break;
+    }
+    rc = http1req_request_line(buf, s, n, h);
+    if (rc != 0) return rc;
+    while (http1req_line(buf, len, &off, &s, &n) && n > 0) {
+        rc = http1req_field_line(buf, s, n, h, &seen);
+        if (rc != 0) return rc;
+    }
+    if (seen.te) {
+        /* Both framings: two parsers on the path could pick different ones
+         * (request smuggling, RFC 9112 6.3). HTTP/1.0 has no chunked. */
+        if (h->content_length >= 0)
+            return http1req_bad(h, "both Transfer-Encoding and Content-Length");
+        if (h->minor == 0) return http1req_bad(h, "Transfer-Encoding in an HTTP/1.0 request");
+        if (seen.te_other || !h->chunked)
+            return http1req_fail(h, 501, "not_implemented", "unsupported transfer coding");
+    }
+    if (h->minor >= 1 && seen.hosts != 1)
+        return http1req_bad(h, seen.hosts ? "more than one Host header" : "missing Host header");
+    /* HTTP/1.1 stays open unless closed; HTTP/1.0 only when asked. */
+    h->keep_alive = h->minor >= 1 ? !seen.conn_close : seen.conn_keep_alive && !seen.conn_close;
+    /* A 1.0 client cannot wait for a 100 (RFC 9110 10.1.1): ignored. */
+    if (h->minor == 0) h->expect_continue = 0;
+    return 0;
+}
+
+const char *http1req_get(const char *buf, const http1req *h, const char *name)
+{
+    size_t nl = strlen(name);
+    for (size_t i = 0; i < h->nfields; i++) {
+        const http1req_field *f = &h->fields[i];
+        if (http1_is(buf + f->name, f->name_len, name, nl)) return buf + f->value;
+    }
+    return NULL;
+}

@@ -1,0 +1,1061 @@
+/* server.c: HTTP/1.1 server on the worker's loop (see server.h).
+ *
+ * Built for the fewest system calls per call: one recv for the request,
+ * one send (or writev) for the answer, and no epoll_ctl in the steady
+ * state. The client socket's read event (EV_READ|EV_PERSIST, level-
+ * triggered) stays armed for the whole life of the connection, also while
+ * a request is in flight: that is how a client that goes away is noticed
+ * (request_gone) without a second watcher. A wake-up does one recv, not a
+ * loop until EAGAIN: level triggering calls again if more is there. EV_WRITE
+ * is armed only after a partial write.
+ *
+ * A connection is in one state at a time:
+ *
+ *   IDLE --byte--> HEAD --head--> BODY --body--> BUSY --answer--> WRITE
+ *     ^                 \--(no body)-----------/                    |
+ *     +--------------- written, keep-alive ------------------------+
+ *                                   written, close: closed or LINGER
+ *
+ * Pipelined requests are answered one at a time, in order: bytes past the
+ * current request wait in the input buffer, which is never moved while a
+ * request exists (request.c keeps pointers into its head), so reading stops
+ * when that buffer is full and resumes after the answer.
+ *
+ * Timeouts cost no timer per connection: each state with a deadline has a
+ * list ordered by the time the connection entered it (all share one
+ * duration), and a per-worker tick closes what has passed its deadline. */
+#include "gateway/server.h"
+
+#include "billing/log.h"
+#include "gateway/http1.h"
+#include "gateway/http1req.h"
+#include "gateway/request.h"
+#include "gateway/worker.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <event2/event_struct.h>
+
+/* The whole request head (request line and headers), as MHD's connection
+ * memory allowed before: past it, 431. */
+#define SERVER_HEAD_MAX (16 * 1024)
+#define SERVER_MAX_FIELDS 128
+#define SERVER_BUF_MIN 4096
+/* Free input space kept past a head before request.c sees it (the buffer
+ * cannot move afterwards): room to read the body and to notice a client
+ * that leaves, and for pipelined bytes. */
+#define SERVER_ROOM 4096
+#define SERVER_IDLE_TIMEOUT_MS 60000 /* a keep-alive connection between requests */
+#define SERVER_IO_TIMEOUT_MS 30000   /* a body or an answer must make progress */
+#define SERVER_LINGER_MS 5000        /* draining a client's unread bytes before close */
+#define SERVER_ACCEPT_BATCH 64       /* accepts per wake-up: others' events get a turn */
+#define SERVER_COPY_BODY_MAX 16384   /* smaller bodies are copied behind the head: one send */
+#define SERVER_KEEP_BODY_CAP 65536   /* larger body buffers are freed after their request */
+#define SERVER_BACKOFF_MS 100        /* out of descriptors: pause accepting */
+
+enum server_state { CS_IDLE, CS_HEAD, CS_BODY, CS_BUSY, CS_WRITE, CS_LINGER };
+/* Timeout lists; L_NONE (requests in flight, answers being written without
+ * a partial write yet) has no deadline. */
+enum server_list { L_IDLE, L_HEAD, L_IO, L_LINGER, L_NONE, L_COUNT };
+
+struct server_conn {
+    server *s;
+    server_conn *prev, *next; /* in s->lists[list] */
+    int list;
+    uint64_t since_ms; /* when it entered that list */
+    int fd;
+    enum server_state state;
+    struct event rev, wev;
+    int reading; /* rev is added */
+    int eof;     /* no more bytes will come (closed, reset, or half-closed) */
+    int gone;    /* the client left while its request was in flight */
+    int in_cb;   /* inside a request_* call: server_reply_send only marks */
+    int replied; /* an answer is ready in out */
+    int reply_failed;
+    int close_after; /* this answer ends the connection */
+    int body_unread; /* answered before the whole body was read */
+    int head_req;    /* HEAD: the answer has no body */
+    /* Input: the current request's head at [0, head_len), then unparsed
+     * body bytes or pipelined requests. */
+    char *in;
+    size_t in_len, in_cap, scan, head_len, skip;
+    http1req req;
+    http1req_field fields[SERVER_MAX_FIELDS];
+    struct gw_request *r;
+    /* The body: de-chunked (bp), or Content-Length bytes (body_need). */
+    int chunked;
+    http1_parser bp;
+    char *body;
+    size_t body_len, body_cap, body_need;
+    /* The answer: head (and a small body) in out, a large body in wbody. */
+    char *out;
+    size_t out_len, out_cap, out_sent;
+    char *wbody;
+    size_t wbody_len, wbody_sent;
+    unsigned status;
+    int64_t reply_length;
+    struct sockaddr_storage peer;
+};
+
+struct server {
+    struct worker *w;
+    const gw_config *cfg;
+    struct event_base *base;
+    int lfd;
+    struct event *lev;     /* listening socket readable */
+    struct event *backoff; /* re-enables lev after EMFILE */
+    struct event *tick;    /* the timeout sweep */
+    server_conn *head[L_COUNT], *tail[L_COUNT];
+    uint64_t timeout_ms[L_COUNT];
+    int nconns, nwriting;
+    int stopping;
+    time_t date_s;
+    char date[64];
+    size_t date_len;
+};
+
+static int server_after_reply(server_conn *c);
+
+/* ---- lists and states ------------------------------------------------ */
+
+static void server_unlink(server_conn *c)
+{
+    server *s = c->s;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->head[c->list] = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        s->tail[c->list] = c->prev;
+    c->prev = c->next = NULL;
+}
+
+/* Moves C to the end of LIST (also when already in it: progress). */
+static void server_list(server_conn *c, int list)
+{
+    server *s = c->s;
+    server_unlink(c);
+    c->list = list;
+    c->since_ms = list == L_NONE ? 0 : worker_now_ms();
+    c->prev = s->tail[list];
+    if (s->tail[list])
+        s->tail[list]->next = c;
+    else
+        s->head[list] = c;
+    s->tail[list] = c;
+}
+
+static void server_set_state(server_conn *c, enum server_state st)
+{
+    if (c->state == CS_WRITE) c->s->nwriting--;
+    if (st == CS_WRITE) c->s->nwriting++;
+    c->state = st;
+}
+
+static void server_read_on(server_conn *c)
+{
+    if (c->reading || c->eof) return;
+    if (event_add(&c->rev, NULL) != 0) {
+        /* Without its read event the connection cannot go on. */
+        log_warn("client connection: cannot watch it; closing");
+        c->eof = 1;
+        return;
+    }
+    c->reading = 1;
+}
+
+static void server_read_off(server_conn *c)
+{
+    if (!c->reading) return;
+    event_del(&c->rev);
+    c->reading = 0;
+}
+
+/* ---- closing --------------------------------------------------------- */
+
+static void server_close(server_conn *c)
+{
+    server *s = c->s;
+    if (c->r) {
+        request_discard(c->r);
+        c->r = NULL;
+    }
+    server_set_state(c, CS_IDLE);
+    /* Also takes the read event off the active queue (event_active). */
+    event_del(&c->rev);
+    event_del(&c->wev);
+    close(c->fd);
+    server_unlink(c);
+    s->nconns--;
+    free(c->wbody);
+    free(c->in);
+    free(c->body);
+    free(c->out);
+    free(c);
+}
+
+/* Closes C after an answer. A client that may still be sending (a body we
+ * did not read, bytes past the answered request) would get a reset from a
+ * plain close, which can destroy the answer before it reads it; so writes
+ * are shut down and its bytes read and dropped until it closes too, or
+ * SERVER_LINGER_MS. 0: C is gone now. */
+static int server_end(server_conn *c)
+{
+    int unread = c->body_unread || c->in_len > c->head_len + c->skip;
+    if (c->eof || !unread || shutdown(c->fd, SHUT_WR) != 0) {
+        server_close(c);
+        return 0;
+    }
+    server_set_state(c, CS_LINGER);
+    server_list(c, L_LINGER);
+    server_read_on(c);
+    if (c->eof) {
+        server_close(c);
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- answers --------------------------------------------------------- */
+
+/* Reason phrases of the statuses the gateway and upstreams produce
+ * (sorted); others get "Unknown", which clients ignore anyway. */
+static const struct server_reason {
+    unsigned code;
+    const char *text;
+} server_reasons[] = {{100, "Continue"},
+                      {101, "Switching Protocols"},
+                      {102, "Processing"},
+                      {103, "Early Hints"},
+                      {200, "OK"},
+                      {201, "Created"},
+                      {202, "Accepted"},
+                      {203, "Non-Authoritative Information"},
+                      {204, "No Content"},
+                      {205, "Reset Content"},
+                      {206, "Partial Content"},
+                      {207, "Multi-Status"},
+                      {208, "Already Reported"},
+                      {226, "IM Used"},
+                      {300, "Multiple Choices"},
+                      {301, "Moved Permanently"},
+                      {302, "Found"},
+                      {303, "See Other"},
+                      {304, "Not Modified"},
+                      {305, "Use Proxy"},
+                      {307, "Temporary Redirect"},
+                      {308, "Permanent Redirect"},
+                      {400, "Bad Request"},
+                      {401, "Unauthorized"},
+                      {402, "Payment Required"},
+                      {403, "Forbidden"},
+                      {404, "Not Found"},
+                      {405, "Method Not Allowed"},
+                      {406, "Not Acceptable"},
+                      {407, "Proxy Authentication Required"},
+                      {408, "Request Timeout"},
+                      {409, "Conflict"},
+                      {410, "Gone"},
+                      {411, "Length Required"},
+                      {412, "Precondition Failed"},
+                      {413, "Content Too Large"},
+                      {414, "URI Too Long"},
+                      {415, "Unsupported Media Type"},
+                      {416, "Range Not Satisfiable"},
+                      {417, "Expectation Failed"},
+                      {418, "I'm a teapot"},
+                      {421, "Misdirected Request"},
+                      {422, "Unprocessable Content"},
+                      {423, "Locked"},
+                      {424, "Failed Dependency"},
+                      {425, "Too Early"},
+                      {426, "Upgrade Required"},
+                      {428, "Precondition Required"},
+                      {429, "Too Many Requests"},
+                      {431, "Request Header Fields Too Large"},
+                      {451, "Unavailable For Legal Reasons"},
+                      {500, "Internal Server Error"},
+                      {501, "Not Implemented"},
+                      {502, "Bad Gateway"},
+                      {503, "Service Unavailable"},
+                      {504, "Gateway Timeout"},
+                      {505, "HTTP Version Not Supported"},
+                      {506, "Variant Also Negotiates"},
+                      {507, "Insufficient Storage"},
+                      {508, "Loop Detected"},
+                      {510, "Not Extended"},
+                      {511, "Network Authentication Required"}};
+
+static const char *server_reason(unsigned status)
+{
+    size_t lo = 0, hi = sizeof server_reasons / sizeof server_reasons[0];
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (server_reasons[mid].code == status) return server_reasons[mid].text;
+        if (server_reasons[mid].code < status)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return "Unknown";
+}
+
+static void server_out(server_conn *c, const char *data, size_t n)
+{
+    if (c->reply_failed) return;
+    if (c->out_len + n > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 1024;
+        char *nb;
+        while (cap < c->out_len + n)
+            cap *= 2;
+        nb = realloc(c->out, cap);
+        if (!nb) {
+            c->reply_failed = 1;
+            return;
+        }
+        c->out = nb;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, data, n);
+    c->out_len += n;
+}
+
+#define SERVER_OUT_LIT(c, lit) server_out((c), (lit), sizeof(lit) - 1)
+
+/* The Date header's value, rebuilt once a second (a vDSO clock read per
+ * answer, no system call). */
+static void server_date(server *s)
+{
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    if (ts.tv_sec == s->date_s && s->date_len) return;
+    gmtime_r(&ts.tv_sec, &tm);
+    s->date_len = strftime(s->date, sizeof s->date, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+    s->date_s = ts.tv_sec;
+}
+
+void server_reply_begin(server_conn *c, unsigned status)
+{
+    char line[96];
+    int n;
+    server_date(c->s);
+    c->out_len = c->out_sent = 0;
+    c->reply_failed = 0;
+    c->reply_length = -1;
+    c->status = status;
+    n = snprintf(line, sizeof line, "HTTP/1.1 %03u %s\r\nDate: ", status, server_reason(status));
+    server_out(c, line, (size_t)n);
+    server_out(c, c->s->date, c->s->date_len);
+    SERVER_OUT_LIT(c, "\r\n");
+}
+
+void server_reply_header(server_conn *c, const char *name, const char *value)
+{
+    server_out(c, name, strlen(name));
+    SERVER_OUT_LIT(c, ": ");
+    server_out(c, value, strlen(value));
+    SERVER_OUT_LIT(c, "\r\n");
+}
+
+void server_reply_length(server_conn *c, int64_t len)
+{
+    c->reply_length = len;
+}
+
+void server_reply_send(server_conn *c, char *body, size_t len, int take)
+{
+    server *s = c->s;
+    /* RFC 9110 6.4.1: 1xx, 204 and 304 have no content; 1xx and 204 no
+     * Content-Length either, and 304 is sent without one too (it would
+     * have to be the GET answer's, which we do not know). */
+    int bodiless = c->status < 200 || c->status == 204 || c->status == 304;
+    int send_body = !bodiless && !c->head_req && len > 0;
+    char num[48];
+    int n;
+
+    c->close_after = !c->req.keep_alive || s->stopping || c->body_unread || c->eof;
+    if (!bodiless) {
+        /* HEAD: the length a GET would get, and no body. */
+        int64_t cl = c->head_req && c->reply_length >= 0 ? c->reply_length : (int64_t)len;
+        n = snprintf(num, sizeof num, "Content-Length: %lld\r\n", (long long)cl);
+        server_out(c, num, (size_t)n);
+    }
+    if (c->close_after)
+        SERVER_OUT_LIT(c, "Connection: close\r\n");
+    else if (c->req.minor == 0)
+        SERVER_OUT_LIT(c, "Connection: keep-alive\r\n"); /* HTTP/1.0 closes unless told */
+    SERVER_OUT_LIT(c, "\r\n");
+    if (send_body && (!take || len <= SERVER_COPY_BODY_MAX)) {
+        server_out(c, body, len);
+        send_body = 0;
+    }
+    if (send_body) {
+        c->wbody = body; /* writev'd behind the head, freed when written */
+        c->wbody_len = len;
+    } else if (take) {
+        free(body);
+    }
+    c->r = NULL; /* request.c is done with C */
+    c->replied = 1;
+    if (c->in_cb) return; /* the server's caller goes on from here */
+    if (server_after_reply(c) && c->state == CS_IDLE && c->in_len > 0) {
+        /* Pipelined bytes: parsed from the loop, not inside request.c's
+         * call stack. EV_TIMEOUT marks "process, do not read". */
+        event_active(&c->rev, EV_TIMEOUT, 1);
+    }
+}
+
+/* The protocol's own answers (request.c never saw the request): a JSON
+ * error, then the connection ends, since what follows in the stream cannot
+ * be trusted. 0: C is gone. */
+static int server_fail(server_conn *c, unsigned status, const char *code, const char *msg)
+{
+    char buf[256];
+    int n = snprintf(buf, sizeof buf, "{\"error\":\"%s\",\"message\":\"%s\"}", code, msg);
+    if (c->r) {
+        request_discard(c->r);
+        c->r = NULL;
+    }
+    c->body_unread = 1;
+    server_reply_begin(c, status);
+    SERVER_OUT_LIT(c, "Content-Type: application/json\r\n");
+    c->in_cb++;
+    server_reply_send(c, buf, (size_t)n, 0);
+    c->in_cb--;
+    return server_after_reply(c);
+}
+
+/* The answer is written: ready for the next request, or closed. */
+static int server_answer_done(server_conn *c)
+{
+    size_t used = c->head_len + c->skip;
+    free(c->wbody);
+    c->wbody = NULL;
+    c->wbody_len = c->wbody_sent = 0;
+    c->out_len = c->out_sent = 0;
+    if (c->close_after || c->eof) return server_end(c);
+    /* Drop the answered request; what follows is the next one's. */
+    if (c->in_len > used) memmove(c->in, c->in + used, c->in_len - used);
+    c->in_len -= used;
+    c->head_len = c->skip = c->scan = 0;
+    c->body_len = c->body_need = 0;
+    c->body_unread = c->chunked = c->head_req = 0;
+    if (c->body_cap > SERVER_KEEP_BODY_CAP) {
+        free(c->body);
+        c->body = NULL;
+        c->body_cap = 0;
+    }
+    server_set_state(c, CS_IDLE);
+    server_list(c, L_IDLE);
+    server_read_on(c);
+    if (c->eof) {
+        server_close(c);
+        return 0;
+    }
+    return 1;
+}
+
+/* Writes what is left of the answer: head and body in one call. 0: C is
+ * gone. */
+static int server_flush(server_conn *c)
+{
+    for (;;) {
+        struct iovec iov[2];
+        int niov = 0;
+        ssize_t n;
+        size_t head_left = c->out_len - c->out_sent, body_left = c->wbody_len - c->wbody_sent;
+        if (head_left) {
+            iov[niov].iov_base = c->out + c->out_sent;
+            iov[niov++].iov_len = head_left;
+        }
+        if (body_left) {
+            iov[niov].iov_base = c->wbody + c->wbody_sent;
+            iov[niov++].iov_len = body_left;
+        }
+        if (niov == 0) return server_answer_done(c);
+        if (niov == 1)
+            n = send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+        else
+            n = writev(c->fd, iov, niov);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            server_close(c); /* reset or broken pipe: nobody to answer */
+            return 0;
+        }
+        if ((size_t)n >= head_left) {
+            c->out_sent = c->out_len;
+            c->wbody_sent += (size_t)n - head_left;
+        } else {
+            c->out_sent += (size_t)n;
+        }
+        /* Short: the socket is full; another try now would fail. */
+        if (c->out_sent < c->out_len || c->wbody_sent < c->wbody_len) break;
+    }
+    /* Partial write: wait until the socket drains, within the I/O timeout. */
+    server_list(c, L_IO);
+    if (event_add(&c->wev, NULL) != 0) {
+        server_close(c);
+        return 0;
+    }
+    return 1;
+}
+
+static int server_after_reply(server_conn *c)
+{
+    c->replied = 0;
+    if (c->gone || c->reply_failed) {
+        if (c->reply_failed) log_warn("client connection: cannot build an answer; closing");
+        server_close(c);
+        return 0;
+    }
+    server_set_state(c, CS_WRITE);
+    server_list(c, L_NONE);
+    return server_flush(c);
+}
+
+static void server_on_write(evutil_socket_t fd, short what, void *arg)
+{
+    server_conn *c = arg;
+    if (server_flush(c) && c->state == CS_IDLE && c->in_len > 0)
+        event_active(&c->rev, EV_TIMEOUT, 1);
+}
+
+/* ---- requests -------------------------------------------------------- */
+
+/* The body is in: request.c goes on. 0: C is gone. */
+static int server_dispatch(server_conn *c)
+{
+    server_set_state(c, CS_BUSY);
+    server_list(c, L_NONE);
+    c->in_cb++;
+    request_body_done(c->r);
+    c->in_cb--;
+    return c->replied ? server_after_reply(c) : 1;
+}
+
+/* Appends N body bytes (the bound was checked by the framing). */
+static int server_body_append(server_conn *c, const char *data, size_t n)
+{
+    if (c->body_len + n > c->body_cap) {
+        size_t cap = c->body_cap ? c->body_cap : 1024;
+        char *nb;
+        while (cap < c->body_len + n)
+            cap *= 2;
+        nb = realloc(c->body, cap);
+        if (!nb) return -1;
+        c->body = nb;
+        c->body_cap = cap;
+    }
+    memcpy(c->body + c->body_len, data, n);
+    c->body_len += n;
+    return 0;
+}
+
+/* Takes the body bytes that are in the input buffer. 0: C is gone. */
+static int server_read_body(server_conn *c)
+{
+    size_t off = c->head_len;
+    int done = 0;
+    if (!c->chunked) {
+        size_t n = c->in_len - off;
+        if (n > c->body_need - c->body_len) n = c->body_need - c->body_len;
+        memcpy(c->body + c->body_len, c->in + off, n);
+        c->body_len += n;
+        off += n;
+        done = c->body_len == c->body_need;
+    } else {
+        for (;;) {
+            http1_event ev;
+            size_t used = 0;
+            enum http1_ev e = http1_next(&c->bp, c->in + off, c->in_len - off, &used, &ev);
+            off += used;
+            if (e == HTTP1_BODY) {
+                if (server_body_append(c, ev.data, ev.len) != 0)
+                    return server_fail(c, 500, "internal", "out of memory");
+                continue;
+            }
+            if (e == HTTP1_TOO_LARGE)
+                return server_fail(c, 413, "request_too_large", "request body too large");
+            if (e == HTTP1_MALFORMED)
+                return server_fail(c, 400, "bad_request", "malformed chunked body");
+            done = e == HTTP1_DONE;
+            break;
+        }
+    }
+    /* Consumed bytes go; the head stays where it is. */
+    if (off > c->head_len) {
+        memmove(c->in + c->head_len, c->in + off, c->in_len - off);
+        c->in_len -= off - c->head_len;
+    }
+    if (done) return server_dispatch(c);
+    server_list(c, L_IO); /* progress */
+    return 1;
+}
+
+/* A complete head at [0, END): parse it and hand it to request.c. 0: C is
+ * gone. */
+static int server_start_request(server_conn *c, size_t end)
+{
+    server *s = c->s;
+    int status, has_body, buffered;
+    gw_request *r;
+
+    c->head_len = end;
+    c->scan = 0;
+    c->head_req = 0;
+    c->req.fields = c->fields;
+    c->req.max_fields = SERVER_MAX_FIELDS;
+    status = http1req_parse(c->in, end, &c->req);
+    if (status != 0) return server_fail(c, (unsigned)status, c->req.error_code, c->req.error);
+    c->head_req = strcmp(c->in + c->req.method, "HEAD") == 0;
+    /* Refused from the length alone: no 100 Continue, the body is not read. */
+    if (c->req.content_length > s->cfg->max_body)
+        return server_fail(c, 413, "request_too_large", "request body too large");
+    /* From here on request.c may keep pointers into the head, so the buffer
+     * gets its final size now. */
+    if (c->in_cap - c->in_len < SERVER_ROOM) {
+        char *nb = realloc(c->in, c->in_len + SERVER_ROOM);
+        if (!nb) return server_fail(c, 500, "internal", "out of memory");
+        c->in = nb;
+        c->in_cap = c->in_len + SERVER_ROOM;
+    }
+    c->chunked = c->req.chunked;
+    has_body = c->chunked || c->req.content_length > 0;
+    /* Should request.c answer from the head alone, a body already here in
+     * full is skipped and the connection kept; otherwise the connection
+     * ends after that answer (decided before the answer is built). */
+    buffered = !c->chunked && c->in_len - c->head_len >= (size_t)c->req.content_length;
+    c->body_unread = has_body && !buffered;
+    c->in_cb++;
+    r = request_head(s->w, c);
+    c->in_cb--;
+    if (c->replied) {
+        if (has_body && buffered) c->skip = (size_t)c->req.content_length;
+        return server_after_reply(c);
+    }
+    c->body_unread = 0;
+    if (!r) return server_fail(c, 500, "internal", "out of memory");
+    c->r = r;
+    if (!has_body) return server_dispatch(c);
+    c->body_len = 0;
+    if (c->chunked) {
+        /* Trailers are skipped, within half the room past the head: a
+         * line never has to wait for space the buffer cannot give. */
+        http1_init_body(&c->bp, HTTP1_CHUNKED, 0, SERVER_ROOM / 2, (uint64_t)s->cfg->max_body);
+    } else {
+        c->body_need = (size_t)c->req.content_length;
+        if (c->body_cap < c->body_need) {
+            char *nb = realloc(c->body, c->body_need);
+            if (!nb) return server_fail(c, 500, "internal", "out of memory");
+            c->body = nb;
+            c->body_cap = c->body_need;
+        }
+    }
+    if (c->req.expect_continue && c->in_len == c->head_len) {
+        /* The client waits for this before it sends the body. Nothing else
+         * is queued on the socket, so 25 bytes that do not go at once mean
+         * a broken connection. */
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        if (send(c->fd, cont, sizeof cont - 1, MSG_NOSIGNAL) != (ssize_t)(sizeof cont - 1)) {
+            server_close(c);
+            return 0;
+        }
+    }
+    server_set_state(c, CS_BODY);
+    server_list(c, L_IO);
+    return server_read_body(c);
+}
+
+/* Parses what the input buffer holds, as far as the state allows. 0: C is
+ * gone. */
+static int server_process(server_conn *c)
+{
+    for (;;) {
+        long end;
+        switch (c->state) {
+        case CS_IDLE:
+            if (c->in_len == 0) return 1;
+            /* The first byte of a request: its head has a deadline. */
+            server_set_state(c, CS_HEAD);
+            server_list(c, L_HEAD);
+            /* fall through */
+        case CS_HEAD:
+            end = http1req_head_end(c->in, c->in_len, SERVER_HEAD_MAX, &c->scan);
+            if (end == 0) return 1;
+            if (end < 0) return server_fail(c, 431, "header_too_large", "request head too large");
+            if (!server_start_request(c, (size_t)end)) return 0;
+            break;
+        case CS_BODY:
+            if (c->in_len == c->head_len) return 1;
+            if (!server_read_body(c)) return 0;
+            if (c->state == CS_BODY) return 1;
+            break;
+        default:
+            return 1;
+        }
+    }
+}
+
+/* The client closed (or reset) its side. 0: C is gone. */
+static int server_on_eof(server_conn *c)
+{
+    c->eof = 1;
+    server_read_off(c);
+    switch (c->state) {
+    case CS_BUSY:
+        /* Gone while its call is in flight: as before, a half-close counts
+         * too (it cannot be told from a close here). request.c aborts the
+         * upstream call and releases the hold; its answer is dropped. */
+        c->gone = 1;
+        c->in_cb++;
+        request_gone(c->r);
+        c->in_cb--;
+        if (c->replied) {
+            server_close(c);
+            return 0;
+        }
+        return 1;
+    case CS_WRITE:
+        return 1; /* finish writing, then close */
+    default:
+        server_close(c); /* idle, partial head or body (request discarded), lingering */
+        return 0;
+    }
+}
+
+static void server_on_read(evutil_socket_t fd, short what, void *arg)
+{
+    server_conn *c = arg;
+    char *dst;
+    size_t room;
+    ssize_t n;
+
+    if (what & EV_TIMEOUT) { /* event_active: process what is buffered */
+        server_process(c);
+        return;
+    }
+    if (c->state == CS_LINGER) {
+        char junk[4096];
+        n = recv(fd, junk, sizeof junk, 0);
+        if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
+        server_close(c);
+        return;
+    }
+    if (c->state == CS_BODY && !c->chunked && c->in_len == c->head_len) {
+        /* The rest of a Content-Length body: straight into its buffer. */
+        dst = c->body + c->body_len;
+        room = c->body_need - c->body_len;
+    } else {
+        if (c->in_len == c->in_cap) {
+            /* Before a request exists the buffer may grow to the head bound
+             * (http1req_head_end refuses past it); afterwards it may not
+             * move: stop reading until the answer. */
+            size_t cap = c->in_cap ? c->in_cap * 2 : SERVER_BUF_MIN;
+            char *nb;
+            if (c->state != CS_IDLE && c->state != CS_HEAD) {
+                server_read_off(c);
+                return;
+            }
+            if (cap > SERVER_HEAD_MAX) cap = SERVER_HEAD_MAX;
+            /* Cannot happen: a full head bound is refused (431) before. */
+            nb = cap > c->in_cap ? realloc(c->in, cap) : NULL;
+            if (!nb) {
+                server_close(c);
+                return;
+            }
+            c->in = nb;
+            c->in_cap = cap;
+        }
+        dst = c->in + c->in_len;
+        room = c->in_cap - c->in_len;
+    }
+    n = recv(fd, dst, room, 0);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        server_on_eof(c); /* reset: the same as a close */
+        return;
+    }
+    if (n == 0) {
+        server_on_eof(c);
+        return;
+    }
+    if (dst == c->body + c->body_len) {
+        c->body_len += (size_t)n;
+        if (c->body_len == c->body_need)
+            server_dispatch(c);
+        else
+            server_list(c, L_IO);
+        return;
+    }
+    c->in_len += (size_t)n;
+    if (c->state == CS_BUSY || c->state == CS_WRITE) {
+        /* Pipelined: kept for after the answer. */
+        if (c->in_len == c->in_cap) server_read_off(c);
+        return;
+    }
+    server_process(c);
+}
+
+/* ---- accepting ------------------------------------------------------- */
+
+static void server_on_backoff(evutil_socket_t fd, short what, void *arg)
+{
+    server *s = arg;
+    if (s->lev && event_add(s->lev, NULL) != 0) log_error("cannot watch the listening socket");
+}
+
+static void server_new_conn(server *s, int fd, const struct sockaddr_storage *peer)
+{
+    int one = 1;
+    server_conn *c;
+    /* Small answers go out at once, not after the client's delayed ACK. */
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+        log_debug("TCP_NODELAY: %s", strerror(errno));
+    c = calloc(1, sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->s = s;
+    c->fd = fd;
+    c->peer = *peer;
+    c->list = L_NONE;
+    c->state = CS_HEAD; /* the first request's head is due within the head timeout */
+    c->req.keep_alive = 1;
+    c->req.minor = 1;
+    event_assign(&c->rev, s->base, fd, EV_READ | EV_PERSIST, server_on_read, c);
+    event_assign(&c->wev, s->base, fd, EV_WRITE, server_on_write, c);
+    /* Linked before anything can close it. */
+    c->prev = s->tail[L_NONE];
+    if (s->tail[L_NONE])
+        s->tail[L_NONE]->next = c;
+    else
+        s->head[L_NONE] = c;
+    s->tail[L_NONE] = c;
+    s->nconns++;
+    server_list(c, L_HEAD);
+    server_read_on(c);
+    if (c->eof) server_close(c);
+}
+
+static void server_on_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    server *s = arg;
+    for (int i = 0; i < SERVER_ACCEPT_BATCH; i++) {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof peer;
+        int fd;
+        memset(&peer, 0, sizeof peer);
+        fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* The socket stays readable (level-triggered): without a
+                 * pause this would spin until a descriptor frees up. */
+                struct timeval tv = {0, SERVER_BACKOFF_MS * 1000};
+                log_warn("accept: %s; pausing accepts", strerror(errno));
+                event_del(s->lev);
+                evtimer_add(s->backoff, &tv);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                log_warn("accept: %s", strerror(errno));
+            }
+            return;
+        }
+        /* Over the limit: accepted and closed at once, so the client learns
+         * now instead of waiting in a backlog that SO_REUSEPORT would not
+         * hand to another worker anyway. */
+        if (s->nconns >= s->cfg->max_connections) {
+            close(fd);
+            continue;
+        }
+        server_new_conn(s, fd, &peer);
+    }
+}
+
+/* ---- the timeout sweep ----------------------------------------------- */
+
+static void server_on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    server *s = arg;
+    uint64_t now = worker_now_ms();
+    for (int l = 0; l < L_NONE; l++) {
+        while (s->head[l] && now - s->head[l]->since_ms >= s->timeout_ms[l]) {
+            server_conn *c = s->head[l];
+            if (l == L_HEAD && c->in_len > 0)
+                log_info("client connection: request head not complete within %llu ms; closing",
+                         (unsigned long long)s->timeout_ms[l]);
+            server_close(c);
+        }
+    }
+}
+
+/* ---- setup and teardown ---------------------------------------------- */
+
+static int server_listen(const gw_config *cfg)
+{
+    struct addrinfo hints, *res = NULL;
+    char port[16];
+    int fd = -1, one = 1, rc;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    snprintf(port, sizeof port, "%d", cfg->listen_port);
+    rc = getaddrinfo(cfg->listen_host, port, &hints, &res);
+    if (rc != 0 || !res) {
+        log_error("GATEWAY_LISTEN host %s: %s", cfg->listen_host, gai_strerror(rc));
+        goto fail;
+    }
+    fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) goto fail_errno;
+    /* One listening socket per worker on the same port: the kernel spreads
+     * new connections over them. */
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+        bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 1024) != 0)
+        goto fail_errno;
+    freeaddrinfo(res);
+    return fd;
+fail_errno:
+    log_error("cannot listen on %s:%d: %s", cfg->listen_host, cfg->listen_port, strerror(errno));
+fail:
+    if (fd >= 0) close(fd);
+    if (res) freeaddrinfo(res);
+    return -1;
+}
+
+int server_new(struct worker *w, const gw_config *cfg, server **out)
+{
+    server *s = calloc(1, sizeof *s);
+    uint64_t tick_ms;
+    struct timeval tv;
+    if (!s) goto oom;
+    s->w = w;
+    s->cfg = cfg;
+    s->base = w->base;
+    s->timeout_ms[L_IDLE] = SERVER_IDLE_TIMEOUT_MS;
+    s->timeout_ms[L_HEAD] = (uint64_t)cfg->head_timeout_ms;
+    s->timeout_ms[L_IO] = SERVER_IO_TIMEOUT_MS;
+    s->timeout_ms[L_LINGER] = SERVER_LINGER_MS;
+    s->lfd = server_listen(cfg);
+    if (s->lfd < 0) {
+        free(s);
+        return -1;
+    }
+    s->lev = event_new(s->base, s->lfd, EV_READ | EV_PERSIST, server_on_accept, s);
+    s->backoff = evtimer_new(s->base, server_on_backoff, s);
+    s->tick = event_new(s->base, -1, EV_PERSIST, server_on_tick, s);
+    /* A second's precision is plenty for these timeouts, unless the head
+     * timeout is set shorter (tests). */
+    tick_ms = (uint64_t)cfg->head_timeout_ms / 4;
+    if (tick_ms > 1000) tick_ms = 1000;
+    if (tick_ms < 10) tick_ms = 10;
+    tv.tv_sec = (time_t)(tick_ms / 1000);
+    tv.tv_usec = (suseconds_t)((tick_ms % 1000) * 1000);
+    if (!s->lev || !s->backoff || !s->tick || event_add(s->lev, NULL) != 0 ||
+        event_add(s->tick, &tv) != 0) {
+        server_free(s);
+        goto oom;
+    }
+    *out = s;
+    return 0;
+oom:
+    log_error("server: out of memory");
+    return -1;
+}
+
+static void server_close_listener(server *s)
+{
+    if (s->lev) event_free(s->lev);
+    s->lev = NULL;
+    if (s->backoff) evtimer_del(s->backoff);
+    if (s->lfd >= 0) close(s->lfd);
+    s->lfd = -1;
+}
+
+void server_quiesce(server *s)
+{
+    server_conn *c, *next;
+    if (s->stopping) return;
+    s->stopping = 1;
+    /* Connections still in the listen queue are reset by the close, as
+     * MHD's quiesce did; new ones are refused. */
+    server_close_listener(s);
+    for (c = s->head[L_IDLE]; c; c = next) {
+        next = c->next;
+        server_close(c);
+    }
+    for (c = s->head[L_HEAD]; c; c = next) {
+        next = c->next;
+        if (c->in_len == 0) server_close(c); /* connected, nothing sent yet */
+    }
+}
+
+int server_writing(const server *s)
+{
+    return s->nwriting;
+}
+
+void server_free(server *s)
+{
+    if (!s) return;
+    for (int l = 0; l < L_COUNT; l++)
+        while (s->head[l])
+            server_close(s->head[l]);
+    server_close_listener(s);
+    if (s->backoff) event_free(s->backoff);
+    if (s->tick) event_free(s->tick);
+    free(s);
+}
+
+/* ---- accessors --------------------------------------------------------- */
+
+const char *server_method(const server_conn *c)
+{
+    return c->in + c->req.method;
+}
+
+const char *server_target(const server_conn *c)
+{
+    return c->in + c->req.target;
+}
+
+const char *server_header(const server_conn *c, const char *name)
+{
+    return http1req_get(c->in, &c->req, name);
+}
+
+size_t server_header_count(const server_conn *c)
+{
+    return c->req.nfields;
+}
+
+void server_header_at(const server_conn *c, size_t i, const char **name, const char **value)
+{
+    *name = c->in + c->req.fields[i].name;
+    *value = c->in + c->req.fields[i].value;
+}
+
+const struct sockaddr *server_peer(const server_conn *c)
+{
+    return (const struct sockaddr *)&c->peer;
+}
+
+const char *server_body(const server_conn *c, size_t *len)
+{
+    *len = c->body_len;
+    return c->body;
+}

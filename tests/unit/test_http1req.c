@@ -1,0 +1,327 @@
+/* test_http1req.c: the request-head parser (gateway/http1req.c) on byte
+ * strings: where a head ends (fed at every split, leading empty lines, LF
+ * line ends, the bound), the request line, header syntax (obs-fold, NUL,
+ * bare CR, whitespace before the colon), Content-Length (digits only,
+ * repeats), Transfer-Encoding (chunked only, not with Content-Length, not in
+ * HTTP/1.0), Host, Expect, keep-alive by version and Connection, the field
+ * count bound, in-place NUL termination and lookups; and the request-body
+ * start of http1.c (http1_init_body) the server uses after it. Needs no
+ * service. Exit 0 when every check holds. */
+#include "gateway/http1.h"
+#include "gateway/http1req.h"
+#include "tests/unit/check.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD 1024
+#define NFIELDS 8
+
+typedef struct parsed {
+    char buf[4096];
+    http1req h;
+    http1req_field fields[NFIELDS];
+    int status;
+} parsed;
+
+/* Parses the NUL-terminated head S (complete). */
+static int parse(const char *s, parsed *p)
+{
+    size_t len = strlen(s), scan = 0;
+    long end;
+    memset(p, 0, sizeof *p);
+    memcpy(p->buf, s, len);
+    end = http1req_head_end(p->buf, len, MAX_HEAD, &scan);
+    if (end <= 0) return -1;
+    p->h.fields = p->fields;
+    p->h.max_fields = NFIELDS;
+    p->status = http1req_parse(p->buf, (size_t)end, &p->h);
+    return p->status;
+}
+
+/* Same, for heads holding a NUL (the length is given). */
+static int parse_n(const char *s, size_t len, parsed *p)
+{
+    size_t scan = 0;
+    long end;
+    memset(p, 0, sizeof *p);
+    memcpy(p->buf, s, len);
+    end = http1req_head_end(p->buf, len, MAX_HEAD, &scan);
+    if (end <= 0) return -1;
+    p->h.fields = p->fields;
+    p->h.max_fields = NFIELDS;
+    return http1req_parse(p->buf, (size_t)end, &p->h);
+}
+
+static void test_head_end(void)
+{
+    const char *req = "\r\n\nGET / HTTP/1.1\r\nHost: x\r\nA: b\r\n\r\nNEXT";
+    size_t len = strlen(req), scan;
+    long want = (long)(strstr(req, "NEXT") - req), end;
+    /* Whole, then cut at every byte: complete exactly once all of it is there. */
+    for (size_t cut = 0; cut <= len; cut++) {
+        scan = 0;
+        end = http1req_head_end(req, cut, MAX_HEAD, &scan);
+        if (cut < (size_t)want) {
+            CHECK(end == 0);
+            /* Resuming from SCAN with the rest finds the same end. */
+            end = http1req_head_end(req, len, MAX_HEAD, &scan);
+        }
+        CHECK(end == want);
+    }
+    /* One byte at a time, resuming. */
+    scan = 0;
+    end = 0;
+    for (size_t n = 1; n <= len && end == 0; n++)
+        end = http1req_head_end(req, n, MAX_HEAD, &scan);
+    CHECK(end == want);
+    /* LF-only line ends. */
+    scan = 0;
+    CHECK(http1req_head_end("GET / HTTP/1.0\n\nX", 17, MAX_HEAD, &scan) == 16);
+    /* A CR that is not part of CRLF does not end a head. */
+    scan = 0;
+    CHECK(http1req_head_end("GET / HTTP/1.0\r\n\r\r\n", 19, MAX_HEAD, &scan) == 0);
+    /* Only empty lines: not a head yet. */
+    scan = 0;
+    CHECK(http1req_head_end("\r\n\r\n\n", 5, MAX_HEAD, &scan) == 0);
+    /* The bound: a head that does not end within MAX is refused. */
+    {
+        char big[MAX_HEAD + 64];
+        memset(big, 'a', sizeof big);
+        memcpy(big, "GET / HTTP/1.1\r\nX: ", 19);
+        scan = 0;
+        CHECK(http1req_head_end(big, MAX_HEAD - 1, MAX_HEAD, &scan) == 0);
+        scan = 0;
+        CHECK(http1req_head_end(big, MAX_HEAD, MAX_HEAD, &scan) == -1);
+        scan = 0;
+        CHECK(http1req_head_end(big, sizeof big, MAX_HEAD, &scan) == -1);
+        /* Ending exactly at the bound is fine. */
+        memcpy(big + MAX_HEAD - 4, "\r\n\r\n", 4);
+        scan = 0;
+        CHECK(http1req_head_end(big, sizeof big, MAX_HEAD, &scan) == MAX_HEAD);
+    }
+}
+
+static void test_good(void)
+{
+    parsed p;
+    const char *v;
+    CHECK(parse("\r\nPOST /v1/a?b=c%20d HTTP/1.1\r\nHost: example\r\nX-Empty:\r\n"
+                "X-Pad:  \t padded value \t \r\ncontent-length: 12\r\nX-Latin: caf\xe9\r\n\r\n",
+                &p) == 0);
+    CHECK(strcmp(p.buf + p.h.method, "POST") == 0 && p.h.method_len == 4);
+    CHECK(strcmp(p.buf + p.h.target, "/v1/a?b=c%20d") == 0);
+    CHECK(p.h.minor == 1 && p.h.keep_alive == 1 && p.h.content_length == 12 && !p.h.chunked);
+    CHECK(p.h.nfields == 5);
+    CHECK(strcmp(p.buf + p.fields[0].name, "Host") == 0);
+    CHECK(strcmp(p.buf + p.fields[1].value, "") == 0 && p.fields[1].value_len == 0);
+    v = http1req_get(p.buf, &p.h, "x-pad");
+    CHECK(v && strcmp(v, "padded value") == 0);
+    v = http1req_get(p.buf, &p.h, "X-LATIN");
+    CHECK(v && strcmp(v, "caf\xe9") == 0); /* obs-text passes */
+    CHECK(http1req_get(p.buf, &p.h, "missing") == NULL);
+    /* LF line ends, HTTP/1.0 needs no Host. */
+    CHECK(parse("GET / HTTP/1.0\nX-A: 1\n\n", &p) == 0);
+    CHECK(p.h.minor == 0 && p.h.keep_alive == 0 && p.h.content_length == -1);
+    /* Absolute-form and asterisk targets pass the parser (request.c decides). */
+    CHECK(parse("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", &p) == 0);
+    CHECK(parse("GET http://x/a HTTP/1.1\r\nHost: x\r\n\r\n", &p) == 0);
+    /* HTTP/1.2 reads as 1.1. */
+    CHECK(parse("GET / HTTP/1.2\r\nHost: x\r\n\r\n", &p) == 0 && p.h.minor == 1);
+}
+
+static void test_request_line(void)
+{
+    parsed p;
+    const char *bad[] = {
+        "GET\r\nHost: x\r\n\r\n",
+        "GET /\r\nHost: x\r\n\r\n",
+        "GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET / HTTP/1.1 \r\nHost: x\r\n\r\n",
+        " GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET / http/1.1\r\nHost: x\r\n\r\n",
+        "GET / HTTP/1.10\r\nHost: x\r\n\r\n",
+        "GET / HTTP/1\r\nHost: x\r\n\r\n",
+        "GET / HTTP/x.1\r\nHost: x\r\n\r\n",
+        "G(T / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /a\tb HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int rc = parse(bad[i], &p);
+        if (rc != 400) fprintf(stderr, "request line case %zu: %d\n", i, rc);
+        CHECK(rc == 400);
+        CHECK(p.h.error && strcmp(p.h.error_code, "bad_request") == 0);
+    }
+    CHECK(parse("GET / HTTP/2.0\r\nHost: x\r\n\r\n", &p) == 505);
+    CHECK(parse("GET / HTTP/0.9\r\nHost: x\r\n\r\n", &p) == 505);
+    /* A NUL in the request line. */
+    CHECK(parse_n("GET /a\0b HTTP/1.1\r\nHost: x\r\n\r\n", 31, &p) == 400);
+}
+
+static void test_fields(void)
+{
+    parsed p;
+    const char *bad[] = {
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",  /* obs-fold */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\tfolded\r\n\r\n", /* obs-fold, tab */
+        "GET / HTTP/1.1\r\n Host: x\r\n\r\n",                      /* fold of the request line */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",            /* space before the colon */
+        "GET / HTTP/1.1\r\nHost: x\r\nX A: 1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\n: 1\r\n\r\n", /* empty name */
+        "GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", /* bare CR */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01"
+        "b\r\n\r\n",                                       /* control byte */
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x7f\r\n\r\n", /* DEL */
+        "GET / HTTP/1.1\r\nHost: x\r\nX@A: 1\r\n\r\n",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int rc = parse(bad[i], &p);
+        if (rc != 400) fprintf(stderr, "field case %zu: %d\n", i, rc);
+        CHECK(rc == 400);
+    }
+    /* A NUL in a value is refused, not cut short. */
+    {
+        static const char nul[] = "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n";
+        CHECK(parse_n(nul, sizeof nul - 1, &p) == 400);
+        static const char nul2[] = "GET / HTTP/1.1\r\nHost: x\r\nX-\0A: ab\r\n\r\n";
+        CHECK(parse_n(nul2, sizeof nul2 - 1, &p) == 400);
+    }
+    /* Too many fields: 431. NFIELDS fit. */
+    {
+        char req[1024];
+        size_t n = (size_t)snprintf(req, sizeof req, "GET / HTTP/1.1\r\nHost: x\r\n");
+        for (int i = 1; i < NFIELDS; i++)
+            n += (size_t)snprintf(req + n, sizeof req - n, "X-%d: v\r\n", i);
+        snprintf(req + n, sizeof req - n, "\r\n");
+        CHECK(parse(req, &p) == 0 && p.h.nfields == NFIELDS);
+        snprintf(req + n, sizeof req - n, "X-Last: v\r\n\r\n");
+        CHECK(parse(req, &p) == 431);
+        CHECK(strcmp(p.h.error_code, "header_too_large") == 0);
+    }
+}
+
+static void test_framing(void)
+{
+    parsed p;
+    const char *h = "POST / HTTP/1.1\r\nHost: x\r\n";
+    char req[512];
+#define REQ(extra) (snprintf(req, sizeof req, "%s%s\r\n", h, extra), req)
+    CHECK(parse(REQ("Content-Length: 0\r\n"), &p) == 0 && p.h.content_length == 0);
+    CHECK(parse(REQ("Content-Length: 007\r\n"), &p) == 0 && p.h.content_length == 7);
+    CHECK(parse(REQ("Content-Length: 5\r\nContent-Length: 5\r\n"), &p) == 0 &&
+          p.h.content_length == 5);
+    CHECK(parse(REQ("Content-Length: 5\r\nContent-Length: 6\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 5, 5\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: -1\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: +1\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 0x10\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 1 2\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length:\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 99999999999999999999\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 999999999999999999\r\n"), &p) == 0); /* the server: 413 */
+    CHECK(parse(REQ("Transfer-Encoding: chunked\r\n"), &p) == 0 && p.h.chunked &&
+          p.h.content_length == -1);
+    CHECK(parse(REQ("Transfer-Encoding: Chunked\r\n"), &p) == 0 && p.h.chunked);
+    /* Smuggling: both framings, in either order. */
+    CHECK(parse(REQ("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"), &p) == 400);
+    CHECK(parse(REQ("Content-Length: 3\r\nTransfer-Encoding: gzip\r\n"), &p) == 400);
+    CHECK(parse(REQ("Transfer-Encoding: chunked, chunked\r\n"), &p) == 400);
+    CHECK(parse(REQ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"), &p) == 400);
+    CHECK(parse(REQ("Transfer-Encoding: chunked, gzip\r\n"), &p) == 400);
+    CHECK(parse(REQ("Transfer-Encoding: ,\r\n"), &p) == 400);
+    /* Codings we cannot undo. */
+    CHECK(parse(REQ("Transfer-Encoding: gzip\r\n"), &p) == 501);
+    CHECK(parse(REQ("Transfer-Encoding: gzip, chunked\r\n"), &p) == 501);
+    CHECK(strcmp(p.h.error_code, "not_implemented") == 0);
+    /* HTTP/1.0 has no chunked. */
+    CHECK(parse("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", &p) == 400);
+#undef REQ
+}
+
+static void test_host_expect_keepalive(void)
+{
+    parsed p;
+    CHECK(parse("GET / HTTP/1.1\r\n\r\n", &p) == 400);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", &p) == 400);
+    CHECK(parse("GET / HTTP/1.1\r\nhost:\r\n\r\n", &p) == 0); /* empty Host is allowed */
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n", &p) == 0 &&
+          p.h.expect_continue);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\n\r\n", &p) == 0 &&
+          p.h.expect_continue);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", &p) == 417);
+    CHECK(strcmp(p.h.error_code, "expectation_failed") == 0);
+    CHECK(parse("GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n", &p) == 0 && !p.h.expect_continue);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", &p) == 0 &&
+          !p.h.keep_alive);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, CLOSE\r\n\r\n", &p) == 0 &&
+          !p.h.keep_alive);
+    CHECK(parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", &p) == 0 &&
+          p.h.keep_alive);
+    CHECK(parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", &p) == 0 && p.h.keep_alive);
+    CHECK(parse("GET / HTTP/1.0\r\nConnection: Keep-Alive, close\r\n\r\n", &p) == 0 &&
+          !p.h.keep_alive);
+    CHECK(parse("GET / HTTP/1.0\r\n\r\n", &p) == 0 && !p.h.keep_alive);
+}
+
+/* The body side the server runs after a head: http1_init_body. */
+static void test_bodies(void)
+{
+    http1_parser bp;
+    http1_event ev;
+    size_t used;
+    char out[64];
+    size_t olen = 0, off = 0;
+    const char *in = "3;ext=\"x\"\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\nNEXT";
+    enum http1_ev e;
+    http1_init_body(&bp, HTTP1_CHUNKED, 0, 64, 16);
+    while ((e = http1_next(&bp, in + off, strlen(in) - off, &used, &ev)) == HTTP1_BODY) {
+        memcpy(out + olen, ev.data, ev.len);
+        olen += ev.len;
+        off += used;
+    }
+    off += used;
+    CHECK(e == HTTP1_DONE && olen == 5 && memcmp(out, "abcde", 5) == 0);
+    CHECK(strcmp(in + off, "NEXT") == 0);
+    /* Past the body bound. */
+    http1_init_body(&bp, HTTP1_CHUNKED, 0, 64, 4);
+    CHECK(http1_next(&bp, "5\r\nabcde\r\n", 10, &used, &ev) == HTTP1_TOO_LARGE);
+    /* Trailers past their bound. */
+    http1_init_body(&bp, HTTP1_CHUNKED, 0, 8, 16);
+    CHECK(http1_next(&bp, "0\r\nTrailer: long\r\n\r\n", 21, &used, &ev) == HTTP1_TOO_LARGE);
+    /* A bad chunk size, a missing CRLF after data. */
+    http1_init_body(&bp, HTTP1_CHUNKED, 0, 64, 16);
+    CHECK(http1_next(&bp, "zz\r\n", 4, &used, &ev) == HTTP1_MALFORMED);
+    http1_init_body(&bp, HTTP1_CHUNKED, 0, 64, 16);
+    e = http1_next(&bp, "1\r\naXY", 6, &used, &ev);
+    CHECK(e == HTTP1_BODY);
+    CHECK(http1_next(&bp, "XY", 2, &used, &ev) == HTTP1_MALFORMED);
+    /* Content-Length bodies. */
+    http1_init_body(&bp, HTTP1_LENGTH, 3, 64, 16);
+    CHECK(http1_next(&bp, "abcNEXT", 7, &used, &ev) == HTTP1_BODY && ev.len == 3 && used == 3);
+    CHECK(http1_next(&bp, "NEXT", 4, &used, &ev) == HTTP1_DONE && used == 0);
+    http1_init_body(&bp, HTTP1_LENGTH, 0, 64, 16);
+    CHECK(http1_next(&bp, "", 0, &used, &ev) == HTTP1_DONE);
+}
+
+int main(void)
+{
+    test_head_end();
+    test_good();
+    test_request_line();
+    test_fields();
+    test_framing();
+    test_host_expect_keepalive();
+    test_bodies();
+    if (failures) {
+        fprintf(stderr, "%d checks failed\n", failures);
+        return 1;
+    }
+    printf("http1req: all checks passed\n");
+    return 0;
+}

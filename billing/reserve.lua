@@ -44,9 +44,9 @@ if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
 end
 -- Prices and ttls as canonical integers: the price's own string then goes
 -- into the hold unchanged (no string.format per op).
-local prices = {}
+local prices, ints = {}, {}
 for i = 1, n do
-    local price, ttl = int(ARGV[4 * i - 2]), int(ARGV[4 * i - 1])
+    local price, ttl = intc(ints, ARGV[4 * i - 2]), intc(ints, ARGV[4 * i - 1])
     if not price or price <= 0 then
         -- a non-positive hold would lower held and mint available points
         return redis.error_reply('reserve: price must be a positive integer')

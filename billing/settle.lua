@@ -37,9 +37,9 @@ if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
     return redis.error_reply('settle: at most 1024 settles per call')
 end
 
-local charges = {}
+local charges, ints = {}, {}
 for i = 1, n do
-    charges[i] = int(ARGV[5 * i - 3])
+    charges[i] = intc(ints, ARGV[5 * i - 3])
     if not charges[i] then
         return redis.error_reply('settle: charge must be an integer')
     end
@@ -58,13 +58,11 @@ end
 -- A hold's amount, route and amount as written, from "amount|route|deadline";
 -- nil if malformed.
 local function parse_hold(h)
-    local s1 = string.find(h, '|', 1, true)
-    if not s1 then return nil end
-    local s2 = string.find(h, '|', s1 + 1, true)
-    local hstr = string.sub(h, 1, s1 - 1)
-    local hold = int(hstr)
-    if not hold or hold < 0 then return nil end
-    return hold, string.sub(h, s1 + 1, (s2 or 0) - 1), hstr
+    local hstr, route = string.match(h, '^(%d+)|([^|]*)')
+    if not hstr then return nil end
+    local hold = intc(ints, hstr)
+    if not hold then return nil end
+    return hold, route, hstr
 end
 
 -- Pass 1: every account's figures and every hold asked for, one read per key.

@@ -16,3 +16,15 @@ local function int(v)
     if x > INT_MAX or x < -INT_MAX then return nil end
     return x
 end
+
+-- int(V) remembered in CACHE (false for nil): a batch carries the same few
+-- prices, charges and hold amounts over and over, and a table lookup costs
+-- a fraction of int()'s two library calls (each about 0.1 us in Redis's Lua).
+local function intc(cache, v)
+    local x = cache[v]
+    if x == nil then
+        x = int(v) or false
+        if type(v) == 'string' then cache[v] = x end
+    end
+    return x or nil
+end

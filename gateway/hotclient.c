@@ -550,65 +550,118 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     free(b);
 }
 
-/* Formats B as one EVALSHA (or EVAL) into the client's argv and sends it. */
+/* Argument building for hot_send_batch, without printf: a batch has about
+ * eight arguments per op and the printf family was a visible part of the
+ * gateway's profile. Strings that outlive the send (the ops' own fields,
+ * literals) are pointed to, not copied: hiredis copies every argument into
+ * its output buffer inside redisAsyncCommandArgv. */
+typedef struct hot_args {
+    hotclient *hc;
+    int argc;
+    char *at, *end; /* free part of hc->scratch */
+} hot_args;
+
+static int hot_arg(hot_args *a, const char *s, size_t len)
+{
+    if (a->argc == HOT_ARGV_MAX) return -1;
+    a->hc->argv[a->argc] = s;
+    a->hc->lens[a->argc++] = len;
+    return 0;
+}
+
+static int hot_arg_str(hot_args *a, const char *s)
+{
+    return hot_arg(a, s, strlen(s));
+}
+
+/* V in decimal, written into the scratch space. */
+static int hot_arg_i64(hot_args *a, int64_t v)
+{
+    char tmp[24], *p = tmp + sizeof tmp;
+    uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
+    size_t len;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *--p = '-';
+    len = (size_t)(tmp + sizeof tmp - p);
+    if ((size_t)(a->end - a->at) < len) return -1;
+    memcpy(a->at, p, len);
+    a->at += len;
+    return hot_arg(a, a->at - len, len);
+}
+
+/* The key names of ACCOUNT, written into the scratch space once per run of
+ * ops on the same account (a batch is mostly one or a few accounts). */
+static int hot_arg_keys(hot_args *a, int64_t account, int64_t *last, const char **acct,
+                        const char **holds)
+{
+    hot_keys k;
+    size_t la, lh;
+    if (*acct && *last == account) {
+        if (hot_arg_str(a, *acct) != 0) return -1;
+        return hot_arg_str(a, *holds);
+    }
+    hot_keys_for(&k, account);
+    la = strlen(k.acct) + 1;
+    lh = strlen(k.holds) + 1;
+    if ((size_t)(a->end - a->at) < la + lh) return -1;
+    *acct = memcpy(a->at, k.acct, la);
+    *holds = memcpy(a->at + la, k.holds, lh);
+    a->at += la + lh;
+    *last = account;
+    if (hot_arg(a, *acct, la - 1) != 0) return -1;
+    return hot_arg(a, *holds, lh - 1);
+}
+
+/* Formats B as one EVALSHA (or EVAL) into the client's argv and sends it.
+ * -1 when the arguments do not fit (a bug: the space is sized for the
+ * largest batch) or hiredis refuses the command. */
 static int hot_send_batch(hot_batch *b)
 {
     hotclient *hc = b->hc;
     const char *sha = hc->sha[b->script];
-    char *at = hc->scratch, *end = hc->scratch + sizeof hc->scratch;
-    int argc = 0, settle = b->script == HOT_SCRIPT_SETTLE;
-    char nkeys[16];
-
-/* Appends a formatted argument; the scratch space is sized for the worst
- * batch, so running out is a bug, caught rather than truncated. */
-#define HOT_PUT(...)                                                                               \
-    do {                                                                                           \
-        int len_ = snprintf(at, (size_t)(end - at), __VA_ARGS__);                                  \
-        if (argc == HOT_ARGV_MAX || len_ < 0 || len_ >= end - at) return -1;                       \
-        hc->argv[argc] = at;                                                                       \
-        hc->lens[argc++] = (size_t)len_;                                                           \
-        at += len_ + 1;                                                                            \
-    } while (0)
+    const char *acct = NULL, *holds = NULL;
+    int64_t last = 0;
+    int settle = b->script == HOT_SCRIPT_SETTLE, rc = 0;
+    hot_args a = {hc, 0, hc->scratch, hc->scratch + sizeof hc->scratch};
 
     if (!hc->ac) return -1;
     if (sha[0] && !b->retried) {
-        HOT_PUT("EVALSHA");
-        HOT_PUT("%s", sha);
+        rc |= hot_arg(&a, "EVALSHA", 7);
+        rc |= hot_arg_str(&a, sha);
     } else {
-        hc->argv[argc] = "EVAL";
-        hc->lens[argc++] = 4;
-        hc->argv[argc] = hot_script_text(b->script);
-        hc->lens[argc] = strlen(hc->argv[argc]);
-        argc++;
+        rc |= hot_arg(&a, "EVAL", 4);
+        rc |= hot_arg_str(&a, hot_script_text(b->script));
     }
-    snprintf(nkeys, sizeof nkeys, "%d", 2 * b->n + settle);
-    HOT_PUT("%s", nkeys);
-    if (settle) HOT_PUT("%s", HOT_OUTBOX);
-    for (int i = 0; i < b->n; i++) {
-        hot_keys k;
-        hot_keys_for(&k, b->ops[i].settle.account);
-        HOT_PUT("%s", k.acct);
-        HOT_PUT("%s", k.holds);
-    }
-    for (int i = 0; i < b->n; i++) {
+    rc |= hot_arg_i64(&a, 2 * b->n + settle);
+    if (settle) rc |= hot_arg_str(&a, HOT_OUTBOX);
+    for (int i = 0; i < b->n && rc == 0; i++)
+        rc |= hot_arg_keys(&a, b->ops[i].settle.account, &last, &acct, &holds);
+    for (int i = 0; i < b->n && rc == 0; i++) {
         const hot_op *op = &b->ops[i];
-        const hot_settle_args *a = &op->settle;
-        HOT_PUT("%s", a->rid);
+        const hot_settle_args *s = &op->settle;
+        rc |= hot_arg_str(&a, s->rid);
         if (settle) {
-            HOT_PUT("%lld", (long long)a->charge);
-            HOT_PUT("%s", a->commit ? "commit" : "release");
-            HOT_PUT("%ld", a->status);
-            HOT_PUT("%lld", (long long)a->account);
+            rc |= hot_arg_i64(&a, s->charge);
+            rc |= s->commit ? hot_arg(&a, "commit", 6) : hot_arg(&a, "release", 7);
+            rc |= hot_arg_i64(&a, s->status);
+            rc |= hot_arg_i64(&a, s->account);
         } else {
-            HOT_PUT("%lld", (long long)op->amount);
-            HOT_PUT("%lld", (long long)op->ttl_ms);
-            HOT_PUT("%s", op->route);
+            rc |= hot_arg_i64(&a, op->amount);
+            rc |= hot_arg_i64(&a, op->ttl_ms);
+            rc |= hot_arg_str(&a, op->route);
         }
     }
-#undef HOT_PUT
+    if (rc != 0) {
+        log_error("redis: a batch of %d does not fit its argument space", b->n);
+        return -1;
+    }
     /* The stall clock starts when the first command waits on an idle link. */
     if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
-    if (redisAsyncCommandArgv(hc->ac, hot_on_batch_reply, b, argc, hc->argv, hc->lens) != REDIS_OK)
+    if (redisAsyncCommandArgv(hc->ac, hot_on_batch_reply, b, a.argc, hc->argv, hc->lens) !=
+        REDIS_OK)
         return -1;
     return 0;
 }

@@ -61,6 +61,9 @@
 #define SERVER_COPY_BODY_MAX 16384   /* smaller bodies are copied behind the head: one send */
 #define SERVER_KEEP_BODY_CAP 65536   /* larger body buffers are freed after their request */
 #define SERVER_BACKOFF_MS 100        /* out of descriptors: pause accepting */
+/* Requests answered from one connection's buffer before the others get a
+ * turn: a client pipelining instant answers (404s) must not hold the loop. */
+#define SERVER_BURST 32
 
 enum server_state { CS_IDLE, CS_HEAD, CS_BODY, CS_BUSY, CS_WRITE, CS_LINGER };
 /* Timeout lists; L_NONE (requests in flight, answers being written without
@@ -75,11 +78,13 @@ struct server_conn {
     int fd;
     enum server_state state;
     struct event rev, wev;
-    int reading; /* rev is added */
-    int eof;     /* no more bytes will come (closed, reset, or half-closed) */
-    int gone;    /* the client left while its request was in flight */
-    int in_cb;   /* inside a request_* call: server_reply_send only marks */
-    int replied; /* an answer is ready in out */
+    struct event cev; /* close watcher while reads are paused (see server_read_pause) */
+    int reading;      /* rev is added */
+    int watching;     /* cev is added */
+    int eof;          /* no more bytes will come (closed, reset, or half-closed) */
+    int gone;         /* the client left while its request was in flight */
+    int in_cb;        /* inside a request_* call: server_reply_send only marks */
+    int replied;      /* an answer is ready in out */
     int reply_failed;
     int close_after; /* this answer ends the connection */
     int body_unread; /* answered before the whole body was read */
@@ -117,6 +122,7 @@ struct server {
     server_conn *head[L_COUNT], *tail[L_COUNT];
     uint64_t timeout_ms[L_COUNT];
     int nconns, nwriting;
+    int early_close; /* the backend reports a peer's close (EV_CLOSED) */
     int stopping;
     time_t date_s;
     char date[64];
@@ -165,6 +171,10 @@ static void server_set_state(server_conn *c, enum server_state st)
 
 static void server_read_on(server_conn *c)
 {
+    if (c->watching) {
+        event_del(&c->cev);
+        c->watching = 0;
+    }
     if (c->reading || c->eof) return;
     if (event_add(&c->rev, NULL) != 0) {
         /* Without its read event the connection cannot go on. */
@@ -177,9 +187,24 @@ static void server_read_on(server_conn *c)
 
 static void server_read_off(server_conn *c)
 {
+    if (c->watching) {
+        event_del(&c->cev);
+        c->watching = 0;
+    }
     if (!c->reading) return;
     event_del(&c->rev);
     c->reading = 0;
+}
+
+/* Stops reading while the buffer is full of pipelined bytes, but keeps
+ * watching for the client's close (EPOLLRDHUP), so that a client that
+ * leaves while its call is in flight is still noticed at once and pays
+ * nothing. A reset without a FIN is not reported this way (libevent maps
+ * it to read/write readiness); it is noticed at the answer. */
+static void server_read_pause(server_conn *c)
+{
+    server_read_off(c);
+    if (c->s->early_close && !c->eof && event_add(&c->cev, NULL) == 0) c->watching = 1;
 }
 
 /* ---- closing --------------------------------------------------------- */
@@ -195,6 +220,7 @@ static void server_close(server_conn *c)
     /* Also takes the read event off the active queue (event_active). */
     event_del(&c->rev);
     event_del(&c->wev);
+    event_del(&c->cev);
     close(c->fd);
     server_unlink(c);
     s->nconns--;
@@ -625,12 +651,15 @@ static int server_start_request(server_conn *c, size_t end)
     if (c->req.content_length > s->cfg->max_body)
         return server_fail(c, 413, "request_too_large", "request body too large");
     /* From here on request.c may keep pointers into the head, so the buffer
-     * gets its final size now. */
-    if (c->in_cap - c->in_len < SERVER_ROOM) {
-        char *nb = realloc(c->in, c->in_len + SERVER_ROOM);
+     * gets its final size now: room for SERVER_ROOM bytes past the head (a
+     * body's chunks and trailers pass through it). Bytes already queued
+     * behind the head (pipelined) count as that room: growing by them would
+     * let a client that keeps the buffer full grow it without end. */
+    if (c->in_cap < c->head_len + SERVER_ROOM) {
+        char *nb = realloc(c->in, c->head_len + SERVER_ROOM);
         if (!nb) return server_fail(c, 500, "internal", "out of memory");
         c->in = nb;
-        c->in_cap = c->in_len + SERVER_ROOM;
+        c->in_cap = c->head_len + SERVER_ROOM;
     }
     c->chunked = c->req.chunked;
     has_body = c->chunked || c->req.content_length > 0;
@@ -665,11 +694,15 @@ static int server_start_request(server_conn *c, size_t end)
         }
     }
     if (c->req.expect_continue && c->in_len == c->head_len) {
-        /* The client waits for this before it sends the body. Nothing else
-         * is queued on the socket, so 25 bytes that do not go at once mean
-         * a broken connection. */
+        /* The client waits for this before it sends the body. The previous
+         * answer has been handed to the kernel whole, but a client that
+         * does not read may have left no room: then it is skipped (a client
+         * waits for a 100 only so long, RFC 9110 10.1.1, then sends the
+         * body anyway); only a part of it sent breaks the stream. */
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        if (send(c->fd, cont, sizeof cont - 1, MSG_NOSIGNAL) != (ssize_t)(sizeof cont - 1)) {
+        ssize_t n = send(c->fd, cont, sizeof cont - 1, MSG_NOSIGNAL);
+        if (n != (ssize_t)(sizeof cont - 1) &&
+            !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
             server_close(c);
             return 0;
         }
@@ -683,11 +716,16 @@ static int server_start_request(server_conn *c, size_t end)
  * gone. */
 static int server_process(server_conn *c)
 {
-    for (;;) {
+    for (int started = 0;;) {
         long end;
         switch (c->state) {
         case CS_IDLE:
             if (c->in_len == 0) return 1;
+            if (++started > SERVER_BURST) {
+                /* More pipelined requests: after the others' turn. */
+                event_active(&c->rev, EV_TIMEOUT, 1);
+                return 1;
+            }
             /* The first byte of a request: its head has a deadline. */
             server_set_state(c, CS_HEAD);
             server_list(c, L_HEAD);
@@ -766,7 +804,7 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
             size_t cap = c->in_cap ? c->in_cap * 2 : SERVER_BUF_MIN;
             char *nb;
             if (c->state != CS_IDLE && c->state != CS_HEAD) {
-                server_read_off(c);
+                server_read_pause(c);
                 return;
             }
             if (cap > SERVER_HEAD_MAX) cap = SERVER_HEAD_MAX;
@@ -803,13 +841,22 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
     c->in_len += (size_t)n;
     if (c->state == CS_BUSY || c->state == CS_WRITE) {
         /* Pipelined: kept for after the answer. */
-        if (c->in_len == c->in_cap) server_read_off(c);
+        if (c->in_len == c->in_cap) server_read_pause(c);
         return;
     }
     server_process(c);
 }
 
 /* ---- accepting ------------------------------------------------------- */
+
+/* The client closed while its reads were paused (server_read_pause). */
+static void server_on_closed(evutil_socket_t fd, short what, void *arg)
+{
+    server_conn *c = arg;
+    event_del(&c->cev); /* level-triggered: it would fire again */
+    c->watching = 0;
+    server_on_eof(c);
+}
 
 static void server_on_backoff(evutil_socket_t fd, short what, void *arg)
 {
@@ -838,6 +885,7 @@ static void server_new_conn(server *s, int fd, const struct sockaddr_storage *pe
     c->req.minor = 1;
     event_assign(&c->rev, s->base, fd, EV_READ | EV_PERSIST, server_on_read, c);
     event_assign(&c->wev, s->base, fd, EV_WRITE, server_on_write, c);
+    event_assign(&c->cev, s->base, fd, EV_CLOSED, server_on_closed, c);
     /* Linked before anything can close it. */
     c->prev = s->tail[L_NONE];
     if (s->tail[L_NONE])
@@ -950,6 +998,7 @@ int server_new(struct worker *w, const gw_config *cfg, server **out)
     s->timeout_ms[L_HEAD] = (uint64_t)cfg->head_timeout_ms;
     s->timeout_ms[L_IO] = SERVER_IO_TIMEOUT_MS;
     s->timeout_ms[L_LINGER] = SERVER_LINGER_MS;
+    s->early_close = (event_base_get_features(s->base) & EV_FEATURE_EARLY_CLOSE) != 0;
     s->lfd = server_listen(cfg);
     if (s->lfd < 0) {
         free(s);
@@ -1006,7 +1055,9 @@ void server_quiesce(server *s)
 
 int server_writing(const server *s)
 {
-    return s->nwriting;
+    /* Lingering connections too: closing them early would reset the
+     * answer they were just sent (see server_end). */
+    return s->nwriting + (s->head[L_LINGER] != NULL);
 }
 
 void server_free(server *s)

@@ -372,6 +372,99 @@ def test_client_leaving_in_flight_costs_nothing(stack):
     assert stack.scalar(f"select spent from accounts where id = {acct}") == "0"
 
 
+def test_client_leaving_with_pipelined_bytes_queued_costs_nothing(stack):
+    """Reads pause while the input buffer is full of pipelined bytes; the
+    client's close must still be noticed at once (review finding: it was
+    charged for an answer it never got)."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    s = _connect(stack)
+    s.sendall(_get("/v1/devices/d1", key, b"X-Sim-Delay-Ms: 3000\r\n"))
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="hold taken")
+    # More than the room left behind the head: reading pauses.
+    s.sendall(b"".join(_get(f"/v1/devices/q{i}", key, b"X-Pad: " + b"p" * 400 + b"\r\n")
+                       for i in range(30)))
+    time.sleep(0.2)
+    t0 = time.time()
+    s.close()
+    _held_zero(stack, acct)
+    assert time.time() - t0 < 2.0
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    assert stack.hot(acct)["spent"] == 0
+    rows = stack.psql(f"select amount, outcome from charges where account_id = {acct}")
+    assert rows == [["0", "release"]], rows
+
+
+def test_pipelining_flood_is_answered_in_order_and_shares_the_worker(stack):
+    """A client pipelining instant answers (404s) is answered in bursts and
+    does not hold its worker: a second client is served meanwhile, and the
+    flood's answers all come back, in order."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    n = 3000
+    req = b"GET /nope/%d HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = _connect(stack, timeout=30)
+    rd = Reader(flood)
+    sel = selectors.DefaultSelector()
+    flood.setblocking(False)
+    sel.register(flood, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    out = b"".join(req % i for i in range(n))
+    got, other = [], None
+    deadline = time.time() + 30
+    while len(got) < n and time.time() < deadline:
+        for k, ev in sel.select(timeout=1):
+            if ev & selectors.EVENT_WRITE and out:
+                try:
+                    out = out[flood.send(out[:65536]):]
+                except BlockingIOError:
+                    pass
+                if not out:
+                    sel.modify(flood, selectors.EVENT_READ)
+            if ev & selectors.EVENT_READ:
+                try:
+                    b = flood.recv(65536)
+                except BlockingIOError:
+                    continue
+                assert b, "gateway closed the flooding connection"
+                rd.buf += b
+                while b"\r\n\r\n" in rd.buf:
+                    head, rest = rd.buf.split(b"\r\n\r\n", 1)
+                    clen = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                    if len(rest) < clen:
+                        break
+                    got.append(int(head.split(b" ")[1]))
+                    rd.buf = rest[clen:]
+        if other is None and len(got) > n // 3:
+            # Mid-flood, on another connection: served, and promptly.
+            t0 = time.time()
+            other = http("GET", stack.gateway.url + "/v1/devices/d1", headers=_auth(key))
+            other_s = time.time() - t0
+    assert got == [404] * n, (len(got), got[:5])
+    assert other is not None and other.status == 200, other
+    assert other_s < 2.0, other_s
+    flood.close()
+    _held_zero(stack, acct)
+
+
+def test_many_empty_lines_refused_at_once(stack):
+    """Empty lines before a request line: a few are allowed; a head of 16 KiB
+    of them is refused (400) without rescanning it line after line."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    r = raw_http(stack.gateway.port,
+                 b"\r\n\n" + _get("/v1/devices/d1", key, b"Connection: close\r\n"))
+    assert r.startswith(b"HTTP/1.1 200 "), r[:200]
+    t0 = time.time()
+    for _ in range(10):
+        out = raw_http(stack.gateway.port, b"\n" * (16 * 1024))
+        assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    assert time.time() - t0 < 5.0
+    assert _sim_requests(stack) == before + 1
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1
+
+
 def test_1000_keepalive_connections_on_fixed_threads(stack):
     _setup(stack)
     n = 1000

@@ -85,6 +85,25 @@ static void test_head_end(void)
     /* Only empty lines: not a head yet. */
     scan = 0;
     CHECK(http1req_head_end("\r\n\r\n\n", 5, MAX_HEAD, &scan) == 0);
+    /* Many empty lines: a few lead a request; past 8 bytes of them an empty
+     * line ends a head without a request line, which the parse refuses. A
+     * whole bound of them is found at once (this was quadratic). */
+    {
+        static const char lead[] = "\r\n\r\n\r\n\nGET / HTTP/1.0\r\n\r\n";
+        scan = 0;
+        CHECK(http1req_head_end(lead, sizeof lead - 1, MAX_HEAD, &scan) == (long)sizeof lead - 1);
+    }
+    {
+        static char lfs[MAX_HEAD];
+        http1req h = {0};
+        http1req_field f[4];
+        memset(lfs, '\n', sizeof lfs);
+        scan = 0;
+        CHECK(http1req_head_end(lfs, sizeof lfs, MAX_HEAD, &scan) == 10);
+        h.fields = f;
+        h.max_fields = 4;
+        CHECK(http1req_parse(lfs, 10, &h) == 400);
+    }
     /* The bound: a head that does not end within MAX is refused. */
     {
         char big[MAX_HEAD + 64];

@@ -11,14 +11,19 @@
  * does not fit in the socket buffer, or while connecting.
  *
  * At most max_conns connections are open per worker (UPSTREAM_MAX_CONNECTIONS,
- * default 1024), and at most PROXY_CONNECTING_MAX of them connecting at
- * once. A call that finds none idle and a cap reached waits in a FIFO queue
- * (inside its own timeout) and gets the next connection that comes free or
- * the next connect slot: a burst is slowed down, not failed. The second cap
- * is for bursts of new connections (a thousand clients arriving at once):
- * opened all together they overflow the upstream's accept queue, and each
- * SYN dropped there costs its caller a one-second retransmit (measured: the
- * p99 of `make bench` with 1,000 connections).
+ * default 1024), and at most PROXY_CONNECTING_MAX of them new: connecting,
+ * or connected but without a first complete response yet. A call that finds
+ * none idle and a cap reached waits in a FIFO queue (inside its own timeout)
+ * and gets the next connection that comes free or the next slot: a burst is
+ * slowed down, not failed. The second cap is for bursts of new connections
+ * (a thousand clients arriving at once): opened all together they overflow
+ * the upstream's accept queue, and each SYN dropped there costs its caller a
+ * one-second retransmit (measured: the p99 of `make bench` with 1,000
+ * connections). A connect that completes does not mean the server took the
+ * connection off its accept queue (the kernel completes the handshake), so a
+ * connection stays counted until its first answer: counting only connects
+ * in progress still let about 70 SYNs a run be dropped once the gateway's
+ * own server accepted clients faster.
  *
  * The request goes out with one sendmsg of iovecs pointing at the caller's
  * method, target and body, P's constant parts and the call's header lines:
@@ -71,6 +76,7 @@ typedef struct proxy_conn {
     int idle;
     int addr0, addr, tries; /* first address tried, current one, attempts */
     int connecting;
+    int fresh;           /* counted in P's nfresh: no complete response yet */
     int writing;         /* wev added */
     unsigned served;     /* complete responses read: > 0 means a reused connection */
     uint64_t idle_until; /* monotonic ms, while idle */
@@ -85,7 +91,7 @@ struct proxy {
     const gw_upstream *up;
     int64_t max_body;
     int max_conns;
-    int nconnecting;                      /* connections with a connect in progress */
+    int nfresh;                           /* new connections without an answer yet */
     char sp_prefix[CONFIG_URL_MAX + 2];   /* " " + path prefix */
     char http_host[CONFIG_HOST_MAX + 32]; /* " HTTP/1.1\r\nHost: <authority>\r\n" */
     size_t sp_prefix_len, http_host_len;
@@ -403,7 +409,7 @@ static void proxy_conn_close(proxy_conn *k)
         event_del(&k->wev);
         close(k->fd);
     }
-    if (k->connecting) p->nconnecting--; /* see proxy_conn_set_connecting */
+    if (k->fresh) p->nfresh--;
     free(k->rbuf);
     free(k);
     p->nconns--;
@@ -425,20 +431,13 @@ static void proxy_conn_detach(proxy_conn *k)
     k->call = NULL;
 }
 
-/* Connects in progress per worker (see the top of the file). */
+/* New connections per worker (see the top of the file). */
 #define PROXY_CONNECTING_MAX 64
-
-static void proxy_conn_set_connecting(proxy_conn *k, int on)
-{
-    if (k->connecting == on) return;
-    k->connecting = on;
-    k->p->nconnecting += on ? 1 : -1;
-}
 
 /* A new connection may be opened now. */
 static int proxy_can_connect(const proxy *p)
 {
-    return p->nconns < p->max_conns && p->nconnecting < PROXY_CONNECTING_MAX;
+    return p->nconns < p->max_conns && p->nfresh < PROXY_CONNECTING_MAX;
 }
 
 /* Opens a socket to the next untried address and starts connecting.
@@ -466,7 +465,11 @@ static int proxy_conn_open(proxy_conn *k)
         }
         k->fd = fd;
         k->addr = i;
-        proxy_conn_set_connecting(k, 1);
+        k->connecting = 1;
+        if (!k->fresh) {
+            k->fresh = 1;
+            p->nfresh++;
+        }
         event_assign(&k->rev, p->base, fd, EV_READ | EV_PERSIST, proxy_on_read, k);
         event_assign(&k->wev, p->base, fd, EV_WRITE | EV_PERSIST, proxy_on_write, k);
         /* Writable means connected (or failed): see proxy_on_write. */
@@ -625,6 +628,13 @@ static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
 {
     proxy *p = k->p;
     int64_t idle_ms = PROXY_IDLE_MS;
+    /* A first answer: the server took the connection, its slot is free
+     * (see the top of the file). */
+    int proven = k->fresh;
+    if (proven) {
+        k->fresh = 0;
+        p->nfresh--;
+    }
     k->served++;
     k->rlen = 0;
     if (k->rcap > PROXY_READ_BUF) {
@@ -639,6 +649,7 @@ static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
         proxy_unqueue(p, c);
         proxy_conn_attach(k, c);
         if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 1);
+        if (proven) proxy_serve_queue(p); /* K took the first; the slot, the next */
         return;
     }
     /* Leave a second of margin before the server's own timeout. */
@@ -821,9 +832,8 @@ static void proxy_on_write(evutil_socket_t fd, short what, void *arg)
             proxy_conn_end(k, PROXY_UNAVAILABLE);
             return;
         }
-        proxy_conn_set_connecting(k, 0);
+        k->connecting = 0;
         p->addr_next = k->addr;
-        proxy_serve_queue(p); /* a connect slot came free */
         if (event_add(&k->rev, NULL) != 0) {
             proxy_conn_end(k, PROXY_UNAVAILABLE);
             return;

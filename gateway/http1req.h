@@ -45,8 +45,8 @@ typedef struct http1req {
 /* Where the head in BUF[0..LEN) ends: the offset just past its empty line
  * (up to 8 bytes of empty lines before the request line are part of it;
  * more make a head without a request line, which the parse refuses); 0
- * when it is not
- * complete yet; -1 when it is not complete within MAX bytes. *SCAN is where
+ * when it is not complete yet; -1 when it is not complete within MAX
+ * bytes. *SCAN is where
  * to resume looking (0 for a new head; the caller keeps it between calls
  * while the bytes before it stay the same). Lines end in CRLF or LF. */
 long http1req_head_end(const char *buf, size_t len, size_t max, size_t *scan);

@@ -465,6 +465,68 @@ def test_many_empty_lines_refused_at_once(stack):
     assert stack.hot(acct)["spent"] == 1
 
 
+def test_random_clients_leave_nothing_held(stack):
+    """200 clients with seeded random behaviour (whole requests, heads cut
+    anywhere, bodies cut short, pipelined pairs, slow calls left by close or
+    reset, garbage): afterwards every hold is released, Redis and Postgres
+    agree, the gateway still serves, and (at the suite's end) exits clean
+    under the sanitizers."""
+    import random
+    import threading
+    _setup(stack)
+    acct, key = stack.new_account(100000)
+    rnd = random.Random(20261125)
+    post = (b"POST /v1/devices/d1/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key.encode() +
+            b"\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+            b'{"command":"unlock"}')
+    slow = _get("/v1/devices/slow", key, b"X-Sim-Delay-Ms: 400\r\n")
+    plans = []
+    for i in range(200):
+        kind = rnd.choice(["whole", "cut", "pipelined", "slow-close", "slow-reset", "garbage"])
+        base = rnd.choice([_get(f"/v1/devices/r{i}", key), post])
+        if kind == "whole":
+            data = base
+        elif kind == "cut":
+            data = base[:rnd.randrange(1, len(base))]
+        elif kind == "pipelined":
+            data = base + rnd.choice([_get(f"/v1/devices/s{i}", key), post])
+        elif kind == "garbage":
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 300)))
+        else:
+            data = slow
+        plans.append((kind, data, rnd.random()))
+
+    def client(plan):
+        kind, data, r = plan
+        try:
+            s = _connect(stack, timeout=5)
+            s.sendall(data)
+            if kind.startswith("slow"):
+                time.sleep(0.05 + 0.3 * r)
+                if kind == "slow-reset":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            elif kind in ("whole", "pipelined") and r < 0.5:
+                s.recv(65536)  # read an answer, or part of it, before leaving
+            s.close()
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _held_zero(stack, acct)
+    stack.wait_for(stack.drained, timeout=30, what="outbox drained")
+    spent = stack.hot(acct)["spent"]
+    assert stack.scalar(f"select spent from accounts where id = {acct}") == str(spent)
+    assert stack.scalar(f"select coalesce(sum(amount), 0) from charges where account_id = {acct}") \
+        == str(spent)
+    r = http("GET", stack.gateway.url + "/v1/devices/after", headers=_auth(key))
+    assert r.status == 200, r
+
+
 def test_1000_keepalive_connections_on_fixed_threads(stack):
     _setup(stack)
     n = 1000

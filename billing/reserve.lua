@@ -57,50 +57,17 @@ for i = 1, n do
     prices[i] = price
 end
 
--- An account's figures: a table, false when unknown, 'bad' when unusable.
-local function figures(akey)
-    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
-    if type(f) ~= 'table' or f.err then return 'bad' end
-    if not f[1] then return false end
-    local c, s, h = int(f[1]), int(f[2] or '0'), int(f[3] or '0')
-    if not c or not s or not h then return 'bad' end
-    return {credited = c, spent = s, held = h, added = 0}
-end
-
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Pass 1: every account's figures and every asked-for hold, one read per key.
--- A holds hash groups its ops: rids (for HMGET), their values, the fields to
--- write and the ops they belong to.
-local accts, order = {}, {}
-local groups, gorder = {}, {}
-for i = 1, n do
-    local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
-    if accts[akey] == nil then
-        local a = figures(akey)
-        accts[akey] = a
-        if type(a) == 'table' then order[#order + 1] = akey end
-    end
-    local g = groups[hkey]
-    if g == nil then
-        g = {rids = {}, fields = {}, ops = {}}
-        groups[hkey] = g
-        gorder[#gorder + 1] = hkey
-    end
-    g.rids[#g.rids + 1] = ARGV[4 * i - 3]
+-- Pass 1: every account's figures (false: unknown to Redis) and every
+-- asked-for hold, one read per key (prelude.lua).
+local accts, order, groups, gorder = read_batch(n, 1, 4, 3, false)
+for _, akey in ipairs(order) do
+    accts[akey].added = 0
 end
 for _, hkey in ipairs(gorder) do
-    local g = groups[hkey]
-    local v = redis.pcall('HMGET', hkey, unpack(g.rids))
-    if type(v) == 'table' and v.err then
-        g.bad = true -- not a hash: its ops answer -2
-    else
-        g.have = {}
-        for k, rid in ipairs(g.rids) do
-            if v[k] then g.have[rid] = true end
-        end
-    end
+    groups[hkey].fields, groups[hkey].ops = {}, {}
 end
 
 -- Pass 2: decide each op in order; each sees the holds taken before it.
@@ -116,10 +83,9 @@ for i = 1, n do
         out[o] = -1
     elseif a ~= 'bad' and not g.bad then
         local avail = a.credited - a.spent - a.held
-        if g.have[rid] then
+        if g.vals[rid] then
             out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
         elseif avail >= price then
-            g.have[rid] = true
             g.fields[#g.fields + 1] = rid
             local ttl = ARGV[4 * i - 1]
             local dl = deadlines[ttl]
@@ -128,6 +94,7 @@ for i = 1, n do
                 deadlines[ttl] = dl
             end
             g.fields[#g.fields + 1] = ARGV[4 * i - 2] .. '|' .. route .. '|' .. dl
+            g.vals[rid] = g.fields[#g.fields] -- a retry later in this batch finds it
             g.ops[#g.ops + 1] = i
             a.held = a.held + price
             a.added = a.added + price

@@ -45,16 +45,6 @@ for i = 1, n do
     end
 end
 
--- An account's figures (zeros for an account Redis lost: the hold's own
--- figures still balance), or 'bad' when unusable.
-local function figures(akey)
-    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
-    if type(f) ~= 'table' or f.err then return 'bad' end
-    local c, s, h = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0')
-    if not c or not s or not h then return 'bad' end
-    return {credited = c, spent = s, held = h, dheld = 0, dspent = 0}
-end
-
 -- A hold's amount, route and amount as written, from "amount|route|deadline";
 -- nil if malformed.
 local function parse_hold(h)
@@ -65,35 +55,15 @@ local function parse_hold(h)
     return hold, route, hstr
 end
 
--- Pass 1: every account's figures and every hold asked for, one read per key.
-local accts, order = {}, {}
-local groups, gorder = {}, {}
-for i = 1, n do
-    local akey, hkey = KEYS[2 * i], KEYS[2 * i + 1]
-    if accts[akey] == nil then
-        local a = figures(akey)
-        accts[akey] = a
-        if a ~= 'bad' then order[#order + 1] = akey end
-    end
-    local g = groups[hkey]
-    if g == nil then
-        g = {rids = {}, closed = {}}
-        groups[hkey] = g
-        gorder[#gorder + 1] = hkey
-    end
-    g.rids[#g.rids + 1] = ARGV[5 * i - 4]
+-- Pass 1: every account's figures (zeros for an account Redis lost: the
+-- hold's own figures still balance) and every hold asked for, one read per
+-- key (prelude.lua).
+local accts, order, groups, gorder = read_batch(n, 2, 5, 4, true)
+for _, akey in ipairs(order) do
+    accts[akey].dheld, accts[akey].dspent = 0, 0
 end
 for _, hkey in ipairs(gorder) do
-    local g = groups[hkey]
-    local v = redis.pcall('HMGET', hkey, unpack(g.rids))
-    g.vals = {}
-    if type(v) == 'table' and v.err then
-        g.bad = true -- not a hash: its ops answer -2
-    else
-        for k, rid in ipairs(g.rids) do
-            if v[k] then g.vals[rid] = v[k] end
-        end
-    end
+    groups[hkey].closed = {}
 end
 
 -- Pass 2: decide each op in order.

@@ -28,3 +28,52 @@ local function intc(cache, v)
     end
     return x or nil
 end
+
+-- An account's figures {credited, spent, held}, read once per batch: false
+-- when its hash has no credited field (unknown to Redis) unless
+-- MISSING_IS_ZERO, 'bad' when unusable (not a hash, or not integers).
+local function read_figures(akey, missing_is_zero)
+    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
+    if type(f) ~= 'table' or f.err then return 'bad' end
+    if not f[1] and not missing_is_zero then return false end
+    local c, s, h = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0')
+    if not c or not s or not h then return 'bad' end
+    return {credited = c, spent = s, held = h}
+end
+
+-- The reads of a reserve or settle batch, one command per key: op i's
+-- account and holds keys are KEYS[K0 + 2i - 2] and KEYS[K0 + 2i - 1], its
+-- reservation id ARGV[STRIDE * i - BACK]. Returns the accounts' figures by
+-- key (read_figures) and the keys in first-seen order, and per holds hash
+-- {rids, vals = rid -> hold value} (bad = true when it is not a hash) and
+-- those keys in order.
+local function read_batch(n, k0, stride, back, missing_is_zero)
+    local accts, order, groups, gorder = {}, {}, {}, {}
+    for i = 1, n do
+        local akey, hkey = KEYS[k0 + 2 * i - 2], KEYS[k0 + 2 * i - 1]
+        if accts[akey] == nil then
+            local a = read_figures(akey, missing_is_zero)
+            accts[akey] = a
+            if type(a) == 'table' then order[#order + 1] = akey end
+        end
+        local g = groups[hkey]
+        if g == nil then
+            g = {rids = {}, vals = {}}
+            groups[hkey] = g
+            gorder[#gorder + 1] = hkey
+        end
+        g.rids[#g.rids + 1] = ARGV[stride * i - back]
+    end
+    for _, hkey in ipairs(gorder) do
+        local g = groups[hkey]
+        local v = redis.pcall('HMGET', hkey, unpack(g.rids))
+        if type(v) == 'table' and v.err then
+            g.bad = true
+        else
+            for k, rid in ipairs(g.rids) do
+                if v[k] then g.vals[rid] = v[k] end
+            end
+        end
+    end
+    return accts, order, groups, gorder
+end

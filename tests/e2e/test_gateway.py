@@ -30,11 +30,13 @@ def key_hash(api_key):
     return hashlib.blake2b(api_key.encode(), digest_size=32, key=pepper).hexdigest()
 
 
-def _setup(stack):
+def _setup(stack, routes=None, env=None):
+    """The module's stack (simulator, billing, gateway with ROUTES unless
+    given), started on first use; the simulator's counters reset."""
     if stack.devsim is None:
         stack.start_devsim()
         stack.start_billing()
-        stack.start_gateway(ROUTES)
+        stack.start_gateway(routes or ROUTES, env=env)
     http("POST", stack.devsim.url + "/_sim/reset")
     return stack.gateway.url
 

@@ -15,18 +15,14 @@ import socket
 import time
 
 import harness
+import test_gateway
 from harness import http, raw_http
 
 from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
 
 
 def _setup(stack):
-    if stack.devsim is None:
-        stack.start_devsim()
-        stack.start_billing()
-        stack.start_gateway(ROUTES, env={"GATEWAY_THREADS": "2"})
-    http("POST", stack.devsim.url + "/_sim/reset")
-    return stack.gateway.url
+    return test_gateway._setup(stack, env={"GATEWAY_THREADS": "2"})
 
 
 def _connect(stack, port=None, timeout=10):

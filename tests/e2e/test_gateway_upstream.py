@@ -23,6 +23,7 @@ import threading
 import time
 
 import harness
+import test_gateway
 from harness import http
 
 from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
@@ -37,12 +38,7 @@ MAX_BODY = 1 << 20
 
 
 def _setup(stack):
-    if stack.devsim is None:
-        stack.start_devsim()
-        stack.start_billing()
-        stack.start_gateway(UP_ROUTES, env={"GATEWAY_THREADS": "1"})
-    http("POST", stack.devsim.url + "/_sim/reset")
-    return stack.gateway.url
+    return test_gateway._setup(stack, UP_ROUTES, {"GATEWAY_THREADS": "1"})
 
 
 def _gateway(stack, name, upstream, env=None, routes=UP_ROUTES):

@@ -70,9 +70,9 @@ enum {
 
 typedef struct proxy_conn {
     proxy *p;
-    struct proxy_conn *prev, *next; /* P's idle list, most recently used first */
-    proxy_call *call;               /* NULL while idle */
-    int fd;                         /* -1 before the first socket; rev/wev assigned when >= 0 */
+    TAILQ_ENTRY(proxy_conn) link; /* P's idle list, most recently used first */
+    proxy_call *call;             /* NULL while idle */
+    int fd;                       /* -1 before the first socket; rev/wev assigned when >= 0 */
     int idle;
     int addr0, addr, tries; /* first address tried, current one, attempts */
     int connecting;
@@ -96,10 +96,11 @@ struct proxy {
     char http_host[CONFIG_HOST_MAX + 32]; /* " HTTP/1.1\r\nHost: <authority>\r\n" */
     size_t sp_prefix_len, http_host_len;
     int addr_next; /* the address the last connect succeeded on */
-    proxy_conn *idle, *idle_tail;
+    TAILQ_HEAD(proxy_conn_list, proxy_conn) idle;
     int nidle, nconns;
-    proxy_call *running;               /* every started call until done or cancelled */
-    proxy_call *wait_head, *wait_tail; /* FIFO of calls waiting for a connection */
+    TAILQ_HEAD(proxy_call_list, proxy_call)
+    running; /* every started call until done or cancelled */
+    TAILQ_HEAD(proxy_wait_list, proxy_call) waiting; /* FIFO of calls waiting for a connection */
     struct event idle_timer;
     int idle_timer_on;
     int serving; /* inside proxy_serve_queue */
@@ -312,59 +313,39 @@ void proxy_call_clear(proxy_call *c)
     c->body_len = c->body_cap = 0;
 }
 
-/* ---- lists ------------------------------------------------------------ */
+/* ---- lists (sys/queue.h) ---------------------------------------------- */
 
 static void proxy_idle_unlink(proxy *p, proxy_conn *k)
 {
-    if (k->prev)
-        k->prev->next = k->next;
-    else
-        p->idle = k->next;
-    if (k->next)
-        k->next->prev = k->prev;
-    else
-        p->idle_tail = k->prev;
-    k->prev = k->next = NULL;
+    TAILQ_REMOVE(&p->idle, k, link);
     k->idle = 0;
     p->nidle--;
 }
 
 static void proxy_idle_push(proxy *p, proxy_conn *k)
 {
-    k->prev = NULL;
-    k->next = p->idle;
-    if (p->idle)
-        p->idle->prev = k;
-    else
-        p->idle_tail = k;
-    p->idle = k;
+    TAILQ_INSERT_HEAD(&p->idle, k, link);
     k->idle = 1;
     p->nidle++;
 }
 
 static void proxy_enqueue(proxy *p, proxy_call *c)
 {
-    c->qnext = NULL;
-    c->qprev = p->wait_tail;
-    if (p->wait_tail)
-        p->wait_tail->qnext = c;
-    else
-        p->wait_head = c;
-    p->wait_tail = c;
+    TAILQ_INSERT_TAIL(&p->waiting, c, qlink);
     c->state = PROXY_CALL_QUEUED;
 }
 
 static void proxy_unqueue(proxy *p, proxy_call *c)
 {
-    if (c->qprev)
-        c->qprev->qnext = c->qnext;
-    else
-        p->wait_head = c->qnext;
-    if (c->qnext)
-        c->qnext->qprev = c->qprev;
-    else
-        p->wait_tail = c->qprev;
-    c->qprev = c->qnext = NULL;
+    TAILQ_REMOVE(&p->waiting, c, qlink);
+}
+
+/* A started call is done or cancelled: off P's running list. */
+static void proxy_call_stop(proxy *p, proxy_call *c)
+{
+    TAILQ_REMOVE(&p->running, c, link);
+    c->state = PROXY_CALL_IDLE;
+    event_del(&c->timer);
 }
 
 /* ---- ending a call ------------------------------------------------------ */
@@ -374,14 +355,7 @@ static void proxy_call_finish(proxy_call *c, enum proxy_result res)
 {
     proxy *p = c->p;
     c->result = res;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        p->running = c->next;
-    if (c->next) c->next->prev = c->prev;
-    c->prev = c->next = NULL;
-    c->state = PROXY_CALL_IDLE;
-    event_del(&c->timer);
+    proxy_call_stop(p, c);
     c->done(c->arg, c);
 }
 
@@ -514,8 +488,8 @@ static void proxy_serve_queue(proxy *p)
 {
     if (p->serving || p->freeing) return;
     p->serving = 1;
-    while (p->wait_head && proxy_can_connect(p)) {
-        proxy_call *c = p->wait_head;
+    while (!TAILQ_EMPTY(&p->waiting) && proxy_can_connect(p)) {
+        proxy_call *c = TAILQ_FIRST(&p->waiting);
         proxy_unqueue(p, c);
         proxy_connect(p, c);
     }
@@ -644,8 +618,8 @@ static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
             k->rcap = PROXY_READ_BUF;
         }
     }
-    if (p->wait_head && !p->freeing) {
-        proxy_call *c = p->wait_head;
+    if (!TAILQ_EMPTY(&p->waiting) && !p->freeing) {
+        proxy_call *c = TAILQ_FIRST(&p->waiting);
         proxy_unqueue(p, c);
         proxy_conn_attach(k, c);
         if (proxy_conn_send(k) != 0) proxy_conn_failed(k, errno, 1);
@@ -659,7 +633,8 @@ static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
         proxy_conn_close(k);
         return;
     }
-    if (p->nidle >= PROXY_IDLE_MAX) proxy_conn_close(p->idle_tail); /* the longest idle */
+    if (p->nidle >= PROXY_IDLE_MAX) /* the longest idle */
+        proxy_conn_close(TAILQ_LAST(&p->idle, proxy_conn_list));
     proxy_idle_push(p, k);
     k->idle_until = proxy_now_ms() + (uint64_t)idle_ms;
     if (!p->idle_timer_on) {
@@ -854,7 +829,7 @@ static int proxy_conn_alive(proxy_conn *k)
 static void proxy_dispatch(proxy *p, proxy_call *c)
 {
     proxy_conn *k;
-    while ((k = p->idle) != NULL) {
+    while ((k = TAILQ_FIRST(&p->idle)) != NULL) {
         proxy_idle_unlink(p, k);
         /* A call that may not be replayed checks for a close first: one
          * syscall that turns the usual stale-connection race into a clean
@@ -901,11 +876,11 @@ static void proxy_on_idle_timer(evutil_socket_t fd, short what, void *arg)
     uint64_t now = proxy_now_ms();
     proxy_conn *k, *next;
     p->idle_timer_on = 0;
-    for (k = p->idle; k; k = next) {
-        next = k->next;
+    for (k = TAILQ_FIRST(&p->idle); k; k = next) {
+        next = TAILQ_NEXT(k, link);
         if (k->idle_until <= now) proxy_conn_close(k);
     }
-    if (p->idle) {
+    if (!TAILQ_EMPTY(&p->idle)) {
         struct timeval tv = {PROXY_IDLE_TICK_MS / 1000, (PROXY_IDLE_TICK_MS % 1000) * 1000};
         p->idle_timer_on = evtimer_add(&p->idle_timer, &tv) == 0;
     }
@@ -919,6 +894,9 @@ int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, 
     proxy *p = calloc(1, sizeof *p);
     int n;
     if (!p) return -1;
+    TAILQ_INIT(&p->idle);
+    TAILQ_INIT(&p->running);
+    TAILQ_INIT(&p->waiting);
     p->base = base;
     p->up = up;
     p->max_body = max_body;
@@ -941,10 +919,10 @@ void proxy_free(proxy *p)
 {
     if (!p) return;
     p->freeing = 1; /* no queued call is started from here on */
-    while (p->running)
-        proxy_cancel(p->running);
-    while (p->idle)
-        proxy_conn_close(p->idle);
+    while (!TAILQ_EMPTY(&p->running))
+        proxy_cancel(TAILQ_FIRST(&p->running));
+    while (!TAILQ_EMPTY(&p->idle))
+        proxy_conn_close(TAILQ_FIRST(&p->idle));
     event_del(&p->idle_timer);
     free(p);
 }
@@ -1017,10 +995,7 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
 
     evtimer_assign(&c->timer, p->base, proxy_on_call_timer, c);
     if (evtimer_add(&c->timer, &tv) != 0) return -1;
-    c->prev = NULL;
-    c->next = p->running;
-    if (p->running) p->running->prev = c;
-    p->running = c;
+    TAILQ_INSERT_HEAD(&p->running, c, link);
     c->state = PROXY_CALL_ACTIVE; /* until dispatched: proxy_dispatch sets the real state */
     proxy_dispatch(p, c);
     return 0;
@@ -1037,13 +1012,6 @@ void proxy_cancel(proxy_call *c)
         proxy_conn_detach(k);
         proxy_conn_close(k);
     }
-    event_del(&c->timer);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        p->running = c->next;
-    if (c->next) c->next->prev = c->prev;
-    c->prev = c->next = NULL;
-    c->state = PROXY_CALL_IDLE;
+    proxy_call_stop(p, c);
     proxy_serve_queue(p);
 }

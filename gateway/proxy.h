@@ -16,6 +16,7 @@
 #include <event2/event.h>
 #include <event2/event_struct.h>
 #include <stddef.h>
+#include <sys/queue.h>
 #include <stdint.h>
 #include <sys/uio.h>
 
@@ -45,10 +46,10 @@ typedef void (*proxy_done_cb)(void *arg, proxy_call *c);
 struct proxy_call {
     /* ---- private to proxy.c ---- */
     proxy *p;
-    proxy_call *prev, *next;   /* P's started calls */
-    proxy_call *qprev, *qnext; /* P's calls waiting for a connection */
-    struct proxy_conn *conn;   /* the connection carrying it, if any */
-    int state;                 /* PROXY_CALL_* in proxy.c */
+    TAILQ_ENTRY(proxy_call) link;  /* P's started calls */
+    TAILQ_ENTRY(proxy_call) qlink; /* P's calls waiting for a connection */
+    struct proxy_conn *conn;       /* the connection carrying it, if any */
+    int state;                     /* PROXY_CALL_* in proxy.c */
     /* Request header lines "Name: value\r\n", appended by proxy_call_add_header. */
     char *req_hdrs;
     size_t req_hdrs_len, req_hdrs_cap;

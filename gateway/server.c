@@ -39,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -72,7 +73,7 @@ enum server_list { L_IDLE, L_HEAD, L_IO, L_LINGER, L_NONE, L_COUNT };
 
 struct server_conn {
     server *s;
-    server_conn *prev, *next; /* in s->lists[list] */
+    TAILQ_ENTRY(server_conn) link; /* in s->lists[list] */
     int list;
     uint64_t since_ms; /* when it entered that list */
     int fd;
@@ -116,10 +117,10 @@ struct server {
     const gw_config *cfg;
     struct event_base *base;
     int lfd;
-    struct event *lev;     /* listening socket readable */
-    struct event *backoff; /* re-enables lev after EMFILE */
-    struct event *tick;    /* the timeout sweep */
-    server_conn *head[L_COUNT], *tail[L_COUNT];
+    struct event *lev;                                        /* listening socket readable */
+    struct event *backoff;                                    /* re-enables lev after EMFILE */
+    struct event *tick;                                       /* the timeout sweep */
+    TAILQ_HEAD(server_conn_list, server_conn) lists[L_COUNT]; /* each ordered by since_ms */
     uint64_t timeout_ms[L_COUNT];
     int nconns, nwriting;
     int early_close; /* the backend reports a peer's close (EV_CLOSED) */
@@ -135,31 +136,16 @@ static int server_after_reply(server_conn *c);
 
 static void server_unlink(server_conn *c)
 {
-    server *s = c->s;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        s->head[c->list] = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    else
-        s->tail[c->list] = c->prev;
-    c->prev = c->next = NULL;
+    TAILQ_REMOVE(&c->s->lists[c->list], c, link);
 }
 
 /* Moves C to the end of LIST (also when already in it: progress). */
 static void server_list(server_conn *c, int list)
 {
-    server *s = c->s;
     server_unlink(c);
     c->list = list;
     c->since_ms = list == L_NONE ? 0 : worker_now_ms();
-    c->prev = s->tail[list];
-    if (s->tail[list])
-        s->tail[list]->next = c;
-    else
-        s->head[list] = c;
-    s->tail[list] = c;
+    TAILQ_INSERT_TAIL(&c->s->lists[list], c, link);
 }
 
 static void server_set_state(server_conn *c, enum server_state st)
@@ -887,12 +873,7 @@ static void server_new_conn(server *s, int fd, const struct sockaddr_storage *pe
     event_assign(&c->wev, s->base, fd, EV_WRITE, server_on_write, c);
     event_assign(&c->cev, s->base, fd, EV_CLOSED, server_on_closed, c);
     /* Linked before anything can close it. */
-    c->prev = s->tail[L_NONE];
-    if (s->tail[L_NONE])
-        s->tail[L_NONE]->next = c;
-    else
-        s->head[L_NONE] = c;
-    s->tail[L_NONE] = c;
+    TAILQ_INSERT_TAIL(&s->lists[L_NONE], c, link);
     s->nconns++;
     server_list(c, L_HEAD);
     server_read_on(c);
@@ -940,8 +921,8 @@ static void server_on_tick(evutil_socket_t fd, short what, void *arg)
     server *s = arg;
     uint64_t now = worker_now_ms();
     for (int l = 0; l < L_NONE; l++) {
-        while (s->head[l] && now - s->head[l]->since_ms >= s->timeout_ms[l]) {
-            server_conn *c = s->head[l];
+        server_conn *c;
+        while ((c = TAILQ_FIRST(&s->lists[l])) && now - c->since_ms >= s->timeout_ms[l]) {
             if (l == L_HEAD && c->in_len > 0)
                 log_info("client connection: request head not complete within %llu ms; closing",
                          (unsigned long long)s->timeout_ms[l]);
@@ -991,6 +972,8 @@ int server_new(struct worker *w, const gw_config *cfg, server **out)
     uint64_t tick_ms;
     struct timeval tv;
     if (!s) goto oom;
+    for (int l = 0; l < L_COUNT; l++)
+        TAILQ_INIT(&s->lists[l]);
     s->w = w;
     s->cfg = cfg;
     s->base = w->base;
@@ -1043,12 +1026,10 @@ void server_quiesce(server *s)
     /* Connections still in the listen queue are reset by the close, as
      * MHD's quiesce did; new ones are refused. */
     server_close_listener(s);
-    for (c = s->head[L_IDLE]; c; c = next) {
-        next = c->next;
+    while ((c = TAILQ_FIRST(&s->lists[L_IDLE])) != NULL)
         server_close(c);
-    }
-    for (c = s->head[L_HEAD]; c; c = next) {
-        next = c->next;
+    for (c = TAILQ_FIRST(&s->lists[L_HEAD]); c; c = next) {
+        next = TAILQ_NEXT(c, link);
         if (c->in_len == 0) server_close(c); /* connected, nothing sent yet */
     }
 }
@@ -1057,15 +1038,15 @@ int server_writing(const server *s)
 {
     /* Lingering connections too: closing them early would reset the
      * answer they were just sent (see server_end). */
-    return s->nwriting + (s->head[L_LINGER] != NULL);
+    return s->nwriting + !TAILQ_EMPTY(&s->lists[L_LINGER]);
 }
 
 void server_free(server *s)
 {
     if (!s) return;
     for (int l = 0; l < L_COUNT; l++)
-        while (s->head[l])
-            server_close(s->head[l]);
+        while (!TAILQ_EMPTY(&s->lists[l]))
+            server_close(TAILQ_FIRST(&s->lists[l]));
     server_close_listener(s);
     if (s->backoff) event_free(s->backoff);
     if (s->tick) event_free(s->tick);

@@ -7,11 +7,14 @@
 #include <inttypes.h>
 #include <sodium.h>
 #include <stdio.h>
+#include <time.h>
 #include <string.h>
 
 /* How long a negative adjustment's guard hold may live if billing dies
  * before releasing it (the sweeper then releases it, charging nothing). */
 #define CONTROL_GUARD_TTL_MS 30000
+#define CONTROL_GUARD_WAIT_MS 2000
+#define CONTROL_GUARD_STEP_MS 50
 
 int control_account_create(control_ctx *c, const char *name, ledger_account *out)
 {
@@ -58,7 +61,13 @@ int control_key_revoke(control_ctx *c, int64_t key_id)
 }
 
 /* Takes the guard hold of a negative adjustment. *guarded = 0 when Redis does
- * not know the account (nothing can be in flight against it then). */
+ * not know the account (nothing can be in flight against it then).
+ *
+ * Short while points are held: a gateway's lease may sit on them (the short
+ * reserve tells it to give them back, within its next op: a fraction of a
+ * second), or calls in flight that may fail. Waits for that, bounded by
+ * CONTROL_GUARD_WAIT_MS, as a call would; this is the control plane, whose
+ * handlers block on Postgres anyway. */
 static int control_guard(control_ctx *c, int64_t account_id, int64_t amount, char rid[40],
                          int *guarded)
 {
@@ -70,10 +79,16 @@ static int control_guard(control_ctx *c, int64_t account_id, int64_t amount, cha
     sodium_bin2hex(hex, sizeof hex, raw, sizeof raw);
     snprintf(rid, 40, "adj-%s", hex);
     *guarded = 0;
-    if (hot_reserve(c->hot, account_id, rid, -amount, CONTROL_GUARD_TTL_MS, "_adjustment", &status,
-                    &available, &held) != 0)
-        return CONTROL_UNAVAILABLE;
-    if (status == HOT_RESERVE_SHORT) return LEDGER_INSUFFICIENT;
+    for (int waited = 0;; waited += CONTROL_GUARD_STEP_MS) {
+        if (hot_reserve(c->hot, account_id, rid, -amount, CONTROL_GUARD_TTL_MS, "_adjustment",
+                        &status, &available, &held) != 0)
+            return CONTROL_UNAVAILABLE;
+        if (status != HOT_RESERVE_SHORT) break;
+        if (available + held < -amount || waited >= CONTROL_GUARD_WAIT_MS)
+            return LEDGER_INSUFFICIENT;
+        struct timespec ts = {0, CONTROL_GUARD_STEP_MS * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if (status == HOT_STATUS_UNUSABLE) return CONTROL_UNAVAILABLE; /* no guard: do not debit */
     *guarded = status == HOT_RESERVE_HELD;
     return LEDGER_OK;

@@ -251,25 +251,32 @@ int hot_account(hot_conn *h, int64_t account, int *found, int64_t *credited, int
                 int64_t *held)
 {
     hot_keys k;
-    const char *argv[5];
+    const char *argv[6];
     redisReply *r;
+    int64_t v[4];
     hot_keys_for(&k, account);
     argv[0] = "HMGET";
     argv[1] = k.acct;
     argv[2] = "credited";
     argv[3] = "spent";
     argv[4] = "held";
-    r = hot_command_argv(h, 5, argv, NULL);
+    argv[5] = "leasefree";
+    r = hot_command_argv(h, 6, argv, NULL);
     if (!r) return -1;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4) {
         freeReplyObject(r);
         return -1;
     }
     *found = r->element[0]->type == REDIS_REPLY_STRING;
-    *credited = *found ? strtoll(r->element[0]->str, NULL, 10) : 0;
-    *spent = r->element[1]->type == REDIS_REPLY_STRING ? strtoll(r->element[1]->str, NULL, 10) : 0;
-    *held = r->element[2]->type == REDIS_REPLY_STRING ? strtoll(r->element[2]->str, NULL, 10) : 0;
+    for (int i = 0; i < 4; i++)
+        v[i] =
+            r->element[i]->type == REDIS_REPLY_STRING ? strtoll(r->element[i]->str, NULL, 10) : 0;
     freeReplyObject(r);
+    *credited = v[0];
+    *spent = v[1];
+    /* A gateway's lease points not promised to a call are available to the
+     * account, not held by a call (lease.lua). */
+    *held = v[2] - v[3];
     return 0;
 }
 

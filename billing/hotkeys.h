@@ -3,9 +3,13 @@
  * (billing uses hot.c, synchronous; the gateway its own async client).
  *
  * Per account A, all under the hash tag {A} so one script touches one slot:
- *   pg:{A}:acct   hash  credited, seq, spent, held
+ *   pg:{A}:acct   hash  credited, seq, spent, held, leasefree (points of
+ *                       leases not promised to a call), contend (ms of the
+ *                       last reserve short of held points)
  *   pg:{A}:holds  hash  rid -> "amount|route|deadline" (deadline: ms since
- *                       epoch, Redis clock; the sweeper scans these hashes)
+ *                       epoch, Redis clock; the sweeper scans these hashes),
+ *                       and a gateway worker's lease L<id> ->
+ *                       "amount|~lease|seq|free|deadline" (lease.lua)
  * Global:
  *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle";
  *                 one entry per settle batch: ts, then c = "rid|acct|route|
@@ -40,6 +44,7 @@ void hot_keys_for(hot_keys *k, int64_t account_id);
 extern const char hot_lua_reserve[];
 extern const char hot_lua_settle[];
 extern const char hot_lua_credit[];
+extern const char hot_lua_lease[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
 enum { HOT_RESERVE_UNKNOWN = -1, HOT_RESERVE_SHORT = 0, HOT_RESERVE_HELD = 1 };

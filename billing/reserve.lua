@@ -71,7 +71,7 @@ for _, hkey in ipairs(gorder) do
 end
 
 -- Pass 2: decide each op in order; each sees the holds taken before it.
-local out, deadlines = {}, {}
+local out, deadlines, contended = {}, {}, {}
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
     local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
@@ -101,6 +101,9 @@ for i = 1, n do
             out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
         else
             out[o], out[o + 1], out[o + 2] = 0, avail, a.held
+            -- Short while points are held: tell the leases (lease.lua) to
+            -- give theirs back, so that the wait for them ends.
+            if a.lf > 0 then contended[akey] = true end
         end
     end
 end
@@ -131,5 +134,8 @@ for _, akey in ipairs(order) do
     if accts[akey].added ~= 0 then
         redis.call('HINCRBY', akey, 'held', string.format('%d', accts[akey].added))
     end
+end
+for akey in pairs(contended) do
+    redis.pcall('HSET', akey, 'contend', string.format('%d', now)) -- a hint: may be refused
 end
 return out

@@ -60,10 +60,32 @@ end
 -- key (prelude.lua).
 local accts, order, groups, gorder = read_batch(n, 2, 5, 4, true)
 for _, akey in ipairs(order) do
-    accts[akey].dheld, accts[akey].dspent = 0, 0
+    accts[akey].dheld, accts[akey].dspent, accts[akey].dlf = 0, 0, 0
 end
 for _, hkey in ipairs(gorder) do
     groups[hkey].closed = {}
+end
+
+-- A lease (lease.lua) is closed here only by the sweeper (outcome expire),
+-- and only if its deadline, which each of its ops moves, has passed now:
+-- it goes back whole, at cost 0, with no outbox record (the calls it
+-- served that never reached lease.lua were never answered). Returns 1 if
+-- closed.
+local now = nil
+local function expire_lease(a, g, rid, h)
+    local amount, free, dl = string.match(h, '^(%d+)|~lease|%d+|(%d+)|(%d+)$')
+    amount, free, dl = int(amount or ''), int(free or ''), int(dl or '')
+    if not amount or not free or not dl then return -2 end
+    if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    if dl > now then return 0 end
+    g.vals[rid] = nil
+    g.closed[#g.closed + 1] = rid
+    a.held, a.dheld = a.held - amount, a.dheld - amount
+    a.lf, a.dlf = a.lf - free, a.dlf - free
+    return 1
 end
 
 -- Pass 2: decide each op in order.
@@ -76,14 +98,18 @@ for i = 1, n do
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
     local h = nil
     if a ~= 'bad' then
-        out[o + 2] = a.credited - a.spent - a.held
+        out[o + 2] = a.credited - a.spent - a.held + a.lf
         if not g.bad then
             h = g.vals[rid]
             if h == nil then out[o] = 0 end -- not held, settled, swept, or closed earlier in this batch
         end
     end
-    if h then
-        local hold, route, hstr = parse_hold(h)
+    local hold, route, hstr
+    if h then hold, route, hstr = parse_hold(h) end
+    if route == '~lease' then
+        out[o] = outcome == 'expire' and expire_lease(a, g, rid, h) or 0
+        out[o + 2] = a.credited - a.spent - a.held + a.lf
+    elseif h then
         if not hold then
             redis.log(redis.LOG_WARNING, 'settle: unusable hold ' .. rid .. ' in ' .. hkey .. ': ' .. h)
         else
@@ -101,7 +127,7 @@ for i = 1, n do
             entry[#entry + 1] = 'c'
             entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. route .. '|' .. cstr .. '|' ..
                                     hstr .. '|' .. outcome .. '|' .. ARGV[5 * i - 1]
-            out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held
+            out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held + a.lf
         end
     end
 end
@@ -124,5 +150,6 @@ for _, akey in ipairs(order) do
     local a = accts[akey]
     if a.dheld ~= 0 then redis.call('HINCRBY', akey, 'held', string.format('%d', a.dheld)) end
     if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', string.format('%d', a.dspent)) end
+    if a.dlf ~= 0 then redis.call('HINCRBY', akey, 'leasefree', string.format('%d', a.dlf)) end
 end
 return out

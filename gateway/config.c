@@ -192,6 +192,8 @@ int config_load(gw_config *c)
         goto out;
     if (env_int64("UPSTREAM_MAX_CONNECTIONS", 1024, 1, 100000, &c->upstream_max_conns) != 0)
         goto out;
+    if (env_int64("GATEWAY_LEASE_CALLS", 256, 0, 1 << 20, &c->lease_calls) != 0) goto out;
+    if (env_int64("GATEWAY_LEASE_IDLE_MS", 1000, 10, 3600000, &c->lease_idle_ms) != 0) goto out;
     rc = 0;
 out:
     return rc;

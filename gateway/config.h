@@ -46,6 +46,8 @@ typedef struct gw_config {
     int64_t max_connections;     /* per worker thread */
     int64_t head_timeout_ms;     /* a client's request head must arrive within this */
     int64_t upstream_max_conns;  /* open upstream connections per worker thread */
+    int64_t lease_calls;         /* point lease size in calls (lease.h); 0: none */
+    int64_t lease_idle_ms;       /* a lease unused this long goes back */
 } gw_config;
 
 /* Fills C from the environment and resolves the upstream's host (blocking:

@@ -38,7 +38,7 @@
 #define HOT_STALL_MS 3000
 #define HOT_WATCHDOG_MS 500
 
-enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_NSCRIPTS };
+enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
 enum hot_kind { HOT_KEY, HOT_BALANCE };
 
@@ -113,7 +113,8 @@ struct hotclient {
 
 static const char *hot_script_text(enum hot_script s)
 {
-    return s == HOT_SCRIPT_RESERVE ? hot_lua_reserve : hot_lua_settle;
+    static const char *const text[HOT_NSCRIPTS] = {hot_lua_reserve, hot_lua_settle, hot_lua_lease};
+    return text[s];
 }
 
 static void hot_connect(hotclient *hc);
@@ -384,7 +385,10 @@ int hotclient_up(const hotclient *hc)
 
 int hotclient_busy(const hotclient *hc)
 {
-    return hc->inflight + hc->pending[0].n + hc->pending[1].n + (int)hc->qlen;
+    int n = hc->inflight + (int)hc->qlen;
+    for (int k = 0; k < HOT_NSCRIPTS; k++)
+        n += hc->pending[k].n;
+    return n;
 }
 
 static int hot_int(const redisReply *r, int64_t *out)
@@ -415,18 +419,24 @@ static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 /* Turns a GET / HMGET reply into (rc, v). */
 static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
 {
+    int64_t f[4];
     if (kind == HOT_KEY) {
         if (r->type == REDIS_REPLY_NIL) return 1;
         return hot_int(r, &v[0]) == 0 ? 0 : -1;
     }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) return -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4) return -1;
     if (r->element[0]->type == REDIS_REPLY_NIL) return 1;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         if (r->element[i]->type == REDIS_REPLY_NIL)
-            v[i] = 0;
-        else if (hot_int(r->element[i], &v[i]) != 0)
+            f[i] = 0;
+        else if (hot_int(r->element[i], &f[i]) != 0)
             return -1;
     }
+    /* A lease's points not yet promised to a call are the account's to
+     * spend: shown as available, not held (lease.lua). */
+    v[0] = f[0];
+    v[1] = f[1];
+    v[2] = f[2] - f[3];
     return 0;
 }
 
@@ -479,7 +489,8 @@ int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)
     hc->argv[2] = "credited";
     hc->argv[3] = "spent";
     hc->argv[4] = "held";
-    return hot_command(hc, HOT_BALANCE, cb, arg, 5);
+    hc->argv[5] = "leasefree";
+    return hot_command(hc, HOT_BALANCE, cb, arg, 6);
 }
 
 /* ---- batches ------------------------------------------------------------ */
@@ -771,5 +782,87 @@ int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *a
         return -1;
     }
     op->settle = *a;
+    return 0;
+}
+
+/* ---- lease ops ---------------------------------------------------------- */
+
+typedef struct hot_lease_cmd {
+    hotclient *hc;
+    hot_lease_cb cb;
+    void *arg;
+} hot_lease_cmd;
+
+static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    hot_lease_cmd *cmd = priv;
+    hotclient *hc = cmd->hc;
+    redisReply *rep = r;
+    int64_t v[4] = {0, 0, 0, 0};
+    int rc = -1;
+    hot_answered(hc, rep, 1);
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        log_error("redis error on a lease op: %s", rep->str);
+        if (strncmp(rep->str, "NOSCRIPT", 8) == 0 && hc->ac && !hc->closing) {
+            /* Learn it again; lease.c resends the op, by EVAL meanwhile. */
+            memset(hc->sha[HOT_SCRIPT_LEASE], 0, sizeof hc->sha[HOT_SCRIPT_LEASE]);
+            redisAsyncCommand(hc->ac, hot_on_script_loaded, (void *)(intptr_t)HOT_SCRIPT_LEASE,
+                              "SCRIPT LOAD %s", hot_lua_lease);
+        }
+        if (strstr(rep->str, "READONLY") && hc->ac && hc->connected) redisAsyncDisconnect(hc->ac);
+    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 4) {
+        rc = 0;
+        for (int i = 0; i < 4; i++)
+            if (hot_int(rep->element[i], &v[i]) != 0) rc = -1;
+    } else if (rep) {
+        log_error("redis: unexpected reply to a lease op");
+    }
+    if (cmd->cb) cmd->cb(cmd->arg, rc, v);
+    free(cmd);
+}
+
+int hotclient_lease(hotclient *hc, const hot_lease_args *l, hot_lease_cb cb, void *arg)
+{
+    const char *sha = hc->sha[HOT_SCRIPT_LEASE];
+    hot_args a = {hc, 0, hc->scratch, hc->scratch + sizeof hc->scratch};
+    hot_lease_cmd *cmd;
+    hot_keys k;
+    int rc = 0;
+
+    if (!hc->ac || hc->closing || l->nrec < 0 || l->nrec > HOT_LEASE_RECORDS_MAX) return -1;
+    hot_keys_for(&k, l->account);
+    if (sha[0]) {
+        rc |= hot_arg(&a, "EVALSHA", 7);
+        rc |= hot_arg_str(&a, sha);
+    } else {
+        rc |= hot_arg(&a, "EVAL", 4);
+        rc |= hot_arg_str(&a, hot_lua_lease);
+    }
+    rc |= hot_arg(&a, "3", 1);
+    rc |= hot_arg_str(&a, k.acct);
+    rc |= hot_arg_str(&a, k.holds);
+    rc |= hot_arg_str(&a, HOT_OUTBOX);
+    rc |= hot_arg_str(&a, l->lid);
+    rc |= hot_arg_i64(&a, l->seq);
+    rc |= hot_arg_i64(&a, l->ttl_ms);
+    rc |= hot_arg_i64(&a, l->charge);
+    rc |= hot_arg_i64(&a, l->resize);
+    rc |= hot_arg_i64(&a, l->busy);
+    for (int i = 0; i < l->nrec && rc == 0; i++)
+        rc |= hot_arg(&a, l->recs[i], l->lens[i]);
+    if (rc != 0) {
+        log_error("redis: a lease op of %d records does not fit its argument space", l->nrec);
+        return -1;
+    }
+    cmd = malloc(sizeof *cmd);
+    if (!cmd) return -1;
+    *cmd = (hot_lease_cmd){.hc = hc, .cb = cb, .arg = arg};
+    if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
+    if (redisAsyncCommandArgv(hc->ac, hot_on_lease_reply, cmd, a.argc, hc->argv, hc->lens) !=
+        REDIS_OK) {
+        free(cmd);
+        return -1;
+    }
+    hc->inflight++;
     return 0;
 }

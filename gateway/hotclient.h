@@ -49,4 +49,23 @@ int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t a
  * of one loop pass go to Redis as one script call per kind. */
 int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg);
 
+/* One op of a point lease (billing/lease.lua; lease.c decides them). */
+typedef struct hot_lease_args {
+    int64_t account;
+    const char *lid;
+    int64_t seq, ttl_ms, charge, resize, busy;
+    int nrec; /* <= HOT_LEASE_RECORDS_MAX */
+    const char *const *recs;
+    const size_t *lens;
+} hot_lease_args;
+#define HOT_LEASE_RECORDS_MAX 256
+/* V = {status, amount, available, contended} as lease.lua answers them. */
+typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[4]);
+/* Sends one lease op at once (lease.c sends at most one per lease at a
+ * time, at the end of a loop pass). 0 when sent: CB runs once, with -1 if
+ * no usable reply came (the op may or may not have been applied: lease.lua
+ * makes a resend with the same seq harmless). -1 when it could not be sent
+ * (Redis down): CB will not run. Not queued here: lease.c keeps the op. */
+int hotclient_lease(hotclient *hc, const hot_lease_args *a, hot_lease_cb cb, void *arg);
+
 #endif

@@ -75,6 +75,7 @@ struct gw_request {
     struct event *timer;
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
+    lease *lease;   /* the price was promised by this lease, not held per call */
 };
 
 static void request_reserve(gw_request *r);
@@ -92,8 +93,12 @@ gw_request *request_head(worker *w, server_conn *c)
     return request_begin(r) == 0 ? r : NULL;
 }
 
+static void request_lease_end(gw_request *r, int64_t charge, int commit, long status, hot_cb cb);
+
 static void request_free(gw_request *r)
 {
+    /* Every path that ends a leased call ends it first; this is teardown's. */
+    if (r->lease) request_lease_end(r, 0, 0, 0, NULL);
     proxy_call_clear(&r->call);
     if (r->timer) event_free(r->timer);
     if (r->table) routes_unref(r->table);
@@ -201,8 +206,21 @@ static void request_suspend(gw_request *r)
 
 /* ---- settle --------------------------------------------------------- */
 
+/* Ends a call promised by its lease: the record goes with the lease's next
+ * op; CB as hotclient_settle's (NULL: nobody waits, the request may go). */
+static void request_lease_end(gw_request *r, int64_t charge, int commit, long status, hot_cb cb)
+{
+    lease *l = r->lease;
+    r->lease = NULL;
+    lease_end(l, r->rid, r->route->id, r->route->price, charge, commit, status, cb, r);
+}
+
 static void request_release_detached(gw_request *r)
 {
+    if (r->lease) {
+        request_lease_end(r, 0, 0, 0, NULL);
+        return;
+    }
     hot_settle_args a = {.account = r->account, .charge = 0, .commit = 0, .status = 0};
     memcpy(a.rid, r->rid, sizeof a.rid);
     /* No callback: the request may be gone before the reply. Idempotent by rid. */
@@ -309,6 +327,10 @@ static void request_on_upstream(void *arg, proxy_call *c)
     if (a.commit) a.charge = r->route->usage ? request_usage_charge(r) : r->route->price;
     r->charge = a.charge;
     r->st = ST_SETTLE;
+    if (r->lease) {
+        request_lease_end(r, a.charge, a.commit, a.status, request_on_settled);
+        return;
+    }
     if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0) request_on_settled(r, -1, NULL);
 }
 
@@ -446,6 +468,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         return;
     }
     if (v[0] == HOT_RESERVE_HELD) {
+        lease_consider(r->w->leases, r->account, r->route->price, v[1]);
         request_proxy(r);
         return;
     }
@@ -475,6 +498,11 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
 static void request_reserve(gw_request *r)
 {
     const gw_config *cfg = r->w->cfg;
+    r->lease = lease_take(r->w->leases, r->account, r->route->price);
+    if (r->lease) {
+        request_proxy(r);
+        return;
+    }
     r->st = ST_RESERVE;
     if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
                           r->route->timeout_ms + cfg->hold_grace_ms, r->route->id,

@@ -70,7 +70,8 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
     if (grace > 15000) grace = 15000;
     /* Done when no call is in flight, no settle is pending and every
      * answer is written. */
-    if (w->inflight == 0 && hotclient_busy(w->hc) == 0 && server_writing(w->srv) == 0) {
+    if (w->inflight == 0 && hotclient_busy(w->hc) == 0 && lease_table_busy(w->leases) == 0 &&
+        server_writing(w->srv) == 0) {
         event_base_loopexit(w->base, NULL);
         return;
     }
@@ -107,6 +108,7 @@ static void worker_on_stop(worker *w)
     /* Stop accepting and close idle connections; requests in progress are
      * still served, and their connections closed after the answer. */
     server_quiesce(w->srv);
+    lease_table_close(w->leases);
     event_add(w->drain_timer, &tick);
 }
 
@@ -133,6 +135,12 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
         log_error("worker %d: cannot set up its Redis client", idx);
         return -1;
+    }
+    {
+        lease_config lc = {.calls = cfg->lease_calls,
+                           .idle_ms = cfg->lease_idle_ms,
+                           .ttl_ms = cfg->upstream_timeout_ms + cfg->hold_grace_ms};
+        if (lease_table_new(w->base, w->hc, &lc, &w->leases) != 0) goto oom;
     }
     if (pgclient_new(w->base, cfg->database_url, WORKER_PG_TIMEOUT_MS, &w->pg) != 0) {
         log_error("worker %d: cannot set up its Postgres client", idx);
@@ -195,8 +203,11 @@ void worker_destroy(worker *w)
         w->aborted = 1;
         request_abort_all(w); /* upstream calls and waits; releases via hc */
     }
-    hotclient_free(w->hc); /* pending Redis callbacks answer their requests */
+    lease_table_shutdown(w->leases); /* answers the calls whose records wait */
+    hotclient_free(w->hc);           /* pending Redis callbacks answer their requests */
     w->hc = NULL;
+    lease_table_free(w->leases);
+    w->leases = NULL;
     pgclient_free(w->pg); /* likewise for usage queries */
     w->pg = NULL;
     proxy_free(w->px);

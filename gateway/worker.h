@@ -1,7 +1,7 @@
 /* worker.h: one worker thread: its event loop and everything bound to it.
  * Owns the libevent base, the HTTP server (server.c: its own listening
  * socket on the shared port with SO_REUSEPORT, its connections), the Redis client,
- * the upstream client (its keep-alive pool), the key cache and the current
+ * its point leases, the upstream client (its keep-alive pool), the key cache and the current
  * route table. A request lives on one worker from accept to answer. Only
  * worker_stop and worker_reload may be called from another thread (main). */
 #ifndef GATEWAY_WORKER_H
@@ -10,6 +10,7 @@
 #include "gateway/authcache.h"
 #include "gateway/config.h"
 #include "gateway/hotclient.h"
+#include "gateway/lease.h"
 #include "gateway/pgclient.h"
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
@@ -34,6 +35,7 @@ typedef struct worker {
     atomic_int stop_requested;
     struct event *drain_timer;
     hotclient *hc;
+    lease_table *leases;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;

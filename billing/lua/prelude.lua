@@ -29,16 +29,17 @@ local function intc(cache, v)
     return x or nil
 end
 
--- An account's figures {credited, spent, held}, read once per batch: false
+-- An account's figures {credited, spent, held, lf (its leases' free points,
+-- lease.lua)}, read once per batch: false
 -- when its hash has no credited field (unknown to Redis) unless
 -- MISSING_IS_ZERO, 'bad' when unusable (not a hash, or not integers).
 local function read_figures(akey, missing_is_zero)
-    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held')
+    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held', 'leasefree')
     if type(f) ~= 'table' or f.err then return 'bad' end
     if not f[1] and not missing_is_zero then return false end
-    local c, s, h = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0')
-    if not c or not s or not h then return 'bad' end
-    return {credited = c, spent = s, held = h}
+    local c, s, h, lf = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0'), int(f[4] or '0')
+    if not c or not s or not h or not lf then return 'bad' end
+    return {credited = c, spent = s, held = h, lf = lf}
 end
 
 -- The reads of a reserve or settle batch, one command per key: op i's

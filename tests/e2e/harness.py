@@ -334,11 +334,23 @@ class Stack:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
+    def leases(self):
+        """Open point leases (gateway/lease.c): {holds key: [field, ...]}."""
+        out = {}
+        for key in self.redis_raw("KEYS", "pg:{*}:holds").splitlines():
+            flat = self.redis_raw("HGETALL", key).splitlines()
+            fields = [flat[i] for i in range(0, len(flat) - 1, 2) if "|~lease|" in flat[i + 1]]
+            if fields:
+                out[key] = fields
+        return out
+
     def drained(self):
-        """True when the outbox is fully applied: no unacknowledged entries."""
+        """True when the outbox is fully applied (no unacknowledged entries)
+        and the gateways gave their idle leases back (GATEWAY_LEASE_IDLE_MS):
+        then every account's held is its calls in flight."""
         length = int(self.redis_raw("XLEN", "pg:outbox") or 0)
         pending = self.redis_raw("XPENDING", "pg:outbox", "settle").splitlines()
-        return length == 0 and (not pending or pending[0] == "0")
+        return length == 0 and (not pending or pending[0] == "0") and not self.leases()
 
 
 DEFAULT_ROUTES = {

@@ -1,0 +1,142 @@
+-- lease.lua: a gateway worker's point lease on one account: one hold, taken
+-- and resized here, from which the worker serves that account's calls
+-- without a Redis command per call; and the settlement of the calls it
+-- served, appended to the outbox in the same atomic step (as settle.lua does
+-- for per-call holds). Does not decide which calls are billable nor price
+-- them: the gateway sends each call's outbox record ready-made, and the
+-- total they charge.
+--
+-- A lease is a field of the account's holds hash, next to per-call holds:
+--   L<id> -> "amount|~lease|seq|free|deadline"
+-- amount: points the lease holds (counted in the account's held); free: the
+-- part not yet promised to a call, as of the lease's last op (summed over
+-- the account's leases in its leasefree field, so that balances shown to
+-- people count it as available); deadline: as a hold's, last so that the
+-- sweeper reads it the same way. The sweeper expires a lease whose worker
+-- stopped renewing it (settle.lua, outcome expire): cost 0 for the calls it
+-- served that never reached this script, which were never answered either.
+--
+-- KEYS[1] acct hash, KEYS[2] holds hash, KEYS[3] outbox stream
+-- ARGV[1] lease id (the field), ARGV[2] seq: 1 creates the lease, each later
+--   op has the next number; an op at or below the stored seq was applied
+--   already (a resend after a lost reply) and changes nothing
+-- ARGV[3] ttl ms (the new deadline is now + ttl)
+-- ARGV[4] charge: the sum of the records' amounts (<= the lease's amount)
+-- ARGV[5] resize: > 0 asks for up to that many more points, < 0 gives back
+--   up to that many of the free ones; 0 neither
+-- ARGV[6] busy: points of the lease still promised after this op (calls in
+--   flight, records not in this op), so free = amount - busy
+-- ARGV[7..] the outbox entry's fields: 'c', then a record
+--   "rid|acct|route|amount|hold|outcome|status", per call (settle.lua's)
+--
+-- Returns {status, amount, available, contended}:
+--   1 applied; 2 already applied (a resend); 0 no such lease (expired by the
+--   sweeper, or Redis lost it): nothing applied, nothing charged;
+--  -1 account unknown to Redis (creation only); -2 its data is unusable, or
+--   the lease holds less than the op settles and promises (Redis restored
+--   older data): the worker drops the lease
+-- amount: the lease's points now; available: credited - spent - held +
+-- leasefree; contended: 1 when a reserve was short of points held here in
+-- the last CONTEND_MS (reserve.lua marks it). A contended lease grows no
+-- more, and its worker stops serving from it and gives its free points back
+-- with its next op: a caller waiting for points (reserve.lua's short
+-- answer, then the gateway's bounded wait) is then served, and no call is
+-- refused while a lease sits on points that would cover it. Only the
+-- worker shrinks its lease (resize < 0, sent when it takes no more from
+-- it): a shrink decided here could cut below calls it promised while this
+-- op was on its way.
+--
+-- Cost: one HMGET, one HGET, the XADD and a few writes per op, whatever the
+-- number of records: the gateway formats them, Lua only passes them on.
+--
+-- All or nothing, as settle.lua: reads and checks first, the outbox entry
+-- is the first write, the writes after it cannot fail.
+local CONTEND_MS = 2000
+local SHARE = 4 -- a lease grows by at most 1/SHARE of the available points
+
+if #KEYS ~= 3 or #ARGV < 6 or #ARGV % 2 ~= 0 then
+    return redis.error_reply('lease: want 3 keys, 6 arguments and pairs of entry fields')
+end
+local lid = ARGV[1]
+local seq, ttl, charge = int(ARGV[2]), int(ARGV[3]), int(ARGV[4])
+local resize, busy = int(ARGV[5]), int(ARGV[6])
+if not seq or seq < 1 or not ttl or ttl <= 0 or not charge or charge < 0 or not resize or
+   not busy or busy < 0 then
+    return redis.error_reply('lease: seq, ttl, charge, resize and busy must be integers')
+end
+
+local cur = redis.pcall('HGET', KEYS[2], lid)
+if type(cur) == 'table' then return {-2, 0, 0, 0} end
+local a = read_figures(KEYS[1], cur ~= false)
+if a == false then return {-1, 0, 0, 0} end
+if a == 'bad' then return {-2, 0, 0, 0} end
+local lf = a.lf
+local cont = redis.call('HGET', KEYS[1], 'contend')
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local contended = cont and int(cont) and now - int(cont) < CONTEND_MS and 1 or 0
+local function shown()
+    return a.credited - a.spent - a.held + lf
+end
+
+local amount, free = 0, 0
+if cur then
+    local am, sq, fr = string.match(cur, '^(%d+)|~lease|(%d+)|(%d+)|%d+$')
+    amount, free = int(am or ''), int(fr or '')
+    local stored = int(sq or '')
+    if not amount or not stored or not free then
+        redis.log(redis.LOG_WARNING, 'lease: unusable lease ' .. lid .. ' in ' .. KEYS[2] .. ': ' .. cur)
+        return {-2, 0, 0, 0}
+    end
+    if stored >= seq then return {2, amount, shown(), contended} end
+elseif seq ~= 1 then
+    return {0, 0, shown(), contended}
+elseif charge ~= 0 or #ARGV > 6 then
+    return redis.error_reply('lease: a new lease has nothing to settle')
+end
+if charge + busy > amount then
+    -- Not this worker's lease any more (Redis came back from an older
+    -- copy of its data): unusable, and the worker drops it.
+    redis.log(redis.LOG_WARNING, 'lease: ' .. lid .. ' holds ' .. amount .. ', asked to settle ' ..
+              charge .. ' with ' .. busy .. ' promised')
+    return {-2, amount, shown(), contended}
+end
+
+-- The new amount: the charges leave the lease (held -> spent), then it
+-- grows, gives back, or (contended) keeps only what calls were promised.
+local new = amount - charge
+local avail = a.credited - a.spent - a.held -- the charge moves held to spent
+if contended == 1 then
+    -- no growth; the gateway stops taking and gives the free points back
+    -- with its next op (shrinking here could cut below calls it promised
+    -- while this op was on its way)
+elseif resize > 0 and avail >= SHARE then
+    local grant = math.floor(avail / SHARE)
+    if grant > resize then grant = resize end
+    new = new + grant
+elseif resize < 0 then
+    local back = -resize
+    if new - busy < back then back = new - busy end
+    new = new - back
+end
+local newfree = new - busy
+local dheld = new - amount -- the charge leaves held, the resize moves it
+
+if #ARGV > 6 then
+    local r = redis.pcall('XADD', KEYS[3], '*', 'ts', string.format('%d', now),
+                          unpack(ARGV, 7))
+    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
+end
+if new == 0 and busy == 0 and #ARGV == 6 then
+    redis.call('HDEL', KEYS[2], lid) -- a resend of this op finds nothing: no records to lose
+else
+    redis.call('HSET', KEYS[2], lid, string.format('%d|~lease|%d|%d|%d', new, seq, newfree, now + ttl))
+end
+if dheld ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', dheld)) end
+if charge ~= 0 then redis.call('HINCRBY', KEYS[1], 'spent', string.format('%d', charge)) end
+if newfree ~= free then
+    redis.call('HINCRBY', KEYS[1], 'leasefree', string.format('%d', newfree - free))
+end
+a.held, a.spent, lf = a.held + dheld, a.spent + charge, lf + newfree - free
+return {1, new, shown(), contended}

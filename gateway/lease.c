@@ -1,0 +1,515 @@
+/* lease.c: point leases (see lease.h).
+ *
+ * A lease's points, as this worker sees them:
+ *   amount   what Redis holds for it after the last op that answered
+ *   used     prices promised to calls in flight
+ *   pending  charges of ended calls whose records are queued or in the op
+ *            on its way
+ *   free = amount - used - pending: what the next call may be promised.
+ * Redis only ever lowers amount by the charges of our records, or by a
+ * give-back we ask for while no call is being promised (closing): so a
+ * promise made while an op is on its way is never cut from under it.
+ *
+ * One op per lease at a time, numbered: a resend after a lost reply carries
+ * the same number and lease.lua applies it once. The records of an op that
+ * failed stay with it until an answer says they are in (or that the lease
+ * is gone); their calls were answered meanwhile with the charge to come, as
+ * per-call settles are when Redis is away. */
+#include "gateway/lease.h"
+
+#include "billing/hotkeys.h"
+#include "billing/log.h"
+
+#include <inttypes.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <time.h>
+
+#define LEASE_BUCKETS 256
+#define LEASE_TICK_MS 100
+#define LEASE_PROBE_MS 250    /* an op at least this often: renewal, contention news */
+#define LEASE_REC_LEN 256     /* rid|acct|route(<=128)|amount|hold|outcome|status */
+
+typedef struct lease_rec {
+    char text[LEASE_REC_LEN];
+    size_t len;
+    int64_t charge;
+    hot_cb cb; /* NULL once run (answered) */
+    void *arg;
+} lease_rec;
+
+typedef struct lease_recs {
+    int n, cap;
+    lease_rec *r;
+} lease_recs;
+
+struct lease {
+    lease_table *t;
+    LIST_ENTRY(lease) bucket;
+    TAILQ_ENTRY(lease) all;
+    int64_t account;
+    char lid[34];
+    int64_t amount, used, pending;
+    int64_t want; /* free points it tries to keep */
+    int64_t seq;  /* of the last op built */
+    int refs;     /* calls promised from it, not yet ended */
+    int in_table; /* found by lease_take; 0 once lost or given back */
+    int closing;  /* takes no more; gives its free points back */
+    int deleted;  /* Redis no longer has it: no more ops */
+    int want_op;  /* an op is due (records, more points, renewal, give-back) */
+    int in_dirty; /* on the table's dirty list */
+    TAILQ_ENTRY(lease) dirty;
+    uint64_t last_take_ms, last_op_ms;
+    /* the op on its way (op_sent) or failed (op_failed), and its records */
+    lease_recs op;
+    int64_t op_seq, op_charge, op_resize, op_busy;
+    int op_sent, op_failed;
+    lease_recs queue; /* records for the next op */
+};
+
+struct lease_table {
+    struct event_base *base;
+    hotclient *hc;
+    lease_config cfg;
+    int down; /* lease_table_shutdown: send nothing */
+    int closing;
+    LIST_HEAD(, lease) buckets[LEASE_BUCKETS];
+    TAILQ_HEAD(, lease) leases; /* every lease alive, in or out of the table */
+    TAILQ_HEAD(, lease) dirty;  /* leases with want_op, sent at the end of the pass */
+    struct event *tick;
+    struct event *flush;
+    int flush_scheduled;
+};
+
+static uint64_t lease_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int64_t lease_free_points(const lease *l)
+{
+    return l->amount - l->used - l->pending;
+}
+
+static size_t lease_bucket(int64_t account)
+{
+    return (size_t)((uint64_t)account * 0x9E3779B97F4A7C15ULL >> 56) % LEASE_BUCKETS;
+}
+
+static int lease_recs_push(lease_recs *q, const lease_rec *rec)
+{
+    if (q->n == q->cap) {
+        int cap = q->cap ? q->cap * 2 : 16;
+        lease_rec *r = realloc(q->r, (size_t)cap * sizeof *r);
+        if (!r) return -1;
+        q->r = r;
+        q->cap = cap;
+    }
+    q->r[q->n++] = *rec;
+    return 0;
+}
+
+/* Runs the callbacks of RECS[0..N) still waiting, with RC and V. */
+static void lease_recs_answer(lease_rec *recs, int n, int rc, int64_t status, int64_t available,
+                              int charged)
+{
+    for (int i = 0; i < n; i++) {
+        hot_cb cb = recs[i].cb;
+        int64_t v[3] = {status, charged ? recs[i].charge : 0, available};
+        recs[i].cb = NULL;
+        if (cb) cb(recs[i].arg, rc, v);
+    }
+}
+
+static void lease_schedule(lease *l)
+{
+    lease_table *t = l->t;
+    l->want_op = 1;
+    if (!l->in_dirty) {
+        TAILQ_INSERT_TAIL(&t->dirty, l, dirty);
+        l->in_dirty = 1;
+    }
+    if (!t->flush_scheduled && !t->down) {
+        event_active(t->flush, EV_TIMEOUT, 0);
+        t->flush_scheduled = 1;
+    }
+}
+
+/* Out of the table: lease_take finds it no more (a new one may start). */
+static void lease_unlist(lease *l)
+{
+    if (!l->in_table) return;
+    LIST_REMOVE(l, bucket);
+    l->in_table = 0;
+}
+
+/* Only from the tick's first pass and lease_table_free, where no callback
+ * runs: a lease is never freed under a loop that walks the leases. */
+static void lease_free(lease *l)
+{
+    lease_unlist(l);
+    if (l->in_dirty) TAILQ_REMOVE(&l->t->dirty, l, dirty);
+    TAILQ_REMOVE(&l->t->leases, l, all);
+    free(l->op.r);
+    free(l->queue.r);
+    free(l);
+}
+
+/* Nothing refers to L and nothing is left to send: the tick frees it. */
+static int lease_finished(const lease *l)
+{
+    return l->deleted && l->refs == 0 && !l->op_sent && !l->op_failed && l->queue.n == 0;
+}
+
+/* Redis no longer holds L (expired by the sweeper, lost, or unusable):
+ * nothing in its queue can be charged. Calls still promised from it end
+ * at cost 0 (lease_end). */
+static void lease_lost(lease *l, int64_t status, int64_t available)
+{
+    lease_unlist(l);
+    l->deleted = 1;
+    l->amount = l->used = l->pending = 0;
+    lease_recs_answer(l->queue.r, l->queue.n, 0, status, available, 0);
+    l->queue.n = 0;
+}
+
+static void lease_send(lease *l);
+
+static void lease_on_reply(void *arg, int rc, const int64_t v[4])
+{
+    lease *l = arg;
+    lease_table *t = l->t;
+    uint64_t now = lease_now_ms();
+    l->op_sent = 0;
+    if (t->down) {
+        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        l->op_failed = 1;
+        return;
+    }
+    if (rc != 0) {
+        /* Maybe applied, maybe not: resent as it is (same seq) by the tick.
+         * Its calls are answered now with the charge to come. */
+        if (!l->op_failed)
+            log_warn("lease %s of account %" PRId64 ": op %" PRId64 " unanswered, will resend",
+                     l->lid, l->account, l->op_seq);
+        l->op_failed = 1;
+        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        return;
+    }
+    l->op_failed = 0;
+    l->last_op_ms = now;
+    if (v[0] == 1 || v[0] == 2) {
+        l->pending -= l->op_charge;
+        l->amount = v[1];
+        lease_recs_answer(l->op.r, l->op.n, 0, 1, v[2], 1);
+        if (v[3]) {
+            /* A reserve elsewhere is short while we hold points: give them
+             * back (lease.lua grants the account no lease while contended). */
+            if (!l->closing)
+                log_info("lease %s of account %" PRId64 ": contended, giving back", l->lid,
+                         l->account);
+            l->closing = 1;
+        }
+        if (l->amount == 0 && l->op_busy == 0 && l->op.n == 0) {
+            l->deleted = 1; /* lease.lua dropped the field */
+            lease_unlist(l);
+        }
+    } else {
+        if (v[0] == 0)
+            log_warn("lease %s of account %" PRId64 ": gone from Redis (expired?): %d calls not "
+                     "charged",
+                     l->lid, l->account, l->op.n);
+        else if (l->op_seq > 1 || v[0] != -1)
+            log_error("lease %s of account %" PRId64 ": unusable in Redis (status %" PRId64 ")",
+                      l->lid, l->account, v[0]);
+        lease_recs_answer(l->op.r, l->op.n, 0, v[0] < 0 ? HOT_STATUS_UNUSABLE : 0, v[2], 0);
+        lease_lost(l, 0, v[2]);
+    }
+    l->op.n = 0;
+    if (!l->deleted &&
+        (l->want_op || l->queue.n > 0 || (l->closing && lease_free_points(l) > 0)))
+        lease_schedule(l);
+}
+
+/* Builds and sends L's next op (or resends the failed one). */
+static void lease_send(lease *l)
+{
+    lease_table *t = l->t;
+    const char *recs[2 * HOT_LEASE_RECORDS_MAX];
+    size_t lens[2 * HOT_LEASE_RECORDS_MAX];
+    hot_lease_args a;
+    if (t->down || l->op_sent || l->deleted) return;
+    if (!l->op_failed) {
+        l->want_op = 0;
+        int n = l->queue.n < HOT_LEASE_RECORDS_MAX ? l->queue.n : HOT_LEASE_RECORDS_MAX;
+        int64_t charge = 0, freep;
+        /* The op takes the first N queued records. */
+        lease_recs tmp = l->op;
+        l->op = l->queue;
+        l->queue = tmp;
+        l->queue.n = 0;
+        if (l->op.n > n) {
+            for (int i = n; i < l->op.n; i++)
+                if (lease_recs_push(&l->queue, &l->op.r[i]) != 0) {
+                    /* Keep them in this op rather than lose them. */
+                    n = l->op.n;
+                    l->queue.n = 0;
+                    break;
+                }
+            l->op.n = n;
+        }
+        for (int i = 0; i < l->op.n; i++)
+            charge += l->op.r[i].charge;
+        l->op_seq = ++l->seq;
+        l->op_charge = charge;
+        l->op_busy = l->used + l->pending - charge;
+        freep = lease_free_points(l);
+        if (l->closing)
+            l->op_resize = -freep; /* nothing is promised while closing */
+        else if (freep < l->want / 2)
+            l->op_resize = l->want - freep;
+        else
+            l->op_resize = 0;
+        if (l->op_resize < 0 && freep <= 0) l->op_resize = 0;
+    }
+    for (int i = 0; i < l->op.n; i++) {
+        recs[2 * i] = "c";
+        lens[2 * i] = 1;
+        recs[2 * i + 1] = l->op.r[i].text;
+        lens[2 * i + 1] = l->op.r[i].len;
+    }
+    a = (hot_lease_args){.account = l->account,
+                         .lid = l->lid,
+                         .seq = l->op_seq,
+                         .ttl_ms = t->cfg.ttl_ms,
+                         .charge = l->op_charge,
+                         .resize = l->op_resize,
+                         .busy = l->op_busy,
+                         .nrec = 2 * l->op.n,
+                         .recs = recs,
+                         .lens = lens};
+    if (hotclient_lease(t->hc, &a, lease_on_reply, l) == 0) {
+        l->op_sent = 1;
+        return;
+    }
+    if (!l->op_failed)
+        log_warn("lease %s of account %" PRId64 ": redis away, op %" PRId64 " kept", l->lid,
+                 l->account, l->op_seq);
+    l->op_failed = 1;
+    lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+}
+
+static void lease_on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    lease_table *t = arg;
+    lease *l;
+    t->flush_scheduled = 0;
+    /* A send that fails answers its calls, whose code may schedule again:
+     * the list is walked from its head until empty, and a failed or sent
+     * lease is skipped (its reply or the tick sends what it wants). */
+    while ((l = TAILQ_FIRST(&t->dirty)) != NULL) {
+        TAILQ_REMOVE(&t->dirty, l, dirty);
+        l->in_dirty = 0;
+        if (!l->op_sent && !l->op_failed && !l->deleted && !t->down) lease_send(l);
+    }
+}
+
+static void lease_on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    lease_table *t = arg;
+    uint64_t now = lease_now_ms();
+    lease *l, *next;
+    if (t->down) return;
+    for (l = TAILQ_FIRST(&t->leases); l; l = next) {
+        next = TAILQ_NEXT(l, all);
+        if (lease_finished(l)) lease_free(l);
+    }
+    /* No callback runs below: a resend's calls were answered already, and a
+     * new op is only scheduled. */
+    TAILQ_FOREACH(l, &t->leases, all)
+    {
+        if (l->op_sent || l->deleted) continue;
+        if (l->op_failed) {
+            if (hotclient_up(t->hc)) lease_send(l);
+            continue;
+        }
+        if (!l->closing && (t->closing || now - l->last_take_ms >= (uint64_t)t->cfg.idle_ms)) {
+            l->closing = 1;
+            lease_unlist(l);
+        }
+        if (l->closing && lease_free_points(l) > 0)
+            lease_schedule(l);
+        else if (l->closing && l->amount == 0 && l->refs == 0 && l->pending == 0)
+            lease_schedule(l); /* the op that drops it from Redis */
+        else if (now - l->last_op_ms >= LEASE_PROBE_MS)
+            lease_schedule(l);
+    }
+}
+
+int lease_table_new(struct event_base *base, hotclient *hc, const lease_config *cfg,
+                    lease_table **out)
+{
+    struct timeval tv = {0, LEASE_TICK_MS * 1000};
+    lease_table *t = calloc(1, sizeof *t);
+    if (!t) return -1;
+    t->base = base;
+    t->hc = hc;
+    t->cfg = *cfg;
+    for (int i = 0; i < LEASE_BUCKETS; i++)
+        LIST_INIT(&t->buckets[i]);
+    TAILQ_INIT(&t->leases);
+    TAILQ_INIT(&t->dirty);
+    t->tick = event_new(base, -1, EV_PERSIST, lease_on_tick, t);
+    t->flush = event_new(base, -1, 0, lease_on_flush, t);
+    if (!t->tick || !t->flush || event_add(t->tick, &tv) != 0) {
+        lease_table_free(t);
+        return -1;
+    }
+    *out = t;
+    return 0;
+}
+
+void lease_table_shutdown(lease_table *t)
+{
+    lease *l;
+    if (!t) return;
+    t->down = 1;
+    TAILQ_FOREACH(l, &t->leases, all)
+    {
+        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        if (l->queue.n + l->op.n > 0)
+            log_error("lease %s of account %" PRId64 ": exiting with %d records unsent (the "
+                      "sweeper will expire the lease, cost 0)",
+                      l->lid, l->account, l->queue.n + l->op.n);
+    }
+}
+
+void lease_table_free(lease_table *t)
+{
+    if (!t) return;
+    t->down = 1;
+    while (!TAILQ_EMPTY(&t->leases)) {
+        lease *l = TAILQ_FIRST(&t->leases);
+        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        lease_free(l);
+    }
+    if (t->tick) event_free(t->tick);
+    if (t->flush) event_free(t->flush);
+    free(t);
+}
+
+void lease_table_close(lease_table *t)
+{
+    t->closing = 1;
+    lease_on_tick(-1, 0, t);
+}
+
+int lease_table_busy(const lease_table *t)
+{
+    int n = 0;
+    const lease *l;
+    TAILQ_FOREACH(l, &t->leases, all)
+    n++;
+    return n;
+}
+
+static lease *lease_find(lease_table *t, int64_t account)
+{
+    lease *l;
+    LIST_FOREACH(l, &t->buckets[lease_bucket(account)], bucket)
+    if (l->account == account) return l;
+    return NULL;
+}
+
+lease *lease_take(lease_table *t, int64_t account, int64_t price)
+{
+    lease *l;
+    if (t->cfg.calls <= 0 || t->closing || t->down) return NULL;
+    l = lease_find(t, account);
+    if (!l || l->closing || l->op_failed || l->deleted || !hotclient_up(t->hc)) return NULL;
+    if (lease_free_points(l) < price) {
+        lease_schedule(l); /* ask for more */
+        return NULL;
+    }
+    l->used += price;
+    l->refs++;
+    l->last_take_ms = lease_now_ms();
+    return l;
+}
+
+void lease_consider(lease_table *t, int64_t account, int64_t price, int64_t available)
+{
+    lease *l;
+    unsigned char raw[16];
+    int64_t want;
+    if (t->cfg.calls <= 0 || t->closing || t->down || price <= 0) return;
+    if (price > INT64_MAX / t->cfg.calls / 4) return;
+    want = t->cfg.calls * price;
+    /* Only an account with room for several: lease.lua grants at most a
+     * quarter of what is available, and a small balance is better served
+     * by per-call holds, exact to the point. */
+    if (available < 4 * want) return;
+    l = lease_find(t, account);
+    if (l) return;
+    l = calloc(1, sizeof *l);
+    if (!l) return;
+    l->t = t;
+    l->account = account;
+    l->want = want;
+    l->lid[0] = 'L';
+    randombytes_buf(raw, sizeof raw);
+    sodium_bin2hex(l->lid + 1, sizeof l->lid - 1, raw, sizeof raw);
+    l->last_take_ms = l->last_op_ms = lease_now_ms();
+    LIST_INSERT_HEAD(&t->buckets[lease_bucket(account)], l, bucket);
+    l->in_table = 1;
+    TAILQ_INSERT_TAIL(&t->leases, l, all);
+    lease_schedule(l); /* seq 1: creates it, asking for WANT */
+}
+
+void lease_end(lease *l, const char *rid, const char *route, int64_t price, int64_t charge,
+               int commit, long status, hot_cb cb, void *arg)
+{
+    lease_rec rec = {.cb = cb, .arg = arg};
+    int len;
+    l->used -= price;
+    l->refs--;
+    if (charge < 0 || charge > price) charge = charge < 0 ? 0 : price;
+    if (!commit) charge = 0;
+    rec.charge = charge;
+    len = snprintf(rec.text, sizeof rec.text, "%s|%" PRId64 "|%s|%" PRId64 "|%" PRId64 "|%s|%ld",
+                   rid, l->account, route, charge, price, commit ? "commit" : "release", status);
+    if (l->t->down) {
+        int64_t v[3] = {0, 0, 0};
+        if (cb) cb(arg, -1, v);
+        return;
+    }
+    if (l->deleted) {
+        /* Redis released the lease (cost 0 for everything in it). */
+        int64_t v[3] = {0, 0, 0};
+        if (cb) cb(arg, 0, v);
+        return;
+    }
+    if (len < 0 || (size_t)len >= sizeof rec.text || lease_recs_push(&l->queue, &rec) != 0) {
+        /* Cannot happen for valid ids (route ids are at most 128 bytes). The
+         * points go back to the lease: the call is free. */
+        int64_t v[3] = {0, 0, 0};
+        log_error("lease %s: record of %s not queued: call not charged", l->lid, rid);
+        if (cb) cb(arg, 0, v);
+        return;
+    }
+    rec.len = (size_t)len;
+    l->queue.r[l->queue.n - 1].len = rec.len;
+    l->pending += charge;
+    if (l->op_failed) {
+        /* Redis is away: answered now with the charge to come, as settles are. */
+        lease_recs_answer(&l->queue.r[l->queue.n - 1], 1, -1, 0, 0, 1);
+    }
+    lease_schedule(l);
+}

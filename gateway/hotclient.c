@@ -78,8 +78,11 @@ typedef struct hot_cmd {
     void *arg;
 } hot_cmd;
 
-/* Room to format one batch's arguments: 4 fixed + 7 per op at most. */
-#define HOT_ARGV_MAX (4 + 7 * HOT_BATCH_MAX)
+/* Room for one batch's arguments (4 fixed + 7 per op at most) or one lease
+ * op's (12 fixed + 2 per record). */
+#define HOT_ARGV_MAX                                                                               \
+    (4 + 7 * HOT_BATCH_MAX > 12 + 2 * HOT_LEASE_RECORDS_MAX ? 4 + 7 * HOT_BATCH_MAX                \
+                                                            : 12 + 2 * HOT_LEASE_RECORDS_MAX)
 #define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 3 * 24 + 33 + HOT_ROUTE_MAX + 8))
 
 struct hotclient {
@@ -829,7 +832,7 @@ int hotclient_lease(hotclient *hc, const hot_lease_args *l, hot_lease_cb cb, voi
     hot_keys k;
     int rc = 0;
 
-    if (!hc->ac || hc->closing || l->nrec < 0 || l->nrec > HOT_LEASE_RECORDS_MAX) return -1;
+    if (!hc->ac || hc->closing || l->nrec < 0 || l->nrec > 2 * HOT_LEASE_RECORDS_MAX) return -1;
     hot_keys_for(&k, l->account);
     if (sha[0]) {
         rc |= hot_arg(&a, "EVALSHA", 7);

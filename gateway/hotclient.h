@@ -54,7 +54,7 @@ typedef struct hot_lease_args {
     int64_t account;
     const char *lid;
     int64_t seq, ttl_ms, charge, resize, busy;
-    int nrec; /* <= HOT_LEASE_RECORDS_MAX */
+    int nrec; /* the outbox entry's fields: 2 per record, <= 2 * HOT_LEASE_RECORDS_MAX */
     const char *const *recs;
     const size_t *lens;
 } hot_lease_args;

@@ -30,8 +30,8 @@
 
 #define LEASE_BUCKETS 256
 #define LEASE_TICK_MS 100
-#define LEASE_PROBE_MS 250    /* an op at least this often: renewal, contention news */
-#define LEASE_REC_LEN 256     /* rid|acct|route(<=128)|amount|hold|outcome|status */
+#define LEASE_PROBE_MS 250 /* an op at least this often: renewal, contention news */
+#define LEASE_REC_LEN 256  /* rid|acct|route(<=128)|amount|hold|outcome|status */
 
 typedef struct lease_rec {
     char text[LEASE_REC_LEN];
@@ -231,8 +231,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
         lease_lost(l, 0, v[2]);
     }
     l->op.n = 0;
-    if (!l->deleted &&
-        (l->want_op || l->queue.n > 0 || (l->closing && lease_free_points(l) > 0)))
+    if (!l->deleted && (l->want_op || l->queue.n > 0 || (l->closing && lease_free_points(l) > 0)))
         lease_schedule(l);
 }
 

@@ -104,14 +104,13 @@ if charge + busy > amount then
 end
 
 -- The new amount: the charges leave the lease (held -> spent), then it
--- grows, gives back, or (contended) keeps only what calls were promised.
+-- grows or gives back.
 local new = amount - charge
 local avail = a.credited - a.spent - a.held -- the charge moves held to spent
-if contended == 1 then
-    -- no growth; the gateway stops taking and gives the free points back
-    -- with its next op (shrinking here could cut below calls it promised
-    -- while this op was on its way)
-elseif resize > 0 and avail >= SHARE then
+-- Contended: no growth. The worker stops taking and gives its free points
+-- back with its next op (a shrink decided here could cut below calls it
+-- promised while this op was on its way).
+if resize > 0 and contended == 0 and avail >= SHARE then
     local grant = math.floor(avail / SHARE)
     if grant > resize then grant = resize end
     new = new + grant

@@ -207,13 +207,14 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
         l->pending -= l->op_charge;
         l->amount = v[1];
         lease_recs_answer(l->op.r, l->op.n, 0, 1, v[2], 1);
-        if (v[3]) {
+        if (v[3] && !l->closing) {
             /* A reserve elsewhere is short while we hold points: give them
-             * back (lease.lua grants the account no lease while contended). */
-            if (!l->closing)
-                log_info("lease %s of account %" PRId64 ": contended, giving back", l->lid,
-                         l->account);
+             * back now (lease.lua grants the account no lease while
+             * contended). Later give-backs wait for the tick: an answer
+             * that did not shrink the lease must not start a loop. */
+            log_info("lease %s of account %" PRId64 ": contended, giving back", l->lid, l->account);
             l->closing = 1;
+            l->want_op = 1;
         }
         if (l->amount == 0 && l->op_busy == 0 && l->op.n == 0) {
             l->deleted = 1; /* lease.lua dropped the field */
@@ -231,8 +232,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
         lease_lost(l, 0, v[2]);
     }
     l->op.n = 0;
-    if (!l->deleted && (l->want_op || l->queue.n > 0 || (l->closing && lease_free_points(l) > 0)))
-        lease_schedule(l);
+    if (!l->deleted && (l->want_op || l->queue.n > 0)) lease_schedule(l);
 }
 
 /* Builds and sends L's next op (or resends the failed one). */

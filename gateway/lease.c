@@ -70,15 +70,18 @@ struct lease {
     lease_recs queue; /* records for the next op */
 };
 
+LIST_HEAD(lease_bucket, lease);
+TAILQ_HEAD(lease_queue, lease);
+
 struct lease_table {
     struct event_base *base;
     hotclient *hc;
     lease_config cfg;
     int down; /* lease_table_shutdown: send nothing */
     int closing;
-    LIST_HEAD(, lease) buckets[LEASE_BUCKETS];
-    TAILQ_HEAD(, lease) leases; /* every lease alive, in or out of the table */
-    TAILQ_HEAD(, lease) dirty;  /* leases with want_op, sent at the end of the pass */
+    struct lease_bucket buckets[LEASE_BUCKETS];
+    struct lease_queue leases; /* every lease alive, in or out of the table */
+    struct lease_queue dirty;  /* leases with want_op, sent at the end of the pass */
     struct event *tick;
     struct event *flush;
     int flush_scheduled;
@@ -378,14 +381,14 @@ void lease_table_shutdown(lease_table *t)
     lease *l;
     if (!t) return;
     t->down = 1;
-    TAILQ_FOREACH(l, &t->leases, all)
-    {
-        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
-        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
-        if (l->queue.n + l->op.n > 0)
+    for (l = TAILQ_FIRST(&t->leases); l; l = TAILQ_NEXT(l, all)) {
+        int unsent = l->queue.n + l->op.n;
+        if (unsent > 0)
             log_error("lease %s of account %" PRId64 ": exiting with %d records unsent (the "
                       "sweeper will expire the lease, cost 0)",
-                      l->lid, l->account, l->queue.n + l->op.n);
+                      l->lid, l->account, unsent);
+        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
     }
 }
 

@@ -9,7 +9,7 @@
  *   pg:{A}:holds  hash  rid -> "amount|route|deadline" (deadline: ms since
  *                       epoch, Redis clock; the sweeper scans these hashes),
  *                       and a gateway worker's lease L<id> ->
- *                       "amount|~lease|seq|free|deadline" (lease.lua)
+ *                       "amount|~lease|seq|free|deadline|soft" (lease.lua)
  * Global:
  *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle";
  *                 one entry per settle batch: ts, then c = "rid|acct|route|

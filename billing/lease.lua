@@ -7,14 +7,19 @@
 -- total they charge.
 --
 -- A lease is a field of the account's holds hash, next to per-call holds:
---   L<id> -> "amount|~lease|seq|free|deadline"
+--   L<id> -> "amount|~lease|seq|free|deadline|soft"
 -- amount: points the lease holds (counted in the account's held); free: the
 -- part not yet promised to a call, as of the lease's last op (summed over
 -- the account's leases in its leasefree field, so that balances shown to
--- people count it as available); deadline: as a hold's, last so that the
--- sweeper reads it the same way. The sweeper expires a lease whose worker
--- stopped renewing it (settle.lua, outcome expire): cost 0 for the calls it
--- served that never reached this script, which were never answered either.
+-- people count it as available). Every op renews two deadlines. soft (now +
+-- SOFT_MS) is last, where the sweeper reads a hold's deadline: past it the
+-- worker has stopped promising from the lease (gateway/lease.c fences
+-- itself well before), so the sweeper gives its free points back to the
+-- account (settle.lua, outcome expire) and a caller waiting for them is
+-- not kept waiting by a dead or cut-off worker. deadline (now + ttl, as a
+-- per-call hold's) covers the calls in flight: past it the sweeper releases
+-- the whole lease, cost 0 for the calls it served that never reached this
+-- script, which were never answered either.
 --
 -- KEYS[1] acct hash, KEYS[2] holds hash, KEYS[3] outbox stream
 -- ARGV[1] lease id (the field), ARGV[2] seq: 1 creates the lease, each later
@@ -33,8 +38,8 @@
 --   1 applied; 2 already applied (a resend); 0 no such lease (expired by the
 --   sweeper, or Redis lost it): nothing applied, nothing charged;
 --  -1 account unknown to Redis (creation only); -2 its data is unusable, or
---   the lease holds less than the op settles and promises (Redis restored
---   older data): the worker drops the lease
+--   the lease holds less than the op settles and promises and the account
+--   has not the difference available: the worker drops the lease
 -- amount: the lease's points now; available: credited - spent - held +
 -- leasefree; contended: 1 when a reserve was short of points held here in
 -- the last CONTEND_MS (reserve.lua marks it). A contended lease grows no
@@ -52,6 +57,7 @@
 -- All or nothing, as settle.lua: reads and checks first, the outbox entry
 -- is the first write, the writes after it cannot fail.
 local CONTEND_MS = 2000
+local SOFT_MS = 3000 -- gateway/lease.c stops promising 1500 ms after its last op was sent
 local SHARE = 4 -- a lease grows by at most 1/SHARE of the available points
 
 if #KEYS ~= 3 or #ARGV < 6 or #ARGV % 2 ~= 0 then
@@ -82,7 +88,7 @@ end
 
 local amount, free = 0, 0
 if cur then
-    local am, sq, fr = string.match(cur, '^(%d+)|~lease|(%d+)|(%d+)|%d+$')
+    local am, sq, fr = string.match(cur, '^(%d+)|~lease|(%d+)|(%d+)|%d+|%d+$')
     amount, free = int(am or ''), int(fr or '')
     local stored = int(sq or '')
     if not amount or not stored or not free then
@@ -95,21 +101,28 @@ elseif seq ~= 1 then
 elseif charge ~= 0 or #ARGV > 6 then
     return redis.error_reply('lease: a new lease has nothing to settle')
 end
+local orig = amount
+local avail = a.credited - a.spent - a.held
 if charge + busy > amount then
-    -- Not this worker's lease any more (Redis came back from an older
-    -- copy of its data): unusable, and the worker drops it.
-    redis.log(redis.LOG_WARNING, 'lease: ' .. lid .. ' holds ' .. amount .. ', asked to settle ' ..
-              charge .. ' with ' .. busy .. ' promised')
-    return {-2, amount, shown(), contended}
+    -- The worker promised more than Redis holds for it: the sweeper took
+    -- the free points back after the soft deadline (the worker was cut off),
+    -- or Redis came back from older data. Those calls were served: what they
+    -- need comes from the available points, if they are there.
+    local need = charge + busy - amount
+    if need > avail then
+        redis.log(redis.LOG_WARNING, 'lease: ' .. lid .. ' holds ' .. amount .. ', asked to settle ' ..
+                  charge .. ' with ' .. busy .. ' promised, ' .. avail .. ' available')
+        return {-2, amount, shown(), contended}
+    end
+    amount, avail = amount + need, avail - need
 end
 
 -- The new amount: the charges leave the lease (held -> spent), then it
 -- grows or gives back.
-local new = amount - charge
-local avail = a.credited - a.spent - a.held -- the charge moves held to spent
 -- Contended: no growth. The worker stops taking and gives its free points
 -- back with its next op (a shrink decided here could cut below calls it
 -- promised while this op was on its way).
+local new = amount - charge
 if resize > 0 and contended == 0 and avail >= SHARE then
     local grant = math.floor(avail / SHARE)
     if grant > resize then grant = resize end
@@ -120,7 +133,7 @@ elseif resize < 0 then
     new = new - back
 end
 local newfree = new - busy
-local dheld = new - amount -- the charge leaves held, the resize moves it
+local dheld = new - orig -- the charge leaves held; a re-take or resize moves it
 
 if #ARGV > 6 then
     local r = redis.pcall('XADD', KEYS[3], '*', 'ts', string.format('%d', now),
@@ -130,7 +143,8 @@ end
 if new == 0 and busy == 0 and #ARGV == 6 then
     redis.call('HDEL', KEYS[2], lid) -- a resend of this op finds nothing: no records to lose
 else
-    redis.call('HSET', KEYS[2], lid, string.format('%d|~lease|%d|%d|%d', new, seq, newfree, now + ttl))
+    redis.call('HSET', KEYS[2], lid, string.format('%d|~lease|%d|%d|%d|%d', new, seq, newfree,
+                                                   now + ttl, now + SOFT_MS))
 end
 if dheld ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', dheld)) end
 if charge ~= 0 then redis.call('HINCRBY', KEYS[1], 'spent', string.format('%d', charge)) end

@@ -101,9 +101,11 @@ for i = 1, n do
             out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
         else
             out[o], out[o + 1], out[o + 2] = 0, avail, a.held
-            -- Short while points are held: tell the leases (lease.lua) to
-            -- give theirs back, so that the wait for them ends.
-            if a.lf > 0 then contended[akey] = true end
+            -- Short while leases (lease.lua) sit on free points that, with
+            -- the rest held, would cover it: tell them to give those back,
+            -- so that the caller's wait ends. (A call the account cannot
+            -- afford at all is refused, and leaves the leases be.)
+            if a.lf > 0 and avail + a.held >= price then contended[akey] = true end
         end
     end
 end

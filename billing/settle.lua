@@ -63,27 +63,38 @@ for _, akey in ipairs(order) do
     accts[akey].dheld, accts[akey].dspent, accts[akey].dlf = 0, 0, 0
 end
 for _, hkey in ipairs(gorder) do
-    groups[hkey].closed = {}
+    groups[hkey].closed, groups[hkey].updated = {}, {}
 end
 
--- A lease (lease.lua) is closed here only by the sweeper (outcome expire),
--- and only if its deadline, which each of its ops moves, has passed now:
--- it goes back whole, at cost 0, with no outbox record (the calls it
--- served that never reached lease.lua were never answered). Returns 1 if
--- closed.
+-- A lease (lease.lua) is touched here only by the sweeper (outcome
+-- expire), and by its deadlines as they are now (each of its ops moves
+-- them, maybe since the sweeper read them): past its deadline it goes back
+-- whole, at cost 0, with no outbox record (the calls it served that never
+-- reached lease.lua were never answered); past its soft deadline only, its
+-- free points go back (its worker stopped promising from it). Returns 1 if
+-- it changed.
 local now = nil
 local function expire_lease(a, g, rid, h)
-    local amount, free, dl = string.match(h, '^(%d+)|~lease|%d+|(%d+)|(%d+)$')
-    amount, free, dl = int(amount or ''), int(free or ''), int(dl or '')
-    if not amount or not free or not dl then return -2 end
+    local amount, seq, free, dl, soft = string.match(h, '^(%d+)|~lease|(%d+)|(%d+)|(%d+)|(%d+)$')
+    amount, free, dl, soft = int(amount or ''), int(free or ''), int(dl or ''), int(soft or '')
+    if not amount or not free or not dl or not soft or string.sub(rid, 1, 1) ~= 'L' then
+        return -2
+    end
     if not now then
         local t = redis.call('TIME')
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
-    if dl > now then return 0 end
-    g.vals[rid] = nil
-    g.closed[#g.closed + 1] = rid
-    a.held, a.dheld = a.held - amount, a.dheld - amount
+    if dl <= now then
+        g.vals[rid] = nil
+        g.closed[#g.closed + 1] = rid
+        a.held, a.dheld = a.held - amount, a.dheld - amount
+    elseif soft <= now and free > 0 then
+        g.updated[#g.updated + 1] = rid
+        g.updated[#g.updated + 1] = string.format('%d|~lease|%s|0|%d|%d', amount - free, seq, dl, soft)
+        a.held, a.dheld = a.held - free, a.dheld - free
+    else
+        return 0
+    end
     a.lf, a.dlf = a.lf - free, a.dlf - free
     return 1
 end
@@ -145,6 +156,7 @@ end
 for _, hkey in ipairs(gorder) do
     local g = groups[hkey]
     if #g.closed > 0 then redis.call('HDEL', hkey, unpack(g.closed)) end
+    if #g.updated > 0 then redis.call('HSET', hkey, unpack(g.updated)) end
 end
 for _, akey in ipairs(order) do
     local a = accts[akey]

@@ -92,6 +92,7 @@ struct hotclient {
     int db;
     redisAsyncContext *ac;
     int connected;
+    unsigned epoch; /* connections made so far: lease.c's fence */
     int closing;
     int writing; /* inside redisAsyncHandleWrite (see redisev.h) */
     struct event *retry;
@@ -265,6 +266,7 @@ static void hot_on_connect(const redisAsyncContext *ac, int status)
     }
     log_info("redis %s:%d connected", hc->host, hc->port);
     hc->connected = 1;
+    hc->epoch++;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hot_flush_queue(hc);
 }
@@ -384,6 +386,11 @@ void hotclient_free(hotclient *hc)
 int hotclient_up(const hotclient *hc)
 {
     return hc->ac != NULL;
+}
+
+unsigned hotclient_epoch(const hotclient *hc)
+{
+    return hc->connected ? hc->epoch : 0;
 }
 
 int hotclient_busy(const hotclient *hc)

@@ -33,6 +33,10 @@ void hotclient_free(hotclient *hc);
 
 /* 1 while connected or connecting (commands are queued by hiredis then). */
 int hotclient_up(const hotclient *hc);
+/* The current connection's number (each successful connect makes a new
+ * one), 0 while not connected: a reply on an older connection says nothing
+ * of what Redis holds now (it may have restarted without its data). */
+unsigned hotclient_epoch(const hotclient *hc);
 /* Commands and queued settles not yet answered. */
 int hotclient_busy(const hotclient *hc);
 

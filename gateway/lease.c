@@ -31,7 +31,13 @@
 #define LEASE_BUCKETS 256
 #define LEASE_TICK_MS 100
 #define LEASE_PROBE_MS 250 /* an op at least this often: renewal, contention news */
-#define LEASE_REC_LEN 256  /* rid|acct|route(<=128)|amount|hold|outcome|status */
+/* No promise from a lease whose last confirmed op was sent longer ago than
+ * this: lease.lua's soft deadline (3000 ms after the op ran, which is after
+ * it was sent) lets the sweeper give the lease's free points back, so that
+ * a worker cut off from Redis, or dead, does not keep them from callers
+ * elsewhere. The margin covers Redis's clock against ours. */
+#define LEASE_FENCE_MS 1500
+#define LEASE_REC_LEN 256 /* rid|acct|route(<=128)|amount|hold|outcome|status */
 
 typedef struct lease_rec {
     char text[LEASE_REC_LEN];
@@ -63,6 +69,10 @@ struct lease {
     int in_dirty; /* on the table's dirty list */
     TAILQ_ENTRY(lease) dirty;
     uint64_t last_take_ms, last_op_ms;
+    uint64_t confirmed_ms; /* when the last op answered was sent */
+    unsigned epoch;        /* hotclient connection it was answered on */
+    uint64_t op_sent_ms;
+    unsigned op_epoch;
     /* the op on its way (op_sent) or failed (op_failed), and its records */
     lease_recs op;
     int64_t op_seq, op_charge, op_resize, op_busy;
@@ -201,7 +211,9 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
             log_warn("lease %s of account %" PRId64 ": op %" PRId64 " unanswered, will resend",
                      l->lid, l->account, l->op_seq);
         l->op_failed = 1;
+        /* Queued records too: none of them goes out before this op does. */
         lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
         return;
     }
     l->op_failed = 0;
@@ -209,6 +221,8 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
     if (v[0] == 1 || v[0] == 2) {
         l->pending -= l->op_charge;
         l->amount = v[1];
+        l->confirmed_ms = l->op_sent_ms;
+        l->epoch = l->op_epoch;
         lease_recs_answer(l->op.r, l->op.n, 0, 1, v[2], 1);
         if (v[3] && !l->closing) {
             /* A reserve elsewhere is short while we hold points: give them
@@ -295,6 +309,8 @@ static void lease_send(lease *l)
                          .nrec = 2 * l->op.n,
                          .recs = recs,
                          .lens = lens};
+    l->op_sent_ms = lease_now_ms();
+    l->op_epoch = hotclient_epoch(t->hc);
     if (hotclient_lease(t->hc, &a, lease_on_reply, l) == 0) {
         l->op_sent = 1;
         return;
@@ -304,6 +320,7 @@ static void lease_send(lease *l)
                  l->account, l->op_seq);
     l->op_failed = 1;
     lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+    lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
 }
 
 static void lease_on_flush(evutil_socket_t fd, short what, void *arg)
@@ -433,16 +450,26 @@ static lease *lease_find(lease_table *t, int64_t account)
 lease *lease_take(lease_table *t, int64_t account, int64_t price)
 {
     lease *l;
+    uint64_t now;
     if (t->cfg.calls <= 0 || t->closing || t->down) return NULL;
     l = lease_find(t, account);
-    if (!l || l->closing || l->op_failed || l->deleted || !hotclient_up(t->hc)) return NULL;
+    if (!l || l->closing || l->op_failed || l->deleted) return NULL;
+    now = lease_now_ms();
+    /* Fenced: only on what an answer on this very connection, recent
+     * enough, says Redis holds (LEASE_FENCE_MS; and a reconnect may have
+     * found a Redis that lost the lease). The next op or probe lifts it. */
+    if (l->epoch == 0 || l->epoch != hotclient_epoch(t->hc) ||
+        now - l->confirmed_ms >= LEASE_FENCE_MS) {
+        lease_schedule(l);
+        return NULL;
+    }
     if (lease_free_points(l) < price) {
         lease_schedule(l); /* ask for more */
         return NULL;
     }
     l->used += price;
     l->refs++;
-    l->last_take_ms = lease_now_ms();
+    l->last_take_ms = now;
     return l;
 }
 

@@ -17,7 +17,9 @@
  * is); a lease's points are counted as held, so no call elsewhere can spend
  * them; and when a reserve is short while points are held, the lease stops
  * serving and gives its free points back (see lease.lua), so that the short
- * caller, waiting, gets them. */
+ * caller, waiting, gets them. A worker promises only on a recent answer
+ * from Redis (a fence well inside lease.lua's soft deadline, after which
+ * the sweeper gives a silent lease's free points back). */
 #ifndef GATEWAY_LEASE_H
 #define GATEWAY_LEASE_H
 

@@ -125,11 +125,12 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
         snprintf(err, errlen, "each route needs string \"id\", \"method\" and \"path\"");
         return -1;
     }
-    if (strlen(id) > 128 || strchr(id, '|') || id[0] == '_') {
+    if (strlen(id) > 128 || strchr(id, '|') || id[0] == '_' || id[0] == '~') {
         /* '|' separates the parts of holds and outbox records; a leading
-         * '_' marks billing's own holds (a negative adjustment's guard). */
-        snprintf(err, errlen, "route id \"%s\": at most 128 chars, no '|', not starting with '_'",
-                 id);
+         * '_' marks billing's own holds (a negative adjustment's guard),
+         * a leading '~' a gateway's point lease (lease.lua). */
+        snprintf(err, errlen,
+                 "route id \"%s\": at most 128 chars, no '|', not starting with '_' or '~'", id);
         return -1;
     }
     r->id = strdup(id);

@@ -426,6 +426,15 @@ def test_sighup_reloads_routes(stack):
     stack.wait_for(lambda: "not starting with '_'" in stack.gateway.output(), timeout=5,
                    what="reload error logged")
     assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).headers["x-points-charged"] == "2"
+    # And '~', which marks a gateway's point lease: such a route's holds
+    # would be taken for a lease and never settled.
+    n_refused = stack.gateway.output().count("not starting with '_' or '~'")
+    with open(path, "w") as f:
+        json.dump({"routes": [{"id": "~lease", "method": "GET", "path": "/**", "price": 9}]}, f)
+    stack.gateway.signal(signal.SIGHUP)
+    stack.wait_for(lambda: stack.gateway.output().count("not starting with '_' or '~'") > n_refused,
+                   timeout=5, what="reload error logged")
+    assert http("GET", gw + "/v1/devices/d1", headers=_auth(key)).headers["x-points-charged"] == "2"
     with open(path, "w") as f:
         json.dump(ROUTES, f)
     stack.gateway.signal(signal.SIGHUP)

@@ -3,7 +3,7 @@ Postgres, billing and devsim.
 
 A gateway worker that sees an account with plenty of points takes one hold
 of a block of them (a lease, field L<32 hex> of pg:{A}:holds, value
-"amount|~lease|seq|free|deadline") and serves that account's calls from it,
+"amount|~lease|seq|free|deadline|soft") and serves that account's calls from it,
 settling their records with one lease.lua op per pass. What must not change
 with leases: every call gets the same answer and headers as with per-call
 holds, Postgres gets one charges row per call, the balances shown to people
@@ -27,7 +27,7 @@ from harness import http
 from test_crash import _conserved
 from test_gateway import ROUTES, _auth, _sim_requests
 
-LEASE_VALUE = re.compile(r"^(\d+)\|~lease\|(\d+)\|(\d+)\|(\d+)$")
+LEASE_VALUE = re.compile(r"^(\d+)\|~lease\|(\d+)\|(\d+)\|(\d+)\|(\d+)$")
 LEASE_FIELD = re.compile(r"^L[0-9a-f]{32}$")
 
 
@@ -72,7 +72,7 @@ def _holds(stack, acct):
 
 
 def _leases(stack, acct):
-    """The account's leases in Redis: {field: (amount, seq, free, deadline)}.
+    """The account's leases in Redis: {field: (amount, seq, free, deadline, soft)}.
     A field of the lease kind that does not parse fails the test."""
     out = {}
     for field, value in _holds(stack, acct).items():
@@ -159,7 +159,7 @@ def test_lease_serves_calls_and_goes_back_when_idle(stack):
 
     leases = _leases(stack, acct)
     assert len(leases) == 1, (_holds(stack, acct), _log(gw))
-    lid, (amount, seq, free, _deadline) = next(iter(leases.items()))
+    lid, (amount, seq, free, _deadline, _soft) = next(iter(leases.items()))
     assert seq > 2, leases  # created, then ops carrying the calls' records
     assert 0 < amount <= 16 + 16, leases
     h = stack.hot(acct)
@@ -442,7 +442,7 @@ def test_lease_gives_back_to_a_caller_on_another_gateway(stack):
     _spend_down(stack, b.url, key, acct, 0)
     leases = _leases(stack, acct)
     assert len(leases) == 1, _holds(stack, acct)
-    lid, (amount, _seq, free, _dl) = next(iter(leases.items()))
+    lid, (amount, _seq, free, _dl, _soft) = next(iter(leases.items()))
     assert free == amount >= 5, (leases, "the lease must hold enough for the 5-point call")
     _seq = _leases(stack, acct)[lid][1]
     h = stack.hot(acct)
@@ -516,6 +516,45 @@ def test_storm_through_a_leased_gateway(stack):
 
 
 # ---- 4. kill -9 of a gateway that holds a lease ---------------------------------
+
+def test_dead_gateways_idle_lease_does_not_outlast_a_callers_wait(stack):
+    """Gateway A dies (kill -9) holding an idle lease; its deadline is
+    20 s away (UPSTREAM_TIMEOUT_MS + HOLD_GRACE_MS, the defaults), longer
+    than a caller waits. The lease's free points go back at its soft
+    deadline (3 s after its last op), so a call on gateway B that needs them
+    is served within its wait instead of refused."""
+    _base(stack)
+    a = _gateway(stack, {"GATEWAY_LEASE_CALLS": "8", "GATEWAY_LEASE_IDLE_MS": "60000",
+                         "GATEWAY_THREADS": "1"}, name="gateway-a")
+    b = _gateway(stack, {"GATEWAY_LEASE_CALLS": "0", "GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "8000"},
+                 name="gateway-b")
+    acct, key = _account(stack, 64)
+    for i in range(3):
+        r = http("GET", a.url + f"/v1/devices/a{i}", headers=_auth(key))
+        assert r.status == 200, r
+    leases = _leases(stack, acct)
+    assert len(leases) == 1, (_holds(stack, acct), _log(a))
+    _spend_down(stack, b.url, key, acct, 0)
+    lid, (amount, _seq, free, deadline, soft) = next(iter(_leases(stack, acct).items()))
+    assert free == amount >= 5 and deadline - soft > 10000, _leases(stack, acct)
+    a.kill9()
+    t0 = time.time()
+    r = http("POST", b.url + "/v1/devices/d/commands", {}, _auth(key), timeout=30)
+    took = time.time() - t0
+    assert r.status == 202, (r, f"after {took:.1f}s", stack.hot(acct), _holds(stack, acct))
+    assert took < 6.0, took  # soft deadline (<= 3 s) + a sweep (1 s), not the 20 s one
+    assert r.headers["x-points-charged"] == "5"
+    # The lease is still there (its deadline covers calls that were in
+    # flight), holding nothing; the account's figures are whole.
+    h = stack.hot(acct)
+    assert h["held"] == 0 and h["leasefree"] == 0 and h["credited"] - h["spent"] == amount - 5, h
+    assert _leases(stack, acct)[lid][0] == 0, _leases(stack, acct)
+    # (Not stack.drained: the empty lease stays until its deadline, 20 s.)
+    stack.wait_for(lambda: stack.redis_raw("XLEN", "pg:outbox") == "0", timeout=20,
+                   what="outbox drained")
+    view = _conserved(stack, acct)
+    assert view["spent"] == 64 - (amount - 5), view
+
 
 def test_kill9_lease_expired_by_sweeper_at_no_cost(stack):
     _base(stack)

@@ -22,9 +22,10 @@ def _lease_value(red, acct, lid=LID):
     v = red.call("HGET", holds_key(acct), lid)
     if v is None:
         return None
-    amount, route, seq, free, dl = v.split("|")
+    amount, route, seq, free, dl, soft = v.split("|")
     assert route == "~lease", v
-    return {"amount": int(amount), "seq": int(seq), "free": int(free), "deadline": int(dl)}
+    return {"amount": int(amount), "seq": int(seq), "free": int(free), "deadline": int(dl),
+            "soft": int(soft)}
 
 
 def _shown(a):
@@ -96,8 +97,9 @@ def test_refusals_change_nothing(stack):
     red.credit(acct, 1, 1000)
     red.lease(acct, LID, 1, resize=10)
     snap = (red.acct(acct), red.hash(holds_key(acct)), len(entries(stack)))
-    # More settled and promised than the lease holds: unusable, nothing written.
-    assert red.lease(acct, LID, 2, charge=8, busy=3,
+    # More settled and promised than the lease holds, and than the account
+    # has available to make up for it: unusable, nothing written.
+    assert red.lease(acct, LID, 2, charge=8, busy=3 + 990,
                      records=[_rec(f"y{i}", acct, 1) for i in range(8)])[0] == -2
     # Malformed arguments: error replies.
     for bad in (dict(seq=0), dict(seq="1.5"), dict(seq=2, charge=-1), dict(seq=2, busy="x"),
@@ -184,3 +186,52 @@ def test_sweeper_expires_a_lease_only_past_its_deadline(stack):
     # The worker comes back too late: its op finds no lease, charges nothing.
     assert red.lease(acct, LID, 3, charge=1, busy=0, records=[_rec("e3", acct, 1)])[0] == 0
     assert red.acct(acct)["spent"] == 2
+
+
+def test_soft_deadline_gives_free_points_back_and_the_worker_retakes(stack):
+    """Past a lease's soft deadline (its worker stopped renewing it) the
+    sweeper's expire gives only its free points back; the calls it had in
+    flight keep theirs until the deadline. A worker that comes back with
+    records for points promised before it fenced itself gets them from the
+    available points; when they are gone, the op is refused whole."""
+    red = redis_for(stack)
+    acct = 900009
+    red.credit(acct, 1, 1000)
+    red.lease(acct, LID, 1, resize=100)
+    # An op with 10 promised: soft deadline in SOFT_MS (3 s): fake it by
+    # rewriting the value as the script wrote it, with soft in the past.
+    red.lease(acct, LID, 2, busy=10)
+    v = _lease_value(red, acct)
+    assert v["deadline"] - v["soft"] > 50000 and v["free"] == 90, v
+    red.call("HSET", holds_key(acct), LID,
+             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    assert red.settle(acct, LID, 0, "expire", 0)[0] == 1
+    v = _lease_value(red, acct)
+    assert (v["amount"], v["free"], v["seq"]) == (10, 0, 2), v
+    a = red.acct(acct)
+    assert a["held"] == 10 and a["leasefree"] == 0, a
+    assert red.settle(acct, LID, 0, "expire", 0)[0] == 0  # nothing more to give
+    # The worker had promised 5 more before it fenced itself: 15 busy/charged
+    # against 10 held. 5 come from the available points.
+    assert red.lease(acct, LID, 3, charge=12, busy=3,
+                     records=[_rec(f"w{i}", acct, 1) for i in range(12)])[:2] == [1, 3]
+    a = red.acct(acct)
+    assert a["spent"] == 12 and a["held"] == 3 and a["credited"] - a["spent"] - a["held"] == 985, a
+    # An account that cannot make up the difference: refused, nothing written.
+    red.credit(900010, 1, 20)
+    red.lease(900010, LID, 1, resize=5)
+    red.reserve(900010, "p1", 15)
+    snap = (red.acct(900010), red.hash(holds_key(900010)), len(entries(stack)))
+    assert red.lease(900010, LID, 2, charge=6, busy=0,
+                     records=[_rec(f"q{i}", 900010, 1) for i in range(6)])[0] == -2
+    assert (red.acct(900010), red.hash(holds_key(900010)), len(entries(stack))) == snap
+
+
+def test_a_call_the_account_cannot_afford_leaves_leases_be(stack):
+    red = redis_for(stack)
+    acct = 900011
+    red.credit(acct, 1, 100)
+    red.lease(acct, LID, 1, resize=25)
+    assert red.reserve(acct, "big", 500) == [0, 75, 25]  # 75 + 25 < 500: refused
+    assert "contend" not in red.acct(acct)
+    assert red.lease(acct, LID, 2, resize=10)[3] == 0

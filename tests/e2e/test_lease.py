@@ -15,6 +15,7 @@ Each test starts its own gateway(s) with the lease settings it needs
 (GATEWAY_LEASE_CALLS small so that accounts of a few dozen points get one).
 """
 import concurrent.futures
+import os
 import re
 import signal
 import socket
@@ -745,3 +746,43 @@ def test_redis_restart_with_an_active_lease(stack):
 
 
 # ---- lease.lua directly: a resent op is applied once ------------------------------
+
+
+def test_redis_stalled_answers_lease_calls_without_waiting_for_it(stack):
+    """Calls served from a lease whose records wait behind an op Redis never
+    answers (SIGSTOP) are answered once the watchdog drops the link (charge
+    to come, as per-call settles are), not when Redis wakes up; their
+    records land after, each charged once."""
+    _base(stack)
+    gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "16", "GATEWAY_LEASE_IDLE_MS": "1000",
+                          "GATEWAY_THREADS": "1"})
+    acct, key = _account(stack, 1000)
+    for i in range(3):
+        assert http("GET", gw.url + f"/v1/devices/w{i}", headers=_auth(key)).status == 200
+    assert _leases(stack, acct), _holds(stack, acct)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(http, "GET", gw.url + f"/v1/devices/s{i}",
+                          headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1000"}), timeout=30)
+                for i in range(4)]
+        stack.wait_for(lambda: http("GET", stack.devsim.url + "/_sim/stats").json()["in_flight"] == 4,
+                       timeout=5, what="4 calls at the upstream")
+        pid = int(open(os.path.join(stack.dir, "redis", "redis.pid")).read())
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            res = [f.result() for f in futs]
+            took = time.time() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert [r.status for r in res] == [200] * 4, res
+    assert all(r.headers["x-points-charged"] == "1" for r in res), [r.headers for r in res]
+    assert took < 8, took  # the stall watchdog (3 s) and a resend, not Redis's wake-up
+    stack.wait_for(lambda: _no_leases_left(stack, acct), timeout=20, what="lease given back")
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    view = _conserved(stack, acct)
+    rows = _charges(stack, acct)
+    served = [r.headers["x-request-id"] for r in res]
+    assert all(rows[x][:2] == (1, "commit") for x in served), rows
+    assert view["spent"] == 7 == len(rows), (view, rows)
+    assert gw.stop() == 0
+

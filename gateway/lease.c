@@ -6,8 +6,11 @@
  *   pending  charges of ended calls whose records are queued or in the op
  *            on its way
  *   free = amount - used - pending: what the next call may be promised.
- * Redis only ever lowers amount by the charges of our records, or by a
- * give-back we ask for while no call is being promised (closing): so a
+ * Redis lowers amount by the charges of our records, by a give-back we ask
+ * for while no call is being promised (closing), or, once we are silent
+ * past lease.lua's soft deadline, by the sweeper taking the free points
+ * back (we stopped promising before: LEASE_FENCE_MS; what we promised
+ * before that the next op takes again from the available points). So a
  * promise made while an op is on its way is never cut from under it.
  *
  * One op per lease at a time, numbered: a resend after a lost reply carries
@@ -19,6 +22,7 @@
 
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/worker.h"
 
 #include <inttypes.h>
 #include <sodium.h>
@@ -26,7 +30,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
-#include <time.h>
 
 #define LEASE_BUCKETS 256
 #define LEASE_TICK_MS 100
@@ -96,13 +99,6 @@ struct lease_table {
     struct event *flush;
     int flush_scheduled;
 };
-
-static uint64_t lease_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static int64_t lease_free_points(const lease *l)
 {
@@ -197,7 +193,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
 {
     lease *l = arg;
     lease_table *t = l->t;
-    uint64_t now = lease_now_ms();
+    uint64_t now = worker_now_ms();
     l->op_sent = 0;
     if (t->down) {
         lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
@@ -309,7 +305,7 @@ static void lease_send(lease *l)
                          .nrec = 2 * l->op.n,
                          .recs = recs,
                          .lens = lens};
-    l->op_sent_ms = lease_now_ms();
+    l->op_sent_ms = worker_now_ms();
     l->op_epoch = hotclient_epoch(t->hc);
     if (hotclient_lease(t->hc, &a, lease_on_reply, l) == 0) {
         l->op_sent = 1;
@@ -341,7 +337,7 @@ static void lease_on_flush(evutil_socket_t fd, short what, void *arg)
 static void lease_on_tick(evutil_socket_t fd, short what, void *arg)
 {
     lease_table *t = arg;
-    uint64_t now = lease_now_ms();
+    uint64_t now = worker_now_ms();
     lease *l, *next;
     if (t->down) return;
     for (l = TAILQ_FIRST(&t->leases); l; l = next) {
@@ -454,7 +450,7 @@ lease *lease_take(lease_table *t, int64_t account, int64_t price)
     if (t->cfg.calls <= 0 || t->closing || t->down) return NULL;
     l = lease_find(t, account);
     if (!l || l->closing || l->op_failed || l->deleted) return NULL;
-    now = lease_now_ms();
+    now = worker_now_ms();
     /* Fenced: only on what an answer on this very connection, recent
      * enough, says Redis holds (LEASE_FENCE_MS; and a reconnect may have
      * found a Redis that lost the lease). The next op or probe lifts it. */
@@ -495,14 +491,14 @@ void lease_consider(lease_table *t, int64_t account, int64_t price, int64_t avai
     l->lid[0] = 'L';
     randombytes_buf(raw, sizeof raw);
     sodium_bin2hex(l->lid + 1, sizeof l->lid - 1, raw, sizeof raw);
-    l->last_take_ms = l->last_op_ms = lease_now_ms();
+    l->last_take_ms = l->last_op_ms = worker_now_ms();
     LIST_INSERT_HEAD(&t->buckets[lease_bucket(account)], l, bucket);
     l->in_table = 1;
     TAILQ_INSERT_TAIL(&t->leases, l, all);
     lease_schedule(l); /* seq 1: creates it, asking for WANT */
 }
 
-void lease_end(lease *l, const char *rid, const char *route, int64_t price, int64_t charge,
+void lease_end(lease *l, const char *rid, const char *route_id, int64_t price, int64_t charge,
                int commit, long status, hot_cb cb, void *arg)
 {
     lease_rec rec = {.cb = cb, .arg = arg};
@@ -513,7 +509,7 @@ void lease_end(lease *l, const char *rid, const char *route, int64_t price, int6
     if (!commit) charge = 0;
     rec.charge = charge;
     len = snprintf(rec.text, sizeof rec.text, "%s|%" PRId64 "|%s|%" PRId64 "|%" PRId64 "|%s|%ld",
-                   rid, l->account, route, charge, price, commit ? "commit" : "release", status);
+                   rid, l->account, route_id, charge, price, commit ? "commit" : "release", status);
     if (l->t->down) {
         int64_t v[3] = {0, 0, 0};
         if (cb) cb(arg, -1, v);

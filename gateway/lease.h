@@ -64,7 +64,7 @@ void lease_consider(lease_table *t, int64_t account, int64_t price, int64_t avai
  * {1, charged, available} once applied, {0, 0, available} when the lease
  * was gone (nothing charged), or rc -1 when Redis is away (the record is
  * kept and resent). It may run before this returns. */
-void lease_end(lease *l, const char *rid, const char *route, int64_t price, int64_t charge,
+void lease_end(lease *l, const char *rid, const char *route_id, int64_t price, int64_t charge,
                int commit, long status, hot_cb cb, void *arg);
 
 #endif

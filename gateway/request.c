@@ -266,8 +266,10 @@ static void request_on_settled(void *arg, int rc, const int64_t v[3])
     }
     if (v[0] == 0) log_warn("request %s: hold already gone at settle (swept?)", r->rid);
     /* v[0] < 0: the account's data in Redis is unusable (hotclient logged
-     * it): nothing was charged, and the answer says so (v[1] is 0). */
-    request_answer_upstream(r, v[1], 1, v[2]);
+     * it): nothing was charged, and the answer says so (v[1] is 0). The
+     * remaining points are said only with a charge applied: a lease that
+     * was gone knows none. */
+    request_answer_upstream(r, v[1], v[0] == 1, v[2]);
 }
 
 /* Parses a usage header: a non-negative decimal integer, else -1. */

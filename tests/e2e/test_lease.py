@@ -113,6 +113,16 @@ def _charges(stack, acct):
     return {r[0]: (int(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows}
 
 
+def _calls(url, key, n, prefix="d"):
+    """N sequential 1-point calls through URL, each answered 200: the answers."""
+    out = []
+    for i in range(n):
+        r = http("GET", url + f"/v1/devices/{prefix}{i}", headers=_auth(key))
+        assert r.status == 200, r
+        out.append(r)
+    return out
+
+
 class _LeaseWatch:
     """Samples the account's holds hash while load runs: the most leases seen
     at once, and any lease value that did not parse."""
@@ -149,11 +159,7 @@ def test_lease_serves_calls_and_goes_back_when_idle(stack):
     gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "16", "GATEWAY_LEASE_IDLE_MS": "1000",
                           "GATEWAY_THREADS": "1"})
     acct, key = _account(stack, 10000)
-    answers = []
-    for i in range(12):
-        r = http("GET", gw.url + f"/v1/devices/d{i}", headers=_auth(key))
-        assert r.status == 200, r
-        answers.append(r)
+    answers = _calls(gw.url, key, 12)
     assert [a.headers["x-points-charged"] for a in answers] == ["1"] * 12
     assert [int(a.headers["x-points-remaining"]) for a in answers] == \
         list(range(9999, 9987, -1)), [a.headers["x-points-remaining"] for a in answers]
@@ -423,24 +429,30 @@ def _spend_down(stack, url, key, acct, to):
             return
 
 
+def _lease_on_a_rest_spent_on_b(stack, b_wait_ms):
+    """Gateway A (leases of 8 calls, never idle) and gateway B (no leases,
+    waits B_WAIT_MS for held points) on one 64-point account: A takes a
+    lease with its calls, then B spends every point outside it. Returns
+    (a, b, acct, key)."""
+    _base(stack)
+    a = _gateway(stack, {"GATEWAY_LEASE_CALLS": "8", "GATEWAY_LEASE_IDLE_MS": "60000",
+                         "GATEWAY_THREADS": "1"}, name="gateway-a")
+    b = _gateway(stack, {"GATEWAY_LEASE_CALLS": "0", "GATEWAY_THREADS": "1",
+                         "HOLD_WAIT_MS": str(b_wait_ms)}, name="gateway-b")
+    acct, key = _account(stack, 64)
+    answers = _calls(a.url, key, 3, "a")
+    assert [r.headers["x-points-remaining"] for r in answers] == ["63", "62", "61"], answers
+    assert len(_leases(stack, acct)) == 1, (_holds(stack, acct), _log(a))
+    _spend_down(stack, b.url, key, acct, 0)
+    return a, b, acct, key
+
+
 def test_lease_gives_back_to_a_caller_on_another_gateway(stack):
     """The seed case with leases: gateway A's idle lease sits on points that a
     call on gateway B needs (B's price > available, <= available + held):
     B's call is served within seconds, not refused."""
-    _base(stack)
-    a = _gateway(stack, {"GATEWAY_LEASE_CALLS": "8", "GATEWAY_LEASE_IDLE_MS": "60000",
-                         "GATEWAY_THREADS": "1"}, name="gateway-a")
     # B waits at most 5 s for held points (default: UPSTREAM_TIMEOUT_MS + 1 s).
-    b = _gateway(stack, {"GATEWAY_LEASE_CALLS": "0", "GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "5000"},
-                 name="gateway-b")
-    acct, key = _account(stack, 64)
-    for i in range(3):
-        r = http("GET", a.url + f"/v1/devices/a{i}", headers=_auth(key))
-        assert r.status == 200 and r.headers["x-points-remaining"] == str(63 - i), r.headers
-    leases = _leases(stack, acct)
-    assert len(leases) == 1, (_holds(stack, acct), _log(a))
-    # B takes everything that is not in A's lease, one per-call hold at a time.
-    _spend_down(stack, b.url, key, acct, 0)
+    a, b, acct, key = _lease_on_a_rest_spent_on_b(stack, 5000)
     leases = _leases(stack, acct)
     assert len(leases) == 1, _holds(stack, acct)
     lid, (amount, _seq, free, _dl, _soft) = next(iter(leases.items()))
@@ -524,18 +536,7 @@ def test_dead_gateways_idle_lease_does_not_outlast_a_callers_wait(stack):
     than a caller waits. The lease's free points go back at its soft
     deadline (3 s after its last op), so a call on gateway B that needs them
     is served within its wait instead of refused."""
-    _base(stack)
-    a = _gateway(stack, {"GATEWAY_LEASE_CALLS": "8", "GATEWAY_LEASE_IDLE_MS": "60000",
-                         "GATEWAY_THREADS": "1"}, name="gateway-a")
-    b = _gateway(stack, {"GATEWAY_LEASE_CALLS": "0", "GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "8000"},
-                 name="gateway-b")
-    acct, key = _account(stack, 64)
-    for i in range(3):
-        r = http("GET", a.url + f"/v1/devices/a{i}", headers=_auth(key))
-        assert r.status == 200, r
-    leases = _leases(stack, acct)
-    assert len(leases) == 1, (_holds(stack, acct), _log(a))
-    _spend_down(stack, b.url, key, acct, 0)
+    a, b, acct, key = _lease_on_a_rest_spent_on_b(stack, 8000)
     lid, (amount, _seq, free, deadline, soft) = next(iter(_leases(stack, acct).items()))
     assert free == amount >= 5 and deadline - soft > 10000, _leases(stack, acct)
     a.kill9()
@@ -620,8 +621,7 @@ def test_sigterm_gives_the_lease_back(stack):
     gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "16", "GATEWAY_LEASE_IDLE_MS": "60000",
                           "GATEWAY_THREADS": "2"})
     acct, key = _account(stack, 1000)
-    for i in range(8):
-        assert http("GET", gw.url + f"/v1/devices/d{i}", headers=_auth(key)).status == 200
+    _calls(gw.url, key, 8)
     assert _leases(stack, acct), _holds(stack, acct)
     t0 = time.time()
     gw.signal(signal.SIGTERM)
@@ -640,8 +640,7 @@ def test_negative_adjustment_on_leased_points(stack):
     gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "8", "GATEWAY_LEASE_IDLE_MS": "60000",
                           "GATEWAY_THREADS": "1"})
     acct, key = _account(stack, 64)
-    for i in range(3):
-        assert http("GET", gw.url + f"/v1/devices/d{i}", headers=_auth(key)).status == 200
+    _calls(gw.url, key, 3)
     leases = _leases(stack, acct)
     assert len(leases) == 1, (_holds(stack, acct), _log(gw))
     amount = next(iter(leases.values()))[0]
@@ -693,11 +692,7 @@ def test_redis_restart_with_an_active_lease(stack):
     gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "16", "GATEWAY_LEASE_IDLE_MS": "60000",
                           "GATEWAY_THREADS": "1"})
     acct, key = _account(stack, 1000)
-    good = []
-    for i in range(6):
-        r = http("GET", gw.url + f"/v1/devices/d{i}", headers=_auth(key))
-        assert r.status == 200, r
-        good.append(r)
+    good = _calls(gw.url, key, 6)
     assert _leases(stack, acct), _holds(stack, acct)
     # A call served from the lease is at the upstream when Redis goes away.
     out = []
@@ -725,11 +720,7 @@ def test_redis_restart_with_an_active_lease(stack):
                                 headers=_auth(key)).status == 200,
                    timeout=15, what="served again")
     # Count every call made since, served or not.
-    after = []
-    for i in range(6):
-        r = http("GET", gw.url + f"/v1/devices/y{i}", headers=_auth(key))
-        assert r.status == 200, r
-        after.append(r)
+    after = _calls(gw.url, key, 6, "y")
     assert int(after[-1].headers["x-points-remaining"]) == 1000 - stack.hot(acct)["spent"]
     # Give the lease back (SIGTERM) and let everything settle.
     assert gw.stop() == 0, _log(gw)
@@ -757,8 +748,7 @@ def test_redis_stalled_answers_lease_calls_without_waiting_for_it(stack):
     gw = _gateway(stack, {"GATEWAY_LEASE_CALLS": "16", "GATEWAY_LEASE_IDLE_MS": "1000",
                           "GATEWAY_THREADS": "1"})
     acct, key = _account(stack, 1000)
-    for i in range(3):
-        assert http("GET", gw.url + f"/v1/devices/w{i}", headers=_auth(key)).status == 200
+    _calls(gw.url, key, 3, "w")
     assert _leases(stack, acct), _holds(stack, acct)
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         futs = [ex.submit(http, "GET", gw.url + f"/v1/devices/s{i}",

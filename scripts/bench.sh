@@ -236,7 +236,7 @@ ticks_of() {
 # "gateway redis postgres billing upstream" ticks, for the per-call breakdown
 cpu_ticks() {
     local pm
-    pm=$(head -n 1 "$TMP/stack/pg/data/postmaster.pid" 2>/dev/null || echo 0)
+    pm=$(head -n 1 "${PGDIR_STACK:-$TMP/stack/pg}/data/postmaster.pid" 2>/dev/null || echo 0)
     echo "$(ticks_of "$GW_PID") $(ticks_of "$(cat "$TMP/stack/redis/redis.pid" 2>/dev/null || echo 0)")" \
         "$(ticks_of "$pm" $(pgrep -P "$pm" 2>/dev/null))" "$(ticks_of "$BILLING_PID")" \
         "$(ticks_of $(pgrep -f "nginx: worker process" -P "$UPSTREAM_PID" 2>/dev/null))"

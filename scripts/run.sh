@@ -223,7 +223,7 @@ start_all() {
         rwanted=
     fi
     PGPORT_WANTED=$pgwanted REDIS_PORT_WANTED=$rwanted "$ROOT/scripts/stack.sh" start "$STACK" ||
-        die "could not start postgres and redis (see .stack/pg/server.log)"
+        die "could not start postgres and redis (see the server.log in PGDIR_STACK of .stack/env, .stack/pg by default)"
     # shellcheck disable=SC1091
     . "$STACK/env"
 

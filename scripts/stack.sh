@@ -9,7 +9,11 @@
 #                                   (fault tests take a store away and back)
 #
 # PostgreSQL refuses to run as root, so as root the cluster is owned and run by
-# the unprivileged `postgres` user that Debian's package creates.
+# the unprivileged `postgres` user that Debian's package creates. That user
+# must reach the cluster's directory: when DIR lies below a directory it
+# cannot enter (root's home, a private mktemp directory), the cluster goes to
+# /tmp/pointgate-pg.XXXXXX instead, named in DIR/env (PGDIR_STACK) and
+# removed by `stop`.
 set -euo pipefail
 
 cmd=${1:-}
@@ -51,13 +55,21 @@ start() {
     local pgport rport
     pgport=${PGPORT_WANTED:-$(free_port)}
     rport=${REDIS_PORT_WANTED:-$(free_port)}
-    mkdir -p "$dir/pg" "$dir/redis"
+    mkdir -p "$dir/redis"
+    pgdir="$dir/pg"
     if [ "$(id -u)" -eq 0 ]; then
-        chown postgres "$dir/pg"
         chmod 755 "$dir"
+        if ! as_pg test -x "$dir"; then
+            pgdir=$(mktemp -d /tmp/pointgate-pg.XXXXXX)
+            chmod 755 "$pgdir"
+        fi
+        mkdir -p "$pgdir"
+        chown postgres "$pgdir"
+    else
+        mkdir -p "$pgdir"
     fi
-    as_pg "$pgbin/initdb" -D "$dir/pg/data" -U postgres -A trust --no-sync -E UTF8 \
-        >"$dir/pg/initdb.log" 2>&1 || { cat "$dir/pg/initdb.log" >&2; exit 1; }
+    as_pg "$pgbin/initdb" -D "$pgdir/data" -U postgres -A trust --no-sync -E UTF8 \
+        >"$pgdir/initdb.log" 2>&1 || { cat "$pgdir/initdb.log" >&2; exit 1; }
     pg_start "$pgport"
     as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres pointgate
     redis_start "$rport"
@@ -66,6 +78,7 @@ export DATABASE_URL="postgresql://postgres@127.0.0.1:$pgport/pointgate"
 export REDIS_URL="redis://127.0.0.1:$rport/0"
 export PGPORT_STACK=$pgport
 export REDIS_PORT_STACK=$rport
+export PGDIR_STACK="$pgdir"
 ENV
     echo "stack: postgres on 127.0.0.1:$pgport, redis on 127.0.0.1:$rport ($dir)" >&2
 }
@@ -73,9 +86,9 @@ ENV
 pg_start() {
     # fsync off: this is a throwaway instance for tests and demos; crash tests
     # kill our processes, never this server.
-    as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 \
-        -o "-p $1 -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-        start >/dev/null || { cat "$dir/pg/server.log" >&2; exit 1; }
+    as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/server.log" -w -t 60 \
+        -o "-p $1 -k $pgdir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        start >/dev/null || { cat "$pgdir/server.log" >&2; exit 1; }
 }
 
 redis_start() {
@@ -96,25 +109,31 @@ load_env() {
     dir=$(cd "$dir" && pwd)
     # shellcheck disable=SC1091
     . "$dir/env"
+    pgdir=${PGDIR_STACK:-$dir/pg}
 }
 
 stop() {
     [ -d "$dir" ] || return 0
+    pgdir="$dir/pg"
     if [ -f "$dir/env" ]; then
         # shellcheck disable=SC1091
         . "$dir/env"
+        pgdir=${PGDIR_STACK:-$dir/pg}
         redis-cli -p "$REDIS_PORT_STACK" shutdown nosave >/dev/null 2>&1 || true
     fi
-    if [ -d "$dir/pg/data" ]; then
-        as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+    if [ -d "$pgdir/data" ]; then
+        as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -m immediate -w stop >/dev/null 2>&1 || true
     fi
+    case "$pgdir" in
+        /tmp/pointgate-pg.*) rm -rf "$pgdir" ;;
+    esac
 }
 
 case "$cmd" in
     start) start ;;
     stop) stop ;;
     pg-start) load_env && pg_start "$PGPORT_STACK" ;;
-    pg-stop) load_env && as_pg "$pgbin/pg_ctl" -D "$dir/pg/data" -m fast -w -t 60 stop >/dev/null ;;
+    pg-stop) load_env && as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -m fast -w -t 60 stop >/dev/null ;;
     redis-start) load_env && redis_start "$REDIS_PORT_STACK" ;;
     redis-stop)
         load_env

@@ -31,15 +31,18 @@
 --   up to that many of the free ones; 0 neither
 -- ARGV[6] busy: points of the lease still promised after this op (calls in
 --   flight, records not in this op), so free = amount - busy
--- ARGV[7..] the outbox entry's fields: 'c', then a record
+-- ARGV[7] close: '1' when the worker closes the lease (it promises nothing
+--   and gives everything back): an op that leaves it empty then drops it
+-- ARGV[8..] the outbox entry's fields: 'c', then a record
 --   "rid|acct|route|amount|hold|outcome|status", per call (settle.lua's)
 --
 -- Returns {status, amount, available, contended}:
 --   1 applied; 2 already applied (a resend); 0 no such lease (expired by the
 --   sweeper, or Redis lost it): nothing applied, nothing charged;
 --  -1 account unknown to Redis (creation only); -2 its data is unusable, or
---   the lease holds less than the op settles and promises and the account
---   has not the difference available: the worker drops the lease
+--   the records charge more than the lease holds and the account has not
+--   the difference available: nothing charged, the lease released whole,
+--   and the worker drops it
 -- amount: the lease's points now; available: credited - spent - held +
 -- leasefree; contended: 1 when a reserve was short of points held here in
 -- the last CONTEND_MS (reserve.lua marks it). A contended lease grows no
@@ -60,16 +63,17 @@ local CONTEND_MS = 2000
 local SOFT_MS = 3000 -- gateway/lease.c stops promising 1500 ms after its last op was sent
 local SHARE = 4 -- a lease grows by at most 1/SHARE of the available points
 
-if #KEYS ~= 3 or #ARGV < 6 or #ARGV % 2 ~= 0 then
-    return redis.error_reply('lease: want 3 keys, 6 arguments and pairs of entry fields')
+if #KEYS ~= 3 or #ARGV < 7 or #ARGV % 2 ~= 1 then
+    return redis.error_reply('lease: want 3 keys, 7 arguments and pairs of entry fields')
 end
 local lid = ARGV[1]
 local seq, ttl, charge = int(ARGV[2]), int(ARGV[3]), int(ARGV[4])
-local resize, busy = int(ARGV[5]), int(ARGV[6])
+local resize, busy, close = int(ARGV[5]), int(ARGV[6]), ARGV[7]
 if not seq or seq < 1 or not ttl or ttl <= 0 or not charge or charge < 0 or not resize or
-   not busy or busy < 0 then
-    return redis.error_reply('lease: seq, ttl, charge, resize and busy must be integers')
+   not busy or busy < 0 or (close ~= '0' and close ~= '1') then
+    return redis.error_reply('lease: seq, ttl, charge, resize, busy and close must be integers')
 end
+local nrec = (#ARGV - 7) / 2
 
 local cur = redis.pcall('HGET', KEYS[2], lid)
 if type(cur) == 'table' then return {-2, 0, 0, 0} end
@@ -98,50 +102,69 @@ if cur then
     if stored >= seq then return {2, amount, shown(), contended} end
 elseif seq ~= 1 then
     return {0, 0, shown(), contended}
-elseif charge ~= 0 or #ARGV > 6 then
+elseif charge ~= 0 or nrec > 0 then
     return redis.error_reply('lease: a new lease has nothing to settle')
 end
 local orig = amount
 local avail = a.credited - a.spent - a.held
-if charge + busy > amount then
-    -- The worker promised more than Redis holds for it: the sweeper took
-    -- the free points back after the soft deadline (the worker was cut off),
-    -- or Redis came back from older data. Those calls were served: what they
-    -- need comes from the available points, if they are there.
-    local need = charge + busy - amount
+
+-- The records first: their calls were served. If they charge more than
+-- the lease holds (the sweeper took its free points back after the soft
+-- deadline while the worker was cut off, or Redis came back from older
+-- data), the rest comes from the available points. If even those do not
+-- cover them, nothing is charged and the lease goes back whole, now (its
+-- points must not stay held for a worker that will drop it).
+if charge > amount then
+    local need = charge - amount
     if need > avail then
         redis.log(redis.LOG_WARNING, 'lease: ' .. lid .. ' holds ' .. amount .. ', asked to settle ' ..
-                  charge .. ' with ' .. busy .. ' promised, ' .. avail .. ' available')
-        return {-2, amount, shown(), contended}
+                  charge .. ', ' .. avail .. ' available: dropped')
+        if cur then
+            redis.call('HDEL', KEYS[2], lid)
+            if amount ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -amount)) end
+            if free ~= 0 then redis.call('HINCRBY', KEYS[1], 'leasefree', string.format('%d', -free)) end
+            a.held, lf = a.held - amount, lf - free
+        end
+        return {-2, 0, shown(), contended}
     end
     amount, avail = amount + need, avail - need
 end
-
--- The new amount: the charges leave the lease (held -> spent), then it
--- grows or gives back.
--- Contended: no growth. The worker stops taking and gives its free points
--- back with its next op (a shrink decided here could cut below calls it
--- promised while this op was on its way).
+-- Then what calls in flight were promised, as far as the available points
+-- go: what is not covered stays promised, and their records re-take it
+-- when they come (or are refused as above).
 local new = amount - charge
+if busy > new then
+    local more = busy - new
+    if more > avail then more = avail end
+    new, avail = new + more, avail - more
+end
+
+-- Then it grows or gives back. Contended: no growth. The worker stops
+-- taking and gives its free points back with its next op (a shrink decided
+-- here could cut below calls it promised while this op was on its way).
 if resize > 0 and contended == 0 and avail >= SHARE then
     local grant = math.floor(avail / SHARE)
     if grant > resize then grant = resize end
     new = new + grant
-elseif resize < 0 then
+elseif resize < 0 and new > busy then
     local back = -resize
     if new - busy < back then back = new - busy end
     new = new - back
 end
-local newfree = new - busy
+local newfree = new > busy and new - busy or 0
 local dheld = new - orig -- the charge leaves held; a re-take or resize moves it
 
-if #ARGV > 6 then
+if nrec > 0 then
     local r = redis.pcall('XADD', KEYS[3], '*', 'ts', string.format('%d', now),
-                          unpack(ARGV, 7))
+                          unpack(ARGV, 8))
     if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
 end
-if new == 0 and busy == 0 and #ARGV == 6 then
-    redis.call('HDEL', KEYS[2], lid) -- a resend of this op finds nothing: no records to lose
+if new == 0 and busy == 0 and nrec == 0 and (close == '1' or not cur) then
+    -- Only an op the worker sends to close it (a resend finds nothing, and
+    -- carries no record to lose), or a new lease granted nothing. An amount
+    -- of 0 alone may be a lease the sweeper emptied while its worker still
+    -- has calls to settle.
+    if cur then redis.call('HDEL', KEYS[2], lid) end
 else
     redis.call('HSET', KEYS[2], lid, string.format('%d|~lease|%d|%d|%d|%d', new, seq, newfree,
                                                    now + ttl, now + SOFT_MS))

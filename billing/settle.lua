@@ -89,8 +89,10 @@ local function expire_lease(a, g, rid, h)
         g.closed[#g.closed + 1] = rid
         a.held, a.dheld = a.held - amount, a.dheld - amount
     elseif soft <= now and free > 0 then
+        local v = string.format('%d|~lease|%s|0|%d|%d', amount - free, seq, dl, soft)
         g.updated[#g.updated + 1] = rid
-        g.updated[#g.updated + 1] = string.format('%d|~lease|%s|0|%d|%d', amount - free, seq, dl, soft)
+        g.updated[#g.updated + 1] = v
+        g.vals[rid] = v -- the same lease later in this batch sees it emptied
         a.held, a.dheld = a.held - free, a.dheld - free
     else
         return 0

@@ -79,10 +79,10 @@ typedef struct hot_cmd {
 } hot_cmd;
 
 /* Room for one batch's arguments (4 fixed + 7 per op at most) or one lease
- * op's (12 fixed + 2 per record). */
+ * op's (13 fixed + 2 per record). */
 #define HOT_ARGV_MAX                                                                               \
-    (4 + 7 * HOT_BATCH_MAX > 12 + 2 * HOT_LEASE_RECORDS_MAX ? 4 + 7 * HOT_BATCH_MAX                \
-                                                            : 12 + 2 * HOT_LEASE_RECORDS_MAX)
+    (4 + 7 * HOT_BATCH_MAX > 13 + 2 * HOT_LEASE_RECORDS_MAX ? 4 + 7 * HOT_BATCH_MAX                \
+                                                            : 13 + 2 * HOT_LEASE_RECORDS_MAX)
 #define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 3 * 24 + 33 + HOT_ROUTE_MAX + 8))
 
 struct hotclient {
@@ -858,6 +858,7 @@ int hotclient_lease(hotclient *hc, const hot_lease_args *l, hot_lease_cb cb, voi
     rc |= hot_arg_i64(&a, l->charge);
     rc |= hot_arg_i64(&a, l->resize);
     rc |= hot_arg_i64(&a, l->busy);
+    rc |= hot_arg(&a, l->close ? "1" : "0", 1);
     for (int i = 0; i < l->nrec && rc == 0; i++)
         rc |= hot_arg(&a, l->recs[i], l->lens[i]);
     if (rc != 0) {

@@ -58,7 +58,8 @@ typedef struct hot_lease_args {
     int64_t account;
     const char *lid;
     int64_t seq, ttl_ms, charge, resize, busy;
-    int nrec; /* the outbox entry's fields: 2 per record, <= 2 * HOT_LEASE_RECORDS_MAX */
+    int close; /* the worker closes it: an op that leaves it empty drops it */
+    int nrec;  /* the outbox entry's fields: 2 per record, <= 2 * HOT_LEASE_RECORDS_MAX */
     const char *const *recs;
     const size_t *lens;
 } hot_lease_args;

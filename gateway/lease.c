@@ -80,6 +80,7 @@ struct lease {
     lease_recs op;
     int64_t op_seq, op_charge, op_resize, op_busy;
     int op_sent, op_failed;
+    int op_close;     /* closing, nothing promised: an op that empties it drops it */
     lease_recs queue; /* records for the next op */
 };
 
@@ -229,8 +230,15 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
             l->closing = 1;
             l->want_op = 1;
         }
-        if (l->amount == 0 && l->op_busy == 0 && l->op.n == 0) {
-            l->deleted = 1; /* lease.lua dropped the field */
+        if (!l->closing && l->amount == 0 && l->op_resize > 0 && l->used == 0 && l->pending == 0) {
+            /* Spent out and refused more (too few points available): close
+             * it; per-call holds serve the account, exact to the point. */
+            l->closing = 1;
+            l->want_op = 1;
+            lease_unlist(l);
+        }
+        if (v[0] == 1 && (l->op_close || l->op_seq == 1) && l->amount == 0 && l->op.n == 0) {
+            l->deleted = 1; /* lease.lua dropped the field (or never made it) */
             lease_unlist(l);
         }
     } else {
@@ -280,6 +288,10 @@ static void lease_send(lease *l)
         l->op_seq = ++l->seq;
         l->op_charge = charge;
         l->op_busy = l->used + l->pending - charge;
+        l->op_close = l->closing && l->op_busy == 0;
+        /* A resend keeps the first send's time: the fence must not move on
+         * a resend that lease.lua finds applied already (it renews nothing). */
+        l->op_sent_ms = worker_now_ms();
         freep = lease_free_points(l);
         if (l->closing)
             l->op_resize = -freep; /* nothing is promised while closing */
@@ -302,10 +314,10 @@ static void lease_send(lease *l)
                          .charge = l->op_charge,
                          .resize = l->op_resize,
                          .busy = l->op_busy,
+                         .close = l->op_close,
                          .nrec = 2 * l->op.n,
                          .recs = recs,
                          .lens = lens};
-    l->op_sent_ms = worker_now_ms();
     l->op_epoch = hotclient_epoch(t->hc);
     if (hotclient_lease(t->hc, &a, lease_on_reply, l) == 0) {
         l->op_sent = 1;

@@ -137,15 +137,18 @@ class Redis:
     def settle_cmd(self, acct, rid, charge, outcome="commit", status=200):
         return self.settle_batch_cmd([(acct, rid, charge, outcome, status)])
 
-    def lease_cmd(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000):
+    def lease_cmd(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000,
+                  close=False):
         """One lease.lua op; RECORDS are the outbox records' strings."""
         fields = [x for rec in records for x in ("c", rec)]
         return ("EVALSHA", self.sha("lease"), 3, acct_key(acct), holds_key(acct), OUTBOX,
-                lid, seq, ttl_ms, charge, resize, busy, *fields)
+                lid, seq, ttl_ms, charge, resize, busy, "1" if close else "0", *fields)
 
-    def lease(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000):
+    def lease(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000,
+              close=False):
         """{status, amount, available, contended} as a list of ints."""
-        return self.call(*self.lease_cmd(acct, lid, seq, charge, resize, busy, records, ttl_ms))
+        return self.call(*self.lease_cmd(acct, lid, seq, charge, resize, busy, records, ttl_ms,
+                                         close))
 
     def credit_cmd(self, acct, seq, credited, spent=0, guard=""):
         return ("EVALSHA", self.sha("credit"), 3, OUTBOX, acct_key(acct), holds_key(acct),

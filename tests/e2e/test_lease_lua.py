@@ -37,7 +37,8 @@ def test_create_grow_settle_and_give_back(stack):
     acct = 900001
     red.credit(acct, 1, 1000)
     # Creation asks for 100: granted whole (at most a quarter of 1000).
-    assert red.lease(acct, LID, 1, resize=100) == [1, 100, 1000, 0]
+    got = red.lease(acct, LID, 1, resize=100)
+    assert got == [1, 100, 1000, 0], (got, red.acct(acct))
     a = red.acct(acct)
     assert a["held"] == 100 and a["leasefree"] == 100 and _shown(a) == 1000, a
     assert _lease_value(red, acct)["free"] == 100
@@ -63,12 +64,16 @@ def test_create_grow_settle_and_give_back(stack):
     a = red.acct(acct)
     assert a["held"] == 2 and a["leasefree"] == 0, a
     # The two calls end uncharged; the op with their records keeps the field
-    # (a resend must find it), the next empty one drops it.
+    # (a resend must find it) even when closing; an empty op that does not
+    # close keeps it too (the sweeper may have emptied a lease whose worker
+    # has calls to settle); the closing empty one drops it.
     assert red.lease(acct, LID, 5, busy=0, records=[_rec("r4", acct, 0, outcome="release"),
                                                     _rec("r5", acct, 0, outcome="release")],
-                     resize=-2)[:2] == [1, 0]
+                     resize=-2, close=True)[:2] == [1, 0]
     assert _lease_value(red, acct) is not None
     assert red.lease(acct, LID, 6)[:2] == [1, 0]
+    assert _lease_value(red, acct) is not None
+    assert red.lease(acct, LID, 7, close=True)[:2] == [1, 0]
     assert _lease_value(red, acct) is None
     a = red.acct(acct)
     assert a["held"] == 0 and a["leasefree"] == 0 and a["spent"] == 2, a
@@ -97,10 +102,6 @@ def test_refusals_change_nothing(stack):
     red.credit(acct, 1, 1000)
     red.lease(acct, LID, 1, resize=10)
     snap = (red.acct(acct), red.hash(holds_key(acct)), len(entries(stack)))
-    # More settled and promised than the lease holds, and than the account
-    # has available to make up for it: unusable, nothing written.
-    assert red.lease(acct, LID, 2, charge=8, busy=3 + 990,
-                     records=[_rec(f"y{i}", acct, 1) for i in range(8)])[0] == -2
     # Malformed arguments: error replies.
     for bad in (dict(seq=0), dict(seq="1.5"), dict(seq=2, charge=-1), dict(seq=2, busy="x"),
                 dict(seq=2, ttl_ms=0)):
@@ -109,10 +110,11 @@ def test_refusals_change_nothing(stack):
         args.update(bad)
         r = red.pipeline([red.lease_cmd(acct, LID, seq, **args)])[0]
         assert isinstance(r, RedisError), (bad, r)
-    # An odd number of entry fields.
-    r = red.pipeline([("EVALSHA", red.sha("lease"), 3, acct_key(acct), holds_key(acct), OUTBOX,
-                       LID, 2, 60000, 0, 0, 0, "c")])[0]
-    assert isinstance(r, RedisError), r
+    # An odd number of entry fields, a close flag that is not 0 or 1.
+    for tail in (("0", "c"), ("2",)):
+        r = red.pipeline([("EVALSHA", red.sha("lease"), 3, acct_key(acct), holds_key(acct),
+                           OUTBOX, LID, 2, 60000, 0, 0, 0, *tail)])[0]
+        assert isinstance(r, RedisError), (tail, r)
     # A lease Redis does not have (expired, lost) settles nothing...
     assert red.lease(acct, "L" + "cd" * 16, 7, charge=1, busy=0,
                      records=[_rec("z1", acct, 1)])[0] == 0
@@ -217,14 +219,17 @@ def test_soft_deadline_gives_free_points_back_and_the_worker_retakes(stack):
                      records=[_rec(f"w{i}", acct, 1) for i in range(12)])[:2] == [1, 3]
     a = red.acct(acct)
     assert a["spent"] == 12 and a["held"] == 3 and a["credited"] - a["spent"] - a["held"] == 985, a
-    # An account that cannot make up the difference: refused, nothing written.
+    # An account that cannot make up the difference: refused, nothing
+    # charged, the lease released (test_records_beyond_lease_...).
     red.credit(900010, 1, 20)
     red.lease(900010, LID, 1, resize=5)
     red.reserve(900010, "p1", 15)
-    snap = (red.acct(900010), red.hash(holds_key(900010)), len(entries(stack)))
+    n = len(entries(stack))
     assert red.lease(900010, LID, 2, charge=6, busy=0,
                      records=[_rec(f"q{i}", 900010, 1) for i in range(6)])[0] == -2
-    assert (red.acct(900010), red.hash(holds_key(900010)), len(entries(stack))) == snap
+    a = red.acct(900010)
+    assert (a["spent"], a["held"], a["leasefree"]) == (0, 15, 0), a
+    assert list(red.hash(holds_key(900010))) == ["p1"] and len(entries(stack)) == n
 
 
 def test_a_call_the_account_cannot_afford_leaves_leases_be(stack):
@@ -235,3 +240,70 @@ def test_a_call_the_account_cannot_afford_leaves_leases_be(stack):
     assert red.reserve(acct, "big", 500) == [0, 75, 25]  # 75 + 25 < 500: refused
     assert "contend" not in red.acct(acct)
     assert red.lease(acct, LID, 2, resize=10)[3] == 0
+
+
+def test_records_beyond_lease_and_available_drop_the_lease_whole(stack):
+    """Records that charge more than the lease holds plus what the account
+    has available (the sweeper emptied the lease while its worker was cut
+    off, and others spent the rest): nothing is charged, and the lease goes
+    back at once rather than stay held for a worker that drops it. Records
+    the available points do cover are charged, and promises beyond them
+    stay uncovered, not refused."""
+    red = redis_for(stack)
+    acct = 900012
+    red.credit(acct, 1, 100)
+    red.lease(acct, LID, 1, resize=20)  # a quarter of 100
+    red.reserve(acct, "p1", 70)  # 10 left available
+    before = len(entries(stack))
+    # 25 charged with 5 promised against 20 held: 5 more from the 10
+    # available for the records, the last 5 for the promises.
+    assert red.lease(acct, LID, 2, charge=25, busy=5,
+                     records=[_rec("k1", acct, 25, hold=25)])[:2] == [1, 5]
+    a = red.acct(acct)
+    assert (a["spent"], a["held"], a["leasefree"]) == (25, 75, 0), a
+    assert a["credited"] - a["spent"] - a["held"] == 0
+    # Then 10 charged against the 5 it holds, nothing available: refused,
+    # nothing charged, the lease released whole.
+    assert red.lease(acct, LID, 3, charge=10, busy=0,
+                     records=[_rec("k2", acct, 10, hold=10)])[0] == -2
+    a = red.acct(acct)
+    assert (a["spent"], a["held"], a["leasefree"]) == (25, 70, 0), a
+    assert _lease_value(red, acct) is None
+    assert len(entries(stack)) == before + 1
+
+
+def test_an_emptied_lease_is_not_dropped_by_a_probe(stack):
+    """The sweeper empties a silent lease (soft deadline); the worker's next
+    op, a probe with nothing promised, must not drop it: records of calls it
+    promised before it fenced itself follow, and take their points again."""
+    red = redis_for(stack)
+    acct = 900013
+    red.credit(acct, 1, 100000)
+    red.lease(acct, LID, 1, resize=200)
+    v = _lease_value(red, acct)
+    red.call("HSET", holds_key(acct), LID,
+             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    assert red.settle(acct, LID, 0, "expire", 0)[0] == 1
+    assert _lease_value(red, acct)["amount"] == 0
+    assert red.lease(acct, LID, 2)[:2] == [1, 0]
+    assert _lease_value(red, acct) is not None
+    assert red.lease(acct, LID, 3, charge=30, busy=0,
+                     records=[_rec(f"n{i}", acct, 1) for i in range(30)])[:2] == [1, 0]
+    a = red.acct(acct)
+    assert (a["spent"], a["held"], a["leasefree"]) == (30, 0, 0), a
+
+
+def test_a_batch_reclaims_a_lease_once(stack):
+    """The same lease twice in one expire batch (settle.lua): its free
+    points go back once."""
+    red = redis_for(stack)
+    acct = 900014
+    red.credit(acct, 1, 1000)
+    red.lease(acct, LID, 1, resize=100)
+    v = _lease_value(red, acct)
+    red.call("HSET", holds_key(acct), LID,
+             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    out = red.call(*red.settle_batch_cmd([(acct, LID, 0, "expire", 0)] * 2))
+    assert out[0] == 1 and out[3] == 0, out
+    a = red.acct(acct)
+    assert (a["held"], a["leasefree"]) == (0, 0), a

@@ -28,6 +28,14 @@ def _lease_value(red, acct, lid=LID):
             "soft": int(soft)}
 
 
+def _soft_deadline_passed(red, acct):
+    """Rewrites the lease's value as lease.lua wrote it but with its soft
+    deadline in the past: its worker went silent (no waiting 3 s)."""
+    v = _lease_value(red, acct)
+    red.call("HSET", holds_key(acct), LID,
+             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+
+
 def _shown(a):
     return a["credited"] - a["spent"] - a["held"] + a.get("leasefree", 0)
 
@@ -200,13 +208,11 @@ def test_soft_deadline_gives_free_points_back_and_the_worker_retakes(stack):
     acct = 900009
     red.credit(acct, 1, 1000)
     red.lease(acct, LID, 1, resize=100)
-    # An op with 10 promised: soft deadline in SOFT_MS (3 s): fake it by
-    # rewriting the value as the script wrote it, with soft in the past.
+    # An op with 10 promised; then its worker goes silent.
     red.lease(acct, LID, 2, busy=10)
     v = _lease_value(red, acct)
     assert v["deadline"] - v["soft"] > 50000 and v["free"] == 90, v
-    red.call("HSET", holds_key(acct), LID,
-             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    _soft_deadline_passed(red, acct)
     assert red.settle(acct, LID, 0, "expire", 0)[0] == 1
     v = _lease_value(red, acct)
     assert (v["amount"], v["free"], v["seq"]) == (10, 0, 2), v
@@ -280,9 +286,7 @@ def test_an_emptied_lease_is_not_dropped_by_a_probe(stack):
     acct = 900013
     red.credit(acct, 1, 100000)
     red.lease(acct, LID, 1, resize=200)
-    v = _lease_value(red, acct)
-    red.call("HSET", holds_key(acct), LID,
-             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    _soft_deadline_passed(red, acct)
     assert red.settle(acct, LID, 0, "expire", 0)[0] == 1
     assert _lease_value(red, acct)["amount"] == 0
     assert red.lease(acct, LID, 2)[:2] == [1, 0]
@@ -300,9 +304,7 @@ def test_a_batch_reclaims_a_lease_once(stack):
     acct = 900014
     red.credit(acct, 1, 1000)
     red.lease(acct, LID, 1, resize=100)
-    v = _lease_value(red, acct)
-    red.call("HSET", holds_key(acct), LID,
-             f"{v['amount']}|~lease|{v['seq']}|{v['free']}|{v['deadline']}|1")
+    _soft_deadline_passed(red, acct)
     out = red.call(*red.settle_batch_cmd([(acct, LID, 0, "expire", 0)] * 2))
     assert out[0] == 1 and out[3] == 0, out
     a = red.acct(acct)

@@ -136,6 +136,14 @@ static void lease_recs_answer(lease_rec *recs, int n, int rc, int64_t status, in
     }
 }
 
+/* Redis is away (or we are shutting down): every call waiting on L is
+ * answered now with the charge to come; its record stays for a resend. */
+static void lease_answer_later(lease *l)
+{
+    lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+    lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+}
+
 static void lease_schedule(lease *l)
 {
     lease_table *t = l->t;
@@ -197,7 +205,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
     uint64_t now = worker_now_ms();
     l->op_sent = 0;
     if (t->down) {
-        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        lease_answer_later(l);
         l->op_failed = 1;
         return;
     }
@@ -209,8 +217,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
                      l->lid, l->account, l->op_seq);
         l->op_failed = 1;
         /* Queued records too: none of them goes out before this op does. */
-        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
-        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+        lease_answer_later(l);
         return;
     }
     l->op_failed = 0;
@@ -327,8 +334,7 @@ static void lease_send(lease *l)
         log_warn("lease %s of account %" PRId64 ": redis away, op %" PRId64 " kept", l->lid,
                  l->account, l->op_seq);
     l->op_failed = 1;
-    lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
-    lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
+    lease_answer_later(l);
 }
 
 static void lease_on_flush(evutil_socket_t fd, short what, void *arg)
@@ -412,8 +418,7 @@ void lease_table_shutdown(lease_table *t)
             log_error("lease %s of account %" PRId64 ": exiting with %d records unsent (the "
                       "sweeper will expire the lease, cost 0)",
                       l->lid, l->account, unsent);
-        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
-        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        lease_answer_later(l);
     }
 }
 
@@ -423,8 +428,7 @@ void lease_table_free(lease_table *t)
     t->down = 1;
     while (!TAILQ_EMPTY(&t->leases)) {
         lease *l = TAILQ_FIRST(&t->leases);
-        lease_recs_answer(l->queue.r, l->queue.n, -1, 0, 0, 1);
-        lease_recs_answer(l->op.r, l->op.n, -1, 0, 0, 1);
+        lease_answer_later(l);
         lease_free(l);
     }
     if (t->tick) event_free(t->tick);

@@ -88,7 +88,6 @@ LIST_HEAD(lease_bucket, lease);
 TAILQ_HEAD(lease_queue, lease);
 
 struct lease_table {
-    struct event_base *base;
     hotclient *hc;
     lease_config cfg;
     int down; /* lease_table_shutdown: send nothing */
@@ -187,12 +186,12 @@ static int lease_finished(const lease *l)
 /* Redis no longer holds L (expired by the sweeper, lost, or unusable):
  * nothing in its queue can be charged. Calls still promised from it end
  * at cost 0 (lease_end). */
-static void lease_lost(lease *l, int64_t status, int64_t available)
+static void lease_lost(lease *l, int64_t available)
 {
     lease_unlist(l);
     l->deleted = 1;
     l->amount = l->used = l->pending = 0;
-    lease_recs_answer(l->queue.r, l->queue.n, 0, status, available, 0);
+    lease_recs_answer(l->queue.r, l->queue.n, 0, 0, available, 0);
     l->queue.n = 0;
 }
 
@@ -257,7 +256,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
             log_error("lease %s of account %" PRId64 ": unusable in Redis (status %" PRId64 ")",
                       l->lid, l->account, v[0]);
         lease_recs_answer(l->op.r, l->op.n, 0, v[0] < 0 ? HOT_STATUS_UNUSABLE : 0, v[2], 0);
-        lease_lost(l, 0, v[2]);
+        lease_lost(l, v[2]);
     }
     l->op.n = 0;
     if (!l->deleted && (l->want_op || l->queue.n > 0)) lease_schedule(l);
@@ -390,7 +389,6 @@ int lease_table_new(struct event_base *base, hotclient *hc, const lease_config *
     struct timeval tv = {0, LEASE_TICK_MS * 1000};
     lease_table *t = calloc(1, sizeof *t);
     if (!t) return -1;
-    t->base = base;
     t->hc = hc;
     t->cfg = *cfg;
     for (int i = 0; i < LEASE_BUCKETS; i++)

@@ -18,6 +18,7 @@
 #include "billing/apikey.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/forward.h"
 #include "gateway/http1.h"
 #include "gateway/usage.h"
 #include "gateway/worker.h"
@@ -237,7 +238,7 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
 
     request_answer_begin(r, (unsigned)c->status);
     while ((off = proxy_header_next(c, off, &name, &value)) != 0)
-        server_reply_header(r->conn, name, value);
+        if (forward_response_header(name)) server_reply_header(r->conn, name, value);
     snprintf(num, sizeof num, "%" PRId64, charged);
     server_reply_header(r->conn, "X-Points-Charged", num);
     if (have_remaining) {
@@ -338,110 +339,13 @@ static void request_on_upstream(void *arg, proxy_call *c)
 
 /* ---- proxy ---------------------------------------------------------- */
 
-typedef struct request_hdr_ctx {
-    gw_request *r;
-    const char *conn; /* the client's Connection header(s), joined when several */
-    size_t conn_len;
-    char *conn_joined; /* owns conn when there were several */
-    const char *xff;
-} request_hdr_ctx;
-
-/* Gathers the client's Connection headers. One (the usual case) is used
- * where the server keeps it; several are joined into one list, which RFC
- * 9110 5.3 makes equivalent. */
-static int request_gather_connection(request_hdr_ctx *h, const char *value)
-{
-    size_t vl = strlen(value);
-    char *j;
-    if (!h->conn) {
-        h->conn = value;
-        h->conn_len = vl;
-        return 0;
-    }
-    j = malloc(h->conn_len + 1 + vl + 1);
-    if (!j) return -1;
-    memcpy(j, h->conn, h->conn_len);
-    j[h->conn_len] = ',';
-    memcpy(j + h->conn_len + 1, value, vl + 1);
-    free(h->conn_joined);
-    h->conn_joined = j;
-    h->conn = j;
-    h->conn_len += 1 + vl;
-    return 0;
-}
-
-static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
-{
-    if (proxy_call_add_header(&h->r->call, name, value) != 0) {
-        log_warn("request %s: header %s not forwardable (invalid or past the bound)", h->r->rid,
-                 name);
-        return -1;
-    }
-    return 0;
-}
-
-static int request_copy_header(request_hdr_ctx *h, const char *name, const char *value)
-{
-    static const char *const drop[] = {"authorization",  "x-api-key",      "host",
-                                       "content-length", "expect",         "x-account-id",
-                                       "x-request-id",   "x-forwarded-for"};
-    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
-        if (strcasecmp(name, drop[i]) == 0) return 0;
-    if (proxy_hop_by_hop(name)) return 0;
-    /* Named by the client's Connection header: for this hop only. */
-    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return 0;
-    return request_add_header(h, name, value);
-}
-
-static void request_client_ip(gw_request *r, char *out, size_t len)
-{
-    const struct sockaddr *sa = server_peer(r->conn);
-    snprintf(out, len, "unknown");
-    if (sa->sa_family == AF_INET)
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
-    else if (sa->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
-}
-
-static int request_build_headers(gw_request *r)
-{
-    request_hdr_ctx h = {.r = r};
-    char ip[INET6_ADDRSTRLEN + 1], buf[1024];
-    size_t n = server_header_count(r->conn);
-    const char *name, *value;
-    int rc = -1;
-    for (size_t i = 0; i < n; i++) {
-        server_header_at(r->conn, i, &name, &value);
-        if (strcasecmp(name, "connection") == 0 && request_gather_connection(&h, value) != 0)
-            goto out;
-    }
-    h.xff = server_header(r->conn, "X-Forwarded-For");
-    for (size_t i = 0; i < n; i++) {
-        server_header_at(r->conn, i, &name, &value);
-        if (request_copy_header(&h, name, value) != 0) goto out;
-    }
-    request_client_ip(r, ip, sizeof ip);
-    if (h.xff && *h.xff)
-        snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
-    else
-        snprintf(buf, sizeof buf, "%s", ip);
-    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) goto out;
-    snprintf(buf, sizeof buf, "%" PRId64, r->account);
-    if (request_add_header(&h, "X-Account-Id", buf) != 0) goto out;
-    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) goto out;
-    rc = 0;
-out:
-    free(h.conn_joined);
-    return rc;
-}
-
 static void request_proxy(gw_request *r)
 {
     r->st = ST_PROXY;
     /* The raw target (path and query, as the client sent them) goes to the
      * upstream unchanged after its path prefix; uri, method and body live
      * as long as the request, so the call can point at them. */
-    if (request_build_headers(r) != 0 ||
+    if (forward_headers(r->conn, &r->call, r->account, r->rid) != 0 ||
         proxy_start(r->w->px, &r->call, r->uri, r->method, r->body, r->body_len,
                     r->route->timeout_ms, request_on_upstream, r) != 0) {
         request_release_detached(r);

@@ -270,8 +270,18 @@ int routes_normalise(const char *raw, size_t len, char *out, size_t outlen)
             if (hi < 0 || lo < 0) return -1;
             c = (char)(hi * 16 + lo);
             /* Encoded separators would let a path match one route and mean
-             * another upstream; refuse rather than guess. */
-            if (c == '/' || c == '\\' || c == '\0') return -1;
+             * another upstream; refuse rather than guess. Encoded control
+             * bytes (%00-%1F, %7F) have no place in a path and become a
+             * header injection upstream wherever a decoded path is echoed
+             * into a header or a log line. */
+            if (c == '/' || c == '\\' || (unsigned char)c < 0x20 || c == 0x7f) return -1;
+            /* Double encoding ("%252e" is "%2e" once decoded): an upstream
+             * that decodes twice would act on another path than the one
+             * matched and billed here ("%252e%252e" is ".."). A '%' that
+             * is data ("100%25") is followed by anything but two hex digits. */
+            if (c == '%' && i + 4 < len && routes_hexval(raw[i + 3]) >= 0 &&
+                routes_hexval(raw[i + 4]) >= 0)
+                return -1;
             i += 2;
         } else if (c == '\\' || c == '\0') {
             return -1;

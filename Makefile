@@ -102,6 +102,12 @@ $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 # Unit tests of gateway modules link the module's object too.
 $(O)/bin/test_http1: $(O)/gateway/http1.o
 $(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
+# forward.o logs through libbilling.a, so the library goes after it.
+$(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
+		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+$(O)/bin/test_routes: $(O)/gateway/routes.o
 
 deps:
 	@scripts/deps.sh

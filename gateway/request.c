@@ -141,6 +141,7 @@ struct request_waitq {
     int n;
     gw_request *trying; /* the waiter whose reserve is in flight */
     int backoff_ms;
+    int pin; /* > 0: in use on the stack, not to be freed */
     struct event timer;
     int timer_on;
 };
@@ -616,7 +617,7 @@ static request_waitq *request_waitq_get(worker *w, int64_t account)
 static void request_waitq_maybe_free(request_waitq *q)
 {
     request_waitq **p;
-    if (q->n > 0 || q->trying) return;
+    if (q->n > 0 || q->trying || q->pin) return;
     for (p = request_waitq_slot(q->ctx, q->account); *p != q; p = &(*p)->next)
         ;
     *p = q->next;
@@ -679,7 +680,7 @@ static void request_waitq_leave(gw_request *r)
 static int request_wait(gw_request *r)
 {
     request_waitq *q = request_waitq_get(r->w, r->account);
-    if (!q || q->n >= REQUEST_WAITERS_MAX) return -1;
+    if (!q || q->n + (q->trying != NULL) >= REQUEST_WAITERS_MAX) return -1;
     request_waitq_push(q, r, 0);
     if (!q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
     return 0;
@@ -696,7 +697,8 @@ static void request_waitq_kick(worker *w, int64_t account)
 }
 
 /* Answers the waiters whose wait is over: past their deadline (402 with
- * the last figures), or whose price the points that exist cannot cover. */
+ * the last figures), or whose price the points that exist cannot cover.
+ * The caller keeps Q alive across it (q->pin). */
 static void request_waitq_expire(request_waitq *q, int64_t avail, int64_t held, int have)
 {
     uint64_t now = worker_now_ms();
@@ -717,9 +719,9 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
     gw_request *r;
     q->timer_on = 0;
     if (q->trying) return;
-    q->n++; /* keeps Q while waiters are answered */
+    q->pin++; /* keeps Q while waiters are answered */
     request_waitq_expire(q, 0, 0, 0);
-    q->n--;
+    q->pin--;
     r = q->head;
     if (!r) {
         request_waitq_maybe_free(q);
@@ -746,13 +748,13 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
 /* Redis cannot answer for Q's account: every waiter gets the 503. */
 static void request_waitq_fail(request_waitq *q, int rc)
 {
-    q->n++;
+    q->pin++;
     while (q->head) {
         gw_request *r = q->head;
         request_waitq_leave(r);
         request_unavailable(r, rc);
     }
-    q->n--;
+    q->pin--;
     request_waitq_maybe_free(q);
 }
 
@@ -767,12 +769,12 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         /* It was its queue's attempt: the queue goes on, whatever it gets. */
         r->waitq = NULL;
         q->trying = NULL;
-        q->n++; /* keeps Q until the end */
+        q->pin++; /* keeps Q until the end */
     }
     if (rc != 0) {
         request_unavailable(r, rc < 0 ? rc : HOT_ERR_UNAVAILABLE);
         if (q) {
-            q->n--;
+            q->pin--;
             request_waitq_fail(q, rc < 0 ? rc : HOT_ERR_UNAVAILABLE);
         }
         return;
@@ -790,7 +792,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         if (q) {
             /* Got its points: the next waiter tries at once. */
             q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
-            if (q->n > 1) request_waitq_arm(q, 0);
+            if (q->n > 0) request_waitq_arm(q, 0);
         }
         request_go(r);
         r = NULL;
@@ -823,9 +825,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         }
     }
     if (q) {
-        q->n--;
         /* What Redis just said holds for every waiter of the account. */
         if (v[0] == HOT_RESERVE_SHORT) request_waitq_expire(q, v[1], v[2], 1);
+        q->pin--;
         /* Whoever got the turn left (gone, answered): the others keep theirs. */
         if (q->n > 0 && !q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
         request_waitq_maybe_free(q);

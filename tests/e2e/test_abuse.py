@@ -58,8 +58,9 @@ def _script_calls(stack):
     return n
 
 
-def _in_flight(stack):
-    return http("GET", stack.devsim.url + "/_sim/stats").json()["in_flight"]
+def _at_upstream(stack, path):
+    stack.wait_for(lambda: http("GET", stack.devsim.url + "/_sim/last").json().get("path") == path,
+                   timeout=5, what=f"{path} at the upstream")
 
 
 # ---- the key and the reserve before the body ---------------------------------
@@ -67,15 +68,17 @@ def _in_flight(stack):
 def test_unknown_key_refused_before_the_body(stack):
     _setup(stack)
     gw = _gateway(stack, "gateway-key", {})
+    # Well formed (so only a lookup can refuse it), but never issued.
+    unknown = "pgk_" + "A" * 43
     try:
         before = _sim_requests(stack)
         for extra in (b"", b"Expect: 100-continue\r\n"):
             s = _connect(gw.port)
             t0 = time.time()
-            s.sendall(_post_head("pg_live_unknownkeyunknownkeyunknownkey", 900000, extra))
+            s.sendall(_post_head(unknown, 900000, extra))
             rd = Reader(s)
             r = rd.response()  # not a 100 first: the body is never asked for
-            assert r.status == 401 and r.json()["error"] == "unauthorized", r
+            assert r.status == 401 and r.json()["message"] == "unknown or revoked API key", r
             assert time.time() - t0 < 3.0, "waited for the body"
             assert r.headers["connection"] == "close", r
             assert rd.closed(), "kept open with the body unread"
@@ -183,7 +186,7 @@ def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
         held = []
         t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 4000))
         t.start()
-        stack.wait_for(lambda: _in_flight(stack) == 1, timeout=5, what="the holder upstream")
+        _at_upstream(stack, "/v1/devices/holder")
         calls0 = _script_calls(stack)
         t0 = time.time()
         res = [None] * 300
@@ -232,7 +235,7 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
         held = []
         t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 3000))
         t.start()
-        stack.wait_for(lambda: _in_flight(stack) == 1, timeout=5, what="the holder upstream")
+        _at_upstream(stack, "/v1/devices/holder")
         res = [None] * 100
         done = [None] * 100
         t0 = time.time()
@@ -273,7 +276,7 @@ def test_disconnect_flood_does_not_flood_the_log(stack):
         held = []
         t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 6000))
         t.start()
-        stack.wait_for(lambda: _in_flight(stack) == 1, timeout=5, what="the holder upstream")
+        _at_upstream(stack, "/v1/devices/holder")
         t0 = time.time()
         req = _get("/v1/devices/flood", key)
 
@@ -330,7 +333,7 @@ def test_sigterm_past_grace_lets_written_calls_finish(stack):
         "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "4500"}),
         timeout=30)))
     t.start()
-    stack.wait_for(lambda: _in_flight(stack) == 1, timeout=5, what="the call at the upstream")
+    _at_upstream(stack, "/v1/devices/long")
     gw.signal(signal.SIGTERM)
     t.join(20)
     assert out and out[0].status == 200 and out[0].headers["x-points-charged"] == "1", out

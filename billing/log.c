@@ -58,8 +58,8 @@ int log_limit_ok(log_limit *l, unsigned long long now_ms, unsigned per_sec)
     }
     l->n++;
     if (l->suppressed) {
-        log_msg(LOG_WARN, "%lu similar log lines suppressed (more than %u a second)",
-                l->suppressed, per_sec);
+        log_msg(LOG_WARN, "%lu similar log lines suppressed (more than %u a second)", l->suppressed,
+                per_sec);
         l->suppressed = 0;
     }
     return 1;

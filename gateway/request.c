@@ -124,8 +124,8 @@ struct gw_request {
     const char *body; /* the server's, valid until the answer */
     size_t body_len;
     uint64_t wait_until_ms;
-    request_waitq *waitq;         /* the account's queue, while waiting or its reserve */
-    gw_request *wprev, *wnext;    /* in waitq's FIFO */
+    request_waitq *waitq;          /* the account's queue, while waiting or its reserve */
+    gw_request *wprev, *wnext;     /* in waitq's FIFO */
     int64_t last_avail, last_held; /* the last reserve's figures, for a 402 */
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
@@ -323,7 +323,8 @@ static void request_lease_end(gw_request *r, int64_t charge, int commit, long st
 static void request_release_detached(gw_request *r)
 {
     if (r->lease) {
-        request_lease_end(r, 0, 0, 0, NULL);
+        if (r->w->leases) request_lease_end(r, 0, 0, 0, NULL);
+        r->lease = NULL; /* past teardown: the sweeper expires it, cost 0 */
         return;
     }
     if (!r->held || !r->w->hc) return;
@@ -811,9 +812,8 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
             /* Points exist but are held by calls in flight: wait for them. */
             if (q) {
                 request_waitq_push(q, r, 1);
-                q->backoff_ms = q->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS
-                                    ? REQUEST_BACKOFF_MAX_MS
-                                    : q->backoff_ms * 2;
+                q->backoff_ms = q->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS
+                                                                           : q->backoff_ms * 2;
                 request_waitq_arm(q, q->backoff_ms);
             } else if (request_wait(r) != 0) {
                 request_error(r, 503, "too_many_waiting",

@@ -1055,7 +1055,7 @@ int server_new(struct worker *w, const gw_config *cfg, server **out)
     /* A second's precision is plenty for these timeouts, unless the head
      * timeout is set shorter (tests). */
     tick_ms = (uint64_t)(cfg->head_timeout_ms < cfg->body_timeout_ms ? cfg->head_timeout_ms
-                                                                      : cfg->body_timeout_ms) /
+                                                                     : cfg->body_timeout_ms) /
               4;
     if (tick_ms > 1000) tick_ms = 1000;
     if (tick_ms < 10) tick_ms = 10;

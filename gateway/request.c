@@ -141,7 +141,8 @@ struct request_waitq {
     int n;
     gw_request *trying; /* the waiter whose reserve is in flight */
     int backoff_ms;
-    int pin; /* > 0: in use on the stack, not to be freed */
+    int64_t avail, held; /* Redis's last figures for the account, for a 402 */
+    int pin;             /* > 0: in use on the stack, not to be freed */
     struct event timer;
     int timer_on;
 };
@@ -676,12 +677,17 @@ static void request_waitq_leave(gw_request *r)
     request_waitq_maybe_free(q);
 }
 
-/* R is short while points are held: it waits in its account's queue. 0, or
+/* R is short while points are held: it waits in its account's queue
+ * (FRESH: R's own reserve just said so, its figures are the latest). 0, or
  * -1 when it cannot (bound reached, out of memory): R is not queued. */
-static int request_wait(gw_request *r)
+static int request_wait(gw_request *r, int fresh)
 {
     request_waitq *q = request_waitq_get(r->w, r->account);
     if (!q || q->n + (q->trying != NULL) >= REQUEST_WAITERS_MAX) return -1;
+    if (fresh) {
+        q->avail = r->last_avail;
+        q->held = r->last_held;
+    }
     request_waitq_push(q, r, 0);
     if (!q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
     return 0;
@@ -708,7 +714,7 @@ static void request_waitq_expire(request_waitq *q, int64_t avail, int64_t held, 
         next = r->wnext;
         if (now < r->wait_until_ms && !(have && avail + held < r->route->price)) continue;
         request_waitq_leave(r);
-        request_short(r, have ? avail : r->last_avail, have ? held : r->last_held);
+        request_short(r, have ? avail : q->avail, have ? held : q->held);
     }
 }
 
@@ -815,7 +821,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
                 q->backoff_ms = q->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS
                                                                            : q->backoff_ms * 2;
                 request_waitq_arm(q, q->backoff_ms);
-            } else if (request_wait(r) != 0) {
+            } else if (request_wait(r, 1) != 0) {
                 request_error(r, 503, "too_many_waiting",
                               "too many calls of this account are waiting for held points, try "
                               "again");
@@ -826,7 +832,11 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
     }
     if (q) {
         /* What Redis just said holds for every waiter of the account. */
-        if (v[0] == HOT_RESERVE_SHORT) request_waitq_expire(q, v[1], v[2], 1);
+        if (v[0] == HOT_RESERVE_SHORT) {
+            q->avail = v[1];
+            q->held = v[2];
+            request_waitq_expire(q, v[1], v[2], 1);
+        }
         q->pin--;
         /* Whoever got the turn left (gone, answered): the others keep theirs. */
         if (q->n > 0 && !q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
@@ -849,9 +859,7 @@ static void request_reserve(gw_request *r)
     if (q && (q->n > 0 || q->trying)) {
         /* Others of the account already wait here: behind them, without
          * a reserve of its own (the queue's next one finds out for all). */
-        r->last_avail = 0;
-        r->last_held = 0;
-        if (request_wait(r) != 0)
+        if (request_wait(r, 0) != 0)
             request_error(r, 503, "too_many_waiting",
                           "too many calls of this account are waiting for held points, try again");
         return;

@@ -154,7 +154,7 @@ def test_trickled_body_gets_408_at_its_deadline(stack):
         took = time.time() - t0
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]
         assert b'"error":"request_timeout"' in got, got
-        assert 1.2 <= took < 4.0, took
+        assert 1.2 <= took < 6.0, took
         s.close()
         _held_zero(stack, acct)
         assert stack.hot(acct)["spent"] == 0
@@ -236,6 +236,7 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
         t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 3000))
         t.start()
         _at_upstream(stack, "/v1/devices/holder")
+        t_holder = time.time()
         res = [None] * 100
         done = [None] * 100
         t0 = time.time()
@@ -253,7 +254,10 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
         busy = [i for i in range(100) if res[i].status == 503]
         assert len(busy) == 36, [r.status for r in res]
         assert all(res[i].json()["error"] == "too_many_waiting" for i in busy)
-        assert all(done[i] < 2.5 for i in busy), [done[i] for i in busy]  # at once, not after
+        # At once: before the holder's point came back (3 s after it reached the upstream).
+        first_served = min(done[i] for i in range(100) if res[i].status != 503)
+        assert all(done[i] < first_served for i in busy), ([done[i] for i in busy], first_served)
+        assert first_served + t0 - t_holder >= 2.5, first_served
         codes = [r.status for r in res]
         assert codes.count(200) == 1 and codes.count(402) == 63, codes
         h = stack.hot(acct)
@@ -305,7 +309,7 @@ def test_disconnect_flood_does_not_flood_the_log(stack):
         gone = out.count("client went away")
         suppressed = len(re.findall(r"similar log lines suppressed", out))
         print(f"    3000 disconnects in {took:.1f}s: {gone} lines, {suppressed} summaries")
-        bound = 10 * (int(took) + 2)
+        bound = 10 * (int(took) + 4)  # 10 a second, over the seconds the flood spanned
         assert 0 < gone <= bound, (gone, bound)
         assert suppressed >= 1
     finally:

@@ -16,6 +16,11 @@
  *     +--------------- written, keep-alive ------------------------+
  *                                   written, close: closed or LINGER
  *
+ * A body not all here with its head is read only once request.c has
+ * checked the key and held the price (request_early, BUSY with reads off
+ * and only a close watched, then server_want_body: BODY). A body has one
+ * deadline in all, not renewed by progress (GATEWAY_BODY_TIMEOUT_MS, 408).
+ *
  * Pipelined requests are answered one at a time, in order: bytes past the
  * current request wait in the input buffer, which is never moved while a
  * request exists (request.c keeps pointers into its head), so reading stops

@@ -111,6 +111,13 @@ def test_100_continue_only_after_key_and_reserve(stack):
         r = rd.response()
         assert r.status == 100, r
         assert stack.hot(acct).get("held") == 5, stack.hot(acct)
+        # Its deadline covers the body's (30 s) as well as the route timeout
+        # (10 s) and HOLD_GRACE_MS (10 s): the sweeper will not take it early.
+        (value,) = [v for i, v in enumerate(
+            stack.redis_raw("HGETALL", f"pg:{{{acct}}}:holds").splitlines()) if i % 2]
+        sec, usec = stack.redis_raw("TIME").splitlines()
+        left = int(value.split("|")[-1]) - (int(sec) * 1000 + int(usec) // 1000)
+        assert 45000 < left <= 50000, (value, left)
         s.sendall(body)
         r = rd.response()
         assert r.status == 202 and r.json()["body_length"] == len(body), r

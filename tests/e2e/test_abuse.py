@@ -8,7 +8,8 @@ stop lets calls already at the upstream finish (item 1):
   its hold released, nothing proxied or charged;
 - calls waiting for held points cost Redis work per account, not per waiter
   (measured with INFO commandstats), and are bounded per account per worker;
-- a flood of client disconnects cannot flood the log.
+- a flood of client disconnects cannot flood the log;
+- a reserve that finds no account in Redis is a 503, not a 402.
 """
 import re
 import signal
@@ -354,3 +355,25 @@ def test_sigterm_past_grace_lets_written_calls_finish(stack):
     stack.wait_for(stack.drained, timeout=20, what="outbox drained")
     assert stack.psql(f"select amount, outcome from charges where account_id = {acct}") == \
         [["1", "commit"]]
+
+
+# ---- reply codes (INTERFACES.md): what Redis cannot tell is a 503 ---------------
+
+def test_account_missing_from_redis_is_503_not_402(stack):
+    """Billing creates every account's hash with the account, so a reserve
+    that finds none means Redis lost its data: 503 billing_unavailable,
+    never a 402 the caller did not earn."""
+    _setup(stack)
+    gw = _gateway(stack, "gateway-nodata", {})
+    try:
+        acct, key = stack.new_account(10)
+        assert http("GET", gw.url + "/v1/devices/d1", headers=_auth(key)).status == 200
+        before = _sim_requests(stack)
+        stack.redis_raw("DEL", f"pg:{{{acct}}}:acct")
+        r = http("GET", gw.url + "/v1/devices/d2", headers=_auth(key))
+        assert r.status == 503, r
+        assert r.json() == {"error": "billing_unavailable",
+                            "message": "billing data is being restored, try again"}, r
+        assert _sim_requests(stack) == before
+    finally:
+        assert gw.stop() == 0

@@ -326,10 +326,7 @@ def test_disconnect_flood_does_not_flood_the_log(stack):
 
 # ---- graceful stop: a call at the upstream finishes and is charged -------------
 
-def test_sigterm_past_grace_lets_written_calls_finish(stack):
-    """The drain's grace (UPSTREAM_TIMEOUT_MS + 2 s) passes while a call with
-    a longer route timeout is at the upstream: it is not cancelled, its 200
-    reaches the client, and it is charged."""
+def _sigterm_past_grace(stack, lease_calls):
     _setup(stack)
     routes = {"charge_on": ["2xx"], "routes": [
         {"id": "device.long", "method": "GET", "path": "/v1/devices/*", "price": 1,
@@ -337,9 +334,15 @@ def test_sigterm_past_grace_lets_written_calls_finish(stack):
     port = harness.free_port()
     gw = stack.spawn("gateway-term", [stack.bin("gateway")], {
         "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0",
-        "UPSTREAM_TIMEOUT_MS": "200"}, port)
-    acct, key = stack.new_account(10)
+        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": str(lease_calls),
+        "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200"}, port)
+    acct, key = stack.new_account(1000)
+    spent = 0
+    if lease_calls:
+        # A first call starts the account's lease; the long call is promised from it.
+        assert http("GET", gw.url + "/v1/devices/warm", headers=_auth(key)).status == 200
+        spent += 1
+        stack.wait_for(lambda: stack.leases(), timeout=5, what="a lease")
     out = []
     t = threading.Thread(target=lambda: out.append(http(
         "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "4500"}),
@@ -349,12 +352,25 @@ def test_sigterm_past_grace_lets_written_calls_finish(stack):
     gw.signal(signal.SIGTERM)
     t.join(20)
     assert out and out[0].status == 200 and out[0].headers["x-points-charged"] == "1", out
+    spent += 1
     assert gw.p.wait(20) == 0
     h = stack.hot(acct)
-    assert h["spent"] == 1 and h["held"] == 0, h
+    assert h["spent"] == spent and h["held"] == 0, h
     stack.wait_for(stack.drained, timeout=20, what="outbox drained")
     assert stack.psql(f"select amount, outcome from charges where account_id = {acct}") == \
-        [["1", "commit"]]
+        [["1", "commit"]] * spent
+
+
+def test_sigterm_past_grace_lets_written_calls_finish(stack):
+    """The drain's grace (UPSTREAM_TIMEOUT_MS + 2 s) passes while a call with
+    a longer route timeout is at the upstream: it is not cancelled, its 200
+    reaches the client, and it is charged."""
+    _sigterm_past_grace(stack, 0)
+
+
+def test_sigterm_past_grace_lets_written_leased_calls_finish(stack):
+    """The same for a call whose price a lease promised."""
+    _sigterm_past_grace(stack, 2)
 
 
 # ---- reply codes (INTERFACES.md): what Redis cannot tell is a 503 ---------------

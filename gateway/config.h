@@ -45,6 +45,7 @@ typedef struct gw_config {
     int64_t hold_grace_ms;       /* hold deadline = route timeout + this */
     int64_t max_connections;     /* per worker thread */
     int64_t head_timeout_ms;     /* a client's request head must arrive within this */
+    int64_t body_timeout_ms;     /* and its body within this of the body's start (total) */
     int64_t upstream_max_conns;  /* open upstream connections per worker thread */
     int64_t lease_calls;         /* point lease size in calls (lease.h); 0: none */
     int64_t lease_idle_ms;       /* a lease unused this long goes back */

@@ -201,7 +201,7 @@ void worker_destroy(worker *w)
      * hotclient_free. */
     if (w->srv) {
         w->aborted = 1;
-        request_abort_all(w); /* upstream calls and waits; releases via hc */
+        request_teardown(w); /* upstream calls and waits; releases via hc */
     }
     lease_table_shutdown(w->leases); /* answers the calls whose records wait */
     hotclient_free(w->hc);           /* pending Redis callbacks answer their requests */

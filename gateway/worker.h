@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 struct gw_request;
+struct request_ctx;
 
 typedef struct worker {
     int idx;
@@ -42,6 +43,7 @@ typedef struct worker {
     route_table *routes;
     _Atomic(route_table *) next_routes; /* handed over by main on SIGHUP */
     struct gw_request *suspended;       /* requests waiting on Redis/upstream */
+    struct request_ctx *rq;             /* request.c's per-worker state (wait queues) */
     unsigned char rnd[1024];            /* random bytes for request ids */
     size_t rnd_used;                    /* consumed from rnd */
     int inflight;

@@ -160,7 +160,9 @@ int config_load(gw_config *c)
         goto out;
     }
     if (config_parse_upstream(upstream, &c->up, err, sizeof err) != 0) {
-        log_error("UPSTREAM_URL=%s: %s", upstream, err);
+        char shown[CONFIG_URL_MAX];
+        redisurl_redact(upstream, shown, sizeof shown); /* user info is refused, never shown */
+        log_error("UPSTREAM_URL=%s: %s", shown, err);
         goto out;
     }
     if (config_copy(c->upstream, sizeof c->upstream, upstream, "UPSTREAM_URL") != 0) goto out;

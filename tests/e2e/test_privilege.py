@@ -153,6 +153,61 @@ def test_gateway_redis_user_runs_only_what_it_needs(stack):
     assert GW_USER in users, users
 
 
+def _gateway_commands():
+    """Every Redis command the gateway can send: those of the scripts it runs
+    (a script runs with its caller's ACL) and the ones its C code names."""
+    cmds = set()
+    for name in ("lua/prelude.lua", "reserve.lua", "settle.lua", "lease.lua"):
+        with open(os.path.join(harness.ROOT, "billing", name)) as f:
+            cmds |= {c.upper() for c in
+                     re.findall(r"redis\.p?call\(\s*['\"]([A-Za-z]+)['\"]", f.read())}
+    for name in os.listdir(os.path.join(harness.ROOT, "gateway")):
+        if not name.endswith(".c"):
+            continue
+        with open(os.path.join(harness.ROOT, "gateway", name)) as f:
+            src = f.read()
+        if "redisAsyncCommand" not in src:
+            continue
+        # Command names where the C code builds a command: argv[0] = "GET",
+        # hot_arg(&a, "EVALSHA", ...), redisAsyncCommand(..., "SELECT %s").
+        cmds |= set(re.findall(r'argv\[[^\]]*\] = "([A-Z]+)"', src))
+        cmds |= set(re.findall(r'hot_arg\(&\w+, "([A-Z]+)"', src))
+        cmds |= set(re.findall(r'redisAsyncCommand\([^;]*?"([A-Z]+)[ "]', src, re.S))
+        if "SCRIPT LOAD" in src:
+            cmds.discard("SCRIPT")  # a container: its subcommand is checked
+            cmds.add("SCRIPT|LOAD")
+    return cmds
+
+
+def test_gateway_acl_covers_every_command_it_sends(stack):
+    """A guard for whoever changes a script: each command the gateway or its
+    scripts call is allowed to pointgate-gateway on pg:* keys (ACL DRYRUN),
+    so a new one fails here, not as NOPERM in production."""
+    red = Redis(stack.redis_port)
+    try:
+        cmds = _gateway_commands()
+        assert {"EVALSHA", "EVAL", "SCRIPT|LOAD", "GET", "HMGET", "HSET", "HINCRBY", "XADD",
+                "TIME"} <= cmds, cmds
+        checked = []
+        for c in sorted(cmds):
+            name, _, sub = c.partition("|")
+            info = red.call("COMMAND", "INFO", name)
+            if not info or info[0] is None:
+                continue  # a literal that is not a Redis command
+            arity = info[0][1]
+            words = [name] + ([sub] if sub else [])
+            n = abs(arity) - len(words)
+            if sub:  # a container's arity is that of the subcommand
+                n = 1
+            args = words + ["pg:{1}:x"] * max(n, 0)
+            out = red.call("ACL", "DRYRUN", GW_USER, *args)
+            assert out == "OK", (c, out)
+            checked.append(c)
+        assert len(checked) >= 10, checked
+    finally:
+        red.close()
+
+
 def test_gateway_serves_as_its_own_users(stack):
     """The default stack: the gateway charges calls and answers
     /_billing/usage through its Postgres role, and authenticates again after

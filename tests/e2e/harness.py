@@ -200,6 +200,9 @@ class Stack:
         self.redis_password = env["REDIS_PASSWORD"]
         self.gateway_redis_url = env.pop("GATEWAY_REDIS_URL")
         self.gateway_database_url = env.pop("GATEWAY_DATABASE_URL")
+        # Passwords, ACL user, maxmemory: a test that starts redis-server by
+        # hand (e.g. without its AOF) passes this file first.
+        self.redis_conf = os.path.join(self.dir, "redis", "redis.conf")
         self.run_billing("migrate")
         return self
 

@@ -1,9 +1,9 @@
 /* hot.c: synchronous hot-balance client (see hot.h). */
 #include "billing/hot.h"
 
-#include "billing/env.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "billing/redisurl.h"
 
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
@@ -16,9 +16,8 @@ enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_NSCRIPTS };
 
 struct hot_conn {
     redisContext *c;
-    char host[256];
-    int port;
-    int db;
+    redisurl url;     /* REDIS_URL, parsed: AUTH and SELECT on every connect */
+    int auth_refused; /* the last handshake was refused: logged once per streak */
     char sha[HOT_NSCRIPTS][41];
 };
 
@@ -28,9 +27,11 @@ static const char *const hot_sources[HOT_NSCRIPTS] = {hot_lua_reserve, hot_lua_s
 hot_conn *hot_open(const char *redis_url)
 {
     hot_conn *h = calloc(1, sizeof *h);
+    char err[256], shown[512];
     if (!h) return NULL;
-    if (env_parse_redis_url(redis_url, h->host, sizeof h->host, &h->port, &h->db) != 0) {
-        log_error("REDIS_URL %s: expected redis://host:port/db", redis_url);
+    if (redisurl_parse(redis_url, &h->url, err, sizeof err) != 0) {
+        redisurl_redact(redis_url, shown, sizeof shown);
+        log_error("REDIS_URL=%s: %s", shown, err);
         free(h);
         return NULL;
     }
@@ -41,6 +42,7 @@ void hot_close(hot_conn *h)
 {
     if (!h) return;
     if (h->c) redisFree(h->c);
+    redisurl_wipe(&h->url);
     free(h);
 }
 
@@ -50,30 +52,64 @@ static void hot_drop(hot_conn *h)
     h->c = NULL;
 }
 
-/* Connects if needed; 0 when a connection is ready. */
+/* One handshake command (AUTH, SELECT) on a fresh connection: 0 when Redis
+ * said OK. A refusal (WRONGPASS, NOPERM, a db out of range) is logged once
+ * until a handshake succeeds again: every worker retries on its own
+ * interval, and a wrong password would otherwise fill the log. The reply
+ * names no secret; the command line is never logged. */
+static int hot_handshake(hot_conn *h, const char *what, int argc, const char **argv)
+{
+    redisReply *r = redisCommandArgv(h->c, argc, argv, NULL);
+    int ok = r && r->type == REDIS_REPLY_STATUS;
+    if (!ok && r && r->type == REDIS_REPLY_ERROR && !h->auth_refused) {
+        log_error("redis %s:%d: %s refused: %s (check the user and password in REDIS_URL; "
+                  "Redis counts as unavailable until it is accepted)",
+                  h->url.host, h->url.port, what, r->str);
+        h->auth_refused = 1;
+    } else if (!ok && !r) {
+        log_warn("redis %s:%d: %s: %s", h->url.host, h->url.port, what, h->c->errstr);
+    }
+    if (r) freeReplyObject(r);
+    return ok ? 0 : -1;
+}
+
+/* Connects if needed; 0 when a connection is ready. AUTH (REDIS_URL's user
+ * and password) and SELECT run on every new connection, before anything
+ * else is sent on it. */
 static int hot_ensure(hot_conn *h)
 {
     struct timeval tv = {2, 0};
-    redisReply *r;
+    char db[16];
+    const char *argv[3];
     if (h->c && !h->c->err) return 0;
     hot_drop(h);
-    h->c = redisConnectWithTimeout(h->host, h->port, tv);
+    h->c = redisConnectWithTimeout(h->url.host, h->url.port, tv);
     if (!h->c || h->c->err) {
-        log_warn("redis %s:%d: %s", h->host, h->port, h->c ? h->c->errstr : "out of memory");
+        log_warn("redis %s:%d: %s", h->url.host, h->url.port,
+                 h->c ? h->c->errstr : "out of memory");
         hot_drop(h);
         return -1;
     }
     redisSetTimeout(h->c, (struct timeval){5, 0});
-    if (h->db != 0) {
-        r = redisCommand(h->c, "SELECT %d", h->db);
-        if (!r || r->type == REDIS_REPLY_ERROR) {
-            if (r) freeReplyObject(r);
-            hot_drop(h);
-            return -1;
-        }
-        freeReplyObject(r);
+    if (h->url.password[0]) {
+        int argc = 0;
+        argv[argc++] = "AUTH";
+        if (h->url.user[0]) argv[argc++] = h->url.user;
+        argv[argc++] = h->url.password;
+        if (hot_handshake(h, "AUTH", argc, argv) != 0) goto fail;
     }
+    if (h->url.db != 0) {
+        snprintf(db, sizeof db, "%d", h->url.db);
+        argv[0] = "SELECT";
+        argv[1] = db;
+        if (hot_handshake(h, "SELECT", 2, argv) != 0) goto fail;
+    }
+    if (h->auth_refused) log_info("redis %s:%d: accepted again", h->url.host, h->url.port);
+    h->auth_refused = 0;
     return 0;
+fail:
+    hot_drop(h);
+    return -1;
 }
 
 /* A reply that means "Redis is up but cannot answer yet" (loading its data

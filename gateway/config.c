@@ -149,9 +149,10 @@ int config_load(gw_config *c)
         log_error("GATEWAY_LISTEN=%s: expected host:port", listen);
         goto out;
     }
-    if (env_parse_redis_url(redis, c->redis_host, sizeof c->redis_host, &c->redis_port,
-                            &c->redis_db) != 0) {
-        log_error("REDIS_URL=%s: expected redis://host:port/db", redis);
+    if (redisurl_parse(redis, &c->redis, err, sizeof err) != 0) {
+        char shown[CONFIG_URL_MAX];
+        redisurl_redact(redis, shown, sizeof shown);
+        log_error("REDIS_URL=%s: %s", shown, err);
         goto out;
     }
     if (!upstream) {
@@ -159,7 +160,9 @@ int config_load(gw_config *c)
         goto out;
     }
     if (config_parse_upstream(upstream, &c->up, err, sizeof err) != 0) {
-        log_error("UPSTREAM_URL=%s: %s", upstream, err);
+        char shown[CONFIG_URL_MAX];
+        redisurl_redact(upstream, shown, sizeof shown); /* user info is refused, never shown */
+        log_error("UPSTREAM_URL=%s: %s", shown, err);
         goto out;
     }
     if (config_copy(c->upstream, sizeof c->upstream, upstream, "UPSTREAM_URL") != 0) goto out;

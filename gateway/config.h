@@ -6,6 +6,7 @@
 #define GATEWAY_CONFIG_H
 
 #include "billing/apikey.h"
+#include "billing/redisurl.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -30,9 +31,7 @@ typedef struct gw_upstream {
 typedef struct gw_config {
     char listen_host[CONFIG_HOST_MAX];
     int listen_port;
-    char redis_host[CONFIG_HOST_MAX];
-    int redis_port;
-    int redis_db;
+    redisurl redis;                /* REDIS_URL: host, port, db, ACL user and password */
     char upstream[CONFIG_URL_MAX]; /* base URL without trailing slash */
     gw_upstream up;                /* the same, parsed and resolved */
     char routes_file[CONFIG_URL_MAX];

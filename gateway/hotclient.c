@@ -90,8 +90,12 @@ struct hotclient {
     char host[256];
     int port;
     int db;
+    char user[REDISURL_CRED_MAX];     /* "" : the default user */
+    char password[REDISURL_CRED_MAX]; /* "" : no AUTH */
+    int handshake;                    /* AUTH / SELECT replies still awaited on this connection */
+    int auth_refused;                 /* the last handshake was refused: logged once per streak */
     redisAsyncContext *ac;
-    int connected;
+    int connected;  /* connected AND the handshake accepted */
     unsigned epoch; /* connections made so far: lease.c's fence */
     int closing;
     int writing; /* inside redisAsyncHandleWrite (see redisev.h) */
@@ -252,6 +256,45 @@ static void hot_on_script_loaded(redisAsyncContext *ac, void *r, void *priv)
     }
 }
 
+/* The connection is up and authenticated: only now does it count (epoch,
+ * backoff, the resend of queued settles). */
+static void hot_ready(hotclient *hc)
+{
+    if (hc->auth_refused)
+        log_info("redis %s:%d: connected, the credentials are accepted again", hc->host, hc->port);
+    else
+        log_info("redis %s:%d connected", hc->host, hc->port);
+    hc->auth_refused = 0;
+    hc->connected = 1;
+    hc->epoch++;
+    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
+    hot_flush_queue(hc);
+}
+
+/* The reply to AUTH or SELECT, which come first on every connection. A
+ * refusal (WRONGPASS, NOPERM, a db out of range) makes the connection
+ * useless: every command behind it fails (calls get 503, settles are
+ * queued), the connection is dropped and the reconnect backs off as for an
+ * unreachable Redis. Logged once until accepted again: the reply names no
+ * secret, and the command itself is never logged. */
+static void hot_on_handshake(redisAsyncContext *ac, void *r, void *priv)
+{
+    hotclient *hc = ac->data;
+    redisReply *rep = r;
+    if (!hc || !rep || hc->ac != ac) return; /* NULL: the connection is being freed */
+    if (rep->type != REDIS_REPLY_STATUS) {
+        if (!hc->auth_refused)
+            log_error("redis %s:%d: %s refused: %s (check the user and password in REDIS_URL; "
+                      "calls get 503 until it is accepted)",
+                      hc->host, hc->port, (const char *)priv,
+                      rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
+        hc->auth_refused = 1;
+        redisAsyncFree(ac); /* deferred by hiredis until this callback returns */
+        return;
+    }
+    if (--hc->handshake == 0 && !hc->connected) hot_ready(hc);
+}
+
 static void hot_on_connect(const redisAsyncContext *ac, int status)
 {
     hotclient *hc = ac->data;
@@ -264,18 +307,14 @@ static void hot_on_connect(const redisAsyncContext *ac, int status)
         hot_schedule_retry(hc);
         return;
     }
-    log_info("redis %s:%d connected", hc->host, hc->port);
-    hc->connected = 1;
-    hc->epoch++;
-    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
-    hot_flush_queue(hc);
+    if (hc->handshake == 0) hot_ready(hc); /* else hot_on_handshake does */
 }
 
 static void hot_on_disconnect(const redisAsyncContext *ac, int status)
 {
     hotclient *hc = ac->data;
     if (!hc) return;
-    if (!hc->closing)
+    if (!hc->closing && !hc->auth_refused)
         log_warn("redis disconnected: %s", status == REDIS_OK ? "closed" : ac->errstr);
     hc->ac = NULL;
     hc->connected = 0;
@@ -304,8 +343,26 @@ static void hot_connect(hotclient *hc)
     redisAsyncSetConnectCallback(ac, hot_on_connect);
     redisAsyncSetDisconnectCallback(ac, hot_on_disconnect);
     hc->ac = ac;
-    /* Queued by hiredis until the connection is up; pipelined before any op. */
-    if (hc->db != 0) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", hc->db);
+    /* Queued by hiredis until the connection is up and pipelined before
+     * anything else: AUTH first (an ACL user may run nothing before it, not
+     * even SCRIPT LOAD), then SELECT. Argv: a password may hold spaces. */
+    hc->handshake = 0;
+    if (hc->password[0]) {
+        const char *argv[3];
+        int argc = 0;
+        argv[argc++] = "AUTH";
+        if (hc->user[0]) argv[argc++] = hc->user;
+        argv[argc++] = hc->password;
+        if (redisAsyncCommandArgv(ac, hot_on_handshake, (void *)"AUTH", argc, argv, NULL) ==
+            REDIS_OK)
+            hc->handshake++;
+    }
+    if (hc->db != 0) {
+        char db[16];
+        snprintf(db, sizeof db, "%d", hc->db);
+        if (redisAsyncCommand(ac, hot_on_handshake, (void *)"SELECT", "SELECT %s", db) == REDIS_OK)
+            hc->handshake++;
+    }
     for (intptr_t i = 0; i < HOT_NSCRIPTS; i++)
         redisAsyncCommand(ac, hot_on_script_loaded, (void *)i, "SCRIPT LOAD %s",
                           hot_script_text((enum hot_script)i));
@@ -313,18 +370,20 @@ static void hot_connect(hotclient *hc)
 
 static void hot_on_batch(evutil_socket_t fd, short what, void *arg);
 
-int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out)
+int hotclient_new(struct event_base *base, const redisurl *url, hotclient **out)
 {
     hotclient *hc = calloc(1, sizeof *hc);
     if (!hc) return -1;
     hc->base = base;
     /* hiredis resolves names inside redisAsyncConnect, on the loop: not here. */
-    if (resolve_host(host, hc->host, sizeof hc->host) != 0) {
+    if (resolve_host(url->host, hc->host, sizeof hc->host) != 0) {
         free(hc);
         return -1;
     }
-    hc->port = port;
-    hc->db = db;
+    hc->port = url->port;
+    hc->db = url->db;
+    memcpy(hc->user, url->user, sizeof hc->user);
+    memcpy(hc->password, url->password, sizeof hc->password);
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hc->flush_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
@@ -380,6 +439,7 @@ void hotclient_free(hotclient *hc)
     if (hc->watchdog) event_free(hc->watchdog);
     if (hc->batch) event_free(hc->batch);
     free(hc->queue);
+    explicit_bzero(hc->password, sizeof hc->password);
     free(hc);
 }
 

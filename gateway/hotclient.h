@@ -7,6 +7,8 @@
 #ifndef GATEWAY_HOTCLIENT_H
 #define GATEWAY_HOTCLIENT_H
 
+#include "billing/redisurl.h"
+
 #include <event2/event.h>
 #include <stdint.h>
 
@@ -27,7 +29,10 @@ typedef struct hot_settle_args {
     long status;
 } hot_settle_args;
 
-int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out);
+/* Connects to URL's host (resolved here, blocking: call before the loop
+ * runs) and keeps reconnecting; every connection authenticates (AUTH as the
+ * URL's user) and SELECTs its db before anything else is sent on it. */
+int hotclient_new(struct event_base *base, const redisurl *url, hotclient **out);
 /* Closes the connection; callbacks of commands still in flight run with -1. */
 void hotclient_free(hotclient *hc);
 

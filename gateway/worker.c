@@ -132,7 +132,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (proxy_new(w->base, &cfg->up, cfg->max_body, (int)cfg->upstream_max_conns, &w->px) != 0)
         goto oom;
     /* These two resolve their host names (and say so when that fails). */
-    if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
+    if (hotclient_new(w->base, &cfg->redis, &w->hc) != 0) {
         log_error("worker %d: cannot set up its Redis client", idx);
         return -1;
     }

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 
-from harness import ROOT
+from harness import REDIS_PASSWORD, ROOT
 
 OUTBOX = "pg:outbox"
 
@@ -43,10 +43,12 @@ class Redis:
     """One connection. call() for one command; pipeline() for many at once.
     Error replies come back as RedisError instances (raised by call())."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=60.0):
+    def __init__(self, port, host="127.0.0.1", timeout=60.0, user=None, password=REDIS_PASSWORD):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.shas = {}
+        if password:  # the test stack's Redis needs it (harness.REDIS_PASSWORD)
+            self.call("AUTH", *([user] if user else []), password)
 
     def close(self):
         self.sock.close()

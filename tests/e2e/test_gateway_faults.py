@@ -248,8 +248,8 @@ def test_dependency_names_resolved_once_at_start(stack):
     serves; a name that does not resolve stops it at once, saying which."""
     _setup(stack)
     acct, key = _account(stack, 10)
-    env = {"REDIS_URL": f"redis://localhost:{stack.redis_port}/0",
-           "DATABASE_URL": stack.env["DATABASE_URL"].replace("127.0.0.1", "localhost")}
+    env = {"REDIS_URL": stack.gateway_redis_url.replace("127.0.0.1", "localhost"),
+           "DATABASE_URL": stack.gateway_database_url.replace("127.0.0.1", "localhost")}
     assert "localhost" in env["DATABASE_URL"]
     port = harness.free_port()
     gw = stack.spawn("gateway-names", [stack.bin("gateway")], dict(env, **{

@@ -67,6 +67,9 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
     uint64_t elapsed = worker_now_ms() - w->stop_ms;
     /* Past the longest a call can legitimately take, fail what is left. */
     uint64_t grace = (uint64_t)w->cfg->upstream_timeout_ms + 2000;
+    /* Charges answered but not in Redis yet: resent until the drain
+     * timeout, then spilled (worker_destroy). */
+    long undelivered = (long)hotclient_queued(w->hc) + lease_table_unsent(w->leases);
     if (grace > 15000) grace = 15000;
     /* Done when no call is in flight, no settle is pending and every
      * answer is written. */
@@ -81,9 +84,18 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
         w->aborted = 1;
         request_abort_all(w);
     }
-    if (w->inflight == 0 && (elapsed > grace + 2000 || !hotclient_up(w->hc))) {
+    if (w->inflight != 0 || server_writing(w->srv) != 0) return;
+    /* Nothing left that could be lost: a Redis away only keeps leases'
+     * free points, which its sweeper gives back. */
+    if (undelivered == 0 && !hotclient_up(w->hc)) {
         event_base_loopexit(w->base, NULL);
         return;
+    }
+    if (elapsed >= (uint64_t)w->cfg->drain_timeout_ms) {
+        if (undelivered > 0)
+            log_warn("worker %d: drain timeout with %ld charges undelivered: spilling them", w->idx,
+                     undelivered);
+        event_base_loopexit(w->base, NULL);
     }
 }
 
@@ -109,6 +121,7 @@ static void worker_on_stop(worker *w)
      * still served, and their connections closed after the answer. */
     server_quiesce(w->srv);
     lease_table_close(w->leases);
+    spill_replay_stop(w->replay); /* what is not replayed yet stays in its file */
     event_add(w->drain_timer, &tick);
 }
 
@@ -135,6 +148,20 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
         log_error("worker %d: cannot set up its Redis client", idx);
         return -1;
+    }
+    w->spill = spill_file_new(cfg->spill_dir, idx);
+    if (!w->spill) goto oom;
+    {
+        hot_limits hl = {.max_backlog = cfg->max_backlog,
+                         .queue_max = (size_t)cfg->settle_queue_max,
+                         .spill = w->spill};
+        hotclient_configure(w->hc, &hl);
+    }
+    /* One worker replays what an earlier run spilled, while serving (every
+     * item is idempotent, and holds it would upgrade are not in the way). */
+    if (idx == 0) {
+        if (spill_replay_load(cfg->spill_dir, &w->replay) != 0) return -1;
+        if (w->replay && spill_replay_start(w->replay, w->base, w->hc) != 0) goto oom;
     }
     {
         lease_config lc = {.calls = cfg->lease_calls,
@@ -203,9 +230,14 @@ void worker_destroy(worker *w)
         w->aborted = 1;
         request_abort_all(w); /* upstream calls and waits; releases via hc */
     }
-    lease_table_shutdown(w->leases); /* answers the calls whose records wait */
-    hotclient_free(w->hc);           /* pending Redis callbacks answer their requests */
+    /* Records and settles Redis has not taken go to the spill file. */
+    lease_table_shutdown(w->leases, w->spill); /* answers the calls whose records wait */
+    hotclient_free(w->hc);                     /* pending Redis callbacks answer their requests */
     w->hc = NULL;
+    spill_replay_free(w->replay);
+    w->replay = NULL;
+    spill_file_close(w->spill); /* fsync of the file and the directory */
+    w->spill = NULL;
     lease_table_free(w->leases);
     w->leases = NULL;
     pgclient_free(w->pg); /* likewise for usage queries */

@@ -15,6 +15,7 @@
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
 #include "gateway/server.h"
+#include "gateway/spill.h"
 
 #include <event2/event.h>
 #include <pthread.h>
@@ -36,7 +37,9 @@ typedef struct worker {
     struct event *drain_timer;
     hotclient *hc;
     lease_table *leases;
-    pgclient *pg; /* /_billing/usage only; lazily connected */
+    spill_file *spill;    /* what Redis did not take: overflow, then the stop */
+    spill_replay *replay; /* worker 0: spill files found at the start */
+    pgclient *pg;         /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;
     route_table *routes;

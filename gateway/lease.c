@@ -501,11 +501,8 @@ int lease_table_unsent(const lease_table *t)
 {
     int n = 0;
     const lease *l;
-    TAILQ_FOREACH(l, &t->leases, all)
-    {
-        if (l->deleted) continue;
-        n += l->queue.n + ((l->op_sent || l->op_failed) ? l->op.n : 0);
-    }
+    for (l = TAILQ_FIRST(&t->leases); l; l = TAILQ_NEXT(l, all))
+        if (!l->deleted) n += l->queue.n + ((l->op_sent || l->op_failed) ? l->op.n : 0);
     return n;
 }
 

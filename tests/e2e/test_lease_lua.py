@@ -440,3 +440,65 @@ def test_backlog_counts_the_records_each_script_appends(stack):
     assert red.backlog() == b0 + 8
     assert red.backlog() - b0 == len([r for r in records(stack) if r["rid"].startswith("b")
                                       and r["acct"] == str(acct)])
+
+
+def _outbox_bytes_per_record(red, n_records, write):
+    """MEMORY USAGE of a fresh pg:outbox after WRITE appended N_RECORDS."""
+    red.call("DEL", OUTBOX)
+    write()
+    got = sum(len(f) // 2 - 1 for _, f in [(e[0], e[1]) for e in red.call("XRANGE", OUTBOX, "-", "+")])
+    assert got == n_records, (got, n_records)
+    return red.call("MEMORY", "USAGE", OUTBOX, "SAMPLES", "0") / n_records
+
+
+def test_outbox_memory_per_record(stack):
+    """Redis memory per outbox record (README: how to size
+    OUTBOX_MAX_BACKLOG against maxmemory), for the entries the gateway
+    writes: per-call settles one per entry (light traffic) and batched (a
+    loop pass's worth), and lease ops carrying many records. Records as the
+    gateway makes them: 32-hex reservation ids, a 7-digit account."""
+    red = redis_for(stack)
+    acct = 1234567
+    red.credit(acct, 1, 10**12)
+    seq = iter(range(10**9))
+
+    def rid():
+        return "%032x" % (0x19c3a5b7d0000000000000000000000 + next(seq))
+
+    def settles(n, per_entry):
+        def write():
+            for i in range(0, n, per_entry):
+                ops = [(acct, rid(), 5, 600000, "device.read") for _ in range(per_entry)]
+                red.pipeline([red.reserve_batch_cmd(ops)])
+                red.pipeline([red.settle_batch_cmd([(o[0], o[1], 5, "commit", 200) for o in ops])])
+        return write
+
+    def lease_ops(n, per_op):
+        lid = "L" + "%032x" % next(seq)
+
+        def write():
+            red.lease(acct, lid, 1, resize=10**9)
+            for k in range(n // per_op):
+                recs = [_rec(rid(), acct, 1, hold=1) for _ in range(per_op)]
+                assert red.lease(acct, lid, k + 2, charge=per_op, records=recs)[0] == 1
+        return write
+
+    sizes = {
+        "settle, 1 per entry": _outbox_bytes_per_record(red, 20000, settles(20000, 1)),
+        "settle, 16 per entry": _outbox_bytes_per_record(red, 20000, settles(20000, 16)),
+        "settle, 128 per entry": _outbox_bytes_per_record(red, 20480, settles(20480, 128)),
+        "lease op, 23 records": _outbox_bytes_per_record(red, 23000, lease_ops(23000, 23)),
+        "lease op, 128 records": _outbox_bytes_per_record(red, 25600, lease_ops(25600, 128)),
+    }
+    red.call("DEL", OUTBOX)
+    print("outbox bytes per record: " + ", ".join(f"{k}: {v:.0f}" for k, v in sizes.items()))
+    # For the rest of maxmemory: an account's hash, a key's mirror, a swept mark.
+    red.call("SET", "pg:key:" + "ab" * 32, str(acct))
+    red.call("SET", swept_key(acct, rid()), "5|device.read", "EX", 604800)
+    print("bytes: account hash %d, key mirror %d, swept mark %d" % (
+        red.call("MEMORY", "USAGE", acct_key(acct)), red.call("MEMORY", "USAGE", "pg:key:" + "ab" * 32),
+        sum(red.call("MEMORY", "USAGE", k) for k in red.call("KEYS", "pg:{*}:swept:*"))))
+    # The README's sizing rests on these: at most ~200 bytes a record in the
+    # worst case (one record per entry), well under 100 batched.
+    assert sizes["settle, 1 per entry"] < 250, sizes
+    assert all(v < 120 for k, v in sizes.items() if "1 per" not in k), sizes

@@ -942,7 +942,7 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
                               "SCRIPT LOAD %s", hot_lua_lease);
         }
         if (strstr(rep->str, "READONLY") && hc->ac && hc->connected) redisAsyncDisconnect(hc->ac);
-    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 4) {
+    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 4) {
         rc = 0;
         for (int i = 0; i < 4; i++)
             if (hot_int(rep->element[i], &v[i]) != 0) rc = -1;

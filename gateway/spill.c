@@ -34,6 +34,9 @@
 #define SPILL_ROUND 1024
 #define SPILL_RETRY_MS 500
 #define SPILL_FILE_MAX ((off_t)1 << 30) /* a file larger than this is not ours */
+/* "Give back everything": lease.lua reads numbers as Lua doubles, exact only
+ * below 2^53. */
+#define SPILL_GIVE_BACK_ALL ((int64_t)1 << 50)
 
 struct spill_file {
     char dir[SPILL_PATH_MAX];
@@ -558,7 +561,7 @@ static void spill_send_round(spill_replay *r)
             } else {
                 /* Gives back whatever the lease still holds and drops it
                  * (if the sweeper has not); a no-op once it is gone. */
-                a.resize = -(INT64_MAX / 4);
+                a.resize = -SPILL_GIVE_BACK_ALL;
                 a.close = 1;
             }
             a.recs = recs;

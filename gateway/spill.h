@@ -10,7 +10,8 @@
  *
  * A file is `spill-<pid>-<worker>-<ms>.log`, text, one item a line:
  *   S <rid> <account> <charge> <late|release> <status>
- *   L <account> <lid> <seq> <charge> <nrec>   then nrec lines `R <record>`
+ *   L <account> <lid> <seq> <charge> <n>  then n lines `R <field>`: the op's
+ *                                         outbox fields ("c", then a record)
  *   C <account> <lid> <seq>                    the op that closes the lease
  * It is created under a temporary name, locked (flock) and renamed, so a
  * replayer never sees it unlocked before it is complete; a replayer takes

@@ -33,6 +33,7 @@
 #define SPILL_LINE_MAX 512 /* a record is at most 256 bytes (lease.c) */
 #define SPILL_ROUND 1024
 #define SPILL_RETRY_MS 500
+#define SPILL_RETRY_MAX_MS 5000
 #define SPILL_FILE_MAX ((off_t)1 << 30) /* a file larger than this is not ours */
 /* "Give back everything": lease.lua reads numbers as Lua doubles, exact only
  * below 2^53. */
@@ -245,6 +246,7 @@ struct spill_replay {
     long left;
     int stopped;
     int freeing;
+    int retry_ms; /* backs off while rounds fail (an item Redis keeps refusing) */
     hotclient *hc;
     struct event *timer;
 };
@@ -584,9 +586,11 @@ static void spill_round_answered(spill_replay *r)
     for (int i = r->at; i < r->round_end; i++)
         if (!r->items[i].done) failed = 1;
     if (failed) {
-        spill_arm(r, SPILL_RETRY_MS);
+        spill_arm(r, r->retry_ms);
+        r->retry_ms = r->retry_ms * 2 > SPILL_RETRY_MAX_MS ? SPILL_RETRY_MAX_MS : r->retry_ms * 2;
         return;
     }
+    r->retry_ms = SPILL_RETRY_MS;
     r->at = r->round_end;
     for (int f = 0; f < r->nfiles; f++) {
         spill_src *src = &r->files[f];
@@ -616,6 +620,7 @@ static void spill_on_timer(evutil_socket_t fd, short what, void *arg)
 int spill_replay_start(spill_replay *r, struct event_base *base, hotclient *hc)
 {
     r->hc = hc;
+    r->retry_ms = SPILL_RETRY_MS;
     r->timer = evtimer_new(base, spill_on_timer, r);
     if (!r->timer) return -1;
     spill_arm(r, 0);

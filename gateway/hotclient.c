@@ -175,8 +175,9 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
          * the page cache without waiting for the disk (fsync only at the
          * stop), and it happens only past a bound that reserves stopped
          * feeding at half of it, so only calls already in flight get
-         * here. This worker then refuses reserves until it restarts (fail
-         * closed: a spilled charge is not in Redis's balance yet). */
+         * here. This worker then refuses reserves until the file has been
+         * replayed (worker.c, once Redis is back and the queue is empty):
+         * fail closed, a spilled charge is not in Redis's balances yet. */
         if (!hc->spilled)
             log_error("settle queue full (%zu): spilling settles, refusing reserves", hc->qlen);
         hc->spilled = 1;
@@ -437,6 +438,17 @@ int hotclient_refusing(const hotclient *hc)
 size_t hotclient_queued(const hotclient *hc)
 {
     return hc->qlen;
+}
+
+int hotclient_spilled(const hotclient *hc)
+{
+    return hc->spilled;
+}
+
+void hotclient_spill_replayed(hotclient *hc)
+{
+    if (hc->spilled) log_info("spilled settles replayed: serving again");
+    hc->spilled = 0;
 }
 
 int hotclient_up(const hotclient *hc)

@@ -70,6 +70,10 @@ void hotclient_free(hotclient *hc);
 int hotclient_refusing(const hotclient *hc);
 /* Settles waiting in the resend queue (not those in flight). */
 size_t hotclient_queued(const hotclient *hc);
+/* 1 once settles went to the spill file while running (hotclient_refusing
+ * then stays 1); hotclient_spill_replayed says they are in Redis now. */
+int hotclient_spilled(const hotclient *hc);
+void hotclient_spill_replayed(hotclient *hc);
 
 /* 1 while connected or connecting (commands are queued by hiredis then). */
 int hotclient_up(const hotclient *hc);

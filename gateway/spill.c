@@ -44,6 +44,7 @@ struct spill_file {
     int tag;
     int fd;
     int failed; /* could not create the file: every append fails */
+    char path[SPILL_PATH_MAX + 64];
     long items;
 };
 
@@ -101,10 +102,12 @@ static int spill_create(spill_file *f)
     snprintf(fin, sizeof fin, "%s/spill-%ld-%d-%lld.log", f->dir, (long)getpid(), f->tag,
              (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
     if (spill_mkdirs(f->dir) != 0) goto fail;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /* Read-write: spill_file_handoff reads it back through this descriptor. */
+    fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) goto fail;
     if (flock(fd, LOCK_EX) != 0 || rename(tmp, fin) != 0) goto fail;
     f->fd = fd;
+    snprintf(f->path, sizeof f->path, "%s", fin);
     log_warn("spilling undelivered settles to %s", fin);
     return 0;
 fail:
@@ -359,14 +362,53 @@ static int spill_parse(spill_replay *r, const char *path, char *text)
     return 0;
 }
 
+/* Takes FD (locked, of PATH, SIZE bytes) into R: reads it from its start
+ * and appends its items. FD is R's from here on, also on failure. */
+static int spill_adopt(spill_replay *r, int fd, const char *path, off_t size)
+{
+    char *text = NULL;
+    size_t off = 0;
+    spill_src *src;
+    int rc = -1;
+    if (r->nfiles == r->capfiles) {
+        int cap = r->capfiles ? r->capfiles * 2 : 8;
+        spill_src *f = realloc(r->files, (size_t)cap * sizeof *f);
+        if (!f) {
+            close(fd);
+            return -1;
+        }
+        r->files = f;
+        r->capfiles = cap;
+    }
+    src = &r->files[r->nfiles++];
+    snprintf(src->path, sizeof src->path, "%s", path);
+    src->fd = fd;
+    src->first = r->n;
+    src->n = 0;
+    text = malloc((size_t)size + 1);
+    if (!text) goto out;
+    while (off < (size_t)size) {
+        ssize_t n = pread(fd, text + off, (size_t)size - off, (off_t)off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        off += (size_t)n;
+    }
+    text[off] = '\0';
+    if (spill_parse(r, path, text) != 0) goto out;
+    src->n = r->n - src->first;
+    r->left += src->n;
+    log_warn("spill %s: %d items to replay", path, src->n);
+    rc = 0;
+out:
+    free(text);
+    return rc;
+}
+
 /* Reads one file if nobody holds it; appends its items. */
 static int spill_load_file(spill_replay *r, const char *path)
 {
     struct stat st;
-    char *text = NULL;
-    int fd = open(path, O_RDWR | O_CLOEXEC), rc = -1;
-    size_t off = 0;
-    spill_src *src;
+    int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) return 0; /* gone meanwhile */
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         log_info("spill %s: held by another process, left to it", path);
@@ -378,36 +420,7 @@ static int spill_load_file(spill_replay *r, const char *path)
         close(fd);
         return 0;
     }
-    if (r->nfiles == r->capfiles) {
-        int cap = r->capfiles ? r->capfiles * 2 : 8;
-        spill_src *f = realloc(r->files, (size_t)cap * sizeof *f);
-        if (!f) goto out;
-        r->files = f;
-        r->capfiles = cap;
-    }
-    text = malloc((size_t)st.st_size + 1);
-    if (!text) goto out;
-    while (off < (size_t)st.st_size) {
-        ssize_t n = read(fd, text + off, (size_t)st.st_size - off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        off += (size_t)n;
-    }
-    text[off] = '\0';
-    src = &r->files[r->nfiles++];
-    snprintf(src->path, sizeof src->path, "%s", path);
-    src->fd = fd;
-    src->first = r->n;
-    fd = -1;
-    if (spill_parse(r, path, text) != 0) goto out;
-    src->n = r->n - src->first;
-    r->left += src->n;
-    log_warn("spill %s: %d items to replay", path, src->n);
-    rc = 0;
-out:
-    if (fd >= 0) close(fd);
-    free(text);
-    return rc;
+    return spill_adopt(r, fd, path, st.st_size);
 }
 
 static void spill_file_done(spill_replay *r, spill_src *src)
@@ -615,6 +628,29 @@ static void spill_on_timer(evutil_socket_t fd, short what, void *arg)
         return;
     }
     spill_send_round(r);
+}
+
+int spill_file_handoff(spill_file *f, spill_replay **out)
+{
+    spill_replay *r;
+    struct stat st;
+    int fd = f->fd;
+    *out = NULL;
+    if (fd < 0) return 0;
+    if (fstat(fd, &st) != 0) return -1;
+    r = calloc(1, sizeof *r);
+    if (!r) return -1;
+    /* The descriptor and its lock go to the replay; the next append starts
+     * a new file. No fsync: the file stays until replayed, and the page
+     * cache survives a crash of the process. */
+    f->fd = -1;
+    f->items = 0;
+    if (spill_adopt(r, fd, f->path, st.st_size) != 0) {
+        spill_replay_free(r); /* the file stays for the next start */
+        return -1;
+    }
+    *out = r;
+    return 0;
 }
 
 int spill_replay_start(spill_replay *r, struct event_base *base, hotclient *hc)

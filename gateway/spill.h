@@ -46,6 +46,11 @@ long spill_count(const spill_file *f);
  * failed (logged). F may be NULL. */
 int spill_file_close(spill_file *f);
 
+/* Hands F's file over to a replay of its own (*OUT; NULL if F wrote
+ * nothing): its lock and descriptor move with it, and F's next append
+ * creates a new file. For a worker that spilled while running and whose
+ * Redis is back. Reads the file back (page cache): short. */
+int spill_file_handoff(spill_file *f, spill_replay **out);
 /* Loads every spill file of DIR that no other process holds (creating DIR
  * if missing); blocking file I/O: call before the loop runs. *OUT is NULL
  * when there is nothing to replay. -1 on a fatal error (logged). */

@@ -17,6 +17,7 @@
 #define WORKER_DRAIN_TICK_MS 20
 #define WORKER_AUTHCACHE_SLOTS 16384
 #define WORKER_PG_TIMEOUT_MS 5000
+#define WORKER_SPILL_CHECK_MS 500
 
 uint64_t worker_now_ms(void)
 {
@@ -50,6 +51,36 @@ void worker_request_id(worker *w, char out[33])
 }
 
 static void worker_on_stop(worker *w);
+
+/* Settles spilled while running (the resend queue overflowed) are replayed
+ * by this worker once Redis is back and its queue is empty; reserves stay
+ * refused until every one was answered and nothing new was spilled. */
+static void worker_on_spill_check(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    if (w->own_replay) {
+        if (spill_replay_left(w->own_replay) > 0) return;
+        spill_replay_free(w->own_replay);
+        w->own_replay = NULL;
+        if (spill_count(w->spill) == 0) hotclient_spill_replayed(w->hc);
+        return;
+    }
+    if (w->stopping || !hotclient_spilled(w->hc) || hotclient_queued(w->hc) != 0 ||
+        hotclient_epoch(w->hc) == 0)
+        return;
+    if (spill_file_handoff(w->spill, &w->own_replay) != 0) {
+        log_error("worker %d: cannot replay its spill file now; at the next start", w->idx);
+        return;
+    }
+    if (!w->own_replay) {
+        hotclient_spill_replayed(w->hc); /* nothing was written after all */
+        return;
+    }
+    if (spill_replay_start(w->own_replay, w->base, w->hc) != 0) {
+        spill_replay_free(w->own_replay); /* the file stays for the next start */
+        w->own_replay = NULL;
+    }
+}
 
 static void worker_take_routes(worker *w)
 {
@@ -122,6 +153,7 @@ static void worker_on_stop(worker *w)
     server_quiesce(w->srv);
     lease_table_close(w->leases);
     spill_replay_stop(w->replay); /* what is not replayed yet stays in its file */
+    spill_replay_stop(w->own_replay);
     event_add(w->drain_timer, &tick);
 }
 
@@ -150,7 +182,12 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
         return -1;
     }
     w->spill = spill_file_new(cfg->spill_dir, idx);
-    if (!w->spill) goto oom;
+    w->spill_timer = event_new(w->base, -1, EV_PERSIST, worker_on_spill_check, w);
+    if (!w->spill || !w->spill_timer) goto oom;
+    {
+        struct timeval tv = {0, WORKER_SPILL_CHECK_MS * 1000};
+        if (event_add(w->spill_timer, &tv) != 0) goto oom;
+    }
     {
         hot_limits hl = {.max_backlog = cfg->max_backlog,
                          .queue_max = (size_t)cfg->settle_queue_max,
@@ -236,6 +273,9 @@ void worker_destroy(worker *w)
     w->hc = NULL;
     spill_replay_free(w->replay);
     w->replay = NULL;
+    spill_replay_free(w->own_replay);
+    w->own_replay = NULL;
+    if (w->spill_timer) event_free(w->spill_timer);
     spill_file_close(w->spill); /* fsync of the file and the directory */
     w->spill = NULL;
     lease_table_free(w->leases);

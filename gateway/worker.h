@@ -37,9 +37,11 @@ typedef struct worker {
     struct event *drain_timer;
     hotclient *hc;
     lease_table *leases;
-    spill_file *spill;    /* what Redis did not take: overflow, then the stop */
-    spill_replay *replay; /* worker 0: spill files found at the start */
-    pgclient *pg;         /* /_billing/usage only; lazily connected */
+    spill_file *spill;        /* what Redis did not take: overflow, then the stop */
+    spill_replay *replay;     /* worker 0: spill files found at the start */
+    spill_replay *own_replay; /* this run's overflow spill, replayed once Redis is back */
+    struct event *spill_timer;
+    pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;
     route_table *routes;

@@ -116,9 +116,11 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
         request_abort_all(w);
     }
     if (w->inflight != 0 || server_writing(w->srv) != 0) return;
-    /* Nothing left that could be lost: a Redis away only keeps leases'
-     * free points, which its sweeper gives back. */
-    if (undelivered == 0 && !hotclient_up(w->hc)) {
+    /* Nothing left that could be lost (settles in flight without an
+     * answer are queued, and so spilled, when the client is freed): a
+     * Redis away or stuck only keeps leases' free points, which its
+     * sweeper gives back. */
+    if (undelivered == 0 && (!hotclient_up(w->hc) || elapsed > grace + 2000)) {
         event_base_loopexit(w->base, NULL);
         return;
     }

@@ -1,7 +1,9 @@
 /* hotclient.h: the worker's asynchronous Redis client for the hot balances.
  * Owns one hiredis async connection on the worker's event base (every
  * in-flight command pipelined on it), the script SHAs, reconnection with
- * backoff, and a bounded queue of settles to resend after a reconnect.
+ * backoff, a bounded queue of settles to resend after a reconnect (its
+ * overflow, and what is left in it at the end, go to the worker's spill
+ * file), and the poll of the settlement backlog (pg:backlog).
  * Does not decide anything about calls: request.c does; this module turns
  * replies into numbers. Single-threaded: used only by its worker thread. */
 #ifndef GATEWAY_HOTCLIENT_H

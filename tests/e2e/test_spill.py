@@ -285,3 +285,34 @@ def test_leased_calls_spilled_and_replayed(stack):
     stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
                    == charged, timeout=30, what=f"spent {charged}")
     gw.stop()
+
+
+def test_a_spill_file_another_process_holds_is_left_to_it(stack):
+    """Two gateways sharing GATEWAY_SPILL_DIR never both replay a file: one
+    that another process holds locked (flock) is skipped and kept; free, it
+    is replayed and deleted. A last line cut short (a crash while writing)
+    is skipped."""
+    import fcntl
+    _setup(stack)
+    spill = os.path.join(stack.dir, "spill-f")
+    os.makedirs(spill, exist_ok=True)
+    acct, key = _account(stack, 10)
+    path = os.path.join(spill, "spill-1-0-1.log")
+    with open(path, "w") as f:
+        # Settled already (no hold, no swept mark): the replay is a no-op.
+        f.write(f"S {'ab' * 16} {acct} 1 late 200\nS {'cd' * 16} {acct} 1 la")
+    holder = open(path, "r+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    gw = _gateway(stack, spill)
+    time.sleep(1.5)
+    assert os.path.exists(path)
+    assert "held by another process" in gw.output()
+    gw.stop()
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    gw = _gateway(stack, spill)
+    stack.wait_for(lambda: not os.path.exists(path), timeout=20, what="replayed and deleted")
+    assert "cut short" in gw.output()
+    assert stack.hot(acct)["spent"] == 0
+    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    gw.stop()

@@ -316,3 +316,30 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     assert stack.hot(acct)["spent"] == 0
     assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
     gw.stop()
+
+
+def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
+    """(a) with a point lease: records of calls served from a lease while
+    Redis was away are resent during the drain once Redis is back; every
+    answered charge lands, nothing is spilled."""
+    _setup(stack)
+    spill = os.path.join(stack.dir, "spill-g")
+    acct, key = _account(stack, 1_000_000)
+    gw = _gateway(stack, spill)
+    for _ in range(20):
+        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    try:
+        answers = _calls_during_outage(stack, gw, key, 8)
+        gw.signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert gw.alive(), "left before its lease records were delivered"
+    finally:
+        stack.service("redis-start")
+    _wait_exit(stack, gw)
+    assert _spill_files(spill) == []
+    charged = _charged(answers) + 20
+    stack.wait_for(stack.drained, timeout=30, what="outbox drained, lease given back")
+    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+                   == charged, timeout=30, what=f"spent {charged}")
+    assert stack.hot(acct)["spent"] == charged

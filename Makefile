@@ -108,6 +108,13 @@ $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 $(O)/bin/test_routes: $(O)/gateway/routes.o
+# lease.c with its fault-injection hook (LEASE_TESTING), in its unit test only.
+$(O)/tests/unit/lease_testing.o: gateway/lease.c
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -DLEASE_TESTING -MMD -MP -c $< -o $@
+$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 deps:
 	@scripts/deps.sh

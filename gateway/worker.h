@@ -15,6 +15,7 @@
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
 #include "gateway/server.h"
+#include "gateway/spill.h"
 
 #include <event2/event.h>
 #include <pthread.h>
@@ -37,6 +38,10 @@ typedef struct worker {
     struct event *drain_timer;
     hotclient *hc;
     lease_table *leases;
+    spill_file *spill;        /* what Redis did not take: overflow, then the stop */
+    spill_replay *replay;     /* worker 0: spill files found at the start */
+    spill_replay *own_replay; /* this run's overflow spill, replayed once Redis is back */
+    struct event *spill_timer;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;

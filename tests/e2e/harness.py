@@ -192,6 +192,8 @@ class Stack:
             "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
             "UBSAN_OPTIONS": "print_stacktrace=1",
             "LOG_LEVEL": "info",
+            # Spill files (gateway/spill.h) of this stack only: never replayed into another's Redis.
+            "GATEWAY_SPILL_DIR": os.path.join(self.dir, "spill"),
         })
         self.env = env
         self.redis_port = int(env["REDIS_PORT_STACK"])

@@ -139,6 +139,10 @@ static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
     /* The target goes verbatim on the upstream's request line: printable
      * ASCII only (this also refuses a tab, a control byte, bytes >= 0x80). */
     if (!http1_target_ok(sp1 + 1, tlen)) return http1req_bad(h, "invalid request path");
+    /* A fragment is never part of a request target (RFC 9112 3.2). Most
+     * upstream frameworks cut it off before routing, so "/a/b#/c" would be
+     * matched and priced here as "/a/b#/c" and run there as "/a/b". */
+    if (memchr(sp1 + 1, '#', tlen)) return http1req_bad(h, "fragment in request target");
     if (vlen != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' || v[5] > '9' ||
         v[7] < '0' || v[7] > '9')
         return http1req_bad(h, "malformed request line");

@@ -167,6 +167,14 @@ static void test_request_line(void)
         "GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n",
+        /* review r2: a fragment ("/a#/b" routed here as "/a#/b", run as "/a"
+         * by frameworks that cut it off) */
+        "GET /v1/devices/d1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /v1/devices/a#/status HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /# HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /a?b#c HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET http://h/v1/devices/d1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET http://h#/v1/devices/d1 HTTP/1.1\r\nHost: x\r\n\r\n",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int rc = parse(bad[i], &p);

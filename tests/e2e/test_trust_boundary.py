@@ -348,3 +348,39 @@ def test_absolute_form_targets(stack):
     assert _sim_requests(stack) == before + 3
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 1 + 5 + 1
+
+
+# ---- review r2: paths another parser reads as another path -------------------------
+
+REREAD = [
+    # a fragment: cut off by most frameworks before routing, so the call
+    # would be priced on one path here and run on another there
+    b"/v1/devices/d1#x", b"/v1/devices/d1#/commands", b"/v1/devices/d1?a=1#x",
+    b"http://h/v1/devices/d1#x",
+    # double encoding spelled with encoded hex digits ("%2e" once decoded)
+    b"/v1/devices/%25%32%65%25%32%65", b"/v1/devices/%252%65", b"/v1/devices/a%25%32%66b",
+    # overlong UTF-8 ('.', '/' to a lenient decoder)
+    b"/v1/devices/%c0%ae%c0%ae", b"/v1/devices/a%c0%afb", b"/v1/devices/%e0%80%ae",
+    # dot and empty segments behind a path parameter (servlet containers)
+    b"/v1/devices/..;", b"/v1/devices/..;/commands", b"/v1/devices/;jsessionid=1",
+    b"/v1/devices/%2e%2e%3b",
+]
+
+
+def test_paths_read_otherwise_upstream_refused(stack):
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for path in REREAD:
+        _refused(stack, _head(b"GET", path, key), 400, "bad_request")
+    _refused(stack, _head(b"POST", b"/v1/devices/..;/commands", key, b"Content-Length: 0\r\n"),
+             400, "bad_request")
+    _nothing_happened(stack, acct, before)
+    # What looks close but means one thing everywhere still passes.
+    for path in [b"/v1/devices/d1;v=2", b"/v1/devices/%C2%80", b"/v1/devices/a%25%32",
+                 b"/v1/devices/...;x"]:
+        st, _, body = _call(stack, _head(b"GET", path, key))
+        assert st == 200, (path, body)
+    assert _sim_requests(stack) == before + 4
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 4

@@ -384,3 +384,32 @@ def test_paths_read_otherwise_upstream_refused(stack):
     assert _sim_requests(stack) == before + 4
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 4
+
+
+# ---- review r2: other punctuation in the names -------------------------------------
+
+OTHER_PUNCT = [("X.Account.Id", "999995"), ("X~Account~Id", "999994"), ("X+Request+Id", "sp-4"),
+               ("x.real.ip", "6.6.6.13"), ("X.Forwarded.For", "6.6.6.14"),
+               ("X|Forwarded|Host", "evil.example"), ("X.Points.Charged", "0"),
+               ("X*Billing*Plan", "free"), ("X`Http`Method`Override", "POST")]
+
+
+def test_spoofed_headers_with_other_punctuation_dropped(stack):
+    # lighttpd's CGI and FastCGI read every non-alphanumeric byte of a name
+    # as '_': X.Account.Id is HTTP_X_ACCOUNT_ID there.
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    extra = b"".join(f"{k}: {v}\r\n".encode() for k, v in OTHER_PUNCT) + b"X.Custom: kept\r\n"
+    st, hdrs, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, extra))
+    assert st == 200, body
+    last = _last(stack)
+    assert last["x-account-id"] == str(acct), last
+    assert last["x-request-id"] == dict(hdrs)["x-request-id"], last
+    assert last["x-forwarded-for"] == "127.0.0.1" and last["x-real-ip"] == "127.0.0.1", last
+    for name, _ in OTHER_PUNCT:
+        assert name.lower() not in last, (name, last)
+    assert not any(v.startswith("6.6.6") or v in ("evil.example", "free", "POST")
+                   for v in last.values() if isinstance(v, str)), last
+    assert last["x.custom"] == "kept", last
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1

@@ -62,6 +62,13 @@ static const forward_name forward_drop[] = {
     FORWARD_NAME("true-client-ip"),
     FORWARD_NAME("x-cluster-client-ip"),
     FORWARD_NAME("cf-connecting-ip"),
+    /* Read before X-Forwarded-For by Rails (remote_ip), by many PHP apps
+     * (HTTP_CLIENT_IP) and by other proxies' conventions. */
+    FORWARD_NAME("client-ip"),
+    FORWARD_NAME("fastly-client-ip"),
+    FORWARD_NAME("x-originating-ip"),
+    FORWARD_NAME("x-remote-ip"),
+    FORWARD_NAME("x-remote-addr"),
     /* Frameworks that honour these run another method or URL than the one
      * the gateway matched and priced. */
     FORWARD_NAME("x-http-method-override"),

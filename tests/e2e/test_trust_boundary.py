@@ -391,7 +391,12 @@ def test_paths_read_otherwise_upstream_refused(stack):
 OTHER_PUNCT = [("X.Account.Id", "999995"), ("X~Account~Id", "999994"), ("X+Request+Id", "sp-4"),
                ("x.real.ip", "6.6.6.13"), ("X.Forwarded.For", "6.6.6.14"),
                ("X|Forwarded|Host", "evil.example"), ("X.Points.Charged", "0"),
-               ("X*Billing*Plan", "free"), ("X`Http`Method`Override", "POST")]
+               ("X*Billing*Plan", "free"), ("X`Http`Method`Override", "POST"),
+               # address claims that Rails and many PHP apps read before
+               # X-Forwarded-For
+               ("Client-IP", "6.6.6.15"), ("Client_Ip", "6.6.6.16"),
+               ("Fastly-Client-IP", "6.6.6.17"), ("X-Originating-IP", "6.6.6.18"),
+               ("X-Remote-IP", "6.6.6.19"), ("X-Remote-Addr", "6.6.6.20")]
 
 
 def test_spoofed_headers_with_other_punctuation_dropped(stack):

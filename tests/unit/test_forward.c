@@ -144,6 +144,9 @@ static void test_dropped_other_punctuation(void)
         "X|Forwarded|Host", "evil", "X.Forwarded.For", "6.6.6.6", "X.Points.Charged", "6",
         "X*Billing*Plan", "free", "X'Api'Key", "k", "Content.Length", "5", "Transfer!Encoding",
         "chunked", "X`Http`Method`Override", "POST",
+        /* address claims other frameworks read before X-Forwarded-For */
+        "Client-IP", "6.6.6.6", "CLIENT_IP", "6.6.6.6", "Fastly-Client-IP", "6.6.6.6",
+        "X-Originating-IP", "6.6.6.6", "X-Remote-IP", "6.6.6.6", "X_Remote_Addr", "6.6.6.6",
         /* passed on */
         "X.Custom", "kept", NULL};
     char out[4096], v[256];

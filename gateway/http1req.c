@@ -310,8 +310,10 @@ int http1req_parse(char *buf, size_t len, http1req *h)
         if (seen.te_other || !h->chunked)
             return http1req_fail(h, 501, "not_implemented", "unsupported transfer coding");
     }
-    if (h->minor >= 1 && seen.hosts != 1)
-        return http1req_bad(h, seen.hosts ? "more than one Host header" : "missing Host header");
+    /* More than one Host is a 400 in any request, HTTP/1.0 too (RFC 9112
+     * 3.2); only HTTP/1.1 must send one. */
+    if (seen.hosts > 1) return http1req_bad(h, "more than one Host header");
+    if (h->minor >= 1 && seen.hosts == 0) return http1req_bad(h, "missing Host header");
     /* HTTP/1.1 stays open unless closed; HTTP/1.0 only when asked. */
     h->keep_alive = h->minor >= 1 ? !seen.conn_close : seen.conn_keep_alive && !seen.conn_close;
     /* A 1.0 client cannot wait for a 100 (RFC 9110 10.1.1): ignored. */

@@ -418,3 +418,19 @@ def test_spoofed_headers_with_other_punctuation_dropped(stack):
     assert last["x.custom"] == "kept", last
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 1
+
+
+def test_two_hosts_refused_in_http10_too(stack):
+    # RFC 9112 3.2: more than one Host line is a 400 in any request.
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for extra in [b"Host: b\r\n", b"host: a\r\n"]:
+        _refused(stack, _head(b"GET", b"/v1/devices/d1", key, extra, host=b"a",
+                              version=b"HTTP/1.0"), 400, "bad_request")
+    _nothing_happened(stack, acct, before)
+    st, _, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, host=b"a",
+                                     version=b"HTTP/1.0"))
+    assert st == 200, body
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1

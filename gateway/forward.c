@@ -62,6 +62,13 @@ static const forward_name forward_drop[] = {
     FORWARD_NAME("true-client-ip"),
     FORWARD_NAME("x-cluster-client-ip"),
     FORWARD_NAME("cf-connecting-ip"),
+    /* Read before X-Forwarded-For by Rails (remote_ip), by many PHP apps
+     * (HTTP_CLIENT_IP) and by other proxies' conventions. */
+    FORWARD_NAME("client-ip"),
+    FORWARD_NAME("fastly-client-ip"),
+    FORWARD_NAME("x-originating-ip"),
+    FORWARD_NAME("x-remote-ip"),
+    FORWARD_NAME("x-remote-addr"),
     /* Frameworks that honour these run another method or URL than the one
      * the gateway matched and priced. */
     FORWARD_NAME("x-http-method-override"),
@@ -87,14 +94,16 @@ static const forward_name forward_answer_drop_prefix[] = {
     FORWARD_NAME("x-billing-"),
 };
 
-/* 1 if S[0..N) equals LIT[0..N) (lower case, '-') ignoring case, with '_'
- * read as '-'. */
+/* 1 if S[0..N) equals LIT[0..N) (lower case, '-') ignoring case, with any
+ * byte but a letter or digit read as '-': '_' for CGI, WSGI, Rack and PHP,
+ * and every other tchar ('.', '~', '+', ...) for servers such as lighttpd,
+ * whose CGI and FastCGI map all of them to '_'. */
 static int forward_same(const char *s, const char *lit, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '_') c = '-';
         if (c >= 'A' && c <= 'Z') c = (unsigned char)(c - 'A' + 'a');
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'))) c = '-';
         if (c != (unsigned char)lit[i]) return 0;
     }
     return 1;

@@ -6,9 +6,11 @@
  * upstream trusts what the gateway says about the caller (account, request
  * id, address) and the client trusts what it says about the charge, so a
  * header the gateway sets is never passed through from the other side, in
- * any spelling: names compare ignoring case and with '-' and '_' the same,
- * since servers that map headers to variables (CGI, WSGI, Rack, PHP) read
- * X_Account_Id as X-Account-Id. Does not own the syntax of headers (the
+ * any spelling: names compare ignoring case and with '-', '_' and every
+ * other byte that is not a letter or digit the same, since servers that
+ * map headers to variables (CGI, WSGI, Rack, PHP; lighttpd maps all of
+ * them) read X_Account_Id or X.Account.Id as X-Account-Id. Does not own
+ * the syntax of headers (the
  * server's parser and http1.c checked it) nor the request's framing. */
 #ifndef GATEWAY_FORWARD_H
 #define GATEWAY_FORWARD_H

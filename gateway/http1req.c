@@ -139,6 +139,10 @@ static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
     /* The target goes verbatim on the upstream's request line: printable
      * ASCII only (this also refuses a tab, a control byte, bytes >= 0x80). */
     if (!http1_target_ok(sp1 + 1, tlen)) return http1req_bad(h, "invalid request path");
+    /* A fragment is never part of a request target (RFC 9112 3.2). Most
+     * upstream frameworks cut it off before routing, so "/a/b#/c" would be
+     * matched and priced here as "/a/b#/c" and run there as "/a/b". */
+    if (memchr(sp1 + 1, '#', tlen)) return http1req_bad(h, "fragment in request target");
     if (vlen != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' || v[5] > '9' ||
         v[7] < '0' || v[7] > '9')
         return http1req_bad(h, "malformed request line");
@@ -306,8 +310,10 @@ int http1req_parse(char *buf, size_t len, http1req *h)
         if (seen.te_other || !h->chunked)
             return http1req_fail(h, 501, "not_implemented", "unsupported transfer coding");
     }
-    if (h->minor >= 1 && seen.hosts != 1)
-        return http1req_bad(h, seen.hosts ? "more than one Host header" : "missing Host header");
+    /* More than one Host is a 400 in any request, HTTP/1.0 too (RFC 9112
+     * 3.2); only HTTP/1.1 must send one. */
+    if (seen.hosts > 1) return http1req_bad(h, "more than one Host header");
+    if (h->minor >= 1 && seen.hosts == 0) return http1req_bad(h, "missing Host header");
     /* HTTP/1.1 stays open unless closed; HTTP/1.0 only when asked. */
     h->keep_alive = h->minor >= 1 ? !seen.conn_close : seen.conn_keep_alive && !seen.conn_close;
     /* A 1.0 client cannot wait for a 100 (RFC 9110 10.1.1): ignored. */

@@ -348,3 +348,89 @@ def test_absolute_form_targets(stack):
     assert _sim_requests(stack) == before + 3
     _held_zero(stack, acct)
     assert stack.hot(acct)["spent"] == 1 + 5 + 1
+
+
+# ---- review r2: paths another parser reads as another path -------------------------
+
+REREAD = [
+    # a fragment: cut off by most frameworks before routing, so the call
+    # would be priced on one path here and run on another there
+    b"/v1/devices/d1#x", b"/v1/devices/d1#/commands", b"/v1/devices/d1?a=1#x",
+    b"http://h/v1/devices/d1#x",
+    # double encoding spelled with encoded hex digits ("%2e" once decoded)
+    b"/v1/devices/%25%32%65%25%32%65", b"/v1/devices/%252%65", b"/v1/devices/a%25%32%66b",
+    # overlong UTF-8 ('.', '/' to a lenient decoder)
+    b"/v1/devices/%c0%ae%c0%ae", b"/v1/devices/a%c0%afb", b"/v1/devices/%e0%80%ae",
+    # dot and empty segments behind a path parameter (servlet containers)
+    b"/v1/devices/..;", b"/v1/devices/..;/commands", b"/v1/devices/;jsessionid=1",
+    b"/v1/devices/%2e%2e%3b",
+]
+
+
+def test_paths_read_otherwise_upstream_refused(stack):
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for path in REREAD:
+        _refused(stack, _head(b"GET", path, key), 400, "bad_request")
+    _refused(stack, _head(b"POST", b"/v1/devices/..;/commands", key, b"Content-Length: 0\r\n"),
+             400, "bad_request")
+    _nothing_happened(stack, acct, before)
+    # What looks close but means one thing everywhere still passes.
+    for path in [b"/v1/devices/d1;v=2", b"/v1/devices/%C2%80", b"/v1/devices/a%25%32",
+                 b"/v1/devices/...;x"]:
+        st, _, body = _call(stack, _head(b"GET", path, key))
+        assert st == 200, (path, body)
+    assert _sim_requests(stack) == before + 4
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 4
+
+
+# ---- review r2: other punctuation in the names -------------------------------------
+
+OTHER_PUNCT = [("X.Account.Id", "999995"), ("X~Account~Id", "999994"), ("X+Request+Id", "sp-4"),
+               ("x.real.ip", "6.6.6.13"), ("X.Forwarded.For", "6.6.6.14"),
+               ("X|Forwarded|Host", "evil.example"), ("X.Points.Charged", "0"),
+               ("X*Billing*Plan", "free"), ("X`Http`Method`Override", "POST"),
+               # address claims that Rails and many PHP apps read before
+               # X-Forwarded-For
+               ("Client-IP", "6.6.6.15"), ("Client_Ip", "6.6.6.16"),
+               ("Fastly-Client-IP", "6.6.6.17"), ("X-Originating-IP", "6.6.6.18"),
+               ("X-Remote-IP", "6.6.6.19"), ("X-Remote-Addr", "6.6.6.20")]
+
+
+def test_spoofed_headers_with_other_punctuation_dropped(stack):
+    # lighttpd's CGI and FastCGI read every non-alphanumeric byte of a name
+    # as '_': X.Account.Id is HTTP_X_ACCOUNT_ID there.
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    extra = b"".join(f"{k}: {v}\r\n".encode() for k, v in OTHER_PUNCT) + b"X.Custom: kept\r\n"
+    st, hdrs, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, extra))
+    assert st == 200, body
+    last = _last(stack)
+    assert last["x-account-id"] == str(acct), last
+    assert last["x-request-id"] == dict(hdrs)["x-request-id"], last
+    assert last["x-forwarded-for"] == "127.0.0.1" and last["x-real-ip"] == "127.0.0.1", last
+    for name, _ in OTHER_PUNCT:
+        assert name.lower() not in last, (name, last)
+    assert not any(v.startswith("6.6.6") or v in ("evil.example", "free", "POST")
+                   for v in last.values() if isinstance(v, str)), last
+    assert last["x.custom"] == "kept", last
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1
+
+
+def test_two_hosts_refused_in_http10_too(stack):
+    # RFC 9112 3.2: more than one Host line is a 400 in any request.
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    for extra in [b"Host: b\r\n", b"host: a\r\n"]:
+        _refused(stack, _head(b"GET", b"/v1/devices/d1", key, extra, host=b"a",
+                              version=b"HTTP/1.0"), 400, "bad_request")
+    _nothing_happened(stack, acct, before)
+    st, _, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, host=b"a",
+                                     version=b"HTTP/1.0"))
+    assert st == 200, body
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == 1

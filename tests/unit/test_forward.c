@@ -134,6 +134,37 @@ static void test_dropped_in_any_spelling(void)
     }
 }
 
+/* Review r2: servers that map header names to variables map more than '-'
+ * to '_' (lighttpd's CGI and FastCGI map every byte that is not a letter
+ * or digit): "X.Account.Id" is X-Account-Id there. */
+static void test_dropped_other_punctuation(void)
+{
+    static const char *const hdrs[] = {
+        "X.Account.Id", "6", "X~Account~Id", "6", "X+Request+Id", "6", "x.real.ip", "6.6.6.6",
+        "X|Forwarded|Host", "evil", "X.Forwarded.For", "6.6.6.6", "X.Points.Charged", "6",
+        "X*Billing*Plan", "free", "X'Api'Key", "k", "Content.Length", "5", "Transfer!Encoding",
+        "chunked", "X`Http`Method`Override", "POST",
+        /* address claims other frameworks read before X-Forwarded-For */
+        "Client-IP", "6.6.6.6", "CLIENT_IP", "6.6.6.6", "Fastly-Client-IP", "6.6.6.6",
+        "X-Originating-IP", "6.6.6.6", "X-Remote-IP", "6.6.6.6", "X_Remote_Addr", "6.6.6.6",
+        /* passed on */
+        "X.Custom", "kept", NULL};
+    char out[4096], v[256];
+    int n;
+    peer4("192.0.2.8");
+    CHECK(forward(hdrs, out, sizeof out) == 0);
+    CHECK(strstr(out, "X.Custom: kept\r\n") != NULL);
+    CHECK(strstr(out, "6.6.6.6") == NULL && strstr(out, "evil") == NULL);
+    CHECK(strstr(out, ": 6\r\n") == NULL && strstr(out, "free") == NULL);
+    CHECK(strstr(out, ": k\r\n") == NULL && strstr(out, "chunked") == NULL);
+    CHECK(strstr(out, "POST") == NULL && strstr(out, ": 5\r\n") == NULL);
+    CHECK(line_of(out, "X-Forwarded-For", &n, v, sizeof v) && n == 1 &&
+          strcmp(v, "192.0.2.8") == 0);
+    CHECK(!forward_response_header("X.Points.Charged"));
+    CHECK(!forward_response_header("x~request~id"));
+    CHECK(forward_response_header("X.Custom"));
+}
+
 static void test_xff(void)
 {
     char out[8192], v[4096];
@@ -216,6 +247,7 @@ static void test_answer_headers(void)
 int main(void)
 {
     test_dropped_in_any_spelling();
+    test_dropped_other_punctuation();
     test_xff();
     test_connection_named();
     test_answer_headers();

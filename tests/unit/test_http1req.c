@@ -167,6 +167,14 @@ static void test_request_line(void)
         "GET /a\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n",
+        /* review r2: a fragment ("/a#/b" routed here as "/a#/b", run as "/a"
+         * by frameworks that cut it off) */
+        "GET /v1/devices/d1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /v1/devices/a#/status HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /# HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /a?b#c HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET http://h/v1/devices/d1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET http://h#/v1/devices/d1 HTTP/1.1\r\nHost: x\r\n\r\n",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int rc = parse(bad[i], &p);
@@ -267,6 +275,12 @@ static void test_host_expect_keepalive(void)
     parsed p;
     CHECK(parse("GET / HTTP/1.1\r\n\r\n", &p) == 400);
     CHECK(parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", &p) == 400);
+    /* Review r2: two Host lines are a 400 in any request, HTTP/1.0 too
+     * (RFC 9112 3.2). */
+    CHECK(parse("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", &p) == 400);
+    CHECK(parse("GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", &p) == 400);
+    CHECK(parse("GET http://h/ HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", &p) == 400);
+    CHECK(parse("GET / HTTP/1.0\r\nHost: a\r\n\r\n", &p) == 0);
     /* The Host value: an authority (RFC 9112 3.2, RFC 3986 3.2.2), never
      * empty for an "http" target URI (RFC 9110 4.2.1); HTTP/1.0 may leave
      * it out, but not send an invalid one. */

@@ -34,6 +34,15 @@ static void test_decoded(void)
         {"/v1/devices/...", "/v1/devices/..."},
         {"/v1/devices/a.b", "/v1/devices/a.b"},
         {"/v1/devices/", "/v1/devices/"},
+        /* review r2: what the new refusals must leave alone */
+        {"/v1/devices/a%25%32", "/v1/devices/a%2"},   /* one hex digit after the '%' */
+        {"/v1/devices/d1;v=2", "/v1/devices/d1;v=2"}, /* a path parameter */
+        {"/v1/devices/a;", "/v1/devices/a;"},
+        {"/v1/devices/...;x", "/v1/devices/...;x"},
+        {"/v1/devices/%E0%A0%80", "/v1/devices/\xe0\xa0\x80"},        /* U+0800, shortest */
+        {"/v1/devices/%F0%90%80%80", "/v1/devices/\xf0\x90\x80\x80"}, /* U+10000 */
+        {"/v1/devices/%C2%80", "/v1/devices/\xc2\x80"},
+        {"/v1/devices/a%C0", "/v1/devices/a\xc0"}, /* a lone lead byte: not overlong */
     };
     char out[256];
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
@@ -91,6 +100,35 @@ static void test_refused(void)
         "/v1/devices/a%250d%250a",
         "/v1%2530/devices",
         "/v1/devices/%25aa",
+        /* review r2: double encoding spelled with encoded hex digits; the
+         * raw escapes differ, the decoded "%2e" is the same */
+        "/v1/devices/%25%32%65%25%32%65",
+        "/v1/devices/%25%32e",
+        "/v1/devices/%252%65",
+        "/v1/devices/a%25%32%66b",
+        "/v1/devices/a%25%30%30",
+        /* overlong UTF-8: '.', '/' and '\\' to a lenient decoder */
+        "/v1/devices/%c0%ae%c0%ae",
+        "/v1/devices/%C0%AE",
+        "/v1/devices/a%c0%afb",
+        "/v1/devices/a%c1%9cb",
+        "/v1/devices/%e0%80%ae",
+        "/v1/devices/%e0%9f%bf",
+        "/v1/devices/%f0%80%80%ae",
+        "/v1/devices/%f0%8f%bf%bf",
+        "/v1/devices/%f8%80%80%80%ae",
+        "/v1/devices/%fc%80%80%80%80%ae",
+        /* dot and empty segments behind a path parameter (servlet containers
+         * drop ";..." first) */
+        "/v1/devices/..;/x",
+        "/v1/devices/..;x/commands",
+        "/v1/devices/.;/x",
+        "/v1/devices/;/commands",
+        "/v1/devices/;jsessionid=1",
+        "/v1/devices/%2e%2e;/x",
+        "/v1/devices/%2e%2e%3b/x",
+        "/v1/devices/..%3Bx",
+        "/..;",
     };
     char out[256];
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {

@@ -154,7 +154,7 @@ void *creditsync_run(void *arg)
             if (soon < next_pass) next_pass = soon;
             catchups--;
         }
-        log_debug("creditsync: pass complete");
+        log_debug("creditsync: pass complete in %lld ms", (long long)(now - started));
     }
     if (pg) PQfinish(pg);
     hot_close(h);

@@ -140,8 +140,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
          * its data meanwhile (the guard with it), a rebuild could otherwise
          * restore the old credited total and let calls spend the points
          * this adjustment takes. */
-        if (control_lock_exec(c->pg, "SELECT pg_advisory_lock_shared(" CONTROL_PASS_LOCK ")") !=
-            0)
+        if (control_lock_exec(c->pg, "SELECT pg_advisory_lock_shared(" CONTROL_PASS_LOCK ")") != 0)
             return LEDGER_ERROR;
         rc = control_guard(c, account_id, amount, guard, &guarded);
         if (rc != LEDGER_OK) goto out;

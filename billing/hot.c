@@ -354,8 +354,7 @@ int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER])
     return hot_simple(h, 5, argv);
 }
 
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account,
-                 int *lost)
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost)
 {
     int written;
     if (hot_keypush(h, key_hash, account, marker, &written) != 0) return -1;
@@ -383,8 +382,8 @@ int hot_pass_end(hot_conn *h, const char *marker, int *result)
     randombytes_buf(raw, sizeof raw);
     sodium_bin2hex(hex, sizeof hex, raw, sizeof raw);
     clock_gettime(CLOCK_REALTIME, &now);
-    snprintf(epoch, sizeof epoch, "%lld-%s",
-             (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000, hex);
+    snprintf(epoch, sizeof epoch, "%lld-%s", (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000,
+             hex);
     r = hot_eval(h, HOT_PASSEND, 2, args, 3);
     if (!r) return -1;
     *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;

@@ -55,8 +55,7 @@ int hot_key_revoke(hot_conn *h, const char *key_hash);
  * lost data during the pass: run it again). */
 #define HOT_PASS_MARKER 48
 int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER]);
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account,
-                 int *lost);
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost);
 int hot_pass_alive(hot_conn *h, const char *marker, int *alive);
 int hot_pass_end(hot_conn *h, const char *marker, int *result);
 /* *exists = 1 when pg:epoch is in Redis. -1 when Redis did not answer. */

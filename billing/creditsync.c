@@ -115,8 +115,12 @@ void *creditsync_run(void *arg)
     while (!atomic_load(w->stop)) {
         int64_t now = creditsync_mono_ms(), started;
         int exists = 1, rc = -1;
-        /* Redis unreachable: no answer, no verdict; passes wait for it. */
-        if (hot_epoch_exists(h, &exists) != 0) exists = 1;
+        /* Redis unreachable: no answer, no verdict; check again in a
+         * second (each failed connect is logged: not 4 lines a second). */
+        if (hot_epoch_exists(h, &exists) != 0) {
+            exists = 1;
+            if (retry_at < now + CREDITSYNC_RETRY_MS) retry_at = now + CREDITSYNC_RETRY_MS;
+        }
         if (!exists && next_pass != 0 && !warned) {
             log_warn("creditsync: pg:epoch is missing: redis lost its data; rebuilding from "
                      "postgres now");

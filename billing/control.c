@@ -74,7 +74,7 @@ int control_key_revoke(control_ctx *c, int64_t key_id)
     /* The tombstone, after the commit: no push of a live snapshot taken
      * before the commit can overwrite it (keypush.lua). */
     if (hot_key_revoke(c->hot, hash) != 0) {
-        log_error("key %" PRId64 ": revoked in ledger but not yet removed from redis", key_id);
+        log_error("key %" PRId64 ": revoked in ledger; its tombstone is not in redis yet", key_id);
         return CONTROL_UNAVAILABLE;
     }
     log_info("key %" PRId64 " of account %" PRId64 " revoked", key_id, account);

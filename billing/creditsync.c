@@ -44,7 +44,8 @@ typedef struct creditsync_ctx {
     hot_conn *hot;
     char marker[HOT_PASS_MARKER];
     long pushed;
-    int lost; /* Redis lost its data since the pass began */
+    long applied; /* account pushes Redis took: it was behind (or lost them) */
+    int lost;     /* Redis lost its data since the pass began */
 } creditsync_ctx;
 
 static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credited, int64_t spent)
@@ -60,7 +61,9 @@ static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credit
     }
     /* Also drops guard holds past their deadline: the sweeper leaves them,
      * since only a push of Postgres' credited total may end one (credit.lua). */
-    return hot_credit(c->hot, id, seq, credited, spent, "", 1, &applied);
+    if (hot_credit(c->hot, id, seq, credited, spent, "", 1, &applied) != 0) return -1;
+    c->applied += applied;
+    return 0;
 }
 
 static int creditsync_key(void *arg, const char *key_hash, int64_t account, int revoked)
@@ -75,7 +78,8 @@ static int creditsync_key(void *arg, const char *key_hash, int64_t account, int 
     return 0;
 }
 
-int creditsync_pass(PGconn *pg, hot_conn *hot)
+/* One pass; *APPLIED gets the account pushes Redis took. */
+static int creditsync_pass_counted(PGconn *pg, hot_conn *hot, long *applied)
 {
     creditsync_ctx c = {.hot = hot};
     int result;
@@ -92,9 +96,16 @@ int creditsync_pass(PGconn *pg, hot_conn *hot)
     if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, &c) != LEDGER_OK)
         return c.lost ? CREDITSYNC_LOST : -1;
     if (hot_pass_end(hot, c.marker, &result) != 0) return -1;
+    *applied = c.applied;
     if (result == 0) return CREDITSYNC_LOST;
     if (result == 2) log_info("creditsync: every account and key in redis; pg:epoch written");
     return 0;
+}
+
+int creditsync_pass(PGconn *pg, hot_conn *hot)
+{
+    long applied = 0;
+    return creditsync_pass_counted(pg, hot, &applied);
 }
 
 static int64_t creditsync_mono_ms(void)
@@ -115,6 +126,7 @@ void *creditsync_run(void *arg)
     while (!atomic_load(w->stop)) {
         int64_t now = creditsync_mono_ms(), started;
         int exists = 1, rc = -1;
+        long applied = 0;
         /* Redis unreachable: no answer, no verdict; check again in a
          * second (each failed connect is logged: not 4 lines a second). */
         if (hot_epoch_exists(h, &exists) != 0) {
@@ -132,7 +144,7 @@ void *creditsync_run(void *arg)
         }
         started = now;
         if (!pg) pg = ledger_connect(w->cfg->database_url);
-        if (pg && ledger_check(pg) == 0) rc = creditsync_pass(pg, h);
+        if (pg && ledger_check(pg) == 0) rc = creditsync_pass_counted(pg, h, &applied);
         now = creditsync_mono_ms();
         if (rc == CREDITSYNC_LOST) {
             log_warn("creditsync: redis lost its data during a pass; starting again");
@@ -148,10 +160,17 @@ void *creditsync_run(void *arg)
                      (long long)(now - started));
             catchups = 2;
             warned = 0;
+        } else if (applied > 0 && catchups == 0 && next_pass != 0) {
+            /* Redis was behind on some accounts: a lost push, or an
+             * account hash lost alone (recreated now from Postgres spent,
+             * which its records still in the outbox will raise). */
+            log_info("creditsync: %ld account(s) were behind in redis; repaired", applied);
+            catchups = 2;
         }
-        /* After a rebuild, two early passes (2 s, then 10 s): a settlement
-         * batch read before the loss and committed after the rebuild read
-         * Postgres raises spent only with a push (credit.lua). */
+        /* After a rebuild or a repair, two early passes (2 s, then 10 s):
+         * charges that reach Postgres after the pass read it (a settlement
+         * batch read before the loss) raise spent only with a push
+         * (credit.lua). */
         next_pass = now + w->cfg->credit_sync_interval_ms;
         if (catchups > 0) {
             int64_t soon = now + (catchups == 2 ? 2000 : 8000);

@@ -135,6 +135,31 @@ def test_a_pass_that_spans_a_loss_writes_no_epoch(stack):
     assert _epoch(stack)
 
 
+def test_account_hash_lost_alone_is_recreated_with_its_holds(stack):
+    """No epoch change (only one account's hash is gone, its holds hash
+    survives): the next repair pass recreates the hash with held from the
+    holds (credit.lua), never 0, and schedules its catch-up passes."""
+    if stack.billing is None or not stack.billing.alive():
+        stack.start_billing({"CREDIT_SYNC_INTERVAL_MS": "1000"})
+    acct, _ = stack.new_account(100, "alone")
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(acct, "alone-hold", 60)[0] == 1
+        red.call("DEL", acct_key(acct))
+        stack.wait_for(lambda: stack.hot(acct).get("credited") == 100, timeout=20,
+                       what="hash recreated by a pass")
+        assert stack.hot(acct)["held"] == 60
+        assert red.reserve(acct, "too-much", 41)[0] == 0  # 40 available, not 100
+        assert red.settle(acct, "alone-hold", 60)[:2] == [1, 60]
+    finally:
+        red.close()
+    assert "were behind in redis" in stack.billing.output()
+    stack.wait_for(lambda: _pg_accounts(stack)[acct]["spent"] == 60 and stack.drained(),
+                   what="charge settled")
+    hot = stack.hot(acct)
+    assert hot["held"] == 0 and hot["spent"] == 60, hot
+
+
 def test_negative_adjustment_waits_for_a_pass_in_its_account_phase(stack):
     """The account phase of a pass and a negative adjustment's guard-to-push
     window exclude each other (a Postgres advisory lock, control.h), so a
@@ -176,8 +201,9 @@ def test_flushall_under_traffic(stack):
     accounts: every answer is 200 or 503 (never 401/402), calls are served
     again within seconds, and every call started after the loss is charged
     in Postgres exactly as its answer said."""
-    if stack.billing is None or not stack.billing.alive():
-        stack.start_billing(NO_PERIODIC)
+    if stack.billing is not None and stack.billing.alive():
+        assert stack.billing.stop() == 0  # no periodic pass: only the detector helps
+    stack.start_billing(NO_PERIODIC)
     stack.start_devsim()
     stack.start_gateway(ROUTES)
     accts = [stack.new_account(10**6, f"traffic{i}") for i in range(4)]

@@ -14,7 +14,16 @@
  *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle";
  *                 one entry per settle batch: ts, then c = "rid|acct|route|
  *                 amount|hold|outcome|status" per call
- *   pg:key:<hex>  string: account id of a live API key, by key hash
+ *   pg:key:<hex>  string: account id of a live API key, by key hash; "-1"
+ *                 (HOT_KEY_REVOKED) once revoked: a tombstone that only
+ *                 keypush.lua writes around, never over
+ *   pg:epoch      string: written only by a repair pass that pushed every
+ *                 account and key into this Redis (passend.lua); absent =
+ *                 Redis lost its data (or was never filled)
+ *   pg:rebuild:<token>  string: a repair pass in progress (its start);
+ *                 gone = a loss since, so the pass may not write the epoch
+ *   pg:{A}:rebuilt string, PX 5 min: A's hash was created from Postgres
+ *                 after a loss; pushes raise spent to Postgres' (credit.lua)
  *   pg:backlog    string integer: outbox records (calls, not entries) not yet
  *                 applied to Postgres; settle.lua and lease.lua add the records
  *                 they append, settlement's outbox_ack.lua subtracts those of
@@ -41,6 +50,11 @@
 #define HOT_KEY_PREFIX "pg:key:"
 #define HOT_KEYNAME_MAX 64
 #define HOT_BACKLOG "pg:backlog"
+
+/* Loss detection and revocation (creditsync.c, keypush.lua, passend.lua). */
+#define HOT_EPOCH "pg:epoch"
+#define HOT_KEY_REVOKED "-1"
+#define HOT_REBUILD_PREFIX "pg:rebuild:"
 
 typedef struct hot_keys {
     char acct[HOT_KEYNAME_MAX];
@@ -69,6 +83,8 @@ extern const char hot_lua_settle[];
 extern const char hot_lua_credit[];
 extern const char hot_lua_lease[];
 extern const char hot_lua_outbox_ack[];
+extern const char hot_lua_keypush[];
+extern const char hot_lua_passend[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
 enum { HOT_RESERVE_UNKNOWN = -1, HOT_RESERVE_SHORT = 0, HOT_RESERVE_HELD = 1 };

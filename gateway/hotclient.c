@@ -191,6 +191,14 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
         return;
     }
     hc->queue[hc->qlen++] = *a;
+    /* A commit resent later goes as `late` (settle.lua): exactly a commit
+     * while its hold is there, and still a charge (from the available
+     * points, never an overdraft) if the sweeper expired the hold
+     * meanwhile: Redis away for this gateway only (a partition), or back
+     * after the hold's deadline with billing's sweeper first. As a plain
+     * commit it would find no hold and change nothing: an answered charge
+     * lost. A no-op once applied (a reply lost): no hold, no swept mark. */
+    if (a->commit == HOT_SETTLE_COMMIT) hc->queue[hc->qlen - 1].commit = HOT_SETTLE_LATE;
     /* Connected but refused (e.g. LOADING after a restart): try again,
      * backing off to HOT_BACKOFF_MAX_MS while refusals go on (a batch that
      * succeeds resets it). Disconnected: hot_on_connect flushes. */

@@ -343,3 +343,128 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
                    == charged, timeout=30, what=f"spent {charged}")
     assert stack.hot(acct)["spent"] == charged
+
+
+class _Link:
+    """A TCP relay between the gateway and Redis that the test can cut and
+    restore on the same port: the gateway alone loses Redis (a network
+    partition), while billing (its sweeper, settlement) keeps it."""
+
+    def __init__(self, target_port):
+        import socket
+        self.socket = socket
+        self.target = target_port
+        self.port = harness.free_port()
+        self.conns = []
+        self.lock = threading.Lock()
+        self.lsock = None
+        self.restore()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                b = src.recv(65536)
+                if not b:
+                    break
+                dst.sendall(b)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(self.socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self, lsock):
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            try:
+                u = self.socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    def restore(self):
+        s = self.socket.socket()
+        s.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(16)
+        self.lsock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def cut(self):
+        try:  # wakes the accept() (a close alone leaves it listening)
+            self.lsock.shutdown(self.socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(self.socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
+    """The gateway alone loses Redis (billing keeps it) while calls are at
+    the upstream: their answers say charged, their settles wait in the
+    resend queue, and meanwhile the sweeper expires the holds (expire, 0).
+    Once the link is back the queued settles must still charge them (as
+    `late`: the swept marks are there), exactly once. Before the fix they
+    were resent as plain commits, which find no hold and change nothing:
+    answered charges lost."""
+    _setup(stack)
+    acct, key = _account(stack, 100)
+    link = _Link(stack.redis_port)
+    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
+    assert url != stack.gateway_redis_url, url
+    gw = _gateway(stack, os.path.join(stack.dir, "spill-h"), {"REDIS_URL": url})
+    out = [None] * 5
+
+    def call(i):
+        out[i] = http("GET", gw.url + PATH, timeout=30,
+                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    restored = False
+    try:
+        stack.wait_for(lambda: stack.hot(acct).get("held", 0) >= 5, timeout=10, what="5 holds")
+        link.cut()
+        for t in threads:
+            t.join(30)
+        assert all(r is not None and r.status == 200 for r in out), out
+        assert _charged(out) == 5
+        rids = _rids(out)
+        # Billing still sees Redis: the holds expire, Postgres says expire, 0.
+        stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
+        rows = _pg_rows(stack, rids)
+        assert all(r[1] == "expire" and r[2] == "0" for r in rows), (rows, gw.output()[-3000:])
+        link.restore()
+        restored = True
+        stack.wait_for(lambda: "resending" in gw.output(), timeout=30, what="queued settles resent")
+
+        def landed():
+            rows = _pg_rows(stack, rids)
+            return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
+
+        stack.wait_for(landed, timeout=30, what=f"5 answered charges in pg: {_pg_rows(stack, rids)}")
+        stack.wait_for(stack.drained, timeout=30, what="outbox drained")
+        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+        assert stack.hot(acct)["spent"] == 5
+    finally:
+        if not restored:
+            link.restore()
+        gw.stop()
+        link.cut()

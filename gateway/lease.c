@@ -69,6 +69,9 @@ struct lease {
     int in_table; /* found by lease_take; 0 once lost or given back */
     int closing;  /* takes no more; gives its free points back */
     int deleted;  /* Redis no longer has it: no more ops */
+    int orphan;   /* Redis released it while records answered with the charge
+                     to come waited: only late ops carrying them (lease.lua
+                     charges them against its swept mark), nothing else */
     int want_op;  /* an op is due (records, more points, renewal, give-back) */
     int in_dirty; /* on the table's dirty list */
     TAILQ_ENTRY(lease) dirty;
@@ -274,9 +277,26 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
             log_error("lease %s of account %" PRId64 ": unusable in Redis (status %" PRId64 ")",
                       l->lid, l->account, v[0]);
         lease_recs_answer(l->op.r, l->op.n, 0, v[0] < 0 ? HOT_STATUS_UNUSABLE : 0, v[2], 0);
-        lease_lost(l, v[2]);
+        if (v[0] == 0 && (l->queue.n > 0 || l->refs > 0)) {
+            /* Released by the sweeper while our ops failed (or it never
+             * was): the records queued behind this op were answered with
+             * the charge to come, so they are not dropped but go as late
+             * ops, which charge them if the sweeper's mark says so (and
+             * change nothing otherwise); calls still promised from it
+             * likewise when they end. */
+            lease_unlist(l);
+            l->orphan = 1;
+            l->closing = 1;
+            l->amount = l->pending;
+        } else {
+            lease_lost(l, v[2]);
+        }
     }
     l->op.n = 0;
+    if (l->orphan && l->queue.n == 0 && l->refs == 0 && !l->op_failed) {
+        l->deleted = 1; /* nothing left to carry */
+        l->amount = l->used = l->pending = 0;
+    }
     if (!l->deleted && (l->want_op || l->queue.n > 0)) lease_schedule(l);
 }
 
@@ -288,6 +308,7 @@ static void lease_send(lease *l)
     size_t lens[2 * HOT_LEASE_RECORDS_MAX];
     hot_lease_args a;
     if (t->down || l->op_sent || l->deleted) return;
+    if (l->orphan && !l->op_failed && l->queue.n == 0) return; /* late ops carry records only */
     if (!l->op_failed) {
         int64_t charge = 0, freep;
         if (l->queue.n <= HOT_LEASE_RECORDS_MAX) {
@@ -335,6 +356,7 @@ static void lease_send(lease *l)
         else
             l->op_resize = 0;
         if (l->op_resize < 0 && freep <= 0) l->op_resize = 0;
+        if (l->orphan) l->op_resize = l->op_busy = 0; /* lease.lua's late path reads neither */
     }
     for (int i = 0; i < l->op.n; i++) {
         recs[2 * i] = "c";
@@ -349,7 +371,16 @@ static void lease_send(lease *l)
                          .charge = l->op_charge,
                          .resize = l->op_resize,
                          .busy = l->op_busy,
-                         .close = l->op_close,
+                         /* An op with records goes as `late`, a normal op
+                          * while the lease is there (lease.lua drops a lease
+                          * only with an op carrying no record, so a closing
+                          * op loses nothing). If the sweeper released the
+                          * whole lease while our ops failed, their calls
+                          * were answered with the charge to come, and
+                          * lease.lua still charges them from the available
+                          * points, once per seq: as '0' or '1' they would
+                          * find no lease and be dropped. */
+                         .close = l->op.n > 0 ? HOT_LEASE_LATE : l->op_close,
                          .nrec = 2 * l->op.n,
                          .recs = recs,
                          .lens = lens};
@@ -399,6 +430,7 @@ static void lease_on_tick(evutil_socket_t fd, short what, void *arg)
             if (hotclient_up(t->hc)) lease_send(l);
             continue;
         }
+        if (l->orphan) continue; /* its records schedule its ops */
         if (!l->closing && (t->closing || now - l->last_take_ms >= (uint64_t)t->cfg.idle_ms)) {
             l->closing = 1;
             lease_unlist(l);

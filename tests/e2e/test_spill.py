@@ -468,3 +468,60 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
             link.restore()
         gw.stop()
         link.cut()
+
+
+def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
+    """The same with calls served from a point lease: the lease's op fails
+    (the gateway alone lost Redis), its calls are answered with the charge
+    to come, and the sweeper releases the whole lease past its deadline
+    (cost 0, swept mark). The op resent once the link is back must still
+    charge them, once. Before the fix it found no lease (status 0) and the
+    answered charges were dropped."""
+    _setup(stack)
+    acct, key = _account(stack, 1_000_000)
+    link = _Link(stack.redis_port)
+    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
+    gw = _gateway(stack, os.path.join(stack.dir, "spill-i"),
+                  {"REDIS_URL": url, "UPSTREAM_TIMEOUT_MS": "2000",
+                   "GATEWAY_LEASE_IDLE_MS": "60000"})
+    for _ in range(20):
+        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    warm = 20
+    out = [None] * 8
+
+    def call(i):
+        out[i] = http("GET", gw.url + PATH, timeout=30,
+                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    restored = False
+    try:
+        time.sleep(0.5)
+        link.cut()
+        for t in threads:
+            t.join(30)
+        assert all(r is not None and r.status == 200 for r in out), out
+        charged = _charged(out) + warm
+        assert _charged(out) == 8
+        # Billing still sees Redis: the lease is released whole (cost 0).
+        stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
+        stack.wait_for(lambda: int(stack.redis_raw("XLEN", "pg:outbox") or 0) == 0, timeout=30,
+                       what="outbox applied")
+        link.restore()
+        restored = True
+        stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+                       == charged, timeout=30,
+                       what=f"spent {charged}: " + str(stack.scalar(
+                           f"SELECT spent FROM accounts WHERE id = {acct}")))
+        stack.wait_for(stack.drained, timeout=30, what="outbox drained")
+        time.sleep(1.0)
+        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == charged
+        assert stack.hot(acct)["spent"] == charged
+    finally:
+        if not restored:
+            link.restore()
+        gw.stop()
+        link.cut()

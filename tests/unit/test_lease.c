@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 extern int lease_test_fail_allocs;
 
@@ -28,6 +29,7 @@ static int sends;     /* hotclient_lease calls that were sent */
 static int too_many;  /* ops with more records than one call takes */
 static int last_nrec; /* fields of the last op sent */
 static int64_t last_seq, last_charge;
+static int last_close;
 static hot_lease_cb last_cb;
 static void *last_arg;
 static int spilled_ops, spilled_recs, spilled_closes;
@@ -64,6 +66,7 @@ int hotclient_lease(hotclient *hc, const hot_lease_args *a, hot_lease_cb cb, voi
     last_nrec = a->nrec;
     last_seq = a->seq;
     last_charge = a->charge;
+    last_close = a->close;
     last_cb = cb;
     last_arg = arg;
     return 0;
@@ -204,10 +207,77 @@ static void test_shutdown_spills_the_failed_op(void)
     redis_up = 1;
 }
 
+static void answer(int rc, int64_t status, int64_t amount)
+{
+    int64_t v[4] = {status, amount, 1 << 30, 0};
+    hot_lease_cb cb = last_cb;
+    last_cb = NULL;
+    CHECK(cb != NULL);
+    if (cb) cb(last_arg, rc, v);
+}
+
+/* A lease op is sent and its reply lost; a call ended meanwhile is queued
+ * behind it, and both are answered with the charge to come. The sweeper
+ * then releases the whole lease (cut off past its deadline): the resend
+ * finds no lease (status 0). The queued record must not be dropped: it
+ * goes as a `late` op with the next seq (lease.lua charges it against the
+ * swept mark), as every op carrying records is sent. */
+static void test_records_behind_a_swept_lease_go_late(void)
+{
+    struct event_base *base = event_base_new();
+    lease_table *t;
+    int a = NCALLS + 1, b = NCALLS + 2;
+    sends = 0;
+    bad_rc = 0;
+    t = new_table(base, 11);
+    {
+        lease *l = lease_take(t, 11, 1);
+        CHECK(l != NULL);
+        if (l)
+            lease_end(l, "a0000000000000000000000000000000", "device.read", 1, 1, 1, 200,
+                      on_settled, (void *)(intptr_t)a);
+    }
+    run(base);
+    CHECK(sends == 2 && last_seq == 2 && last_nrec == 2);
+    CHECK(last_close == HOT_LEASE_LATE);
+    {
+        lease *l = lease_take(t, 11, 1); /* op 2 on its way: queued behind it */
+        CHECK(l != NULL);
+        if (l)
+            lease_end(l, "b0000000000000000000000000000000", "device.read", 1, 1, 1, 200,
+                      on_settled, (void *)(intptr_t)b);
+    }
+    run(base);
+    CHECK(sends == 2);
+    answer(-1, 0, 0); /* no usable reply: maybe applied; kept for a resend */
+    CHECK(answered[a] == 1 && answered[b] == 1 && bad_rc == 2); /* the charge to come */
+    CHECK(lease_table_unsent(t) == 2);
+    /* The tick resends op 2 as it was; Redis no longer has the lease. */
+    for (int i = 0; i < 50 && last_cb == NULL; i++) {
+        usleep(20000);
+        run(base);
+    }
+    CHECK(sends == 3 && last_seq == 2 && last_nrec == 2);
+    answer(0, 0, 0);
+    run(base);
+    /* B's record goes on, late, as op 3; nothing else is sent for it. */
+    CHECK(sends == 4 && last_seq == 3 && last_nrec == 2 && last_charge == 1);
+    CHECK(last_close == HOT_LEASE_LATE);
+    CHECK(lease_table_unsent(t) == 1);
+    answer(0, 1, 0);
+    run(base);
+    CHECK(lease_table_unsent(t) == 0);
+    CHECK(answered[a] == 1 && answered[b] == 1);
+    lease_table_shutdown(t, NULL);
+    lease_table_free(t);
+    event_base_free(base);
+}
+
 int main(void)
 {
     test_oom_building_an_op();
     test_shutdown_spills_the_failed_op();
+    test_records_behind_a_swept_lease_go_late();
     if (failures) fprintf(stderr, "%d checks failed\n", failures);
     return failures ? 1 : 0;
 }

@@ -497,6 +497,22 @@ void hotclient_configure(hotclient *hc, const hot_limits *l)
         log_error("redis: cannot arm the backlog poll timer");
 }
 
+long hotclient_spill_queue(const hotclient *hc, spill_file *sp)
+{
+    const hot_pending *p = &hc->pending[HOT_SCRIPT_SETTLE];
+    long lost = 0;
+    for (size_t i = 0; i < hc->qlen; i++)
+        if (spill_settle(sp, &hc->queue[i]) != 0) lost++;
+    for (int i = 0; i < p->n; i++)
+        if (!p->ops[i].settle.replay && spill_settle(sp, &p->ops[i].settle) != 0) lost++;
+    return lost;
+}
+
+void hotclient_spill_to(hotclient *hc, spill_file *sp)
+{
+    hc->limits.spill = sp;
+}
+
 int hotclient_refusing(const hotclient *hc)
 {
     return hc->backlog >= hc->limits.max_backlog || hc->qlen >= hc->limits.queue_max / 2 ||

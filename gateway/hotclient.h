@@ -82,6 +82,13 @@ size_t hotclient_queued(const hotclient *hc);
 int hotclient_spilled(const hotclient *hc);
 void hotclient_spill_replayed(hotclient *hc);
 
+/* Writes every settle not yet delivered (queued or about to be sent) to SP
+ * and keeps them: a snapshot while a graceful stop drains (spill.h).
+ * Returns the number not written (logged). */
+long hotclient_spill_queue(const hotclient *hc, struct spill_file *sp);
+/* Where overflow, and what is left at hotclient_free, is written from now on. */
+void hotclient_spill_to(hotclient *hc, struct spill_file *sp);
+
 /* 1 while connected or connecting (commands are queued by hiredis then). */
 int hotclient_up(const hotclient *hc);
 /* The current connection's number (each successful connect makes a new

@@ -45,6 +45,9 @@ struct spill_file;
  * sweeper expires the lease at cost 0 for them), then runs every waiting
  * record's callback with -1. Then hotclient_free, then lease_table_free. */
 void lease_table_shutdown(lease_table *t, struct spill_file *sp);
+/* Writes the same as lease_table_shutdown would, changing nothing: a
+ * snapshot while a graceful stop drains (spill.h). */
+void lease_table_spill(const lease_table *t, struct spill_file *sp);
 /* Records of calls answered and not known to be in Redis yet. */
 int lease_table_unsent(const lease_table *t);
 void lease_table_free(lease_table *t);

@@ -46,6 +46,14 @@ struct spill_file {
     int failed; /* could not create the file: every append fails */
     char path[SPILL_PATH_MAX + 64];
     long items;
+    int snap; /* a snapshot's: written under a temporary name, renamed by spill_snap_commit */
+};
+
+struct spill_snap {
+    char dir[SPILL_PATH_MAX];
+    int tag;
+    char path[SPILL_PATH_MAX + 64]; /* its name once committed ("" before) */
+    int fd;                         /* the committed file, locked while we live */
 };
 
 /* mkdir -p DIR (mode 0700: the files name accounts and their charges). */
@@ -97,6 +105,16 @@ static int spill_create(spill_file *f)
     int fd = -1;
     if (f->fd >= 0) return 0;
     if (f->failed) return -1;
+    if (f->snap) {
+        /* Not a spill-*.log name: no replayer looks at it before the rename. */
+        snprintf(tmp, sizeof tmp, "%s/.snap-%ld-%d", f->dir, (long)getpid(), f->tag);
+        if (spill_mkdirs(f->dir) != 0) goto fail;
+        fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0 || flock(fd, LOCK_EX) != 0) goto fail;
+        f->fd = fd;
+        snprintf(f->path, sizeof f->path, "%s", tmp);
+        return 0;
+    }
     clock_gettime(CLOCK_REALTIME, &ts);
     snprintf(tmp, sizeof tmp, "%s/.tmp-%ld-%d", f->dir, (long)getpid(), f->tag);
     snprintf(fin, sizeof fin, "%s/spill-%ld-%d-%lld.log", f->dir, (long)getpid(), f->tag,
@@ -212,6 +230,83 @@ int spill_file_close(spill_file *f)
     }
     free(f);
     return rc;
+}
+
+/* ---- snapshots ---------------------------------------------------------- */
+
+spill_snap *spill_snap_new(const char *dir, int tag)
+{
+    spill_snap *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    if (strlen(dir) >= sizeof s->dir - 64) {
+        free(s);
+        return NULL;
+    }
+    snprintf(s->dir, sizeof s->dir, "%s", dir);
+    s->tag = tag;
+    s->fd = -1;
+    return s;
+}
+
+spill_file *spill_snap_begin(spill_snap *s)
+{
+    spill_file *f = spill_file_new(s->dir, s->tag);
+    if (f) f->snap = 1;
+    return f;
+}
+
+int spill_snap_commit(spill_snap *s, spill_file *f)
+{
+    int rc = 0;
+    if (!f) return -1;
+    if (f->failed) {
+        /* Items this one should hold were lost (logged): the previous
+         * snapshot, if any, is better than none. */
+        free(f);
+        return -1;
+    }
+    if (f->items == 0 || f->fd < 0) {
+        /* Nothing undelivered any more: the last snapshot goes. */
+        if (f->fd >= 0) {
+            unlink(f->path);
+            close(f->fd);
+        }
+        if (s->fd >= 0) {
+            if (unlink(s->path) != 0)
+                log_error("spill %s: cannot delete it: %s", s->path, strerror(errno));
+            close(s->fd);
+            s->fd = -1;
+        }
+        free(f);
+        return rc;
+    }
+    if (s->fd < 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(s->path, sizeof s->path, "%s/spill-%ld-%d-%lld-stop.log", s->dir, (long)getpid(),
+                 s->tag, (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+    }
+    /* On disk before it replaces the last one, which stays whole until the
+     * rename: a crash leaves one complete snapshot or the other. */
+    if (fsync(f->fd) != 0 || rename(f->path, s->path) != 0 || spill_sync_dir(s->dir) != 0) {
+        log_error("spill: cannot write the snapshot %s: %s", s->path, strerror(errno));
+        unlink(f->path);
+        close(f->fd);
+        rc = -1;
+    } else {
+        log_info("spill: %ld undelivered items in %s", f->items, s->path);
+        if (s->fd >= 0) close(s->fd); /* the replaced one: unlinked by the rename */
+        s->fd = f->fd;                /* still locked: no replayer takes it while we live */
+    }
+    free(f);
+    return rc;
+}
+
+void spill_snap_free(spill_snap *s)
+{
+    if (!s) return;
+    if (s->fd >= 0) close(s->fd); /* unlocks it for the next start */
+    free(s);
 }
 
 /* ---- replay ------------------------------------------------------------- */

@@ -46,6 +46,25 @@ long spill_count(const spill_file *f);
  * failed (logged). F may be NULL. */
 int spill_file_close(spill_file *f);
 
+/* Snapshots of what is undelivered while a graceful stop drains, so that
+ * a SIGKILL during the drain (an orchestrator's grace shorter than
+ * GATEWAY_DRAIN_TIMEOUT_MS) loses nothing the last snapshot held: each is
+ * a complete list, written with spill_snap_begin's writer, then committed:
+ * fsync'd and renamed over the previous one (a crash leaves one whole
+ * snapshot or the other), and kept locked until spill_snap_free so that no
+ * other gateway replays it while this one still delivers. A committed
+ * writer with no items deletes the snapshot. Items delivered after a
+ * snapshot are replayed as no-ops (late by rid, lease ops by seq). */
+typedef struct spill_snap spill_snap;
+spill_snap *spill_snap_new(const char *dir, int tag);
+/* A writer for the next snapshot (NULL when out of memory). */
+spill_file *spill_snap_begin(spill_snap *s);
+/* fsyncs F, puts it in place of the previous snapshot, frees F. -1 if
+ * that failed (logged; the previous snapshot stays). */
+int spill_snap_commit(spill_snap *s, spill_file *f);
+/* Unlocks the last snapshot (left for the next start) and frees S. */
+void spill_snap_free(spill_snap *s);
+
 /* Hands F's file over to a replay of its own (*OUT; NULL if F wrote
  * nothing): its lock and descriptor move with it, and F's next append
  * creates a new file. For a worker that spilled while running and whose

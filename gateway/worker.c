@@ -18,6 +18,11 @@
 #define WORKER_AUTHCACHE_SLOTS 16384
 #define WORKER_PG_TIMEOUT_MS 5000
 #define WORKER_SPILL_CHECK_MS 500
+/* While a stop drains with charges undelivered, a snapshot of them this
+ * often: a SIGKILL before the drain's end (docker stop waits 10 s, the
+ * drain up to GATEWAY_DRAIN_TIMEOUT_MS) loses only what ended since. Each
+ * is an fsync on the loop, which by then only finishes calls in flight. */
+#define WORKER_SNAP_MS 1000
 
 uint64_t worker_now_ms(void)
 {
@@ -92,6 +97,20 @@ static void worker_take_routes(worker *w)
     log_info("worker %d: routes reloaded (%zu routes)", w->idx, t->n);
 }
 
+/* Writes what is undelivered now (queued settles, lease records) as the
+ * drain's snapshot, in place of the last one (spill.h). */
+static void worker_snapshot(worker *w)
+{
+    spill_file *f;
+    long n;
+    w->snap_ms = worker_now_ms();
+    if (!w->snap || !(f = spill_snap_begin(w->snap))) return;
+    hotclient_spill_queue(w->hc, f);
+    lease_table_spill(w->leases, f);
+    n = spill_count(f);
+    if (spill_snap_commit(w->snap, f) == 0) w->snap_live = n > 0;
+}
+
 static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
 {
     worker *w = arg;
@@ -102,6 +121,8 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
      * timeout, then spilled (worker_destroy). */
     long undelivered = (long)hotclient_queued(w->hc) + lease_table_unsent(w->leases);
     if (grace > 15000) grace = 15000;
+    if ((undelivered > 0 || w->snap_live) && worker_now_ms() - w->snap_ms >= WORKER_SNAP_MS)
+        worker_snapshot(w);
     /* Done when no call is in flight, no settle is pending and every
      * answer is written. */
     if (w->inflight == 0 && hotclient_busy(w->hc) == 0 && lease_table_busy(w->leases) == 0 &&
@@ -156,6 +177,8 @@ static void worker_on_stop(worker *w)
     lease_table_close(w->leases);
     spill_replay_stop(w->replay); /* what is not replayed yet stays in its file */
     spill_replay_stop(w->own_replay);
+    w->snap = spill_snap_new(w->cfg->spill_dir, w->idx);
+    if (hotclient_queued(w->hc) > 0 || lease_table_unsent(w->leases) > 0) worker_snapshot(w);
     event_add(w->drain_timer, &tick);
 }
 
@@ -269,10 +292,19 @@ void worker_destroy(worker *w)
         w->aborted = 1;
         request_teardown(w); /* upstream calls and waits; releases via hc */
     }
-    /* Records and settles Redis has not taken go to the spill file. */
-    lease_table_shutdown(w->leases, w->spill); /* answers the calls whose records wait */
-    hotclient_free(w->hc);                     /* pending Redis callbacks answer their requests */
-    w->hc = NULL;
+    /* Records and settles Redis has not taken go to the spill file: after
+     * a drain, as its last snapshot (replacing the one before whole, so
+     * that a lease's ops are never replayed from two lists). */
+    {
+        spill_file *last = w->snap ? spill_snap_begin(w->snap) : NULL;
+        if (last) hotclient_spill_to(w->hc, last);
+        lease_table_shutdown(w->leases, last ? last : w->spill); /* answers the calls waiting */
+        hotclient_free(w->hc); /* pending Redis callbacks answer their requests */
+        w->hc = NULL;
+        if (last) spill_snap_commit(w->snap, last);
+        spill_snap_free(w->snap);
+        w->snap = NULL;
+    }
     spill_replay_free(w->replay);
     w->replay = NULL;
     spill_replay_free(w->own_replay);

@@ -41,6 +41,9 @@ typedef struct worker {
     spill_file *spill;        /* what Redis did not take: overflow, then the stop */
     spill_replay *replay;     /* worker 0: spill files found at the start */
     spill_replay *own_replay; /* this run's overflow spill, replayed once Redis is back */
+    spill_snap *snap;         /* the drain's snapshots of what is undelivered (spill.h) */
+    uint64_t snap_ms;         /* when the last one was taken */
+    int snap_live;            /* the last one holds items (a file exists) */
     struct event *spill_timer;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;

@@ -525,3 +525,75 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
             link.restore()
         gw.stop()
         link.cut()
+
+
+def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
+    """SIGTERM while Redis is away, then SIGKILL before the drain ends (an
+    orchestrator's grace shorter than GATEWAY_DRAIN_TIMEOUT_MS: docker stop
+    waits 10 s, the default drain 30 s). The drain keeps a snapshot of what
+    is undelivered on disk, so the next start replays it: every answered
+    charge lands once. Before the fix nothing was written until the drain's
+    end, and a SIGKILL lost them all (expire, 0)."""
+    _setup(stack)
+    spill = os.path.join(stack.dir, "spill-j")
+    acct, key = _account(stack, 100)
+    gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
+    try:
+        answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
+        assert _charged(answers) == 5
+        gw.signal(signal.SIGTERM)
+        time.sleep(2.5)
+        assert gw.alive(), "the drain ended early"
+        gw.kill9()
+        files = _spill_files(spill)
+        assert len(files) == 1, files
+        body = open(files[0]).read()
+        for rid in _rids(answers):
+            assert f"S {rid} {acct} 1 late 200" in body, body
+        assert oct(os.stat(files[0]).st_mode & 0o777) == "0o600"
+    finally:
+        stack.service("redis-start")
+    rids = _rids(answers)
+    stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
+    gw = _gateway(stack, spill)
+    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+
+    def landed():
+        rows = _pg_rows(stack, rids)
+        return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
+
+    stack.wait_for(landed, timeout=30, what="answered charges in pg")
+    stack.wait_for(stack.drained, timeout=30, what="outbox drained")
+    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    gw.stop()
+
+
+def test_sigkill_during_the_drain_keeps_leased_calls(stack):
+    """The same with calls served from a point lease: the snapshot holds the
+    lease's ops; replayed after the sweeper released the lease, they charge
+    every answered call once."""
+    _setup(stack)
+    spill = os.path.join(stack.dir, "spill-k")
+    acct, key = _account(stack, 1_000_000)
+    gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
+    for _ in range(20):
+        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    try:
+        answers = _calls_during_outage(stack, gw, key, 8)
+        gw.signal(signal.SIGTERM)
+        time.sleep(2.5)
+        assert gw.alive(), "the drain ended early"
+        gw.kill9()
+        files = _spill_files(spill)
+        assert len(files) == 1, files
+    finally:
+        stack.service("redis-start")
+    charged = _charged(answers) + 20
+    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
+    gw = _gateway(stack, spill)
+    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
+    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+                   == charged, timeout=30, what=f"spent {charged}")
+    gw.stop()

@@ -503,8 +503,23 @@ out:
 static int spill_load_file(spill_replay *r, const char *path)
 {
     struct stat st;
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0) return 0; /* gone meanwhile */
+    /* No symlink: a name planted in a shared directory must not make us
+     * read (and then delete) another file. */
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        if (errno != ENOENT) log_error("spill %s: cannot open it: %s", path, strerror(errno));
+        return 0; /* gone meanwhile, or not a file of ours */
+    }
+    /* A replayed item moves points (a release frees a hold at cost 0, a
+     * late settle charges): only files this gateway's user wrote. Anyone
+     * else able to write in the directory (GATEWAY_SPILL_DIR set to a
+     * shared one) could otherwise give calls away. Left in place, logged. */
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
+        log_error("spill %s: not a regular file of uid %ld: left alone (check who wrote it)", path,
+                  (long)geteuid());
+        close(fd);
+        return 0;
+    }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         log_info("spill %s: held by another process, left to it", path);
         close(fd);
@@ -548,6 +563,24 @@ int spill_replay_load(const char *dir, spill_replay **out)
     if (spill_mkdirs(dir) != 0) {
         log_error("GATEWAY_SPILL_DIR %s: cannot create it: %s", dir, strerror(errno));
         return -1;
+    }
+    /* Found now, not at the stop that needs it (a read-only or foreign
+     * directory would lose every charge a drain has to spill). */
+    {
+        char probe[SPILL_PATH_MAX + 64];
+        int pfd;
+        snprintf(probe, sizeof probe, "%s/.probe-%ld", dir, (long)getpid());
+        pfd = open(probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (pfd < 0 || write(pfd, "\n", 1) != 1) {
+            log_error("GATEWAY_SPILL_DIR %s: cannot write a file in it: %s", dir, strerror(errno));
+            if (pfd >= 0) {
+                close(pfd);
+                unlink(probe);
+            }
+            return -1;
+        }
+        close(pfd);
+        unlink(probe);
     }
     d = opendir(dir);
     if (!d) {

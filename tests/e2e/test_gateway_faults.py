@@ -85,7 +85,10 @@ def test_bad_config_refuses_to_start(stack):
              {"ROUTES_FILE": bad_routes}, {"MAX_BODY_BYTES": "-1"}, {"GATEWAY_THREADS": "0"},
              {"OUTBOX_MAX_BACKLOG": "0"}, {"OUTBOX_MAX_BACKLOG": "lots"},
              {"GATEWAY_DRAIN_TIMEOUT_MS": "-5"}, {"GATEWAY_SETTLE_QUEUE_MAX": "1"},
-             {"GATEWAY_SPILL_DIR": "/proc/no/such/spill"}]
+             {"GATEWAY_SPILL_DIR": "/proc/no/such/spill"},
+             # Exists, but no file can be written in it: found at the start,
+             # not at the stop whose charges it would lose.
+             {"GATEWAY_SPILL_DIR": "/proc"}]
     for extra in cases:
         env = dict(stack.env, **base)
         env.update(extra)

@@ -597,3 +597,31 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
                    == charged, timeout=30, what=f"spent {charged}")
     gw.stop()
+
+
+def test_a_spill_file_of_another_user_is_not_replayed(stack):
+    """A replayed item moves points (a release frees a hold at cost 0): a
+    spill file this gateway's user did not write (GATEWAY_SPILL_DIR set to a
+    shared directory), or a symlink, is left alone and logged, never
+    replayed. Before the fix any spill-*.log found was replayed."""
+    _setup(stack)
+    spill = os.path.join(stack.dir, "spill-l")
+    os.makedirs(spill, exist_ok=True)
+    acct, key = _account(stack, 10)
+    foreign = os.path.join(spill, "spill-1-0-1.log")
+    with open(foreign, "w") as f:
+        f.write(f"S {'ef' * 16} {acct} 1 late 200\n")
+    os.chown(foreign, 65534, 65534)
+    target = os.path.join(stack.dir, "not-a-spill.log")
+    with open(target, "w") as f:
+        f.write(f"S {'ab' * 16} {acct} 1 late 200\n")
+    link = os.path.join(spill, "spill-1-0-2.log")
+    os.symlink(target, link)
+    gw = _gateway(stack, spill)
+    time.sleep(1.5)
+    assert os.path.exists(foreign) and os.path.lexists(link) and os.path.exists(target)
+    out = gw.output()
+    assert "spill-1-0-1.log: not a regular file of uid" in out, out
+    assert "spill-1-0-2.log: cannot open it" in out, out
+    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    gw.stop()

@@ -531,9 +531,7 @@ void lease_table_shutdown(lease_table *t, spill_file *sp)
 
 void lease_table_spill(const lease_table *t, spill_file *sp)
 {
-    lease *l;
-    TAILQ_FOREACH(l, &t->leases, all)
-    {
+    for (lease *l = TAILQ_FIRST(&t->leases); l; l = TAILQ_NEXT(l, all)) {
         int unsent = l->queue.n + ((l->op_sent || l->op_failed) ? l->op.n : 0);
         if (unsent > 0 && !l->deleted && lease_spill(l, sp) > 0)
             log_error("lease %s: records missing from the drain's snapshot", l->lid);

@@ -147,6 +147,7 @@ static int spill_write(spill_file *f, const char *buf, size_t len)
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) {
             log_error("spill: write failed: %s", strerror(errno));
+            if (f->snap) f->failed = 1; /* an incomplete snapshot must not replace the last */
             return -1;
         }
         off += (size_t)w;
@@ -262,6 +263,10 @@ int spill_snap_commit(spill_snap *s, spill_file *f)
     if (f->failed) {
         /* Items this one should hold were lost (logged): the previous
          * snapshot, if any, is better than none. */
+        if (f->fd >= 0) {
+            unlink(f->path);
+            close(f->fd);
+        }
         free(f);
         return -1;
     }

@@ -31,7 +31,7 @@ def test_recreated_hash_keeps_the_points_held(stack):
     assert got == [1, 1, 0], got
     assert red.reserve(a, "h1", 30)[0] == 1
     assert red.reserve(a, "h2", 20)[0] == 1
-    st, amount, _, _ = red.lease(a, LID, 1, resize=10)
+    st, amount = red.lease(a, LID, 1, resize=10)[:2]
     assert st == 1 and amount == 10
     before = red.acct(a)
     assert before["held"] == 60 and before["leasefree"] == 10, before

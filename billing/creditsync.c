@@ -121,24 +121,41 @@ void *creditsync_run(void *arg)
     hot_conn *h = hot_open(w->cfg->redis_url);
     PGconn *pg = NULL;
     int64_t next_pass = 0, retry_at = 0;
-    int catchups = 0, warned = 0;
+    int catchups = 0, warned = 0, reconnected = 0;
+    unsigned connects = 0;
     if (!h) return NULL;
     while (!atomic_load(w->stop)) {
         int64_t now = creditsync_mono_ms(), started;
         int exists = 1, rc = -1;
         long applied = 0;
-        /* Redis unreachable: no answer, no verdict; check again in a
-         * second (each failed connect is logged: not 4 lines a second). */
-        if (hot_epoch_exists(h, &exists) != 0) {
-            exists = 1;
-            if (retry_at < now + CREDITSYNC_RETRY_MS) retry_at = now + CREDITSYNC_RETRY_MS;
+        /* Redis unreachable (or the last pass failed): no answer, no
+         * verdict; ask again in a second, not every poll (each failed
+         * connect is logged). */
+        if (now < retry_at) {
+            worker_sleep(w->stop, CREDITSYNC_POLL_MS);
+            continue;
         }
+        if (hot_epoch_exists(h, &exists) != 0) {
+            retry_at = now + CREDITSYNC_RETRY_MS;
+            continue;
+        }
+        /* A new connection (hot.c retries a command that met a dead one on
+         * a fresh one, silently) may be a Redis that restarted WITH its
+         * AOF: pg:epoch is there, yet the writes billing could not make
+         * while it was away (a revoke's tombstone, a new key, a credit)
+         * are missing, and so are the last writes it took before a crash
+         * (appendfsync everysec). Repair now, not at the next interval. */
+        if (connects != 0 && hot_connects(h) != connects && !reconnected) {
+            log_info("creditsync: reconnected to redis; repair pass now");
+            reconnected = 1;
+        }
+        connects = hot_connects(h);
         if (!exists && next_pass != 0 && !warned) {
             log_warn("creditsync: pg:epoch is missing: redis lost its data; rebuilding from "
                      "postgres now");
             warned = 1;
         }
-        if ((exists && now < next_pass) || now < retry_at) {
+        if (exists && !reconnected && now < next_pass) {
             worker_sleep(w->stop, CREDITSYNC_POLL_MS);
             continue;
         }
@@ -155,6 +172,9 @@ void *creditsync_run(void *arg)
             retry_at = now + CREDITSYNC_RETRY_MS;
             continue;
         }
+        /* A reconnect during the pass (checked at the next poll) asks for
+         * another: writes made before it may be lost. */
+        reconnected = 0;
         if (!exists) {
             log_info("creditsync: redis rebuilt from postgres in %lld ms",
                      (long long)(now - started));

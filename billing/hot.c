@@ -17,8 +17,9 @@ enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_KEYPUSH, HOT_PASSEND, HOT_NSCRIP
 
 struct hot_conn {
     redisContext *c;
-    redisurl url;     /* REDIS_URL, parsed: AUTH and SELECT on every connect */
-    int auth_refused; /* the last handshake was refused: logged once per streak */
+    redisurl url;      /* REDIS_URL, parsed: AUTH and SELECT on every connect */
+    int auth_refused;  /* the last handshake was refused: logged once per streak */
+    unsigned connects; /* handshakes that succeeded: a new one may be a new Redis */
     char sha[HOT_NSCRIPTS][41];
 };
 
@@ -107,6 +108,7 @@ static int hot_ensure(hot_conn *h)
     }
     if (h->auth_refused) log_info("redis %s:%d: accepted again", h->url.host, h->url.port);
     h->auth_refused = 0;
+    h->connects++;
     return 0;
 fail:
     hot_drop(h);
@@ -425,6 +427,11 @@ int hot_pass_end(hot_conn *h, const char *marker, int *result)
     *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
     freeReplyObject(r);
     return *result < 0 ? -1 : 0;
+}
+
+unsigned hot_connects(const hot_conn *h)
+{
+    return h->connects;
 }
 
 int hot_epoch_exists(hot_conn *h, int *exists)

@@ -60,6 +60,9 @@ int hot_pass_alive(hot_conn *h, const char *marker, int *alive);
 int hot_pass_end(hot_conn *h, const char *marker, int *result);
 /* *exists = 1 when pg:epoch is in Redis. -1 when Redis did not answer. */
 int hot_epoch_exists(hot_conn *h, int *exists);
+/* Connections made so far (a command that met a dead connection is retried
+ * on a new one without a word: this says it happened). */
+unsigned hot_connects(const hot_conn *h);
 
 /* Raw command access for the workers (settlement, sweeper), which speak
  * stream and scan commands directly. Returns a redisReply* (caller frees with

@@ -274,6 +274,45 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
         assert gw.stop() == 0
 
 
+def test_cheaper_waiter_is_not_stuck_behind_a_pricier_one(stack):
+    """7 points: a 5-point call holds 5 for 6 s, a second 5-point call waits
+    for them (2 available). A 1-point call then needs no held point at all:
+    it is served at once, not queued behind the pricier waiter until the
+    holder ends (nor refused 402 at its deadline with 2 points available)."""
+    _setup(stack)
+    gw = _gateway(stack, "gateway-mixed", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000"})
+    try:
+        acct, key = stack.new_account(7)
+        cmd = dict(_auth(key), **{"Content-Type": "application/json"})
+        held, waiter = [], []
+        t = threading.Thread(target=lambda: held.append(http(
+            "POST", gw.url + "/v1/devices/holder/commands", body=b"{}", timeout=60,
+            headers=dict(cmd, **{"X-Sim-Delay-Ms": "6000", "X-Sim-Status": "503"}))))
+        t.start()
+        _at_upstream(stack, "/v1/devices/holder/commands")
+        assert stack.hot(acct)["held"] == 5
+        tw = threading.Thread(target=lambda: waiter.append(http(
+            "POST", gw.url + "/v1/devices/waiter/commands", body=b"{}", headers=cmd,
+            timeout=60)))
+        tw.start()
+        time.sleep(1.0)  # the 5-point call is short (2 available) and waits
+        assert not waiter, waiter
+        r = http("GET", gw.url + "/v1/devices/cheap", headers=_auth(key), timeout=60)
+        assert r.status == 200, r
+        assert not held, "the 1-point call waited for the holder to end"
+        assert not waiter, waiter
+        assert r.headers["x-points-charged"] == "1"
+        t.join(30)
+        tw.join(30)
+        assert held[0].status == 503, held
+        # The holder's 5 came back: the waiter got them.
+        assert waiter[0].status == 202 and waiter[0].headers["x-points-charged"] == "5", waiter
+        _held_zero(stack, acct)
+        assert stack.hot(acct)["spent"] == 6
+    finally:
+        assert gw.stop() == 0
+
+
 # ---- the log under a flood of disconnects --------------------------------------
 
 def test_disconnect_flood_does_not_flood_the_log(stack):

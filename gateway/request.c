@@ -986,9 +986,13 @@ static void request_log_gone(gw_request *r)
                  : "");
 }
 
-static void request_on_gone(gw_request *r)
+/* Drops R if it has not reached the upstream and nothing asynchronous
+ * holds it (waiting, body still to come, queued or connecting upstream):
+ * its hold released, cost 0, answered 503 saying WHY (the client left, or
+ * the drain's grace passed). A call written to the upstream goes on; with
+ * a Redis command in flight the callback, which sees r->gone, answers. */
+static void request_drop(gw_request *r, const char *why)
 {
-    request_log_gone(r);
     switch (r->st) {
     case ST_PROXY:
         /* Written to the upstream: it may act on it, so its answer (or
@@ -996,19 +1000,25 @@ static void request_on_gone(gw_request *r)
         if (proxy_call_written(&r->call)) break;
         proxy_cancel(&r->call);
         request_release_detached(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     case ST_BODYWAIT:
         request_release_detached(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     case ST_WAIT:
         request_waitq_leave(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     default:
-        break; /* a Redis command is in flight: its callback sees r->gone */
+        break;
     }
+}
+
+static void request_on_gone(gw_request *r)
+{
+    request_log_gone(r);
+    request_drop(r, "client went away");
 }
 
 /* The drain's deadline passed: fail what has not reached the upstream.
@@ -1024,7 +1034,8 @@ void request_abort_all(worker *w)
         /* With a Redis command in flight the request must wait for its
          * callback (which sees gone): answering now would free it under
          * that callback. hotclient_free runs such callbacks at the end. */
-        if (r->st == ST_PROXY || r->st == ST_WAIT || r->st == ST_BODYWAIT) request_on_gone(r);
+        if (r->st == ST_PROXY || r->st == ST_WAIT || r->st == ST_BODYWAIT)
+            request_drop(r, "shutting down"); /* its client is there: say why */
     }
     /* Usage queries: their callbacks run now (503) and answer. */
     pgclient_fail_all(w->pg);
@@ -1042,7 +1053,7 @@ void request_teardown(worker *w)
             request_release_detached(r);
             request_error(r, 503, "cancelled", "shutting down");
         } else if (r->st == ST_WAIT || r->st == ST_BODYWAIT) {
-            request_on_gone(r);
+            request_drop(r, "shutting down");
         } else if (r->waitq) {
             /* Its queue's reserve is in flight: the callback (run by
              * hotclient_free) answers it, without the queue. */

@@ -412,6 +412,52 @@ def test_sigterm_past_grace_lets_written_leased_calls_finish(stack):
     _sigterm_past_grace(stack, 2)
 
 
+def test_sigterm_past_grace_answers_waiters_shutting_down(stack):
+    """Past the drain's grace, calls that have not reached the upstream (one
+    waiting for the held point, one whose body is still to come) get 503
+    saying the gateway is shutting down, and the log does not claim that
+    their clients went away; the call at the upstream finishes and is
+    charged."""
+    _setup(stack)
+    routes = {"charge_on": ["2xx"], "routes": [
+        {"id": "device.long", "method": "GET", "path": "/v1/devices/*", "price": 1,
+         "timeout_ms": 8000},
+        {"id": "device.command", "method": "POST", "path": "/v1/devices/*/commands", "price": 1,
+         "timeout_ms": 8000}]}
+    port = harness.free_port()
+    gw = stack.spawn("gateway-termwait", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0",
+        "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200", "HOLD_WAIT_MS": "30000"}, port)
+    acct, key = stack.new_account(2)
+    out = []
+    t = threading.Thread(target=lambda: out.append(http(
+        "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "5000"}),
+        timeout=30)))
+    t.start()
+    _at_upstream(stack, "/v1/devices/long")
+    # The second point is held by a call whose body is still to come.
+    early = _connect(port)
+    early.sendall(_post_head(key, 10))
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 2, timeout=5, what="both points held")
+    waiter = _connect(port)
+    waiter.sendall(_get("/v1/devices/waiter", key))
+    time.sleep(0.5)  # short of points while both are held: it waits
+    gw.signal(signal.SIGTERM)
+    for s, what in ((waiter, "waiter"), (early, "early")):
+        s.settimeout(20)
+        r = Reader(s).response()
+        assert r.status == 503 and r.json() == {"error": "cancelled", "message": "shutting down"}, \
+            (what, r)
+        s.close()
+    t.join(20)
+    assert out and out[0].status == 200 and out[0].headers["x-points-charged"] == "1", out
+    assert gw.p.wait(20) == 0
+    assert "client went away" not in gw.output()
+    h = stack.hot(acct)
+    assert h["spent"] == 1 and h["held"] == 0, h
+
+
 # ---- reply codes (INTERFACES.md): what Redis cannot tell is a 503 ---------------
 
 def test_account_missing_from_redis_is_503_not_402(stack):

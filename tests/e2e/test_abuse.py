@@ -171,6 +171,47 @@ def test_trickled_body_gets_408_at_its_deadline(stack):
         assert gw.stop() == 0
 
 
+def test_body_completed_past_its_deadline_is_408(stack):
+    """The body deadline is exact, not "at the next tick" (which may come up
+    to a quarter of the deadline, at most 1 s, later): a body that completes
+    300 ms past it is refused 408, not proxied. Four calls, 250 ms apart,
+    so that at least two of them complete between two ticks."""
+    _setup(stack)
+    gw = _gateway(stack, "gateway-late", {"GATEWAY_BODY_TIMEOUT_MS": "4000",
+                                          "GATEWAY_THREADS": "1"})
+    try:
+        acct, key = stack.new_account(100)
+        before = _sim_requests(stack)
+        res = [None] * 4
+
+        def late(i):
+            s = _connect(gw.port, timeout=20)
+            s.sendall(_post_head(key, 2, b"Expect: 100-continue\r\n"))
+            rd = Reader(s)
+            r = rd.response()
+            assert r.status == 100, r
+            t0 = time.time()
+            time.sleep(4.3)
+            s.sendall(b"{}")
+            res[i] = (rd.response(), time.time() - t0)
+            s.close()
+
+        ts = []
+        for i in range(4):
+            ts.append(threading.Thread(target=late, args=(i,)))
+            ts[-1].start()
+            time.sleep(0.25)
+        for t in ts:
+            t.join(30)
+        assert all(r and r[0].status == 408 for r in res), [(r[0].status, r[1]) for r in res if r]
+        assert all(r[0].json()["error"] == "request_timeout" for r in res)
+        _held_zero(stack, acct)
+        assert stack.hot(acct)["spent"] == 0
+        assert _sim_requests(stack) == before
+    finally:
+        assert gw.stop() == 0
+
+
 # ---- waiting for held points ---------------------------------------------------
 
 def _hold_one_point(stack, gw, key, out, delay_ms):

@@ -986,11 +986,12 @@ static void request_log_gone(gw_request *r)
                  : "");
 }
 
-/* Drops R if it has not reached the upstream and nothing asynchronous
- * holds it (waiting, body still to come, queued or connecting upstream):
- * its hold released, cost 0, answered 503 saying WHY (the client left, or
- * the drain's grace passed). A call written to the upstream goes on; with
- * a Redis command in flight the callback, which sees r->gone, answers. */
+/* Drops R if it has not reached the upstream and no Redis command of it is
+ * in flight (waiting in its queue, its body still to come, queued for or
+ * connecting to the upstream): its hold released, cost 0, answered 503
+ * saying WHY (the client left, or the drain's grace passed). A call
+ * written to the upstream goes on; with a Redis command in flight the
+ * callback, which sees r->gone, answers. */
 static void request_drop(gw_request *r, const char *why)
 {
     switch (r->st) {

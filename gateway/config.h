@@ -45,6 +45,12 @@ typedef struct gw_config {
     int64_t max_connections;        /* per worker thread */
     int64_t head_timeout_ms;        /* a client's request head must arrive within this */
     int64_t body_timeout_ms;        /* and its body within this of the body's start (total) */
+    /* Calls of one account waiting on one worker for points its calls in
+     * flight hold (GATEWAY_MAX_WAITERS). Past it a call is answered 503
+     * too_many_waiting: not 402, which would be the false refusal the wait
+     * exists to avoid (the points are there, held), and not a longer
+     * queue, which would let one account's burst hold unbounded memory. */
+    int64_t max_waiters;
     int64_t upstream_max_conns;     /* open upstream connections per worker thread */
     int64_t lease_calls;            /* point lease size in calls (lease.h); 0: none */
     int64_t lease_idle_ms;          /* a lease unused this long goes back */

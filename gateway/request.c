@@ -78,13 +78,6 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
-/* Calls of one account waiting on one worker for points held elsewhere.
- * Past it a call is answered 503 too_many_waiting: not 402, which would be
- * the false refusal the wait exists to avoid (the points are there, held),
- * and not a longer queue, which would let one account's burst hold
- * unbounded memory and connections. 64 covers any honest client's
- * concurrency on one account on one worker; the client retries the rest. */
-#define REQUEST_WAITERS_MAX 64
 #define REQUEST_WAIT_BUCKETS 256
 /* "client went away" lines per worker per second (then one summary). */
 #define REQUEST_GONE_LOG_PER_SEC 10
@@ -594,7 +587,7 @@ static void request_waitq_leave(gw_request *r)
 static int request_wait(gw_request *r, int fresh)
 {
     request_waitq *q = request_waitq_get(r->w, r->account);
-    if (!q || q->n + (q->trying != NULL) >= REQUEST_WAITERS_MAX) return -1;
+    if (!q || q->n + (q->trying != NULL) >= r->w->cfg->max_waiters) return -1;
     if (fresh) {
         q->avail = r->last_avail;
         q->held = r->last_held;

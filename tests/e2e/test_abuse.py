@@ -278,7 +278,8 @@ def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
 
 def test_waiters_per_account_per_worker_are_bounded(stack):
     _setup(stack)
-    gw = _gateway(stack, "gateway-waitbound", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000"})
+    gw = _gateway(stack, "gateway-waitbound", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000",
+                                               "GATEWAY_MAX_WAITERS": "64"})
     try:
         acct, key = stack.new_account(1)
         held = []

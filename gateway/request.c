@@ -822,7 +822,14 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
         request_unavailable(r, rc);
         return;
     }
-    if (rc == 0) {
+    if (rc != 0) {
+        /* Every account billing made has its hash (created with the
+         * account, rebuilt by every repair pass): none means Redis lost it,
+         * and 0 points would be a wrong answer, not an empty balance. */
+        request_unavailable(r, HOT_ERR_NODATA);
+        return;
+    }
+    {
         held = v[2];
         avail = v[0] - v[1] - v[2];
         if (avail < 0) avail = 0;

@@ -518,5 +518,8 @@ def test_account_missing_from_redis_is_503_not_402(stack):
         assert r.json() == {"error": "billing_unavailable",
                             "message": "billing data is being restored, try again"}, r
         assert _sim_requests(stack) == before
+        # Nor a balance of 0 for what Redis lost.
+        b = http("GET", gw.url + "/_billing/balance", headers=_auth(key))
+        assert b.status == 503 and b.json()["error"] == "billing_unavailable", b
     finally:
         assert gw.stop() == 0

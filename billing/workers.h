@@ -14,6 +14,7 @@
 
 #include <libpq-fe.h>
 #include <stdatomic.h>
+#include <stdint.h>
 
 typedef struct worker_args {
     const billing_config *cfg;
@@ -28,6 +29,11 @@ void *creditsync_run(void *worker_args);
 /* One repair pass; returns 0 when every account and key was pushed. Also used
  * by the CLI and tests. */
 int creditsync_pass(PGconn *pg, struct hot_conn *hot);
+
+/* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"
+ * stamped TS_MS into C; -1 if malformed (settlement.c; tests/fuzz). */
+struct ledger_charge;
+int settle_parse(const char *rec, int64_t ts_ms, struct ledger_charge *c);
 
 /* Sleeps up to MS, waking early when *stop is set. */
 void worker_sleep(atomic_int *stop, long ms);

@@ -19,9 +19,10 @@ The rules, per case:
     counted, not failed (it requires Host, for one, llhttp does not).
 
 A case that breaks the second rule must fall into a named class below, each
-checked (not only matched by message): the reference run again with the
-llhttp leniency that class is about must then agree with the gateway, or
-the gateway's own parse must show the feature. KNOWN_UNTIL_H2 are the
+checked (not only matched by llhttp's message): with the feature taken out
+of the case (a transform: bare LFs made CRLF, HTTP/1.x made 1.1, ...) both
+must frame it alike, or the gateway's own parse must show the feature (an
+extension method, a repeated Content-Length, ...). KNOWN_UNTIL_H2 are the
 parser gaps of issue 10 item 7 that another branch closes: remove them from
 the list once it is merged, and the test proves the fix. REPORTED are
 leniencies the gateway has by design or that are for the lead to decide
@@ -37,7 +38,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 
 import harness
 
@@ -466,7 +466,7 @@ def test_known_divergences_are_real(stack):
     what it says: once h2's fixes are merged, the KNOWN_UNTIL_H2 case is
     refused by the gateway and this test says to drop it from the list."""
     _methods()
-    minimal = MINIMAL = {
+    minimal = {
         "bare_lf_in_chunked_body":
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
         "bare_lf_in_head": b"GET / HTTP/1.1\nHost: a\n\n",
@@ -500,7 +500,7 @@ def test_known_divergences_are_real(stack):
         assert v[0] == "diverge", (n, v, g[i], r[i])
         assert classify(i, g[i], r[i], relaxed) == n, (n, g[i], r[i])
     assert not fixed, ("the gateway refuses these now: remove %s from KNOWN_UNTIL_H2 and its "
-                       "case from MINIMAL here (the differential test then proves the fix)" % fixed)
+                       "case from `minimal` here (the differential test then proves the fix)" % fixed)
 
 
 ANY_ROUTES = {"routes": [{"id": "any." + m.lower(), "method": m, "path": "/**", "price": 1}

@@ -51,7 +51,7 @@ BINS := $(O)/bin/billing $(if $(GW_SRC),$(O)/bin/gateway) $(if $(SIM_SRC),$(O)/b
 # Test tools that are not tests themselves: the differential test's driver.
 TOOL_BIN := $(O)/bin/frame_dump
 
-.PHONY: all build test run bench bench-reports format lint clean deps fuzz fuzz-build
+.PHONY: all build test run bench bench-reports format lint clean deps fuzz fuzz-build FORCE
 all: build
 ifeq ($(MODE),release)
 	@mkdir -p bin && cp --remove-destination $(BINS) bin/
@@ -130,7 +130,13 @@ FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(FZ)/bin/%)
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FZ)/%.o) $(FZ)/gen/hotlua.o $(FZ)/gen/migrations.o
 
-$(FZ)/%.o: %.c
+# The flags as a file that changes only when they do: changing FUZZ_DEFS
+# (say, dropping a switch above) rebuilds the harnesses.
+$(FZ)/flags: FORCE
+	@mkdir -p $(FZ)
+	@echo '$(FUZZ_CFLAGS)' | cmp -s - $@ || echo '$(FUZZ_CFLAGS)' > $@
+
+$(FZ)/%.o: %.c $(FZ)/flags
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  FUZZCC  $<")
 	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -c $< -o $@
@@ -143,7 +149,7 @@ $(FZ)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
 	@mkdir -p $(dir $@)
 	$(Q)scripts/embed-sql.sh $(SQL) > $@
 
-$(FZ)/gen/%.o: $(FZ)/gen/%.c
+$(FZ)/gen/%.o: $(FZ)/gen/%.c $(FZ)/flags
 	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
 
 $(FZ)/libbilling.a: $(FUZZ_LIB_OBJ)

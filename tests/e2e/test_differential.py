@@ -238,8 +238,18 @@ def no_space_after_chunk_size(case):
     return re.sub(rb"(\n[0-9A-Fa-f]+)[ \t]+(?=\r?\n|;)", rb"\1", case)
 
 
-TRANSFORMS = {"crlf": crlf_only, "http11": http11_only, "chunk_size": no_space_after_chunk_size}
-TRANSFORMS["all"] = lambda c: no_space_after_chunk_size(http11_only(crlf_only(c)))
+def no_chunk_ext(case):
+    return re.sub(rb"(\n[0-9A-Fa-f]+[ \t]*);[^\r\n]*", rb"\1", case)
+
+
+def no_trailing_ows(case):
+    return re.sub(rb"[ \t]+(?=\r?\n)", b"", case)
+
+
+TRANSFORMS = {"crlf": crlf_only, "http11": http11_only, "chunk_size": no_space_after_chunk_size,
+              "chunk_ext": no_chunk_ext, "ows": no_trailing_ows}
+TRANSFORMS["all"] = lambda c: no_trailing_ows(no_chunk_ext(no_space_after_chunk_size(
+    http11_only(crlf_only(c)))))
 
 
 def _alike_without(transform):
@@ -256,7 +266,7 @@ def _chunked_lf(i, g, r, relaxed):
     m = _first_extra(g, r)
     if _alike_without("crlf")(i, g, r, relaxed):
         return True
-    if m is None or not _h(m, b"transfer-encoding"):
+    if r["end"] != "refused" or m is None or not _h(m, b"transfer-encoding"):
         return False
     # llhttp 6 (Node 18) names this one "Invalid character in chunk size",
     # as it does a space after a size: not when the case has such a space.
@@ -277,7 +287,19 @@ def _target_not_origin(i, g, r, relaxed):
 def _duplicate_cl(i, g, r, relaxed):
     m = _first_extra(g, r)
     return m is not None and len(_h(m, b"content-length")) > 1 and \
-        len(set(_h(m, b"content-length"))) == 1
+        len(set(int(v) for v in _h(m, b"content-length"))) == 1
+
+
+def _close_in_trailer(i, g, r, relaxed):
+    # llhttp honours "Connection: close" in a chunked request's trailers
+    # and reads no further; the gateway drops trailers and reads on.
+    # (llhttp 6, Node 18, drops what follows without an error: "clean".)
+    if r["end"] not in IDLE or not r["msgs"] or len(g["msgs"]) <= len(r["msgs"]):
+        return False
+    last = g["msgs"][len(r["msgs"]) - 1]
+    return bool(_h(last, b"transfer-encoding")) and last["ka"] == 1 and \
+        re.search(rb"(?i)\n0[^\n]*\n(?:[^\r\n]+\r?\n)*connection:[ \t]*close", CASE_BYTES[i]) \
+        is not None
 
 
 def _tab_after_content_length(i, g, r, relaxed):
@@ -321,7 +343,8 @@ REPORTED = [
     # method no route has is answered 404 and never forwarded.
     ("extension_method", ("Invalid method encountered", "Expected space after method"),
      _method_unknown),
-    # Content-Length repeated with one value (RFC 9110 8.6 allows it).
+    # Content-Length repeated with one value (RFC 9110 8.6 allows it);
+    # the gateway compares the numbers, so "03" and "3" are one value too.
     ("duplicate_identical_content_length", ("Duplicate Content-Length",), _duplicate_cl),
     # A target that is not origin-form ("a", "-", "v1/x"): framed, then
     # refused by routes_normalise (400/404) and never forwarded.
@@ -337,10 +360,26 @@ REPORTED = [
       "Invalid `Transfer-Encoding` header value", "Duplicate Content-Length",
       "Invalid character in Content-Length"),
      _framing_in_trailer),
+    # "Connection: close" in the trailers: ignored by the gateway, which
+    # drops trailers; llhttp closes. The gateway reads the next request.
+    ("connection_close_in_trailer", (), _close_in_trailer),
     # A tab after a Content-Length value: it is OWS, not part of the value
     # (RFC 9110 5.5); llhttp refuses it, the gateway trims it.
     ("tab_after_content_length", ("Invalid character in Content-Length",),
      _tab_after_content_length),
+    # Whitespace after a header value (OWS, RFC 9110 5.5): the gateway trims
+    # it, llhttp keeps it, so "Connection: keep-alive<TAB>" keeps an
+    # HTTP/1.0 connection open at the gateway only.
+    ("trailing_ows_in_value",
+     ("Missing expected CR after header value",
+      "Request has invalid `Transfer-Encoding`"),  # llhttp 6: "chunked<TAB>"
+     _alike_without("ows")),
+    # Chunk extensions are dropped unread (http1.c); llhttp checks their
+    # syntax (token [= token / quoted-string]).
+    ("chunk_extension_syntax",
+     ("Invalid character in chunk extensions", "Missing expected CR after chunk extension",
+      "Invalid character in chunk parameters"),
+     _alike_without("chunk_ext")),
     # BWS after a chunk size ("5 \r\n"): RFC 9112 7.1 allows BWS before a
     # chunk extension; the gateway allows it without one too.
     ("space_after_chunk_size", ("Invalid character in chunk size",),
@@ -479,6 +518,14 @@ def test_known_divergences_are_real(stack):
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
             b"Content-Length: 5\r\n\r\n",
         "tab_after_content_length": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\t\r\n\r\nx",
+        "connection_close_in_trailer":
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            b"Connection: close\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+        "trailing_ows_in_value":
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\t\r\n\r\nGET /next HTTP/1.0\r\n\r\n",
+        "chunk_extension_syntax":
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x:=y\r\nabc\r\n"
+            b"0\r\n\r\n",
         "space_after_chunk_size":
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n",
     }

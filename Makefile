@@ -105,6 +105,19 @@ $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 # Unit tests of gateway modules link the module's object too.
 $(O)/bin/test_http1: $(O)/gateway/http1.o
 $(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
+# forward.o logs through libbilling.a, so the library goes after it.
+$(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
+		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+$(O)/bin/test_routes: $(O)/gateway/routes.o
+# lease.c with its fault-injection hook (LEASE_TESTING), in its unit test only.
+$(O)/tests/unit/lease_testing.o: gateway/lease.c
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -DLEASE_TESTING -MMD -MP -c $< -o $@
+$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o $(O)/libbilling.a
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 # The gateway's request framing as a filter (tests/e2e/test_differential.py).
 $(O)/bin/frame_dump: $(O)/tests/fuzz/frame_dump.o $(O)/gateway/http1req.o $(O)/gateway/http1.o

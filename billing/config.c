@@ -3,6 +3,7 @@
 
 #include "billing/env.h"
 #include "billing/log.h"
+#include "billing/redisurl.h"
 
 #include <string.h>
 
@@ -43,7 +44,19 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         log_error("KEY_PEPPER is required (the secret API keys are hashed with)");
         rc = -1;
     }
-    (void)need_redis; /* REDIS_URL has a usable default; hot_open validates it */
+    if (need_redis) {
+        /* Checked here so that a bad REDIS_URL stops the command at start
+         * (exit 2), not at a worker's first connect; hot_open parses it
+         * again. The error never shows the password. */
+        redisurl u;
+        char err[256], shown[512];
+        if (redisurl_parse(c->redis_url, &u, err, sizeof err) != 0) {
+            redisurl_redact(c->redis_url, shown, sizeof shown);
+            log_error("REDIS_URL=%s: %s", shown, err);
+            rc = -1;
+        }
+        redisurl_wipe(&u);
+    }
     if (env_int64("BILLING_API_THREADS", 4, 1, 64, &c->api_threads) != 0 ||
         env_int64("SETTLE_WORKERS", 1, 0, 16, &c->settle_workers) != 0 ||
         env_int64("SETTLE_BATCH", 2000, 1, 10000, &c->settle_batch) != 0 ||

@@ -15,6 +15,24 @@
 #define CONTROL_GUARD_TTL_MS 30000
 #define CONTROL_GUARD_WAIT_MS 2000
 #define CONTROL_GUARD_STEP_MS 50
+/* The session advisory lock that keeps negative adjustments (shared) and
+ * the account phase of repair passes (exclusive) apart; see control.h. */
+#define CONTROL_PASS_LOCK "x'706770617373'::bigint" /* "pgpass" */
+
+static int control_lock_exec(PGconn *pg, const char *sql)
+{
+    PGresult *r = PQexec(pg, sql);
+    int rc = PQresultStatus(r) == PGRES_TUPLES_OK ? 0 : -1;
+    if (rc != 0) log_warn("postgres: %s", PQerrorMessage(pg));
+    PQclear(r);
+    return rc;
+}
+
+int control_pass_lock(PGconn *pg, int lock)
+{
+    return control_lock_exec(pg, lock ? "SELECT pg_advisory_lock(" CONTROL_PASS_LOCK ")"
+                                      : "SELECT pg_advisory_unlock(" CONTROL_PASS_LOCK ")");
+}
 
 int control_account_create(control_ctx *c, const char *name, ledger_account *out)
 {
@@ -22,7 +40,8 @@ int control_account_create(control_ctx *c, const char *name, ledger_account *out
     int rc = ledger_account_create(c->pg, name, out);
     if (rc != LEDGER_OK) return rc;
     /* An account known to Redis with 0 points answers "short" rather than
-     * "unknown"; if this push is lost the repair pass makes it. */
+     * "unknown", so a missing account hash always means a loss (the gateway
+     * answers 503 for it); if this push is lost the repair pass makes it. */
     if (hot_credit(c->hot, out->id, 0, 0, 0, "", 0, &applied) != 0)
         log_warn("account %" PRId64 ": initial push to redis failed; repair pass will retry",
                  out->id);
@@ -52,8 +71,10 @@ int control_key_revoke(control_ctx *c, int64_t key_id)
     int64_t account;
     int rc = ledger_key_revoke(c->pg, key_id, hash, &account);
     if (rc != LEDGER_OK) return rc;
-    if (hot_key_del(c->hot, hash) != 0) {
-        log_error("key %" PRId64 ": revoked in ledger but not yet removed from redis", key_id);
+    /* The tombstone, after the commit: no push of a live snapshot taken
+     * before the commit can overwrite it (keypush.lua). */
+    if (hot_key_revoke(c->hot, hash) != 0) {
+        log_error("key %" PRId64 ": revoked in ledger; its tombstone is not in redis yet", key_id);
         return CONTROL_UNAVAILABLE;
     }
     log_info("key %" PRId64 " of account %" PRId64 " revoked", key_id, account);
@@ -114,8 +135,15 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
         if (rc != LEDGER_NOT_FOUND) return rc;
     }
     if (amount < 0) {
+        /* From the guard to the push, no repair pass may create the
+         * account's hash from a snapshot without this debit: if Redis lost
+         * its data meanwhile (the guard with it), a rebuild could otherwise
+         * restore the old credited total and let calls spend the points
+         * this adjustment takes. */
+        if (control_lock_exec(c->pg, "SELECT pg_advisory_lock_shared(" CONTROL_PASS_LOCK ")") != 0)
+            return LEDGER_ERROR;
         rc = control_guard(c, account_id, amount, guard, &guarded);
-        if (rc != LEDGER_OK) return rc;
+        if (rc != LEDGER_OK) goto out;
         if (!guarded) guard[0] = '\0';
     }
     rc = ledger_credit(c->pg, account_id, kind, amount, reference, reason, operator_name, out,
@@ -125,11 +153,18 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
                        &applied) != 0)
             log_warn("account %" PRId64 ": credit push to redis failed; repair pass will retry",
                      account_id);
-        return LEDGER_OK;
+        goto out;
     }
     /* Refused or failed: drop the guard by re-pushing the current state. */
     if (guard[0] && ledger_account_get(c->pg, account_id, &acct) == LEDGER_OK)
         hot_credit(c->hot, account_id, acct.credit_seq, acct.credited, acct.spent, guard, 0,
                    &applied);
+out:
+    if (amount < 0 &&
+        control_lock_exec(c->pg, "SELECT pg_advisory_unlock_shared(" CONTROL_PASS_LOCK ")") != 0) {
+        /* A session whose unlock failed is broken: drop it, and the lock
+         * with it, rather than block every repair pass. */
+        PQreset(c->pg);
+    }
     return rc;
 }

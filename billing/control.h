@@ -26,9 +26,10 @@ int control_account_create(control_ctx *c, const char *name, ledger_account *out
 int control_key_create(control_ctx *c, int64_t account_id, char key[APIKEY_LEN + 1],
                        int64_t *key_id);
 
-/* Revokes in Postgres, then removes the key from Redis. CONTROL_UNAVAILABLE
- * when the Redis removal failed: the key is revoked in the ledger and the
- * repair pass will remove it, but the caller should know it may still work
+/* Revokes in Postgres, then writes the key's tombstone to Redis (a revoke
+ * is final: no push of a live key overwrites it). CONTROL_UNAVAILABLE when
+ * the Redis write failed: the key is revoked in the ledger and the repair
+ * pass writes the tombstone, but the caller should know it may still work
  * for up to one repair interval. */
 int control_key_revoke(control_ctx *c, int64_t key_id);
 
@@ -38,5 +39,13 @@ int control_key_revoke(control_ctx *c, int64_t key_id);
 int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t amount,
                    const char *reference, const char *reason, const char *operator_name,
                    ledger_entry *out, int *created);
+
+/* The account phase of a repair pass (creditsync.c) takes this session
+ * advisory lock exclusively (LOCK 1, then 0 to release); a negative
+ * adjustment holds it shared from its guard to its push. So a pass that
+ * creates an account's hash (Redis lost it) always read a credited total
+ * that includes every debit whose guard the loss may have taken. -1 when
+ * Postgres failed. */
+int control_pass_lock(PGconn *pg, int lock);
 
 #endif

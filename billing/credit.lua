@@ -18,7 +18,28 @@
 -- those past their deadline here, in the same step that writes the credited
 -- total it read from Postgres after the adjustment committed (or failed).
 --
--- KEYS[1] outbox stream, KEYS[2] acct hash, KEYS[3] holds hash
+-- Creating the hash never forgets the holds: the account hash alone can be
+-- lost (deleted, evicted) while its holds hash, with calls in flight and
+-- leases, survives; or a settle of a surviving hold left a partial hash
+-- (no seq). held and leasefree are then recomputed from the holds hash, in
+-- the same atomic step, rather than set to 0 (which would free points that
+-- calls in flight still hold: an overdraft once they commit). Refusing
+-- instead, until the holds drain, would leave the account unusable for up
+-- to a hold's deadline, and forever with a guard hold (only a push ends
+-- one).
+--
+-- A hash created from Postgres for an account that had credits (seq > 0)
+-- may have lost charges that are still on their way to Postgres: a batch
+-- the settlement worker read before the loss and commits after this push
+-- read Postgres spent, or (account hash alone lost) records still in the
+-- outbox. So the creation also sets KEYS[4] (pg:{A}:rebuilt, PX
+-- REBUILT_MS), and while it lives every push raises spent to Postgres'
+-- whenever that is higher, calls in flight or not: the hash was made from
+-- nothing, so every hold in it is one Postgres has not charged, and no
+-- hold can be counted twice. (Outside that window the rule below holds.)
+--
+-- KEYS[1] outbox stream, KEYS[2] acct hash, KEYS[3] holds hash, KEYS[4]
+-- (optional) the account's rebuilt marker
 -- ARGV[1] credit_seq, ARGV[2] credited, ARGV[3] Postgres spent,
 -- ARGV[4] rid of a guard hold to drop, or '', ARGV[5] '1': also drop guard
 -- holds past their deadline
@@ -61,11 +82,41 @@ if ARGV[5] == '1' and cur then
         end
     end
 end
-local repair = cur and pspent > rspent and redis.call('XLEN', KEYS[1]) == 0 and
-               redis.call('HLEN', KEYS[3]) == 0
+-- Creating: held and leasefree from the holds that exist (see the top).
+local held, leasefree = 0, 0
+if not cur then
+    local all = redis.call('HGETALL', KEYS[3])
+    for i = 2, #all, 2 do
+        local amount = int(string.match(all[i], '^([^|]*)|') or '')
+        local free = string.match(all[i], '^[^|]*|~lease|[^|]*|([^|]*)|')
+        if free then free = int(free) end
+        if not amount or amount < 0 or (string.find(all[i], '|~lease|', 1, true) and not free) then
+            return redis.error_reply('credit: unusable hold ' .. all[i - 1] .. ' in ' .. KEYS[3])
+        end
+        held = held + amount
+        leasefree = leasefree + (free or 0)
+    end
+end
+local REBUILT_MS = 300000
+local rebuilt = cur and #KEYS >= 4 and redis.call('EXISTS', KEYS[4]) == 1
+local repair = cur and pspent > rspent and
+               (rebuilt or (redis.call('XLEN', KEYS[1]) == 0 and redis.call('HLEN', KEYS[3]) == 0))
 local applied = 0
 if not cur then
-    redis.call('HSET', KEYS[2], 'credited', ARGV[2], 'seq', ARGV[1], 'spent', ARGV[3], 'held', 0)
+    redis.call('HSET', KEYS[2], 'credited', ARGV[2], 'seq', ARGV[1], 'spent', ARGV[3], 'held',
+               string.format('%d', held))
+    if leasefree ~= 0 then
+        redis.call('HSET', KEYS[2], 'leasefree', string.format('%d', leasefree))
+    else
+        redis.call('HDEL', KEYS[2], 'leasefree')
+    end
+    if #KEYS >= 4 and ARGV[1] ~= '0' then
+        redis.call('SET', KEYS[4], '1', 'PX', REBUILT_MS)
+    end
+    if held ~= 0 then
+        redis.log(redis.LOG_WARNING, 'credit: ' .. KEYS[2] .. ' recreated with held ' ..
+                  string.format('%d', held) .. ' from ' .. KEYS[3])
+    end
     applied = 1
     cur = ARGV[1]
 elseif tonumber(cur) < tonumber(ARGV[1]) then

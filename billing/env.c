@@ -57,28 +57,3 @@ int env_parse_hostport(const char *s, char *host, unsigned hostlen, int *port)
     *port = (int)p;
     return 0;
 }
-
-int env_parse_redis_url(const char *url, char *host, unsigned hostlen, int *port, int *db)
-{
-    const char *p;
-    const char *slash;
-    char hp[300];
-    size_t n;
-    int64_t d = 0;
-
-    if (strncmp(url, "redis://", 8) != 0) return -1;
-    p = url + 8;
-    slash = strchr(p, '/');
-    n = slash ? (size_t)(slash - p) : strlen(p);
-    if (n == 0 || n >= sizeof hp) return -1;
-    memcpy(hp, p, n);
-    hp[n] = '\0';
-    if (slash && slash[1] != '\0' && (env_parse_int64(slash + 1, &d) != 0 || d < 0 || d > 15))
-        return -1;
-    *db = (int)d;
-    if (strchr(hp, ':')) return env_parse_hostport(hp, host, hostlen, port);
-    if (n >= hostlen) return -1;
-    memcpy(host, hp, n + 1);
-    *port = 6379;
-    return 0;
-}

@@ -19,7 +19,4 @@ int env_parse_int64(const char *s, int64_t *out);
 /* Splits "host:port" into host (at most hostlen-1 chars) and port. -1 if malformed. */
 int env_parse_hostport(const char *s, char *host, unsigned hostlen, int *port);
 
-/* Parses redis://host:port/db (port and db optional). -1 if malformed. */
-int env_parse_redis_url(const char *url, char *host, unsigned hostlen, int *port, int *db);
-
 #endif

@@ -1,36 +1,38 @@
 /* hot.c: synchronous hot-balance client (see hot.h). */
 #include "billing/hot.h"
 
-#include "billing/env.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "billing/redisurl.h"
 
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_NSCRIPTS };
+enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_KEYPUSH, HOT_PASSEND, HOT_NSCRIPTS };
 
 struct hot_conn {
     redisContext *c;
-    char host[256];
-    int port;
-    int db;
+    redisurl url;     /* REDIS_URL, parsed: AUTH and SELECT on every connect */
+    int auth_refused; /* the last handshake was refused: logged once per streak */
     char sha[HOT_NSCRIPTS][41];
 };
 
-static const char *const hot_sources[HOT_NSCRIPTS] = {hot_lua_reserve, hot_lua_settle,
-                                                      hot_lua_credit};
+static const char *const hot_sources[HOT_NSCRIPTS] = {
+    hot_lua_reserve, hot_lua_settle, hot_lua_credit, hot_lua_keypush, hot_lua_passend};
 
 hot_conn *hot_open(const char *redis_url)
 {
     hot_conn *h = calloc(1, sizeof *h);
+    char err[256], shown[512];
     if (!h) return NULL;
-    if (env_parse_redis_url(redis_url, h->host, sizeof h->host, &h->port, &h->db) != 0) {
-        log_error("REDIS_URL %s: expected redis://host:port/db", redis_url);
+    if (redisurl_parse(redis_url, &h->url, err, sizeof err) != 0) {
+        redisurl_redact(redis_url, shown, sizeof shown);
+        log_error("REDIS_URL=%s: %s", shown, err);
         free(h);
         return NULL;
     }
@@ -41,6 +43,7 @@ void hot_close(hot_conn *h)
 {
     if (!h) return;
     if (h->c) redisFree(h->c);
+    redisurl_wipe(&h->url);
     free(h);
 }
 
@@ -50,30 +53,64 @@ static void hot_drop(hot_conn *h)
     h->c = NULL;
 }
 
-/* Connects if needed; 0 when a connection is ready. */
+/* One handshake command (AUTH, SELECT) on a fresh connection: 0 when Redis
+ * said OK. A refusal (WRONGPASS, NOPERM, a db out of range) is logged once
+ * until a handshake succeeds again: every worker retries on its own
+ * interval, and a wrong password would otherwise fill the log. The reply
+ * names no secret; the command line is never logged. */
+static int hot_handshake(hot_conn *h, const char *what, int argc, const char **argv)
+{
+    redisReply *r = redisCommandArgv(h->c, argc, argv, NULL);
+    int ok = r && r->type == REDIS_REPLY_STATUS;
+    if (!ok && r && r->type == REDIS_REPLY_ERROR && !h->auth_refused) {
+        log_error("redis %s:%d: %s refused: %s (check the user and password in REDIS_URL; "
+                  "Redis counts as unavailable until it is accepted)",
+                  h->url.host, h->url.port, what, r->str);
+        h->auth_refused = 1;
+    } else if (!ok && !r) {
+        log_warn("redis %s:%d: %s: %s", h->url.host, h->url.port, what, h->c->errstr);
+    }
+    if (r) freeReplyObject(r);
+    return ok ? 0 : -1;
+}
+
+/* Connects if needed; 0 when a connection is ready. AUTH (REDIS_URL's user
+ * and password) and SELECT run on every new connection, before anything
+ * else is sent on it. */
 static int hot_ensure(hot_conn *h)
 {
     struct timeval tv = {2, 0};
-    redisReply *r;
+    char db[16];
+    const char *argv[3];
     if (h->c && !h->c->err) return 0;
     hot_drop(h);
-    h->c = redisConnectWithTimeout(h->host, h->port, tv);
+    h->c = redisConnectWithTimeout(h->url.host, h->url.port, tv);
     if (!h->c || h->c->err) {
-        log_warn("redis %s:%d: %s", h->host, h->port, h->c ? h->c->errstr : "out of memory");
+        log_warn("redis %s:%d: %s", h->url.host, h->url.port,
+                 h->c ? h->c->errstr : "out of memory");
         hot_drop(h);
         return -1;
     }
     redisSetTimeout(h->c, (struct timeval){5, 0});
-    if (h->db != 0) {
-        r = redisCommand(h->c, "SELECT %d", h->db);
-        if (!r || r->type == REDIS_REPLY_ERROR) {
-            if (r) freeReplyObject(r);
-            hot_drop(h);
-            return -1;
-        }
-        freeReplyObject(r);
+    if (h->url.password[0]) {
+        int argc = 0;
+        argv[argc++] = "AUTH";
+        if (h->url.user[0]) argv[argc++] = h->url.user;
+        argv[argc++] = h->url.password;
+        if (hot_handshake(h, "AUTH", argc, argv) != 0) goto fail;
     }
+    if (h->url.db != 0) {
+        snprintf(db, sizeof db, "%d", h->url.db);
+        argv[0] = "SELECT";
+        argv[1] = db;
+        if (hot_handshake(h, "SELECT", 2, argv) != 0) goto fail;
+    }
+    if (h->auth_refused) log_info("redis %s:%d: accepted again", h->url.host, h->url.port);
+    h->auth_refused = 0;
     return 0;
+fail:
+    hot_drop(h);
+    return -1;
 }
 
 /* A reply that means "Redis is up but cannot answer yet" (loading its data
@@ -201,13 +238,30 @@ static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox,
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
                const char *guard_rid, int drop_expired_guards, int *applied)
 {
-    char s[24], c[24], sp[24];
-    const char *argv[5] = {s, c, sp, guard_rid ? guard_rid : "", drop_expired_guards ? "1" : "0"};
+    char s[24], c[24], sp[24], rebuilt[HOT_KEYNAME_MAX];
+    hot_keys k;
+    const char *args[9];
     int64_t out[3];
+    redisReply *r;
+    hot_keys_for(&k, account);
+    snprintf(rebuilt, sizeof rebuilt, "pg:{%" PRId64 "}:rebuilt", account);
     snprintf(s, sizeof s, "%" PRId64, seq);
     snprintf(c, sizeof c, "%" PRId64, credited);
     snprintf(sp, sizeof sp, "%" PRId64, spent);
-    if (hot_run(h, HOT_CREDIT, account, HOT_OUTBOX, argv, 5, out) != 0) return -1;
+    args[0] = HOT_OUTBOX;
+    args[1] = k.acct;
+    args[2] = k.holds;
+    args[3] = rebuilt; /* credit.lua: a hash made from Postgres after a loss */
+    args[4] = s;
+    args[5] = c;
+    args[6] = sp;
+    args[7] = guard_rid ? guard_rid : "";
+    args[8] = drop_expired_guards ? "1" : "0";
+    r = hot_eval(h, HOT_CREDIT, 4, args, 9);
+    if (!r) return -1;
+    for (int i = 0; i < 3; i++)
+        out[i] = hot_elem(r, (size_t)i);
+    freeReplyObject(r);
     *applied = (int)out[0];
     if (out[2] == 1)
         log_warn("account %" PRId64 ": Redis had lost settled charges; its spent raised to "
@@ -290,21 +344,101 @@ static int hot_simple(hot_conn *h, int argc, const char **argv)
     return rc;
 }
 
-int hot_key_set(hot_conn *h, const char *key_hash, int64_t account)
+/* keypush.lua for one key: ACCOUNT < 0 writes the tombstone; MARKER (or
+ * NULL) names the pass. *written gets the script's answer. */
+static int hot_keypush(hot_conn *h, const char *key_hash, int64_t account, const char *marker,
+                       int *written)
 {
     char name[96], acct[24];
-    const char *argv[3] = {"SET", name, acct};
+    const char *args[3] = {name, marker ? marker : "", acct};
+    redisReply *r;
     snprintf(name, sizeof name, HOT_KEY_PREFIX "%s", key_hash);
-    snprintf(acct, sizeof acct, "%" PRId64, account);
-    return hot_simple(h, 3, argv);
+    if (account < 0)
+        snprintf(acct, sizeof acct, "%s", HOT_KEY_REVOKED);
+    else
+        snprintf(acct, sizeof acct, "%" PRId64, account);
+    if (!marker) args[1] = acct;
+    r = hot_eval(h, HOT_KEYPUSH, marker ? 2 : 1, args, marker ? 3 : 2);
+    if (!r) return -1;
+    *written = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
+    freeReplyObject(r);
+    return *written < 0 ? -1 : 0;
 }
 
-int hot_key_del(hot_conn *h, const char *key_hash)
+int hot_key_set(hot_conn *h, const char *key_hash, int64_t account)
 {
-    char name[96];
-    const char *argv[2] = {"DEL", name};
-    snprintf(name, sizeof name, HOT_KEY_PREFIX "%s", key_hash);
-    return hot_simple(h, 2, argv);
+    int written;
+    if (account <= 0) return -1;
+    return hot_keypush(h, key_hash, account, NULL, &written);
+}
+
+int hot_key_revoke(hot_conn *h, const char *key_hash)
+{
+    int written;
+    return hot_keypush(h, key_hash, -1, NULL, &written);
+}
+
+int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER])
+{
+    unsigned char raw[12];
+    char hex[25];
+    const char *argv[5] = {"SET", marker, "1", "EX", "86400"};
+    randombytes_buf(raw, sizeof raw);
+    sodium_bin2hex(hex, sizeof hex, raw, sizeof raw);
+    snprintf(marker, HOT_PASS_MARKER, HOT_REBUILD_PREFIX "%s", hex);
+    /* Outlives any pass; expires the markers of passes that died. */
+    return hot_simple(h, 5, argv);
+}
+
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost)
+{
+    int written;
+    if (hot_keypush(h, key_hash, account, marker, &written) != 0) return -1;
+    *lost = written == 2;
+    return 0;
+}
+
+int hot_pass_alive(hot_conn *h, const char *marker, int *alive)
+{
+    const char *argv[2] = {"EXISTS", marker};
+    redisReply *r = hot_command_argv(h, 2, argv, NULL);
+    if (!r) return -1;
+    *alive = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+    freeReplyObject(r);
+    return 0;
+}
+
+int hot_pass_end(hot_conn *h, const char *marker, int *result)
+{
+    unsigned char raw[8];
+    char hex[17], epoch[48];
+    struct timespec now;
+    const char *args[3] = {marker, HOT_EPOCH, epoch};
+    redisReply *r;
+    randombytes_buf(raw, sizeof raw);
+    sodium_bin2hex(hex, sizeof hex, raw, sizeof raw);
+    clock_gettime(CLOCK_REALTIME, &now);
+    snprintf(epoch, sizeof epoch, "%lld-%s", (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000,
+             hex);
+    r = hot_eval(h, HOT_PASSEND, 2, args, 3);
+    if (!r) return -1;
+    *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
+    freeReplyObject(r);
+    return *result < 0 ? -1 : 0;
+}
+
+int hot_epoch_exists(hot_conn *h, int *exists)
+{
+    const char *argv[2] = {"EXISTS", HOT_EPOCH};
+    redisReply *r = hot_command_argv(h, 2, argv, NULL);
+    if (!r) return -1;
+    if (r->type != REDIS_REPLY_INTEGER) {
+        freeReplyObject(r);
+        return -1;
+    }
+    *exists = r->integer == 1;
+    freeReplyObject(r);
+    return 0;
 }
 
 int hot_ping(hot_conn *h)

@@ -40,9 +40,26 @@ int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, co
 int hot_account(hot_conn *h, int64_t account, int *found, int64_t *credited, int64_t *spent,
                 int64_t *held);
 
-/* The API key mirror the gateway authenticates against. */
+/* The API key mirror the gateway authenticates against (keypush.lua). A
+ * live key's push never overwrites a revoked key's tombstone; a revoke
+ * writes the tombstone, which only ever stays. */
 int hot_key_set(hot_conn *h, const char *key_hash, int64_t account);
-int hot_key_del(hot_conn *h, const char *key_hash);
+int hot_key_revoke(hot_conn *h, const char *key_hash);
+
+/* Repair passes (creditsync.c). A pass sets its marker MARKER (a Redis key
+ * name, HOT_PASS_MARKER bytes with its NUL) before its first push; a loss
+ * of Redis's data takes it away. hot_pass_key pushes one key for the pass
+ * (ACCOUNT < 0: revoked); *lost = 1, nothing written, when the marker is
+ * gone. hot_pass_end deletes the marker and writes pg:epoch if missing:
+ * *result 2 epoch written, 1 it was there, 0 the marker was gone (Redis
+ * lost data during the pass: run it again). */
+#define HOT_PASS_MARKER 48
+int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER]);
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost);
+int hot_pass_alive(hot_conn *h, const char *marker, int *alive);
+int hot_pass_end(hot_conn *h, const char *marker, int *result);
+/* *exists = 1 when pg:epoch is in Redis. -1 when Redis did not answer. */
+int hot_epoch_exists(hot_conn *h, int *exists);
 
 /* Raw command access for the workers (settlement, sweeper), which speak
  * stream and scan commands directly. Returns a redisReply* (caller frees with

@@ -14,18 +14,47 @@
  *   pg:outbox     stream of settled calls (settle.lua), consumer group "settle";
  *                 one entry per settle batch: ts, then c = "rid|acct|route|
  *                 amount|hold|outcome|status" per call
- *   pg:key:<hex>  string: account id of a live API key, by key hash
+ *   pg:key:<hex>  string: account id of a live API key, by key hash; "-1"
+ *                 (HOT_KEY_REVOKED) once revoked: a tombstone that only
+ *                 keypush.lua writes around, never over
+ *   pg:epoch      string: written only by a repair pass that pushed every
+ *                 account and key into this Redis (passend.lua); absent =
+ *                 Redis lost its data (or was never filled)
+ *   pg:rebuild:<token>  string: a repair pass in progress (its start);
+ *                 gone = a loss since, so the pass may not write the epoch
+ *   pg:{A}:rebuilt string, PX 5 min: A's hash was created from Postgres
+ *                 after a loss; pushes raise spent to Postgres' (credit.lua)
+ *   pg:backlog    string integer: outbox records (calls, not entries) not yet
+ *                 applied to Postgres; settle.lua and lease.lua add the records
+ *                 they append, settlement's outbox_ack.lua subtracts those of
+ *                 the entries it deletes, in the same atomic steps; never < 0
+ * Per account, for a gateway's spilled settles replayed late (settle.lua,
+ * lease.lua, outcome/close "late"):
+ *   pg:{A}:swept:<rid>     "hold|route" of a per-call hold the sweeper
+ *                          expired (7 days)
+ *   pg:{A}:swept:L<id>     last applied seq of a lease the sweeper released
+ *                          whole past its deadline (7 days)
+ *   pg:{A}:leaseshort:L<id> "seq|charged" of a lease op whose records did not
+ *                          all fit (a day): a resend answers the same count
  */
 #ifndef POINTGATE_HOTKEYS_H
 #define POINTGATE_HOTKEYS_H
 
+#include <inttypes.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define HOT_OUTBOX "pg:outbox"
 #define HOT_OUTBOX_GROUP "settle"
 #define HOT_KEY_PREFIX "pg:key:"
 #define HOT_KEYNAME_MAX 64
+#define HOT_BACKLOG "pg:backlog"
+
+/* Loss detection and revocation (creditsync.c, keypush.lua, passend.lua). */
+#define HOT_EPOCH "pg:epoch"
+#define HOT_KEY_REVOKED "-1"
+#define HOT_REBUILD_PREFIX "pg:rebuild:"
 
 typedef struct hot_keys {
     char acct[HOT_KEYNAME_MAX];
@@ -39,12 +68,23 @@ typedef struct hot_keys {
 /* Fills the per-account key names. Cannot fail for a valid id. */
 void hot_keys_for(hot_keys *k, int64_t account_id);
 
+/* The swept mark of hold RID ("L<id>" for a lease) of ACCOUNT into OUT (CAP
+ * bytes): 0, or -1 when it does not fit. */
+static inline int hot_swept_key(char *out, size_t cap, int64_t account, const char *rid)
+{
+    int n = snprintf(out, cap, "pg:{%" PRId64 "}:swept:%s", account, rid);
+    return n > 0 && (size_t)n < cap ? 0 : -1;
+}
+
 /* Script sources, NUL-terminated, generated at build from billing/lua/prelude.lua
  * (helpers they share) followed by billing/<name>.lua. */
 extern const char hot_lua_reserve[];
 extern const char hot_lua_settle[];
 extern const char hot_lua_credit[];
 extern const char hot_lua_lease[];
+extern const char hot_lua_outbox_ack[];
+extern const char hot_lua_keypush[];
+extern const char hot_lua_passend[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
 enum { HOT_RESERVE_UNKNOWN = -1, HOT_RESERVE_SHORT = 0, HOT_RESERVE_HELD = 1 };

@@ -32,19 +32,32 @@
 -- ARGV[6] busy: points of the lease still promised after this op (calls in
 --   flight, records not in this op), so free = amount - busy
 -- ARGV[7] close: '1' when the worker closes the lease (it promises nothing
---   and gives everything back): an op that leaves it empty then drops it
+--   and gives everything back): an op that leaves it empty then drops it;
+--   'late' for an op replayed from a gateway's spill file after a restart:
+--   with the lease there, a normal op (as '0'); with the lease gone and its
+--   swept mark pg:{A}:swept:L<id> (settle.lua, the sweeper) below this seq,
+--   the records are charged from the available points, in order, as far
+--   as they go, and the mark set to this seq (status 1, amount 0); else
+--   status 0. A late op never recreates the lease.
 -- ARGV[8..] the outbox entry's fields: 'c', then a record
 --   "rid|acct|route|amount|hold|outcome|status", per call (settle.lua's)
 --
--- Returns {status, amount, available, contended}:
+-- Returns {status, amount, available, contended, charged}:
 --   1 applied; 2 already applied (a resend); 0 no such lease (expired by the
 --   sweeper, or Redis lost it): nothing applied, nothing charged;
---  -1 account unknown to Redis (creation only); -2 its data is unusable, or
---   the records charge more than the lease holds and the account has not
---   the difference available: nothing charged, the lease released whole,
---   and the worker drops it
+--  -1 account unknown to Redis (creation, or a late op); -2 its data is
+--   unusable: nothing changed
 -- amount: the lease's points now; available: credited - spent - held +
--- leasefree; contended: 1 when a reserve was short of points held here in
+-- leasefree; charged: how many of the op's records were charged and
+-- appended, always the first ones (0 unless status 1 or 2). Fewer than
+-- the op carried only when they charge more than the lease holds plus the
+-- account's available points: then the records are charged in order while
+-- they fit, and the first that does not fit and every one after it are
+-- neither charged nor appended (their calls are not billed: under-billing,
+-- never an overdraft); the lease stays, for the worker's next ops. A
+-- resend of that op (status 2) answers the same number (kept in
+-- pg:{A}:leaseshort:L<id> = "seq|charged" for a day, written only then).
+-- contended: 1 when a reserve was short of points held here in
 -- the last CONTEND_MS (reserve.lua marks it). A contended lease grows no
 -- more, and its worker stops serving from it and gives its free points back
 -- with its next op: a caller waiting for points (reserve.lua's short
@@ -54,8 +67,10 @@
 -- it): a shrink decided here could cut below calls it promised while this
 -- op was on its way.
 --
--- Cost: one HMGET, one HGET, the XADD and a few writes per op, whatever the
--- number of records: the gateway formats them, Lua only passes them on.
+-- Cost: one HMGET, one HGET, the XADD, one INCRBY of pg:backlog (the
+-- records not yet in Postgres: settle.lua's) and a few writes per op,
+-- whatever the number of records: the gateway formats them, Lua only
+-- passes them on (it parses their amounts only when they do not fit).
 --
 -- All or nothing, as settle.lua: reads and checks first, the outbox entry
 -- is the first write, the writes after it cannot fail.
@@ -70,16 +85,19 @@ local lid = ARGV[1]
 local seq, ttl, charge = int(ARGV[2]), int(ARGV[3]), int(ARGV[4])
 local resize, busy, close = int(ARGV[5]), int(ARGV[6]), ARGV[7]
 if not seq or seq < 1 or not ttl or ttl <= 0 or not charge or charge < 0 or not resize or
-   not busy or busy < 0 or (close ~= '0' and close ~= '1') then
+   not busy or busy < 0 or (close ~= '0' and close ~= '1' and close ~= 'late') then
     return redis.error_reply('lease: seq, ttl, charge, resize, busy and close must be integers')
 end
 local nrec = (#ARGV - 7) / 2
+local late = close == 'late'
+if late then close = '0' end
+local base = string.match(KEYS[2], '^(.*:)holds$') -- "pg:{A}:" (hotkeys.h)
 
 local cur = redis.pcall('HGET', KEYS[2], lid)
-if type(cur) == 'table' then return {-2, 0, 0, 0} end
+if type(cur) == 'table' then return {-2, 0, 0, 0, 0} end
 local a = read_figures(KEYS[1], cur ~= false)
-if a == false then return {-1, 0, 0, 0} end
-if a == 'bad' then return {-2, 0, 0, 0} end
+if a == false then return {-1, 0, 0, 0, 0} end
+if a == 'bad' then return {-2, 0, 0, 0, 0} end
 local lf = a.lf
 local cont = redis.call('HGET', KEYS[1], 'contend')
 
@@ -90,6 +108,37 @@ local function shown()
     return a.credited - a.spent - a.held + lf
 end
 
+-- The first records whose amounts fit in BUDGET, in order: how many, and
+-- what they charge. Parses the records (the gateway's format), so only for
+-- an op whose charge does not fit.
+local function fitting(budget)
+    local k, c = 0, 0
+    for j = 1, nrec do
+        local amt = string.match(ARGV[7 + 2 * j], '^[^|]*|[^|]*|[^|]*|(%d+)|')
+        amt = amt and int(amt)
+        if not amt or c + amt > budget then break end
+        k, c = j, c + amt
+    end
+    return k, c
+end
+
+-- Appends the first K records as one outbox entry and counts them in the
+-- backlog; an error reply when Redis refuses the entry (nothing written).
+local function append(k)
+    if k == 0 then return nil end
+    local r = redis.pcall('XADD', KEYS[3], '*', 'ts', string.format('%d', now),
+                          unpack(ARGV, 8, 7 + 2 * k))
+    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
+    return nil
+end
+local function count(k)
+    if k == 0 then return end
+    local r = redis.pcall('INCRBY', 'pg:backlog', string.format('%d', k))
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'lease: pg:backlog: ' .. r.err)
+    end
+end
+
 local amount, free = 0, 0
 if cur then
     local am, sq, fr = string.match(cur, '^(%d+)|~lease|(%d+)|(%d+)|%d+|%d+$')
@@ -97,11 +146,42 @@ if cur then
     local stored = int(sq or '')
     if not amount or not stored or not free then
         redis.log(redis.LOG_WARNING, 'lease: unusable lease ' .. lid .. ' in ' .. KEYS[2] .. ': ' .. cur)
-        return {-2, 0, 0, 0}
+        return {-2, 0, 0, 0, 0}
     end
-    if stored >= seq then return {2, amount, shown(), contended} end
+    if stored >= seq then
+        local k = nrec
+        if stored == seq and nrec > 0 and base then
+            local v = redis.pcall('GET', base .. 'leaseshort:' .. lid)
+            local vs, vk = false, nil
+            if type(v) == 'string' then vs, vk = string.match(v, '^(%d+)|(%d+)$') end
+            if vs and int(vs) == seq and int(vk) and int(vk) < nrec then k = int(vk) end
+        end
+        return {2, amount, shown(), contended, k}
+    end
+elseif late then
+    -- A replayed op of a lease the sweeper released whole past its deadline
+    -- (its calls were answered before the gateway stopped): charged from
+    -- the available points as far as they go, once per seq, never more than
+    -- the account has; the lease is not recreated.
+    if not base then return {0, 0, shown(), contended, 0} end
+    local sk = base .. 'swept:' .. lid
+    local m = redis.pcall('GET', sk)
+    m = type(m) == 'string' and int(m)
+    if not m or m >= seq then return {0, 0, shown(), contended, 0} end
+    local k, c = fitting(a.credited - a.spent - a.held)
+    if k < nrec then
+        redis.log(redis.LOG_WARNING, 'lease: late op ' .. seq .. ' of ' .. lid .. ': ' .. k .. ' of ' ..
+                  nrec .. ' records fit the available points')
+    end
+    local err = append(k)
+    if err then return err end
+    redis.pcall('SET', sk, string.format('%d', seq), 'KEEPTTL')
+    if c ~= 0 then redis.call('HINCRBY', KEYS[1], 'spent', string.format('%d', c)) end
+    count(k)
+    a.spent = a.spent + c
+    return {1, 0, shown(), contended, k}
 elseif seq ~= 1 then
-    return {0, 0, shown(), contended}
+    return {0, 0, shown(), contended, 0}
 elseif charge ~= 0 or nrec > 0 then
     return redis.error_reply('lease: a new lease has nothing to settle')
 end
@@ -112,22 +192,21 @@ local avail = a.credited - a.spent - a.held
 -- the lease holds (the sweeper took its free points back after the soft
 -- deadline while the worker was cut off, or Redis came back from older
 -- data), the rest comes from the available points. If even those do not
--- cover them, nothing is charged and the lease goes back whole, now (its
--- points must not stay held for a worker that will drop it).
+-- cover them, the records are charged in order as far as the lease and the
+-- available points go; the rest are not charged and not appended.
+local k = nrec
 if charge > amount then
-    local need = charge - amount
-    if need > avail then
+    if charge - amount > avail then
+        local asked = charge
+        k, charge = fitting(amount + avail)
         redis.log(redis.LOG_WARNING, 'lease: ' .. lid .. ' holds ' .. amount .. ', asked to settle ' ..
-                  charge .. ', ' .. avail .. ' available: dropped')
-        if cur then
-            redis.call('HDEL', KEYS[2], lid)
-            if amount ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -amount)) end
-            if free ~= 0 then redis.call('HINCRBY', KEYS[1], 'leasefree', string.format('%d', -free)) end
-            a.held, lf = a.held - amount, lf - free
-        end
-        return {-2, 0, shown(), contended}
+                  asked .. ', ' .. avail .. ' available: ' .. k .. ' of ' .. nrec ..
+                  ' records charged')
     end
-    amount, avail = amount + need, avail - need
+    if charge > amount then
+        local need = charge - amount
+        amount, avail = amount + need, avail - need
+    end
 end
 -- Then what calls in flight were promised, as far as the available points
 -- go: what is not covered stays promised, and their records re-take it
@@ -154,11 +233,8 @@ end
 local newfree = new > busy and new - busy or 0
 local dheld = new - orig -- the charge leaves held; a re-take or resize moves it
 
-if nrec > 0 then
-    local r = redis.pcall('XADD', KEYS[3], '*', 'ts', string.format('%d', now),
-                          unpack(ARGV, 8))
-    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
-end
+local err = append(k)
+if err then return err end
 if new == 0 and busy == 0 and nrec == 0 and (close == '1' or not cur) then
     -- Only an op the worker sends to close it (a resend finds nothing, and
     -- carries no record to lose), or a new lease granted nothing. An amount
@@ -174,5 +250,9 @@ if charge ~= 0 then redis.call('HINCRBY', KEYS[1], 'spent', string.format('%d', 
 if newfree ~= free then
     redis.call('HINCRBY', KEYS[1], 'leasefree', string.format('%d', newfree - free))
 end
+if k < nrec and base then
+    redis.pcall('SET', base .. 'leaseshort:' .. lid, string.format('%d|%d', seq, k), 'EX', '86400')
+end
+count(k)
 a.held, a.spent, lf = a.held + dheld, a.spent + charge, lf + newfree - free
-return {1, new, shown(), contended}
+return {1, new, shown(), contended, k}

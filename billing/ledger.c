@@ -439,66 +439,185 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM "       \
     "roll)"
 
+/* A late settle (settle.lua outcome "late", a spilled settle replayed after
+ * the sweeper had released its hold) in two statements, each its own
+ * transaction and each idempotent, so a crash between them or a redelivery
+ * changes nothing: first a late record whose reservation id has no row yet
+ * inserts it (the expire record may still be on its way: it then finds the
+ * row and changes nothing); then a late record whose row is (expire, 0)
+ * upgrades it to (late, amount), moving the account's spent and the row's
+ * own rollup day and route by the difference (points up, one failed call
+ * less: the call was billable after all; calls unchanged). A row with any
+ * other outcome is left alone. Two statements, not one: in one, the update
+ * would not see an expire row that another settlement worker committed
+ * while the insert waited on it, and the late charge would be lost. */
+#define LEDGER_LATE_INPUT                                                                          \
+    "WITH input AS ("                                                                              \
+    "  SELECT DISTINCT ON (rid) * FROM unnest($1::text[], $2::bigint[], $3::text[],"               \
+    "    $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::bigint[])"                         \
+    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms) ORDER BY rid),"
+#define LEDGER_LATE_MOVE(SRC)                                                                      \
+    " acc AS ("                                                                                    \
+    "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
+    "  FROM (SELECT account_id, sum(amount) AS total FROM " SRC " GROUP BY account_id) s"          \
+    "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                                 \
+    " roll AS ("                                                                                   \
+    "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"         \
+    "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, sum(calls),"              \
+    "    sum(amount), sum(failed) FROM " SRC " GROUP BY 1, 2, 3"                                   \
+    "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"       \
+    "    points = u.points + EXCLUDED.points,"                                                     \
+    "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"                       \
+    " SELECT (SELECT count(*) FROM " SRC "), (SELECT count(*) FROM acc), (SELECT count(*) FROM "   \
+    "roll)"
+#define LEDGER_LATE_INSERT_SQL                                                                     \
+    LEDGER_LATE_INPUT                                                                              \
+    " ins AS ("                                                                                    \
+    "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
+    "    occurred_at)"                                                                             \
+    "  SELECT rid, account_id, route, amount, hold, 'late', status,"                               \
+    "    to_timestamp(ts_ms::float8 / 1000) FROM input"                                            \
+    "  ON CONFLICT (reservation_id) DO NOTHING"                                                    \
+    "  RETURNING account_id, route, amount, occurred_at, 1 AS calls, 0 AS "                        \
+    "failed)," LEDGER_LATE_MOVE("ins")
+#define LEDGER_LATE_UPGRADE_SQL                                                                    \
+    LEDGER_LATE_INPUT                                                                              \
+    " up AS ("                                                                                     \
+    "  UPDATE charges c SET amount = i.amount, outcome = 'late', status = i.status FROM input i"   \
+    "  WHERE c.reservation_id = i.rid AND c.account_id = i.account_id"                             \
+    "    AND c.outcome = 'expire' AND c.amount = 0 AND i.amount > 0"                               \
+    "  RETURNING c.account_id, c.route, c.amount, c.occurred_at, 0 AS calls, -1 AS "               \
+    "failed)," LEDGER_LATE_MOVE("up")
+
 /* Runs the settlement statement as a prepared statement (planned once per
  * connection): a connection that does not know it yet (new, or reset after
- * Postgres restarted) answers 26000, and gets it prepared. */
-static int ledger_settle_exec(PGconn *conn, const char *const *p, PGresult **out)
+ * Postgres restarted) answers 26000, and gets it prepared. Returns the
+ * result (NULL when the connection could not be made again). */
+static PGresult *ledger_settle_exec(PGconn *conn, const char *const *p)
 {
     PGresult *r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
     const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     if (state && strcmp(state, "26000") == 0) {
         PQclear(r);
         r = PQprepare(conn, "settle_batch", LEDGER_SETTLE_SQL, 8, NULL);
-        if (PQresultStatus(r) != PGRES_COMMAND_OK) return ledger_result(conn, r, out);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) return r;
         PQclear(r);
         r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
     } else if (PQstatus(conn) == CONNECTION_BAD) {
         /* Postgres restarted: ledger_run reconnects and sends it unprepared
          * (the statement is idempotent); the next batch prepares again. */
         PQclear(r);
-        return ledger_failure(conn, LEDGER_SETTLE_SQL, 8, p, out);
+        return ledger_run(conn, LEDGER_SETTLE_SQL, 8, p);
     }
-    return ledger_result(conn, r, out);
+    return r;
 }
 
-int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied)
+/* 1 if SQLSTATE says the statement's data is at fault (a value out of
+ * range, malformed text, an integrity or check violation, a datatype
+ * mismatch, a value too large to index): the same rows fail again on every
+ * retry, so the caller isolates them. Anything else (connection, deadlock,
+ * serialization, shutdown, resources) is the database's trouble: retried. */
+static int ledger_data_error(const char *state)
+{
+    if (!state || strlen(state) != 5) return 0;
+    return strncmp(state, "22", 2) == 0 || strncmp(state, "23", 2) == 0 ||
+           strcmp(state, "42804") == 0 || strcmp(state, "54000") == 0;
+}
+
+/* Classifies a settlement statement's result R (taken): LEDGER_OK with the
+ * new rows in *APPLIED, LEDGER_CONFLICT for a data error (SQLSTATE and
+ * message in WHY), LEDGER_ERROR (logged) otherwise. */
+static int ledger_settle_result(PGconn *conn, PGresult *r, int *applied, char *why, size_t whylen)
+{
+    ExecStatusType st = PQresultStatus(r);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    int rc = LEDGER_ERROR;
+    if (r && st == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+        *applied += (int)ledger_i64(r, 0, 0);
+        rc = LEDGER_OK;
+    } else if (r && ledger_data_error(state)) {
+        const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+        snprintf(why, whylen, "%s %s", state, msg ? msg : "");
+        rc = LEDGER_CONFLICT;
+    } else {
+        log_error("postgres: %s", PQerrorMessage(conn));
+    }
+    PQclear(r);
+    return rc;
+}
+
+/* The 8 array parameters of the charges among C[0..N) whose outcome is
+ * late (LATE = 1) or not (0); *TAKEN gets how many. -1 when out of memory. */
+static int ledger_settle_arrays(ledger_buf cols[8], const ledger_charge *c, int n, int late,
+                                int *taken)
+{
+    char num[32];
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        if ((strcmp(c[i].outcome, "late") == 0) != late) continue;
+        ledger_buf_elem(&cols[0], k == 0, c[i].rid);
+        snprintf(num, sizeof num, "%" PRId64, c[i].account_id);
+        ledger_buf_elem(&cols[1], k == 0, num);
+        ledger_buf_elem(&cols[2], k == 0, c[i].route);
+        snprintf(num, sizeof num, "%" PRId64, c[i].amount);
+        ledger_buf_elem(&cols[3], k == 0, num);
+        snprintf(num, sizeof num, "%" PRId64, c[i].hold);
+        ledger_buf_elem(&cols[4], k == 0, num);
+        ledger_buf_elem(&cols[5], k == 0, c[i].outcome);
+        snprintf(num, sizeof num, "%d", c[i].status);
+        ledger_buf_elem(&cols[6], k == 0, num);
+        snprintf(num, sizeof num, "%" PRId64, c[i].ts_ms);
+        ledger_buf_elem(&cols[7], k == 0, num);
+        k++;
+    }
+    *taken = k;
+    for (int j = 0; j < 8 && k > 0; j++) {
+        ledger_buf_put(&cols[j], "}", 1);
+        if (cols[j].oom) return -1;
+    }
+    return 0;
+}
+
+int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
+                        size_t whylen)
 {
     ledger_buf cols[8] = {{0}};
     const char *p[8];
-    PGresult *r = NULL;
-    int rc = LEDGER_ERROR;
-    char num[32];
+    int rc = LEDGER_ERROR, k;
 
     *applied = 0;
+    if (why && whylen) why[0] = '\0';
     if (n <= 0) return LEDGER_OK;
-    for (int i = 0; i < n; i++) {
-        ledger_buf_elem(&cols[0], i == 0, c[i].rid);
-        snprintf(num, sizeof num, "%" PRId64, c[i].account_id);
-        ledger_buf_elem(&cols[1], i == 0, num);
-        ledger_buf_elem(&cols[2], i == 0, c[i].route);
-        snprintf(num, sizeof num, "%" PRId64, c[i].amount);
-        ledger_buf_elem(&cols[3], i == 0, num);
-        snprintf(num, sizeof num, "%" PRId64, c[i].hold);
-        ledger_buf_elem(&cols[4], i == 0, num);
-        ledger_buf_elem(&cols[5], i == 0, c[i].outcome);
-        snprintf(num, sizeof num, "%d", c[i].status);
-        ledger_buf_elem(&cols[6], i == 0, num);
-        snprintf(num, sizeof num, "%" PRId64, c[i].ts_ms);
-        ledger_buf_elem(&cols[7], i == 0, num);
+    /* The calls settled in the usual way (commit, release, expire): one
+     * prepared statement, the hot path. */
+    if (ledger_settle_arrays(cols, c, n, 0, &k) != 0) goto out;
+    if (k > 0) {
+        for (int j = 0; j < 8; j++)
+            p[j] = cols[j].p;
+        rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
+        if (rc != LEDGER_OK) goto out;
     }
-    for (int k = 0; k < 8; k++) {
-        ledger_buf_put(&cols[k], "}", 1);
-        if (cols[k].oom) goto out;
-        p[k] = cols[k].p;
+    for (int j = 0; j < 8; j++) {
+        free(cols[j].p);
+        cols[j] = (ledger_buf){0};
     }
-    rc = ledger_settle_exec(conn, p, &r);
-    if (rc == LEDGER_NOT_FOUND || rc == LEDGER_LIMIT) rc = LEDGER_CONFLICT;
-    if (rc != LEDGER_OK) goto out;
-    *applied = (int)ledger_i64(r, 0, 0);
-    PQclear(r);
+    /* Late settles, rare: after the others, so that an expire record of the
+     * same batch is a row the upgrade finds. */
+    rc = LEDGER_ERROR;
+    if (ledger_settle_arrays(cols, c, n, 1, &k) != 0) goto out;
+    rc = LEDGER_OK;
+    if (k > 0) {
+        for (int j = 0; j < 8; j++)
+            p[j] = cols[j].p;
+        rc = ledger_settle_result(conn, ledger_run(conn, LEDGER_LATE_INSERT_SQL, 8, p), applied,
+                                  why, whylen);
+        if (rc == LEDGER_OK)
+            rc = ledger_settle_result(conn, ledger_run(conn, LEDGER_LATE_UPGRADE_SQL, 8, p),
+                                      applied, why, whylen);
+    }
 out:
-    for (int k = 0; k < 8; k++)
-        free(cols[k].p);
+    for (int j = 0; j < 8; j++)
+        free(cols[j].p);
     return rc;
 }
 

@@ -109,10 +109,17 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
                    int *n);
 
 /* Applies settled calls in one statement: charge rows (deduplicated by
- * reservation id), accounts' spent and the daily rollup, atomically.
- * *applied gets the number of new rows. LEDGER_CONFLICT means the batch holds
- * a row Postgres refuses (integrity): the caller retries one by one. */
-int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied);
+ * reservation id), accounts' spent and the daily rollup, atomically; late
+ * settles (outcome "late") after them, in two more idempotent statements
+ * that insert their row or upgrade an (expire, 0) row once (ledger.c).
+ * *applied gets the number of new or upgraded rows. LEDGER_CONFLICT means
+ * the batch holds a row Postgres refuses as data (SQLSTATE class 22 or 23,
+ * 42804, 54000; "<SQLSTATE> <message>" in WHY, WHYLEN bytes): the same rows
+ * fail on every retry, so the caller isolates them. Every statement is
+ * idempotent: after any failure the whole batch may be sent again.
+ * LEDGER_ERROR: the database's trouble, retry later. */
+int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
+                        size_t whylen);
 
 /* Calls FN for every account's credit state / every key, for repair passes. */
 typedef int (*ledger_account_fn)(void *arg, int64_t id, int64_t credit_seq, int64_t credited,

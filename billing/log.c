@@ -44,3 +44,23 @@ void log_msg(enum log_level lvl, const char *fmt, ...)
     fprintf(stderr, "%s.%03ldZ %s %s: %s\n", ts, now.tv_nsec / 1000000, log_component, names[lvl],
             msg);
 }
+
+int log_limit_ok(log_limit *l, unsigned long long now_ms, unsigned per_sec)
+{
+    unsigned long long sec = now_ms / 1000;
+    if (sec != l->second) {
+        l->second = sec;
+        l->n = 0;
+    }
+    if (l->n >= per_sec) {
+        l->suppressed++;
+        return 0;
+    }
+    l->n++;
+    if (l->suppressed) {
+        log_msg(LOG_WARN, "%lu similar log lines suppressed (more than %u a second)", l->suppressed,
+                per_sec);
+        l->suppressed = 0;
+    }
+    return 1;
+}

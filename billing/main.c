@@ -72,9 +72,15 @@ static int cmd_repair(void)
     if (config_load(&cfg, 1, 0, 0) != 0) return 2;
     pg = ledger_connect(cfg.database_url);
     hot = hot_open(cfg.redis_url);
-    if (pg && hot && creditsync_pass(pg, hot) == 0) {
-        printf("repair: every account and key pushed to redis\n");
-        rc = 0;
+    /* A loss of Redis's data during the pass: run it again (a few times). */
+    for (int i = 0; i < 3 && pg && hot && rc != 0; i++) {
+        int pass = creditsync_pass(pg, hot);
+        if (pass == 0) {
+            printf("repair: every account and key pushed to redis\n");
+            rc = 0;
+        } else if (pass != CREDITSYNC_LOST) {
+            break;
+        }
     }
     if (pg) PQfinish(pg);
     hot_close(hot);

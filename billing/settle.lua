@@ -1,19 +1,34 @@
 -- settle.lua: close holds, each either committing a charge or releasing it,
 -- and append the outcomes to the outbox stream in the same atomic step, so
 -- that a charge exists in Redis iff it is on its way to Postgres.
--- Does not decide billability: the caller says commit/release/expire.
+-- Does not decide billability: the caller says commit/release/expire/late.
 --
 -- One call takes a batch of N >= 1 settles (see reserve.lua for why) and
 -- appends ONE outbox entry carrying every hold it closed:
 --   ts <ms>, then per closed hold a field c = "rid|acct|route|amount|hold|outcome|status"
--- (route ids cannot contain '|'; billing/settlement.c parses this).
+-- (route ids cannot contain '|'; billing/settlement.c parses this), and adds
+-- the number of those records to pg:backlog (HOT_BACKLOG: records not yet in
+-- Postgres, which settlement lowers as it acknowledges them) in the same step.
 --
 -- KEYS[1] outbox stream; for op i (1-based): KEYS[2i] acct hash, KEYS[2i+1] holds hash
 -- ARGV[5i-4] reservation id
--- ARGV[5i-3] charge requested (commit only; capped to [0, hold])
--- ARGV[5i-2] outcome: commit | release | expire
+-- ARGV[5i-3] charge requested (commit and late only; capped to [0, hold])
+-- ARGV[5i-2] outcome: commit | release | expire | late
 -- ARGV[5i-1] upstream status (0 when none)
 -- ARGV[5i]   account id (copied into the outbox entry)
+--
+-- expire is the sweeper's: the hold's call ended unseen, released at cost 0.
+-- For a per-call hold it also leaves pg:{A}:swept:<rid> = "hold|route" (7
+-- days), and for a whole lease past its deadline pg:{A}:swept:L<id> = the
+-- lease's last seq (lease.lua): the marks a replayed settle needs.
+-- late is a settle the gateway answered but could not deliver before it
+-- stopped (spilled to disk, replayed at its next start): with the hold
+-- still there, exactly a commit (recorded as commit); with the hold gone and
+-- its swept mark there, the charge (capped at the hold) is taken from the
+-- available points as far as they go (never an overdraft), the mark is
+-- dropped and a record with outcome late is appended (none when 0 was
+-- charged) that settlement uses to upgrade the expire row; with neither,
+-- a no-op (settled already).
 --
 -- Returns 3 integers per op, {status, charged, available}:
 --   1  settled now; 0  no such hold (already settled or swept): no-op;
@@ -24,11 +39,13 @@
 -- All or nothing: every read and check comes first; then the outbox entry is
 -- the first write (if Redis refuses it, e.g. out of memory, nothing has been
 -- written), and the writes after it cannot fail (a Lua error would keep the
--- writes made before it).
+-- writes made before it); the marks and the backlog count go last, through
+-- pcall (a key of the wrong type there is logged, never a half-applied op).
 --
 -- Redis commands are issued per key, not per op (see reserve.lua): one HMGET
--- per account and per holds hash, the XADD, one HDEL per holds hash and the
--- HINCRBYs per account.
+-- per account and per holds hash, the XADD, one HDEL per holds hash, the
+-- HINCRBYs per account and one INCRBY of the backlog. Only the sweeper's
+-- expires and replayed late settles touch the swept marks.
 local n = (#KEYS - 1) / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
     return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
@@ -64,7 +81,12 @@ for _, akey in ipairs(order) do
 end
 for _, hkey in ipairs(gorder) do
     groups[hkey].closed, groups[hkey].updated = {}, {}
+    -- "pg:{A}:" (hotkeys.h): the account's swept marks are named from it.
+    groups[hkey].base = string.match(hkey, '^(.*:)holds$')
 end
+local SWEPT_TTL = '604800' -- 7 days: how long a spilled settle may wait for its replay
+local marks = {} -- swept mark -> value to SET, or false to DEL
+local seen = {}  -- swept mark -> its value as read (false: absent or consumed)
 
 -- A lease (lease.lua) is touched here only by the sweeper (outcome
 -- expire), and by its deadlines as they are now (each of its ops moves
@@ -88,6 +110,7 @@ local function expire_lease(a, g, rid, h)
         g.vals[rid] = nil
         g.closed[#g.closed + 1] = rid
         a.held, a.dheld = a.held - amount, a.dheld - amount
+        if g.base then marks[g.base .. 'swept:' .. rid] = seq end
     elseif soft <= now and free > 0 then
         local v = string.format('%d|~lease|%s|0|%d|%d', amount - free, seq, dl, soft)
         g.updated[#g.updated + 1] = rid
@@ -122,6 +145,37 @@ for i = 1, n do
     if route == '~lease' then
         out[o] = outcome == 'expire' and expire_lease(a, g, rid, h) or 0
         out[o + 2] = a.credited - a.spent - a.held + a.lf
+    elseif outcome == 'late' and out[o] == 0 and g.base then
+        -- No hold: swept (mark there) or settled already (no mark).
+        local sk = g.base .. 'swept:' .. rid
+        local sv = seen[sk]
+        if sv == nil then sv = marks[sk] end -- swept earlier in this batch
+        if sv == nil then
+            sv = redis.pcall('GET', sk)
+            if type(sv) ~= 'string' then sv = false end
+            seen[sk] = sv
+        end
+        local hstr, sroute = false, nil
+        if sv then hstr, sroute = string.match(sv, '^(%d+)|([^|]*)$') end
+        local hold = hstr and intc(ints, hstr)
+        if hold then
+            local charge = charges[i]
+            if charge > hold then charge = hold end
+            local avail = a.credited - a.spent - a.held
+            if charge > avail then charge = avail end
+            if charge < 0 then charge = 0 end
+            seen[sk], marks[sk] = false, false
+            if charge > 0 then
+                a.spent, a.dspent = a.spent + charge, a.dspent + charge
+                entry[#entry + 1] = 'c'
+                entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. sroute .. '|' ..
+                                        string.format('%d', charge) .. '|' .. hstr .. '|late|' ..
+                                        ARGV[5 * i - 1]
+            end
+            out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held + a.lf
+        elseif sv then
+            redis.log(redis.LOG_WARNING, 'settle: unusable swept mark ' .. sk .. ': ' .. sv)
+        end
     elseif h then
         if not hold then
             redis.log(redis.LOG_WARNING, 'settle: unusable hold ' .. rid .. ' in ' .. hkey .. ': ' .. h)
@@ -129,7 +183,9 @@ for i = 1, n do
             -- The figures' own canonical strings go into the entry (no
             -- string.format per op): the charge as asked, or its bounds.
             local charge, cstr = 0, '0'
-            if outcome == 'commit' and charges[i] > 0 then
+            local recorded = outcome
+            if outcome == 'late' then recorded = 'commit' end -- the hold is there: a commit
+            if recorded == 'commit' and charges[i] > 0 then
                 charge, cstr = charges[i], ARGV[5 * i - 3]
                 if charge > hold then charge, cstr = hold, hstr end
             end
@@ -139,7 +195,11 @@ for i = 1, n do
             a.spent, a.dspent = a.spent + charge, a.dspent + charge
             entry[#entry + 1] = 'c'
             entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. route .. '|' .. cstr .. '|' ..
-                                    hstr .. '|' .. outcome .. '|' .. ARGV[5 * i - 1]
+                                    hstr .. '|' .. recorded .. '|' .. ARGV[5 * i - 1]
+            -- A guard hold ('_' route, credit.lua) is not a call: no mark.
+            if outcome == 'expire' and g.base and string.sub(route, 1, 1) ~= '_' then
+                marks[g.base .. 'swept:' .. rid] = hstr .. '|' .. route
+            end
             out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held + a.lf
         end
     end
@@ -165,5 +225,22 @@ for _, akey in ipairs(order) do
     if a.dheld ~= 0 then redis.call('HINCRBY', akey, 'held', string.format('%d', a.dheld)) end
     if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', string.format('%d', a.dspent)) end
     if a.dlf ~= 0 then redis.call('HINCRBY', akey, 'leasefree', string.format('%d', a.dlf)) end
+end
+for sk, v in pairs(marks) do
+    local r
+    if v then
+        r = redis.pcall('SET', sk, v, 'EX', SWEPT_TTL)
+    else
+        r = redis.pcall('DEL', sk)
+    end
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'settle: swept mark ' .. sk .. ': ' .. r.err)
+    end
+end
+if #entry > 0 then
+    local r = redis.pcall('INCRBY', 'pg:backlog', string.format('%d', #entry / 2))
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'settle: pg:backlog: ' .. r.err)
+    end
 end
 return out

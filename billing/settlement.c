@@ -10,11 +10,21 @@
  * pending entries; entries left pending by a worker that never came back are
  * claimed by the others after SETTLE_CLAIM_IDLE_MS (XAUTOCLAIM).
  *
- * Calls Postgres refuses (integrity) are retried one by one and the
- * offenders moved to the stream pg:outbox:dead, so one bad call cannot stall
- * settlement; an entry settle.lua cannot have written is copied there whole. Holds whose route
- * starts with '_' are not calls (a negative adjustment's guard) and are acknowledged without a
- * charge row. */
+ * Calls Postgres refuses as data (any SQLSTATE of class 22 or 23, 42804,
+ * 54000: a value out of range, an unknown outcome, an account it does not
+ * know, a numeric overflow...) are isolated by halving the batch until the
+ * refused calls stand alone, and those are moved to the stream
+ * pg:outbox:dead with the reason; the rest of the batch is applied. So a bad
+ * call costs about 2 log2(batch) statements and never stalls settlement;
+ * connection and transient errors (deadlock, shutdown) retry the whole batch
+ * with backoff. An entry settle.lua cannot have written is copied there
+ * whole. Holds whose route starts with '_' are not calls (a negative
+ * adjustment's guard) and are acknowledged without a charge row.
+ *
+ * Entries leave the stream through outbox_ack.lua, which deletes and
+ * acknowledges them and lowers pg:backlog (the records not yet in Postgres,
+ * which the gateway bounds with OUTBOX_MAX_BACKLOG) by the records of the
+ * entries it deleted, in one atomic step. */
 #include "billing/env.h"
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
@@ -33,6 +43,13 @@
 
 #define SETTLE_DEAD_STREAM HOT_OUTBOX ":dead"
 
+/* An entry of the batch: its stream id and the records it carries (what
+ * settle.lua or lease.lua added to pg:backlog when appending it). */
+typedef struct settle_id {
+    char id[48];
+    char records[16];
+} settle_id;
+
 typedef struct settle_state {
     const billing_config *cfg;
     atomic_int *stop;
@@ -41,8 +58,9 @@ typedef struct settle_state {
     char consumer[128];
     ledger_charge *charges; /* charges_cap slots, grown for a large entry */
     int charges_cap;
-    char (*ids)[48]; /* stream ids of the entries of the batch */
+    settle_id *ids; /* the entries of the batch */
     int ids_cap;
+    char ack_sha[41]; /* outbox_ack.lua, once loaded; "" before */
 } settle_state;
 
 /* Copies the next '|'-separated part of *P into OUT (at most CAP-1 chars);
@@ -97,6 +115,18 @@ int settle_parse(const char *rec, int64_t ts_ms, ledger_charge *c)
     return c->account_id > 0 && c->amount >= 0 && c->hold >= 0 && st >= 0 && st < 1000 ? 0 : -1;
 }
 
+/* The records an entry's writer counted into pg:backlog: the fields after
+ * "ts" (settle.lua and lease.lua write "ts" first); 0 for an entry without
+ * it, which neither wrote. */
+static int settle_records(const redisReply *fields)
+{
+    if (fields->elements < 2 || fields->elements % 2 != 0 ||
+        fields->element[0]->type != REDIS_REPLY_STRING ||
+        strcmp(fields->element[0]->str, "ts") != 0)
+        return 0;
+    return (int)(fields->elements / 2 - 1);
+}
+
 /* How many records an entry's FIELDS carry ("ts" then "c" fields), with its
  * timestamp in *TS_MS; -1 if the entry is malformed. */
 static int settle_count(const redisReply *fields, int64_t *ts_ms)
@@ -116,36 +146,60 @@ static int settle_count(const redisReply *fields, int64_t *ts_ms)
     return n;
 }
 
-/* XDEL + XACK of N stream ids: acknowledged entries leave the stream, so its
- * length is the settlement backlog. Delete first: a crash between the two
- * then leaves ids pending without an entry, which the next read of our own
- * pending ids ("0") or XAUTOCLAIM returns without fields and acknowledges.
- * The other order would leave acknowledged entries in the stream for ever
- * (never redelivered, so never deleted): a backlog that never drains. */
+/* Loads outbox_ack.lua; 0 when its SHA is known. */
+static int settle_ack_load(settle_state *s)
+{
+    const char *argv[3] = {"SCRIPT", "LOAD", hot_lua_outbox_ack};
+    redisReply *r = hot_command_argv(s->hot, 3, argv, NULL);
+    int rc = -1;
+    if (r && r->type == REDIS_REPLY_STRING && r->len == 40) {
+        memcpy(s->ack_sha, r->str, 41);
+        rc = 0;
+    }
+    if (r) freeReplyObject(r);
+    return rc;
+}
+
+/* Deletes and acknowledges the first N entries of the batch and lowers
+ * pg:backlog by the records of those it deleted, in one step
+ * (outbox_ack.lua): a crash or a second delivery can neither leave an
+ * acknowledged entry in the stream (a backlog that never drains) nor
+ * uncount an entry twice. */
 static int settle_ack(settle_state *s, int n)
 {
     const char **argv;
     int rc = -1;
-    redisReply *r;
+    redisReply *r = NULL;
     if (n == 0) return 0;
-    argv = calloc((size_t)n + 3, sizeof *argv);
+    argv = calloc(2 * (size_t)n + 6, sizeof *argv);
     if (!argv) return -1;
-    argv[1] = "XDEL";
-    argv[2] = HOT_OUTBOX;
-    for (int i = 0; i < n; i++)
-        argv[3 + i] = s->ids[i];
-    r = hot_command_argv(s->hot, n + 2, argv + 1, NULL);
-    if (r) {
-        freeReplyObject(r);
-        argv[0] = "XACK";
-        argv[1] = HOT_OUTBOX;
-        argv[2] = HOT_OUTBOX_GROUP;
-        r = hot_command_argv(s->hot, n + 3, argv, NULL);
-        if (r) {
-            freeReplyObject(r);
-            rc = 0;
-        }
+    argv[0] = "EVALSHA";
+    argv[2] = "2";
+    argv[3] = HOT_OUTBOX;
+    argv[4] = HOT_BACKLOG;
+    argv[5] = HOT_OUTBOX_GROUP;
+    for (int i = 0; i < n; i++) {
+        argv[6 + 2 * i] = s->ids[i].id;
+        argv[7 + 2 * i] = s->ids[i].records;
     }
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (!s->ack_sha[0] && settle_ack_load(s) != 0) break;
+        argv[1] = s->ack_sha;
+        r = hot_command_argv(s->hot, 2 * n + 6, argv, NULL);
+        if (!r) break;
+        if (r->type != REDIS_REPLY_ERROR) {
+            rc = 0;
+            break;
+        }
+        if (strncmp(r->str, "NOSCRIPT", 8) != 0) {
+            log_error("settlement: acknowledging %d entries: %s", n, r->str);
+            break;
+        }
+        s->ack_sha[0] = '\0'; /* Redis restarted or SCRIPT FLUSH: load it again */
+        freeReplyObject(r);
+        r = NULL;
+    }
+    if (r) freeReplyObject(r);
     free(argv);
     return rc;
 }
@@ -153,13 +207,25 @@ static int settle_ack(settle_state *s, int n)
 /* Copies a call Postgres refused into the dead-letter stream with every
  * part of it (a human can replay it). -1 if Redis did not take it: the
  * entry must then stay pending, or the call would exist nowhere. */
-static int settle_dead_letter(settle_state *s, const ledger_charge *c, const char *why)
+static int settle_dead_letter(settle_state *s, const ledger_charge *c, const char *error)
 {
     char acct[24], amount[24], hold[24], status[16], ts[24];
-    const char *argv[21] = {
-        "XADD",     SETTLE_DEAD_STREAM, "*",      "rid",  c->rid, "acct", acct,
-        "route",    c->route,           "amount", amount, "hold", hold,   "outcome",
-        c->outcome, "status",           status,   "ts",   ts,     "why",  why};
+    /* "integrity" (class 23: an account Postgres does not know, a check) or
+     * "data" (anything else the data is at fault for), then Postgres' own
+     * SQLSTATE and message. */
+    const char *why = strncmp(error, "23", 2) == 0 ? "integrity" : "data";
+    const char *argv[23] = {"XADD",     SETTLE_DEAD_STREAM,
+                            "*",        "rid",
+                            c->rid,     "acct",
+                            acct,       "route",
+                            c->route,   "amount",
+                            amount,     "hold",
+                            hold,       "outcome",
+                            c->outcome, "status",
+                            status,     "ts",
+                            ts,         "why",
+                            why,        "error",
+                            error};
     redisReply *r;
     int rc = -1;
     snprintf(acct, sizeof acct, "%" PRId64, c->account_id);
@@ -167,16 +233,16 @@ static int settle_dead_letter(settle_state *s, const ledger_charge *c, const cha
     snprintf(hold, sizeof hold, "%" PRId64, c->hold);
     snprintf(status, sizeof status, "%d", c->status);
     snprintf(ts, sizeof ts, "%" PRId64, c->ts_ms);
-    r = hot_command_argv(s->hot, 21, argv, NULL);
+    r = hot_command_argv(s->hot, 23, argv, NULL);
     if (r && r->type != REDIS_REPLY_ERROR) rc = 0;
     if (r) freeReplyObject(r);
     if (rc == 0)
         log_error("settlement: call %s of account %" PRId64
                   " refused by postgres (%s); moved to %s",
-                  c->rid, c->account_id, why, SETTLE_DEAD_STREAM);
+                  c->rid, c->account_id, error, SETTLE_DEAD_STREAM);
     else
         log_error("settlement: call %s refused by postgres (%s) and not copied to %s; kept pending",
-                  c->rid, why, SETTLE_DEAD_STREAM);
+                  c->rid, error, SETTLE_DEAD_STREAM);
     return rc;
 }
 
@@ -214,29 +280,38 @@ static int settle_dead_entry(settle_state *s, const char *id, const redisReply *
     return rc;
 }
 
+/* Applies charges [LO, LO + N) once: 0 when every one is durable or
+ * dead-lettered, -1 when the database failed (the caller retries the whole
+ * batch: every statement is idempotent), -2 when a refused call could not be
+ * copied to the dead-letter stream (its entries must stay pending). A batch
+ * Postgres refuses as data is halved until the refused calls stand alone. */
+static int settle_apply(settle_state *s, int lo, int n)
+{
+    char why[256];
+    int applied, rc, half;
+    rc = ledger_settle_batch(s->pg, &s->charges[lo], n, &applied, why, sizeof why);
+    if (rc == LEDGER_OK) {
+        log_debug("settlement: %d charges, %d new", n, applied);
+        return 0;
+    }
+    if (rc != LEDGER_CONFLICT) return -1;
+    if (n == 1) return settle_dead_letter(s, &s->charges[lo], why) == 0 ? 0 : -2;
+    half = n / 2;
+    rc = settle_apply(s, lo, half);
+    return rc != 0 ? rc : settle_apply(s, lo + half, n - half);
+}
+
 /* Writes the charges to Postgres until it works or we are told to stop.
  * Returns 0 when every charge is durable (or dead-lettered). */
 static int settle_write(settle_state *s, int n)
 {
-    int applied = 0, rc;
     long backoff = 100;
     while (!atomic_load(s->stop)) {
         if (!s->pg) s->pg = ledger_connect(s->cfg->database_url);
         if (s->pg && ledger_check(s->pg) == 0) {
-            rc = ledger_settle_batch(s->pg, s->charges, n, &applied);
-            if (rc == LEDGER_OK) {
-                log_debug("settlement: %d entries, %d new", n, applied);
-                return 0;
-            }
-            if (rc == LEDGER_CONFLICT) {
-                for (int i = 0; i < n; i++) {
-                    rc = ledger_settle_batch(s->pg, &s->charges[i], 1, &applied);
-                    if (rc == LEDGER_CONFLICT && settle_dead_letter(s, &s->charges[i], "integrity"))
-                        return -1; /* the entries stay pending: retried later */
-                    if (rc != LEDGER_OK && rc != LEDGER_CONFLICT) break;
-                }
-                if (rc == LEDGER_OK || rc == LEDGER_CONFLICT) return 0;
-            }
+            int rc = settle_apply(s, 0, n);
+            if (rc == 0) return 0;
+            if (rc == -2) return -1; /* the entries stay pending: retried later */
         }
         log_warn("settlement: postgres unavailable; retrying %d entries in %ld ms", n, backoff);
         worker_sleep(s->stop, backoff);
@@ -311,7 +386,11 @@ static int settle_entries(settle_state *s, const redisReply *list, int *charges)
         } else {
             nc += taken;
         }
-        snprintf(s->ids[n++], sizeof s->ids[0], "%s", e->element[0]->str);
+        snprintf(s->ids[n].id, sizeof s->ids[n].id, "%s", e->element[0]->str);
+        /* What its writer added to pg:backlog: one per field after "ts". */
+        snprintf(s->ids[n].records, sizeof s->ids[n].records, "%d",
+                 fields && fields->type == REDIS_REPLY_ARRAY ? settle_records(fields) : 0);
+        n++;
     }
     if (settle_flush(s, n, nc) != 0) return -1;
     *charges += nc;

@@ -3,10 +3,14 @@
  * A hold outlives its deadline only when the gateway that took it died (or
  * lost Redis) between reserve and settle: the call's outcome is unknown, and
  * unknown is not billable, so the hold is released at cost 0 through
- * settle.lua (outcome "expire"), which also records it in the outbox. Racing
- * a late settle from a live gateway is harmless: settle is idempotent by
- * reservation id and whichever runs first wins. Deadlines never move, so the
- * scan needs no atomicity with the release.
+ * settle.lua (outcome "expire"), which also records it in the outbox and,
+ * in the same step, leaves the hold's swept mark (pg:{A}:swept:<rid>, and
+ * pg:{A}:swept:L<id> for a whole lease): a gateway that answered the call
+ * but could only spill its settle replays it later as outcome "late", which
+ * the mark lets charge once, from the available points. Racing a settle
+ * from a live gateway is harmless: settle is idempotent by reservation id
+ * and whichever runs first wins. Deadlines never move, so the scan needs no
+ * atomicity with the release.
  *
  * The deadline is the last part of each hold's value in the account's holds
  * hash, so the scan reads those hashes (one per account with open holds;

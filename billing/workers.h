@@ -5,7 +5,8 @@
  *  settlement: outbox stream -> Postgres, exactly once (settlement.c)
  *  sweeper:    releases holds past their deadline, charging nothing (sweeper.c)
  *  creditsync: re-pushes every account's credits and every key to Redis at
- *              start and periodically, repairing lost pushes (creditsync.c)
+ *              start and periodically, repairing lost pushes, and at once
+ *              when Redis lost its data (pg:epoch gone) (creditsync.c)
  */
 #ifndef POINTGATE_WORKERS_H
 #define POINTGATE_WORKERS_H
@@ -26,8 +27,11 @@ void *settlement_run(void *worker_args);
 void *sweeper_run(void *worker_args);
 void *creditsync_run(void *worker_args);
 
-/* One repair pass; returns 0 when every account and key was pushed. Also used
- * by the CLI and tests. */
+/* One repair pass; returns 0 when every account and key was pushed (and
+ * pg:epoch written if it was missing), CREDITSYNC_LOST when Redis lost its
+ * data during the pass (run it again), -1 on failure. Also used by the CLI
+ * and tests. */
+#define CREDITSYNC_LOST 1
 int creditsync_pass(PGconn *pg, struct hot_conn *hot);
 
 /* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"

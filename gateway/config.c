@@ -149,9 +149,10 @@ int config_load(gw_config *c)
         log_error("GATEWAY_LISTEN=%s: expected host:port", listen);
         goto out;
     }
-    if (env_parse_redis_url(redis, c->redis_host, sizeof c->redis_host, &c->redis_port,
-                            &c->redis_db) != 0) {
-        log_error("REDIS_URL=%s: expected redis://host:port/db", redis);
+    if (redisurl_parse(redis, &c->redis, err, sizeof err) != 0) {
+        char shown[CONFIG_URL_MAX];
+        redisurl_redact(redis, shown, sizeof shown);
+        log_error("REDIS_URL=%s: %s", shown, err);
         goto out;
     }
     if (!upstream) {
@@ -159,7 +160,9 @@ int config_load(gw_config *c)
         goto out;
     }
     if (config_parse_upstream(upstream, &c->up, err, sizeof err) != 0) {
-        log_error("UPSTREAM_URL=%s: %s", upstream, err);
+        char shown[CONFIG_URL_MAX];
+        redisurl_redact(upstream, shown, sizeof shown); /* user info is refused, never shown */
+        log_error("UPSTREAM_URL=%s: %s", shown, err);
         goto out;
     }
     if (config_copy(c->upstream, sizeof c->upstream, upstream, "UPSTREAM_URL") != 0) goto out;
@@ -190,10 +193,29 @@ int config_load(gw_config *c)
     if (env_int64("MAX_CONNECTIONS", 4096, 1, 1000000, &c->max_connections) != 0) goto out;
     if (env_int64("GATEWAY_HEAD_TIMEOUT_MS", 30000, 10, 3600000, &c->head_timeout_ms) != 0)
         goto out;
+    if (env_int64("GATEWAY_BODY_TIMEOUT_MS", 30000, 10, 600000, &c->body_timeout_ms) != 0) goto out;
     if (env_int64("UPSTREAM_MAX_CONNECTIONS", 1024, 1, 100000, &c->upstream_max_conns) != 0)
         goto out;
     if (env_int64("GATEWAY_LEASE_CALLS", 256, 0, 1 << 20, &c->lease_calls) != 0) goto out;
     if (env_int64("GATEWAY_LEASE_IDLE_MS", 1000, 10, 3600000, &c->lease_idle_ms) != 0) goto out;
+    /* Resending what Redis has not taken yet after SIGTERM, then spilling. */
+    if (env_int64("GATEWAY_DRAIN_TIMEOUT_MS", 30000, 0, 3600000, &c->drain_timeout_ms) != 0)
+        goto out;
+    if (config_copy(c->spill_dir, sizeof c->spill_dir, env_str("GATEWAY_SPILL_DIR", ".spill"),
+                    "GATEWAY_SPILL_DIR") != 0 ||
+        c->spill_dir[0] == '\0') {
+        log_error("GATEWAY_SPILL_DIR must be a directory path");
+        goto out;
+    }
+    /* Records in the outbox not yet in Postgres (pg:backlog). 2,000,000 at
+     * about 100-200 bytes each is a few hundred MB of Redis memory: hours of
+     * a busy gateway's calls while billing is down, well inside the
+     * maxmemory of the local stacks (see README). */
+    if (env_int64("OUTBOX_MAX_BACKLOG", 2000000, 1, (int64_t)1 << 40, &c->max_backlog) != 0)
+        goto out;
+    /* Per worker, about 100 bytes each; reserves stop at half of it. */
+    if (env_int64("GATEWAY_SETTLE_QUEUE_MAX", 65536, 2, 1 << 24, &c->settle_queue_max) != 0)
+        goto out;
     rc = 0;
 out:
     return rc;

@@ -6,6 +6,7 @@
 #define GATEWAY_CONFIG_H
 
 #include "billing/apikey.h"
+#include "billing/redisurl.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -30,24 +31,27 @@ typedef struct gw_upstream {
 typedef struct gw_config {
     char listen_host[CONFIG_HOST_MAX];
     int listen_port;
-    char redis_host[CONFIG_HOST_MAX];
-    int redis_port;
-    int redis_db;
+    redisurl redis;                /* REDIS_URL: host, port, db, ACL user and password */
     char upstream[CONFIG_URL_MAX]; /* base URL without trailing slash */
     gw_upstream up;                /* the same, parsed and resolved */
     char routes_file[CONFIG_URL_MAX];
     char database_url[CONFIG_URL_MAX]; /* "" when unset: /_billing/usage answers 503 */
     apikey_pepper pepper;
     int threads;
-    int64_t max_body;            /* request and response bodies, bytes */
-    int64_t upstream_timeout_ms; /* default per-route timeout */
-    int64_t hold_wait_ms;        /* how long a short call waits for holds to settle */
-    int64_t hold_grace_ms;       /* hold deadline = route timeout + this */
-    int64_t max_connections;     /* per worker thread */
-    int64_t head_timeout_ms;     /* a client's request head must arrive within this */
-    int64_t upstream_max_conns;  /* open upstream connections per worker thread */
-    int64_t lease_calls;         /* point lease size in calls (lease.h); 0: none */
-    int64_t lease_idle_ms;       /* a lease unused this long goes back */
+    int64_t max_body;               /* request and response bodies, bytes */
+    int64_t upstream_timeout_ms;    /* default per-route timeout */
+    int64_t hold_wait_ms;           /* how long a short call waits for holds to settle */
+    int64_t hold_grace_ms;          /* hold deadline = route timeout + this */
+    int64_t max_connections;        /* per worker thread */
+    int64_t head_timeout_ms;        /* a client's request head must arrive within this */
+    int64_t body_timeout_ms;        /* and its body within this of the body's start (total) */
+    int64_t upstream_max_conns;     /* open upstream connections per worker thread */
+    int64_t lease_calls;            /* point lease size in calls (lease.h); 0: none */
+    int64_t lease_idle_ms;          /* a lease unused this long goes back */
+    int64_t drain_timeout_ms;       /* SIGTERM: resend undelivered settles this long, then spill */
+    char spill_dir[CONFIG_URL_MAX]; /* GATEWAY_SPILL_DIR: spill files (spill.h) */
+    int64_t max_backlog;            /* OUTBOX_MAX_BACKLOG: refuse reserves at pg:backlog >= this */
+    int64_t settle_queue_max;       /* settles kept for resending per worker; then spilled */
 } gw_config;
 
 /* Fills C from the environment and resolves the upstream's host (blocking:

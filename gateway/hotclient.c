@@ -19,6 +19,7 @@
 #include "billing/log.h"
 #include "gateway/redisev.h"
 #include "gateway/resolve.h"
+#include "gateway/spill.h"
 
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
@@ -30,6 +31,16 @@
 /* Route ids are at most 128 bytes (routes.c). */
 #define HOT_ROUTE_MAX 129
 #define HOT_SETTLE_QUEUE_MAX 65536
+/* pg:backlog is read this often (never per call): a reserve may pass for
+ * this long after the backlog reached its bound, a few hundred records. */
+#define HOT_BACKLOG_POLL_MS 200
+/* billing writes these (billing/hotkeys.h names them once merged). */
+#ifndef HOT_EPOCH
+#define HOT_EPOCH "pg:epoch"
+#endif
+#ifndef HOT_BACKLOG
+#define HOT_BACKLOG "pg:backlog"
+#endif
 #define HOT_BACKOFF_MIN_MS 50
 #define HOT_BACKOFF_MAX_MS 1000
 /* No reply at all for this long while commands wait: the server is stuck
@@ -40,7 +51,7 @@
 
 enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
-enum hot_kind { HOT_KEY, HOT_BALANCE };
+enum hot_kind { HOT_KEY, HOT_KEY_EPOCH, HOT_BALANCE, HOT_BACKLOG_GET };
 
 /* One reserve or settle waiting in, or sent with, a batch. */
 typedef struct hot_op {
@@ -90,14 +101,23 @@ struct hotclient {
     char host[256];
     int port;
     int db;
+    char user[REDISURL_CRED_MAX];     /* "" : the default user */
+    char password[REDISURL_CRED_MAX]; /* "" : no AUTH */
+    int handshake;                    /* AUTH / SELECT replies still awaited on this connection */
+    int auth_refused;                 /* the last handshake was refused: logged once per streak */
     redisAsyncContext *ac;
-    int connected;
+    int connected;  /* connected AND the handshake accepted */
     unsigned epoch; /* connections made so far: lease.c's fence */
     int closing;
     int writing; /* inside redisAsyncHandleWrite (see redisev.h) */
     struct event *retry;
     struct event *flush; /* resend queued settles while connected */
     struct event *watchdog;
+    struct event *backlog_timer;
+    int backlog_polling; /* a GET pg:backlog in flight */
+    int64_t backlog;     /* its last answer */
+    hot_limits limits;
+    int spilled; /* settles went to the spill file while running: fail closed */
     struct timespec last_reply;
     struct timespec connect_started;
     int backoff_ms;
@@ -142,27 +162,32 @@ static void hot_on_retry(evutil_socket_t fd, short what, void *arg)
 
 static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
 {
-    if (hc->qlen == hc->qcap && hc->qcap < HOT_SETTLE_QUEUE_MAX) {
+    if (a->replay) return; /* spill.c resends it itself */
+    if (hc->qlen == hc->qcap && hc->qcap < hc->limits.queue_max) {
         size_t cap = hc->qcap ? hc->qcap * 2 : 64;
-        hot_settle_args *q = realloc(hc->queue, cap * sizeof *q);
+        hot_settle_args *q;
+        if (cap > hc->limits.queue_max) cap = hc->limits.queue_max;
+        q = realloc(hc->queue, cap * sizeof *q);
         if (q) {
             hc->queue = q;
             hc->qcap = cap;
         }
     }
     if (hc->qlen >= hc->qcap) {
-        /* Full: a commit (money) takes the place of a release (the sweeper
-         * frees that hold at its deadline anyway). What is dropped stays a
-         * hold the sweeper releases: a call not charged, never a double
-         * charge. */
-        size_t i = 0;
-        while (a->commit && i < hc->qlen && hc->queue[i].commit)
-            i++;
-        log_error("settle queue full, dropping settle rid=%s account=%lld commit=%d",
-                  a->commit && i < hc->qlen ? hc->queue[i].rid : a->rid,
-                  (long long)(a->commit && i < hc->qlen ? hc->queue[i].account : a->account),
-                  a->commit && i < hc->qlen ? 0 : a->commit);
-        if (a->commit && i < hc->qlen) hc->queue[i] = *a;
+        /* Full (or out of memory): to the spill file rather than dropped,
+         * replayed at the next start. A write(2) from the loop: it reaches
+         * the page cache without waiting for the disk (fsync only at the
+         * stop), and it happens only past a bound that reserves stopped
+         * feeding at half of it, so only calls already in flight get
+         * here. This worker then refuses reserves until the file has been
+         * replayed (worker.c, once Redis is back and the queue is empty):
+         * fail closed, a spilled charge is not in Redis's balances yet. */
+        if (!hc->spilled)
+            log_error("settle queue full (%zu): spilling settles, refusing reserves", hc->qlen);
+        hc->spilled = 1;
+        if (!hc->limits.spill || spill_settle(hc->limits.spill, a) != 0)
+            log_error("settle lost: rid=%s account=%lld commit=%d charge=%lld", a->rid,
+                      (long long)a->account, a->commit, (long long)a->charge);
         return;
     }
     hc->queue[hc->qlen++] = *a;
@@ -252,6 +277,45 @@ static void hot_on_script_loaded(redisAsyncContext *ac, void *r, void *priv)
     }
 }
 
+/* The connection is up and authenticated: only now does it count (epoch,
+ * backoff, the resend of queued settles). */
+static void hot_ready(hotclient *hc)
+{
+    if (hc->auth_refused)
+        log_info("redis %s:%d: connected, the credentials are accepted again", hc->host, hc->port);
+    else
+        log_info("redis %s:%d connected", hc->host, hc->port);
+    hc->auth_refused = 0;
+    hc->connected = 1;
+    hc->epoch++;
+    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
+    hot_flush_queue(hc);
+}
+
+/* The reply to AUTH or SELECT, which come first on every connection. A
+ * refusal (WRONGPASS, NOPERM, a db out of range) makes the connection
+ * useless: every command behind it fails (calls get 503, settles are
+ * queued), the connection is dropped and the reconnect backs off as for an
+ * unreachable Redis. Logged once until accepted again: the reply names no
+ * secret, and the command itself is never logged. */
+static void hot_on_handshake(redisAsyncContext *ac, void *r, void *priv)
+{
+    hotclient *hc = ac->data;
+    redisReply *rep = r;
+    if (!hc || !rep || hc->ac != ac) return; /* NULL: the connection is being freed */
+    if (rep->type != REDIS_REPLY_STATUS) {
+        if (!hc->auth_refused)
+            log_error("redis %s:%d: %s refused: %s (check the user and password in REDIS_URL; "
+                      "calls get 503 until it is accepted)",
+                      hc->host, hc->port, (const char *)priv,
+                      rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
+        hc->auth_refused = 1;
+        redisAsyncFree(ac); /* deferred by hiredis until this callback returns */
+        return;
+    }
+    if (--hc->handshake == 0 && !hc->connected) hot_ready(hc);
+}
+
 static void hot_on_connect(const redisAsyncContext *ac, int status)
 {
     hotclient *hc = ac->data;
@@ -264,18 +328,14 @@ static void hot_on_connect(const redisAsyncContext *ac, int status)
         hot_schedule_retry(hc);
         return;
     }
-    log_info("redis %s:%d connected", hc->host, hc->port);
-    hc->connected = 1;
-    hc->epoch++;
-    hc->backoff_ms = HOT_BACKOFF_MIN_MS;
-    hot_flush_queue(hc);
+    if (hc->handshake == 0) hot_ready(hc); /* else hot_on_handshake does */
 }
 
 static void hot_on_disconnect(const redisAsyncContext *ac, int status)
 {
     hotclient *hc = ac->data;
     if (!hc) return;
-    if (!hc->closing)
+    if (!hc->closing && !hc->auth_refused)
         log_warn("redis disconnected: %s", status == REDIS_OK ? "closed" : ac->errstr);
     hc->ac = NULL;
     hc->connected = 0;
@@ -304,34 +364,58 @@ static void hot_connect(hotclient *hc)
     redisAsyncSetConnectCallback(ac, hot_on_connect);
     redisAsyncSetDisconnectCallback(ac, hot_on_disconnect);
     hc->ac = ac;
-    /* Queued by hiredis until the connection is up; pipelined before any op. */
-    if (hc->db != 0) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", hc->db);
+    /* Queued by hiredis until the connection is up and pipelined before
+     * anything else: AUTH first (an ACL user may run nothing before it, not
+     * even SCRIPT LOAD), then SELECT. Argv: a password may hold spaces. */
+    hc->handshake = 0;
+    if (hc->password[0]) {
+        const char *argv[3];
+        int argc = 0;
+        argv[argc++] = "AUTH";
+        if (hc->user[0]) argv[argc++] = hc->user;
+        argv[argc++] = hc->password;
+        if (redisAsyncCommandArgv(ac, hot_on_handshake, (void *)"AUTH", argc, argv, NULL) ==
+            REDIS_OK)
+            hc->handshake++;
+    }
+    if (hc->db != 0) {
+        char db[16];
+        snprintf(db, sizeof db, "%d", hc->db);
+        if (redisAsyncCommand(ac, hot_on_handshake, (void *)"SELECT", "SELECT %s", db) == REDIS_OK)
+            hc->handshake++;
+    }
     for (intptr_t i = 0; i < HOT_NSCRIPTS; i++)
         redisAsyncCommand(ac, hot_on_script_loaded, (void *)i, "SCRIPT LOAD %s",
                           hot_script_text((enum hot_script)i));
 }
 
 static void hot_on_batch(evutil_socket_t fd, short what, void *arg);
+static void hot_on_backlog_timer(evutil_socket_t fd, short what, void *arg);
 
-int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out)
+int hotclient_new(struct event_base *base, const redisurl *url, hotclient **out)
 {
     hotclient *hc = calloc(1, sizeof *hc);
     if (!hc) return -1;
     hc->base = base;
     /* hiredis resolves names inside redisAsyncConnect, on the loop: not here. */
-    if (resolve_host(host, hc->host, sizeof hc->host) != 0) {
+    if (resolve_host(url->host, hc->host, sizeof hc->host) != 0) {
         free(hc);
         return -1;
     }
-    hc->port = port;
-    hc->db = db;
+    hc->port = url->port;
+    hc->db = url->db;
+    memcpy(hc->user, url->user, sizeof hc->user);
+    memcpy(hc->password, url->password, sizeof hc->password);
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hc->flush_ms = HOT_BACKOFF_MIN_MS;
     hc->retry = evtimer_new(base, hot_on_retry, hc);
     hc->flush = evtimer_new(base, hot_on_flush, hc);
     hc->watchdog = event_new(base, -1, EV_PERSIST, hot_on_watchdog, hc);
     hc->batch = event_new(base, -1, 0, hot_on_batch, hc);
-    if (!hc->retry || !hc->flush || !hc->watchdog || !hc->batch) {
+    hc->backlog_timer = event_new(base, -1, EV_PERSIST, hot_on_backlog_timer, hc);
+    hc->limits.max_backlog = INT64_MAX;
+    hc->limits.queue_max = HOT_SETTLE_QUEUE_MAX;
+    if (!hc->retry || !hc->flush || !hc->watchdog || !hc->batch || !hc->backlog_timer) {
         hotclient_free(hc);
         return -1;
     }
@@ -373,14 +457,58 @@ void hotclient_free(hotclient *hc)
         hc->ac = NULL;
         redisAsyncFree(ac); /* runs pending callbacks with NULL */
     }
-    if (hc->qlen)
-        log_error("exiting with %zu settles undelivered (sweeper will release)", hc->qlen);
+    if (hc->qlen) {
+        /* The drain could not deliver them: to the spill file, replayed at
+         * the next start (spill.h). Without one they are lost: said loudly. */
+        size_t spilled = 0;
+        for (size_t i = 0; i < hc->qlen && hc->limits.spill; i++)
+            if (spill_settle(hc->limits.spill, &hc->queue[i]) == 0) spilled++;
+        if (spilled == hc->qlen)
+            log_warn("exiting with %zu settles undelivered: spilled for the next start", spilled);
+        else
+            log_error("exiting with %zu settles undelivered, %zu not spilled (the sweeper "
+                      "expires their holds)",
+                      hc->qlen, hc->qlen - spilled);
+    }
     if (hc->retry) event_free(hc->retry);
+    if (hc->backlog_timer) event_free(hc->backlog_timer);
     if (hc->flush) event_free(hc->flush);
     if (hc->watchdog) event_free(hc->watchdog);
     if (hc->batch) event_free(hc->batch);
     free(hc->queue);
+    explicit_bzero(hc->password, sizeof hc->password);
     free(hc);
+}
+
+void hotclient_configure(hotclient *hc, const hot_limits *l)
+{
+    struct timeval tv = {0, HOT_BACKLOG_POLL_MS * 1000};
+    hc->limits = *l;
+    if (hc->limits.queue_max < 2) hc->limits.queue_max = 2;
+    if (evtimer_add(hc->backlog_timer, &tv) != 0)
+        log_error("redis: cannot arm the backlog poll timer");
+}
+
+int hotclient_refusing(const hotclient *hc)
+{
+    return hc->backlog >= hc->limits.max_backlog || hc->qlen >= hc->limits.queue_max / 2 ||
+           hc->spilled;
+}
+
+size_t hotclient_queued(const hotclient *hc)
+{
+    return hc->qlen;
+}
+
+int hotclient_spilled(const hotclient *hc)
+{
+    return hc->spilled;
+}
+
+void hotclient_spill_replayed(hotclient *hc)
+{
+    if (hc->spilled) log_info("spilled settles replayed: serving again");
+    hc->spilled = 0;
 }
 
 int hotclient_up(const hotclient *hc)
@@ -434,6 +562,18 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
         if (r->type == REDIS_REPLY_NIL) return 1;
         return hot_int(r, &v[0]) == 0 ? 0 : -1;
     }
+    if (kind == HOT_KEY_EPOCH) {
+        /* The key was not found: unknown only if Redis holds billing's data. */
+        if (r->type != REDIS_REPLY_INTEGER) return -1;
+        return r->integer > 0 ? 1 : HOT_ERR_NODATA;
+    }
+    if (kind == HOT_BACKLOG_GET) {
+        if (r->type == REDIS_REPLY_NIL)
+            v[0] = 0;
+        else if (hot_int(r, &v[0]) != 0)
+            return -1;
+        return 0;
+    }
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 4) return -1;
     if (r->element[0]->type == REDIS_REPLY_NIL) return 1;
     for (int i = 0; i < 4; i++) {
@@ -453,16 +593,49 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
 static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
 {
     hot_cmd *cmd = priv;
+    hotclient *hc = cmd->hc;
     redisReply *rep = r;
     int64_t v[3] = {0, 0, 0};
     int rc = -1;
-    hot_answered(cmd->hc, rep, 1);
+    hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR)
         log_error("redis error: %s", rep->str);
     else if (rep)
         rc = hot_decode_cmd(cmd->kind, rep, v);
+    if (cmd->kind == HOT_KEY && rc == 1) {
+        /* Only on a miss (a hit needs no second look): is the miss real?
+         * Same connection, so the answer is about the same Redis. */
+        cmd->kind = HOT_KEY_EPOCH;
+        if (hc->ac && !hc->closing &&
+            redisAsyncCommand(hc->ac, hot_on_cmd_reply, cmd, "EXISTS %s", HOT_EPOCH) == REDIS_OK) {
+            hc->inflight++;
+            return;
+        }
+        rc = -1;
+    }
+    if (cmd->kind == HOT_BACKLOG_GET) {
+        hc->backlog_polling = 0;
+        if (rc == 0) {
+            if ((v[0] >= hc->limits.max_backlog) != (hc->backlog >= hc->limits.max_backlog))
+                log_warn("settlement backlog %lld records: %s", (long long)v[0],
+                         v[0] >= hc->limits.max_backlog ? "at OUTBOX_MAX_BACKLOG, refusing reserves"
+                                                        : "below OUTBOX_MAX_BACKLOG, serving");
+            hc->backlog = v[0];
+        }
+    }
     if (cmd->cb) cmd->cb(cmd->arg, rc, v);
     free(cmd);
+}
+
+static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, int argc);
+
+static void hot_on_backlog_timer(evutil_socket_t fd, short what, void *arg)
+{
+    hotclient *hc = arg;
+    if (!hc->connected || hc->closing || hc->backlog_polling) return;
+    hc->argv[0] = "GET";
+    hc->argv[1] = HOT_BACKLOG;
+    if (hot_command(hc, HOT_BACKLOG_GET, NULL, NULL, 2) == 0) hc->backlog_polling = 1;
 }
 
 static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, int argc)
@@ -666,7 +839,10 @@ static int hot_send_batch(hot_batch *b)
         rc |= hot_arg_str(&a, s->rid);
         if (settle) {
             rc |= hot_arg_i64(&a, s->charge);
-            rc |= s->commit ? hot_arg(&a, "commit", 6) : hot_arg(&a, "release", 7);
+            if (s->commit == HOT_SETTLE_LATE)
+                rc |= hot_arg(&a, "late", 4);
+            else
+                rc |= s->commit ? hot_arg(&a, "commit", 6) : hot_arg(&a, "release", 7);
             rc |= hot_arg_i64(&a, s->status);
             rc |= hot_arg_i64(&a, s->account);
         } else {
@@ -726,12 +902,30 @@ static void hot_send_pending(hotclient *hc, enum hot_script script)
         free(taken.ops);
 }
 
+/* Answers every pending reserve with RC without sending it (never sent:
+ * no release to queue). */
+static void hot_refuse_reserves(hotclient *hc, int rc)
+{
+    hot_pending taken = hc->pending[HOT_SCRIPT_RESERVE];
+    hc->pending[HOT_SCRIPT_RESERVE] = (hot_pending){0, 0, NULL};
+    for (int i = 0; i < taken.n; i++)
+        if (taken.ops[i].cb) taken.ops[i].cb(taken.ops[i].arg, rc, NULL);
+    free(taken.ops);
+}
+
 static void hot_on_batch(evutil_socket_t fd, short what, void *arg)
 {
     hotclient *hc = arg;
     hc->batch_scheduled = 0;
     hot_send_pending(hc, HOT_SCRIPT_SETTLE);
-    hot_send_pending(hc, HOT_SCRIPT_RESERVE);
+    /* Settles always go; new holds not while settlement is too far behind
+     * or this worker cannot keep more settles (fail closed, 503). */
+    if (hc->backlog >= hc->limits.max_backlog)
+        hot_refuse_reserves(hc, HOT_ERR_BACKLOG);
+    else if (hotclient_refusing(hc))
+        hot_refuse_reserves(hc, HOT_ERR_UNAVAILABLE);
+    else
+        hot_send_pending(hc, HOT_SCRIPT_RESERVE);
 }
 
 /* Adds an op to the pending ops of SCRIPT, sent at the end of this loop
@@ -808,7 +1002,7 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_lease_cmd *cmd = priv;
     hotclient *hc = cmd->hc;
     redisReply *rep = r;
-    int64_t v[4] = {0, 0, 0, 0};
+    int64_t v[5] = {0, 0, 0, 0, 0};
     int rc = -1;
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR) {
@@ -820,9 +1014,9 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
                               "SCRIPT LOAD %s", hot_lua_lease);
         }
         if (strstr(rep->str, "READONLY") && hc->ac && hc->connected) redisAsyncDisconnect(hc->ac);
-    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 4) {
+    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 5) {
         rc = 0;
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 5; i++)
             if (hot_int(rep->element[i], &v[i]) != 0) rc = -1;
     } else if (rep) {
         log_error("redis: unexpected reply to a lease op");
@@ -858,7 +1052,10 @@ int hotclient_lease(hotclient *hc, const hot_lease_args *l, hot_lease_cb cb, voi
     rc |= hot_arg_i64(&a, l->charge);
     rc |= hot_arg_i64(&a, l->resize);
     rc |= hot_arg_i64(&a, l->busy);
-    rc |= hot_arg(&a, l->close ? "1" : "0", 1);
+    if (l->close == HOT_LEASE_LATE)
+        rc |= hot_arg(&a, "late", 4);
+    else
+        rc |= hot_arg(&a, l->close ? "1" : "0", 1);
     for (int i = 0; i < l->nrec && rc == 0; i++)
         rc |= hot_arg(&a, l->recs[i], l->lens[i]);
     if (rc != 0) {

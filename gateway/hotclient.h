@@ -1,35 +1,86 @@
 /* hotclient.h: the worker's asynchronous Redis client for the hot balances.
  * Owns one hiredis async connection on the worker's event base (every
  * in-flight command pipelined on it), the script SHAs, reconnection with
- * backoff, and a bounded queue of settles to resend after a reconnect.
+ * backoff, a bounded queue of settles to resend after a reconnect (its
+ * overflow, and what is left in it at the end, go to the worker's spill
+ * file), and the poll of the settlement backlog (pg:backlog).
  * Does not decide anything about calls: request.c does; this module turns
  * replies into numbers. Single-threaded: used only by its worker thread. */
 #ifndef GATEWAY_HOTCLIENT_H
 #define GATEWAY_HOTCLIENT_H
+
+#include "billing/redisurl.h"
 
 #include <event2/event.h>
 #include <stdint.h>
 
 typedef struct hotclient hotclient;
 
+/* Negative RCs a callback gets (request.c answers each with 503
+ * billing_unavailable, its message saying which):
+ *   HOT_ERR_UNAVAILABLE  Redis unreachable, an error, no usable reply, or
+ *                        this worker refusing reserves while its resend
+ *                        queue is past its bound (fail closed)
+ *   HOT_ERR_BACKLOG      the settlement backlog (pg:backlog, polled) is at
+ *                        OUTBOX_MAX_BACKLOG: reserves only, never settles
+ *   HOT_ERR_NODATA       a key lookup found no key AND pg:epoch is absent:
+ *                        Redis lost its data (billing rebuilds it), so "no
+ *                        such key" cannot be told; never cached as unknown */
+#define HOT_ERR_UNAVAILABLE (-1)
+#define HOT_ERR_BACKLOG (-2)
+#define HOT_ERR_NODATA (-3)
+
 /* RC: 0 success with V filled, 1 "not found" (key unknown, account unknown),
- * -1 Redis unavailable or error. For reserve, V = {status, available, held};
+ * < 0 one of the HOT_ERR codes above. For reserve, V = {status, available, held};
  * settle {status, charged, available} (status 1 settled, 0 no such hold,
  * HOT_STATUS_UNUSABLE: not applied, charged 0); key {account}; balance {credited,
  * spent, held}. Called exactly once per accepted command, from the loop. */
 typedef void (*hot_cb)(void *arg, int rc, const int64_t v[3]);
 
+/* hot_settle_args.commit: what settle.lua is asked to do with the hold. */
+#define HOT_SETTLE_RELEASE 0
+#define HOT_SETTLE_COMMIT 1
+/* A replayed commit (spill.h): a commit if the hold is still there, else a
+ * charge from available if the sweeper expired it (settle.lua). */
+#define HOT_SETTLE_LATE 2
+
 typedef struct hot_settle_args {
     int64_t account;
     char rid[33];
     int64_t charge;
-    int commit;
+    int commit; /* HOT_SETTLE_* */
     long status;
+    int replay; /* the caller resends it on failure: not queued here */
 } hot_settle_args;
 
-int hotclient_new(struct event_base *base, const char *host, int port, int db, hotclient **out);
-/* Closes the connection; callbacks of commands still in flight run with -1. */
+struct spill_file;
+/* Bounds and where overflow goes (hotclient_configure). */
+typedef struct hot_limits {
+    int64_t max_backlog;      /* OUTBOX_MAX_BACKLOG: refuse reserves at pg:backlog >= this */
+    size_t queue_max;         /* settles kept for resending; past it they are spilled */
+    struct spill_file *spill; /* the worker's spill file (spill.h), or NULL */
+} hot_limits;
+
+/* Connects to URL's host (resolved here, blocking: call before the loop
+ * runs) and keeps reconnecting; every connection authenticates (AUTH as the
+ * URL's user) and SELECTs its db before anything else is sent on it. */
+int hotclient_new(struct event_base *base, const redisurl *url, hotclient **out);
+/* Sets the bounds (default: no backlog bound, HOT_SETTLE_QUEUE_MAX, no
+ * spill) and starts polling pg:backlog. L->spill must outlive HC. */
+void hotclient_configure(hotclient *hc, const hot_limits *l);
+/* Closes the connection; callbacks of commands still in flight run with -1.
+ * Settles still undelivered then are written to the spill file (if any). */
 void hotclient_free(hotclient *hc);
+/* 1 while this worker refuses new reserves (backlog at its bound, resend
+ * queue past its soft bound, or settles spilled while running): lease.c
+ * takes no more from and grows no lease then. */
+int hotclient_refusing(const hotclient *hc);
+/* Settles waiting in the resend queue (not those in flight). */
+size_t hotclient_queued(const hotclient *hc);
+/* 1 once settles went to the spill file while running (hotclient_refusing
+ * then stays 1); hotclient_spill_replayed says they are in Redis now. */
+int hotclient_spilled(const hotclient *hc);
+void hotclient_spill_replayed(hotclient *hc);
 
 /* 1 while connected or connecting (commands are queued by hiredis then). */
 int hotclient_up(const hotclient *hc);
@@ -47,9 +98,13 @@ int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
                       int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg);
 /* Settle is never lost to a Redis outage or refusal: if it cannot be
- * delivered or Redis answers an error, it is queued (bounded) and resent
- * (on reconnect, or with backoff while connected); CB then gets -1. A
- * reserve without a usable answer gets a release queued the same way. Ops
+ * delivered or Redis answers an error, it is queued and resent (on
+ * reconnect, or with backoff while connected); CB then gets -1. The queue
+ * is bounded (hot_limits.queue_max): at half of it new reserves are
+ * refused (HOT_ERR_UNAVAILABLE), past it settles go to the spill file, and
+ * what is still queued when the client is freed too. A reserve without a
+ * usable answer gets a release queued the same way. A settle with
+ * a->replay set is never queued: CB gets -1 and the caller resends. Ops
  * of one loop pass go to Redis as one script call per kind. */
 int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg);
 
@@ -58,14 +113,19 @@ typedef struct hot_lease_args {
     int64_t account;
     const char *lid;
     int64_t seq, ttl_ms, charge, resize, busy;
-    int close; /* the worker closes it: an op that leaves it empty drops it */
+    int close; /* 1: the worker closes it: an op that leaves it empty drops it;
+                  HOT_LEASE_LATE: a replayed op (spill.h, lease.lua's `late`) */
     int nrec;  /* the outbox entry's fields: 2 per record, <= 2 * HOT_LEASE_RECORDS_MAX */
     const char *const *recs;
     const size_t *lens;
 } hot_lease_args;
 #define HOT_LEASE_RECORDS_MAX 256
-/* V = {status, amount, available, contended} as lease.lua answers them. */
-typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[4]);
+#define HOT_LEASE_LATE 2
+/* V = {status, amount, available, contended, charged} as lease.lua answers
+ * them: the op's records [0, charged) were charged and appended, the rest
+ * (an op short of points, past what the lease and the available points
+ * cover) were not. */
+typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[5]);
 /* Sends one lease op at once (lease.c sends at most one per lease at a
  * time, at the end of a loop pass). 0 when sent: CB runs once, with -1 if
  * no usable reply came (the op may or may not have been applied: lease.lua

@@ -4,9 +4,16 @@
  * framing is ambiguous (conflicting Content-Length, a transfer coding other
  * than chunked, obs-fold, bare CR, a bad chunk size) is refused rather than
  * guessed at, and the caller closes the connection, so the next response on
- * it cannot be misread. Lines may end in CRLF or a lone LF (RFC 9112 2.2). */
+ * it cannot be misread. Lines of a head (status line, headers, 1xx heads)
+ * may end in CRLF or a lone LF (RFC 9112 2.2); the lines of a chunked body
+ * (chunk-size lines, the CRLF after chunk data, trailers and the final empty
+ * line) must end in CRLF (RFC 9112 7.1), in both directions: a front end
+ * that reads a lone LF differently would see another body, or another
+ * request after it (request smuggling), and no honest peer sends one there. */
 #include "gateway/http1.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <strings.h>
 
@@ -97,6 +104,50 @@ int http1_target_ok(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] <= ' ' || (unsigned char)s[i] >= 0x7f) return 0;
+    return 1;
+}
+
+/* RFC 3986 unreserved and sub-delims, the bytes of a reg-name, but ','
+ * (see http1_authority_ok). */
+static int http1_regname_char(unsigned char c)
+{
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || http1_digit((char)c)) return 1;
+    return c != '\0' && strchr("-._~!$&'()*+;=", c) != NULL;
+}
+
+int http1_authority_ok(const char *s, size_t n)
+{
+    size_t h = n, i;
+    /* The port: after the last ':' that is not inside an IP literal. */
+    for (i = n; i > 0 && http1_digit(s[i - 1]); i--)
+        ;
+    if (i > 0 && s[i - 1] == ':') {
+        size_t digits = n - i;
+        unsigned long port = 0;
+        if (digits > 5) return 0;
+        for (size_t k = i; k < n; k++)
+            port = port * 10 + (unsigned long)(s[k] - '0');
+        if (port > 65535) return 0;
+        h = i - 1;
+    }
+    if (h == 0) return 0; /* an "http" URI has a host (RFC 9110 4.2.1) */
+    if (s[0] == '[') {
+        /* IPv6 only (IPvFuture has no users): checked by the C library. */
+        char ip[64];
+        struct in6_addr a6;
+        if (h < 4 || s[h - 1] != ']' || h - 2 >= sizeof ip) return 0;
+        memcpy(ip, s + 1, h - 2);
+        ip[h - 2] = '\0';
+        return inet_pton(AF_INET6, ip, &a6) == 1;
+    }
+    for (i = 0; i < h; i++) {
+        if (s[i] == '%') {
+            if (i + 2 >= h || http1_hex(s[i + 1]) < 0 || http1_hex(s[i + 2]) < 0) return 0;
+            i += 2;
+        } else if (!http1_regname_char((unsigned char)s[i])) {
+            return 0;
+        }
+    }
     return 1;
 }
 
@@ -384,6 +435,8 @@ enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *u
                 e = http1_fail(p, HTTP1_TOO_LARGE);
                 goto out;
             }
+            /* A trailer line belongs to the chunked body: CRLF only. */
+            if (p->state == S_TRAILER && u != ll + 2) goto malformed;
             off += u;
             p->head_bytes += u;
             if (p->state == S_STATUS) {
@@ -419,7 +472,7 @@ enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *u
             if (off == len) goto more;
             r = http1_line(line, len - off, HTTP1_CHUNK_LINE_MAX, &ll, &u);
             if (r == 0) goto more;
-            if (r < 0) goto malformed;
+            if (r < 0 || u != ll + 2) goto malformed; /* past the bound, or a lone LF */
             err = http1_chunk_size(p, line, ll, &size);
             if (err != 0) {
                 e = http1_fail(p, (enum http1_ev)err);
@@ -435,15 +488,12 @@ enum http1_ev http1_next(http1_parser *p, const char *buf, size_t len, size_t *u
             e = http1_counted(p, buf, len - off, &off, ev, S_CHUNK_CRLF);
             goto out;
         case S_CHUNK_CRLF:
+            /* Exactly CRLF after the data: a lone LF is refused. */
             if (off == len) goto more;
-            if (buf[off] == '\r') {
-                if (off + 1 == len) goto more;
-                if (buf[off + 1] != '\n') goto malformed;
-                off++;
-            } else if (buf[off] != '\n') {
-                goto malformed;
-            }
-            off++;
+            if (buf[off] != '\r') goto malformed;
+            if (off + 1 == len) goto more;
+            if (buf[off + 1] != '\n') goto malformed;
+            off += 2;
             p->state = S_CHUNK_SIZE;
             continue;
         case S_CLOSE:

@@ -3,11 +3,12 @@
  * Owns the framing rules of an upstream response (RFC 9112): the status
  * line, header syntax, interim 1xx responses (skipped), bodiless answers
  * (HEAD, 204, 304; their connection is never reused), Content-Length,
- * chunked transfer coding (extensions accepted, trailers skipped),
- * close-delimited bodies, whether the connection may carry another request,
- * and the bounds on head and body size; and the HTTP syntax checks the
- * request side shares with it (tokens, field values, request targets,
- * comma-separated lists), so that there is one definition of each. Pure
+ * chunked transfer coding (extensions accepted, trailers skipped, its lines
+ * ending in CRLF only), close-delimited bodies, whether the connection may
+ * carry another request, and the bounds on head and body size; and the
+ * HTTP syntax checks the request side shares with it (tokens, field
+ * values, request targets, comma-separated lists, hosts), so that there is
+ * one definition of each. Pure
  * functions on caller buffers: no I/O, no allocation, no global state. Does
  * not own buffering (the caller keeps the bytes not consumed and calls again
  * once more have arrived), nor what headers mean to the gateway (proxy.c
@@ -100,6 +101,13 @@ int http1_text_ok(const char *s, size_t n);
 /* 1 if S[0..N) may go verbatim on a request line as (part of) its target:
  * printable ASCII, no space (RFC 9112 3.2). */
 int http1_target_ok(const char *s, size_t n);
+/* 1 if S[0..N) is an authority as a Host header or an absolute-form target
+ * gives it: uri-host [":" port] (RFC 3986 3.2.2, 3.2.3; RFC 9110 7.2): a
+ * non-empty reg-name (unreserved, sub-delims, %XX) or IPv4 address, or an
+ * IPv6 literal in brackets; a port of at most 65535, or none. No userinfo,
+ * and no ',' although reg-name allows it: Host is a singleton field, and a
+ * comma is where an intermediary joined two of them into a list. */
+int http1_authority_ok(const char *s, size_t n);
 /* 1 if S[0..N) equals LIT[0..LITN) ignoring ASCII case. */
 int http1_is(const char *s, size_t n, const char *lit, size_t litn);
 #define HTTP1_IS(s, n, lit) http1_is((s), (n), (lit), sizeof(lit) - 1)

@@ -2,8 +2,9 @@
  *
  * Shares the syntax checks (tokens, field values, targets, lists) with the
  * upstream response parser (http1.c), so that there is one definition of
- * each. A line may end in CRLF or a lone LF (RFC 9112 2.2); a bare CR
- * anywhere else is a control byte and refused with the rest. */
+ * each. A line of the head may end in CRLF or a lone LF (RFC 9112 2.2; a
+ * chunked body may not: http1.c); a bare CR anywhere else is a control byte
+ * and refused with the rest. */
 #include "gateway/http1req.h"
 
 #include "gateway/http1.h"
@@ -76,11 +77,56 @@ static int http1req_line(const char *buf, size_t len, size_t *off, size_t *start
     return 1;
 }
 
+/* 1 if S[0..N) is an RFC 3986 scheme followed by ':' (its length in *SL). */
+static int http1req_scheme(const char *s, size_t n, size_t *sl)
+{
+    size_t i = 0;
+    if (n == 0 || !((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z'))) return 0;
+    while (i < n && ((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+                     (s[i] >= '0' && s[i] <= '9') || s[i] == '+' || s[i] == '-' || s[i] == '.'))
+        i++;
+    if (i == n || s[i] != ':') return 0;
+    *sl = i;
+    return 1;
+}
+
+/* An absolute-form target "http://authority[/path][?query]" (RFC 9112
+ * 3.2.2) at BUF[T..T+N), NUL-terminated at T+N: the gateway is its origin
+ * server, so it routes on the path and the upstream gets origin-form. The
+ * target is rewritten in place: the authority moves 2 bytes back (over the
+ * "//") and is NUL-terminated, and the target becomes the path and query
+ * behind it ("/" when the path is empty). The authority replaces Host. 0,
+ * or the status to answer. */
+static int http1req_absolute(char *buf, size_t t, size_t n, size_t sl, http1req *h)
+{
+    size_t a = t + sl + 3, e = a;
+    if (!(HTTP1_IS(buf + t, sl, "http") || HTTP1_IS(buf + t, sl, "https")))
+        return http1req_bad(h, "unsupported scheme in request target");
+    if (n < sl + 3 || buf[t + sl + 1] != '/' || buf[t + sl + 2] != '/')
+        return http1req_bad(h, "malformed request target");
+    while (e < t + n && buf[e] != '/' && buf[e] != '?')
+        e++;
+    /* Userinfo is deprecated and a way to dress up a phishing host (RFC
+     * 9110 4.2.4: treat it as an error). */
+    if (memchr(buf + a, '@', e - a)) return http1req_bad(h, "userinfo in request target");
+    if (!http1_authority_ok(buf + a, e - a))
+        return http1req_bad(h, "invalid host in request target");
+    memmove(buf + a - 2, buf + a, e - a);
+    buf[e - 2] = '\0';
+    h->host = (uint32_t)(a - 2);
+    h->host_len = (uint32_t)(e - a);
+    h->absolute = 1;
+    if (e == t + n || buf[e] != '/') buf[--e] = '/'; /* empty path: "/" */
+    h->target = (uint32_t)e;
+    h->target_len = (uint32_t)(t + n - e);
+    return 0;
+}
+
 /* "METHOD SP target SP HTTP/1.x": exactly one space each (RFC 9112 3). */
 static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
 {
     const char *line = buf + s, *sp1, *sp2, *v;
-    size_t mlen, tlen, vlen;
+    size_t mlen, tlen, vlen, sl;
     sp1 = memchr(line, ' ', n);
     if (!sp1) return http1req_bad(h, "malformed request line");
     mlen = (size_t)(sp1 - line);
@@ -93,6 +139,10 @@ static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
     /* The target goes verbatim on the upstream's request line: printable
      * ASCII only (this also refuses a tab, a control byte, bytes >= 0x80). */
     if (!http1_target_ok(sp1 + 1, tlen)) return http1req_bad(h, "invalid request path");
+    /* A fragment is never part of a request target (RFC 9112 3.2). Most
+     * upstream frameworks cut it off before routing, so "/a/b#/c" would be
+     * matched and priced here as "/a/b#/c" and run there as "/a/b". */
+    if (memchr(sp1 + 1, '#', tlen)) return http1req_bad(h, "fragment in request target");
     if (vlen != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' || v[5] > '9' ||
         v[7] < '0' || v[7] > '9')
         return http1req_bad(h, "malformed request line");
@@ -105,11 +155,17 @@ static int http1req_request_line(char *buf, size_t s, size_t n, http1req *h)
     h->target_len = (uint32_t)tlen;
     buf[s + mlen] = '\0';
     buf[s + mlen + 1 + tlen] = '\0';
+    /* Origin-form starts with '/', asterisk-form is "*"; anything else that
+     * starts with a scheme is absolute-form. What is left (authority-form,
+     * relative paths) is refused by request.c as an invalid path. */
+    if (sp1[1] != '/' && http1req_scheme(sp1 + 1, tlen, &sl))
+        return http1req_absolute(buf, h->target, tlen, sl, h);
     return 0;
 }
 
 typedef struct http1req_seen {
     int hosts, te, te_other, conn_close, conn_keep_alive;
+    size_t xff; /* bytes of the X-Forwarded-For values, joined with ", " */
 } http1req_seen;
 
 static int http1req_length(http1req *h, const char *v, size_t n)
@@ -191,9 +247,22 @@ static int http1req_field_line(char *buf, size_t s, size_t n, http1req *h, http1
         rc = http1req_length(h, v, ve - vb);
     else if (HTTP1_IS(line, i, "transfer-encoding"))
         rc = http1req_codings(h, seen, v, ve - vb);
-    else if (HTTP1_IS(line, i, "host"))
+    else if (HTTP1_IS(line, i, "host")) {
+        /* Validated even when an absolute-form target overrides it: RFC
+         * 9112 3.2 asks for 400 on an invalid value either way. */
+        if (!http1_authority_ok(v, ve - vb)) return http1req_bad(h, "invalid Host header");
+        if (!h->absolute) {
+            h->host = (uint32_t)(s + vb);
+            h->host_len = (uint32_t)(ve - vb);
+        }
         seen->hosts++;
-    else if (HTTP1_IS(line, i, "connection"))
+    } else if (HTTP1_IS(line, i, "x-forwarded-for")) {
+        /* The gateway appends the peer to these (forward.c): bounded here,
+         * before anything is looked up, so the peer always fits. */
+        seen->xff += (seen->xff ? 2 : 0) + (ve - vb);
+        if (seen->xff > HTTP1REQ_XFF_MAX)
+            return http1req_fail(h, 431, "header_too_large", "X-Forwarded-For too long");
+    } else if (HTTP1_IS(line, i, "connection"))
         http1req_connection(seen, v, ve - vb);
     else if (HTTP1_IS(line, i, "expect")) {
         if (!HTTP1_IS(v, ve - vb, "100-continue"))
@@ -219,7 +288,8 @@ int http1req_parse(char *buf, size_t len, http1req *h)
 
     h->nfields = 0;
     h->content_length = -1;
-    h->chunked = h->keep_alive = h->expect_continue = h->minor = 0;
+    h->chunked = h->keep_alive = h->expect_continue = h->minor = h->absolute = 0;
+    h->host = h->host_len = 0;
     h->error = h->error_code = NULL;
     for (;;) { /* empty lines before the request line (RFC 9112 2.2) */
         if (!http1req_line(buf, len, &off, &s, &n)) return http1req_bad(h, "malformed request");
@@ -240,8 +310,10 @@ int http1req_parse(char *buf, size_t len, http1req *h)
         if (seen.te_other || !h->chunked)
             return http1req_fail(h, 501, "not_implemented", "unsupported transfer coding");
     }
-    if (h->minor >= 1 && seen.hosts != 1)
-        return http1req_bad(h, seen.hosts ? "more than one Host header" : "missing Host header");
+    /* More than one Host is a 400 in any request, HTTP/1.0 too (RFC 9112
+     * 3.2); only HTTP/1.1 must send one. */
+    if (seen.hosts > 1) return http1req_bad(h, "more than one Host header");
+    if (h->minor >= 1 && seen.hosts == 0) return http1req_bad(h, "missing Host header");
     /* HTTP/1.1 stays open unless closed; HTTP/1.0 only when asked. */
     h->keep_alive = h->minor >= 1 ? !seen.conn_close : seen.conn_keep_alive && !seen.conn_close;
     /* A 1.0 client cannot wait for a 100 (RFC 9110 10.1.1): ignored. */

@@ -22,6 +22,7 @@
 
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/spill.h"
 #include "gateway/worker.h"
 
 #include <inttypes.h>
@@ -110,15 +111,32 @@ static size_t lease_bucket(int64_t account)
     return (size_t)((uint64_t)account * 0x9E3779B97F4A7C15ULL >> 56) % LEASE_BUCKETS;
 }
 
+#ifdef LEASE_TESTING
+/* Test builds only (tests/unit/test_lease.c): the next allocations fail. */
+int lease_test_fail_allocs;
+#endif
+
+/* Room for at least CAP records in Q. */
+static int lease_recs_reserve(lease_recs *q, int cap)
+{
+    lease_rec *r;
+    if (q->cap >= cap) return 0;
+#ifdef LEASE_TESTING
+    if (lease_test_fail_allocs > 0) {
+        lease_test_fail_allocs--;
+        return -1;
+    }
+#endif
+    r = realloc(q->r, (size_t)cap * sizeof *r);
+    if (!r) return -1;
+    q->r = r;
+    q->cap = cap;
+    return 0;
+}
+
 static int lease_recs_push(lease_recs *q, const lease_rec *rec)
 {
-    if (q->n == q->cap) {
-        int cap = q->cap ? q->cap * 2 : 16;
-        lease_rec *r = realloc(q->r, (size_t)cap * sizeof *r);
-        if (!r) return -1;
-        q->r = r;
-        q->cap = cap;
-    }
+    if (q->n == q->cap && lease_recs_reserve(q, q->cap ? q->cap * 2 : 16) != 0) return -1;
     q->r[q->n++] = *rec;
     return 0;
 }
@@ -197,7 +215,7 @@ static void lease_lost(lease *l, int64_t available)
 
 static void lease_send(lease *l);
 
-static void lease_on_reply(void *arg, int rc, const int64_t v[4])
+static void lease_on_reply(void *arg, int rc, const int64_t v[5])
 {
     lease *l = arg;
     lease_table *t = l->t;
@@ -226,7 +244,16 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
         l->amount = v[1];
         l->confirmed_ms = l->op_sent_ms;
         l->epoch = l->op_epoch;
-        lease_recs_answer(l->op.r, l->op.n, 0, 1, v[2], 1);
+        /* An op short of points charged its records in order as far as
+         * the lease and the available points went (lease.lua): the calls
+         * past that are answered as not charged, which they were not. */
+        int charged_n = v[4] < 0 ? 0 : v[4] > l->op.n ? l->op.n : (int)v[4];
+        if (charged_n < l->op.n)
+            log_warn("lease %s of account %" PRId64 ": op %" PRId64 " short of points: %d of %d "
+                     "calls charged",
+                     l->lid, l->account, l->op_seq, charged_n, l->op.n);
+        lease_recs_answer(l->op.r, charged_n, 0, 1, v[2], 1);
+        lease_recs_answer(l->op.r + charged_n, l->op.n - charged_n, 0, 1, v[2], 0);
         if (v[3] && !l->closing) {
             /* A reserve elsewhere is short while we hold points: give them
              * back now (lease.lua grants the account no lease while
@@ -271,24 +298,33 @@ static void lease_send(lease *l)
     hot_lease_args a;
     if (t->down || l->op_sent || l->deleted) return;
     if (!l->op_failed) {
-        l->want_op = 0;
-        int n = l->queue.n < HOT_LEASE_RECORDS_MAX ? l->queue.n : HOT_LEASE_RECORDS_MAX;
         int64_t charge = 0, freep;
-        /* The op takes the first N queued records. */
-        lease_recs tmp = l->op;
-        l->op = l->queue;
-        l->queue = tmp;
-        l->queue.n = 0;
-        if (l->op.n > n) {
-            for (int i = n; i < l->op.n; i++)
-                if (lease_recs_push(&l->queue, &l->op.r[i]) != 0) {
-                    /* Keep them in this op rather than lose them. */
-                    n = l->op.n;
-                    l->queue.n = 0;
-                    break;
-                }
+        if (l->queue.n <= HOT_LEASE_RECORDS_MAX) {
+            /* The op takes every queued record: the arrays swap, nothing
+             * to allocate. */
+            lease_recs tmp = l->op;
+            l->op = l->queue;
+            l->queue = tmp;
+            l->queue.n = 0;
+        } else {
+            /* The op takes the first HOT_LEASE_RECORDS_MAX; the rest stay
+             * queued, in order. Its room is made first: if that fails,
+             * nothing moved and the op waits for the next tick (a record
+             * is never lost, and an op never carries more records than
+             * one lease.lua call takes: an op that could never be sent
+             * would never complete). */
+            int n = HOT_LEASE_RECORDS_MAX;
+            if (lease_recs_reserve(&l->op, n) != 0) {
+                log_error("lease %s: out of memory building an op, retrying", l->lid);
+                l->want_op = 1; /* the tick schedules it (not now: the flush loop) */
+                return;
+            }
+            memcpy(l->op.r, l->queue.r, (size_t)n * sizeof *l->op.r);
             l->op.n = n;
+            memmove(l->queue.r, l->queue.r + n, (size_t)(l->queue.n - n) * sizeof *l->queue.r);
+            l->queue.n -= n;
         }
+        l->want_op = 0;
         for (int i = 0; i < l->op.n; i++)
             charge += l->op.r[i].charge;
         l->op_seq = ++l->seq;
@@ -301,6 +337,8 @@ static void lease_send(lease *l)
         freep = lease_free_points(l);
         if (l->closing)
             l->op_resize = -freep; /* nothing is promised while closing */
+        else if (hotclient_refusing(t->hc))
+            l->op_resize = 0; /* no growth past the backlog bound (or queue full) */
         else if (freep < l->want / 2)
             l->op_resize = l->want - freep;
         else
@@ -405,19 +443,76 @@ int lease_table_new(struct event_base *base, hotclient *hc, const lease_config *
     return 0;
 }
 
-void lease_table_shutdown(lease_table *t)
+/* Writes L's records not known to be in Redis to SP as ops with the
+ * numbers they would have had: the op on its way or failed (it may have
+ * been applied: its seq makes a replay of it harmless), then the queued
+ * records, HOT_LEASE_RECORDS_MAX an op, then an op that closes the lease.
+ * Returns the records not spilled. */
+static int lease_spill(lease *l, spill_file *sp)
+{
+    const char *recs[2 * HOT_LEASE_RECORDS_MAX];
+    size_t lens[2 * HOT_LEASE_RECORDS_MAX];
+    int64_t seq = l->seq, charge;
+    int lost = 0;
+    if ((l->op_sent || l->op_failed) && l->op.n > 0) {
+        for (int i = 0; i < l->op.n; i++) {
+            recs[2 * i] = "c";
+            lens[2 * i] = 1;
+            recs[2 * i + 1] = l->op.r[i].text;
+            lens[2 * i + 1] = l->op.r[i].len;
+        }
+        if (!sp || spill_lease_op(sp, l->account, l->lid, l->op_seq, l->op_charge, 2 * l->op.n,
+                                  recs, lens) != 0)
+            lost += l->op.n;
+        seq = l->op_seq;
+    }
+    for (int at = 0; at < l->queue.n; at += HOT_LEASE_RECORDS_MAX) {
+        int n = l->queue.n - at < HOT_LEASE_RECORDS_MAX ? l->queue.n - at : HOT_LEASE_RECORDS_MAX;
+        charge = 0;
+        for (int i = 0; i < n; i++) {
+            const lease_rec *r = &l->queue.r[at + i];
+            recs[2 * i] = "c";
+            lens[2 * i] = 1;
+            recs[2 * i + 1] = r->text;
+            lens[2 * i + 1] = r->len;
+            charge += r->charge;
+        }
+        seq++;
+        if (!sp || spill_lease_op(sp, l->account, l->lid, seq, charge, 2 * n, recs, lens) != 0)
+            lost += n;
+    }
+    if (sp && seq > 1) spill_lease_close(sp, l->account, l->lid, seq + 1);
+    return lost;
+}
+
+void lease_table_shutdown(lease_table *t, spill_file *sp)
 {
     lease *l;
     if (!t) return;
     t->down = 1;
     for (l = TAILQ_FIRST(&t->leases); l; l = TAILQ_NEXT(l, all)) {
-        int unsent = l->queue.n + l->op.n;
-        if (unsent > 0)
-            log_error("lease %s of account %" PRId64 ": exiting with %d records unsent (the "
-                      "sweeper will expire the lease, cost 0)",
-                      l->lid, l->account, unsent);
+        int unsent = l->queue.n + ((l->op_sent || l->op_failed) ? l->op.n : 0);
+        if (unsent > 0 && !l->deleted) {
+            int lost = lease_spill(l, sp);
+            if (lost > 0)
+                log_error("lease %s of account %" PRId64 ": exiting with %d records not spilled "
+                          "(the sweeper will expire the lease, cost 0)",
+                          l->lid, l->account, lost);
+            else
+                log_warn("lease %s of account %" PRId64 ": %d records spilled for the next start",
+                         l->lid, l->account, unsent);
+        }
         lease_answer_later(l);
     }
+}
+
+int lease_table_unsent(const lease_table *t)
+{
+    int n = 0;
+    const lease *l;
+    for (l = TAILQ_FIRST(&t->leases); l; l = TAILQ_NEXT(l, all))
+        if (!l->deleted) n += l->queue.n + ((l->op_sent || l->op_failed) ? l->op.n : 0);
+    return n;
 }
 
 void lease_table_free(lease_table *t)
@@ -461,7 +556,9 @@ lease *lease_take(lease_table *t, int64_t account, int64_t price)
 {
     lease *l;
     uint64_t now;
-    if (t->cfg.calls <= 0 || t->closing || t->down) return NULL;
+    /* Past the backlog bound (or a full resend queue) no call is served
+     * from a lease either: the per-call reserve answers 503. */
+    if (t->cfg.calls <= 0 || t->closing || t->down || hotclient_refusing(t->hc)) return NULL;
     l = lease_find(t, account);
     if (!l || l->closing || l->op_failed || l->deleted) return NULL;
     now = worker_now_ms();
@@ -488,7 +585,8 @@ void lease_consider(lease_table *t, int64_t account, int64_t price, int64_t avai
     lease *l;
     unsigned char raw[16];
     int64_t want;
-    if (t->cfg.calls <= 0 || t->closing || t->down || price <= 0) return;
+    if (t->cfg.calls <= 0 || t->closing || t->down || price <= 0 || hotclient_refusing(t->hc))
+        return;
     if (price > INT64_MAX / t->cfg.calls / 4) return;
     want = t->cfg.calls * price;
     /* Only an account with room for several: lease.lua grants at most a

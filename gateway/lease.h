@@ -39,10 +39,14 @@ typedef struct lease_config {
 
 int lease_table_new(struct event_base *base, hotclient *hc, const lease_config *cfg,
                     lease_table **out);
-/* Sends nothing more; runs every waiting record's callback with -1 (the
- * charge stays queued nowhere: the sweeper expires the lease, cost 0).
- * Then hotclient_free, then lease_table_free. */
-void lease_table_shutdown(lease_table *t);
+struct spill_file;
+/* Sends nothing more; writes every record not known to be in Redis to SP
+ * (spill.h: replayed at the next start; without SP, or if that fails, the
+ * sweeper expires the lease at cost 0 for them), then runs every waiting
+ * record's callback with -1. Then hotclient_free, then lease_table_free. */
+void lease_table_shutdown(lease_table *t, struct spill_file *sp);
+/* Records of calls answered and not known to be in Redis yet. */
+int lease_table_unsent(const lease_table *t);
 void lease_table_free(lease_table *t);
 /* Gives every lease back (worker stopping): no more takes. */
 void lease_table_close(lease_table *t);

@@ -530,6 +530,7 @@ static int proxy_conn_send(proxy_conn *k)
             return 0;
         }
         c->sent += (size_t)w;
+        if (w > 0) c->written = 1;
     }
     if (k->writing) {
         event_del(&k->wev);
@@ -971,6 +972,7 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     c->content_length = -1;
     c->conn_listed = 0;
     c->retried = 0;
+    c->written = 0;
     c->head_request = strcmp(method, "HEAD") == 0;
     c->replayable = proxy_idempotent(method);
     /* As curl did: methods that carry content always say how much. */
@@ -999,6 +1001,11 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     c->state = PROXY_CALL_ACTIVE; /* until dispatched: proxy_dispatch sets the real state */
     proxy_dispatch(p, c);
     return 0;
+}
+
+int proxy_call_written(const proxy_call *c)
+{
+    return c->written;
 }
 
 void proxy_cancel(proxy_call *c)

@@ -61,6 +61,7 @@ struct proxy_call {
     int head_request; /* HEAD: the response has no body */
     int replayable;   /* idempotent method: see proxy_conn_failed */
     int retried;
+    int written;     /* some request byte was handed to the upstream (sticky) */
     int got_bytes;   /* some response byte arrived on the current connection */
     int conn_listed; /* hdrs holds a Connection header that names headers to drop */
     struct event timer;
@@ -103,6 +104,10 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
 /* Aborts a running call and closes its connection (its state is unknown);
  * DONE will not run. No-op if not running. */
 void proxy_cancel(proxy_call *c);
+/* 1 once any byte of C's request has been handed to the upstream (on any
+ * connection, retries included): from then on the upstream may act on it,
+ * so request.c lets the call run to its answer even if the client leaves. */
+int proxy_call_written(const proxy_call *c);
 /* Frees buffers of a finished or cancelled call (body may have been taken). */
 void proxy_call_clear(proxy_call *c);
 

@@ -3,21 +3,46 @@
  *   NEW --headers ok--> BODY --body read--> KEY? --> RESERVE <--> WAIT
  *        --> PROXY --> SETTLE --> DONE (answer handed to the server, freed)
  *
+ * A request whose body is not here with its head (request_early) goes the
+ * other way round, so that an unknown key or an empty account costs no body
+ * bytes: KEY? --> RESERVE <--> WAIT --> BODYWAIT (the server reads the body,
+ * sending 100 Continue only now) --> PROXY. Its per-call hold is taken for
+ * the body deadline plus the upstream timeout (and no lease promise is used:
+ * a lease's deadline is sized for the upstream timeout only); a body that
+ * never completes releases it, cost 0.
+ *
  * The request is suspended (on the worker's list, counted in flight) only
  * while something asynchronous runs (Redis command, upstream call, backoff
- * timer); checks that need nothing but the request itself answer
- * synchronously. The server keeps reading the client socket meanwhile and
- * calls request_gone when the client goes away: the upstream call is
- * aborted and the hold released (cost 0). Fire-and-forget settles (client
- * gone, shutdown) carry no pointer to the request, so a request never
- * outlives nor is outlived by a callback that uses it. A request ends by
- * answering (request_finish hands the answer to the server and frees it):
- * no code touches R after request_finish, request_error or request_short. */
+ * timer, the body after the reserve); checks that need nothing but the
+ * request itself answer synchronously. The server keeps watching the client
+ * socket meanwhile and calls request_gone when the client goes away. What
+ * that costs depends on how far the call got: before any byte of it was
+ * written to the upstream (Redis command, wait, queued for or connecting an
+ * upstream connection, body still coming), it is dropped and its hold
+ * released (cost 0); once written, the upstream may act on it, so it runs to
+ * its answer or its timeout and is settled by that, as if the client were
+ * there (billable: charged; failure: 0), and the answer is dropped. Such an
+ * orphan keeps its server connection (closed for I/O) until it answers, so
+ * it still counts against MAX_CONNECTIONS, the upstream caps and its
+ * timeout. Fire-and-forget settles (client gone, shutdown) carry no pointer
+ * to the request, so a request never outlives nor is outlived by a callback
+ * that uses it. A request ends by answering (request_finish hands the answer
+ * to the server and frees it): no code touches R after request_finish,
+ * request_error or request_short.
+ *
+ * Calls short of points while points are held by calls in flight wait for
+ * them (no false refusal). The waiters of one account on one worker share
+ * one queue (request_waitq): only its first waiter asks Redis, one reserve
+ * at a time, on a backoff (REQUEST_BACKOFF_*), and at once when this worker
+ * settles or releases a hold of that account or a waiter got its points.
+ * So the Redis work of waiting grows with the accounts waiting and the
+ * holds that change, not with the number of waiters. */
 #include "gateway/request.h"
 
 #include "billing/apikey.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/forward.h"
 #include "gateway/http1.h"
 #include "gateway/usage.h"
 #include "gateway/worker.h"
@@ -33,8 +58,30 @@
 #include <sys/socket.h>
 #include <event2/event_struct.h>
 
+/* hotclient.h's error codes (INTERFACES.md), until its owner's branch
+ * defines them there. */
+#ifndef HOT_ERR_UNAVAILABLE
+#define HOT_ERR_UNAVAILABLE (-1)
+#endif
+#ifndef HOT_ERR_BACKLOG
+#define HOT_ERR_BACKLOG (-2)
+#endif
+#ifndef HOT_ERR_NODATA
+#define HOT_ERR_NODATA (-3)
+#endif
+
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
+/* Calls of one account waiting on one worker for points held elsewhere.
+ * Past it a call is answered 503 too_many_waiting: not 402, which would be
+ * the false refusal the wait exists to avoid (the points are there, held),
+ * and not a longer queue, which would let one account's burst hold
+ * unbounded memory and connections. 64 covers any honest client's
+ * concurrency on one account on one worker; the client retries the rest. */
+#define REQUEST_WAITERS_MAX 64
+#define REQUEST_WAIT_BUCKETS 256
+/* "client went away" lines per worker per second (then one summary). */
+#define REQUEST_GONE_LOG_PER_SEC 10
 
 enum request_state {
     ST_NEW,
@@ -44,10 +91,14 @@ enum request_state {
     ST_USAGE,
     ST_RESERVE,
     ST_WAIT,
+    ST_BODYWAIT, /* early: reserved, the body is being read */
     ST_PROXY,
     ST_SETTLE,
     ST_DONE,
 };
+
+typedef struct request_waitq request_waitq;
+typedef struct request_ctx request_ctx;
 
 struct gw_request {
     worker *w;
@@ -56,6 +107,9 @@ struct gw_request {
     enum request_state st;
     int suspended;
     int gone;
+    int early;   /* authenticated and reserved before the body (request_early) */
+    int held;    /* holds a per-call hold (reserved, not settled or released) */
+    int body_in; /* the body is complete (request_body_done) */
     char rid[33];
     const char *uri; /* raw request target, in the server's buffer */
     char *path;      /* decoded, for matching */
@@ -71,19 +125,51 @@ struct gw_request {
     const char *body; /* the server's, valid until the answer */
     size_t body_len;
     uint64_t wait_until_ms;
-    int backoff_ms;
-    struct event *timer;
+    request_waitq *waitq;          /* the account's queue, while waiting or its reserve */
+    gw_request *wprev, *wnext;     /* in waitq's FIFO */
+    int64_t last_avail, last_held; /* the last reserve's figures, for a 402 */
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
     lease *lease;   /* the price was promised by this lease, not held per call */
 };
 
+/* One account's waiters on this worker (see the top of the file). */
+struct request_waitq {
+    request_ctx *ctx;
+    request_waitq *next; /* hash chain */
+    int64_t account;
+    gw_request *head, *tail; /* FIFO of ST_WAIT requests */
+    int n;
+    gw_request *trying; /* the waiter whose reserve is in flight */
+    int backoff_ms;
+    int64_t avail, held; /* Redis's last figures for the account, for a 402 */
+    int pin;             /* > 0: in use on the stack, not to be freed */
+    struct event timer;
+    int timer_on;
+};
+
+/* Per worker (w->rq): the wait queues and the log limiter. */
+struct request_ctx {
+    worker *w;
+    request_waitq *buckets[REQUEST_WAIT_BUCKETS];
+    log_limit gone_log;
+};
+
 static void request_reserve(gw_request *r);
+static void request_on_reserved(void *arg, int rc, const int64_t v[3]);
 static int request_begin(gw_request *r);
+static void request_waitq_leave(gw_request *r);
+static void request_waitq_kick(worker *w, int64_t account);
 
 gw_request *request_head(worker *w, server_conn *c)
 {
-    gw_request *r = calloc(1, sizeof *r);
+    gw_request *r;
+    if (!w->rq) { /* made with the first request, freed by request_teardown */
+        w->rq = calloc(1, sizeof *w->rq);
+        if (!w->rq) return NULL;
+        w->rq->w = w;
+    }
+    r = calloc(1, sizeof *r);
     if (!r) return NULL;
     r->w = w;
     r->conn = c;
@@ -97,10 +183,11 @@ static void request_lease_end(gw_request *r, int64_t charge, int commit, long st
 
 static void request_free(gw_request *r)
 {
-    /* Every path that ends a leased call ends it first; this is teardown's. */
-    if (r->lease) request_lease_end(r, 0, 0, 0, NULL);
+    /* Every path that ends a leased call ends it first; this is teardown's
+     * (after the lease table is gone there is nothing to end it with). */
+    if (r->lease && r->w->leases) request_lease_end(r, 0, 0, 0, NULL);
+    if (r->waitq) request_waitq_leave(r);
     proxy_call_clear(&r->call);
-    if (r->timer) event_free(r->timer);
     if (r->table) routes_unref(r->table);
     free(r->path);
     free(r);
@@ -110,7 +197,6 @@ static void request_unsuspend(gw_request *r)
 {
     worker *w = r->w;
     if (!r->suspended) return;
-    if (r->timer) evtimer_del(r->timer);
     if (r->prev)
         r->prev->next = r->next;
     else
@@ -121,12 +207,20 @@ static void request_unsuspend(gw_request *r)
     w->inflight--;
 }
 
+static void request_release_detached(gw_request *r);
+
 void request_discard(gw_request *r)
 {
     if (r->suspended) {
-        /* Only at teardown, after every callback that could use R ran. */
-        log_warn("request %s: discarded in flight (state %d)", r->rid, (int)r->st);
+        /* Only at teardown, after every callback that could use R ran; or
+         * an early request whose body did not come (closed, timed out,
+         * malformed): its hold goes back, cost 0. */
+        if (r->st == ST_BODYWAIT)
+            log_debug("request %s: body not completed; hold released", r->rid);
+        else
+            log_warn("request %s: discarded in flight (state %d)", r->rid, (int)r->st);
         if (r->st == ST_PROXY) proxy_cancel(&r->call);
+        if (r->st == ST_BODYWAIT || r->st == ST_PROXY) request_release_detached(r);
         request_unsuspend(r);
     }
     request_free(r);
@@ -171,6 +265,19 @@ static void request_error_charged(gw_request *r, unsigned status, const char *co
 static void request_error(gw_request *r, unsigned status, const char *code, const char *msg)
 {
     request_error_charged(r, status, code, msg, NULL);
+}
+
+/* Billing could not decide (hot_cb rc < 0, or Redis lacks the account):
+ * 503 billing_unavailable, saying why (INTERFACES.md). Never 401 or 402
+ * for what the hot store cannot tell. */
+static void request_unavailable(gw_request *r, int rc)
+{
+    const char *msg = "billing is unavailable, try again";
+    if (rc == HOT_ERR_BACKLOG)
+        msg = "settlement backlog is full, try again later";
+    else if (rc == HOT_ERR_NODATA)
+        msg = "billing data is being restored, try again";
+    request_error(r, 503, "billing_unavailable", msg);
 }
 
 static void request_short(gw_request *r, int64_t avail, int64_t held)
@@ -218,13 +325,19 @@ static void request_lease_end(gw_request *r, int64_t charge, int commit, long st
 static void request_release_detached(gw_request *r)
 {
     if (r->lease) {
-        request_lease_end(r, 0, 0, 0, NULL);
+        if (r->w->leases) request_lease_end(r, 0, 0, 0, NULL);
+        r->lease = NULL; /* past teardown: the sweeper expires it, cost 0 */
         return;
     }
+    if (!r->held || !r->w->hc) return;
     hot_settle_args a = {.account = r->account, .charge = 0, .commit = 0, .status = 0};
     memcpy(a.rid, r->rid, sizeof a.rid);
+    r->held = 0;
     /* No callback: the request may be gone before the reply. Idempotent by rid. */
     hotclient_settle(r->w->hc, &a, NULL, NULL);
+    /* The points are free again: this account's waiters try now (the
+     * release goes to Redis before their reserve, on the same connection). */
+    request_waitq_kick(r->w, r->account);
 }
 
 static void request_answer_upstream(gw_request *r, int64_t charged, int have_remaining,
@@ -237,7 +350,7 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
 
     request_answer_begin(r, (unsigned)c->status);
     while ((off = proxy_header_next(c, off, &name, &value)) != 0)
-        server_reply_header(r->conn, name, value);
+        if (forward_response_header(name)) server_reply_header(r->conn, name, value);
     snprintf(num, sizeof num, "%" PRId64, charged);
     server_reply_header(r->conn, "X-Points-Charged", num);
     if (have_remaining) {
@@ -257,6 +370,8 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
 static void request_on_settled(void *arg, int rc, const int64_t v[3])
 {
     gw_request *r = arg;
+    /* Settled or queued: the account's holds changed; its waiters try. */
+    request_waitq_kick(r->w, r->account);
     if (rc != 0) {
         /* Queued for resend by hotclient; the answer still goes out, with the
          * charge that will be applied and no remaining figure. */
@@ -306,6 +421,8 @@ static int64_t request_usage_charge(gw_request *r)
     return units * rt->unit_price;
 }
 
+/* The upstream's answer (or its failure) decides the charge, whether or not
+ * the client is still there (r->gone: the answer is then dropped). */
 static void request_on_upstream(void *arg, proxy_call *c)
 {
     gw_request *r = arg;
@@ -333,107 +450,11 @@ static void request_on_upstream(void *arg, proxy_call *c)
         request_lease_end(r, a.charge, a.commit, a.status, request_on_settled);
         return;
     }
+    r->held = 0; /* the settle ends the hold, delivered or queued */
     if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0) request_on_settled(r, -1, NULL);
 }
 
 /* ---- proxy ---------------------------------------------------------- */
-
-typedef struct request_hdr_ctx {
-    gw_request *r;
-    const char *conn; /* the client's Connection header(s), joined when several */
-    size_t conn_len;
-    char *conn_joined; /* owns conn when there were several */
-    const char *xff;
-} request_hdr_ctx;
-
-/* Gathers the client's Connection headers. One (the usual case) is used
- * where the server keeps it; several are joined into one list, which RFC
- * 9110 5.3 makes equivalent. */
-static int request_gather_connection(request_hdr_ctx *h, const char *value)
-{
-    size_t vl = strlen(value);
-    char *j;
-    if (!h->conn) {
-        h->conn = value;
-        h->conn_len = vl;
-        return 0;
-    }
-    j = malloc(h->conn_len + 1 + vl + 1);
-    if (!j) return -1;
-    memcpy(j, h->conn, h->conn_len);
-    j[h->conn_len] = ',';
-    memcpy(j + h->conn_len + 1, value, vl + 1);
-    free(h->conn_joined);
-    h->conn_joined = j;
-    h->conn = j;
-    h->conn_len += 1 + vl;
-    return 0;
-}
-
-static int request_add_header(request_hdr_ctx *h, const char *name, const char *value)
-{
-    if (proxy_call_add_header(&h->r->call, name, value) != 0) {
-        log_warn("request %s: header %s not forwardable (invalid or past the bound)", h->r->rid,
-                 name);
-        return -1;
-    }
-    return 0;
-}
-
-static int request_copy_header(request_hdr_ctx *h, const char *name, const char *value)
-{
-    static const char *const drop[] = {"authorization",  "x-api-key",      "host",
-                                       "content-length", "expect",         "x-account-id",
-                                       "x-request-id",   "x-forwarded-for"};
-    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
-        if (strcasecmp(name, drop[i]) == 0) return 0;
-    if (proxy_hop_by_hop(name)) return 0;
-    /* Named by the client's Connection header: for this hop only. */
-    if (h->conn && http1_list_has(h->conn, h->conn_len, name, strlen(name))) return 0;
-    return request_add_header(h, name, value);
-}
-
-static void request_client_ip(gw_request *r, char *out, size_t len)
-{
-    const struct sockaddr *sa = server_peer(r->conn);
-    snprintf(out, len, "unknown");
-    if (sa->sa_family == AF_INET)
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
-    else if (sa->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
-}
-
-static int request_build_headers(gw_request *r)
-{
-    request_hdr_ctx h = {.r = r};
-    char ip[INET6_ADDRSTRLEN + 1], buf[1024];
-    size_t n = server_header_count(r->conn);
-    const char *name, *value;
-    int rc = -1;
-    for (size_t i = 0; i < n; i++) {
-        server_header_at(r->conn, i, &name, &value);
-        if (strcasecmp(name, "connection") == 0 && request_gather_connection(&h, value) != 0)
-            goto out;
-    }
-    h.xff = server_header(r->conn, "X-Forwarded-For");
-    for (size_t i = 0; i < n; i++) {
-        server_header_at(r->conn, i, &name, &value);
-        if (request_copy_header(&h, name, value) != 0) goto out;
-    }
-    request_client_ip(r, ip, sizeof ip);
-    if (h.xff && *h.xff)
-        snprintf(buf, sizeof buf, "%s, %s", h.xff, ip);
-    else
-        snprintf(buf, sizeof buf, "%s", ip);
-    if (request_add_header(&h, "X-Forwarded-For", buf) != 0) goto out;
-    snprintf(buf, sizeof buf, "%" PRId64, r->account);
-    if (request_add_header(&h, "X-Account-Id", buf) != 0) goto out;
-    if (request_add_header(&h, "X-Request-Id", r->rid) != 0) goto out;
-    rc = 0;
-out:
-    free(h.conn_joined);
-    return rc;
-}
 
 static void request_proxy(gw_request *r)
 {
@@ -441,7 +462,7 @@ static void request_proxy(gw_request *r)
     /* The raw target (path and query, as the client sent them) goes to the
      * upstream unchanged after its path prefix; uri, method and body live
      * as long as the request, so the call can point at them. */
-    if (request_build_headers(r) != 0 ||
+    if (forward_headers(r->conn, &r->call, r->account, r->rid) != 0 ||
         proxy_start(r->w->px, &r->call, r->uri, r->method, r->body, r->body_len,
                     r->route->timeout_ms, request_on_upstream, r) != 0) {
         request_release_detached(r);
@@ -449,67 +470,310 @@ static void request_proxy(gw_request *r)
     }
 }
 
-/* ---- reserve ------------------------------------------------------- */
-
-static void request_on_wait_timer(evutil_socket_t fd, short what, void *arg)
+/* The price is held (or promised): on to the upstream, or first the body
+ * when it is still to come (the server then sends 100 Continue, reads it
+ * and calls request_body_done). */
+static void request_go(gw_request *r)
 {
-    request_reserve(arg);
+    if (r->early && !r->body_in) {
+        r->st = ST_BODYWAIT;
+        server_want_body(r->conn);
+        return;
+    }
+    request_proxy(r);
 }
+
+/* ---- waiting for held points (one queue per account per worker) ------ */
+
+static request_waitq **request_waitq_slot(request_ctx *x, int64_t account)
+{
+    uint64_t h = (uint64_t)account * 0x9E3779B97F4A7C15ull;
+    return &x->buckets[h >> 56 & (REQUEST_WAIT_BUCKETS - 1)];
+}
+
+static request_waitq *request_waitq_find(worker *w, int64_t account)
+{
+    request_waitq *q;
+    if (!w->rq) return NULL;
+    for (q = *request_waitq_slot(w->rq, account); q; q = q->next)
+        if (q->account == account) return q;
+    return NULL;
+}
+
+static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg);
+
+static request_waitq *request_waitq_get(worker *w, int64_t account)
+{
+    request_ctx *x = w->rq;
+    request_waitq *q = request_waitq_find(w, account), **slot;
+    if (q || !x) return q;
+    q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    slot = request_waitq_slot(x, account);
+    q->ctx = x;
+    q->account = account;
+    q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
+    evtimer_assign(&q->timer, w->base, request_waitq_on_timer, q);
+    q->next = *slot;
+    *slot = q;
+    return q;
+}
+
+/* Frees Q once nobody waits in it and no reserve of it is in flight. */
+static void request_waitq_maybe_free(request_waitq *q)
+{
+    request_waitq **p;
+    if (q->n > 0 || q->trying || q->pin) return;
+    for (p = request_waitq_slot(q->ctx, q->account); *p != q; p = &(*p)->next)
+        ;
+    *p = q->next;
+    if (q->timer_on) evtimer_del(&q->timer);
+    free(q);
+}
+
+static void request_waitq_arm(request_waitq *q, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    if (q->timer_on) evtimer_del(&q->timer);
+    q->timer_on = evtimer_add(&q->timer, &tv) == 0;
+}
+
+/* Appends R (FRONT: puts it back first, its turn was not over) to Q. */
+static void request_waitq_push(request_waitq *q, gw_request *r, int front)
+{
+    r->waitq = q;
+    r->st = ST_WAIT;
+    r->wprev = r->wnext = NULL;
+    if (front) {
+        r->wnext = q->head;
+        if (q->head) q->head->wprev = r;
+        q->head = r;
+        if (!q->tail) q->tail = r;
+    } else {
+        r->wprev = q->tail;
+        if (q->tail) q->tail->wnext = r;
+        q->tail = r;
+        if (!q->head) q->head = r;
+    }
+    q->n++;
+}
+
+/* Takes R out of its queue (waiting, or its reserve in flight). */
+static void request_waitq_leave(gw_request *r)
+{
+    request_waitq *q = r->waitq;
+    if (!q) return;
+    r->waitq = NULL;
+    if (q->trying == r) {
+        q->trying = NULL;
+    } else {
+        if (r->wprev)
+            r->wprev->wnext = r->wnext;
+        else
+            q->head = r->wnext;
+        if (r->wnext)
+            r->wnext->wprev = r->wprev;
+        else
+            q->tail = r->wprev;
+        r->wprev = r->wnext = NULL;
+        q->n--;
+    }
+    request_waitq_maybe_free(q);
+}
+
+/* R is short while points are held: it waits in its account's queue
+ * (FRESH: R's own reserve just said so, its figures are the latest). 0, or
+ * -1 when it cannot (bound reached, out of memory): R is not queued. */
+static int request_wait(gw_request *r, int fresh)
+{
+    request_waitq *q = request_waitq_get(r->w, r->account);
+    if (!q || q->n + (q->trying != NULL) >= REQUEST_WAITERS_MAX) return -1;
+    if (fresh) {
+        q->avail = r->last_avail;
+        q->held = r->last_held;
+    }
+    request_waitq_push(q, r, 0);
+    if (!q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
+    return 0;
+}
+
+/* This worker just changed ACCOUNT's holds (a settle, a release): its
+ * waiters try again now instead of at the end of their backoff. */
+static void request_waitq_kick(worker *w, int64_t account)
+{
+    request_waitq *q = request_waitq_find(w, account);
+    if (!q) return;
+    q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
+    if (!q->trying && q->n > 0) request_waitq_arm(q, 0); /* from the loop, not this stack */
+}
+
+/* Answers the waiters whose wait is over: past their deadline (402 with
+ * the last figures), or whose price the points that exist cannot cover.
+ * The caller keeps Q alive across it (q->pin). */
+static void request_waitq_expire(request_waitq *q, int64_t avail, int64_t held, int have)
+{
+    uint64_t now = worker_now_ms();
+    gw_request *r = q->head, *next;
+    for (; r; r = next) {
+        next = r->wnext;
+        if (now < r->wait_until_ms && !(have && avail + held < r->route->price)) continue;
+        request_waitq_leave(r);
+        request_short(r, have ? avail : q->avail, have ? held : q->held);
+    }
+}
+
+/* The backoff is over, or a kick: Q's first waiter asks for its price. */
+static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    request_waitq *q = arg;
+    const gw_config *cfg;
+    gw_request *r;
+    q->timer_on = 0;
+    if (q->trying) return;
+    q->pin++; /* keeps Q while waiters are answered */
+    request_waitq_expire(q, 0, 0, 0);
+    q->pin--;
+    r = q->head;
+    if (!r) {
+        request_waitq_maybe_free(q);
+        return;
+    }
+    /* Off the FIFO, still Q's: the reply puts it back or lets it go. */
+    q->head = r->wnext;
+    if (q->head)
+        q->head->wprev = NULL;
+    else
+        q->tail = NULL;
+    r->wnext = r->wprev = NULL;
+    q->n--;
+    q->trying = r;
+    r->st = ST_RESERVE;
+    cfg = r->w->cfg;
+    if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
+                          r->route->timeout_ms + cfg->hold_grace_ms +
+                              (r->early ? cfg->body_timeout_ms : 0),
+                          r->route->id, request_on_reserved, r) != 0)
+        request_on_reserved(r, HOT_ERR_UNAVAILABLE, NULL);
+}
+
+/* Redis cannot answer for Q's account: every waiter gets the 503. */
+static void request_waitq_fail(request_waitq *q, int rc)
+{
+    q->pin++;
+    while (q->head) {
+        gw_request *r = q->head;
+        request_waitq_leave(r);
+        request_unavailable(r, rc);
+    }
+    q->pin--;
+    request_waitq_maybe_free(q);
+}
+
+/* ---- reserve ------------------------------------------------------- */
 
 static void request_on_reserved(void *arg, int rc, const int64_t v[3])
 {
     gw_request *r = arg;
+    request_waitq *q = r->waitq;
     uint64_t now;
+    if (q) {
+        /* It was its queue's attempt: the queue goes on, whatever it gets. */
+        r->waitq = NULL;
+        q->trying = NULL;
+        q->pin++; /* keeps Q until the end */
+    }
     if (rc != 0) {
-        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
+        request_unavailable(r, rc < 0 ? rc : HOT_ERR_UNAVAILABLE);
+        if (q) {
+            q->pin--;
+            request_waitq_fail(q, rc < 0 ? rc : HOT_ERR_UNAVAILABLE);
+        }
         return;
     }
     if (r->gone || r->w->aborted) {
-        if (v[0] == HOT_RESERVE_HELD) request_release_detached(r);
+        if (v[0] == HOT_RESERVE_HELD) {
+            r->held = 1;
+            request_release_detached(r);
+        }
         request_error(r, 503, "billing_unavailable", "cancelled");
-        return;
-    }
-    if (v[0] == HOT_RESERVE_HELD) {
+        r = NULL;
+    } else if (v[0] == HOT_RESERVE_HELD) {
+        r->held = 1;
         lease_consider(r->w->leases, r->account, r->route->price, v[1]);
-        request_proxy(r);
-        return;
+        if (q) {
+            /* Got its points: the next waiter tries at once. */
+            q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
+            if (q->n > 0) request_waitq_arm(q, 0);
+        }
+        request_go(r);
+        r = NULL;
+    } else if (v[0] == HOT_RESERVE_UNKNOWN) {
+        /* Billing creates every account's hash with the account (and every
+         * repair pass pushes them all): a missing one means Redis lost its
+         * data, which is not the caller's fault. */
+        request_unavailable(r, HOT_ERR_NODATA);
+        r = NULL;
     }
-    if (v[0] == HOT_RESERVE_UNKNOWN) {
-        /* Keys exist only for accounts billing created, so an account the
-         * hot store does not know has simply never been credited. */
-        request_short(r, 0, 0);
-        return;
-    }
-    now = worker_now_ms();
-    if (v[1] + v[2] >= r->route->price && now < r->wait_until_ms) {
-        /* Points exist but are held by calls in flight: wait for them. */
-        uint64_t left = r->wait_until_ms - now;
-        uint64_t d = (uint64_t)r->backoff_ms < left ? (uint64_t)r->backoff_ms : left;
-        struct timeval tv = {(time_t)(d / 1000), (suseconds_t)((d % 1000) * 1000)};
-        r->backoff_ms =
-            r->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS : r->backoff_ms * 2;
-        if (!r->timer) r->timer = evtimer_new(r->w->base, request_on_wait_timer, r);
-        if (r->timer && evtimer_add(r->timer, &tv) == 0) {
-            r->st = ST_WAIT;
-            return;
+    if (r) {
+        now = worker_now_ms();
+        r->last_avail = v[1];
+        r->last_held = v[2];
+        if (v[1] + v[2] >= r->route->price && now < r->wait_until_ms) {
+            /* Points exist but are held by calls in flight: wait for them. */
+            if (q) {
+                request_waitq_push(q, r, 1);
+                q->backoff_ms = q->backoff_ms * 2 > REQUEST_BACKOFF_MAX_MS ? REQUEST_BACKOFF_MAX_MS
+                                                                           : q->backoff_ms * 2;
+                request_waitq_arm(q, q->backoff_ms);
+            } else if (request_wait(r, 1) != 0) {
+                request_error(r, 503, "too_many_waiting",
+                              "too many calls of this account are waiting for held points, try "
+                              "again");
+            }
+        } else {
+            request_short(r, v[1], v[2]);
         }
     }
-    request_short(r, v[1], v[2]);
+    if (q) {
+        /* What Redis just said holds for every waiter of the account. */
+        if (v[0] == HOT_RESERVE_SHORT) {
+            q->avail = v[1];
+            q->held = v[2];
+            request_waitq_expire(q, v[1], v[2], 1);
+        }
+        q->pin--;
+        /* Whoever got the turn left (gone, answered): the others keep theirs. */
+        if (q->n > 0 && !q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
+        request_waitq_maybe_free(q);
+    }
 }
 
 static void request_reserve(gw_request *r)
 {
     const gw_config *cfg = r->w->cfg;
-    r->lease = lease_take(r->w->leases, r->account, r->route->price);
+    request_waitq *q;
+    /* A call whose body is still to come is held per call, for as long as
+     * the body may take (a lease's deadline does not cover that). */
+    r->lease = r->early ? NULL : lease_take(r->w->leases, r->account, r->route->price);
     if (r->lease) {
-        request_proxy(r);
+        request_go(r);
+        return;
+    }
+    q = request_waitq_find(r->w, r->account);
+    if (q && (q->n > 0 || q->trying)) {
+        /* Others of the account already wait here: behind them, without
+         * a reserve of its own (the queue's next one finds out for all). */
+        if (request_wait(r, 0) != 0)
+            request_error(r, 503, "too_many_waiting",
+                          "too many calls of this account are waiting for held points, try again");
         return;
     }
     r->st = ST_RESERVE;
     if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
-                          r->route->timeout_ms + cfg->hold_grace_ms, r->route->id,
-                          request_on_reserved, r) != 0)
-        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
+                          r->route->timeout_ms + cfg->hold_grace_ms +
+                              (r->early ? cfg->body_timeout_ms : 0),
+                          r->route->id, request_on_reserved, r) != 0)
+        request_unavailable(r, HOT_ERR_UNAVAILABLE);
 }
 
 /* ---- balance endpoint ----------------------------------------------- */
@@ -520,7 +784,7 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
     char buf[256];
     int64_t avail = 0, held = 0;
     if (rc < 0) {
-        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
+        request_unavailable(r, rc);
         return;
     }
     if (rc == 0) {
@@ -621,11 +885,10 @@ static void request_with_account(gw_request *r)
     if (r->balance) {
         r->st = ST_BALANCE;
         if (hotclient_balance(r->w->hc, r->account, request_on_balance, r) != 0)
-            request_on_balance(r, -1, NULL);
+            request_on_balance(r, HOT_ERR_UNAVAILABLE, NULL);
         return;
     }
     r->wait_until_ms = worker_now_ms() + (uint64_t)r->w->cfg->hold_wait_ms;
-    r->backoff_ms = REQUEST_BACKOFF_MIN_MS;
     request_reserve(r);
 }
 
@@ -633,7 +896,7 @@ static void request_on_key(void *arg, int rc, const int64_t v[3])
 {
     gw_request *r = arg;
     if (rc < 0) {
-        request_error(r, 503, "billing_unavailable", "billing is unavailable, try again");
+        request_unavailable(r, rc);
         return;
     }
     authcache_put(&r->w->keys, r->keyhash, rc == 0 ? v[0] : AUTHCACHE_NONE, worker_now_ms());
@@ -649,7 +912,7 @@ static void request_on_key(void *arg, int rc, const int64_t v[3])
     request_with_account(r);
 }
 
-/* Body read: authenticate (cache or Redis), then reserve. */
+/* Authenticate (cache or Redis), then reserve. */
 static void request_start(gw_request *r)
 {
     int64_t acct;
@@ -665,19 +928,40 @@ static void request_start(gw_request *r)
     }
     r->st = ST_KEY;
     request_suspend(r);
-    if (hotclient_key(r->w->hc, r->keyhash, request_on_key, r) != 0) request_on_key(r, -1, NULL);
+    if (hotclient_key(r->w->hc, r->keyhash, request_on_key, r) != 0)
+        request_on_key(r, HOT_ERR_UNAVAILABLE, NULL);
+}
+
+/* Per-client events are logged within a per-worker rate: a flood of
+ * disconnects must cost neither the log nor the loop. */
+static void request_log_gone(gw_request *r)
+{
+    request_ctx *x = r->w->rq;
+    if (x && !log_limit_ok(&x->gone_log, worker_now_ms(), REQUEST_GONE_LOG_PER_SEC)) return;
+    log_info("request %s: client went away (state %d%s)", r->rid, (int)r->st,
+             r->st == ST_PROXY && proxy_call_written(&r->call)
+                 ? ", at the upstream: runs to its answer"
+                 : "");
 }
 
 static void request_on_gone(gw_request *r)
 {
-    log_info("request %s: client went away (state %d)", r->rid, (int)r->st);
+    request_log_gone(r);
     switch (r->st) {
     case ST_PROXY:
+        /* Written to the upstream: it may act on it, so its answer (or
+         * timeout) settles it; the answer is dropped by the server. */
+        if (proxy_call_written(&r->call)) break;
         proxy_cancel(&r->call);
         request_release_detached(r);
         request_error(r, 503, "cancelled", "client went away");
         break;
+    case ST_BODYWAIT:
+        request_release_detached(r);
+        request_error(r, 503, "cancelled", "client went away");
+        break;
     case ST_WAIT:
+        request_waitq_leave(r);
         request_error(r, 503, "cancelled", "client went away");
         break;
     default:
@@ -685,19 +969,55 @@ static void request_on_gone(gw_request *r)
     }
 }
 
+/* The drain's deadline passed: fail what has not reached the upstream.
+ * Calls written to the upstream are not cancelled: they end by their answer
+ * or their timeout (the proxy's timer), and the drain waits for them. */
 void request_abort_all(worker *w)
 {
     gw_request *r = w->suspended, *next;
     for (; r; r = next) {
         next = r->next;
+        if (r->st == ST_PROXY && proxy_call_written(&r->call)) continue;
         r->gone = 1;
         /* With a Redis command in flight the request must wait for its
          * callback (which sees gone): answering now would free it under
          * that callback. hotclient_free runs such callbacks at the end. */
-        if (r->st == ST_PROXY || r->st == ST_WAIT) request_on_gone(r);
+        if (r->st == ST_PROXY || r->st == ST_WAIT || r->st == ST_BODYWAIT) request_on_gone(r);
     }
     /* Usage queries: their callbacks run now (503) and answer. */
     pgclient_fail_all(w->pg);
+}
+
+void request_teardown(worker *w)
+{
+    gw_request *r = w->suspended, *next;
+    request_ctx *x = w->rq;
+    for (; r; r = next) {
+        next = r->next;
+        r->gone = 1;
+        if (r->st == ST_PROXY) {
+            proxy_cancel(&r->call);
+            request_release_detached(r);
+            request_error(r, 503, "cancelled", "shutting down");
+        } else if (r->st == ST_WAIT || r->st == ST_BODYWAIT) {
+            request_on_gone(r);
+        } else if (r->waitq) {
+            /* Its queue's reserve is in flight: the callback (run by
+             * hotclient_free) answers it, without the queue. */
+            request_waitq_leave(r);
+        }
+    }
+    pgclient_fail_all(w->pg);
+    if (!x) return;
+    for (int i = 0; i < REQUEST_WAIT_BUCKETS; i++)
+        while (x->buckets[i]) {
+            request_waitq *q = x->buckets[i];
+            x->buckets[i] = q->next;
+            if (q->timer_on) evtimer_del(&q->timer);
+            free(q);
+        }
+    free(x);
+    w->rq = NULL;
 }
 
 /* ---- headers -------------------------------------------------------- */
@@ -768,8 +1088,20 @@ static int request_begin(gw_request *r)
     return 0;
 }
 
+void request_early(gw_request *r)
+{
+    r->early = 1;
+    request_start(r);
+}
+
 void request_body_done(gw_request *r)
 {
     r->body = server_body(r->conn, &r->body_len);
+    r->body_in = 1;
+    if (r->early) {
+        /* Reserved already (request_go asked for the body). */
+        request_proxy(r);
+        return;
+    }
     request_start(r);
 }

@@ -272,6 +272,30 @@ static int routes_hexval(char c)
     return -1;
 }
 
+/* 1 if the decoded path OUT[0..N) holds something an upstream could decode
+ * once more, or decode leniently, into another path than the one matched
+ * and billed here. Checked on the decoded bytes, not on the raw escapes:
+ * "%25%32%65" is "%2e" once decoded just as "%252e" is. */
+static int routes_reinterpretable(const unsigned char *out, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        unsigned b = out[k], nx = k + 1 < n ? out[k + 1] : 0;
+        int cont = nx >= 0x80 && nx <= 0xbf;
+        /* Double encoding: a decoded '%' that starts an escape. A '%' that
+         * is data ("100%25") is followed by anything but two hex digits. */
+        if (b == '%' && k + 2 < n && routes_hexval((char)out[k + 1]) >= 0 &&
+            routes_hexval((char)out[k + 2]) >= 0)
+            return 1;
+        /* Overlong UTF-8 ("%c0%ae" is '.' to a lenient decoder, so
+         * "%c0%ae%c0%ae" is ".."), and the 5- and 6-byte forms of old
+         * decoders. Other bytes pass: the path is not required to be UTF-8. */
+        if (((b == 0xc0 || b == 0xc1 || b >= 0xf8) && cont) ||
+            (b == 0xe0 && nx >= 0x80 && nx <= 0x9f) || (b == 0xf0 && nx >= 0x80 && nx <= 0x8f))
+            return 1;
+    }
+    return 0;
+}
+
 int routes_normalise(const char *raw, size_t len, char *out, size_t outlen)
 {
     size_t o = 0;
@@ -286,8 +310,11 @@ int routes_normalise(const char *raw, size_t len, char *out, size_t outlen)
             if (hi < 0 || lo < 0) return -1;
             c = (char)(hi * 16 + lo);
             /* Encoded separators would let a path match one route and mean
-             * another upstream; refuse rather than guess. */
-            if (c == '/' || c == '\\' || c == '\0') return -1;
+             * another upstream; refuse rather than guess. Encoded control
+             * bytes (%00-%1F, %7F) have no place in a path and become a
+             * header injection upstream wherever a decoded path is echoed
+             * into a header or a log line. */
+            if (c == '/' || c == '\\' || (unsigned char)c < 0x20 || c == 0x7f) return -1;
             i += 2;
         } else if (c == '\\' || c == '\0') {
             return -1;
@@ -295,15 +322,24 @@ int routes_normalise(const char *raw, size_t len, char *out, size_t outlen)
         out[o++] = c;
     }
     out[o] = '\0';
+    if (routes_reinterpretable((const unsigned char *)out, o)) return -1;
     /* Segment checks on the decoded form, so "%2e%2e" is caught as "..". */
     for (const char *p = out; *p;) {
-        const char *s = ++p;
-        size_t n;
+        const char *s = ++p, *semi;
+        size_t n, m;
         while (*p && *p != '/')
             p++;
         n = (size_t)(p - s);
         if (n == 0 && *p == '/') return -1; /* "//" */
         if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) return -1;
+        /* Servlet containers (Tomcat, Jetty) drop a segment's ";params"
+         * before resolving dot segments: to them "..;x" is "..", and ";x"
+         * an empty segment. A wildcard here would match what they read as
+         * another path. */
+        semi = memchr(s, ';', n);
+        m = semi ? (size_t)(semi - s) : n;
+        if (semi && (m == 0 || (m == 1 && s[0] == '.') || (m == 2 && s[0] == '.' && s[1] == '.')))
+            return -1;
     }
     return 0;
 }

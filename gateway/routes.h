@@ -46,7 +46,11 @@ const route *routes_match(const route_table *t, const char *method, const char *
 
 /* Checks the raw request path (before '?') of LEN bytes and writes its
  * percent-decoded form to OUT. Returns -1 for what the gateway refuses:
- * not absolute, "..", ".", "//", encoded '/' or '\', NUL, bad escapes. */
+ * not absolute, "..", ".", "//", encoded '/' or '\', NUL, encoded control
+ * bytes (%00-%1F, %7F), double encoding (a decoded '%' followed by two
+ * decoded hex digits: "%252e", "%25%32%65"), overlong UTF-8 ("%c0%ae"), a
+ * segment that is empty, "." or ".." before a ';' ("..;x": a servlet
+ * container's ".."), bad escapes. */
 int routes_normalise(const char *raw, size_t len, char *out, size_t outlen);
 
 /* 1 if STATUS is billable on route R. */

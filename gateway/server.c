@@ -16,6 +16,11 @@
  *     +--------------- written, keep-alive ------------------------+
  *                                   written, close: closed or LINGER
  *
+ * A body not all here with its head is read only once request.c has
+ * checked the key and held the price (request_early, BUSY with reads off
+ * and only a close watched, then server_want_body: BODY). A body has one
+ * deadline in all, not renewed by progress (GATEWAY_BODY_TIMEOUT_MS, 408).
+ *
  * Pipelined requests are answered one at a time, in order: bytes past the
  * current request wait in the input buffer, which is never moved while a
  * request exists (request.c keeps pointers into its head), so reading stops
@@ -56,7 +61,7 @@
  * that leaves, and for pipelined bytes. */
 #define SERVER_ROOM 4096
 #define SERVER_IDLE_TIMEOUT_MS 60000 /* a keep-alive connection between requests */
-#define SERVER_IO_TIMEOUT_MS 30000   /* a body or an answer must make progress */
+#define SERVER_IO_TIMEOUT_MS 30000   /* an answer being written must make progress */
 #define SERVER_LINGER_MS 5000        /* draining a client's unread bytes before close */
 #define SERVER_ACCEPT_BATCH 64       /* accepts per wake-up: others' events get a turn */
 #define SERVER_COPY_BODY_MAX 16384   /* smaller bodies are copied behind the head: one send */
@@ -65,11 +70,13 @@
 /* Requests answered from one connection's buffer before the others get a
  * turn: a client pipelining instant answers (404s) must not hold the loop. */
 #define SERVER_BURST 32
+/* Lines per worker per second about a client's misbehaviour (then a summary). */
+#define SERVER_LOG_PER_SEC 10
 
 enum server_state { CS_IDLE, CS_HEAD, CS_BODY, CS_BUSY, CS_WRITE, CS_LINGER };
 /* Timeout lists; L_NONE (requests in flight, answers being written without
  * a partial write yet) has no deadline. */
-enum server_list { L_IDLE, L_HEAD, L_IO, L_LINGER, L_NONE, L_COUNT };
+enum server_list { L_IDLE, L_HEAD, L_IO, L_BODY, L_LINGER, L_NONE, L_COUNT };
 
 struct server_conn {
     server *s;
@@ -90,6 +97,7 @@ struct server_conn {
     int close_after; /* this answer ends the connection */
     int body_unread; /* answered before the whole body was read */
     int head_req;    /* HEAD: the answer has no body */
+    int want_body;   /* request.c holds the price of an early request: read its body */
     /* Input: the current request's head at [0, head_len), then unparsed
      * body bytes or pipelined requests. */
     char *in;
@@ -125,12 +133,16 @@ struct server {
     int nconns, nwriting;
     int early_close; /* the backend reports a peer's close (EV_CLOSED) */
     int stopping;
+    log_limit log; /* lines about clients (see SERVER_LOG_PER_SEC) */
     time_t date_s;
     char date[64];
     size_t date_len;
 };
 
 static int server_after_reply(server_conn *c);
+static int server_fail(server_conn *c, unsigned status, const char *code, const char *msg);
+static int server_read_body(server_conn *c);
+static int server_body_begin(server_conn *c);
 
 /* ---- lists and states ------------------------------------------------ */
 
@@ -429,6 +441,14 @@ void server_reply_send(server_conn *c, char *body, size_t len, int take)
     }
 }
 
+void server_want_body(server_conn *c)
+{
+    c->want_body = 1;
+    /* From the loop, not inside request.c's call stack; EV_TIMEOUT marks
+     * "process, do not read" (the read event need not be added for that). */
+    if (!c->in_cb) event_active(&c->rev, EV_TIMEOUT, 1);
+}
+
 /* The protocol's own answers (request.c never saw the request): a JSON
  * error, then the connection ends, since what follows in the stream cannot
  * be trusted. 0: C is gone. */
@@ -550,6 +570,7 @@ static void server_on_write(evutil_socket_t fd, short what, void *arg)
 /* The body is in: request.c goes on. 0: C is gone. */
 static int server_dispatch(server_conn *c)
 {
+    c->body_unread = 0;
     server_set_state(c, CS_BUSY);
     server_list(c, L_NONE);
     c->in_cb++;
@@ -612,9 +633,57 @@ static int server_read_body(server_conn *c)
         memmove(c->in + c->head_len, c->in + off, c->in_len - off);
         c->in_len -= off - c->head_len;
     }
+    /* No deadline renewal on progress: a body has one deadline in all
+     * (L_BODY), so a trickle cannot hold a connection (and a hold) forever. */
     if (done) return server_dispatch(c);
-    server_list(c, L_IO); /* progress */
     return 1;
+}
+
+/* Reads C's body: 100 Continue when the client waits for it, then the
+ * bytes, within the body deadline (GATEWAY_BODY_TIMEOUT_MS, counted from
+ * here, not renewed by progress; past it 408). 0: C is gone. */
+static int server_body_begin(server_conn *c)
+{
+    server *s = c->s;
+    c->want_body = 0;
+    c->body_len = 0;
+    if (c->chunked) {
+        /* Trailers are skipped, within half the room past the head: a
+         * line never has to wait for space the buffer cannot give. */
+        http1_init_body(&c->bp, HTTP1_CHUNKED, 0, SERVER_ROOM / 2, (uint64_t)s->cfg->max_body);
+    } else {
+        c->body_need = (size_t)c->req.content_length;
+        if (c->body_cap < c->body_need) {
+            char *nb = realloc(c->body, c->body_need);
+            if (!nb) return server_fail(c, 500, "internal", "out of memory");
+            c->body = nb;
+            c->body_cap = c->body_need;
+        }
+    }
+    if (c->req.expect_continue && c->in_len == c->head_len) {
+        /* The client waits for this before it sends the body. The previous
+         * answer has been handed to the kernel whole, but a client that
+         * does not read may have left no room: then it is skipped (a client
+         * waits for a 100 only so long, RFC 9110 10.1.1, then sends the
+         * body anyway); only a part of it sent breaks the stream. */
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        ssize_t n = send(c->fd, cont, sizeof cont - 1, MSG_NOSIGNAL);
+        if (n != (ssize_t)(sizeof cont - 1) &&
+            !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+            server_close(c);
+            return 0;
+        }
+    }
+    /* An answer before the body is complete ends the connection. */
+    c->body_unread = 1;
+    server_set_state(c, CS_BODY);
+    server_list(c, L_BODY);
+    server_read_on(c);
+    if (c->eof) {
+        server_close(c);
+        return 0;
+    }
+    return server_read_body(c);
 }
 
 /* A complete head at [0, END): parse it and hand it to request.c. 0: C is
@@ -661,41 +730,28 @@ static int server_start_request(server_conn *c, size_t end)
         if (has_body && buffered) c->skip = (size_t)c->req.content_length;
         return server_after_reply(c);
     }
-    c->body_unread = 0;
     if (!r) return server_fail(c, 500, "internal", "out of memory");
     c->r = r;
-    if (!has_body) return server_dispatch(c);
-    c->body_len = 0;
-    if (c->chunked) {
-        /* Trailers are skipped, within half the room past the head: a
-         * line never has to wait for space the buffer cannot give. */
-        http1_init_body(&c->bp, HTTP1_CHUNKED, 0, SERVER_ROOM / 2, (uint64_t)s->cfg->max_body);
-    } else {
-        c->body_need = (size_t)c->req.content_length;
-        if (c->body_cap < c->body_need) {
-            char *nb = realloc(c->body, c->body_need);
-            if (!nb) return server_fail(c, 500, "internal", "out of memory");
-            c->body = nb;
-            c->body_cap = c->body_need;
-        }
+    if (!has_body) {
+        c->body_unread = 0;
+        return server_dispatch(c);
     }
-    if (c->req.expect_continue && c->in_len == c->head_len) {
-        /* The client waits for this before it sends the body. The previous
-         * answer has been handed to the kernel whole, but a client that
-         * does not read may have left no room: then it is skipped (a client
-         * waits for a 100 only so long, RFC 9110 10.1.1, then sends the
-         * body anyway); only a part of it sent breaks the stream. */
-        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        ssize_t n = send(c->fd, cont, sizeof cont - 1, MSG_NOSIGNAL);
-        if (n != (ssize_t)(sizeof cont - 1) &&
-            !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
-            server_close(c);
-            return 0;
-        }
+    if (buffered) {
+        c->body_unread = 0;
+        return server_body_begin(c);
     }
-    server_set_state(c, CS_BODY);
-    server_list(c, L_IO);
-    return server_read_body(c);
+    /* The body is still to come: the key and the reserve first, while the
+     * socket is watched only for a close (no body byte is read, nor the
+     * body buffer sized); an answer now closes the connection (body_unread). */
+    server_set_state(c, CS_BUSY);
+    server_list(c, L_NONE);
+    server_read_pause(c);
+    c->in_cb++;
+    request_early(r);
+    c->in_cb--;
+    if (c->replied) return server_after_reply(c);
+    if (c->want_body) return server_body_begin(c);
+    return 1;
 }
 
 /* Parses what the input buffer holds, as far as the state allows. 0: C is
@@ -740,9 +796,11 @@ static int server_on_eof(server_conn *c)
     server_read_off(c);
     switch (c->state) {
     case CS_BUSY:
-        /* Gone while its call is in flight: as before, a half-close counts
-         * too (it cannot be told from a close here). request.c aborts the
-         * upstream call and releases the hold; its answer is dropped. */
+        /* Gone while its call is in flight: a half-close counts too (it
+         * cannot be told from a close here). request.c drops a call not yet
+         * written to the upstream (hold released) and lets one written run
+         * to its answer, which settles it; either answer is dropped, and C
+         * stays (closed for I/O, counted in MAX_CONNECTIONS) until then. */
         c->gone = 1;
         c->in_cb++;
         request_gone(c->r);
@@ -768,7 +826,10 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
     ssize_t n;
 
     if (what & EV_TIMEOUT) { /* event_active: process what is buffered */
-        server_process(c);
+        if (c->want_body && c->state == CS_BUSY)
+            server_body_begin(c);
+        else
+            server_process(c);
         return;
     }
     if (c->state == CS_LINGER) {
@@ -818,10 +879,7 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
     }
     if (dst == c->body + c->body_len) {
         c->body_len += (size_t)n;
-        if (c->body_len == c->body_need)
-            server_dispatch(c);
-        else
-            server_list(c, L_IO);
+        if (c->body_len == c->body_need) server_dispatch(c);
         return;
     }
     c->in_len += (size_t)n;
@@ -923,7 +981,15 @@ static void server_on_tick(evutil_socket_t fd, short what, void *arg)
     for (int l = 0; l < L_NONE; l++) {
         server_conn *c;
         while ((c = TAILQ_FIRST(&s->lists[l])) && now - c->since_ms >= s->timeout_ms[l]) {
-            if (l == L_HEAD && c->in_len > 0)
+            if (l == L_BODY) {
+                /* The request (and a hold it took) is let go, cost 0. */
+                if (log_limit_ok(&s->log, now, SERVER_LOG_PER_SEC))
+                    log_info("client connection: request body not complete within %llu ms; 408",
+                             (unsigned long long)s->timeout_ms[l]);
+                server_fail(c, 408, "request_timeout", "request body not complete in time");
+                continue;
+            }
+            if (l == L_HEAD && c->in_len > 0 && log_limit_ok(&s->log, now, SERVER_LOG_PER_SEC))
                 log_info("client connection: request head not complete within %llu ms; closing",
                          (unsigned long long)s->timeout_ms[l]);
             server_close(c);
@@ -980,6 +1046,7 @@ int server_new(struct worker *w, const gw_config *cfg, server **out)
     s->timeout_ms[L_IDLE] = SERVER_IDLE_TIMEOUT_MS;
     s->timeout_ms[L_HEAD] = (uint64_t)cfg->head_timeout_ms;
     s->timeout_ms[L_IO] = SERVER_IO_TIMEOUT_MS;
+    s->timeout_ms[L_BODY] = (uint64_t)cfg->body_timeout_ms;
     s->timeout_ms[L_LINGER] = SERVER_LINGER_MS;
     s->early_close = (event_base_get_features(s->base) & EV_FEATURE_EARLY_CLOSE) != 0;
     s->lfd = server_listen(cfg);
@@ -992,7 +1059,9 @@ int server_new(struct worker *w, const gw_config *cfg, server **out)
     s->tick = event_new(s->base, -1, EV_PERSIST, server_on_tick, s);
     /* A second's precision is plenty for these timeouts, unless the head
      * timeout is set shorter (tests). */
-    tick_ms = (uint64_t)cfg->head_timeout_ms / 4;
+    tick_ms = (uint64_t)(cfg->head_timeout_ms < cfg->body_timeout_ms ? cfg->head_timeout_ms
+                                                                     : cfg->body_timeout_ms) /
+              4;
     if (tick_ms > 1000) tick_ms = 1000;
     if (tick_ms < 10) tick_ms = 10;
     tv.tv_sec = (time_t)(tick_ms / 1000);

@@ -16,7 +16,15 @@
  * Lifetime: pointers returned by the accessors stay valid until the answer
  * is sent (the input buffer is not moved while a request exists). The
  * connection outlives its request: after a client left, it stays (closed
- * for I/O) until request.c answers, and the answer is dropped. */
+ * for I/O, still counted against MAX_CONNECTIONS) until request.c answers
+ * (for a call at the upstream: its answer or timeout), and the answer is
+ * dropped.
+ *
+ * Bodies: one whose bytes are all here with the head is read at once and
+ * handed over with request_body_done. Otherwise the request goes first
+ * (request_early: key and reserve) while the socket is watched only for a
+ * close; only when request.c calls server_want_body is 100 Continue sent
+ * and the body read, within GATEWAY_BODY_TIMEOUT_MS in all (408 past it). */
 #ifndef GATEWAY_SERVER_H
 #define GATEWAY_SERVER_H
 
@@ -58,6 +66,11 @@ void server_header_at(const server_conn *c, size_t i, const char **name, const c
 const struct sockaddr *server_peer(const server_conn *c);
 /* The request body (de-chunked), complete once request_body_done ran. */
 const char *server_body(const server_conn *c, size_t *len);
+
+/* request_early's request holds its price: send 100 Continue (if asked
+ * for) and read the body, then request_body_done. From the loop, never
+ * from inside this call. */
+void server_want_body(server_conn *c);
 
 /* ---- answering ------------------------------------------------------- */
 

@@ -17,6 +17,7 @@
 #define WORKER_DRAIN_TICK_MS 20
 #define WORKER_AUTHCACHE_SLOTS 16384
 #define WORKER_PG_TIMEOUT_MS 5000
+#define WORKER_SPILL_CHECK_MS 500
 
 uint64_t worker_now_ms(void)
 {
@@ -51,6 +52,36 @@ void worker_request_id(worker *w, char out[33])
 
 static void worker_on_stop(worker *w);
 
+/* Settles spilled while running (the resend queue overflowed) are replayed
+ * by this worker once Redis is back and its queue is empty; reserves stay
+ * refused until every one was answered and nothing new was spilled. */
+static void worker_on_spill_check(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    if (w->own_replay) {
+        if (spill_replay_left(w->own_replay) > 0) return;
+        spill_replay_free(w->own_replay);
+        w->own_replay = NULL;
+        if (spill_count(w->spill) == 0) hotclient_spill_replayed(w->hc);
+        return;
+    }
+    if (w->stopping || !hotclient_spilled(w->hc) || hotclient_queued(w->hc) != 0 ||
+        hotclient_epoch(w->hc) == 0)
+        return;
+    if (spill_file_handoff(w->spill, &w->own_replay) != 0) {
+        log_error("worker %d: cannot replay its spill file now; at the next start", w->idx);
+        return;
+    }
+    if (!w->own_replay) {
+        hotclient_spill_replayed(w->hc); /* nothing was written after all */
+        return;
+    }
+    if (spill_replay_start(w->own_replay, w->base, w->hc) != 0) {
+        spill_replay_free(w->own_replay); /* the file stays for the next start */
+        w->own_replay = NULL;
+    }
+}
+
 static void worker_take_routes(worker *w)
 {
     route_table *t = atomic_exchange(&w->next_routes, NULL);
@@ -67,6 +98,9 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
     uint64_t elapsed = worker_now_ms() - w->stop_ms;
     /* Past the longest a call can legitimately take, fail what is left. */
     uint64_t grace = (uint64_t)w->cfg->upstream_timeout_ms + 2000;
+    /* Charges answered but not in Redis yet: resent until the drain
+     * timeout, then spilled (worker_destroy). */
+    long undelivered = (long)hotclient_queued(w->hc) + lease_table_unsent(w->leases);
     if (grace > 15000) grace = 15000;
     /* Done when no call is in flight, no settle is pending and every
      * answer is written. */
@@ -81,9 +115,20 @@ static void worker_on_drain(evutil_socket_t fd, short what, void *arg)
         w->aborted = 1;
         request_abort_all(w);
     }
-    if (w->inflight == 0 && (elapsed > grace + 2000 || !hotclient_up(w->hc))) {
+    if (w->inflight != 0 || server_writing(w->srv) != 0) return;
+    /* Nothing left that could be lost (settles in flight without an
+     * answer are queued, and so spilled, when the client is freed): a
+     * Redis away or stuck only keeps leases' free points, which its
+     * sweeper gives back. */
+    if (undelivered == 0 && (!hotclient_up(w->hc) || elapsed > grace + 2000)) {
         event_base_loopexit(w->base, NULL);
         return;
+    }
+    if (elapsed >= (uint64_t)w->cfg->drain_timeout_ms) {
+        if (undelivered > 0)
+            log_warn("worker %d: drain timeout with %ld charges undelivered: spilling them", w->idx,
+                     undelivered);
+        event_base_loopexit(w->base, NULL);
     }
 }
 
@@ -109,6 +154,8 @@ static void worker_on_stop(worker *w)
      * still served, and their connections closed after the answer. */
     server_quiesce(w->srv);
     lease_table_close(w->leases);
+    spill_replay_stop(w->replay); /* what is not replayed yet stays in its file */
+    spill_replay_stop(w->own_replay);
     event_add(w->drain_timer, &tick);
 }
 
@@ -132,9 +179,28 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     if (proxy_new(w->base, &cfg->up, cfg->max_body, (int)cfg->upstream_max_conns, &w->px) != 0)
         goto oom;
     /* These two resolve their host names (and say so when that fails). */
-    if (hotclient_new(w->base, cfg->redis_host, cfg->redis_port, cfg->redis_db, &w->hc) != 0) {
+    if (hotclient_new(w->base, &cfg->redis, &w->hc) != 0) {
         log_error("worker %d: cannot set up its Redis client", idx);
         return -1;
+    }
+    w->spill = spill_file_new(cfg->spill_dir, idx);
+    w->spill_timer = event_new(w->base, -1, EV_PERSIST, worker_on_spill_check, w);
+    if (!w->spill || !w->spill_timer) goto oom;
+    {
+        struct timeval tv = {0, WORKER_SPILL_CHECK_MS * 1000};
+        if (event_add(w->spill_timer, &tv) != 0) goto oom;
+    }
+    {
+        hot_limits hl = {.max_backlog = cfg->max_backlog,
+                         .queue_max = (size_t)cfg->settle_queue_max,
+                         .spill = w->spill};
+        hotclient_configure(w->hc, &hl);
+    }
+    /* One worker replays what an earlier run spilled, while serving (every
+     * item is idempotent, and holds it would upgrade are not in the way). */
+    if (idx == 0) {
+        if (spill_replay_load(cfg->spill_dir, &w->replay) != 0) return -1;
+        if (w->replay && spill_replay_start(w->replay, w->base, w->hc) != 0) goto oom;
     }
     {
         lease_config lc = {.calls = cfg->lease_calls,
@@ -201,11 +267,19 @@ void worker_destroy(worker *w)
      * hotclient_free. */
     if (w->srv) {
         w->aborted = 1;
-        request_abort_all(w); /* upstream calls and waits; releases via hc */
+        request_teardown(w); /* upstream calls and waits; releases via hc */
     }
-    lease_table_shutdown(w->leases); /* answers the calls whose records wait */
-    hotclient_free(w->hc);           /* pending Redis callbacks answer their requests */
+    /* Records and settles Redis has not taken go to the spill file. */
+    lease_table_shutdown(w->leases, w->spill); /* answers the calls whose records wait */
+    hotclient_free(w->hc);                     /* pending Redis callbacks answer their requests */
     w->hc = NULL;
+    spill_replay_free(w->replay);
+    w->replay = NULL;
+    spill_replay_free(w->own_replay);
+    w->own_replay = NULL;
+    if (w->spill_timer) event_free(w->spill_timer);
+    spill_file_close(w->spill); /* fsync of the file and the directory */
+    w->spill = NULL;
     lease_table_free(w->leases);
     w->leases = NULL;
     pgclient_free(w->pg); /* likewise for usage queries */

@@ -15,6 +15,7 @@
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
 #include "gateway/server.h"
+#include "gateway/spill.h"
 
 #include <event2/event.h>
 #include <pthread.h>
@@ -22,6 +23,7 @@
 #include <stdint.h>
 
 struct gw_request;
+struct request_ctx;
 
 typedef struct worker {
     int idx;
@@ -36,12 +38,17 @@ typedef struct worker {
     struct event *drain_timer;
     hotclient *hc;
     lease_table *leases;
+    spill_file *spill;        /* what Redis did not take: overflow, then the stop */
+    spill_replay *replay;     /* worker 0: spill files found at the start */
+    spill_replay *own_replay; /* this run's overflow spill, replayed once Redis is back */
+    struct event *spill_timer;
     pgclient *pg; /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;
     route_table *routes;
     _Atomic(route_table *) next_routes; /* handed over by main on SIGHUP */
     struct gw_request *suspended;       /* requests waiting on Redis/upstream */
+    struct request_ctx *rq;             /* request.c's per-worker state (wait queues) */
     unsigned char rnd[1024];            /* random bytes for request ids */
     size_t rnd_used;                    /* consumed from rnd */
     int inflight;

@@ -273,6 +273,9 @@ say "starting postgres and redis"
     die "scripts/stack.sh failed: $(tail -n 20 "$TMP/stack.log")"
 # shellcheck disable=SC1091
 . "$TMP/stack/env"
+# redis-cli below authenticates as the stack's default user (by environment:
+# no password on a command line).
+export REDISCLI_AUTH=$REDIS_PASSWORD
 ADMIN_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
 FINANCE_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
 KEY_PEPPER=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
@@ -303,7 +306,9 @@ AUTH="Authorization: Bearer $API_KEY"
 
 start_gateway() { # sets GW_PID
     GW_PORT=$(free_port)
+    # The gateway as in production: its own Redis ACL user and Postgres role.
     spawn gateway "$GW_PORT" env GATEWAY_LISTEN="127.0.0.1:$GW_PORT" \
+        REDIS_URL="$GATEWAY_REDIS_URL" DATABASE_URL="$GATEWAY_DATABASE_URL" \
         UPSTREAM_URL="http://127.0.0.1:$UP_PORT" ROUTES_FILE="$TMP/routes.json" \
         GATEWAY_THREADS="$GW_THREADS" MAX_CONNECTIONS=$((MANY + 1024)) "$ROOT/bin/gateway"
     GW_PID=$SPAWNED

@@ -27,6 +27,8 @@ DEVSIM_LISTEN=${DEVSIM_LISTEN:-127.0.0.1:9090}
 ROUTES_FILE=${ROUTES_FILE:-$ROOT/routes.example.json}
 
 say() { printf 'run: %s\n' "$*" >&2; }
+# A URL without its password (for printing).
+redact() { sed -E 's#(//[^:/@]*:)[^@]*@#\1***@#' <<<"$1"; }
 die() {
     say "error: $*"
     exit 1
@@ -239,7 +241,12 @@ start_all() {
     say "migrated the database"
     start_one devsim "$DEVSIM_LISTEN"
     start_one billing "$BILLING_LISTEN" serve
-    start_one gateway "$GATEWAY_LISTEN"
+    # The gateway with least privilege: its own Redis ACL user and Postgres
+    # role (scripts/stack.sh), not billing's.
+    (
+        export REDIS_URL=$GATEWAY_REDIS_URL DATABASE_URL=$GATEWAY_DATABASE_URL
+        start_one gateway "$GATEWAY_LISTEN"
+    ) || exit 1
 
     read -r acct key < <(new_account demo 20)
     read -r acct3 key3 < <(new_account demo-small 3)
@@ -264,8 +271,9 @@ pointgate is running.
   gateway      $gw            (log .stack/gateway.log)
   admin API    $adm            (log .stack/billing.log)
   device API   http://$DEVSIM_LISTEN  (simulator, log .stack/devsim.log)
-  postgres     $DATABASE_URL
-  redis        $REDIS_URL
+  postgres     $(redact "$DATABASE_URL")  (the gateway: $(redact "$GATEWAY_DATABASE_URL"))
+  redis        $(redact "$REDIS_URL")  (the gateway: $(redact "$GATEWAY_REDIS_URL"))
+               passwords in .stack/env; redis-cli: REDISCLI_AUTH=\$REDIS_PASSWORD redis-cli -p $REDIS_PORT_STACK
 
 Secrets (kept in .stack/secrets; 'source .stack/secrets' to use them):
   ADMIN_TOKEN=$ADMIN_TOKEN
@@ -312,8 +320,8 @@ status_all() {
     if [ -f "$STACK/env" ]; then
         # shellcheck disable=SC1091
         . "$STACK/env"
-        echo "postgres: $DATABASE_URL"
-        echo "redis: $REDIS_URL"
+        echo "postgres: $(redact "$DATABASE_URL")"
+        echo "redis: $(redact "$REDIS_URL") (passwords in .stack/env)"
     else
         echo "postgres, redis: not running"
     fi

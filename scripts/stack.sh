@@ -8,6 +8,21 @@
 #                                -> one service of a started stack, same ports
 #                                   (fault tests take a store away and back)
 #
+# Least privilege, as in production (README, "Least privilege"):
+#   Redis     requires a password (the default user: billing and admin
+#             tools, REDIS_URL and REDIS_PASSWORD in DIR/env) and has an ACL
+#             user pointgate-gateway limited to the commands the gateway and
+#             its scripts run on pg:* keys (GATEWAY_REDIS_URL); maxmemory
+#             STACK_REDIS_MAXMEMORY (1gb) with noeviction, so a full Redis
+#             refuses writes instead of dropping balances or the outbox.
+#   Postgres  a role pointgate_gateway with a password (GATEWAY_DATABASE_URL),
+#             checked (scram) even though the rest of this throwaway cluster
+#             trusts local connections; schema/006_gateway_role.sql grants
+#             it SELECT on usage_daily only, at `billing migrate`.
+# Passwords are random per stack unless STACK_REDIS_PASSWORD,
+# STACK_GATEWAY_REDIS_PASSWORD or STACK_GATEWAY_PG_PASSWORD are set
+# (hex or other URL-safe characters). DIR/env and the Redis config are 0600.
+#
 # PostgreSQL refuses to run as root, so as root the cluster is owned and run by
 # the unprivileged `postgres` user that Debian's package creates. That user
 # must reach the cluster's directory: when DIR lies below a directory it
@@ -22,6 +37,29 @@ dir=${2:-}
 
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -x "$pgbin/initdb" ] || { echo "stack: PostgreSQL server binaries not found" >&2; exit 1; }
+
+GATEWAY_REDIS_USER=pointgate-gateway
+GATEWAY_PG_ROLE=pointgate_gateway
+
+# What the gateway may run, on pg:* keys only, with no pub/sub. A script runs
+# with its caller's ACL, so this is the union of gateway/hotclient.c's own
+# commands (AUTH, SELECT, SCRIPT LOAD, EVALSHA and EVAL, GET of a key,
+# HMGET of a balance), those of the scripts it runs (billing/reserve.lua,
+# settle.lua, lease.lua and lua/prelude.lua: HGET HMGET HSET HDEL HINCRBY
+# XADD TIME) and those of the backlog bound, the epoch marker and late
+# settles (GET and INCRBY pg:backlog, EXISTS pg:epoch, SET/DEL/EXPIRE of
+# pg:{A}:swept:*), plus PING. Everything else is refused: FLUSHALL,
+# FLUSHDB, CONFIG, KEYS, SCAN, DEBUG, SHUTDOWN, ACL, MODULE, SCRIPT
+# FLUSH/KILL, FUNCTION, MIGRATE, XREADGROUP, ...
+GATEWAY_REDIS_COMMANDS="+auth +ping +select +eval +evalsha +script|load +get +set +del +exists \
++expire +incrby +time +hget +hmget +hset +hdel +hincrby +xadd"
+
+# A random hex secret (URL-safe as it is).
+secret() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
+
+# redis-cli as the default user; the password goes by environment, never on
+# a command line that ps shows.
+rcli() { REDISCLI_AUTH="${REDIS_PASSWORD:-}" redis-cli --no-auth-warning "$@"; }
 
 # From / so that the postgres user is not refused our (possibly private) cwd.
 as_pg() {
@@ -68,19 +106,70 @@ start() {
     else
         mkdir -p "$pgdir"
     fi
+    REDIS_PASSWORD=${STACK_REDIS_PASSWORD:-$(secret)}
+    local gw_redis_pw=${STACK_GATEWAY_REDIS_PASSWORD:-$(secret)}
+    local gw_pg_pw=${STACK_GATEWAY_PG_PASSWORD:-$(secret)}
     as_pg "$pgbin/initdb" -D "$pgdir/data" -U postgres -A trust --no-sync -E UTF8 \
         >"$pgdir/initdb.log" 2>&1 || { cat "$pgdir/initdb.log" >&2; exit 1; }
+    # The gateway's role logs in with its password (first match wins); the
+    # rest of this throwaway cluster keeps trust.
+    as_pg sed -i "1i local all $GATEWAY_PG_ROLE scram-sha-256\\
+host all $GATEWAY_PG_ROLE 127.0.0.1/32 scram-sha-256\\
+host all $GATEWAY_PG_ROLE ::1/128 scram-sha-256" "$pgdir/data/pg_hba.conf"
     pg_start "$pgport"
     as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres pointgate
-    redis_start "$rport"
-    cat >"$dir/env" <<ENV
+    # On stdin: the password is not on a command line. Its grants come with
+    # the schema (`billing migrate`, schema/006_gateway_role.sql).
+    as_pg "$pgbin/psql" -q -h 127.0.0.1 -p "$pgport" -U postgres -d pointgate -v ON_ERROR_STOP=1 \
+        >/dev/null <<SQL || { echo "stack: cannot create the role $GATEWAY_PG_ROLE" >&2; exit 1; }
+DO \$\$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$GATEWAY_PG_ROLE') THEN
+        CREATE ROLE $GATEWAY_PG_ROLE;
+    END IF;
+END \$\$;
+ALTER ROLE $GATEWAY_PG_ROLE LOGIN PASSWORD '$gw_pg_pw';
+SQL
+    redis_conf "$rport" "$gw_redis_pw"
+    redis_start
+    (
+        umask 077
+        cat >"$dir/env" <<ENV
 export DATABASE_URL="postgresql://postgres@127.0.0.1:$pgport/pointgate"
-export REDIS_URL="redis://127.0.0.1:$rport/0"
+export REDIS_URL="redis://:$REDIS_PASSWORD@127.0.0.1:$rport/0"
+export REDIS_PASSWORD="$REDIS_PASSWORD"
+export GATEWAY_REDIS_URL="redis://$GATEWAY_REDIS_USER:$gw_redis_pw@127.0.0.1:$rport/0"
+export GATEWAY_DATABASE_URL="postgresql://$GATEWAY_PG_ROLE:$gw_pg_pw@127.0.0.1:$pgport/pointgate"
 export PGPORT_STACK=$pgport
 export REDIS_PORT_STACK=$rport
 export PGDIR_STACK="$pgdir"
 ENV
+    )
     echo "stack: postgres on 127.0.0.1:$pgport, redis on 127.0.0.1:$rport ($dir)" >&2
+}
+
+# DIR/redis/redis.conf (0600: it holds the passwords), read again by
+# redis-start. maxmemory: see README ("Sizing Redis"); noeviction: at the
+# limit writes fail (the gateway answers 503) and nothing is ever evicted.
+redis_conf() {
+    (
+        umask 077
+        cat >"$dir/redis/redis.conf" <<CONF
+# Generated by scripts/stack.sh.
+port $1
+bind 127.0.0.1
+dir $dir/redis
+daemonize yes
+pidfile $dir/redis/redis.pid
+logfile $dir/redis/redis.log
+appendonly yes
+appendfsync everysec
+save ""
+maxmemory ${STACK_REDIS_MAXMEMORY:-1gb}
+maxmemory-policy noeviction
+requirepass $REDIS_PASSWORD
+user $GATEWAY_REDIS_USER on >$2 resetkeys ~pg:* resetchannels -@all $GATEWAY_REDIS_COMMANDS
+CONF
+    )
 }
 
 pg_start() {
@@ -92,11 +181,11 @@ pg_start() {
 }
 
 redis_start() {
-    redis-server --port "$1" --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
-        --pidfile "$dir/redis/redis.pid" --logfile "$dir/redis/redis.log" \
-        --appendonly yes --appendfsync everysec --save "" >/dev/null
+    local port
+    port=$(awk '$1 == "port" { print $2 }' "$dir/redis/redis.conf")
+    redis-server "$dir/redis/redis.conf" >/dev/null
     for _ in $(seq 1 200); do
-        redis-cli -p "$1" ping 2>/dev/null | grep -q PONG && return 0
+        rcli -p "$port" ping 2>/dev/null | grep -q PONG && return 0
         sleep 0.05
     done
     echo "stack: redis did not start" >&2
@@ -119,7 +208,7 @@ stop() {
         # shellcheck disable=SC1091
         . "$dir/env"
         pgdir=${PGDIR_STACK:-$dir/pg}
-        redis-cli -p "$REDIS_PORT_STACK" shutdown nosave >/dev/null 2>&1 || true
+        rcli -p "$REDIS_PORT_STACK" shutdown nosave >/dev/null 2>&1 || true
     fi
     if [ -d "$pgdir/data" ]; then
         as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -m immediate -w stop >/dev/null 2>&1 || true
@@ -134,12 +223,12 @@ case "$cmd" in
     stop) stop ;;
     pg-start) load_env && pg_start "$PGPORT_STACK" ;;
     pg-stop) load_env && as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -m fast -w -t 60 stop >/dev/null ;;
-    redis-start) load_env && redis_start "$REDIS_PORT_STACK" ;;
+    redis-start) load_env && redis_start ;;
     redis-stop)
         load_env
-        redis-cli -p "$REDIS_PORT_STACK" shutdown >/dev/null 2>&1 || true
+        rcli -p "$REDIS_PORT_STACK" shutdown >/dev/null 2>&1 || true
         for _ in $(seq 1 200); do
-            redis-cli -p "$REDIS_PORT_STACK" ping >/dev/null 2>&1 || exit 0
+            rcli -p "$REDIS_PORT_STACK" ping >/dev/null 2>&1 || exit 0
             sleep 0.05
         done
         echo "stack: redis did not stop" >&2

@@ -1,7 +1,14 @@
 """Test harness: a real stack per test module.
 
 Stack.start() brings up a throwaway Postgres and Redis (scripts/stack.sh) and
-migrates the schema. Tests then start the processes they need
+migrates the schema. Both run with least privilege as in production: Redis
+needs a password, and every gateway the tests start (start_gateway() or
+spawn() of the gateway binary) connects as the ACL user pointgate-gateway and
+the Postgres role pointgate_gateway (stack.gateway_redis_url,
+stack.gateway_database_url), unless a test's env says otherwise. Billing,
+the unit tests and the tests' own access (psql(), redis(), luahelp.Redis)
+use the admin side: stack.env's DATABASE_URL and REDIS_URL
+(stack.redis_url, password stack.redis_password). Tests then start the processes they need
 (billing serve, gateway, devsim) with start_billing(), start_gateway(),
 start_devsim(); each runs the sanitized binaries from --bin, logs to the
 stack directory, and is stopped (SIGTERM, then checked for sanitizer reports)
@@ -22,6 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ADMIN_TOKEN = "test-admin-token-0123456789"
 FINANCE_TOKEN = "test-finance-token-0123456789"
 PEPPER = "test-pepper-0123456789abcdef"
+# The stack's Redis password (its default user, full access: billing and the
+# tests' own clients) and the gateway's credentials (scripts/stack.sh).
+REDIS_PASSWORD = "test-redis-admin-0123456789"
+GATEWAY_REDIS_PASSWORD = "test-redis-gateway-0123456789"
+GATEWAY_PG_PASSWORD = "test-pg-gateway-0123456789"
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
                      "AddressSanitizer:DEADLYSIGNAL")
 
@@ -162,7 +174,10 @@ class Stack:
     def start(self):
         self.dir = tempfile.mkdtemp(prefix="pointgate-test-")
         subprocess.run([os.path.join(ROOT, "scripts/stack.sh"), "start", self.dir], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, STACK_REDIS_PASSWORD=REDIS_PASSWORD,
+                                STACK_GATEWAY_REDIS_PASSWORD=GATEWAY_REDIS_PASSWORD,
+                                STACK_GATEWAY_PG_PASSWORD=GATEWAY_PG_PASSWORD))
         env = dict(os.environ)
         with open(os.path.join(self.dir, "env")) as f:
             for line in f:
@@ -177,10 +192,19 @@ class Stack:
             "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
             "UBSAN_OPTIONS": "print_stacktrace=1",
             "LOG_LEVEL": "info",
+            # Spill files (gateway/spill.h) of this stack only: never replayed into another's Redis.
+            "GATEWAY_SPILL_DIR": os.path.join(self.dir, "spill"),
         })
         self.env = env
         self.redis_port = int(env["REDIS_PORT_STACK"])
         self.pg_port = int(env["PGPORT_STACK"])
+        self.redis_url = env["REDIS_URL"]  # admin: the default user
+        self.redis_password = env["REDIS_PASSWORD"]
+        self.gateway_redis_url = env.pop("GATEWAY_REDIS_URL")
+        self.gateway_database_url = env.pop("GATEWAY_DATABASE_URL")
+        # Passwords, ACL user, maxmemory: a test that starts redis-server by
+        # hand (e.g. without its AOF) passes this file first.
+        self.redis_conf = os.path.join(self.dir, "redis", "redis.conf")
         self.run_billing("migrate")
         return self
 
@@ -232,8 +256,14 @@ class Stack:
             raise RuntimeError(f"billing {' '.join(args)} failed ({p.returncode}): {p.stderr}")
         return p
 
+    def gateway_env(self):
+        """The gateway's least-privilege credentials, as its environment."""
+        return {"REDIS_URL": self.gateway_redis_url, "DATABASE_URL": self.gateway_database_url}
+
     def spawn(self, name, argv, env=None, port=None):
         e = dict(self.env)
+        if os.path.basename(argv[0]) == "gateway":
+            e.update(self.gateway_env())
         e.update(env or {})
         log = os.path.join(self.dir, f"{name}.{len(self.procs)}.log")
         p = Proc(name, argv, e, log, port)
@@ -289,15 +319,22 @@ class Stack:
         rows = self.psql(sql)
         return rows[0][0] if rows else None
 
+    def redis_cli(self, *args, user=None, password=None, raw=True):
+        """redis-cli on the stack's Redis, as the admin (default user) unless
+        USER/PASSWORD say otherwise; the password goes by environment."""
+        argv = ["redis-cli", "-p", str(self.redis_port), "--no-auth-warning",
+                "--raw" if raw else "--no-raw"]
+        if user:
+            argv += ["--user", user]
+        env = dict(os.environ, REDISCLI_AUTH=password or self.redis_password)
+        return subprocess.run(argv + [str(a) for a in args], capture_output=True, text=True,
+                              timeout=30, env=env)
+
     def redis(self, *args):
-        p = subprocess.run(["redis-cli", "-p", str(self.redis_port), "--no-raw"] + [str(a) for a in args],
-                           capture_output=True, text=True, timeout=30)
-        return p.stdout.strip()
+        return self.redis_cli(*args, raw=False).stdout.strip()
 
     def redis_raw(self, *args):
-        p = subprocess.run(["redis-cli", "-p", str(self.redis_port), "--raw"] + [str(a) for a in args],
-                           capture_output=True, text=True, timeout=30)
-        return p.stdout.strip()
+        return self.redis_cli(*args).stdout.strip()
 
     def hot(self, account_id):
         """The account's Redis hash as a dict of ints."""

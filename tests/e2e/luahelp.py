@@ -11,9 +11,10 @@ import os
 import socket
 import threading
 
-from harness import ROOT
+from harness import REDIS_PASSWORD, ROOT
 
 OUTBOX = "pg:outbox"
+BACKLOG = "pg:backlog"
 
 
 class RedisError(Exception):
@@ -26,6 +27,11 @@ def acct_key(a):
 
 def holds_key(a):
     return f"pg:{{{a}}}:holds"
+
+
+def swept_key(a, rid):
+    """The mark the sweeper leaves for a late (spilled) settle: settle.lua."""
+    return f"pg:{{{a}}}:swept:{rid}"
 
 
 def script_source(name):
@@ -43,10 +49,12 @@ class Redis:
     """One connection. call() for one command; pipeline() for many at once.
     Error replies come back as RedisError instances (raised by call())."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=60.0):
+    def __init__(self, port, host="127.0.0.1", timeout=60.0, user=None, password=REDIS_PASSWORD):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.shas = {}
+        if password:  # the test stack's Redis needs it (harness.REDIS_PASSWORD)
+            self.call("AUTH", *([user] if user else []), password)
 
     def close(self):
         self.sock.close()
@@ -93,7 +101,7 @@ class Redis:
             return int(rest)
         if t == b"$":
             n = int(rest)
-            return None if n < 0 else self._exact(n).decode()
+            return None if n < 0 else self._exact(n).decode(errors="replace")
         if t == b"*":
             n = int(rest)
             return None if n < 0 else [self._reply() for _ in range(n)]
@@ -139,14 +147,17 @@ class Redis:
 
     def lease_cmd(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000,
                   close=False):
-        """One lease.lua op; RECORDS are the outbox records' strings."""
+        """One lease.lua op; RECORDS are the outbox records' strings. CLOSE:
+        a bool, or the string "late" (a replayed op)."""
         fields = [x for rec in records for x in ("c", rec)]
+        flag = close if isinstance(close, str) else ("1" if close else "0")
         return ("EVALSHA", self.sha("lease"), 3, acct_key(acct), holds_key(acct), OUTBOX,
-                lid, seq, ttl_ms, charge, resize, busy, "1" if close else "0", *fields)
+                lid, seq, ttl_ms, charge, resize, busy, flag, *fields)
 
     def lease(self, acct, lid, seq, charge=0, resize=0, busy=0, records=(), ttl_ms=60000,
               close=False):
-        """{status, amount, available, contended} as a list of ints."""
+        """{status, amount, available, contended, records charged} as a list
+        of ints."""
         return self.call(*self.lease_cmd(acct, lid, seq, charge, resize, busy, records, ttl_ms,
                                          close))
 
@@ -171,6 +182,10 @@ class Redis:
 
     def acct(self, a):
         return {k: int(v) for k, v in self.hash(acct_key(a)).items()}
+
+    def backlog(self):
+        """pg:backlog: outbox records not yet applied to Postgres."""
+        return int(self.call("GET", BACKLOG) or 0)
 
 
 def redis_for(stack):
@@ -208,11 +223,14 @@ def records(stack, stream=OUTBOX):
 
 def outbox_add(red, ts, *recs):
     """Appends one entry in settle.lua's format: RECS are tuples in
-    RECORD_FIELDS order (as a foreign or older writer would, for tests)."""
+    RECORD_FIELDS order (as a foreign or older writer would, for tests),
+    counted into pg:backlog as settle.lua counts its own (atomically)."""
     fields = ["ts", ts]
     for r in recs:
         fields += ["c", "|".join(str(x) for x in r)]
-    return red.call("XADD", OUTBOX, "*", *fields)
+    return red.call("EVAL", "local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV))\n"
+                    "redis.call('INCRBY', KEYS[2], (#ARGV - 2) / 2)\nreturn id",
+                    2, OUTBOX, BACKLOG, *fields)
 
 
 def raw_entries(stack, stream=OUTBOX):

@@ -240,7 +240,8 @@ def test_revoke_key(stack):
     r = stack.admin("DELETE", f"/v1/keys/{key_id}")
     assert r.status == 204, r
     assert r.body == b""
-    assert stack.redis_raw("EXISTS", f"pg:key:{h}") == "0"
+    # The tombstone (hotkeys.h): no push of a live key overwrites it.
+    assert stack.redis_raw("GET", f"pg:key:{h}") == "-1"
     revoked = stack.scalar(f"select revoked_at from api_keys where id = {key_id}")
     assert revoked
     # The other key of the account is untouched.
@@ -250,11 +251,19 @@ def test_revoke_key(stack):
     time.sleep(0.01)
     assert stack.admin("DELETE", f"/v1/keys/{key_id}").status == 204
     assert stack.scalar(f"select revoked_at from api_keys where id = {key_id}") == revoked
-    assert stack.redis_raw("EXISTS", f"pg:key:{h}") == "0"
-    # A repair pass does not bring a revoked key back, and removes a stale mirror.
+    assert stack.redis_raw("GET", f"pg:key:{h}") == "-1"
+    # A repair pass does not bring a revoked key back, and tombstones a stale
+    # mirror (a revoke whose Redis write was lost) or a missing one.
     stack.redis("SET", f"pg:key:{h}", acct)
     stack.run_billing("repair")
-    assert stack.redis_raw("EXISTS", f"pg:key:{h}") == "0"
+    assert stack.redis_raw("GET", f"pg:key:{h}") == "-1"
+    stack.redis("DEL", f"pg:key:{h}")
+    stack.run_billing("repair")
+    assert stack.redis_raw("GET", f"pg:key:{h}") == "-1"
+    # A DELETE again rewrites the tombstone too (idempotent on both stores).
+    stack.redis("SET", f"pg:key:{h}", acct)
+    assert stack.admin("DELETE", f"/v1/keys/{key_id}").status == 204
+    assert stack.redis_raw("GET", f"pg:key:{h}") == "-1"
     for ident in ["999999999", "0", "abc"]:
         _err(stack.admin("DELETE", f"/v1/keys/{ident}"), 404, "not_found")
 

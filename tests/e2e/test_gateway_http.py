@@ -2,7 +2,8 @@
 on raw sockets: pipelining, the head bound (431), strict header syntax
 (obs-fold, NUL, CL+TE, unknown codings), chunked request bodies, the body
 bound (413), Expect: 100-continue, HTTP/1.0 keep-alive rules, Host, the
-head timeout (slow-loris), a client that leaves while its call is in flight,
+head timeout (slow-loris), a client that leaves while its call is in flight
+(charged by the upstream's answer once it was written, free before),
 and 1,000 keep-alive connections on the fixed threads. Every refusal is
 checked to have reserved, proxied and charged nothing.
 """
@@ -348,47 +349,171 @@ def test_head_timeout_closes_slow_client(stack):
     _held_zero(stack, acct)
 
 
-def test_client_leaving_in_flight_costs_nothing(stack):
+def _at_upstream(stack, path):
+    """Waits until the upstream has received the call to PATH (so it was written)."""
+    stack.wait_for(lambda: http("GET", stack.devsim.url + "/_sim/last").json().get("path") == path,
+                   timeout=5, what=f"{path} at the upstream")
+
+
+def _leave(s, how):
+    """The client leaves: close, reset (RST, no FIN) or half-close (FIN, still reading)."""
+    if how == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    elif how == "half-close":
+        s.shutdown(socket.SHUT_WR)
+    else:
+        s.close()
+
+
+def _charges(stack, acct):
+    return sorted(stack.psql(f"select amount, outcome from charges where account_id = {acct}"))
+
+
+def test_client_leaving_after_send_is_charged(stack):
+    """Issue 10 item 1: once the call is at the upstream, a client that leaves
+    (close, reset, half-close) does not cancel it: the upstream's 2xx decides,
+    the call is charged exactly once, and Postgres shows the charge."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
+    socks = []
+    for how in ("close", "reset", "half-close"):
+        s = _connect(stack)
+        s.sendall(_get(f"/v1/devices/{how}", key, b"X-Sim-Delay-Ms: 1500\r\n"))
+        _at_upstream(stack, f"/v1/devices/{how}")
+        _leave(s, how)
+        socks.append(s)
+        # Still held while the upstream works: nothing was released.
+        time.sleep(0.3)
+        assert stack.hot(acct).get("held") == 1, stack.hot(acct)
+        # Then the answer settles it: charged the route's price, once.
+        _held_zero(stack, acct)
+    for s in socks:
+        s.close()
+    assert _sim_requests(stack) == before + 3
+    h = stack.hot(acct)
+    assert h["spent"] == 3 and h["held"] == 0, h
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    assert _charges(stack, acct) == [["1", "commit"]] * 3
+    assert stack.scalar(f"select spent from accounts where id = {acct}") == "3"
+
+
+def test_client_leaving_after_send_upstream_failure_costs_nothing(stack):
+    """The same, but the upstream answers 5xx (not billable): 0, released."""
     _setup(stack)
     acct, key = stack.new_account(10)
     for how in ("close", "reset"):
         s = _connect(stack)
-        s.sendall(_get("/v1/devices/d1", key, b"X-Sim-Delay-Ms: 3000\r\n"))
-        stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="hold taken")
-        if how == "reset":
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        t0 = time.time()
-        s.close()
+        s.sendall(_get(f"/v1/devices/f{how}", key,
+                       b"X-Sim-Delay-Ms: 1000\r\nX-Sim-Status: 503\r\n"))
+        _at_upstream(stack, f"/v1/devices/f{how}")
+        _leave(s, how)
+        time.sleep(0.3)
+        assert stack.hot(acct).get("held") == 1, stack.hot(acct)
         _held_zero(stack, acct)
-        assert time.time() - t0 < 2.0
     assert stack.hot(acct)["spent"] == 0
     stack.wait_for(stack.drained, timeout=20, what="outbox drained")
-    rows = stack.psql(f"select amount, outcome from charges where account_id = {acct}")
-    assert rows == [["0", "release"], ["0", "release"]], rows
+    rows = _charges(stack, acct)
+    assert len(rows) == 2 and all(r[0] == "0" for r in rows), rows
     assert stack.scalar(f"select spent from accounts where id = {acct}") == "0"
 
 
-def test_client_leaving_with_pipelined_bytes_queued_costs_nothing(stack):
-    """Reads pause while the input buffer is full of pipelined bytes; the
-    client's close must still be noticed at once (review finding: it was
-    charged for an answer it never got)."""
+def test_client_leaving_before_send_costs_nothing(stack):
+    """A call not yet written to the upstream (queued for its only
+    connection) is dropped at once when its client leaves: released, never
+    proxied, cost 0; the call ahead of it is charged as usual."""
     _setup(stack)
     acct, key = stack.new_account(10)
+    port = harness.free_port()
+    gw = stack.spawn("gateway-onecon", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_THREADS": "1",
+        "UPSTREAM_MAX_CONNECTIONS": "1", "GATEWAY_LEASE_CALLS": "0"}, port)
+    try:
+        before = _sim_requests(stack)
+        first = _connect(stack, port)
+        first.sendall(_get("/v1/devices/first", key, b"X-Sim-Delay-Ms: 2000\r\n"))
+        _at_upstream(stack, "/v1/devices/first")
+        s = _connect(stack, port)
+        s.sendall(_get("/v1/devices/queued", key))
+        stack.wait_for(lambda: stack.hot(acct).get("held") == 2, timeout=5, what="the queued call's hold")
+        t0 = time.time()
+        s.close()
+        stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="its release")
+        assert time.time() - t0 < 1.5  # at once, not when the connection frees up
+        r = Reader(first).response()
+        assert r.status == 200 and r.headers["x-points-charged"] == "1", r
+        first.close()
+        _held_zero(stack, acct)
+        time.sleep(0.3)
+        assert _sim_requests(stack) == before + 1  # the queued call never reached it
+    finally:
+        assert gw.stop() == 0
+    assert stack.hot(acct)["spent"] == 1
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    assert _charges(stack, acct) == [["0", "release"], ["1", "commit"]]
+
+
+def test_client_leaving_with_pipelined_bytes_queued_is_charged_once(stack):
+    """Reads pause while the input buffer is full of pipelined bytes; the
+    client's close is still noticed (its pipelined requests are never
+    served), and the call already at the upstream is charged once."""
+    _setup(stack)
+    acct, key = stack.new_account(10)
+    before = _sim_requests(stack)
     s = _connect(stack)
-    s.sendall(_get("/v1/devices/d1", key, b"X-Sim-Delay-Ms: 3000\r\n"))
-    stack.wait_for(lambda: stack.hot(acct).get("held") == 1, timeout=5, what="hold taken")
+    s.sendall(_get("/v1/devices/piped", key, b"X-Sim-Delay-Ms: 1500\r\n"))
+    _at_upstream(stack, "/v1/devices/piped")
     # More than the room left behind the head: reading pauses.
     s.sendall(b"".join(_get(f"/v1/devices/q{i}", key, b"X-Pad: " + b"p" * 400 + b"\r\n")
                        for i in range(30)))
     time.sleep(0.2)
-    t0 = time.time()
     s.close()
     _held_zero(stack, acct)
-    assert time.time() - t0 < 2.0
+    time.sleep(0.5)
+    assert _sim_requests(stack) == before + 1
     stack.wait_for(stack.drained, timeout=20, what="outbox drained")
-    assert stack.hot(acct)["spent"] == 0
-    rows = stack.psql(f"select amount, outcome from charges where account_id = {acct}")
-    assert rows == [["0", "release"]], rows
+    assert stack.hot(acct)["spent"] == 1
+    assert _charges(stack, acct) == [["1", "commit"]]
+
+
+def test_orphaned_calls_count_against_max_connections(stack):
+    """Calls whose clients left keep their connection slot until the
+    upstream answers: a flood of leave-after-send cannot grow past
+    MAX_CONNECTIONS. Past it new connections are refused; once the orphans
+    are settled (each charged once) the gateway serves again."""
+    _setup(stack)
+    acct, key = stack.new_account(100)
+    port = harness.free_port()
+    gw = stack.spawn("gateway-maxconn", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_THREADS": "1",
+        "MAX_CONNECTIONS": "4", "GATEWAY_LEASE_CALLS": "0"}, port)
+    try:
+        before = _sim_requests(stack)
+        for i in range(4):
+            s = _connect(stack, port)
+            s.sendall(_get(f"/v1/devices/o{i}", key, b"X-Sim-Delay-Ms: 2500\r\n"))
+            _at_upstream(stack, f"/v1/devices/o{i}")
+            s.close()
+        # Every slot is an orphan's: a new client is closed without an answer.
+        s = _connect(stack, port)
+        s.sendall(_get("/v1/devices/extra", key))
+        assert Reader(s).closed(timeout=1), "served past MAX_CONNECTIONS"
+        assert Reader(s).buf == b""
+        s.close()
+        _held_zero(stack, acct)
+        r = stack.wait_for(lambda: (lambda x: x if x.status == 200 else None)(
+            http("GET", gw.url + "/v1/devices/after", headers=_auth(key))), timeout=5,
+            what="served again")
+        assert r.headers["x-points-charged"] == "1"
+        assert _sim_requests(stack) == before + 5
+    finally:
+        assert gw.stop() == 0
+    assert stack.hot(acct)["spent"] == 5
+    stack.wait_for(stack.drained, timeout=20, what="outbox drained")
+    assert _charges(stack, acct) == [["1", "commit"]] * 5
 
 
 def test_pipelining_flood_is_answered_in_order_and_shares_the_worker(stack):

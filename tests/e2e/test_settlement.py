@@ -6,14 +6,19 @@ Proves: settle outcomes and idempotence, exactly one charge row per
 reservation, accounts.spent and usage_daily moved in step, conservation after
 bursts, crash safety under kill -9 and with two billing processes at once,
 expired holds released at cost 0, Postgres outages that lose nothing, and no
-overdraft under concurrent reservers.
+overdraft under concurrent reservers; late (spilled) settles that upgrade an
+expire row once and never overdraw; the backlog count (pg:backlog) equal to
+the records pending through bursts and kill -9; and calls Postgres refuses as
+data dead-lettered alone while the rest of their batch lands.
 """
 import datetime
 import random
 import threading
 import time
 
-from luahelp import OUTBOX, Redis, acct_key, entries, holds_key, outbox_add, records, run_threads
+from harness import FINANCE_TOKEN, http
+from luahelp import (BACKLOG, OUTBOX, Redis, acct_key, entries, holds_key, outbox_add, records,
+                     run_threads, script_source, swept_key)
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -766,3 +771,328 @@ def test_api_answers_every_call_after_postgres_restart(stack):
     time.sleep(0.5)
     statuses = [stack.admin("GET", f"/v1/accounts/{a}").status for _ in range(24)]
     assert statuses == [200] * 24, statuses
+
+
+# ---- late (spilled) settles ------------------------------------------------
+def _pg_consistent(stack, a):
+    """Postgres agrees with itself for account A: spent is the sum of its
+    charge rows, and the rollup counts each row once on its own day and
+    route (a late row is a billed call, not a failed one)."""
+    assert _pg_spent(stack, a) == _charges(stack, a)[1], a
+    rows = stack.psql(
+        "select day, route, calls, points, failed_calls from usage_daily "
+        f"where account_id = {a} and calls <> 0 order by 1, 2")
+    want = stack.psql(
+        "select (occurred_at at time zone 'UTC')::date, route, count(*), sum(amount), "
+        "count(*) filter (where outcome not in ('commit', 'late')) from charges "
+        f"where account_id = {a} group by 1, 2 order by 1, 2")
+    assert rows == want, (rows, want)
+
+
+def _statement(stack, a):
+    month = time.strftime("%Y-%m", time.gmtime())
+    r = http("GET", f"{stack.admin_url}/v1/reports/statement?account={a}&month={month}",
+             headers={"Authorization": f"Bearer {FINANCE_TOKEN}"})
+    assert r.status == 200, r
+    return r.json()
+
+
+def _swept(stack, red, a, rid):
+    stack.wait_for(lambda: red.call("HEXISTS", holds_key(a), rid) == 0, timeout=15,
+                   what=f"hold {rid} swept")
+
+
+def test_late_settle_upgrades_the_expire_row_once(stack):
+    """A settle the gateway answered but could only spill (Redis away at its
+    stop), replayed after the sweeper released the hold: the charge is taken
+    from the available points, the (expire, 0) row becomes (late, amount),
+    accounts.spent and usage_daily move by the difference, once, however
+    often the replay or its outbox entry comes again; reports and the
+    statement add up."""
+    _billing(stack)
+    (a,) = _accounts(stack, 1, 100)
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "late-1", 6, 100, "device.command") == [1, 94, 6]
+        _swept(stack, red, a, "late-1")
+        assert red.call("GET", swept_key(a, "late-1")) == "6|device.command"
+        assert 6 * 86400 < red.call("TTL", swept_key(a, "late-1")) <= 7 * 86400
+        _drain(stack)
+        assert stack.psql("select amount, hold, outcome from charges where reservation_id = "
+                          "'late-1'") == [["0", "6", "expire"]]
+        assert _usage_totals(stack, a) == (1, 0, 1)
+        # The replay: charge 5 of the 6 held. Then twice more: no-ops.
+        assert red.settle(a, "late-1", 5, "late", 200) == [1, 5, 95]
+        assert red.call("EXISTS", swept_key(a, "late-1")) == 0
+        for _ in range(2):
+            assert red.settle(a, "late-1", 5, "late", 200) == [0, 0, 95]
+        assert red.acct(a)["spent"] == 5
+        (rec,) = [r for r in records(stack) if r["rid"] == "late-1"]
+        assert (rec["route"], rec["amount"], rec["hold"], rec["outcome"]) == \
+            ("device.command", "5", "6", "late"), rec
+        _drain(stack)
+        assert stack.psql("select amount, hold, outcome, status from charges where "
+                          "reservation_id = 'late-1'") == [["5", "6", "late", "200"]]
+        assert _pg_spent(stack, a) == 5 == stack.hot(a)["spent"]
+        assert _usage_totals(stack, a) == (1, 5, 0)
+        _pg_consistent(stack, a)
+        # Its outbox entry delivered again, twice (a crash before the ack).
+        before = (stack.psql("select * from usage_daily order by 1, 2, 3"), _pg_spent(stack, a))
+        for _ in range(2):
+            outbox_add(red, int(time.time() * 1000),
+                       ("late-1", a, "device.command", 5, 6, "late", 200))
+        _drain(stack)
+        assert (stack.psql("select * from usage_daily order by 1, 2, 3"),
+                _pg_spent(stack, a)) == before
+        assert _charges(stack, a) == (1, 5)
+        st = _statement(stack, a)
+        assert st["charges"]["total"] == 5 and st["closing"] == 95, st
+        assert st["opening"] + st["credits"]["total"] - st["charges"]["total"] == st["closing"]
+        assert [(x["route"], x["calls"], x["points"], x["failed_calls"])
+                for x in st["charges"]["by_route"]] == [("device.command", 1, 5, 0)], st
+        j = stack.admin("GET", f"/v1/accounts/{a}").json()
+        assert (j["spent"], j["balance"]) == (5, 95), j
+    finally:
+        red.close()
+
+
+def test_late_settle_with_the_hold_there_is_a_commit(stack):
+    _billing(stack)
+    (a,) = _accounts(stack, 1, 50)
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "late-2", 4, 600000, "device.read")[0] == 1
+        assert red.settle(a, "late-2", 9, "late", 200) == [1, 4, 46]  # capped at the hold
+        assert red.settle(a, "late-2", 9, "late", 200) == [0, 0, 46]
+        assert [(r["amount"], r["outcome"]) for r in records(stack) if r["rid"] == "late-2"] == \
+            [("4", "commit")]
+    finally:
+        red.close()
+    _drain(stack)
+    assert stack.psql("select amount, hold, outcome from charges where reservation_id = "
+                      "'late-2'") == [["4", "4", "commit"]]
+    assert _pg_spent(stack, a) == 4 == stack.hot(a)["spent"]
+    _pg_consistent(stack, a)
+
+
+def test_late_settle_never_overdraws(stack):
+    """Points the sweeper gave back may be spent before the replay comes:
+    the late charge takes what is available, never more."""
+    _billing(stack)
+    (a,) = _accounts(stack, 1, 10)
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "late-3", 8, 100, "device.command")[0] == 1
+        assert red.reserve(a, "late-5", 1, 100, "device.read")[0] == 1
+        _swept(stack, red, a, "late-3")
+        _swept(stack, red, a, "late-5")
+        assert red.reserve(a, "late-4", 7, 600000, "device.command") == [1, 3, 7]
+        assert red.settle(a, "late-3", 8, "late", 200) == [1, 3, 0]
+        h = red.acct(a)
+        assert h["credited"] - h["spent"] - h["held"] == 0, h
+        # Nothing available at all: charged 0, no record, the mark consumed.
+        n = len(records(stack))
+        assert red.settle(a, "late-5", 1, "late", 200) == [1, 0, 0]
+        assert len(records(stack)) == n and red.call("EXISTS", swept_key(a, "late-5")) == 0
+        assert red.settle(a, "late-4", 7, "commit", 200) == [1, 7, 0]
+    finally:
+        red.close()
+    _drain(stack)
+    assert stack.psql("select reservation_id, amount, outcome from charges where account_id = "
+                      f"{a} order by 1") == [["late-3", "3", "late"], ["late-4", "7", "commit"],
+                                             ["late-5", "0", "expire"]]
+    assert _pg_spent(stack, a) == 10 == stack.hot(a)["spent"]
+    _pg_consistent(stack, a)
+
+
+def test_late_records_in_any_order_apply_once(stack):
+    """Settlement's side, with records written directly: a late record
+    before its expire record inserts the row (the expire then changes
+    nothing); both in one batch upgrade once; a late record whose row is a
+    commit or a release changes nothing; a late record of 0 upgrades
+    nothing."""
+    (a,) = _accounts(stack, 1, 0)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    ts = int(time.time() * 1000)
+    try:
+        outbox_add(red, ts, ("lo-1", a, "device.read", 3, 3, "late", 200))
+        outbox_add(red, ts, ("lo-1", a, "device.read", 0, 3, "expire", 0))
+        outbox_add(red, ts, ("lo-2", a, "device.read", 0, 4, "expire", 0),
+                   ("lo-3", a, "device.read", 2, 2, "commit", 200),
+                   ("lo-4", a, "device.read", 0, 2, "release", 503),
+                   ("lo-5", a, "device.read", 0, 2, "expire", 0))
+        outbox_add(red, ts, ("lo-2", a, "device.read", 4, 4, "late", 200),
+                   ("lo-3", a, "device.read", 2, 2, "late", 200),
+                   ("lo-4", a, "device.read", 2, 2, "late", 200),
+                   ("lo-5", a, "device.read", 0, 2, "late", 200),
+                   ("lo-2", a, "device.read", 4, 4, "late", 200))
+    finally:
+        red.close()
+    _billing(stack)
+    _drain(stack)
+    rows = stack.psql("select reservation_id, amount, outcome from charges where account_id = "
+                      f"{a} order by 1")
+    assert rows == [["lo-1", "3", "late"], ["lo-2", "4", "late"], ["lo-3", "2", "commit"],
+                    ["lo-4", "0", "release"], ["lo-5", "0", "expire"]], rows
+    assert _pg_spent(stack, a) == 9
+    assert _usage_totals(stack, a) == (5, 9, 2)
+    _pg_consistent(stack, a)
+
+
+# ---- the backlog count -----------------------------------------------------
+def _backlog_and_pending(red):
+    """pg:backlog and the records the outbox holds, read in one atomic step."""
+    return red.call("EVAL", """
+        local n = 0
+        for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+            n = n + #e[2] / 2 - 1
+        end
+        return {tonumber(redis.call('GET', KEYS[2]) or '0'), n}""", 2, OUTBOX, BACKLOG)
+
+
+def test_outbox_ack_uncounts_an_entry_once(stack):
+    """outbox_ack.lua (settlement's acknowledgement): an entry delivered
+    twice is uncounted once; the count never goes below 0."""
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    try:
+        red.call("DEL", OUTBOX, BACKLOG)
+        red.pipeline([("XGROUP", "CREATE", OUTBOX, "settle", "0", "MKSTREAM")])
+        ids = [outbox_add(red, 1, *[(f"ack-{i}-{k}", 1, "r", 1, 1, "commit", 200)
+                                    for k in range(i + 1)]) for i in range(3)]
+        assert red.backlog() == 6
+        red.call("XREADGROUP", "GROUP", "settle", "t", "COUNT", 10, "STREAMS", OUTBOX, ">")
+        sha = red.call("SCRIPT", "LOAD", script_source("outbox_ack"))
+        assert red.call("EVALSHA", sha, 2, OUTBOX, BACKLOG, "settle", ids[0], 1, ids[2], 3) == \
+            [2, 4, 2]
+        # The same two again (a second worker, a redelivery): nothing more.
+        assert red.call("EVALSHA", sha, 2, OUTBOX, BACKLOG, "settle", ids[0], 1, ids[2], 3) == \
+            [0, 0, 2]
+        assert red.call("XLEN", OUTBOX) == 1 and red.call("XPENDING", OUTBOX, "settle")[0] == 1
+        red.call("SET", BACKLOG, 1)  # a count that fell behind: floored at 0
+        assert red.call("EVALSHA", sha, 2, OUTBOX, BACKLOG, "settle", ids[1], 2) == [1, 2, 0]
+        assert red.backlog() == 0
+        bad = red.pipeline([("EVALSHA", sha, 2, OUTBOX, BACKLOG, "settle", "x", 1)])[0]
+        assert "stream ids" in str(bad), bad
+    finally:
+        red.close()
+    _billing(stack)
+
+
+def test_backlog_counts_pending_records_through_kill9(stack):
+    """pg:backlog equals the records in the outbox at every moment, through
+    a burst while billing is down, kill -9 of billing mid-backlog (several
+    times) and the drain, after which it is 0."""
+    accts = _accounts(stack, 2, 10**9)
+    base = _snapshot(stack, accts)
+    _drain(stack)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    try:
+        assert _backlog_and_pending(red) == [0, 0]
+        exp = _run_plan(stack, _plan(random.Random(11), accts, 6000, "bl"), chunk=1000)
+        # Batched settles too: entries of 20 records.
+        ops = [(accts[0], f"blb-{i}", 1, 600000, "device.read") for i in range(2000)]
+        for i in range(0, 2000, 20):
+            red.call(*red.reserve_batch_cmd(ops[i:i + 20]))
+            red.call(*red.settle_batch_cmd([(o[0], o[1], 1, "commit", 200) for o in ops[i:i + 20]]))
+        exp = _merge(exp, {accts[0]: [2000, 2000, 0]})
+        assert _backlog_and_pending(red) == [8000, 8000]
+        assert int(stack.redis_raw("XLEN", OUTBOX)) == 6100
+
+        def settled():
+            return int(stack.scalar("select count(*) from charges where reservation_id like 'bl%'"))
+
+        kills = 0
+        for round_ in range(3):
+            before = settled()
+            if before >= 8000:
+                break
+            p = _billing(stack, {"SETTLE_BATCH": "100"})
+            stack.wait_for(lambda: settled() > before, timeout=30, what="settlement progress")
+            time.sleep(random.Random(round_).uniform(0.0, 0.1))
+            p.kill9()
+            got = _backlog_and_pending(red)
+            assert got[0] == got[1], got
+            kills += settled() < 8000
+        assert kills >= 1, "billing finished before it could be killed; the test proved nothing"
+        # Traffic while it drains: still equal at every sample, 0 at the end.
+        _billing(stack)
+        more = _plan(random.Random(12), accts, 1000, "bm")
+        samples = []
+        for i in range(0, 1000, 100):
+            exp = _merge(exp, _run_plan(stack, more[i:i + 100], chunk=100))
+            samples.append(_backlog_and_pending(red))
+        assert all(x[0] == x[1] for x in samples), samples
+        _drain(stack, timeout=120)
+        assert _backlog_and_pending(red) == [0, 0]
+        assert red.backlog() == 0
+    finally:
+        red.close()
+    _assert_conserved(stack, exp, base)
+
+
+# ---- calls Postgres refuses as data ----------------------------------------
+def test_data_errors_dead_letter_only_the_bad_calls(stack):
+    """A batch with calls Postgres refuses as data (a numeric overflow, a
+    timestamp out of range, bytes that are not UTF-8, an unknown outcome,
+    an account it does not know) among good ones: the batch is split until
+    the bad calls stand alone; they go to the dead-letter stream with the
+    reason, everything else lands once, and settlement goes on."""
+    (a,) = _accounts(stack, 1, 1000)
+    _stop_billing(stack)
+    red = Redis(stack.redis_port)
+    ts = int(time.time() * 1000)
+    goods = []
+    try:
+        red.call("DEL", "pg:outbox:dead")
+
+        def good(i):
+            rid = f"dg-{i}"
+            assert red.reserve(a, rid, 2)[0] == 1
+            assert red.settle(a, rid, 2)[:2] == [1, 2]
+            goods.append(rid)
+
+        for i in range(10):
+            good(i)
+        outbox_add(red, ts, ("bad-overflow", a, "device.read", 2**63 - 1, 1, "commit", 200))
+        for i in range(10, 20):
+            good(i)
+        outbox_add(red, 10**17, ("bad-time", a, "device.read", 1, 1, "commit", 200))
+        outbox_add(red, ts, ("bad-outcome", a, "device.read", 1, 1, "bogus", 200))
+        red.call("EVAL", "local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV))\n"
+                 "redis.call('INCRBY', KEYS[2], 1)\nreturn id", 2, OUTBOX, BACKLOG,
+                 "ts", str(ts), "c", b"bad-utf8|" + str(a).encode() + b"|dev\xff\xfe|1|1|commit|200")
+        for i in range(20, 30):
+            good(i)
+        outbox_add(red, ts, ("bad-ghost", 999999999, "device.read", 1, 1, "commit", 200),
+                   ("bad-late", a, "device.read", 2**63 - 1, 1, "late", 200))
+        for i in range(30, 40):
+            good(i)
+    finally:
+        red.close()
+    _billing(stack)
+    _drain(stack)
+    assert _charges(stack, a) == (40, 80)
+    assert _pg_spent(stack, a) == 80 == stack.hot(a)["spent"]
+    _pg_consistent(stack, a)
+    dead = {f["rid"]: f for _, f in entries(stack, "pg:outbox:dead")}
+    assert sorted(dead) == sorted(["bad-overflow", "bad-time", "bad-outcome", "bad-utf8",
+                                   "bad-ghost", "bad-late"]), dead
+    assert dead["bad-overflow"]["why"] == "data" and dead["bad-overflow"]["error"].startswith("22003")
+    assert dead["bad-time"]["error"].startswith("22008"), dead["bad-time"]
+    assert dead["bad-utf8"]["error"].startswith("22021"), dead["bad-utf8"]
+    assert dead["bad-outcome"]["why"] == "integrity", dead["bad-outcome"]
+    assert dead["bad-ghost"]["why"] == "integrity" and dead["bad-ghost"]["error"].startswith("23503")
+    assert dead["bad-late"]["error"].startswith("22003"), dead["bad-late"]
+    assert stack.scalar("select count(*) from charges where reservation_id like 'bad-%'") == "0"
+    assert stack.redis_raw("GET", BACKLOG) == "0"
+    # Settlement goes on.
+    red = Redis(stack.redis_port)
+    try:
+        assert red.reserve(a, "dg-after", 3)[0] == 1
+        assert red.settle(a, "dg-after", 3)[:2] == [1, 3]
+    finally:
+        red.close()
+    stack.wait_for(lambda: _charges(stack, a) == (41, 83), timeout=20, what="settled after")

@@ -1,9 +1,9 @@
 /* test_http1.c: the upstream response parser (gateway/http1.c) on byte
- * strings: Content-Length, chunked (with extensions and trailers), close-
- * delimited bodies, 1xx skipping, HEAD/204/304, the head and body bounds,
+ * strings: Content-Length, chunked (with extensions and trailers, CRLF
+ * only), close-delimited bodies, 1xx skipping, HEAD/204/304, the head and body bounds,
  * malformed status lines, chunk sizes and lengths, conflicting framing, and
  * keep-alive decisions; and the syntax checks shared with proxy.c and
- * request.c (lists, tokens, field values, targets). Every well-formed case
+ * request.c (lists, tokens, field values, targets, authorities). Every well-formed case
  * is also fed split at every byte boundary and one byte at a time, the way
  * reads can cut it. Needs no service. Exit 0 when every check holds. */
 #include "gateway/http1.h"
@@ -240,10 +240,34 @@ static void test_chunked(void)
     /* Trailers are not reported as headers. */
     CHECK(strcmp(r.hdrs, "Transfer-Encoding=chunked\nX-B=1\n") == 0);
     CHECK(r.leftover == 0);
-    /* Upper-case hex, leading zeros, LF-only lines, mixed case coding. */
-    run_all(S("HTTP/1.1 200 OK\nTransfer-Encoding: Chunked\n\n00A\n0123456789\n000\n\n"), &plain,
-            &r);
+    /* Upper-case hex, leading zeros, LF-only head lines, mixed case coding. */
+    run_all(S("HTTP/1.1 200 OK\nTransfer-Encoding: Chunked\n\n00A\r\n0123456789\r\n000\r\n\r\n"),
+            &plain, &r);
     CHECK(r.ev == HTTP1_DONE && strcmp(r.body, "0123456789") == 0);
+    /* The chunked body's own lines end in CRLF only (RFC 9112 7.1): a lone
+     * LF after a chunk size, after chunk data, after a trailer or as the
+     * final line is refused, whichever way the bytes arrive. */
+    {
+        static const char *const lf[] = {
+            "00A\n0123456789\r\n0\r\n\r\n",    /* chunk-size line */
+            "5;ext=1\nhello\r\n0\r\n\r\n",     /* ... with an extension */
+            "5\r\nhello\n0\r\n\r\n",           /* after the data */
+            "5\r\nhello\r\n0\n\r\n",           /* the last chunk */
+            "5\r\nhello\r\n0\r\n\n",           /* the final empty line */
+            "5\r\nhello\r\n0\r\nX-T: 1\n\r\n", /* a trailer */
+            "5\r\nhello\r\n0\r\nX-T: 1\r\n\n", /* the empty line after trailers */
+        };
+        for (size_t i = 0; i < sizeof lf / sizeof lf[0]; i++) {
+            char in[256];
+            int n = snprintf(in, sizeof in,
+                             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s", lf[i]);
+            run_all(in, (size_t)n, &plain, &r);
+            if (r.ev != HTTP1_MALFORMED) {
+                fprintf(stderr, "lone LF in a chunked body not refused (%d): case %zu\n", r.ev, i);
+                failures++;
+            }
+        }
+    }
     /* An empty chunked body. */
     run_all(S("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), &plain, &r);
     CHECK(r.ev == HTTP1_DONE && r.blen == 0 && r.keep_alive == 1);
@@ -558,8 +582,48 @@ static void test_lists(void)
     CHECK(!http1_target_ok(S("/a\x7f")) && !http1_target_ok(S("/\xc3\xa9")));
 }
 
+/* Host values and absolute-form authorities (RFC 3986 3.2.2-3.2.3). */
+static void test_authority(void)
+{
+    static const char *const good[] = {
+        "x",
+        "example.com",
+        "EXAMPLE.com.",
+        "a-b_c~d",
+        "127.0.0.1",
+        "127.0.0.1:8080",
+        "host:",
+        "host:0",
+        "host:65535",
+        "[::1]",
+        "[::1]:443",
+        "[2001:db8::7]:1",
+        "[::ffff:10.0.0.1]",
+        "x%41y",
+        "a!$&'()*+;=b",
+    };
+    static const char *const bad[] = {
+        "",           ":80",        "a b",         "x, y",     "x,y",  "a\tb", "user@host",
+        "host:80:80", "host:65536", "host:123456", "host:8a",  "[::1", "::1",  "[]",
+        "[::1]x",     "[zz::1]",    "[v1.x]",      "x%4",      "x%zz", "a/b",  "a?b",
+        "a#b",        "a\"b",       "a<b",         "\xc3\xa9",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+        if (!http1_authority_ok(good[i], strlen(good[i]))) {
+            fprintf(stderr, "authority refused: %s\n", good[i]);
+            failures++;
+        }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        if (http1_authority_ok(bad[i], strlen(bad[i]))) {
+            fprintf(stderr, "authority accepted: %s\n", bad[i]);
+            failures++;
+        }
+    CHECK(!http1_authority_ok("a\0b", 3));
+}
+
 int main(void)
 {
+    test_authority();
     test_content_length();
     test_bad_lengths();
     test_chunked();

@@ -1,0 +1,27 @@
+-- keypush.lua: writes an API key's mirror, pg:key:<hash>, so that a revoke
+-- wins every race. A revoke writes the tombstone "-1" (after its Postgres
+-- commit); every other write of a key goes through here and never
+-- overwrites "-1": a push of a stale "live" snapshot (the repair pass read
+-- its keys before a revoke that landed during the pass) changes nothing.
+-- A key is never revoked and then made live again (a revoke is final in
+-- the ledger too), and a revoked key's hash cannot come back with a new
+-- key: keys are 32 random bytes.
+--
+-- A pass (the repair pass, the rebuild after a loss) also names its marker
+-- key pg:rebuild:<token>, set when it started: if Redis lost its data since
+-- (the marker is gone with it), the pass's snapshot may predate a revoke
+-- whose tombstone the loss took, so nothing is written and the pass starts
+-- again from a fresh snapshot.
+--
+-- KEYS[1] pg:key:<hash>, KEYS[2] (optional) the pass's marker
+-- ARGV[1] the account id, or "-1" for the tombstone
+-- Returns 1 written, 0 tombstone kept, 2 marker gone: nothing written.
+if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
+if ARGV[1] ~= '-1' then
+    if not int(ARGV[1]) or int(ARGV[1]) <= 0 then
+        return redis.error_reply('keypush: account must be a positive integer or -1')
+    end
+    if redis.call('GET', KEYS[1]) == '-1' then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1

@@ -22,9 +22,10 @@ A case that breaks the second rule must fall into a named class below, each
 checked (not only matched by llhttp's message): with the feature taken out
 of the case (a transform: bare LFs made CRLF, HTTP/1.x made 1.1, ...) both
 must frame it alike, or the gateway's own parse must show the feature (an
-extension method, a repeated Content-Length, ...). KNOWN_UNTIL_H2 are the
-parser gaps of issue 10 item 7 that another branch closes: remove them from
-the list once it is merged, and the test proves the fix. REPORTED are
+extension method, a repeated Content-Length, ...). KNOWN_UNTIL_H2 holds
+parser gaps that another branch closes, until it is merged (it held the
+bare LF in chunk lines of issue 10 item 7; empty since h2's fix is in, whose
+cases are now checked as refused by both). REPORTED are
 leniencies the gateway has by design or that are for the lead to decide
 (each says why it cannot smuggle a request). Anything else fails the test.
 A real-stack test then sends cases both parsers refuse to a running gateway
@@ -259,21 +260,6 @@ def _alike_without(transform):
     return check
 
 
-def _chunked_lf(i, g, r, relaxed):
-    # Made CRLF the case is framed alike; or the CR before the LF was read
-    # as chunk data ("5\r\nello\r\n": five bytes, then a bare LF), which
-    # no transform can take out: then the gateway's request is chunked.
-    m = _first_extra(g, r)
-    if _alike_without("crlf")(i, g, r, relaxed):
-        return True
-    if r["end"] != "refused" or m is None or not _h(m, b"transfer-encoding"):
-        return False
-    # llhttp 6 (Node 18) names this one "Invalid character in chunk size",
-    # as it does a space after a size: not when the case has such a space.
-    return "after chunk" in r["why"] or \
-        no_space_after_chunk_size(CASE_BYTES[i]) == CASE_BYTES[i]
-
-
 def _method_unknown(i, g, r, relaxed):
     m = _first_extra(g, r)
     return m is not None and bytes.fromhex(m["m"]).decode("latin1") not in LLHTTP_METHODS
@@ -315,17 +301,13 @@ def _framing_in_trailer(i, g, r, relaxed):
 
 
 KNOWN_UNTIL_H2 = [
-    # Item 7: a bare LF ends a chunk-size line or follows chunk data
-    # (RFC 9112 7.1 wants CRLF). h2's branch refuses it.
-    ("bare_lf_in_chunked_body",
-     ("Missing expected CR after chunk size", "Missing expected CR after chunk data",
-      "Missing expected CR after chunk extension", "Expected LF after chunk size",
-      "Expected LF after chunk data", "Missing expected LF after chunk data",
-      "Invalid character in chunk size"),  # llhttp 6 (Node 18)
-     _chunked_lf),
+    # Parser gaps another branch closes, shown here until it is merged.
+    # Item 7's were: a bare LF ending a chunk-size line or following chunk
+    # data (RFC 9112 7.1 wants CRLF), class "bare_lf_in_chunked_body"; h2's
+    # fix is merged and the class removed, so a case of it fails the test
+    # now (and test_known_divergences_are_real checks its minimal case).
     # Item 7's other two (Host values, absolute-form) are not framing
-    # differences: llhttp checks neither, so they never show here; h2's
-    # unit and e2e tests cover them.
+    # differences: llhttp checks neither, so they never showed here.
 ]
 REPORTED = [
     # A bare LF as the line end of the request line or a header (RFC 9112
@@ -474,10 +456,10 @@ def test_reference_parser_is_strict(stack):
     assert r[-1]["end"] == "clean" and len(r[-1]["msgs"]) == 2, r[-1]
     assert verdict(g, r[-1]) == ("ok", "same"), (g, r[-1])
     assert bytes.fromhex(g["msgs"][0]["b"]) == b"abc"
-    # The gateway refuses the same smuggling classics, bar the bare LF of
-    # item 7 (KNOWN_UNTIL_H2): frames nothing from them.
+    # The gateway refuses the same smuggling classics (the bare LF in a
+    # chunk line since item 7's fix): frames nothing from them.
     g = gateway_frames(stack, cases)
-    assert [x["end"] for x in g] == ["refused", "refused", g[2]["end"], "refused", "refused"], g
+    assert [(x["end"], len(x["msgs"])) for x in g] == [("refused", 0)] * len(cases), g
     assert "GET" in LLHTTP_METHODS and "FOO" not in LLHTTP_METHODS
 
 
@@ -489,7 +471,7 @@ def test_framing_matches_llhttp(stack):
     assert len(set(cases)) > CASES * 0.8  # the mutator does mutate
     g, r, stats, classes, unexplained = run_differential(stack, cases)
     print("differential: %d cases; agree or gateway stricter: %s" % (len(cases), dict(stats)))
-    print("differential: known (until h2's merge) and reported divergences: %s" % dict(classes))
+    print("differential: known and reported divergences: %s" % dict(classes))
     # The corpus reaches both sides of the rules: many accepted by both,
     # many refused by both.
     assert stats["same"] > CASES // 4, stats
@@ -502,12 +484,11 @@ def test_framing_matches_llhttp(stack):
 
 def test_known_divergences_are_real(stack):
     """Each named class is shown by a minimal case, so that the list names
-    what it says: once h2's fixes are merged, the KNOWN_UNTIL_H2 case is
-    refused by the gateway and this test says to drop it from the list."""
+    what it says; a KNOWN_UNTIL_H2 class whose case the gateway refuses now
+    must leave the list. The bare LFs in chunk lines of item 7 (the class
+    that was there) are refused by both parsers."""
     _methods()
     minimal = {
-        "bare_lf_in_chunked_body":
-            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
         "bare_lf_in_head": b"GET / HTTP/1.1\nHost: a\n\n",
         "http_1x_minor_above_1": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
         "extension_method": b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -546,6 +527,17 @@ def test_known_divergences_are_real(stack):
             continue  # an older llhttp (Node 18's) accepts this one too
         assert v[0] == "diverge", (n, v, g[i], r[i])
         assert classify(i, g[i], r[i], relaxed) == n, (n, g[i], r[i])
+    # Fixed by h2 (item 7), and so refused by both now.
+    fixed_cases = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\nabc\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\n\r\n",
+    ]
+    for case, a, b in zip(fixed_cases, gateway_frames(stack, fixed_cases),
+                          reference_frames(fixed_cases)):
+        assert a["end"] == "refused" and not a["msgs"], (case, a)
+        assert b["end"] == "refused" and not b["msgs"], (case, b)
     assert not fixed, ("the gateway refuses these now: remove %s from KNOWN_UNTIL_H2 and its "
                        "case from `minimal` here (the differential test then proves the fix)" % fixed)
 

@@ -3,14 +3,17 @@
  *
  * Input: the first byte picks the method, the rest is the raw path.
  * Properties of a path that normalises: it starts with '/', is no longer
- * than the raw one, and holds no "//", no "." or ".." segment, no '\', no
- * NUL, and (once the fix of issue 10 item 7 is in) no control byte; the
+ * than the raw one, and holds no "//", no "." or ".." segment (also not
+ * before a ';'), no '\', no NUL, no control byte, no escape that a second
+ * decoding would read ("%252e" -> "%2e"), no overlong UTF-8; the
  * route routes_match picks is the first one an independent matcher (written
  * here from the documented pattern rules) picks, and has the method asked
  * for. */
+#include "gateway/http1.h"
 #include "gateway/routes.h"
 #include "tests/fuzz/fuzz.h"
 
+#include <ctype.h>
 #include <string.h>
 
 static const char table_json[] =
@@ -91,25 +94,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     method = methods[data[0] % (sizeof methods / sizeof methods[0])];
     raw = (const char *)data + 1;
     len = size - 1;
-    if (routes_normalise(raw, len, out, sizeof out) != 0) return 0;
+    /* Any bytes go in (no crash, no overread); the properties are those of
+     * a target the server hands over: printable ASCII (http1_target_ok). */
+    if (routes_normalise(raw, len, out, sizeof out) != 0 || !http1_target_ok(raw, len)) return 0;
     olen = strlen(out);
     FUZZ_CHECK(out[0] == '/');
     FUZZ_CHECK(olen <= len);
     FUZZ_CHECK(strstr(out, "//") == NULL);
     FUZZ_CHECK(strchr(out, '\\') == NULL);
     for (size_t i = 0; i < olen; i++) {
-        unsigned char c = (unsigned char)out[i];
-        (void)c;
-#ifndef FUZZ_ROUTES_ALLOW_CTL
+        unsigned char c = (unsigned char)out[i], nx = (unsigned char)out[i + 1];
         FUZZ_CHECK(c >= 0x20 && c != 0x7f);
-#endif
+        /* No escape left to decode again ("%252e"), no overlong UTF-8. */
+        FUZZ_CHECK(!(c == '%' && isxdigit(nx) && isxdigit((unsigned char)out[i + 2])));
+        FUZZ_CHECK(!((c == 0xc0 || c == 0xc1) && nx >= 0x80 && nx <= 0xbf));
     }
     {
-        /* No "." or ".." segment. */
+        /* No empty, "." or ".." segment, also before a ';' ("..;x"). */
         const char *s;
         size_t n;
-        for (size_t i = 0; segment(out, i, &s, &n); i++)
+        for (size_t i = 0; segment(out, i, &s, &n); i++) {
+            const char *semi = memchr(s, ';', n);
+            size_t m = semi ? (size_t)(semi - s) : n;
             FUZZ_CHECK(!(n == 1 && s[0] == '.') && !(n == 2 && s[0] == '.' && s[1] == '.'));
+            FUZZ_CHECK(!semi || !(m == 0 || (m == 1 && s[0] == '.') ||
+                                  (m == 2 && s[0] == '.' && s[1] == '.')));
+        }
     }
     got = routes_match(table, method, out);
     for (size_t i = 0; i < table->n && !want; i++)

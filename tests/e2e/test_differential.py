@@ -61,6 +61,7 @@ SEEDS = [
     b"GET /n HTTP/1.1\r\nHost: gw\r\n\r\n",
     b"POST /v1/y HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
     b"X-Pad: a\tb  \r\n\r\nabc",
+    b"GET http://gw:8080/v1/devices/d1?x=1 HTTP/1.1\r\nHost: gw\r\n\r\n",
 ]
 BYTES = [b"\r", b"\n", b" ", b"\t", b":", b",", b";", b"0", b"a", b"\x00", b"\x7f", b"\x80", b'"',
          b"5", b"f", b"\r\n", b"-", b"="]
@@ -136,6 +137,12 @@ def _decode(line):
     r = json.loads(line)
     r["why"] = bytes.fromhex(r["why"]).decode("latin1")
     for m in r["msgs"]:
+        if "ot" in m:  # the gateway's: an absolute-form target is routed by its path
+            t, ot = bytes.fromhex(m["t"]), bytes.fromhex(m["ot"])
+            assert t == ot or re.match(rb"(?i)https?://[^/?]*(/|$)", t), m
+            if t != ot:
+                rest = re.sub(rb"(?i)^https?://[^/?]*", b"", t)
+                assert ot == (rest if rest.startswith(b"/") else b"/" + rest), (t, ot)
         # HTTP/1.2 and up are read as 1.1 by the gateway.
         m["key"] = (m["m"], m["t"], min(m["v"], 1), m["ka"], tuple(tuple(h) for h in m["h"]),
                     m["b"])

@@ -8,7 +8,7 @@
  * http1.c's chunked decoder with the server's bounds, then the next
  * pipelined request while the connection stays open. Prints one JSON line
  * per case, every string in hex (the bytes are arbitrary):
- *   {"msgs":[{"m":..,"t":..,"v":minor,"ka":0|1,"h":[[name,value],..],"b":..}],
+ *   {"msgs":[{"m":..,"t":..,"ot":..,"v":minor,"ka":0|1,"h":[[name,value],..],"b":..}],
  *    "end":"clean"|"partial"|"closed"|"refused","status":N,"why":".."}
  * "closed": bytes after a request that ends the connection (ignored, as
  * the server does); "refused": the server answers STATUS and closes,
@@ -128,7 +128,21 @@ static void frame_case(const char *in, size_t len)
         printf("%s{\"m\":", first ? "" : ",");
         first = 0;
         hex(head + h.method, h.method_len);
-        printf(",\"t\":");
+        /* The target as sent ("t", what llhttp reports) and as the gateway
+         * routes it ("ot": an absolute-form one rewritten to origin-form). */
+        {
+            const char *rl = in + off, *sp1, *sp2;
+            while (*rl == '\r' || *rl == '\n')
+                rl++;
+            sp1 = memchr(rl, ' ', (size_t)e);
+            sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)e - (size_t)(sp1 + 1 - (in + off))) : NULL;
+            printf(",\"t\":");
+            if (sp1 && sp2)
+                hex(sp1 + 1, (size_t)(sp2 - sp1 - 1));
+            else
+                hex("", 0);
+        }
+        printf(",\"ot\":");
         hex(head + h.target, h.target_len);
         printf(",\"v\":%d,\"ka\":%d,\"h\":[", h.minor, h.keep_alive);
         for (size_t i = 0; i < h.nfields; i++) {

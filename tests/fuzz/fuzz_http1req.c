@@ -7,7 +7,9 @@
  * parser promises (token method and names, printable target, values without
  * control bytes and trimmed), one framing at most (never Content-Length and
  * chunked), a Content-Length that equals its header's digits, exactly one
- * Host in HTTP/1.1; a refusal has one of the documented statuses and a
+ * Host in HTTP/1.1, a host that is a valid authority, an absolute-form
+ * target rewritten to origin-form, no fragment; a refusal has one of the
+ * documented statuses and a
  * message. The head is parsed from an exact-size copy, so any read past it
  * is an ASan report. */
 #include "gateway/http1.h"
@@ -34,6 +36,17 @@ static void check_parsed(const char *buf, size_t len, const http1req *h)
     FUZZ_CHECK(http1_token(buf + h->method, h->method_len));
     FUZZ_CHECK(h->target + h->target_len < len && buf[h->target + h->target_len] == '\0');
     FUZZ_CHECK(h->target_len > 0 && http1_target_ok(buf + h->target, h->target_len));
+    FUZZ_CHECK(!memchr(buf + h->target, '#', h->target_len));
+    /* An absolute-form target was rewritten to origin-form, its authority
+     * taking Host's place; a request's host is always a valid authority. */
+    FUZZ_CHECK(!h->absolute || buf[h->target] == '/');
+    FUZZ_CHECK(h->minor == 0 || h->host_len > 0);
+    if (h->host_len > 0) {
+        FUZZ_CHECK(h->host + h->host_len < len && buf[h->host + h->host_len] == '\0');
+        FUZZ_CHECK(http1_authority_ok(buf + h->host, h->host_len));
+        FUZZ_CHECK(!memchr(buf + h->host, '@', h->host_len) &&
+                   !memchr(buf + h->host, ',', h->host_len));
+    }
     FUZZ_CHECK(h->minor == 0 || h->minor == 1);
     FUZZ_CHECK(h->nfields <= NFIELDS);
     FUZZ_CHECK(!(h->chunked && h->content_length >= 0));

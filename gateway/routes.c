@@ -167,11 +167,11 @@ oom:
     return -1;
 }
 
-int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
-                size_t errlen)
+/* Builds a table from the parsed file ROOT (NULL: JERR says why); NAME
+ * names the file in messages. */
+static int routes_from_json(json_t *root, const json_error_t *jerr, const char *path,
+                            int64_t default_timeout_ms, route_table **out, char *err, size_t errlen)
 {
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
     json_t *arr, *v;
     route_table *t = NULL;
     unsigned def_charge = (1u << 2) | (1u << 3);
@@ -179,7 +179,7 @@ int routes_load(const char *path, int64_t default_timeout_ms, route_table **out,
     int rc = -1;
 
     if (!root) {
-        snprintf(err, errlen, "%s:%d: %s", path, jerr.line, jerr.text);
+        snprintf(err, errlen, "%s:%d: %s", path, jerr->line, jerr->text);
         goto out;
     }
     if (json_object_get(root, "charge_on") &&
@@ -215,6 +215,22 @@ out:
     routes_free(t);
     json_decref(root);
     return rc;
+}
+
+int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
+                size_t errlen)
+{
+    json_error_t jerr;
+    return routes_from_json(json_load_file(path, 0, &jerr), &jerr, path, default_timeout_ms, out,
+                            err, errlen);
+}
+
+int routes_load_buffer(const char *buf, size_t len, const char *name, int64_t default_timeout_ms,
+                       route_table **out, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    return routes_from_json(json_loadb(buf, len, 0, &jerr), &jerr, name, default_timeout_ms, out,
+                            err, errlen);
 }
 
 static int routes_match_one(const route *r, const char *path)

@@ -112,6 +112,16 @@ oom:
     return -1;
 }
 
+/* 1 when ID may name a route (see its use). */
+static int routes_id_ok(const char *id)
+{
+    size_t n = strlen(id);
+    if (n == 0 || n > 128 || id[0] == '_' || id[0] == '~') return 0;
+    for (const char *p = id; *p; p++)
+        if (*p <= ' ' || *p > '~' || *p == '|' || *p == '"' || *p == ',' || *p == '\\') return 0;
+    return 1;
+}
+
 static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t def_timeout,
                               char *err, size_t errlen)
 {
@@ -125,12 +135,16 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
         snprintf(err, errlen, "each route needs string \"id\", \"method\" and \"path\"");
         return -1;
     }
-    if (strlen(id) > 128 || strchr(id, '|') || id[0] == '_' || id[0] == '~') {
-        /* '|' separates the parts of holds and outbox records; a leading
-         * '_' marks billing's own holds (a negative adjustment's guard),
-         * a leading '~' a gateway's point lease (lease.lua). */
+    if (!routes_id_ok(id)) {
+        /* The id travels into holds, outbox records, Postgres, logs and
+         * CSV reports: printable ASCII without '|' (which separates the
+         * parts of holds and outbox records), '"', ',' or '\\', and not
+         * starting with '_' (billing's own holds: a negative adjustment's
+         * guard) or '~' (a gateway's point lease, lease.lua). The message
+         * does not echo it: it may hold control bytes. */
         snprintf(err, errlen,
-                 "route id \"%s\": at most 128 chars, no '|', not starting with '_' or '~'", id);
+                 "route id: 1 to 128 printable ASCII characters, none of '|', '\"', ',', "
+                 "'\\' or a space, not starting with '_' or '~'");
         return -1;
     }
     r->id = strdup(id);

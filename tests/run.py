@@ -108,7 +108,13 @@ def run_module(bindir, path, pattern, results):
                     print(f"FLAKY {name}.{tname}: failed once, passed on retry", flush=True)
                     for line in out.rstrip().splitlines()[-30:]:
                         print("    " + line)
-                ok, out = ok2, out2 if not ok2 else ""
+                elif out2 != out:
+                    # Both shown: the retry's failure may only be a
+                    # consequence of the first attempt's (state it left).
+                    out = ("\n".join(out.rstrip().splitlines()[-25:]) +
+                           "\n    --- the retry failed with ---\n" +
+                           "\n".join(out2.rstrip().splitlines()[-30:]))
+                ok, out = ok2, out if not ok2 else ""
             report(results, f"{name}.{tname}", ok, time.time() - t0, out)
     except Exception:  # noqa: BLE001
         report(results, f"{name}.<stack>", False, 0, traceback.format_exc())

@@ -195,22 +195,28 @@ static api_reply api_status_error(int rc, const char *what)
     }
 }
 
-static json_t *api_parse_body(const api_req *rq, api_reply *err)
+json_t *api_body_parse(const char *buf, size_t len, char *msg, size_t msglen)
 {
     json_error_t e;
     json_t *j;
-    if (rq->len == 0) {
-        *err = api_error(400, "bad_request", "a JSON object body is required");
+    if (len == 0) {
+        snprintf(msg, msglen, "a JSON object body is required");
         return NULL;
     }
-    j = json_loadb(rq->body, rq->len, JSON_REJECT_DUPLICATES, &e);
+    j = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &e);
     if (!j || !json_is_object(j)) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "malformed JSON: %s", j ? "not an object" : e.text);
+        snprintf(msg, msglen, "malformed JSON: %s", j ? "not an object" : e.text);
         json_decref(j);
-        *err = api_error(400, "bad_request", msg);
         return NULL;
     }
+    return j;
+}
+
+static json_t *api_parse_body(const api_req *rq, api_reply *err)
+{
+    char msg[256];
+    json_t *j = api_body_parse(rq->body, rq->len, msg, sizeof msg);
+    if (!j) *err = api_error(400, "bad_request", msg);
     return j;
 }
 
@@ -228,18 +234,43 @@ static int api_amount(json_t *body, int is_signed, int64_t *out)
     return 0;
 }
 
+const char *api_body_account(json_t *body, const char **name)
+{
+    *name = api_text(body, "name", 200);
+    return *name ? NULL : "name must be a string of 1 to 200 characters";
+}
+
+const char *api_body_credit(json_t *body, int is_topup, api_credit_body *out)
+{
+    out->reference = out->reason = NULL;
+    if (api_amount(body, !is_topup, &out->amount) != 0)
+        return is_topup ? "amount must be an integer between 1 and 1000000000000"
+                        : "amount must be a non-zero integer between -1000000000000 "
+                          "and 1000000000000";
+    if (json_object_get(body, "reference")) {
+        out->reference = api_text(body, "reference", 200);
+        if (!out->reference) return "reference must be a string of 1 to 200 characters";
+    }
+    if (is_topup && !out->reference) return "reference is required: it makes a top-up idempotent";
+    if (!is_topup) {
+        out->reason = api_text(body, "reason", 500);
+        if (!out->reason) return "reason must be a string of 1 to 500 characters";
+    }
+    return NULL;
+}
+
 static api_reply api_create_account(control_ctx *c, const api_req *rq)
 {
     api_reply err;
     ledger_account a;
     json_t *body = api_parse_body(rq, &err);
-    const char *name;
+    const char *name, *bad;
     int rc;
     if (!body) return err;
-    name = api_text(body, "name", 200);
-    if (!name) {
+    bad = api_body_account(body, &name);
+    if (bad) {
         json_decref(body);
-        return api_error(400, "bad_request", "name must be a string of 1 to 200 characters");
+        return api_error(400, "bad_request", bad);
     }
     rc = control_account_create(c, name, &a);
     json_decref(body);
@@ -294,39 +325,18 @@ static api_reply api_credit(control_ctx *c, int64_t account, const api_req *rq, 
 {
     api_reply err;
     ledger_entry e;
-    int64_t amount;
+    api_credit_body b;
     int created = 0, rc;
-    const char *reference = NULL, *reason = NULL;
+    const char *bad;
     json_t *body = api_parse_body(rq, &err);
     if (!body) return err;
-    if (api_amount(body, !is_topup, &amount) != 0) {
-        err = api_error(400, "bad_request",
-                        is_topup ? "amount must be an integer between 1 and 1000000000000"
-                                 : "amount must be a non-zero integer between -1000000000000 "
-                                   "and 1000000000000");
+    bad = api_body_credit(body, is_topup, &b);
+    if (bad) {
+        err = api_error(400, "bad_request", bad);
         goto out;
     }
-    if (json_object_get(body, "reference")) {
-        reference = api_text(body, "reference", 200);
-        if (!reference) {
-            err =
-                api_error(400, "bad_request", "reference must be a string of 1 to 200 characters");
-            goto out;
-        }
-    }
-    if (is_topup && !reference) {
-        err = api_error(400, "bad_request", "reference is required: it makes a top-up idempotent");
-        goto out;
-    }
-    if (!is_topup) {
-        reason = api_text(body, "reason", 500);
-        if (!reason) {
-            err = api_error(400, "bad_request", "reason must be a string of 1 to 500 characters");
-            goto out;
-        }
-    }
-    rc = control_credit(c, account, is_topup ? "topup" : "adjustment", amount, reference, reason,
-                        operator_name, &e, &created);
+    rc = control_credit(c, account, is_topup ? "topup" : "adjustment", b.amount, b.reference,
+                        b.reason, operator_name, &e, &created);
     if (rc != LEDGER_OK) {
         err = api_status_error(rc, "no such account");
         goto out;

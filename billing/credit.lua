@@ -38,16 +38,28 @@
 -- nothing, so every hold in it is one Postgres has not charged, and no
 -- hold can be counted twice. (Outside that window the rule below holds.)
 --
+-- A repair pass names its marker (pg:rebuild:<token>, set when it began) as
+-- KEYS[5]: if it is gone, Redis lost its data since, and the figures the
+-- pass read from Postgres before the loss may be stale (spent lower than
+-- settlements committed since, credited lower than credits since), so
+-- nothing is written (as keypush.lua does for keys) and the pass starts
+-- again from a fresh read. Checked here, in the same atomic step, not every
+-- so many accounts: a hash created from stale figures in between would let
+-- calls spend what Postgres has charged already (or refuse funded ones).
+--
 -- KEYS[1] outbox stream, KEYS[2] acct hash, KEYS[3] holds hash, KEYS[4]
--- (optional) the account's rebuilt marker
+-- (optional) the account's rebuilt marker, KEYS[5] (optional, with KEYS[4])
+-- the pass's marker
 -- ARGV[1] credit_seq, ARGV[2] credited, ARGV[3] Postgres spent,
 -- ARGV[4] rid of a guard hold to drop, or '', ARGV[5] '1': also drop guard
 -- holds past their deadline
 --
--- Returns {applied (1/0), seq now in Redis, spent repaired (1/0)}
+-- Returns {applied (1/0), seq now in Redis, spent repaired (1/0)}, or
+-- {0, 0, 0, 1} when the pass's marker is gone (nothing written)
 --
 -- Reads and checks first, then writes that cannot fail: a Lua error keeps
 -- the writes made before it.
+if #KEYS >= 5 and redis.call('EXISTS', KEYS[5]) == 0 then return {0, 0, 0, 1} end
 local f = redis.call('HMGET', KEYS[2], 'seq', 'spent', 'held')
 local cur, rspent = f[1], int(f[2] or '0')
 local pspent = int(ARGV[3])

@@ -17,11 +17,17 @@
  * replica), rebuilds at once instead of at the next interval, then runs two
  * catch-up passes a few seconds later (credit.lua: charges that reached
  * Postgres after the rebuild read it). A loss during a pass takes its marker:
- * the pass stops writing (keypush.lua checks the marker on every key; the
- * accounts every CREDITSYNC_CHECK_EVERY) and starts again from a fresh
- * snapshot, so a snapshot older than the loss never writes the epoch nor a
- * key whose tombstone the loss took. The account phase holds a Postgres
- * advisory lock that negative adjustments take shared (control.h).
+ * the pass stops writing (keypush.lua and credit.lua check the marker on
+ * every key and account, in the same step as the write) and starts again
+ * from a fresh snapshot, so a snapshot older than the loss never writes the
+ * epoch, a key whose tombstone the loss took, nor an account hash from
+ * stale figures. So does a pass during which billing reconnected (a Redis
+ * that restarted, perhaps without its last writes). And any reconnect
+ * (a Redis back from a restart WITH its AOF, pg:epoch present) asks for a
+ * pass at once: writes billing could not make meanwhile (a revoke's
+ * tombstone) are then in Redis within a pass, not an interval. The account
+ * phase holds a Postgres advisory lock that negative adjustments take
+ * shared (control.h).
  *
  * Trade-off: a full pass is O(accounts + keys), one round trip each; fine
  * for thousands (measured: 5,000 keys in well under a second), to be
@@ -36,14 +42,12 @@
 #include <time.h>
 
 #define CREDITSYNC_POLL_MS 250
-#define CREDITSYNC_CHECK_EVERY 256
 #define CREDITSYNC_RETRY_MS 1000
 
 /* One pass's state, passed through the ledger's iterators. */
 typedef struct creditsync_ctx {
     hot_conn *hot;
     char marker[HOT_PASS_MARKER];
-    long pushed;
     long applied; /* account pushes Redis took: it was behind (or lost them) */
     int lost;     /* Redis lost its data since the pass began */
 } creditsync_ctx;
@@ -51,17 +55,17 @@ typedef struct creditsync_ctx {
 static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credited, int64_t spent)
 {
     creditsync_ctx *c = arg;
-    int applied, alive;
-    if (++c->pushed % CREDITSYNC_CHECK_EVERY == 0) {
-        if (hot_pass_alive(c->hot, c->marker, &alive) != 0) return -1;
-        if (!alive) {
-            c->lost = 1;
-            return -1;
-        }
-    }
+    int applied, lost;
     /* Also drops guard holds past their deadline: the sweeper leaves them,
-     * since only a push of Postgres' credited total may end one (credit.lua). */
-    if (hot_credit(c->hot, id, seq, credited, spent, "", 1, &applied) != 0) return -1;
+     * since only a push of Postgres' credited total may end one (credit.lua).
+     * Checks the pass's marker in the same step: a loss since the pass
+     * began stops it before a hash is made from figures read before it. */
+    if (hot_pass_credit(c->hot, c->marker, id, seq, credited, spent, &applied, &lost) != 0)
+        return -1;
+    if (lost) {
+        c->lost = 1;
+        return -1;
+    }
     c->applied += applied;
     return 0;
 }
@@ -84,6 +88,7 @@ static int creditsync_pass_counted(PGconn *pg, hot_conn *hot, long *applied)
     creditsync_ctx c = {.hot = hot};
     int result;
     int rc;
+    unsigned connects = hot_connects(hot);
     if (hot_pass_begin(hot, c.marker) != 0) return -1;
     /* Exclusive against negative adjustments between guard and push
      * (control.h): a hash this pass creates never misses such a debit. */
@@ -95,6 +100,11 @@ static int creditsync_pass_counted(PGconn *pg, hot_conn *hot, long *applied)
     }
     if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, &c) != LEDGER_OK)
         return c.lost ? CREDITSYNC_LOST : -1;
+    /* A command of this pass was retried on a new connection: the Redis
+     * may have restarted and lost the last writes before its crash
+     * (appendfsync everysec) while keeping the marker: run it again
+     * rather than vouch for it with the epoch. */
+    if (hot_connects(hot) != connects) return CREDITSYNC_LOST;
     if (hot_pass_end(hot, c.marker, &result) != 0) return -1;
     *applied = c.applied;
     if (result == 0) return CREDITSYNC_LOST;
@@ -121,24 +131,41 @@ void *creditsync_run(void *arg)
     hot_conn *h = hot_open(w->cfg->redis_url);
     PGconn *pg = NULL;
     int64_t next_pass = 0, retry_at = 0;
-    int catchups = 0, warned = 0;
+    int catchups = 0, warned = 0, reconnected = 0;
+    unsigned connects = 0;
     if (!h) return NULL;
     while (!atomic_load(w->stop)) {
         int64_t now = creditsync_mono_ms(), started;
         int exists = 1, rc = -1;
         long applied = 0;
-        /* Redis unreachable: no answer, no verdict; check again in a
-         * second (each failed connect is logged: not 4 lines a second). */
-        if (hot_epoch_exists(h, &exists) != 0) {
-            exists = 1;
-            if (retry_at < now + CREDITSYNC_RETRY_MS) retry_at = now + CREDITSYNC_RETRY_MS;
+        /* Redis unreachable (or the last pass failed): no answer, no
+         * verdict; ask again in a second, not every poll (each failed
+         * connect is logged). */
+        if (now < retry_at) {
+            worker_sleep(w->stop, CREDITSYNC_POLL_MS);
+            continue;
         }
+        if (hot_epoch_exists(h, &exists) != 0) {
+            retry_at = now + CREDITSYNC_RETRY_MS;
+            continue;
+        }
+        /* A new connection (hot.c retries a command that met a dead one on
+         * a fresh one, silently) may be a Redis that restarted WITH its
+         * AOF: pg:epoch is there, yet the writes billing could not make
+         * while it was away (a revoke's tombstone, a new key, a credit)
+         * are missing, and so are the last writes it took before a crash
+         * (appendfsync everysec). Repair now, not at the next interval. */
+        if (connects != 0 && hot_connects(h) != connects && !reconnected) {
+            log_info("creditsync: reconnected to redis; repair pass now");
+            reconnected = 1;
+        }
+        connects = hot_connects(h);
         if (!exists && next_pass != 0 && !warned) {
             log_warn("creditsync: pg:epoch is missing: redis lost its data; rebuilding from "
                      "postgres now");
             warned = 1;
         }
-        if ((exists && now < next_pass) || now < retry_at) {
+        if (exists && !reconnected && now < next_pass) {
             worker_sleep(w->stop, CREDITSYNC_POLL_MS);
             continue;
         }
@@ -147,7 +174,8 @@ void *creditsync_run(void *arg)
         if (pg && ledger_check(pg) == 0) rc = creditsync_pass_counted(pg, h, &applied);
         now = creditsync_mono_ms();
         if (rc == CREDITSYNC_LOST) {
-            log_warn("creditsync: redis lost its data during a pass; starting again");
+            log_warn("creditsync: redis lost its data (or reconnected) during a pass; starting "
+                     "again");
             continue;
         }
         if (rc != 0) {
@@ -155,6 +183,9 @@ void *creditsync_run(void *arg)
             retry_at = now + CREDITSYNC_RETRY_MS;
             continue;
         }
+        /* A reconnect during the pass (checked at the next poll) asks for
+         * another: writes made before it may be lost. */
+        reconnected = 0;
         if (!exists) {
             log_info("creditsync: redis rebuilt from postgres in %lld ms",
                      (long long)(now - started));

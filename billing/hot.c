@@ -17,8 +17,9 @@ enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_KEYPUSH, HOT_PASSEND, HOT_NSCRIP
 
 struct hot_conn {
     redisContext *c;
-    redisurl url;     /* REDIS_URL, parsed: AUTH and SELECT on every connect */
-    int auth_refused; /* the last handshake was refused: logged once per streak */
+    redisurl url;      /* REDIS_URL, parsed: AUTH and SELECT on every connect */
+    int auth_refused;  /* the last handshake was refused: logged once per streak */
+    unsigned connects; /* handshakes that succeeded: a new one may be a new Redis */
     char sha[HOT_NSCRIPTS][41];
 };
 
@@ -107,6 +108,7 @@ static int hot_ensure(hot_conn *h)
     }
     if (h->auth_refused) log_info("redis %s:%d: accepted again", h->url.host, h->url.port);
     h->auth_refused = 0;
+    h->connects++;
     return 0;
 fail:
     hot_drop(h);
@@ -235,39 +237,59 @@ static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox,
     return 0;
 }
 
-int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
-               const char *guard_rid, int drop_expired_guards, int *applied)
+/* credit.lua; MARKER (or NULL) names a repair pass: *lost = 1 when it is
+ * gone (nothing written). */
+static int hot_credit_run(hot_conn *h, const char *marker, int64_t account, int64_t seq,
+                          int64_t credited, int64_t spent, const char *guard_rid,
+                          int drop_expired_guards, int *applied, int *lost)
 {
     char s[24], c[24], sp[24], rebuilt[HOT_KEYNAME_MAX];
     hot_keys k;
-    const char *args[9];
-    int64_t out[3];
+    const char *args[10];
+    int64_t out[4];
+    int nkeys = marker ? 5 : 4, n = 0;
     redisReply *r;
     hot_keys_for(&k, account);
     snprintf(rebuilt, sizeof rebuilt, "pg:{%" PRId64 "}:rebuilt", account);
     snprintf(s, sizeof s, "%" PRId64, seq);
     snprintf(c, sizeof c, "%" PRId64, credited);
     snprintf(sp, sizeof sp, "%" PRId64, spent);
-    args[0] = HOT_OUTBOX;
-    args[1] = k.acct;
-    args[2] = k.holds;
-    args[3] = rebuilt; /* credit.lua: a hash made from Postgres after a loss */
-    args[4] = s;
-    args[5] = c;
-    args[6] = sp;
-    args[7] = guard_rid ? guard_rid : "";
-    args[8] = drop_expired_guards ? "1" : "0";
-    r = hot_eval(h, HOT_CREDIT, 4, args, 9);
+    args[n++] = HOT_OUTBOX;
+    args[n++] = k.acct;
+    args[n++] = k.holds;
+    args[n++] = rebuilt; /* credit.lua: a hash made from Postgres after a loss */
+    if (marker) args[n++] = marker;
+    args[n++] = s;
+    args[n++] = c;
+    args[n++] = sp;
+    args[n++] = guard_rid ? guard_rid : "";
+    args[n++] = drop_expired_guards ? "1" : "0";
+    r = hot_eval(h, HOT_CREDIT, nkeys, args, n);
     if (!r) return -1;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         out[i] = hot_elem(r, (size_t)i);
     freeReplyObject(r);
     *applied = (int)out[0];
+    *lost = out[3] == 1;
     if (out[2] == 1)
         log_warn("account %" PRId64 ": Redis had lost settled charges; its spent raised to "
                  "Postgres' %" PRId64,
                  account, spent);
     return 0;
+}
+
+int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
+               const char *guard_rid, int drop_expired_guards, int *applied)
+{
+    int lost;
+    return hot_credit_run(h, NULL, account, seq, credited, spent, guard_rid, drop_expired_guards,
+                          applied, &lost);
+}
+
+int hot_pass_credit(hot_conn *h, const char *marker, int64_t account, int64_t seq, int64_t credited,
+                    int64_t spent, int *applied, int *lost)
+{
+    return hot_credit_run(h, marker, account, seq, credited, spent, "", 1, applied, lost);
 }
 
 int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
@@ -398,16 +420,6 @@ int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t 
     return 0;
 }
 
-int hot_pass_alive(hot_conn *h, const char *marker, int *alive)
-{
-    const char *argv[2] = {"EXISTS", marker};
-    redisReply *r = hot_command_argv(h, 2, argv, NULL);
-    if (!r) return -1;
-    *alive = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
-    freeReplyObject(r);
-    return 0;
-}
-
 int hot_pass_end(hot_conn *h, const char *marker, int *result)
 {
     unsigned char raw[8];
@@ -425,6 +437,11 @@ int hot_pass_end(hot_conn *h, const char *marker, int *result)
     *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
     freeReplyObject(r);
     return *result < 0 ? -1 : 0;
+}
+
+unsigned hot_connects(const hot_conn *h)
+{
+    return h->connects;
 }
 
 int hot_epoch_exists(hot_conn *h, int *exists)

@@ -78,11 +78,15 @@ static int settle_part(const char **p, char *out, size_t cap, int last)
     return 0;
 }
 
-/* A decimal int64 part, whole: -1 otherwise. */
+/* A decimal int64 part, whole and as settle.lua writes it: -1 otherwise.
+ * strtoll alone would also take " 5", "+5" and "05" (found by
+ * tests/fuzz/fuzz_settle.c): a record must read one way only. */
 static int settle_int(const char *text, int64_t *out)
 {
     char *end;
     long long v;
+    const char *d = text[0] == '-' ? text + 1 : text;
+    if (d[0] < '0' || d[0] > '9' || (d[0] == '0' && (d[1] || d != text))) return -1;
     errno = 0;
     v = strtoll(text, &end, 10);
     if (end == text || *end || errno) return -1;
@@ -91,8 +95,9 @@ static int settle_int(const char *text, int64_t *out)
 }
 
 /* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"
- * (settle.lua's format) stamped TS_MS; -1 if malformed. */
-static int settle_parse(const char *rec, int64_t ts_ms, ledger_charge *c)
+ * (settle.lua's format) stamped TS_MS; -1 if malformed. Not static: the
+ * fuzz harness (tests/fuzz/fuzz_settle.c) calls it. */
+int settle_parse(const char *rec, int64_t ts_ms, ledger_charge *c)
 {
     char acct[24], amount[24], hold[24], status[16];
     int64_t st;

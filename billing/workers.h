@@ -15,6 +15,7 @@
 
 #include <libpq-fe.h>
 #include <stdatomic.h>
+#include <stdint.h>
 
 typedef struct worker_args {
     const billing_config *cfg;
@@ -32,6 +33,11 @@ void *creditsync_run(void *worker_args);
  * and tests. */
 #define CREDITSYNC_LOST 1
 int creditsync_pass(PGconn *pg, struct hot_conn *hot);
+
+/* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"
+ * stamped TS_MS into C; -1 if malformed (settlement.c; tests/fuzz). */
+struct ledger_charge;
+int settle_parse(const char *rec, int64_t ts_ms, struct ledger_charge *c);
 
 /* Sleeps up to MS, waking early when *stop is set. */
 void worker_sleep(atomic_int *stop, long ms);

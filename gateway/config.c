@@ -194,6 +194,7 @@ int config_load(gw_config *c)
     if (env_int64("GATEWAY_HEAD_TIMEOUT_MS", 30000, 10, 3600000, &c->head_timeout_ms) != 0)
         goto out;
     if (env_int64("GATEWAY_BODY_TIMEOUT_MS", 30000, 10, 600000, &c->body_timeout_ms) != 0) goto out;
+    if (env_int64("GATEWAY_MAX_WAITERS", 256, 1, 65536, &c->max_waiters) != 0) goto out;
     if (env_int64("UPSTREAM_MAX_CONNECTIONS", 1024, 1, 100000, &c->upstream_max_conns) != 0)
         goto out;
     if (env_int64("GATEWAY_LEASE_CALLS", 256, 0, 1 << 20, &c->lease_calls) != 0) goto out;

@@ -38,13 +38,19 @@ typedef struct gw_config {
     char database_url[CONFIG_URL_MAX]; /* "" when unset: /_billing/usage answers 503 */
     apikey_pepper pepper;
     int threads;
-    int64_t max_body;               /* request and response bodies, bytes */
-    int64_t upstream_timeout_ms;    /* default per-route timeout */
-    int64_t hold_wait_ms;           /* how long a short call waits for holds to settle */
-    int64_t hold_grace_ms;          /* hold deadline = route timeout + this */
-    int64_t max_connections;        /* per worker thread */
-    int64_t head_timeout_ms;        /* a client's request head must arrive within this */
-    int64_t body_timeout_ms;        /* and its body within this of the body's start (total) */
+    int64_t max_body;            /* request and response bodies, bytes */
+    int64_t upstream_timeout_ms; /* default per-route timeout */
+    int64_t hold_wait_ms;        /* how long a short call waits for holds to settle */
+    int64_t hold_grace_ms;       /* hold deadline = route timeout + this */
+    int64_t max_connections;     /* per worker thread */
+    int64_t head_timeout_ms;     /* a client's request head must arrive within this */
+    int64_t body_timeout_ms;     /* and its body within this of the body's start (total) */
+    /* Calls of one account waiting on one worker for points its calls in
+     * flight hold (GATEWAY_MAX_WAITERS). Past it a call is answered 503
+     * too_many_waiting: not 402, which would be the false refusal the wait
+     * exists to avoid (the points are there, held), and not a longer
+     * queue, which would let one account's burst hold unbounded memory. */
+    int64_t max_waiters;
     int64_t upstream_max_conns;     /* open upstream connections per worker thread */
     int64_t lease_calls;            /* point lease size in calls (lease.h); 0: none */
     int64_t lease_idle_ms;          /* a lease unused this long goes back */

@@ -1026,7 +1026,7 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_lease_cmd *cmd = priv;
     hotclient *hc = cmd->hc;
     redisReply *rep = r;
-    int64_t v[4] = {0, 0, 0, 0};
+    int64_t v[5] = {0, 0, 0, 0, 0};
     int rc = -1;
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR) {
@@ -1038,9 +1038,9 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
                               "SCRIPT LOAD %s", hot_lua_lease);
         }
         if (strstr(rep->str, "READONLY") && hc->ac && hc->connected) redisAsyncDisconnect(hc->ac);
-    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 4) {
+    } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 5) {
         rc = 0;
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 5; i++)
             if (hot_int(rep->element[i], &v[i]) != 0) rc = -1;
     } else if (rep) {
         log_error("redis: unexpected reply to a lease op");

@@ -128,8 +128,11 @@ typedef struct hot_lease_args {
 } hot_lease_args;
 #define HOT_LEASE_RECORDS_MAX 256
 #define HOT_LEASE_LATE 2
-/* V = {status, amount, available, contended} as lease.lua answers them. */
-typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[4]);
+/* V = {status, amount, available, contended, charged} as lease.lua answers
+ * them: the op's records [0, charged) were charged and appended, the rest
+ * (an op short of points, past what the lease and the available points
+ * cover) were not. */
+typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[5]);
 /* Sends one lease op at once (lease.c sends at most one per lease at a
  * time, at the end of a loop pass). 0 when sent: CB runs once, with -1 if
  * no usable reply came (the op may or may not have been applied: lease.lua

@@ -218,7 +218,7 @@ static void lease_lost(lease *l, int64_t available)
 
 static void lease_send(lease *l);
 
-static void lease_on_reply(void *arg, int rc, const int64_t v[4])
+static void lease_on_reply(void *arg, int rc, const int64_t v[5])
 {
     lease *l = arg;
     lease_table *t = l->t;
@@ -247,7 +247,16 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[4])
         l->amount = v[1];
         l->confirmed_ms = l->op_sent_ms;
         l->epoch = l->op_epoch;
-        lease_recs_answer(l->op.r, l->op.n, 0, 1, v[2], 1);
+        /* An op short of points charged its records in order as far as
+         * the lease and the available points went (lease.lua): the calls
+         * past that are answered as not charged, which they were not. */
+        int charged_n = v[4] < 0 ? 0 : v[4] > l->op.n ? l->op.n : (int)v[4];
+        if (charged_n < l->op.n)
+            log_warn("lease %s of account %" PRId64 ": op %" PRId64 " short of points: %d of %d "
+                     "calls charged",
+                     l->lid, l->account, l->op_seq, charged_n, l->op.n);
+        lease_recs_answer(l->op.r, charged_n, 0, 1, v[2], 1);
+        lease_recs_answer(l->op.r + charged_n, l->op.n - charged_n, 0, 1, v[2], 0);
         if (v[3] && !l->closing) {
             /* A reserve elsewhere is short while we hold points: give them
              * back now (lease.lua grants the account no lease while

@@ -32,11 +32,17 @@
  *
  * Calls short of points while points are held by calls in flight wait for
  * them (no false refusal). The waiters of one account on one worker share
- * one queue (request_waitq): only its first waiter asks Redis, one reserve
- * at a time, on a backoff (REQUEST_BACKOFF_*), and at once when this worker
- * settles or releases a hold of that account or a waiter got its points.
- * So the Redis work of waiting grows with the accounts waiting and the
- * holds that change, not with the number of waiters. */
+ * one queue (request_waitq): one of them asks Redis, one reserve at a time,
+ * on a backoff (REQUEST_BACKOFF_*), and at once when this worker settles or
+ * releases a hold of that account or a waiter got its points. So the Redis
+ * work of waiting grows with the accounts waiting and the holds that change,
+ * not with the number of waiters. The one that asks is the first in line
+ * whose price the account's last known available points cover, else the
+ * first in line: calls of one account have different prices, and a cheap
+ * call that the available points cover must not wait behind a dear one that
+ * waits for held points (nor be refused at its deadline with the points
+ * there). A waiter is refused at its deadline only when the last figures
+ * say its price is not available. */
 #include "gateway/request.h"
 
 #include "billing/apikey.h"
@@ -72,13 +78,6 @@
 
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
-/* Calls of one account waiting on one worker for points held elsewhere.
- * Past it a call is answered 503 too_many_waiting: not 402, which would be
- * the false refusal the wait exists to avoid (the points are there, held),
- * and not a longer queue, which would let one account's burst hold
- * unbounded memory and connections. 64 covers any honest client's
- * concurrency on one account on one worker; the client retries the rest. */
-#define REQUEST_WAITERS_MAX 64
 #define REQUEST_WAIT_BUCKETS 256
 /* "client went away" lines per worker per second (then one summary). */
 #define REQUEST_GONE_LOG_PER_SEC 10
@@ -501,6 +500,7 @@ static request_waitq *request_waitq_find(worker *w, int64_t account)
 }
 
 static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg);
+static void request_waitq_schedule(request_waitq *q);
 
 static request_waitq *request_waitq_get(worker *w, int64_t account)
 {
@@ -587,13 +587,13 @@ static void request_waitq_leave(gw_request *r)
 static int request_wait(gw_request *r, int fresh)
 {
     request_waitq *q = request_waitq_get(r->w, r->account);
-    if (!q || q->n + (q->trying != NULL) >= REQUEST_WAITERS_MAX) return -1;
+    if (!q || q->n + (q->trying != NULL) >= r->w->cfg->max_waiters) return -1;
     if (fresh) {
         q->avail = r->last_avail;
         q->held = r->last_held;
     }
     request_waitq_push(q, r, 0);
-    if (!q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
+    request_waitq_schedule(q);
     return 0;
 }
 
@@ -607,22 +607,50 @@ static void request_waitq_kick(worker *w, int64_t account)
     if (!q->trying && q->n > 0) request_waitq_arm(q, 0); /* from the loop, not this stack */
 }
 
-/* Answers the waiters whose wait is over: past their deadline (402 with
- * the last figures), or whose price the points that exist cannot cover.
- * The caller keeps Q alive across it (q->pin). */
+/* Answers the waiters whose wait is over: past their deadline while the
+ * last figures do not cover their price (402 with those figures), or whose
+ * price the points that exist cannot cover (HAVE: AVAIL and HELD just came
+ * from Redis). A waiter past its deadline whose price the available points
+ * cover stays: it is the next to ask (request_waitq_covered), and its own
+ * reserve gets the points or a fresh refusal. The caller keeps Q alive
+ * across it (q->pin). */
 static void request_waitq_expire(request_waitq *q, int64_t avail, int64_t held, int have)
 {
     uint64_t now = worker_now_ms();
     gw_request *r = q->head, *next;
+    int64_t a = have ? avail : q->avail, h = have ? held : q->held;
     for (; r; r = next) {
+        int64_t price = r->route->price;
         next = r->wnext;
-        if (now < r->wait_until_ms && !(have && avail + held < r->route->price)) continue;
+        if (!(have && avail + held < price) && (now < r->wait_until_ms || price <= a)) continue;
         request_waitq_leave(r);
-        request_short(r, have ? avail : q->avail, have ? held : q->held);
+        request_short(r, a, h);
     }
 }
 
-/* The backoff is over, or a kick: Q's first waiter asks for its price. */
+/* The first waiter whose price the last known available points cover
+ * (its reserve should get them now), or NULL. */
+static gw_request *request_waitq_covered(const request_waitq *q)
+{
+    gw_request *r;
+    for (r = q->head; r; r = r->wnext)
+        if (r->route->price <= q->avail) return r;
+    return NULL;
+}
+
+/* Q's next reserve: at once when a waiter's price looks covered, else at
+ * the end of the backoff (a timer already set stays). */
+static void request_waitq_schedule(request_waitq *q)
+{
+    if (q->trying || q->n == 0) return;
+    if (request_waitq_covered(q))
+        request_waitq_arm(q, 0); /* from the loop, not this stack */
+    else if (!q->timer_on)
+        request_waitq_arm(q, q->backoff_ms);
+}
+
+/* The backoff is over, or a kick: a waiter asks for its price (the first
+ * one it covers, else the first in line). */
 static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
 {
     request_waitq *q = arg;
@@ -633,17 +661,21 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
     q->pin++; /* keeps Q while waiters are answered */
     request_waitq_expire(q, 0, 0, 0);
     q->pin--;
-    r = q->head;
+    r = request_waitq_covered(q);
+    if (!r) r = q->head;
     if (!r) {
         request_waitq_maybe_free(q);
         return;
     }
     /* Off the FIFO, still Q's: the reply puts it back or lets it go. */
-    q->head = r->wnext;
-    if (q->head)
-        q->head->wprev = NULL;
+    if (r->wprev)
+        r->wprev->wnext = r->wnext;
     else
-        q->tail = NULL;
+        q->head = r->wnext;
+    if (r->wnext)
+        r->wnext->wprev = r->wprev;
+    else
+        q->tail = r->wprev;
     r->wnext = r->wprev = NULL;
     q->n--;
     q->trying = r;
@@ -703,6 +735,8 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         if (q) {
             /* Got its points: the next waiter tries at once. */
             q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
+            q->avail = v[1];
+            q->held = v[2];
             if (q->n > 0) request_waitq_arm(q, 0);
         }
         request_go(r);
@@ -742,8 +776,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
             request_waitq_expire(q, v[1], v[2], 1);
         }
         q->pin--;
-        /* Whoever got the turn left (gone, answered): the others keep theirs. */
-        if (q->n > 0 && !q->trying && !q->timer_on) request_waitq_arm(q, q->backoff_ms);
+        /* Whoever got the turn left (gone, answered): the others keep theirs,
+         * at once if the points it was short of cover another's price. */
+        request_waitq_schedule(q);
         request_waitq_maybe_free(q);
     }
 }
@@ -787,7 +822,14 @@ static void request_on_balance(void *arg, int rc, const int64_t v[3])
         request_unavailable(r, rc);
         return;
     }
-    if (rc == 0) {
+    if (rc != 0) {
+        /* Every account billing made has its hash (created with the
+         * account, rebuilt by every repair pass): none means Redis lost it,
+         * and 0 points would be a wrong answer, not an empty balance. */
+        request_unavailable(r, HOT_ERR_NODATA);
+        return;
+    }
+    {
         held = v[2];
         avail = v[0] - v[1] - v[2];
         if (avail < 0) avail = 0;
@@ -944,9 +986,14 @@ static void request_log_gone(gw_request *r)
                  : "");
 }
 
-static void request_on_gone(gw_request *r)
+/* Drops R if it has not reached the upstream and no Redis command of it is
+ * in flight (waiting in its queue, its body still to come, queued for or
+ * connecting to the upstream): its hold released, cost 0, answered 503
+ * saying WHY (the client left, or the drain's grace passed). A call
+ * written to the upstream goes on; with a Redis command in flight the
+ * callback, which sees r->gone, answers. */
+static void request_drop(gw_request *r, const char *why)
 {
-    request_log_gone(r);
     switch (r->st) {
     case ST_PROXY:
         /* Written to the upstream: it may act on it, so its answer (or
@@ -954,19 +1001,25 @@ static void request_on_gone(gw_request *r)
         if (proxy_call_written(&r->call)) break;
         proxy_cancel(&r->call);
         request_release_detached(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     case ST_BODYWAIT:
         request_release_detached(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     case ST_WAIT:
         request_waitq_leave(r);
-        request_error(r, 503, "cancelled", "client went away");
+        request_error(r, 503, "cancelled", why);
         break;
     default:
-        break; /* a Redis command is in flight: its callback sees r->gone */
+        break;
     }
+}
+
+static void request_on_gone(gw_request *r)
+{
+    request_log_gone(r);
+    request_drop(r, "client went away");
 }
 
 /* The drain's deadline passed: fail what has not reached the upstream.
@@ -982,7 +1035,8 @@ void request_abort_all(worker *w)
         /* With a Redis command in flight the request must wait for its
          * callback (which sees gone): answering now would free it under
          * that callback. hotclient_free runs such callbacks at the end. */
-        if (r->st == ST_PROXY || r->st == ST_WAIT || r->st == ST_BODYWAIT) request_on_gone(r);
+        if (r->st == ST_PROXY || r->st == ST_WAIT || r->st == ST_BODYWAIT)
+            request_drop(r, "shutting down"); /* its client is there: say why */
     }
     /* Usage queries: their callbacks run now (503) and answer. */
     pgclient_fail_all(w->pg);
@@ -1000,7 +1054,7 @@ void request_teardown(worker *w)
             request_release_detached(r);
             request_error(r, 503, "cancelled", "shutting down");
         } else if (r->st == ST_WAIT || r->st == ST_BODYWAIT) {
-            request_on_gone(r);
+            request_drop(r, "shutting down");
         } else if (r->waitq) {
             /* Its queue's reserve is in flight: the callback (run by
              * hotclient_free) answers it, without the queue. */

@@ -112,6 +112,16 @@ oom:
     return -1;
 }
 
+/* 1 when ID may name a route (see its use). */
+static int routes_id_ok(const char *id)
+{
+    size_t n = strlen(id);
+    if (n == 0 || n > 128 || id[0] == '_' || id[0] == '~') return 0;
+    for (const char *p = id; *p; p++)
+        if (*p <= ' ' || *p > '~' || *p == '|' || *p == '"' || *p == ',' || *p == '\\') return 0;
+    return 1;
+}
+
 static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t def_timeout,
                               char *err, size_t errlen)
 {
@@ -125,12 +135,16 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
         snprintf(err, errlen, "each route needs string \"id\", \"method\" and \"path\"");
         return -1;
     }
-    if (strlen(id) > 128 || strchr(id, '|') || id[0] == '_' || id[0] == '~') {
-        /* '|' separates the parts of holds and outbox records; a leading
-         * '_' marks billing's own holds (a negative adjustment's guard),
-         * a leading '~' a gateway's point lease (lease.lua). */
+    if (!routes_id_ok(id)) {
+        /* The id travels into holds, outbox records, Postgres, logs and
+         * CSV reports: printable ASCII without '|' (which separates the
+         * parts of holds and outbox records), '"', ',' or '\\', and not
+         * starting with '_' (billing's own holds: a negative adjustment's
+         * guard) or '~' (a gateway's point lease, lease.lua). The message
+         * does not echo it: it may hold control bytes. */
         snprintf(err, errlen,
-                 "route id \"%s\": at most 128 chars, no '|', not starting with '_' or '~'", id);
+                 "route id: 1 to 128 printable ASCII characters, none of '|', '\"', ',', "
+                 "'\\' or a space, not starting with '_' or '~'");
         return -1;
     }
     r->id = strdup(id);
@@ -167,11 +181,11 @@ oom:
     return -1;
 }
 
-int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
-                size_t errlen)
+/* Builds a table from the parsed file ROOT (NULL: JERR says why); NAME
+ * names the file in messages. */
+static int routes_from_json(json_t *root, const json_error_t *jerr, const char *path,
+                            int64_t default_timeout_ms, route_table **out, char *err, size_t errlen)
 {
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
     json_t *arr, *v;
     route_table *t = NULL;
     unsigned def_charge = (1u << 2) | (1u << 3);
@@ -179,7 +193,7 @@ int routes_load(const char *path, int64_t default_timeout_ms, route_table **out,
     int rc = -1;
 
     if (!root) {
-        snprintf(err, errlen, "%s:%d: %s", path, jerr.line, jerr.text);
+        snprintf(err, errlen, "%s:%d: %s", path, jerr->line, jerr->text);
         goto out;
     }
     if (json_object_get(root, "charge_on") &&
@@ -215,6 +229,22 @@ out:
     routes_free(t);
     json_decref(root);
     return rc;
+}
+
+int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
+                size_t errlen)
+{
+    json_error_t jerr;
+    return routes_from_json(json_load_file(path, 0, &jerr), &jerr, path, default_timeout_ms, out,
+                            err, errlen);
+}
+
+int routes_load_buffer(const char *buf, size_t len, const char *name, int64_t default_timeout_ms,
+                       route_table **out, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    return routes_from_json(json_loadb(buf, len, 0, &jerr), &jerr, name, default_timeout_ms, out,
+                            err, errlen);
 }
 
 static int routes_match_one(const route *r, const char *path)

@@ -34,6 +34,10 @@ typedef struct route_table {
  * message in ERR; nothing is allocated then. */
 int routes_load(const char *path, int64_t default_timeout_ms, route_table **out, char *err,
                 size_t errlen);
+/* The same from the file's text BUF[0..LEN) (NAME stands for the file in
+ * messages): the fuzz harnesses parse route files without a file. */
+int routes_load_buffer(const char *buf, size_t len, const char *name, int64_t default_timeout_ms,
+                       route_table **out, char *err, size_t errlen);
 void routes_ref(route_table *t);
 void routes_unref(route_table *t);
 

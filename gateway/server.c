@@ -579,6 +579,31 @@ static int server_dispatch(server_conn *c)
     return c->replied ? server_after_reply(c) : 1;
 }
 
+/* The body is 408 past its deadline: from the tick, or when it completes
+ * late (between two ticks). The request (and a hold it took) is let go,
+ * cost 0. 0: C is gone. */
+static int server_body_timeout(server_conn *c, uint64_t now)
+{
+    server *s = c->s;
+    if (log_limit_ok(&s->log, now, SERVER_LOG_PER_SEC))
+        log_info("client connection: request body not complete within %llu ms; 408",
+                 (unsigned long long)s->timeout_ms[L_BODY]);
+    return server_fail(c, 408, "request_timeout", "request body not complete in time");
+}
+
+/* The whole body is here: on to request.c, unless it came past its
+ * deadline. The tick notices a late body only up to a tick later (up to a
+ * second): without this check such a body would still be proxied, and the
+ * call would start that much later than its hold's deadline allows for
+ * (request.c sizes it for the body deadline, the route timeout and
+ * HOLD_GRACE_MS). 0: C is gone. */
+static int server_body_complete(server_conn *c)
+{
+    uint64_t now = worker_now_ms();
+    if (now - c->since_ms >= c->s->timeout_ms[L_BODY]) return server_body_timeout(c, now);
+    return server_dispatch(c);
+}
+
 /* Appends N body bytes (the bound was checked by the framing). */
 static int server_body_append(server_conn *c, const char *data, size_t n)
 {
@@ -635,7 +660,7 @@ static int server_read_body(server_conn *c)
     }
     /* No deadline renewal on progress: a body has one deadline in all
      * (L_BODY), so a trickle cannot hold a connection (and a hold) forever. */
-    if (done) return server_dispatch(c);
+    if (done) return server_body_complete(c);
     return 1;
 }
 
@@ -879,7 +904,7 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
     }
     if (dst == c->body + c->body_len) {
         c->body_len += (size_t)n;
-        if (c->body_len == c->body_need) server_dispatch(c);
+        if (c->body_len == c->body_need) server_body_complete(c);
         return;
     }
     c->in_len += (size_t)n;
@@ -982,11 +1007,7 @@ static void server_on_tick(evutil_socket_t fd, short what, void *arg)
         server_conn *c;
         while ((c = TAILQ_FIRST(&s->lists[l])) && now - c->since_ms >= s->timeout_ms[l]) {
             if (l == L_BODY) {
-                /* The request (and a hold it took) is let go, cost 0. */
-                if (log_limit_ok(&s->log, now, SERVER_LOG_PER_SEC))
-                    log_info("client connection: request body not complete within %llu ms; 408",
-                             (unsigned long long)s->timeout_ms[l]);
-                server_fail(c, 408, "request_timeout", "request body not complete in time");
+                server_body_timeout(c, now);
                 continue;
             }
             if (l == L_HEAD && c->in_len > 0 && log_limit_ok(&s->log, now, SERVER_LOG_PER_SEC))

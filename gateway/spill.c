@@ -661,7 +661,7 @@ static void spill_on_settled(void *arg, int rc, const int64_t v[3])
     spill_item_answered(arg, rc);
 }
 
-static void spill_on_lease(void *arg, int rc, const int64_t v[4])
+static void spill_on_lease(void *arg, int rc, const int64_t v[5])
 {
     spill_item *it = arg;
     if (rc == 0 && v[0] < 0)

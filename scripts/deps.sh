@@ -5,9 +5,14 @@
 set -euo pipefail
 # libmicrohttpd-dev: billing's admin API and the device simulator (the
 # gateway has its own HTTP server and does not link it).
+# clang, libclang-rt-14-dev (the sanitizer and libFuzzer runtimes clang links;
+# only recommended by clang, and recommends are not installed here),
+# libfuzzer-14-dev: the fuzz harnesses (make fuzz, make test). nodejs: the
+# reference HTTP parser (llhttp) of tests/e2e/test_differential.py.
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
       libhiredis-dev libjansson-dev libsodium-dev libevent-dev
-      curl jq python3 nginx wrk procps bc)
+      curl jq python3 nginx wrk procps bc
+      clang libclang-rt-14-dev libfuzzer-14-dev nodejs)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

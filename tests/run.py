@@ -9,7 +9,13 @@ immediate retry is printed as FLAKY with its first failure and counted as
 passed (the list is repeated before the summary): timing-sensitive fault tests
 on a shared 2-core machine; a FLAKY line is a bug report, not noise.
 
+Each libFuzzer harness in --fuzz-bin (build/fuzz/bin/fuzz_*, see
+tests/fuzz/fuzzrun.py) is one test, "fuzz/<name>": it runs for --fuzz-secs
+seconds from its seeds under ASan and UBSan, and a crash or a broken property
+fails it and keeps the input (its path is printed).
+
     python3 tests/run.py --bin build/asan/bin [-k substring]
+                         [--fuzz-bin build/fuzz/bin --fuzz-secs 8]
 """
 import argparse
 import importlib.util
@@ -23,6 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "e2e"))
 
 import harness  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "fuzz"))
+import fuzzrun  # noqa: E402
 
 
 def run_unit(bindir, pattern, results):
@@ -42,6 +51,19 @@ def run_unit(bindir, pattern, results):
             report(results, "unit/" + name, ok, time.time() - t0, p.stdout + p.stderr)
     finally:
         stack.stop()
+
+
+def run_fuzz(fuzzdir, secs, pattern, results):
+    """Each harness briefly, as a test; no stack needed."""
+    for name in fuzzrun.harnesses(fuzzdir):
+        test = "fuzz/" + name[len("fuzz_"):]
+        if pattern not in test:
+            continue
+        t0 = time.time()
+        ok, summary, out = fuzzrun.run_one(fuzzdir, name, secs)
+        report(results, test, ok, time.time() - t0, summary + "\n" + out if not ok else "")
+        if ok:
+            print(f"    {summary}", flush=True)
 
 
 flaky = []
@@ -86,7 +108,13 @@ def run_module(bindir, path, pattern, results):
                     print(f"FLAKY {name}.{tname}: failed once, passed on retry", flush=True)
                     for line in out.rstrip().splitlines()[-30:]:
                         print("    " + line)
-                ok, out = ok2, out2 if not ok2 else ""
+                elif out2 != out:
+                    # Both shown: the retry's failure may only be a
+                    # consequence of the first attempt's (state it left).
+                    out = ("\n".join(out.rstrip().splitlines()[-25:]) +
+                           "\n    --- the retry failed with ---\n" +
+                           "\n".join(out2.rstrip().splitlines()[-30:]))
+                ok, out = ok2, out if not ok2 else ""
             report(results, f"{name}.{tname}", ok, time.time() - t0, out)
     except Exception:  # noqa: BLE001
         report(results, f"{name}.<stack>", False, 0, traceback.format_exc())
@@ -108,10 +136,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("-k", default="")
+    ap.add_argument("--fuzz-bin", default="")
+    ap.add_argument("--fuzz-secs", type=int, default=8)
     args = ap.parse_args()
     bindir = os.path.abspath(args.bin)
     results = []
     run_unit(bindir, args.k, results)
+    if args.fuzz_bin:
+        fuzzdir = os.path.abspath(args.fuzz_bin)
+        if not fuzzrun.harnesses(fuzzdir) and (not args.k or "fuzz" in args.k):
+            report(results, "fuzz/<build>", False, 0, f"no harnesses in {fuzzdir}")
+        run_fuzz(fuzzdir, args.fuzz_secs, args.k, results)
     e2e = os.path.join(HERE, "e2e")
     for f in sorted(os.listdir(e2e)):
         if f.startswith("test_") and f.endswith(".py"):

@@ -384,10 +384,13 @@ class Stack:
     def drained(self):
         """True when the outbox is fully applied (no unacknowledged entries)
         and the gateways gave their idle leases back (GATEWAY_LEASE_IDLE_MS):
-        then every account's held is its calls in flight."""
-        length = int(self.redis_raw("XLEN", "pg:outbox") or 0)
+        then every account's held is its calls in flight. A Redis that does
+        not answer is not drained (redis-cli then prints nothing)."""
+        length = self.redis_raw("XLEN", "pg:outbox")
+        if not length.isdigit():
+            return False
         pending = self.redis_raw("XPENDING", "pg:outbox", "settle").splitlines()
-        return length == 0 and (not pending or pending[0] == "0") and not self.leases()
+        return int(length) == 0 and (not pending or pending[0] == "0") and not self.leases()
 
 
 DEFAULT_ROUTES = {

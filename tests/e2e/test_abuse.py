@@ -171,6 +171,47 @@ def test_trickled_body_gets_408_at_its_deadline(stack):
         assert gw.stop() == 0
 
 
+def test_body_completed_past_its_deadline_is_408(stack):
+    """The body deadline is exact, not "at the next tick" (which may come up
+    to a quarter of the deadline, at most 1 s, later): a body that completes
+    300 ms past it is refused 408, not proxied. Four calls, 250 ms apart,
+    so that at least two of them complete between two ticks."""
+    _setup(stack)
+    gw = _gateway(stack, "gateway-late", {"GATEWAY_BODY_TIMEOUT_MS": "4000",
+                                          "GATEWAY_THREADS": "1"})
+    try:
+        acct, key = stack.new_account(100)
+        before = _sim_requests(stack)
+        res = [None] * 4
+
+        def late(i):
+            s = _connect(gw.port, timeout=20)
+            s.sendall(_post_head(key, 2, b"Expect: 100-continue\r\n"))
+            rd = Reader(s)
+            r = rd.response()
+            assert r.status == 100, r
+            t0 = time.time()
+            time.sleep(4.3)
+            s.sendall(b"{}")
+            res[i] = (rd.response(), time.time() - t0)
+            s.close()
+
+        ts = []
+        for i in range(4):
+            ts.append(threading.Thread(target=late, args=(i,)))
+            ts[-1].start()
+            time.sleep(0.25)
+        for t in ts:
+            t.join(30)
+        assert all(r and r[0].status == 408 for r in res), [(r[0].status, r[1]) for r in res if r]
+        assert all(r[0].json()["error"] == "request_timeout" for r in res)
+        _held_zero(stack, acct)
+        assert stack.hot(acct)["spent"] == 0
+        assert _sim_requests(stack) == before
+    finally:
+        assert gw.stop() == 0
+
+
 # ---- waiting for held points ---------------------------------------------------
 
 def _hold_one_point(stack, gw, key, out, delay_ms):
@@ -237,7 +278,8 @@ def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
 
 def test_waiters_per_account_per_worker_are_bounded(stack):
     _setup(stack)
-    gw = _gateway(stack, "gateway-waitbound", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000"})
+    gw = _gateway(stack, "gateway-waitbound", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000",
+                                               "GATEWAY_MAX_WAITERS": "64"})
     try:
         acct, key = stack.new_account(1)
         held = []
@@ -270,6 +312,45 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
         assert codes.count(200) == 1 and codes.count(402) == 63, codes
         h = stack.hot(acct)
         assert h["spent"] == 1 and h["held"] == 0, h
+    finally:
+        assert gw.stop() == 0
+
+
+def test_cheaper_waiter_is_not_stuck_behind_a_pricier_one(stack):
+    """7 points: a 5-point call holds 5 for 6 s, a second 5-point call waits
+    for them (2 available). A 1-point call then needs no held point at all:
+    it is served at once, not queued behind the pricier waiter until the
+    holder ends (nor refused 402 at its deadline with 2 points available)."""
+    _setup(stack)
+    gw = _gateway(stack, "gateway-mixed", {"GATEWAY_THREADS": "1", "HOLD_WAIT_MS": "30000"})
+    try:
+        acct, key = stack.new_account(7)
+        cmd = dict(_auth(key), **{"Content-Type": "application/json"})
+        held, waiter = [], []
+        t = threading.Thread(target=lambda: held.append(http(
+            "POST", gw.url + "/v1/devices/holder/commands", body=b"{}", timeout=60,
+            headers=dict(cmd, **{"X-Sim-Delay-Ms": "6000", "X-Sim-Status": "503"}))))
+        t.start()
+        _at_upstream(stack, "/v1/devices/holder/commands")
+        assert stack.hot(acct)["held"] == 5
+        tw = threading.Thread(target=lambda: waiter.append(http(
+            "POST", gw.url + "/v1/devices/waiter/commands", body=b"{}", headers=cmd,
+            timeout=60)))
+        tw.start()
+        time.sleep(1.0)  # the 5-point call is short (2 available) and waits
+        assert not waiter, waiter
+        r = http("GET", gw.url + "/v1/devices/cheap", headers=_auth(key), timeout=60)
+        assert r.status == 200, r
+        assert not held, "the 1-point call waited for the holder to end"
+        assert not waiter, waiter
+        assert r.headers["x-points-charged"] == "1"
+        t.join(30)
+        tw.join(30)
+        assert held[0].status == 503, held
+        # The holder's 5 came back: the waiter got them.
+        assert waiter[0].status == 202 and waiter[0].headers["x-points-charged"] == "5", waiter
+        _held_zero(stack, acct)
+        assert stack.hot(acct)["spent"] == 6
     finally:
         assert gw.stop() == 0
 
@@ -373,6 +454,52 @@ def test_sigterm_past_grace_lets_written_leased_calls_finish(stack):
     _sigterm_past_grace(stack, 2)
 
 
+def test_sigterm_past_grace_answers_waiters_shutting_down(stack):
+    """Past the drain's grace, calls that have not reached the upstream (one
+    waiting for the held point, one whose body is still to come) get 503
+    saying the gateway is shutting down, and the log does not claim that
+    their clients went away; the call at the upstream finishes and is
+    charged."""
+    _setup(stack)
+    routes = {"charge_on": ["2xx"], "routes": [
+        {"id": "device.long", "method": "GET", "path": "/v1/devices/*", "price": 1,
+         "timeout_ms": 8000},
+        {"id": "device.command", "method": "POST", "path": "/v1/devices/*/commands", "price": 1,
+         "timeout_ms": 8000}]}
+    port = harness.free_port()
+    gw = stack.spawn("gateway-termwait", [stack.bin("gateway")], {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0",
+        "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200", "HOLD_WAIT_MS": "30000"}, port)
+    acct, key = stack.new_account(2)
+    out = []
+    t = threading.Thread(target=lambda: out.append(http(
+        "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "5000"}),
+        timeout=30)))
+    t.start()
+    _at_upstream(stack, "/v1/devices/long")
+    # The second point is held by a call whose body is still to come.
+    early = _connect(port)
+    early.sendall(_post_head(key, 10))
+    stack.wait_for(lambda: stack.hot(acct).get("held") == 2, timeout=5, what="both points held")
+    waiter = _connect(port)
+    waiter.sendall(_get("/v1/devices/waiter", key))
+    time.sleep(0.5)  # short of points while both are held: it waits
+    gw.signal(signal.SIGTERM)
+    for s, what in ((waiter, "waiter"), (early, "early")):
+        s.settimeout(20)
+        r = Reader(s).response()
+        assert r.status == 503 and r.json() == {"error": "cancelled", "message": "shutting down"}, \
+            (what, r)
+        s.close()
+    t.join(20)
+    assert out and out[0].status == 200 and out[0].headers["x-points-charged"] == "1", out
+    assert gw.p.wait(20) == 0
+    assert "client went away" not in gw.output()
+    h = stack.hot(acct)
+    assert h["spent"] == 1 and h["held"] == 0, h
+
+
 # ---- reply codes (INTERFACES.md): what Redis cannot tell is a 503 ---------------
 
 def test_account_missing_from_redis_is_503_not_402(stack):
@@ -391,5 +518,8 @@ def test_account_missing_from_redis_is_503_not_402(stack):
         assert r.json() == {"error": "billing_unavailable",
                             "message": "billing data is being restored, try again"}, r
         assert _sim_requests(stack) == before
+        # Nor a balance of 0 for what Redis lost.
+        b = http("GET", gw.url + "/_billing/balance", headers=_auth(key))
+        assert b.status == 503 and b.json()["error"] == "billing_unavailable", b
     finally:
         assert gw.stop() == 0

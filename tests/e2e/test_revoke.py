@@ -175,3 +175,54 @@ def test_tombstone_is_repaired_and_never_overwritten(stack):
         assert _call(stack, key) == 401
     finally:
         red.close()
+
+
+def test_revoke_and_create_while_redis_is_down_hold_once_it_is_back(stack):
+    """Redis away, then back WITH its AOF (pg:epoch present, so no rebuild):
+    a revoke made meanwhile (answered 503, committed in Postgres) is final
+    within seconds of Redis's return, and a key created meanwhile works;
+    not one repair interval later (a minute here). Before, billing only
+    noticed a restart when pg:epoch was gone, and its Redis client retried
+    silently on a fresh connection: the revoked key answered 200 and the
+    new key 401 until the next pass."""
+    # Only this billing (the earlier tests' one repairs every 100 ms).
+    for p in stack.procs:
+        if p.name in ("billing", "gateway"):
+            p.stop()
+    stack.start_devsim()
+    started = time.time()
+    stack.start_billing({"CREDIT_SYNC_INTERVAL_MS": "60000"})
+    stack.start_gateway()
+    red = Redis(stack.redis_port)
+    try:
+        acct, key = stack.new_account(10**6)
+        h = _key_hash(key)
+        key_id = int(stack.scalar(f"select id from api_keys where key_hash = '{h}'"))
+        stack.wait_for(lambda: red.call("EXISTS", "pg:epoch") == 1, timeout=30, what="pg:epoch")
+        # A rebuild at the start is followed by catch-up passes (2 s, then
+        # 10 s): let them pass; the next pass is then a minute away.
+        time.sleep(max(0.0, started + 12 - time.time()))
+        assert _call(stack, key) == 200
+    finally:
+        red.close()
+    stack.service("redis-stop")
+    r = stack.admin("DELETE", f"/v1/keys/{key_id}")
+    assert r.status == 503, r  # revoked in Postgres; the tombstone could not be written
+    assert stack.scalar(f"select revoked_at is not null from api_keys where id = {key_id}") == "t"
+    r = stack.admin("POST", f"/v1/accounts/{acct}/keys")
+    assert r.status == 201, r
+    new_key = r.json()["api_key"]
+    stack.service("redis-start")
+    back = time.time()
+    red = Redis(stack.redis_port)
+    try:
+        stack.wait_for(lambda: _call(stack, key) == 401, timeout=10,
+                       what="the key revoked while redis was down refused")
+        stack.wait_for(lambda: _call(stack, new_key) == 200, timeout=10,
+                       what="the key created while redis was down served")
+        assert time.time() - back < 15
+        assert red.call("GET", f"pg:key:{h}") == "-1"
+        assert red.call("GET", f"pg:key:{_key_hash(new_key)}") == str(acct)
+        assert "reconnected to redis; repair pass now" in stack.billing.output()
+    finally:
+        red.close()

@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 
 import harness
 from harness import http
@@ -42,6 +43,13 @@ def _setup(stack):
         stack.start_billing()
     # Set by billing after a rebuild from Postgres (h5b); by hand until then.
     stack.redis("SET", "pg:epoch", "test")
+
+
+def _spill_dir(stack, name):
+    """A spill directory of this attempt only: the runner retries a failed
+    test once on the same stack, and a file the first attempt left must not
+    be replayed into the retry."""
+    return os.path.join(stack.dir, f"spill-{name}-{uuid.uuid4().hex[:12]}")
 
 
 def _account(stack, points):
@@ -113,7 +121,7 @@ def test_sigterm_while_redis_away_then_back_commits_every_answered_charge(stack)
     drain timeout: every answered charge is in Postgres as a commit. Before
     the fix the gateway left at once and they ended `expire, 0`."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-a")
+    spill = _spill_dir(stack, "a")
     acct, key = _account(stack, 100)
     gw = _gateway(stack, spill)
     try:
@@ -139,7 +147,7 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     start replays the file: Postgres charges equal the answered ones exactly,
     and a second replay of the same file changes nothing."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-b")
+    spill = _spill_dir(stack, "b")
     acct, key = _account(stack, 100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
@@ -153,7 +161,7 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
         assert sum(1 for ln in body.splitlines() if ln.startswith("S ")) == 5, body
         for rid in _rids(answers):
             assert f"S {rid} {acct} 1 late 200" in body, body
-        saved = os.path.join(stack.dir, "spill-b.copy")
+        saved = spill + ".copy"
         shutil.copy(files[0], saved)
     finally:
         stack.service("redis-start")
@@ -195,7 +203,7 @@ def test_replay_never_overdraws(stack):
     """A spilled charge replayed after the account's points went elsewhere
     charges only what is available: never an overdraft."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-c")
+    spill = _spill_dir(stack, "c")
     acct, key = _account(stack, 5)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
@@ -208,7 +216,7 @@ def test_replay_never_overdraws(stack):
     rids = _rids(answers)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 3, timeout=60, what="holds expired")
     # Meanwhile the points are spent by other calls (another gateway).
-    gw2 = _gateway(stack, os.path.join(stack.dir, "spill-c2"))
+    gw2 = _gateway(stack, _spill_dir(stack, "c2"))
     for _ in range(4):
         assert http("GET", gw2.url + PATH, headers=_auth(key)).status == 200
     gw2.stop()
@@ -228,7 +236,7 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     refuses new reserves (503) until, Redis back, it has replayed them
     itself; every answered charge lands once."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-d")
+    spill = _spill_dir(stack, "d")
     acct, key = _account(stack, 100)
     gw = _gateway(stack, spill, {"GATEWAY_SETTLE_QUEUE_MAX": "2"})
     try:
@@ -258,7 +266,7 @@ def test_leased_calls_spilled_and_replayed(stack):
     records not in Redis at the drain timeout are spilled as lease ops and
     replayed with close `late` after the sweeper released the lease."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-e")
+    spill = _spill_dir(stack, "e")
     acct, key = _account(stack, 1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     # Warm up: a lease is started by a per-call hold on a rich account.
@@ -294,7 +302,7 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     is skipped."""
     import fcntl
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-f")
+    spill = _spill_dir(stack, "f")
     os.makedirs(spill, exist_ok=True)
     acct, key = _account(stack, 10)
     path = os.path.join(spill, "spill-1-0-1.log")
@@ -323,7 +331,7 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     Redis was away are resent during the drain once Redis is back; every
     answered charge lands, nothing is spilled."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-g")
+    spill = _spill_dir(stack, "g")
     acct, key = _account(stack, 1_000_000)
     gw = _gateway(stack, spill)
     for _ in range(20):

@@ -154,10 +154,41 @@ static void test_refused(void)
     CHECK(routes_normalise("/abc", 4, out, 4) == -1);
 }
 
+/* Route ids travel into holds, outbox records, logs and CSV reports: only
+ * printable ASCII without the records' separators (found by fuzz_routesfile:
+ * "a\nb\u0001" loaded). */
+static int load_id(const char *id_json)
+{
+    char buf[512], err[256];
+    route_table *t = NULL;
+    int rc;
+    snprintf(buf, sizeof buf,
+             "{\"routes\":[{\"id\":%s,\"method\":\"GET\",\"path\":\"/a\",\"price\":1}]}", id_json);
+    rc = routes_load_buffer(buf, strlen(buf), "test", 1000, &t, err, sizeof err);
+    if (t) routes_unref(t);
+    return rc;
+}
+
+static void test_route_ids(void)
+{
+    CHECK(load_id("\"device.read\"") == 0);
+    CHECK(load_id("\"dev-1:cmd_x\"") == 0);
+    CHECK(load_id("\"a\\nb\\u0001\"") != 0);
+    CHECK(load_id("\"a b\"") != 0);
+    CHECK(load_id("\"a|b\"") != 0);
+    CHECK(load_id("\"a,b\"") != 0);
+    CHECK(load_id("\"a\\\"b\"") != 0);
+    CHECK(load_id("\"\\u00e9\"") != 0);
+    CHECK(load_id("\"_guard\"") != 0);
+    CHECK(load_id("\"~lease\"") != 0);
+    CHECK(load_id("\"\"") != 0);
+}
+
 int main(void)
 {
     test_decoded();
     test_refused();
+    test_route_ids();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

@@ -436,7 +436,7 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
     link = _Link(stack.redis_port)
     url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
     assert url != stack.gateway_redis_url, url
-    gw = _gateway(stack, os.path.join(stack.dir, "spill-h"), {"REDIS_URL": url})
+    gw = _gateway(stack, _spill_dir(stack, "h"), {"REDIS_URL": url})
     out = [None] * 5
 
     def call(i):
@@ -489,7 +489,7 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
     acct, key = _account(stack, 1_000_000)
     link = _Link(stack.redis_port)
     url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
-    gw = _gateway(stack, os.path.join(stack.dir, "spill-i"),
+    gw = _gateway(stack, _spill_dir(stack, "i"),
                   {"REDIS_URL": url, "UPSTREAM_TIMEOUT_MS": "2000",
                    "GATEWAY_LEASE_IDLE_MS": "60000"})
     for _ in range(20):
@@ -543,7 +543,7 @@ def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
     charge lands once. Before the fix nothing was written until the drain's
     end, and a SIGKILL lost them all (expire, 0)."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-j")
+    spill = _spill_dir(stack, "j")
     acct, key = _account(stack, 100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     try:
@@ -581,7 +581,7 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     lease's ops; replayed after the sweeper released the lease, they charge
     every answered call once."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-k")
+    spill = _spill_dir(stack, "k")
     acct, key = _account(stack, 1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     for _ in range(20):
@@ -613,7 +613,7 @@ def test_a_spill_file_of_another_user_is_not_replayed(stack):
     shared directory), or a symlink, is left alone and logged, never
     replayed. Before the fix any spill-*.log found was replayed."""
     _setup(stack)
-    spill = os.path.join(stack.dir, "spill-l")
+    spill = _spill_dir(stack, "l")
     os.makedirs(spill, exist_ok=True)
     acct, key = _account(stack, 10)
     foreign = os.path.join(spill, "spill-1-0-1.log")

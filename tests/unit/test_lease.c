@@ -103,7 +103,7 @@ static void on_settled(void *arg, int rc, const int64_t v[3])
 
 static void reply(int64_t amount)
 {
-    int64_t v[4] = {1, amount, 1 << 30, 0};
+    int64_t v[5] = {1, amount, 1 << 30, 0, last_nrec / 2}; /* every record charged */
     hot_lease_cb cb = last_cb;
     last_cb = NULL;
     CHECK(cb != NULL);
@@ -209,7 +209,7 @@ static void test_shutdown_spills_the_failed_op(void)
 
 static void answer(int rc, int64_t status, int64_t amount)
 {
-    int64_t v[4] = {status, amount, 1 << 30, 0};
+    int64_t v[5] = {status, amount, 1 << 30, 0, status == 1 ? last_nrec / 2 : 0};
     hot_lease_cb cb = last_cb;
     last_cb = NULL;
     CHECK(cb != NULL);

@@ -24,12 +24,14 @@ RUN apt-get update \
         libmicrohttpd12 libpq5 libhiredis0.14 libjansson4 libsodium23 \
         libevent-2.1-7 ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --no-create-home --home-dir /app --shell /usr/sbin/nologin pointgate
+ && useradd --system --no-create-home --home-dir /app --shell /usr/sbin/nologin pointgate \
+ && install -d -o pointgate -m 700 /var/lib/pointgate/spill
 WORKDIR /app
 COPY --from=build /src/bin/ /app/bin/
 COPY routes.example.json /app/routes.json
 ENV PATH=/app/bin:$PATH \
     ROUTES_FILE=/app/routes.json \
+    GATEWAY_SPILL_DIR=/var/lib/pointgate/spill \
     LOG_LEVEL=info
 USER pointgate
 # The services choose their command (docker-compose.yml); the gateway by default.

@@ -51,7 +51,7 @@
 
 enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
-enum hot_kind { HOT_KEY, HOT_KEY_EPOCH, HOT_BALANCE, HOT_BACKLOG_GET };
+enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_BACKLOG_GET };
 
 /* One reserve or settle waiting in, or sent with, a batch. */
 typedef struct hot_op {
@@ -583,13 +583,15 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
 {
     int64_t f[4];
     if (kind == HOT_KEY) {
-        if (r->type == REDIS_REPLY_NIL) return 1;
-        return hot_int(r, &v[0]) == 0 ? 0 : -1;
-    }
-    if (kind == HOT_KEY_EPOCH) {
-        /* The key was not found: unknown only if Redis holds billing's data. */
-        if (r->type != REDIS_REPLY_INTEGER) return -1;
-        return r->integer > 0 ? 1 : HOT_ERR_NODATA;
+        /* MGET key epoch, one atomic read: a miss is "unknown key" only if
+         * Redis holds billing's data (the epoch, written after a complete
+         * rebuild). Two commands would race a rebuild that pushes the key
+         * and writes the epoch between them: a valid key answered 401 (and
+         * cached). */
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return -1;
+        if (r->element[0]->type == REDIS_REPLY_NIL)
+            return r->element[1]->type == REDIS_REPLY_NIL ? HOT_ERR_NODATA : 1;
+        return hot_int(r->element[0], &v[0]) == 0 ? 0 : -1;
     }
     if (kind == HOT_BACKLOG_GET) {
         if (r->type == REDIS_REPLY_NIL)
@@ -626,17 +628,6 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
         log_error("redis error: %s", rep->str);
     else if (rep)
         rc = hot_decode_cmd(cmd->kind, rep, v);
-    if (cmd->kind == HOT_KEY && rc == 1) {
-        /* Only on a miss (a hit needs no second look): is the miss real?
-         * Same connection, so the answer is about the same Redis. */
-        cmd->kind = HOT_KEY_EPOCH;
-        if (hc->ac && !hc->closing &&
-            redisAsyncCommand(hc->ac, hot_on_cmd_reply, cmd, "EXISTS %s", HOT_EPOCH) == REDIS_OK) {
-            hc->inflight++;
-            return;
-        }
-        rc = -1;
-    }
     if (cmd->kind == HOT_BACKLOG_GET) {
         hc->backlog_polling = 0;
         if (rc == 0) {
@@ -682,9 +673,10 @@ int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg)
 {
     char key[HOT_KEYNAME_MAX + 80];
     snprintf(key, sizeof key, "%s%s", HOT_KEY_PREFIX, hash_hex);
-    hc->argv[0] = "GET";
+    hc->argv[0] = "MGET";
     hc->argv[1] = key;
-    return hot_command(hc, HOT_KEY, cb, arg, 2);
+    hc->argv[2] = HOT_EPOCH;
+    return hot_command(hc, HOT_KEY, cb, arg, 3);
 }
 
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)

@@ -43,15 +43,16 @@ GATEWAY_PG_ROLE=pointgate_gateway
 
 # What the gateway may run, on pg:* keys only, with no pub/sub. A script runs
 # with its caller's ACL, so this is the union of gateway/hotclient.c's own
-# commands (AUTH, SELECT, SCRIPT LOAD, EVALSHA and EVAL, GET of a key,
+# commands (AUTH, SELECT, SCRIPT LOAD, EVALSHA and EVAL, MGET of a key and
+# the epoch marker,
 # HMGET of a balance), those of the scripts it runs (billing/reserve.lua,
 # settle.lua, lease.lua and lua/prelude.lua: HGET HMGET HSET HDEL HINCRBY
 # XADD TIME) and those of the backlog bound, the epoch marker and late
-# settles (GET and INCRBY pg:backlog, EXISTS pg:epoch, SET/DEL/EXPIRE of
+# settles (GET and INCRBY pg:backlog, the epoch in the key lookup, SET/DEL/EXPIRE of
 # pg:{A}:swept:*), plus PING. Everything else is refused: FLUSHALL,
 # FLUSHDB, CONFIG, KEYS, SCAN, DEBUG, SHUTDOWN, ACL, MODULE, SCRIPT
 # FLUSH/KILL, FUNCTION, MIGRATE, XREADGROUP, ...
-GATEWAY_REDIS_COMMANDS="+auth +ping +select +eval +evalsha +script|load +get +set +del +exists \
+GATEWAY_REDIS_COMMANDS="+auth +ping +select +eval +evalsha +script|load +get +mget +set +del +exists \
 +expire +incrby +time +hget +hmget +hset +hdel +hincrby +xadd"
 
 # A random hex secret (URL-safe as it is).

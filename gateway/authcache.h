@@ -1,8 +1,8 @@
 /* authcache.h: per-thread cache of API key hash -> account id.
  * Owns only memory: a fixed-size direct-mapped table, so its footprint is
  * bounded whatever the key churn, and it is used by one thread without
- * locks. Entries live AUTHCACHE_TTL_MS: a revoke (DEL pg:key:<hash>) is seen
- * within that plus one Redis round trip. Negative entries (unknown keys) are
+ * locks. Entries live AUTHCACHE_TTL_MS: a revoke (the tombstone "-1" in
+ * pg:key:<hash>) is seen within that plus one Redis round trip. Negative entries (unknown keys) are
  * cached too, so a flood of bad keys costs Redis one GET per key per TTL. */
 #ifndef GATEWAY_AUTHCACHE_H
 #define GATEWAY_AUTHCACHE_H

@@ -209,9 +209,10 @@ int config_load(gw_config *c)
         goto out;
     }
     /* Records in the outbox not yet in Postgres (pg:backlog). 2,000,000 at
-     * about 100-200 bytes each is a few hundred MB of Redis memory: hours of
-     * a busy gateway's calls while billing is down, well inside the
-     * maxmemory of the local stacks (see README). */
+     * about 85-110 bytes each is about 220 MB of Redis memory, well inside
+     * the 1 GiB maxmemory of the local stacks: some 11 minutes of billing
+     * or Postgres being down at 3,000 calls/s, about one at the bench's
+     * 30,000. Size it to maxmemory, not to time (README, "Sizing Redis"). */
     if (env_int64("OUTBOX_MAX_BACKLOG", 2000000, 1, (int64_t)1 << 40, &c->max_backlog) != 0)
         goto out;
     /* Per worker, about 100 bytes each; reserves stop at half of it. */

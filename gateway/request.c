@@ -64,18 +64,6 @@
 #include <sys/socket.h>
 #include <event2/event_struct.h>
 
-/* hotclient.h's error codes (INTERFACES.md), until its owner's branch
- * defines them there. */
-#ifndef HOT_ERR_UNAVAILABLE
-#define HOT_ERR_UNAVAILABLE (-1)
-#endif
-#ifndef HOT_ERR_BACKLOG
-#define HOT_ERR_BACKLOG (-2)
-#endif
-#ifndef HOT_ERR_NODATA
-#define HOT_ERR_NODATA (-3)
-#endif
-
 #define REQUEST_BACKOFF_MIN_MS 2
 #define REQUEST_BACKOFF_MAX_MS 50
 #define REQUEST_WAIT_BUCKETS 256
@@ -267,7 +255,7 @@ static void request_error(gw_request *r, unsigned status, const char *code, cons
 }
 
 /* Billing could not decide (hot_cb rc < 0, or Redis lacks the account):
- * 503 billing_unavailable, saying why (INTERFACES.md). Never 401 or 402
+ * 503 billing_unavailable, saying why (hotclient.h's HOT_ERR_*). Never 401 or 402
  * for what the hot store cannot tell. */
 static void request_unavailable(gw_request *r, int rc)
 {

@@ -500,7 +500,7 @@ def test_sigterm_past_grace_answers_waiters_shutting_down(stack):
     assert h["spent"] == 1 and h["held"] == 0, h
 
 
-# ---- reply codes (INTERFACES.md): what Redis cannot tell is a 503 ---------------
+# ---- reply codes (hotclient.h): what Redis cannot tell is a 503 ------------------
 
 def test_account_missing_from_redis_is_503_not_402(stack):
     """Billing creates every account's hash with the account, so a reserve

@@ -21,7 +21,7 @@ import time
 import uuid
 
 import harness
-from harness import http
+from harness import auth, http
 
 # Holds expire 2 s + HOLD_GRACE_MS after the reserve: the sweeper takes them
 # soon after a gateway went away.
@@ -31,10 +31,6 @@ ROUTES = {
                for r in harness.DEFAULT_ROUTES["routes"]],
 }
 PATH = "/v1/devices/d1"
-
-
-def _auth(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def _setup(stack):
@@ -50,13 +46,6 @@ def _spill_dir(stack, name):
     test once on the same stack, and a file the first attempt left must not
     be replayed into the retry."""
     return os.path.join(stack.dir, f"spill-{name}-{uuid.uuid4().hex[:12]}")
-
-
-def _account(stack, points):
-    acct, key = stack.new_account(points)
-    stack.wait_for(lambda: stack.hot(acct).get("credited") == points, timeout=15,
-                   what="credit in redis")
-    return acct, key
 
 
 def _gateway(stack, spill, env=None):
@@ -75,7 +64,7 @@ def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
 
     def call(i):
         out[i] = http("GET", gw.url + path, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": str(delay)}))
+                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": str(delay)}))
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     for t in threads:
@@ -122,7 +111,7 @@ def test_sigterm_while_redis_away_then_back_commits_every_answered_charge(stack)
     the fix the gateway left at once and they ended `expire, 0`."""
     _setup(stack)
     spill = _spill_dir(stack, "a")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill)
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -148,7 +137,7 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     and a second replay of the same file changes nothing."""
     _setup(stack)
     spill = _spill_dir(stack, "b")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -204,7 +193,7 @@ def test_replay_never_overdraws(stack):
     charges only what is available: never an overdraft."""
     _setup(stack)
     spill = _spill_dir(stack, "c")
-    acct, key = _account(stack, 5)
+    acct, key = stack.new_account_in_redis(5)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
         answers = _calls_during_outage(stack, gw, key, 3, acct=acct)
@@ -218,7 +207,7 @@ def test_replay_never_overdraws(stack):
     # Meanwhile the points are spent by other calls (another gateway).
     gw2 = _gateway(stack, _spill_dir(stack, "c2"))
     for _ in range(4):
-        assert http("GET", gw2.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw2.url + PATH, headers=auth(key)).status == 200
     gw2.stop()
     gw = _gateway(stack, spill)
     stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
@@ -237,7 +226,7 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     itself; every answered charge lands once."""
     _setup(stack)
     spill = _spill_dir(stack, "d")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_SETTLE_QUEUE_MAX": "2"})
     try:
         answers = _calls_during_outage(stack, gw, key, 6, acct=acct)
@@ -249,7 +238,7 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     finally:
         stack.service("redis-start")
     stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="replayed while running")
-    stack.wait_for(lambda: http("GET", gw.url + PATH, headers=_auth(key)).status == 200,
+    stack.wait_for(lambda: http("GET", gw.url + PATH, headers=auth(key)).status == 200,
                    timeout=10, what="served again")
     assert "spilled settles replayed: serving again" in gw.output()
     rids = _rids(answers)
@@ -267,11 +256,11 @@ def test_leased_calls_spilled_and_replayed(stack):
     replayed with close `late` after the sweeper released the lease."""
     _setup(stack)
     spill = _spill_dir(stack, "e")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     # Warm up: a lease is started by a per-call hold on a rich account.
     for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
     warm = 20
     try:
@@ -304,7 +293,7 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     _setup(stack)
     spill = _spill_dir(stack, "f")
     os.makedirs(spill, exist_ok=True)
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     path = os.path.join(spill, "spill-1-0-1.log")
     with open(path, "w") as f:
         # Settled already (no hold, no swept mark): the replay is a no-op.
@@ -322,7 +311,7 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     stack.wait_for(lambda: not os.path.exists(path), timeout=20, what="replayed and deleted")
     assert "cut short" in gw.output()
     assert stack.hot(acct)["spent"] == 0
-    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     gw.stop()
 
 
@@ -332,10 +321,10 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     answered charge lands, nothing is spilled."""
     _setup(stack)
     spill = _spill_dir(stack, "g")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill)
     for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
@@ -432,7 +421,7 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
     were resent as plain commits, which find no hold and change nothing:
     answered charges lost."""
     _setup(stack)
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     link = _Link(stack.redis_port)
     url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
     assert url != stack.gateway_redis_url, url
@@ -441,7 +430,7 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
 
     def call(i):
         out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
+                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": "1500"}))
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
     for t in threads:
@@ -486,21 +475,21 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
     charge them, once. Before the fix it found no lease (status 0) and the
     answered charges were dropped."""
     _setup(stack)
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     link = _Link(stack.redis_port)
     url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
     gw = _gateway(stack, _spill_dir(stack, "i"),
                   {"REDIS_URL": url, "UPSTREAM_TIMEOUT_MS": "2000",
                    "GATEWAY_LEASE_IDLE_MS": "60000"})
     for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
     warm = 20
     out = [None] * 8
 
     def call(i):
         out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
+                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": "1500"}))
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
@@ -544,7 +533,7 @@ def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
     end, and a SIGKILL lost them all (expire, 0)."""
     _setup(stack)
     spill = _spill_dir(stack, "j")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -582,10 +571,10 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     every answered call once."""
     _setup(stack)
     spill = _spill_dir(stack, "k")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
@@ -615,7 +604,7 @@ def test_a_spill_file_of_another_user_is_not_replayed(stack):
     _setup(stack)
     spill = _spill_dir(stack, "l")
     os.makedirs(spill, exist_ok=True)
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     foreign = os.path.join(spill, "spill-1-0-1.log")
     with open(foreign, "w") as f:
         f.write(f"S {'ef' * 16} {acct} 1 late 200\n")
@@ -631,5 +620,5 @@ def test_a_spill_file_of_another_user_is_not_replayed(stack):
     out = gw.output()
     assert "spill-1-0-1.log: not a regular file of uid" in out, out
     assert "spill-1-0-2.log: cannot open it" in out, out
-    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     gw.stop()

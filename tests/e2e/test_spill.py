@@ -57,9 +57,9 @@ def _gateway(stack, spill, env=None):
     return stack.spawn("gateway-spill", [stack.bin("gateway")], e, port)
 
 
-def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
-    """N calls sent, Redis stopped while they are at the upstream; returns
-    their answers (all answered by the upstream: charged, to come)."""
+def _start_calls(gw, key, n, path=PATH, delay=1500):
+    """N calls the upstream holds DELAY ms, each on its own thread: (their
+    answers, filled in as they come; the threads)."""
     out = [None] * n
 
     def call(i):
@@ -69,6 +69,13 @@ def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    return out, threads
+
+
+def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
+    """N calls sent, Redis stopped while they are at the upstream; returns
+    their answers (all answered by the upstream: charged, to come)."""
+    out, threads = _start_calls(gw, key, n, path, delay)
     if acct is not None:
         stack.wait_for(lambda: stack.hot(acct).get("held", 0) >= n, timeout=10,
                        what=f"{n} holds")
@@ -100,6 +107,46 @@ def _spill_files(spill):
     return sorted(glob.glob(os.path.join(spill, "spill-*.log")))
 
 
+def _spent(stack, acct):
+    """The account's spent points in Postgres."""
+    return int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+
+
+def _wait_spent(stack, acct, points):
+    stack.wait_for(lambda: _spent(stack, acct) == points, timeout=30, what=f"spent {points}")
+
+
+def _all_late(stack, rids):
+    """True when every one of RIDS is charged 1 in Postgres as `late`."""
+    rows = _pg_rows(stack, rids)
+    return len(rows) == len(rids) and all(r[1] == "late" and r[2] == "1" for r in rows)
+
+
+def _warm_lease(stack, gw, key, calls=20):
+    """CALLS calls on a rich account, until a point lease serves it (a
+    per-call hold starts one): returns the points they charged."""
+    for _ in range(calls):
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
+    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    return calls
+
+
+def _replayed_by_a_new_gateway(stack, spill, what="spill replayed"):
+    """A gateway started on SPILL, once it has replayed (and deleted) the
+    files there."""
+    gw = _gateway(stack, spill)
+    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what=what)
+    return gw
+
+
+def _linked_gateway(stack, name, env=None):
+    """A gateway that reaches Redis through a _Link: (gateway, link)."""
+    link = _Link(stack.redis_port)
+    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
+    assert url != stack.gateway_redis_url, url
+    return _gateway(stack, _spill_dir(stack, name), dict(env or {}, REDIS_URL=url)), link
+
+
 def _wait_exit(stack, gw, timeout=60):
     stack.wait_for(lambda: not gw.alive(), timeout=timeout, what="gateway exited")
     assert gw.p.returncode == 0, gw.p.returncode
@@ -127,7 +174,7 @@ def test_sigterm_while_redis_away_then_back_commits_every_answered_charge(stack)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=30, what="5 charges in pg")
     rows = _pg_rows(stack, rids)
     assert all(r[1] == "commit" and r[2] == "1" for r in rows), rows
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
 
 
 def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
@@ -159,18 +206,14 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
     rows = _pg_rows(stack, rids)
     assert all(r[1] == "expire" and r[2] == "0" for r in rows), rows
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 0
+    assert _spent(stack, acct) == 0
 
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
 
-    def upgraded():
-        rows = _pg_rows(stack, rids)
-        return all(r[1] == "late" and r[2] == "1" for r in rows) and len(rows) == 5
-
-    stack.wait_for(upgraded, timeout=30, what="expire rows upgraded by the replay")
+    stack.wait_for(lambda: _all_late(stack, rids), timeout=30,
+                   what="expire rows upgraded by the replay")
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    spent = int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+    spent = _spent(stack, acct)
     assert spent == _charged(answers) == 5
     assert stack.hot(acct)["spent"] == 5
     gw.stop()
@@ -178,11 +221,10 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     # Replayed again (as after a crash before the delete): no change.
     os.makedirs(spill, exist_ok=True)
     shutil.copy(saved, os.path.join(spill, os.path.basename(files[0])))
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="second replay")
+    gw = _replayed_by_a_new_gateway(stack, spill, "second replay")
     time.sleep(1.0)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
     assert stack.hot(acct)["spent"] == 5
     assert all(r[1] == "late" and r[2] == "1" for r in _pg_rows(stack, rids))
     gw.stop()
@@ -209,10 +251,9 @@ def test_replay_never_overdraws(stack):
     for _ in range(4):
         assert http("GET", gw2.url + PATH, headers=auth(key)).status == 200
     gw2.stop()
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    spent = int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+    spent = _spent(stack, acct)
     assert spent == 5, spent  # 4 + 1 of the 3 spilled: no more than credited
     h = stack.hot(acct)
     assert h["spent"] == 5 and h["credited"] - h["spent"] - h["held"] >= 0, h
@@ -245,8 +286,7 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 6, timeout=30, what="6 charges")
     assert all(r[2] == "1" for r in _pg_rows(stack, rids)), _pg_rows(stack, rids)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == 7, timeout=30, what="spent 6 + 1")
+    _wait_spent(stack, acct, 7)  # 6 + 1
     gw.stop()
 
 
@@ -259,10 +299,7 @@ def test_leased_calls_spilled_and_replayed(stack):
     acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     # Warm up: a lease is started by a per-call hold on a rich account.
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
-    warm = 20
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -276,11 +313,9 @@ def test_leased_calls_spilled_and_replayed(stack):
     charged = _charged(answers) + warm
     # The lease (or holds) expire; then the replay charges what was answered.
     stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
     stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
+    _wait_spent(stack, acct, charged)
     gw.stop()
 
 
@@ -323,9 +358,7 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     spill = _spill_dir(stack, "g")
     acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill)
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -335,10 +368,9 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
         stack.service("redis-start")
     _wait_exit(stack, gw)
     assert _spill_files(spill) == []
-    charged = _charged(answers) + 20
+    charged = _charged(answers) + warm
     stack.wait_for(stack.drained, timeout=30, what="outbox drained, lease given back")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
+    _wait_spent(stack, acct, charged)
     assert stack.hot(acct)["spent"] == charged
 
 
@@ -422,19 +454,8 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
     answered charges lost."""
     _setup(stack)
     acct, key = stack.new_account_in_redis(100)
-    link = _Link(stack.redis_port)
-    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
-    assert url != stack.gateway_redis_url, url
-    gw = _gateway(stack, _spill_dir(stack, "h"), {"REDIS_URL": url})
-    out = [None] * 5
-
-    def call(i):
-        out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": "1500"}))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
+    gw, link = _linked_gateway(stack, "h")
+    out, threads = _start_calls(gw, key, 5)
     restored = False
     try:
         stack.wait_for(lambda: stack.hot(acct).get("held", 0) >= 5, timeout=10, what="5 holds")
@@ -451,14 +472,10 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
         link.restore()
         restored = True
         stack.wait_for(lambda: "resending" in gw.output(), timeout=30, what="queued settles resent")
-
-        def landed():
-            rows = _pg_rows(stack, rids)
-            return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
-
-        stack.wait_for(landed, timeout=30, what=f"5 answered charges in pg: {_pg_rows(stack, rids)}")
+        stack.wait_for(lambda: _all_late(stack, rids), timeout=30,
+                       what=f"5 answered charges in pg: {_pg_rows(stack, rids)}")
         stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+        assert _spent(stack, acct) == 5
         assert stack.hot(acct)["spent"] == 5
     finally:
         if not restored:
@@ -476,24 +493,10 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
     answered charges were dropped."""
     _setup(stack)
     acct, key = stack.new_account_in_redis(1_000_000)
-    link = _Link(stack.redis_port)
-    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
-    gw = _gateway(stack, _spill_dir(stack, "i"),
-                  {"REDIS_URL": url, "UPSTREAM_TIMEOUT_MS": "2000",
-                   "GATEWAY_LEASE_IDLE_MS": "60000"})
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
-    warm = 20
-    out = [None] * 8
-
-    def call(i):
-        out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": "1500"}))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    gw, link = _linked_gateway(stack, "i", {"UPSTREAM_TIMEOUT_MS": "2000",
+                                            "GATEWAY_LEASE_IDLE_MS": "60000"})
+    warm = _warm_lease(stack, gw, key)
+    out, threads = _start_calls(gw, key, 8)
     restored = False
     try:
         time.sleep(0.5)
@@ -509,13 +512,13 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
                        what="outbox applied")
         link.restore()
         restored = True
-        stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+        stack.wait_for(lambda: _spent(stack, acct)
                        == charged, timeout=30,
                        what=f"spent {charged}: " + str(stack.scalar(
                            f"SELECT spent FROM accounts WHERE id = {acct}")))
         stack.wait_for(stack.drained, timeout=30, what="outbox drained")
         time.sleep(1.0)
-        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == charged
+        assert _spent(stack, acct) == charged
         assert stack.hot(acct)["spent"] == charged
     finally:
         if not restored:
@@ -552,16 +555,10 @@ def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
         stack.service("redis-start")
     rids = _rids(answers)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
-
-    def landed():
-        rows = _pg_rows(stack, rids)
-        return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
-
-    stack.wait_for(landed, timeout=30, what="answered charges in pg")
+    gw = _replayed_by_a_new_gateway(stack, spill)
+    stack.wait_for(lambda: _all_late(stack, rids), timeout=30, what="answered charges in pg")
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
     gw.stop()
 
 
@@ -573,9 +570,7 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     spill = _spill_dir(stack, "k")
     acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -586,13 +581,11 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
         assert len(files) == 1, files
     finally:
         stack.service("redis-start")
-    charged = _charged(answers) + 20
+    charged = _charged(answers) + warm
     stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
     stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
+    _wait_spent(stack, acct, charged)
     gw.stop()
 
 

@@ -20,8 +20,8 @@ import time
 import harness
 from harness import http
 
-from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
-from test_gateway_http import Reader, _get
+from test_gateway import _auth, _held_zero, _sim_requests
+from test_gateway_http import Reader, _at_upstream, _gateway, _get
 
 
 def _setup(stack):
@@ -29,14 +29,6 @@ def _setup(stack):
         stack.start_devsim()
         stack.start_billing()
     http("POST", stack.devsim.url + "/_sim/reset")
-
-
-def _gateway(stack, name, env, routes=ROUTES):
-    port = harness.free_port()
-    e = {"GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-         "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0"}
-    e.update(env)
-    return stack.spawn(name, [stack.bin("gateway")], e, port)
 
 
 def _connect(port, timeout=10):
@@ -57,11 +49,6 @@ def _script_calls(stack):
         if m:
             n += int(m.group(2))
     return n
-
-
-def _at_upstream(stack, path):
-    stack.wait_for(lambda: http("GET", stack.devsim.url + "/_sim/last").json().get("path") == path,
-                   timeout=5, what=f"{path} at the upstream")
 
 
 def _call_at_upstream(stack, gw, path, headers, timeout=30):

@@ -26,6 +26,16 @@ def _setup(stack):
     return test_gateway._setup(stack, env={"GATEWAY_THREADS": "2"})
 
 
+def _gateway(stack, name, env, routes=ROUTES):
+    """A gateway of its own to devsim, leases off (every call holds its
+    price), with ENV on top."""
+    port = harness.free_port()
+    e = {"GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
+         "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0"}
+    e.update(env)
+    return stack.spawn(name, [stack.bin("gateway")], e, port)
+
+
 def _connect(stack, port=None, timeout=10):
     return socket.create_connection(("127.0.0.1", port or stack.gateway.port), timeout=timeout)
 
@@ -425,11 +435,9 @@ def test_client_leaving_before_send_costs_nothing(stack):
     proxied, cost 0; the call ahead of it is charged as usual."""
     _setup(stack)
     acct, key = stack.new_account(10)
-    port = harness.free_port()
-    gw = stack.spawn("gateway-onecon", [stack.bin("gateway")], {
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-        "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_THREADS": "1",
-        "UPSTREAM_MAX_CONNECTIONS": "1", "GATEWAY_LEASE_CALLS": "0"}, port)
+    gw = _gateway(stack, "gateway-onecon", {"GATEWAY_THREADS": "1",
+                                            "UPSTREAM_MAX_CONNECTIONS": "1"})
+    port = gw.port
     try:
         before = _sim_requests(stack)
         first = _connect(stack, port)
@@ -485,11 +493,8 @@ def test_orphaned_calls_count_against_max_connections(stack):
     are settled (each charged once) the gateway serves again."""
     _setup(stack)
     acct, key = stack.new_account(100)
-    port = harness.free_port()
-    gw = stack.spawn("gateway-maxconn", [stack.bin("gateway")], {
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-        "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_THREADS": "1",
-        "MAX_CONNECTIONS": "4", "GATEWAY_LEASE_CALLS": "0"}, port)
+    gw = _gateway(stack, "gateway-maxconn", {"GATEWAY_THREADS": "1", "MAX_CONNECTIONS": "4"})
+    port = gw.port
     try:
         before = _sim_requests(stack)
         for i in range(4):

@@ -19,7 +19,7 @@ import harness
 import test_gateway
 from harness import http, raw_http
 
-from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
+from test_gateway import ROUTES, _auth, _held_zero, _settled, _sim_requests
 
 
 def _setup(stack):
@@ -116,8 +116,7 @@ def test_pipelined_requests_answered_in_order(stack):
     rs = [rd.response() for _ in range(101)]
     assert [r.json()["id"] for r in rs] == ["slow"] + [f"q{i}" for i in range(100)]
     s.close()
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 104
+    _settled(stack, acct, 104)
 
 
 def test_head_over_16k_is_431(stack):
@@ -134,8 +133,7 @@ def test_head_over_16k_is_431(stack):
              headers=dict(_auth(key), **{"X-Big": "b" * (15 * 1024)}))
     assert r.status == 200, r
     assert _sim_requests(stack) == before + 1
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 def _refused(stack, req, status, code):
@@ -222,8 +220,7 @@ def test_chunked_request_body_reaches_upstream(stack):
     assert r.status == 202 and r.json()["body_length"] == 3, r
     s.close()
     assert _sim_requests(stack) == before + 2
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 14 + 5
+    _settled(stack, acct, 14 + 5)
     stack.wait_for(stack.drained, timeout=20, what="outbox drained")
     assert stack.psql(f"select count(*), sum(amount) from charges where account_id = {acct}") == \
         [["2", "19"]]
@@ -272,8 +269,7 @@ def test_expect_100_continue(stack):
     assert r.status == 404 and r.headers["connection"] == "close", r
     assert rd.closed()
     s.close()
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 5
+    _settled(stack, acct, 5)
 
 
 def test_early_answer_with_body_here_keeps_connection(stack):
@@ -290,8 +286,7 @@ def test_early_answer_with_body_here_keeps_connection(stack):
     r = rd.response()
     assert r.status == 200 and r.json()["id"] == "after", r
     s.close()
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 def test_http10_keep_alive_rules(stack):
@@ -323,8 +318,7 @@ def test_http10_keep_alive_rules(stack):
     assert rd.response().status == 200
     assert rd.closed()
     s.close()
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 4
+    _settled(stack, acct, 4)
 
 
 def test_head_timeout_closes_slow_client(stack):
@@ -587,8 +581,7 @@ def test_many_empty_lines_refused_at_once(stack):
         assert out.startswith(b"HTTP/1.1 400 "), out[:200]
     assert time.time() - t0 < 5.0
     assert _sim_requests(stack) == before + 1
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 def test_random_clients_leave_nothing_held(stack):
@@ -692,5 +685,4 @@ def test_1000_keepalive_connections_on_fixed_threads(stack):
     assert len(os.listdir(f"/proc/{pid}/task")) == threads
     for s in socks:
         s.close()
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == n
+    _settled(stack, acct, n)

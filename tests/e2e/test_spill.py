@@ -139,6 +139,16 @@ def _replayed_by_a_new_gateway(stack, spill, what="spill replayed"):
     return gw
 
 
+def _replayed_after_the_sweep(stack, spill, acct, charged):
+    """Once the sweeper has released the lease, a new gateway replays SPILL:
+    the account's spent comes to CHARGED."""
+    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
+    gw = _replayed_by_a_new_gateway(stack, spill)
+    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
+    _wait_spent(stack, acct, charged)
+    gw.stop()
+
+
 def _linked_gateway(stack, name, env=None):
     """A gateway that reaches Redis through a _Link: (gateway, link)."""
     link = _Link(stack.redis_port)
@@ -312,11 +322,7 @@ def test_leased_calls_spilled_and_replayed(stack):
         stack.service("redis-start")
     charged = _charged(answers) + warm
     # The lease (or holds) expire; then the replay charges what was answered.
-    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _replayed_by_a_new_gateway(stack, spill)
-    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    _wait_spent(stack, acct, charged)
-    gw.stop()
+    _replayed_after_the_sweep(stack, spill, acct, charged)
 
 
 def test_a_spill_file_another_process_holds_is_left_to_it(stack):
@@ -582,11 +588,7 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     finally:
         stack.service("redis-start")
     charged = _charged(answers) + warm
-    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _replayed_by_a_new_gateway(stack, spill)
-    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    _wait_spent(stack, acct, charged)
-    gw.stop()
+    _replayed_after_the_sweep(stack, spill, acct, charged)
 
 
 def test_a_spill_file_of_another_user_is_not_replayed(stack):

@@ -546,6 +546,21 @@ static void request_waitq_push(request_waitq *q, gw_request *r, int front)
     q->n++;
 }
 
+/* Takes waiting R off Q's FIFO; R's queue (r->waitq) is left to the caller. */
+static void request_waitq_unlink(request_waitq *q, gw_request *r)
+{
+    if (r->wprev)
+        r->wprev->wnext = r->wnext;
+    else
+        q->head = r->wnext;
+    if (r->wnext)
+        r->wnext->wprev = r->wprev;
+    else
+        q->tail = r->wprev;
+    r->wprev = r->wnext = NULL;
+    q->n--;
+}
+
 /* Takes R out of its queue (waiting, or its reserve in flight). */
 static void request_waitq_leave(gw_request *r)
 {
@@ -555,16 +570,7 @@ static void request_waitq_leave(gw_request *r)
     if (q->trying == r) {
         q->trying = NULL;
     } else {
-        if (r->wprev)
-            r->wprev->wnext = r->wnext;
-        else
-            q->head = r->wnext;
-        if (r->wnext)
-            r->wnext->wprev = r->wprev;
-        else
-            q->tail = r->wprev;
-        r->wprev = r->wnext = NULL;
-        q->n--;
+        request_waitq_unlink(q, r);
     }
     request_waitq_maybe_free(q);
 }
@@ -656,16 +662,7 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
         return;
     }
     /* Off the FIFO, still Q's: the reply puts it back or lets it go. */
-    if (r->wprev)
-        r->wprev->wnext = r->wnext;
-    else
-        q->head = r->wnext;
-    if (r->wnext)
-        r->wnext->wprev = r->wprev;
-    else
-        q->tail = r->wprev;
-    r->wnext = r->wprev = NULL;
-    q->n--;
+    request_waitq_unlink(q, r);
     q->trying = r;
     r->st = ST_RESERVE;
     cfg = r->w->cfg;

@@ -92,6 +92,11 @@ def http(method, url, body=None, headers=None, timeout=30.0):
         conn.close()
 
 
+def auth(key):
+    """The headers that present API key KEY."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 def raw_http(port, data, timeout=10.0):
     """Sends DATA bytes on a fresh socket and returns everything read until the
     peer closes (or resets) it: for requests http.client refuses to send."""
@@ -360,6 +365,14 @@ class Stack:
         r = self.admin("POST", f"/v1/accounts/{acct}/keys")
         assert r.status == 201, r
         return acct, r.json()["api_key"]
+
+    def new_account_in_redis(self, points):
+        """new_account(POINTS) once its credit has reached Redis (billing's
+        credit sync may lag the API call): (account_id, api_key)."""
+        acct, key = self.new_account(points)
+        self.wait_for(lambda: self.hot(acct).get("credited") == points, timeout=15,
+                      what="credit in redis")
+        return acct, key
 
     def wait_for(self, cond, timeout=20.0, what="condition"):
         deadline = time.time() + timeout

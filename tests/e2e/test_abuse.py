@@ -20,8 +20,8 @@ import time
 import harness
 from harness import http
 
-from test_gateway import ROUTES, _auth, _held_zero, _sim_requests
-from test_gateway_http import Reader, _get
+from test_gateway import _auth, _held_zero, _sim_requests
+from test_gateway_http import Reader, _at_upstream, _gateway, _get
 
 
 def _setup(stack):
@@ -29,14 +29,6 @@ def _setup(stack):
         stack.start_devsim()
         stack.start_billing()
     http("POST", stack.devsim.url + "/_sim/reset")
-
-
-def _gateway(stack, name, env):
-    port = harness.free_port()
-    e = {"GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-         "ROUTES_FILE": stack.write_routes(ROUTES), "GATEWAY_LEASE_CALLS": "0"}
-    e.update(env)
-    return stack.spawn(name, [stack.bin("gateway")], e, port)
 
 
 def _connect(port, timeout=10):
@@ -59,9 +51,24 @@ def _script_calls(stack):
     return n
 
 
-def _at_upstream(stack, path):
-    stack.wait_for(lambda: http("GET", stack.devsim.url + "/_sim/last").json().get("path") == path,
-                   timeout=5, what=f"{path} at the upstream")
+def _call_at_upstream(stack, gw, path, headers, timeout=30):
+    """A GET of PATH on its own thread, once it has reached the upstream:
+    (the thread, a list that gets its answer)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(http("GET", gw.url + path, headers=headers,
+                                                        timeout=timeout)))
+    t.start()
+    _at_upstream(stack, path)
+    return t, out
+
+
+def _run_threads(target, n, timeout=90):
+    """TARGET(i) for i < N, each on its own thread, all joined."""
+    ts = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
 
 
 # ---- the key and the reserve before the body ---------------------------------
@@ -214,11 +221,12 @@ def test_body_completed_past_its_deadline_is_408(stack):
 
 # ---- waiting for held points ---------------------------------------------------
 
-def _hold_one_point(stack, gw, key, out, delay_ms):
-    """A call that holds the account's only point, then fails (503): the
-    point goes back for the waiters."""
+def _hold_one_point(stack, gw, key, delay_ms):
+    """A call that holds the account's only point for DELAY_MS at the
+    upstream, then fails (503): the point goes back for the waiters. Returns
+    once it is at the upstream: (its thread, a list that gets its answer)."""
     h = dict(_auth(key), **{"X-Sim-Delay-Ms": str(delay_ms), "X-Sim-Status": "503"})
-    out.append(http("GET", gw.url + "/v1/devices/holder", headers=h, timeout=60))
+    return _call_at_upstream(stack, gw, "/v1/devices/holder", h, timeout=60)
 
 
 def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
@@ -232,10 +240,7 @@ def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
                                              "HOLD_WAIT_MS": "30000"})
     try:
         acct, key = stack.new_account(1)
-        held = []
-        t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 4000))
-        t.start()
-        _at_upstream(stack, "/v1/devices/holder")
+        t, held = _hold_one_point(stack, gw, key, 4000)
         calls0 = _script_calls(stack)
         t0 = time.time()
         res = [None] * 300
@@ -246,11 +251,7 @@ def test_waiters_cost_redis_work_per_account_not_per_waiter(stack):
             except OSError as e:
                 res[i] = e
 
-        ws = [threading.Thread(target=waiter, args=(i,)) for i in range(300)]
-        for w in ws:
-            w.start()
-        for w in ws:
-            w.join(90)
+        _run_threads(waiter, 300)
         t.join(30)
         took = time.time() - t0
         calls = _script_calls(stack) - calls0
@@ -282,10 +283,7 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
                                                "GATEWAY_MAX_WAITERS": "64"})
     try:
         acct, key = stack.new_account(1)
-        held = []
-        t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 3000))
-        t.start()
-        _at_upstream(stack, "/v1/devices/holder")
+        t, held = _hold_one_point(stack, gw, key, 3000)
         t_holder = time.time()
         res = [None] * 100
         done = [None] * 100
@@ -295,11 +293,7 @@ def test_waiters_per_account_per_worker_are_bounded(stack):
             res[i] = http("GET", gw.url + f"/v1/devices/w{i}", headers=_auth(key), timeout=60)
             done[i] = time.time() - t0
 
-        ws = [threading.Thread(target=waiter, args=(i,)) for i in range(100)]
-        for w in ws:
-            w.start()
-        for w in ws:
-            w.join(90)
+        _run_threads(waiter, 100)
         t.join(30)
         busy = [i for i in range(100) if res[i].status == 503]
         assert len(busy) == 36, [r.status for r in res]
@@ -366,10 +360,7 @@ def test_disconnect_flood_does_not_flood_the_log(stack):
                                            "UPSTREAM_MAX_CONNECTIONS": "1"})
     try:
         acct, key = stack.new_account(100000)
-        held = []
-        t = threading.Thread(target=_hold_one_point, args=(stack, gw, key, held, 6000))
-        t.start()
-        _at_upstream(stack, "/v1/devices/holder")
+        t, held = _hold_one_point(stack, gw, key, 6000)
         t0 = time.time()
         req = _get("/v1/devices/flood", key)
 
@@ -412,11 +403,9 @@ def _sigterm_past_grace(stack, lease_calls):
     routes = {"charge_on": ["2xx"], "routes": [
         {"id": "device.long", "method": "GET", "path": "/v1/devices/*", "price": 1,
          "timeout_ms": 8000}]}
-    port = harness.free_port()
-    gw = stack.spawn("gateway-term", [stack.bin("gateway")], {
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": str(lease_calls),
-        "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200"}, port)
+    gw = _gateway(stack, "gateway-term", {"GATEWAY_LEASE_CALLS": str(lease_calls),
+                                          "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200"},
+                  routes)
     acct, key = stack.new_account(1000)
     spent = 0
     if lease_calls:
@@ -424,12 +413,8 @@ def _sigterm_past_grace(stack, lease_calls):
         assert http("GET", gw.url + "/v1/devices/warm", headers=_auth(key)).status == 200
         spent += 1
         stack.wait_for(lambda: stack.leases(), timeout=5, what="a lease")
-    out = []
-    t = threading.Thread(target=lambda: out.append(http(
-        "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "4500"}),
-        timeout=30)))
-    t.start()
-    _at_upstream(stack, "/v1/devices/long")
+    t, out = _call_at_upstream(stack, gw, "/v1/devices/long",
+                               dict(_auth(key), **{"X-Sim-Delay-Ms": "4500"}))
     gw.signal(signal.SIGTERM)
     t.join(20)
     assert out and out[0].status == 200 and out[0].headers["x-points-charged"] == "1", out
@@ -466,18 +451,12 @@ def test_sigterm_past_grace_answers_waiters_shutting_down(stack):
          "timeout_ms": 8000},
         {"id": "device.command", "method": "POST", "path": "/v1/devices/*/commands", "price": 1,
          "timeout_ms": 8000}]}
-    port = harness.free_port()
-    gw = stack.spawn("gateway-termwait", [stack.bin("gateway")], {
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
-        "ROUTES_FILE": stack.write_routes(routes), "GATEWAY_LEASE_CALLS": "0",
-        "GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200", "HOLD_WAIT_MS": "30000"}, port)
+    gw = _gateway(stack, "gateway-termwait", {"GATEWAY_THREADS": "1", "UPSTREAM_TIMEOUT_MS": "200",
+                                              "HOLD_WAIT_MS": "30000"}, routes)
+    port = gw.port
     acct, key = stack.new_account(2)
-    out = []
-    t = threading.Thread(target=lambda: out.append(http(
-        "GET", gw.url + "/v1/devices/long", headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "5000"}),
-        timeout=30)))
-    t.start()
-    _at_upstream(stack, "/v1/devices/long")
+    t, out = _call_at_upstream(stack, gw, "/v1/devices/long",
+                               dict(_auth(key), **{"X-Sim-Delay-Ms": "5000"}))
     # The second point is held by a call whose body is still to come.
     early = _connect(port)
     early.sendall(_post_head(key, 10))

@@ -53,6 +53,12 @@ def _held_zero(stack, acct):
     stack.wait_for(lambda: stack.hot(acct).get("held", 0) == 0, timeout=10, what="held == 0")
 
 
+def _settled(stack, acct, spent):
+    """The account's calls are settled (nothing held) and it spent SPENT."""
+    _held_zero(stack, acct)
+    assert stack.hot(acct)["spent"] == spent, stack.hot(acct)
+
+
 def test_charged_call_headers(stack):
     gw = _setup(stack)
     acct, key = stack.new_account(10)

@@ -12,15 +12,11 @@ import subprocess
 import time
 
 import harness
-from harness import http
+from harness import auth, http
 from luahelp import Redis, RedisError
 
 GW_USER = "pointgate-gateway"
 GW_ROLE = "pointgate_gateway"
-
-
-def _auth(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def _setup(stack):
@@ -28,13 +24,6 @@ def _setup(stack):
         stack.start_devsim()
         stack.start_billing()
         stack.start_gateway()
-
-
-def _account(stack, points):
-    acct, key = stack.new_account(points)
-    stack.wait_for(lambda: stack.hot(acct).get("credited") == points, timeout=15,
-                   what="credit in redis")
-    return acct, key
 
 
 def _as_gateway(stack, *args):
@@ -147,8 +136,8 @@ def test_gateway_redis_user_runs_only_what_it_needs(stack):
     assert rc == 0 and out == "1", out
     # The gateway's connections really are this user.
     _setup(stack)
-    acct, key = _account(stack, 10)
-    assert http("GET", stack.gateway.url + "/v1/devices/d1", headers=_auth(key)).status == 200
+    acct, key = stack.new_account_in_redis(10)
+    assert http("GET", stack.gateway.url + "/v1/devices/d1", headers=auth(key)).status == 200
     users = re.findall(r" user=(\S+)", stack.redis_raw("CLIENT", "LIST"))
     assert GW_USER in users, users
 
@@ -215,16 +204,16 @@ def test_gateway_serves_as_its_own_users(stack):
     _setup(stack)
     assert stack.gateway_redis_url.startswith(f"redis://{GW_USER}:")
     assert stack.gateway_database_url.startswith(f"postgresql://{GW_ROLE}:")
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     gw = stack.gateway.url
     for _ in range(3):
-        r = http("GET", gw + "/v1/devices/d1", headers=_auth(key))
+        r = http("GET", gw + "/v1/devices/d1", headers=auth(key))
         assert r.status == 200, r
     day = time.strftime("%Y-%m-%d", time.gmtime())
     to = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 2 * 86400))
 
     def usage():
-        r = http("GET", gw + f"/_billing/usage?from={day}&to={to}", headers=_auth(key))
+        r = http("GET", gw + f"/_billing/usage?from={day}&to={to}", headers=auth(key))
         assert r.status == 200, r
         return r.json()["totals"]["calls"] == 3 and r.json()["totals"]["points"] == 3
 
@@ -236,7 +225,7 @@ def test_gateway_serves_as_its_own_users(stack):
     stack.service("redis-start")
 
     def served():
-        return http("GET", gw + "/v1/devices/d1", headers=_auth(key)).status == 200
+        return http("GET", gw + "/v1/devices/d1", headers=auth(key)).status == 200
 
     stack.wait_for(served, timeout=30, what="served after a Redis restart")
     assert "refused" not in stack.gateway.output()
@@ -270,7 +259,7 @@ def test_wrong_redis_password_is_503_logged_once_and_retried(stack):
     password), reconnects with backoff, and serves as soon as the password is
     accepted."""
     _setup(stack)
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     # Not the gateway's password, and one that needs percent-encoding: the
     # fix below makes it the right one, which proves the decoding too.
     wrong = "wrong@gw pass:4711"
@@ -286,7 +275,7 @@ def test_wrong_redis_password_is_503_logged_once_and_retried(stack):
     try:
         t0 = time.time()
         for _ in range(5):
-            r = http("GET", gw.url + "/v1/devices/d1", headers=_auth(key))
+            r = http("GET", gw.url + "/v1/devices/d1", headers=auth(key))
             assert r.status == 503 and r.json()["error"] == "billing_unavailable", r
         stack.wait_for(lambda: _auth_failures(stack, GW_USER) >= 3, timeout=20,
                        what="reconnects")
@@ -304,7 +293,7 @@ def test_wrong_redis_password_is_503_logged_once_and_retried(stack):
         stack.redis_raw("ACL", "SETUSER", GW_USER, ">" + wrong)
 
         def served():
-            return http("GET", gw.url + "/v1/devices/d1", headers=_auth(key)).status == 200
+            return http("GET", gw.url + "/v1/devices/d1", headers=auth(key)).status == 200
 
         stack.wait_for(served, timeout=15, what="served once the password is accepted")
         assert "accepted again" in gw.output()

@@ -21,7 +21,7 @@ import time
 import uuid
 
 import harness
-from harness import http
+from harness import auth, http
 
 # Holds expire 2 s + HOLD_GRACE_MS after the reserve: the sweeper takes them
 # soon after a gateway went away.
@@ -31,10 +31,6 @@ ROUTES = {
                for r in harness.DEFAULT_ROUTES["routes"]],
 }
 PATH = "/v1/devices/d1"
-
-
-def _auth(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def _setup(stack):
@@ -52,13 +48,6 @@ def _spill_dir(stack, name):
     return os.path.join(stack.dir, f"spill-{name}-{uuid.uuid4().hex[:12]}")
 
 
-def _account(stack, points):
-    acct, key = stack.new_account(points)
-    stack.wait_for(lambda: stack.hot(acct).get("credited") == points, timeout=15,
-                   what="credit in redis")
-    return acct, key
-
-
 def _gateway(stack, spill, env=None):
     port = harness.free_port()
     e = {"GATEWAY_LISTEN": f"127.0.0.1:{port}", "UPSTREAM_URL": stack.devsim.url,
@@ -68,18 +57,25 @@ def _gateway(stack, spill, env=None):
     return stack.spawn("gateway-spill", [stack.bin("gateway")], e, port)
 
 
-def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
-    """N calls sent, Redis stopped while they are at the upstream; returns
-    their answers (all answered by the upstream: charged, to come)."""
+def _start_calls(gw, key, n, path=PATH, delay=1500):
+    """N calls the upstream holds DELAY ms, each on its own thread: (their
+    answers, filled in as they come; the threads)."""
     out = [None] * n
 
     def call(i):
         out[i] = http("GET", gw.url + path, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": str(delay)}))
+                      headers=dict(auth(key), **{"X-Sim-Delay-Ms": str(delay)}))
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    return out, threads
+
+
+def _calls_during_outage(stack, gw, key, n, path=PATH, delay=1500, acct=None):
+    """N calls sent, Redis stopped while they are at the upstream; returns
+    their answers (all answered by the upstream: charged, to come)."""
+    out, threads = _start_calls(gw, key, n, path, delay)
     if acct is not None:
         stack.wait_for(lambda: stack.hot(acct).get("held", 0) >= n, timeout=10,
                        what=f"{n} holds")
@@ -111,6 +107,56 @@ def _spill_files(spill):
     return sorted(glob.glob(os.path.join(spill, "spill-*.log")))
 
 
+def _spent(stack, acct):
+    """The account's spent points in Postgres."""
+    return int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+
+
+def _wait_spent(stack, acct, points):
+    stack.wait_for(lambda: _spent(stack, acct) == points, timeout=30, what=f"spent {points}")
+
+
+def _all_late(stack, rids):
+    """True when every one of RIDS is charged 1 in Postgres as `late`."""
+    rows = _pg_rows(stack, rids)
+    return len(rows) == len(rids) and all(r[1] == "late" and r[2] == "1" for r in rows)
+
+
+def _warm_lease(stack, gw, key, calls=20):
+    """CALLS calls on a rich account, until a point lease serves it (a
+    per-call hold starts one): returns the points they charged."""
+    for _ in range(calls):
+        assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
+    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    return calls
+
+
+def _replayed_by_a_new_gateway(stack, spill, what="spill replayed"):
+    """A gateway started on SPILL, once it has replayed (and deleted) the
+    files there."""
+    gw = _gateway(stack, spill)
+    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what=what)
+    return gw
+
+
+def _replayed_after_the_sweep(stack, spill, acct, charged):
+    """Once the sweeper has released the lease, a new gateway replays SPILL:
+    the account's spent comes to CHARGED."""
+    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
+    gw = _replayed_by_a_new_gateway(stack, spill)
+    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
+    _wait_spent(stack, acct, charged)
+    gw.stop()
+
+
+def _linked_gateway(stack, name, env=None):
+    """A gateway that reaches Redis through a _Link: (gateway, link)."""
+    link = _Link(stack.redis_port)
+    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
+    assert url != stack.gateway_redis_url, url
+    return _gateway(stack, _spill_dir(stack, name), dict(env or {}, REDIS_URL=url)), link
+
+
 def _wait_exit(stack, gw, timeout=60):
     stack.wait_for(lambda: not gw.alive(), timeout=timeout, what="gateway exited")
     assert gw.p.returncode == 0, gw.p.returncode
@@ -122,7 +168,7 @@ def test_sigterm_while_redis_away_then_back_commits_every_answered_charge(stack)
     the fix the gateway left at once and they ended `expire, 0`."""
     _setup(stack)
     spill = _spill_dir(stack, "a")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill)
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -138,7 +184,7 @@ def test_sigterm_while_redis_away_then_back_commits_every_answered_charge(stack)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=30, what="5 charges in pg")
     rows = _pg_rows(stack, rids)
     assert all(r[1] == "commit" and r[2] == "1" for r in rows), rows
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
 
 
 def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
@@ -148,7 +194,7 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     and a second replay of the same file changes nothing."""
     _setup(stack)
     spill = _spill_dir(stack, "b")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -170,18 +216,14 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
     rows = _pg_rows(stack, rids)
     assert all(r[1] == "expire" and r[2] == "0" for r in rows), rows
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 0
+    assert _spent(stack, acct) == 0
 
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
 
-    def upgraded():
-        rows = _pg_rows(stack, rids)
-        return all(r[1] == "late" and r[2] == "1" for r in rows) and len(rows) == 5
-
-    stack.wait_for(upgraded, timeout=30, what="expire rows upgraded by the replay")
+    stack.wait_for(lambda: _all_late(stack, rids), timeout=30,
+                   what="expire rows upgraded by the replay")
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    spent = int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+    spent = _spent(stack, acct)
     assert spent == _charged(answers) == 5
     assert stack.hot(acct)["spent"] == 5
     gw.stop()
@@ -189,11 +231,10 @@ def test_drain_timeout_spills_then_next_start_replays_exactly_once(stack):
     # Replayed again (as after a crash before the delete): no change.
     os.makedirs(spill, exist_ok=True)
     shutil.copy(saved, os.path.join(spill, os.path.basename(files[0])))
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="second replay")
+    gw = _replayed_by_a_new_gateway(stack, spill, "second replay")
     time.sleep(1.0)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
     assert stack.hot(acct)["spent"] == 5
     assert all(r[1] == "late" and r[2] == "1" for r in _pg_rows(stack, rids))
     gw.stop()
@@ -204,7 +245,7 @@ def test_replay_never_overdraws(stack):
     charges only what is available: never an overdraft."""
     _setup(stack)
     spill = _spill_dir(stack, "c")
-    acct, key = _account(stack, 5)
+    acct, key = stack.new_account_in_redis(5)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
         answers = _calls_during_outage(stack, gw, key, 3, acct=acct)
@@ -218,12 +259,11 @@ def test_replay_never_overdraws(stack):
     # Meanwhile the points are spent by other calls (another gateway).
     gw2 = _gateway(stack, _spill_dir(stack, "c2"))
     for _ in range(4):
-        assert http("GET", gw2.url + PATH, headers=_auth(key)).status == 200
+        assert http("GET", gw2.url + PATH, headers=auth(key)).status == 200
     gw2.stop()
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
+    gw = _replayed_by_a_new_gateway(stack, spill)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    spent = int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+    spent = _spent(stack, acct)
     assert spent == 5, spent  # 4 + 1 of the 3 spilled: no more than credited
     h = stack.hot(acct)
     assert h["spent"] == 5 and h["credited"] - h["spent"] - h["held"] >= 0, h
@@ -237,7 +277,7 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     itself; every answered charge lands once."""
     _setup(stack)
     spill = _spill_dir(stack, "d")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_SETTLE_QUEUE_MAX": "2"})
     try:
         answers = _calls_during_outage(stack, gw, key, 6, acct=acct)
@@ -249,15 +289,14 @@ def test_resend_queue_overflow_spills_and_fails_closed(stack):
     finally:
         stack.service("redis-start")
     stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="replayed while running")
-    stack.wait_for(lambda: http("GET", gw.url + PATH, headers=_auth(key)).status == 200,
+    stack.wait_for(lambda: http("GET", gw.url + PATH, headers=auth(key)).status == 200,
                    timeout=10, what="served again")
     assert "spilled settles replayed: serving again" in gw.output()
     rids = _rids(answers)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 6, timeout=30, what="6 charges")
     assert all(r[2] == "1" for r in _pg_rows(stack, rids)), _pg_rows(stack, rids)
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == 7, timeout=30, what="spent 6 + 1")
+    _wait_spent(stack, acct, 7)  # 6 + 1
     gw.stop()
 
 
@@ -267,13 +306,10 @@ def test_leased_calls_spilled_and_replayed(stack):
     replayed with close `late` after the sweeper released the lease."""
     _setup(stack)
     spill = _spill_dir(stack, "e")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     # Warm up: a lease is started by a per-call hold on a rich account.
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
-    warm = 20
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -286,13 +322,7 @@ def test_leased_calls_spilled_and_replayed(stack):
         stack.service("redis-start")
     charged = _charged(answers) + warm
     # The lease (or holds) expire; then the replay charges what was answered.
-    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
-    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
-    gw.stop()
+    _replayed_after_the_sweep(stack, spill, acct, charged)
 
 
 def test_a_spill_file_another_process_holds_is_left_to_it(stack):
@@ -304,7 +334,7 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     _setup(stack)
     spill = _spill_dir(stack, "f")
     os.makedirs(spill, exist_ok=True)
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     path = os.path.join(spill, "spill-1-0-1.log")
     with open(path, "w") as f:
         # Settled already (no hold, no swept mark): the replay is a no-op.
@@ -322,7 +352,7 @@ def test_a_spill_file_another_process_holds_is_left_to_it(stack):
     stack.wait_for(lambda: not os.path.exists(path), timeout=20, what="replayed and deleted")
     assert "cut short" in gw.output()
     assert stack.hot(acct)["spent"] == 0
-    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     gw.stop()
 
 
@@ -332,11 +362,9 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     answered charge lands, nothing is spilled."""
     _setup(stack)
     spill = _spill_dir(stack, "g")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill)
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -346,10 +374,9 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
         stack.service("redis-start")
     _wait_exit(stack, gw)
     assert _spill_files(spill) == []
-    charged = _charged(answers) + 20
+    charged = _charged(answers) + warm
     stack.wait_for(stack.drained, timeout=30, what="outbox drained, lease given back")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
+    _wait_spent(stack, acct, charged)
     assert stack.hot(acct)["spent"] == charged
 
 
@@ -432,20 +459,9 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
     were resent as plain commits, which find no hold and change nothing:
     answered charges lost."""
     _setup(stack)
-    acct, key = _account(stack, 100)
-    link = _Link(stack.redis_port)
-    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
-    assert url != stack.gateway_redis_url, url
-    gw = _gateway(stack, _spill_dir(stack, "h"), {"REDIS_URL": url})
-    out = [None] * 5
-
-    def call(i):
-        out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
+    acct, key = stack.new_account_in_redis(100)
+    gw, link = _linked_gateway(stack, "h")
+    out, threads = _start_calls(gw, key, 5)
     restored = False
     try:
         stack.wait_for(lambda: stack.hot(acct).get("held", 0) >= 5, timeout=10, what="5 holds")
@@ -462,14 +478,10 @@ def test_queued_commit_outlives_the_sweep_of_its_hold(stack):
         link.restore()
         restored = True
         stack.wait_for(lambda: "resending" in gw.output(), timeout=30, what="queued settles resent")
-
-        def landed():
-            rows = _pg_rows(stack, rids)
-            return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
-
-        stack.wait_for(landed, timeout=30, what=f"5 answered charges in pg: {_pg_rows(stack, rids)}")
+        stack.wait_for(lambda: _all_late(stack, rids), timeout=30,
+                       what=f"5 answered charges in pg: {_pg_rows(stack, rids)}")
         stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+        assert _spent(stack, acct) == 5
         assert stack.hot(acct)["spent"] == 5
     finally:
         if not restored:
@@ -486,25 +498,11 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
     charge them, once. Before the fix it found no lease (status 0) and the
     answered charges were dropped."""
     _setup(stack)
-    acct, key = _account(stack, 1_000_000)
-    link = _Link(stack.redis_port)
-    url = stack.gateway_redis_url.replace(f":{stack.redis_port}/", f":{link.port}/")
-    gw = _gateway(stack, _spill_dir(stack, "i"),
-                  {"REDIS_URL": url, "UPSTREAM_TIMEOUT_MS": "2000",
-                   "GATEWAY_LEASE_IDLE_MS": "60000"})
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
-    warm = 20
-    out = [None] * 8
-
-    def call(i):
-        out[i] = http("GET", gw.url + PATH, timeout=30,
-                      headers=dict(_auth(key), **{"X-Sim-Delay-Ms": "1500"}))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    acct, key = stack.new_account_in_redis(1_000_000)
+    gw, link = _linked_gateway(stack, "i", {"UPSTREAM_TIMEOUT_MS": "2000",
+                                            "GATEWAY_LEASE_IDLE_MS": "60000"})
+    warm = _warm_lease(stack, gw, key)
+    out, threads = _start_calls(gw, key, 8)
     restored = False
     try:
         time.sleep(0.5)
@@ -520,13 +518,13 @@ def test_queued_lease_records_outlive_the_sweep_of_their_lease(stack):
                        what="outbox applied")
         link.restore()
         restored = True
-        stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
+        stack.wait_for(lambda: _spent(stack, acct)
                        == charged, timeout=30,
                        what=f"spent {charged}: " + str(stack.scalar(
                            f"SELECT spent FROM accounts WHERE id = {acct}")))
         stack.wait_for(stack.drained, timeout=30, what="outbox drained")
         time.sleep(1.0)
-        assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == charged
+        assert _spent(stack, acct) == charged
         assert stack.hot(acct)["spent"] == charged
     finally:
         if not restored:
@@ -544,7 +542,7 @@ def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
     end, and a SIGKILL lost them all (expire, 0)."""
     _setup(stack)
     spill = _spill_dir(stack, "j")
-    acct, key = _account(stack, 100)
+    acct, key = stack.new_account_in_redis(100)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     try:
         answers = _calls_during_outage(stack, gw, key, 5, acct=acct)
@@ -563,16 +561,10 @@ def test_sigkill_during_the_drain_loses_no_answered_charge(stack):
         stack.service("redis-start")
     rids = _rids(answers)
     stack.wait_for(lambda: len(_pg_rows(stack, rids)) == 5, timeout=60, what="holds expired")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
-
-    def landed():
-        rows = _pg_rows(stack, rids)
-        return len(rows) == 5 and all(r[1] == "late" and r[2] == "1" for r in rows)
-
-    stack.wait_for(landed, timeout=30, what="answered charges in pg")
+    gw = _replayed_by_a_new_gateway(stack, spill)
+    stack.wait_for(lambda: _all_late(stack, rids), timeout=30, what="answered charges in pg")
     stack.wait_for(stack.drained, timeout=30, what="outbox drained")
-    assert int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}")) == 5
+    assert _spent(stack, acct) == 5
     gw.stop()
 
 
@@ -582,11 +574,9 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     every answered call once."""
     _setup(stack)
     spill = _spill_dir(stack, "k")
-    acct, key = _account(stack, 1_000_000)
+    acct, key = stack.new_account_in_redis(1_000_000)
     gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
-    for _ in range(20):
-        assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
-    stack.wait_for(lambda: stack.leases(), timeout=10, what="a lease")
+    warm = _warm_lease(stack, gw, key)
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -597,14 +587,8 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
         assert len(files) == 1, files
     finally:
         stack.service("redis-start")
-    charged = _charged(answers) + 20
-    stack.wait_for(lambda: not stack.leases(), timeout=60, what="lease swept")
-    gw = _gateway(stack, spill)
-    stack.wait_for(lambda: _spill_files(spill) == [], timeout=30, what="spill replayed")
-    stack.wait_for(stack.drained, timeout=60, what="outbox drained")
-    stack.wait_for(lambda: int(stack.scalar(f"SELECT spent FROM accounts WHERE id = {acct}"))
-                   == charged, timeout=30, what=f"spent {charged}")
-    gw.stop()
+    charged = _charged(answers) + warm
+    _replayed_after_the_sweep(stack, spill, acct, charged)
 
 
 def test_a_spill_file_of_another_user_is_not_replayed(stack):
@@ -615,7 +599,7 @@ def test_a_spill_file_of_another_user_is_not_replayed(stack):
     _setup(stack)
     spill = _spill_dir(stack, "l")
     os.makedirs(spill, exist_ok=True)
-    acct, key = _account(stack, 10)
+    acct, key = stack.new_account_in_redis(10)
     foreign = os.path.join(spill, "spill-1-0-1.log")
     with open(foreign, "w") as f:
         f.write(f"S {'ef' * 16} {acct} 1 late 200\n")
@@ -631,5 +615,5 @@ def test_a_spill_file_of_another_user_is_not_replayed(stack):
     out = gw.output()
     assert "spill-1-0-1.log: not a regular file of uid" in out, out
     assert "spill-1-0-2.log: cannot open it" in out, out
-    assert http("GET", gw.url + PATH, headers=_auth(key)).status == 200
+    assert http("GET", gw.url + PATH, headers=auth(key)).status == 200
     gw.stop()

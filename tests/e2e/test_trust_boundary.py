@@ -19,16 +19,11 @@ import json
 import re
 import socket
 
-import harness
-import test_gateway
 import test_gateway_upstream
 from harness import http, raw_http
-from test_gateway import _auth, _held_zero, _sim_requests
+from test_gateway import _auth, _settled, _sim_requests
+from test_gateway_http import _nothing_happened, _setup
 from test_gateway_upstream import RawUpstream
-
-
-def _setup(stack):
-    return test_gateway._setup(stack, env={"GATEWAY_THREADS": "2"})
 
 
 def _last(stack):
@@ -63,12 +58,6 @@ def _refused(stack, req, status, code):
     assert st == status, (req, st, body)
     assert dict(hdrs)["content-type"] == "application/json", hdrs
     assert json.loads(body)["error"] == code, (req, body)
-
-
-def _nothing_happened(stack, acct, before):
-    assert _sim_requests(stack) == before
-    h = stack.hot(acct)
-    assert h.get("spent", 0) == 0 and h.get("held", 0) == 0, h
 
 
 # ---- request headers ------------------------------------------------------
@@ -119,8 +108,7 @@ def test_spoofed_headers_dropped_in_any_spelling(stack):
     assert "transfer-encoding" not in last and "x-api-key" not in last, last
     assert last["x-custom"] == "kept" and last["x_custom_underscore"] == "kept too", last
     assert last["method"] == "GET" and last["path"] == "/v1/devices/d1", last
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 def test_xff_always_ends_with_the_peer(stack):
@@ -154,8 +142,8 @@ def test_xff_always_ends_with_the_peer(stack):
                           b"X-Forwarded-For: " + half + b"\r\nX-Forwarded-For: " + half + b"\r\n"),
              431, "header_too_large")
     assert _sim_requests(stack) == before
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == spent == 2
+    assert spent == 2
+    _settled(stack, acct, spent)
 
 
 # ---- answer headers -----------------------------------------------------------
@@ -193,8 +181,7 @@ def test_upstream_billing_headers_do_not_reach_the_client(stack):
     finally:
         up.stop()
         assert gw.stop() == 0
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 # ---- paths ------------------------------------------------------------------
@@ -219,8 +206,7 @@ def test_encoded_control_bytes_and_double_encoding_refused(stack):
         r = http("GET", stack.gateway.url + path, headers=_auth(key))
         assert r.status == 200, (path, r)
     assert _sim_requests(stack) == before + 3
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 3
+    _settled(stack, acct, 3)
 
 
 # ---- chunked bodies -------------------------------------------------------------
@@ -247,8 +233,7 @@ def test_chunked_request_with_lone_lf_refused(stack):
                         b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n")
     assert st == 202 and json.loads(body)["body_length"] == 3, body
     assert _last(stack)["body_length"] == 3
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 5
+    _settled(stack, acct, 5)
 
 
 RESPONSES = {
@@ -284,8 +269,7 @@ def test_chunked_response_with_lone_lf_is_502_and_free(stack):
     finally:
         up.stop()
         assert gw.stop() == 0
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 # ---- Host and absolute-form ------------------------------------------------------
@@ -305,8 +289,7 @@ def test_invalid_host_refused(stack):
                  b"api.example.com."]:
         st, _, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, host=host))
         assert st == 200, (host, body)
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 4
+    _settled(stack, acct, 4)
 
 
 def test_absolute_form_targets(stack):
@@ -346,8 +329,7 @@ def test_absolute_form_targets(stack):
     _refused(stack, _head(b"GET", b"http://h/v1/devices/d1", key, host=b"a b"), 400,
              "bad_request")
     assert _sim_requests(stack) == before + 3
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1 + 5 + 1
+    _settled(stack, acct, 1 + 5 + 1)
 
 
 # ---- review r2: paths another parser reads as another path -------------------------
@@ -382,8 +364,7 @@ def test_paths_read_otherwise_upstream_refused(stack):
         st, _, body = _call(stack, _head(b"GET", path, key))
         assert st == 200, (path, body)
     assert _sim_requests(stack) == before + 4
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 4
+    _settled(stack, acct, 4)
 
 
 # ---- review r2: other punctuation in the names -------------------------------------
@@ -416,8 +397,7 @@ def test_spoofed_headers_with_other_punctuation_dropped(stack):
     assert not any(v.startswith("6.6.6") or v in ("evil.example", "free", "POST")
                    for v in last.values() if isinstance(v, str)), last
     assert last["x.custom"] == "kept", last
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)
 
 
 def test_two_hosts_refused_in_http10_too(stack):
@@ -432,5 +412,4 @@ def test_two_hosts_refused_in_http10_too(stack):
     st, _, body = _call(stack, _head(b"GET", b"/v1/devices/d1", key, host=b"a",
                                      version=b"HTTP/1.0"))
     assert st == 200, body
-    _held_zero(stack, acct)
-    assert stack.hot(acct)["spent"] == 1
+    _settled(stack, acct, 1)

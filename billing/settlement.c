@@ -549,7 +549,8 @@ void *settlement_run(void *arg)
      * reading entries and committing them, holding the pass lock, to make
      * the window a Redis loss can fall into deterministic. Never set it in
      * production: it caps settlement at one batch per pause. */
-    if (env_int64("SETTLE_TEST_PAUSE_MS", 0, 0, 600000, &s.pause_ms) != 0) goto out;
+    if (env_int64("SETTLE_TEST_PAUSE_MS", 0, 0, 600000, &s.pause_ms) != 0)
+        s.pause_ms = 0; /* logged; a test knob never stops settlement */
     if (s.pause_ms > 0)
         log_warn("settlement: SETTLE_TEST_PAUSE_MS=%lld (tests only)", (long long)s.pause_ms);
     /* Entries per read: a gateway's entry carries up to HOT_BATCH_MAX calls

@@ -294,8 +294,8 @@ def test_batch_read_before_the_loss_is_in_the_rebuilt_hash(stack):
     try:
         acct, _ = stack.new_account(1000, "late-batch")
         stack.wait_for(lambda: _epoch(stack), timeout=20, what="first pass")
-        assert red.reserve(acct, "late", 300)[0] == 1
-        assert red.settle(acct, "late", 300)[:2] == [1, 300]
+        assert red.reserve(acct, f"late-{acct}", 300)[0] == 1
+        assert red.settle(acct, f"late-{acct}", 300)[:2] == [1, 300]
         # Read by settlement (pending for its consumer), not committed yet.
         stack.wait_for(lambda: _pending(stack) == 1, timeout=20, what="batch read")
         assert _pg_accounts(stack)[acct]["spent"] == 0
@@ -309,14 +309,14 @@ def test_batch_read_before_the_loss_is_in_the_rebuilt_hash(stack):
         hot = stack.hot(acct)
         assert hot["spent"] == 300 and hot["held"] == 0, hot
         # Exactly 700 left: 700 can be held, one point more cannot.
-        assert red.reserve(acct, "rest", 700)[0] == 1
-        over = red.reserve(acct, "one-more", 1)
+        assert red.reserve(acct, f"rest-{acct}", 700)[0] == 1
+        over = red.reserve(acct, f"one-more-{acct}", 1)
         if over[0] == 1:
-            red.settle(acct, "one-more", 0, outcome="release")
+            red.settle(acct, f"one-more-{acct}", 0, outcome="release")
         assert over[0] == 0, f"served past the balance: {over}"
         # Post-loss charges: spent in both stores ends the same once settled
         # (a catch-up push meanwhile never lowers Redis spent).
-        assert red.settle(acct, "rest", 700)[:2] == [1, 700]
+        assert red.settle(acct, f"rest-{acct}", 700)[:2] == [1, 700]
         stack.wait_for(lambda: _pg_accounts(stack)[acct]["spent"] == 1000 and stack.drained(),
                        timeout=60, what="post-loss charge settled")
         assert stack.hot(acct)["spent"] == 1000

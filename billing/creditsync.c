@@ -198,10 +198,12 @@ void *creditsync_run(void *arg)
                      (long long)(now - started));
             catchups = 2;
             warned = 0;
-        } else if (applied > 0 && catchups == 0 && next_pass != 0) {
+        } else if (applied > 0 && catchups == 0) {
             /* Redis was behind on some accounts: a lost push, or an
              * account hash lost alone (recreated now from Postgres spent,
-             * which its records still in the outbox will raise). */
+             * which its records still in the outbox will raise). The
+             * first pass too: it may start late (it waits for settlement's
+             * read, which holds the pass lock), after such a loss. */
             log_info("creditsync: %ld account(s) were behind in redis; repaired", applied);
             catchups = 2;
         }

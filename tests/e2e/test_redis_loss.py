@@ -144,13 +144,13 @@ def test_account_hash_lost_alone_is_recreated_with_its_holds(stack):
     acct, _ = stack.new_account(100, "alone")
     red = Redis(stack.redis_port)
     try:
-        assert red.reserve(acct, "alone-hold", 60)[0] == 1
+        assert red.reserve(acct, f"alone-hold-{acct}", 60)[0] == 1
         red.call("DEL", acct_key(acct))
         stack.wait_for(lambda: stack.hot(acct).get("credited") == 100, timeout=20,
                        what="hash recreated by a pass")
         assert stack.hot(acct)["held"] == 60
-        assert red.reserve(acct, "too-much", 41)[0] == 0  # 40 available, not 100
-        assert red.settle(acct, "alone-hold", 60)[:2] == [1, 60]
+        assert red.reserve(acct, f"too-much-{acct}", 41)[0] == 0  # 40 available, not 100
+        assert red.settle(acct, f"alone-hold-{acct}", 60)[:2] == [1, 60]
     finally:
         red.close()
     # Logged at the end of the pass, after its key phase: may trail the hash.

@@ -15,8 +15,9 @@
 #define CONTROL_GUARD_TTL_MS 30000
 #define CONTROL_GUARD_WAIT_MS 2000
 #define CONTROL_GUARD_STEP_MS 50
-/* The session advisory lock that keeps negative adjustments (shared) and
- * the account phase of repair passes (exclusive) apart; see control.h. */
+/* The session advisory lock that keeps negative adjustments and settlement
+ * batches (shared) and the account phase of repair passes (exclusive)
+ * apart; see control.h. */
 #define CONTROL_PASS_LOCK "x'706770617373'::bigint" /* "pgpass" */
 
 static int control_lock_exec(PGconn *pg, const char *sql)
@@ -32,6 +33,12 @@ int control_pass_lock(PGconn *pg, int lock)
 {
     return control_lock_exec(pg, lock ? "SELECT pg_advisory_lock(" CONTROL_PASS_LOCK ")"
                                       : "SELECT pg_advisory_unlock(" CONTROL_PASS_LOCK ")");
+}
+
+int control_pass_lock_shared(PGconn *pg, int lock)
+{
+    return control_lock_exec(pg, lock ? "SELECT pg_advisory_lock_shared(" CONTROL_PASS_LOCK ")"
+                                      : "SELECT pg_advisory_unlock_shared(" CONTROL_PASS_LOCK ")");
 }
 
 int control_account_create(control_ctx *c, const char *name, ledger_account *out)
@@ -140,8 +147,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
          * its data meanwhile (the guard with it), a rebuild could otherwise
          * restore the old credited total and let calls spend the points
          * this adjustment takes. */
-        if (control_lock_exec(c->pg, "SELECT pg_advisory_lock_shared(" CONTROL_PASS_LOCK ")") != 0)
-            return LEDGER_ERROR;
+        if (control_pass_lock_shared(c->pg, 1) != 0) return LEDGER_ERROR;
         rc = control_guard(c, account_id, amount, guard, &guarded);
         if (rc != LEDGER_OK) goto out;
         if (!guarded) guard[0] = '\0';
@@ -160,8 +166,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
         hot_credit(c->hot, account_id, acct.credit_seq, acct.credited, acct.spent, guard, 0,
                    &applied);
 out:
-    if (amount < 0 &&
-        control_lock_exec(c->pg, "SELECT pg_advisory_unlock_shared(" CONTROL_PASS_LOCK ")") != 0) {
+    if (amount < 0 && control_pass_lock_shared(c->pg, 0) != 0) {
         /* A session whose unlock failed is broken: drop it, and the lock
          * with it, rather than block every repair pass. */
         PQreset(c->pg);

@@ -42,10 +42,17 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
 
 /* The account phase of a repair pass (creditsync.c) takes this session
  * advisory lock exclusively (LOCK 1, then 0 to release); a negative
- * adjustment holds it shared from its guard to its push. So a pass that
- * creates an account's hash (Redis lost it) always read a credited total
- * that includes every debit whose guard the loss may have taken. -1 when
+ * adjustment holds it shared from its guard to its push, and the settlement
+ * worker (settlement.c) holds it shared from before it reads outbox entries
+ * until they are committed to Postgres. So a pass that creates an account's
+ * hash (Redis lost it) always read a credited total that includes every
+ * debit whose guard the loss may have taken, and a spent that includes
+ * every settlement batch read from the outbox the loss took. -1 when
  * Postgres failed. */
 int control_pass_lock(PGconn *pg, int lock);
+
+/* The same lock, shared (LOCK 1, then 0 to release). -1 when Postgres
+ * failed: the caller drops the session (and any lock with it). */
+int control_pass_lock_shared(PGconn *pg, int lock);
 
 #endif

@@ -29,14 +29,28 @@
 -- one).
 --
 -- A hash created from Postgres for an account that had credits (seq > 0)
--- may have lost charges that are still on their way to Postgres: a batch
--- the settlement worker read before the loss and commits after this push
--- read Postgres spent, or (account hash alone lost) records still in the
--- outbox. So the creation also sets KEYS[4] (pg:{A}:rebuilt, PX
--- REBUILT_MS), and while it lives every push raises spent to Postgres'
--- whenever that is higher, calls in flight or not: the hash was made from
--- nothing, so every hold in it is one Postgres has not charged, and no
--- hold can be counted twice. (Outside that window the rule below holds.)
+-- may lack charges that are still on their way to Postgres. After a whole
+-- loss there are none: the settlement worker holds the pass lock shared
+-- from its read of a batch to its commit, and the pass reads Postgres under
+-- it exclusively (control.h), so every batch read from the lost outbox is
+-- in the spent the hash is made from; what the loss took unread is lost
+-- (under-billing). If the account hash alone was lost, the records still
+-- in the outbox (o) are not in it. So the creation also sets KEYS[4]
+-- (pg:{A}:rebuilt, PX REBUILT_MS), and while it lives a push raises spent
+-- to Postgres' whenever that is higher, calls in flight or not. It can
+-- never raise too far: both figures are lower bounds of the true spent.
+-- Redis' is Postgres' at creation (P0) plus the charges settled into the
+-- new hash since (p; every hold in a hash made from nothing is one Postgres
+-- has not charged, so none is counted twice); Postgres' is P0 plus the
+-- part of o and p it has committed. The true spent is P0 + o + p. Taking
+-- the higher of the two never lowers spent and never passes the truth, so
+-- each raise shrinks what the account could overspend (from o to the part
+-- of o + p not yet in Postgres) and never refuses a funded call; it is not
+-- exact until Postgres has all of o (the catch-up passes, then the rule
+-- below). After a whole loss Postgres' is never the higher (it holds only
+-- p's committed part), so the window writes nothing: a backstop, for a
+-- batch ledger.c resent on a new session without the lock. (Outside the
+-- window the rule below holds.)
 --
 -- A repair pass names its marker (pg:rebuild:<token>, set when it began) as
 -- KEYS[5]: if it is gone, Redis lost its data since, and the figures the

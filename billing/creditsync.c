@@ -15,8 +15,8 @@
  * after a Redis restart the check reconnects like any command) and, when it
  * is gone (a restart without its AOF, FLUSHALL, a failover to an empty
  * replica), rebuilds at once instead of at the next interval, then runs two
- * catch-up passes a few seconds later (credit.lua: charges that reached
- * Postgres after the rebuild read it). A loss during a pass takes its marker:
+ * catch-up passes a few seconds later (a backstop only: see below). A loss
+ * during a pass takes its marker:
  * the pass stops writing (keypush.lua and credit.lua check the marker on
  * every key and account, in the same step as the write) and starts again
  * from a fresh snapshot, so a snapshot older than the loss never writes the
@@ -26,8 +26,15 @@
  * (a Redis back from a restart WITH its AOF, pg:epoch present) asks for a
  * pass at once: writes billing could not make meanwhile (a revoke's
  * tombstone) are then in Redis within a pass, not an interval. The account
- * phase holds a Postgres advisory lock that negative adjustments take
- * shared (control.h).
+ * phase holds a Postgres advisory lock exclusively that negative
+ * adjustments and settlement batches (from their read to their commit)
+ * take shared (control.h): so a hash a rebuild creates counts every debit
+ * whose guard the loss took and every batch read from the lost outbox,
+ * and the pass waits for at most the batch in flight and one settlement
+ * read's BLOCK (500 ms). Settlement and adjustments wait, in turn, for the
+ * account phase: one Redis round trip per account, O(accounts) (the
+ * measure below: 5,000 keys in well under a second; an account costs
+ * about as much).
  *
  * Trade-off: a full pass is O(accounts + keys), one round trip each; fine
  * for thousands (measured: 5,000 keys in well under a second), to be
@@ -191,17 +198,22 @@ void *creditsync_run(void *arg)
                      (long long)(now - started));
             catchups = 2;
             warned = 0;
-        } else if (applied > 0 && catchups == 0 && next_pass != 0) {
+        } else if (applied > 0 && catchups == 0) {
             /* Redis was behind on some accounts: a lost push, or an
              * account hash lost alone (recreated now from Postgres spent,
-             * which its records still in the outbox will raise). */
+             * which its records still in the outbox will raise). The
+             * first pass too: it may start late (it waits for settlement's
+             * read, which holds the pass lock), after such a loss. */
             log_info("creditsync: %ld account(s) were behind in redis; repaired", applied);
             catchups = 2;
         }
-        /* After a rebuild or a repair, two early passes (2 s, then 10 s):
-         * charges that reach Postgres after the pass read it (a settlement
-         * batch read before the loss) raise spent only with a push
-         * (credit.lua). */
+        /* After a rebuild or a repair, two early passes (2 s, then 10 s).
+         * For a hash lost alone they raise spent by the records that were
+         * in the outbox when it was recreated, once Postgres has them
+         * (credit.lua's rebuilt window); after a full loss the lock above
+         * already put every batch read before it in the rebuild, and they
+         * are a backstop (a settlement session that died and was resent
+         * by ledger.c without the lock). */
         next_pass = now + w->cfg->credit_sync_interval_ms;
         if (catchups > 0) {
             int64_t soon = now + (catchups == 2 ? 2000 : 8000);

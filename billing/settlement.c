@@ -24,7 +24,24 @@
  * Entries leave the stream through outbox_ack.lua, which deletes and
  * acknowledges them and lowers pg:backlog (the records not yet in Postgres,
  * which the gateway bounds with OUTBOX_MAX_BACKLOG) by the records of the
- * entries it deleted, in one atomic step. */
+ * entries it deleted, in one atomic step.
+ *
+ * Redis losing its data: every read of entries (XREADGROUP, XAUTOCLAIM)
+ * and their commit to Postgres happen while the worker's Postgres session
+ * holds CONTROL_PASS_LOCK shared (control.h), taken before the read and
+ * released right after the commit, on every path. A repair pass takes it
+ * exclusively for its account phase, so it reads Postgres spent either
+ * before such a batch was read or after it was committed; after a loss the
+ * first is impossible for a batch read from the lost stream, so a hash
+ * rebuilt from Postgres always counts every batch read before the loss
+ * (entries the loss took before they were read are lost charges:
+ * under-billing). A session that fails in between loses the lock with it:
+ * the entries stay pending and are read again (XREADGROUP from 0) under a
+ * new lock, and an entry the loss took meanwhile comes back without its
+ * fields and is only acknowledged. Cost: two small statements per read; a
+ * pass waits for at most one read's BLOCK (SETTLE_BLOCK_MS) plus the
+ * batch in flight. */
+#include "billing/control.h"
 #include "billing/env.h"
 #include "billing/hot.h"
 #include "billing/hotkeys.h"
@@ -42,6 +59,9 @@
 #include <unistd.h>
 
 #define SETTLE_DEAD_STREAM HOT_OUTBOX ":dead"
+/* How long a read waits for new entries, holding the pass lock shared: a
+ * repair pass waits for that long at most, plus the batch in flight. */
+#define SETTLE_BLOCK_MS 500
 
 /* An entry of the batch: its stream id and the records it carries (what
  * settle.lua or lease.lua added to pg:backlog when appending it). */
@@ -61,6 +81,9 @@ typedef struct settle_state {
     settle_id *ids; /* the entries of the batch */
     int ids_cap;
     char ack_sha[41]; /* outbox_ack.lua, once loaded; "" before */
+    int lock_pid;     /* backend of the session holding the pass lock; 0: none */
+    int reread;       /* a commit failed: read our pending entries again, under a new lock */
+    int64_t pause_ms; /* SETTLE_TEST_PAUSE_MS: tests only (see settlement_run) */
 } settle_state;
 
 /* Copies the next '|'-separated part of *P into OUT (at most CAP-1 chars);
@@ -301,23 +324,58 @@ static int settle_apply(settle_state *s, int lo, int n)
     return rc != 0 ? rc : settle_apply(s, lo + half, n - half);
 }
 
-/* Writes the charges to Postgres until it works or we are told to stop.
- * Returns 0 when every charge is durable (or dead-lettered). */
+/* Takes the pass lock shared on the worker's session (connecting first if
+ * needed), before entries are read; 0 when held. */
+static int settle_lock(settle_state *s)
+{
+    if (!s->pg) s->pg = ledger_connect(s->cfg->database_url);
+    if (!s->pg || ledger_check(s->pg) != 0) return -1;
+    if (control_pass_lock_shared(s->pg, 1) != 0) {
+        PQreset(s->pg); /* a broken session: a lock, if granted, goes with it */
+        return -1;
+    }
+    s->lock_pid = PQbackendPID(s->pg);
+    return 0;
+}
+
+/* Releases it, right after the commit (or the failure). A session that
+ * failed, or that ledger.c reconnected meanwhile, no longer holds it. */
+static void settle_unlock(settle_state *s)
+{
+    if (s->lock_pid == 0) return;
+    if (PQstatus(s->pg) == CONNECTION_OK && PQbackendPID(s->pg) == s->lock_pid &&
+        control_pass_lock_shared(s->pg, 0) != 0)
+        PQreset(s->pg); /* never left held: it would stop every repair pass */
+    s->lock_pid = 0;
+}
+
+/* Writes the charges to Postgres, once, under the pass lock the read took.
+ * Returns 0 when every charge is durable (or dead-lettered); -1 otherwise,
+ * the entries then stay pending: after a database failure they are read
+ * again under a new lock (s->reread), never committed on a session that
+ * lost the lock after they were read. */
 static int settle_write(settle_state *s, int n)
 {
-    long backoff = 100;
-    while (!atomic_load(s->stop)) {
-        if (!s->pg) s->pg = ledger_connect(s->cfg->database_url);
-        if (s->pg && ledger_check(s->pg) == 0) {
-            int rc = settle_apply(s, 0, n);
-            if (rc == 0) return 0;
-            if (rc == -2) return -1; /* the entries stay pending: retried later */
-        }
-        log_warn("settlement: postgres unavailable; retrying %d entries in %ld ms", n, backoff);
-        worker_sleep(s->stop, backoff);
-        backoff = backoff < 5000 ? backoff * 2 : 5000;
+    int rc;
+    /* Tests only: a slow commit, with the lock held (the loss window). */
+    if (s->pause_ms > 0) worker_sleep(s->stop, (long)s->pause_ms);
+    if (atomic_load(s->stop) || PQstatus(s->pg) != CONNECTION_OK ||
+        PQbackendPID(s->pg) != s->lock_pid) {
+        s->reread = 1;
+        return -1;
     }
-    return -1;
+    rc = settle_apply(s, 0, n);
+    if (rc == 0 && PQbackendPID(s->pg) != s->lock_pid)
+        /* ledger.c resent the batch on a new session (the old one died
+         * before it ran): committed without the lock. Only a Redis loss
+         * at that very moment could make a rebuild miss it; the catch-up
+         * passes (credit.lua's rebuilt window) then raise spent. */
+        log_warn("settlement: %d charges committed after postgres reconnected", n);
+    if (rc == -1) {
+        log_warn("settlement: postgres unavailable; %d charges stay pending", n);
+        s->reread = 1;
+    }
+    return rc == 0 ? 0 : -1; /* -2: kept pending, retried when claimed again */
 }
 
 /* Makes room for N more charges after the NC taken. */
@@ -427,16 +485,23 @@ static int settle_read(settle_state *s, const char *start, int block_ms, int *ch
     snprintf(block, sizeof block, "%d", block_ms);
     memcpy(full, argv, sizeof argv);
     full[10] = start;
-    r = hot_command_argv(s->hot, 11, full, NULL);
-    if (!r) return -1;
-    if (r->type == REDIS_REPLY_ERROR) {
-        /* NOGROUP: the stream or group vanished (Redis restarted empty). */
-        freeReplyObject(r);
-        return settle_group_create(s) == 0 ? 0 : -1;
+    /* No entry is read that could not be committed under the same lock. */
+    if (settle_lock(s) != 0) {
+        if (strcmp(start, "0") == 0) s->reread = 1; /* nothing read: still to do */
+        return -1;
     }
-    if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 && r->element[0]->elements == 2)
+    r = hot_command_argv(s->hot, 11, full, NULL);
+    if (!r) {
+        n = -1;
+        if (strcmp(start, "0") == 0) s->reread = 1;
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        /* NOGROUP: the stream or group vanished (Redis restarted empty). */
+        n = settle_group_create(s) == 0 ? 0 : -1;
+    } else if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 && r->element[0]->elements == 2) {
         n = settle_entries(s, r->element[0]->element[1], charges);
-    freeReplyObject(r);
+    }
+    settle_unlock(s);
+    if (r) freeReplyObject(r);
     return n;
 }
 
@@ -450,12 +515,15 @@ static int settle_claim(settle_state *s)
     int n = 0, charges;
     snprintf(idle, sizeof idle, "%lld", (long long)s->cfg->settle_claim_idle_ms);
     snprintf(count, sizeof count, "%d", s->ids_cap);
+    if (settle_lock(s) != 0) return -1;
     r = hot_command_argv(s->hot, 8, argv, NULL);
-    if (!r) return -1;
-    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2)
+    if (!r)
+        n = -1;
+    else if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2)
         n = settle_entries(s, r->element[1], &charges);
+    settle_unlock(s);
     if (n > 0) log_info("settlement: claimed %d entries from a stalled consumer", n);
-    freeReplyObject(r);
+    if (r) freeReplyObject(r);
     return n;
 }
 
@@ -466,6 +534,7 @@ void *settlement_run(void *arg)
     char host[64] = "host";
     struct timespec last_claim = {0, 0};
     int charges;
+    long backoff = 100;
 
     memset(&s, 0, sizeof s);
     s.cfg = w->cfg;
@@ -476,6 +545,14 @@ void *settlement_run(void *arg)
     gethostname(host, sizeof host - 1);
     snprintf(s.consumer, sizeof s.consumer, "%s-%d", env_str("SETTLE_CONSUMER", host), w->index);
     s.hot = hot_open(w->cfg->redis_url);
+    /* Tests only (tests/e2e/test_redis_loss.py): sleep this long between
+     * reading entries and committing them, holding the pass lock, to make
+     * the window a Redis loss can fall into deterministic. Never set it in
+     * production: it caps settlement at one batch per pause. */
+    if (env_int64("SETTLE_TEST_PAUSE_MS", 0, 0, 600000, &s.pause_ms) != 0)
+        s.pause_ms = 0; /* logged; a test knob never stops settlement */
+    if (s.pause_ms > 0)
+        log_warn("settlement: SETTLE_TEST_PAUSE_MS=%lld (tests only)", (long long)s.pause_ms);
     /* Entries per read: a gateway's entry carries up to HOT_BATCH_MAX calls
      * (one per call when traffic is light), so reading SETTLE_BATCH / 8
      * entries keeps a read's reply within a few MiB after a long backlog
@@ -491,8 +568,7 @@ void *settlement_run(void *arg)
     while (!atomic_load(s.stop) && settle_group_create(&s) != 0)
         worker_sleep(s.stop, 1000);
     /* Our own pending entries first: we may have died after committing. */
-    while (!atomic_load(s.stop) && settle_read(&s, "0", 1, &charges) > 0) {
-    }
+    s.reread = 1;
     while (!atomic_load(s.stop)) {
         struct timespec now;
         int n;
@@ -502,13 +578,27 @@ void *settlement_run(void *arg)
             while (!atomic_load(s.stop) && settle_claim(&s) > 0) {
             }
         }
-        n = settle_read(&s, ">", 500, &charges);
-        if (n < 0) worker_sleep(s.stop, 500);
+        if (s.reread) {
+            /* Entries delivered to us and not committed (a failed commit,
+             * or a restart): read again from 0, under a new lock, until
+             * none is left. */
+            s.reread = 0;
+            n = settle_read(&s, "0", 1, &charges);
+            if (n > 0) s.reread = 1;
+        } else {
+            n = settle_read(&s, ">", SETTLE_BLOCK_MS, &charges);
+        }
+        if (n < 0) {
+            worker_sleep(s.stop, backoff);
+            backoff = backoff < 5000 ? backoff * 2 : 5000;
+            continue;
+        }
+        backoff = 100;
         /* A small batch means we are keeping up: linger so that the next
          * transaction carries more rows. Postgres pays per transaction far
          * more than per row, so this trades a few ms of settlement lag for
          * most of the database's CPU under load. */
-        else if (charges > 0 && charges < s.cfg->settle_batch / 4)
+        if (charges > 0 && charges < s.cfg->settle_batch / 4)
             worker_sleep(s.stop, (long)s.cfg->settle_linger_ms);
     }
 out:

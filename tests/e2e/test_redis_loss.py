@@ -144,16 +144,18 @@ def test_account_hash_lost_alone_is_recreated_with_its_holds(stack):
     acct, _ = stack.new_account(100, "alone")
     red = Redis(stack.redis_port)
     try:
-        assert red.reserve(acct, "alone-hold", 60)[0] == 1
+        assert red.reserve(acct, f"alone-hold-{acct}", 60)[0] == 1
         red.call("DEL", acct_key(acct))
         stack.wait_for(lambda: stack.hot(acct).get("credited") == 100, timeout=20,
                        what="hash recreated by a pass")
         assert stack.hot(acct)["held"] == 60
-        assert red.reserve(acct, "too-much", 41)[0] == 0  # 40 available, not 100
-        assert red.settle(acct, "alone-hold", 60)[:2] == [1, 60]
+        assert red.reserve(acct, f"too-much-{acct}", 41)[0] == 0  # 40 available, not 100
+        assert red.settle(acct, f"alone-hold-{acct}", 60)[:2] == [1, 60]
     finally:
         red.close()
-    assert "were behind in redis" in stack.billing.output()
+    # Logged at the end of the pass, after its key phase: may trail the hash.
+    stack.wait_for(lambda: "were behind in redis" in stack.billing.output(), timeout=20,
+                   what="the pass's report")
     stack.wait_for(lambda: _pg_accounts(stack)[acct]["spent"] == 60 and stack.drained(),
                    what="charge settled")
     hot = stack.hot(acct)
@@ -265,3 +267,59 @@ def test_flushall_under_traffic(stack):
     for a, _ in accts:
         hot = stack.hot(a)
         assert hot["held"] == 0 and pg[a]["spent"] <= pg[a]["credited"], (hot, pg[a])
+
+
+PAUSE_MS = 6000  # settlement's test-only pause between its read and its commit
+
+
+def _pending(stack):
+    out = stack.redis_raw("XPENDING", OUTBOX, "settle").splitlines()
+    return int(out[0]) if out else 0
+
+
+def test_batch_read_before_the_loss_is_in_the_rebuilt_hash(stack):
+    """A settlement batch read from the outbox before a FLUSHALL and
+    committed to Postgres after it: the rebuild reads Postgres only after
+    that commit (settlement holds the pass lock shared from its read to its
+    commit; billing/settlement.c), so the rebuilt hash counts the batch the
+    moment pg:epoch is back, and the account can spend exactly what it has
+    left, not a point more. SETTLE_TEST_PAUSE_MS (tests only) holds every
+    batch between read and commit, making the window deterministic; the
+    catch-up pass 2 s after a rebuild comes before the commit, so without
+    the lock Redis spent stays below Postgres' for the next 8 s."""
+    if stack.billing is not None and stack.billing.alive():
+        assert stack.billing.stop() == 0
+    stack.start_billing({**NO_PERIODIC, "SETTLE_TEST_PAUSE_MS": str(PAUSE_MS)})
+    red = Redis(stack.redis_port)
+    try:
+        acct, _ = stack.new_account(1000, "late-batch")
+        stack.wait_for(lambda: _epoch(stack), timeout=20, what="first pass")
+        assert red.reserve(acct, f"late-{acct}", 300)[0] == 1
+        assert red.settle(acct, f"late-{acct}", 300)[:2] == [1, 300]
+        # Read by settlement (pending for its consumer), not committed yet.
+        stack.wait_for(lambda: _pending(stack) == 1, timeout=20, what="batch read")
+        assert _pg_accounts(stack)[acct]["spent"] == 0
+        t0 = time.time()
+        stack.redis("FLUSHALL")
+        stack.wait_for(lambda: _epoch(stack), timeout=PAUSE_MS / 1000 + 30,
+                       what="pg:epoch rewritten")
+        print(f"pg:epoch back {time.time() - t0:.1f} s after FLUSHALL")
+        stack.wait_for(lambda: _pg_accounts(stack)[acct]["spent"] == 300, timeout=30,
+                       what="late batch committed")
+        hot = stack.hot(acct)
+        assert hot["spent"] == 300 and hot["held"] == 0, hot
+        # Exactly 700 left: 700 can be held, one point more cannot.
+        assert red.reserve(acct, f"rest-{acct}", 700)[0] == 1
+        over = red.reserve(acct, f"one-more-{acct}", 1)
+        if over[0] == 1:
+            red.settle(acct, f"one-more-{acct}", 0, outcome="release")
+        assert over[0] == 0, f"served past the balance: {over}"
+        # Post-loss charges: spent in both stores ends the same once settled
+        # (a catch-up push meanwhile never lowers Redis spent).
+        assert red.settle(acct, f"rest-{acct}", 700)[:2] == [1, 700]
+        stack.wait_for(lambda: _pg_accounts(stack)[acct]["spent"] == 1000 and stack.drained(),
+                       timeout=60, what="post-loss charge settled")
+        assert stack.hot(acct)["spent"] == 1000
+    finally:
+        red.close()
+        assert stack.billing.stop() == 0  # no test-only pause for the next tests

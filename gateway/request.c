@@ -712,7 +712,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
             r->held = 1;
             request_release_detached(r);
         }
-        request_error(r, 503, "billing_unavailable", "cancelled");
+        /* The same answer as a call dropped by request_drop: the client
+         * left, or the gateway is stopping. */
+        request_error(r, 503, "cancelled", r->w->aborted ? "shutting down" : "client went away");
         r = NULL;
     } else if (v[0] == HOT_RESERVE_HELD) {
         r->held = 1;
@@ -932,7 +934,7 @@ static void request_on_key(void *arg, int rc, const int64_t v[3])
         return;
     }
     if (r->gone) {
-        request_error(r, 503, "billing_unavailable", "cancelled");
+        request_error(r, 503, "cancelled", r->w->aborted ? "shutting down" : "client went away");
         return;
     }
     r->account = v[0];

@@ -131,6 +131,16 @@ def _warm_lease(stack, gw, key, calls=20):
     return calls
 
 
+def _leased_gateway(stack, tag, env=None):
+    """A gateway on its own spill directory TAG, and a rich account whose
+    calls it serves from a point lease: (spill, acct, key, gw, warm), warm
+    being the points the warm-up charged."""
+    spill = _spill_dir(stack, tag)
+    acct, key = stack.new_account_in_redis(1_000_000)
+    gw = _gateway(stack, spill, env)
+    return spill, acct, key, gw, _warm_lease(stack, gw, key)
+
+
 def _replayed_by_a_new_gateway(stack, spill, what="spill replayed"):
     """A gateway started on SPILL, once it has replayed (and deleted) the
     files there."""
@@ -305,11 +315,8 @@ def test_leased_calls_spilled_and_replayed(stack):
     records not in Redis at the drain timeout are spilled as lease ops and
     replayed with close `late` after the sweeper released the lease."""
     _setup(stack)
-    spill = _spill_dir(stack, "e")
-    acct, key = stack.new_account_in_redis(1_000_000)
-    gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     # Warm up: a lease is started by a per-call hold on a rich account.
-    warm = _warm_lease(stack, gw, key)
+    spill, acct, key, gw, warm = _leased_gateway(stack, "e", {"GATEWAY_DRAIN_TIMEOUT_MS": "300"})
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -361,10 +368,7 @@ def test_sigterm_while_redis_away_delivers_leased_calls_when_it_is_back(stack):
     Redis was away are resent during the drain once Redis is back; every
     answered charge lands, nothing is spilled."""
     _setup(stack)
-    spill = _spill_dir(stack, "g")
-    acct, key = stack.new_account_in_redis(1_000_000)
-    gw = _gateway(stack, spill)
-    warm = _warm_lease(stack, gw, key)
+    spill, acct, key, gw, warm = _leased_gateway(stack, "g")
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)
@@ -573,10 +577,8 @@ def test_sigkill_during_the_drain_keeps_leased_calls(stack):
     lease's ops; replayed after the sweeper released the lease, they charge
     every answered call once."""
     _setup(stack)
-    spill = _spill_dir(stack, "k")
-    acct, key = stack.new_account_in_redis(1_000_000)
-    gw = _gateway(stack, spill, {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
-    warm = _warm_lease(stack, gw, key)
+    spill, acct, key, gw, warm = _leased_gateway(stack, "k",
+                                                 {"GATEWAY_DRAIN_TIMEOUT_MS": "120000"})
     try:
         answers = _calls_during_outage(stack, gw, key, 8)
         gw.signal(signal.SIGTERM)

@@ -36,7 +36,9 @@ endif
 
 LUA := $(wildcard billing/*.lua)
 LUA_PRELUDE := billing/lua/prelude.lua
-LIB_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c))
+# common/: what both planes share (metrics primitives so far); linked into
+# every binary through libbilling.a until issue 13 splits the libraries.
+LIB_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c)) $(wildcard common/*.c)
 GW_SRC := $(wildcard gateway/*.c)
 SIM_SRC := $(wildcard tests/sim/*.c)
 UNIT_SRC := $(wildcard tests/unit/test_*.c)

@@ -9,10 +9,13 @@ set -euo pipefail
 # only recommended by clang, and recommends are not installed here),
 # libfuzzer-14-dev: the fuzz harnesses (make fuzz, make test). nodejs: the
 # reference HTTP parser (llhttp) of tests/e2e/test_differential.py.
+# prometheus (brings promtool): the metrics, rules and dashboard tests;
+# python3-yaml: the manifest tests (tests/e2e/test_deploy.py).
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
       libhiredis-dev libjansson-dev libsodium-dev libevent-dev
       curl jq python3 nginx wrk procps bc
-      clang libclang-rt-14-dev libfuzzer-14-dev nodejs)
+      clang libclang-rt-14-dev libfuzzer-14-dev nodejs
+      prometheus python3-yaml)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,9 +6,52 @@
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 
-/* Set once at start from LOG_LEVEL (debug|info|warn|error); configuration. */
-void log_init(const char *component);
+/* Set once at start from LOG_LEVEL (debug|info|warn|error), LOG_FORMAT
+ * (text|json) and ACCESS_LOG (off|stderr|PATH); configuration. Until
+ * log_start, lines are written at once (start-up errors, CLI commands).
+ * -1 (with a message on stderr) when a variable has a bad value or
+ * ACCESS_LOG's file cannot be opened. */
+int log_init(const char *component);
+/* Starts the writer thread: from then on a line is copied into a bounded
+ * buffer and written off the caller's thread; when the buffer is full the
+ * line is dropped and counted (log_dropped), never waited for. -1 if the
+ * thread cannot start (lines then stay synchronous). */
+int log_start(void);
+/* Writes what is buffered and joins the writer (at exit). */
+void log_stop(void);
+/* Asks the writer to reopen ACCESS_LOG's file (and LOG_FILE's, if set) on
+ * its next pass: logrotate's SIGHUP/SIGUSR1. Any thread; never blocks. */
+void log_reopen(void);
+
+enum log_sink { LOG_SINK_LOG, LOG_SINK_ACCESS, LOG_SINKS };
+/* Lines dropped because the sink could not keep up, since the start. */
+unsigned long long log_dropped(enum log_sink sink);
+/* Lines written, since the start. */
+unsigned long long log_written(enum log_sink sink);
+
 void log_msg(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The same with the request's id (NULL: none) and account (<= 0: none) as
+ * their own fields (`request_id`, `account_id` in JSON). */
+void log_msg_ctx(enum log_level lvl, const char *request_id, long long account_id, const char *fmt,
+                 ...) __attribute__((format(printf, 4, 5)));
+
+/* One call, for the access log (one JSON line each; nothing when
+ * ACCESS_LOG=off: check log_access_on() first to skip building it). */
+typedef struct log_access_rec {
+    const char *request_id; /* 32 hex */
+    long long account_id;   /* <= 0: unknown (no key, bad key) */
+    const char *key_id;     /* NULL: none */
+    const char *route;      /* route id, NULL: none */
+    const char *method;
+    const char *path;       /* the normalised target, no query; NULL: none */
+    int status;
+    long long charged;      /* points */
+    const char *outcome;    /* the metrics' outcome label */
+    double total_ms, upstream_ms, wait_ms;
+    long long bytes_in, bytes_out;
+} log_access_rec;
+int log_access_on(void);
+void log_access(const log_access_rec *r);
 
 /* A bound on lines that outsiders can cause (clients disconnecting): at
  * most PER_SEC lines a second pass one limiter; the rest are counted, and

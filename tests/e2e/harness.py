@@ -267,11 +267,20 @@ class Stack:
 
     def spawn(self, name, argv, env=None, port=None):
         e = dict(self.env)
-        if os.path.basename(argv[0]) == "gateway":
+        prog = os.path.basename(argv[0])
+        if prog == "gateway":
             e.update(self.gateway_env())
+        # Every gateway and billing serve gets its own ops port (several run
+        # at once in some tests; the defaults would collide): proc.ops_url.
+        ops_var = {"gateway": "GATEWAY_OPS_LISTEN", "billing": "BILLING_OPS_LISTEN"}.get(prog)
+        if ops_var:
+            e[ops_var] = f"127.0.0.1:{free_port()}"
         e.update(env or {})
         log = os.path.join(self.dir, f"{name}.{len(self.procs)}.log")
         p = Proc(name, argv, e, log, port)
+        p.ops_url = None
+        if ops_var and e.get(ops_var):
+            p.ops_url = "http://" + e[ops_var]
         self.procs.append(p)
         return p
 

@@ -16,7 +16,10 @@
 # growth from the first round to the last, the settlement lag (from wrk's
 # end until the outbox is drained and Postgres `spent` equals Redis
 # `spent`), and a run on a fresh gateway with 1,000 open connections for its
-# peak RSS (target 64 MiB).
+# peak RSS (target 64 MiB). Last, what operations cost: BENCH_OPS_ROUNDS
+# (BENCH_ROUNDS) interleaved rounds of the gateway plain, the same gateway
+# with its /metrics scraped every second, and a second gateway writing the
+# access log to a file while scraped (targets: within 3% and 8% of plain).
 #
 # Fairness: both proxies get the same number of workers, BENCH_WORKERS
 # (default 1): nginx `worker_processes N` for the proxy, GATEWAY_THREADS=N for
@@ -304,13 +307,14 @@ admin POST "/v1/accounts/$ACCT/topups" '{"amount":1000000000,"reference":"bench-
 API_KEY=$(admin POST "/v1/accounts/$ACCT/keys" | jq -er .api_key) || die "no api key"
 AUTH="Authorization: Bearer $API_KEY"
 
-start_gateway() { # sets GW_PID
+start_gateway() { # [VAR=VALUE...]: sets GW_PID, GW_PORT and GW_OPS (its ops address)
     GW_PORT=$(free_port)
+    GW_OPS=127.0.0.1:$(free_port)
     # The gateway as in production: its own Redis ACL user and Postgres role.
-    spawn gateway "$GW_PORT" env GATEWAY_LISTEN="127.0.0.1:$GW_PORT" \
+    spawn gateway "$GW_PORT" env GATEWAY_LISTEN="127.0.0.1:$GW_PORT" GATEWAY_OPS_LISTEN="$GW_OPS" \
         REDIS_URL="$GATEWAY_REDIS_URL" DATABASE_URL="$GATEWAY_DATABASE_URL" \
         UPSTREAM_URL="http://127.0.0.1:$UP_PORT" ROUTES_FILE="$TMP/routes.json" \
-        GATEWAY_THREADS="$GW_THREADS" MAX_CONNECTIONS=$((MANY + 1024)) "$ROOT/bin/gateway"
+        GATEWAY_THREADS="$GW_THREADS" MAX_CONNECTIONS=$((MANY + 1024)) "$@" "$ROOT/bin/gateway"
     GW_PID=$SPAWNED
     # One call through: the key, the route and the upstream all work.
     local status
@@ -414,6 +418,51 @@ px_cpu_report=$(awk -v n="$px_reqs" -v hz="$(getconf CLK_TCK)" -v x="${px_ticks[
 charged=$((rspent - spent_before))
 served_2xx=$((gw_reqs - gw_non2xx))
 
+# ---- what operations cost: /metrics scraped every second, then the access log --
+# Interleaved rounds again, on the same numbers of workers: the gateway as
+# above (plain), the same gateway while a scraper reads its /metrics every
+# second (what Prometheus does), and a second gateway writing the access log
+# to a file (ACCESS_LOG) while it is scraped too. Targets: within 3% and 8%.
+ACCESS_FILE="$TMP/access.log"
+PLAIN_PID=$GW_PID PLAIN_PORT=$GW_PORT PLAIN_OPS=$GW_OPS
+start_gateway ACCESS_LOG="$ACCESS_FILE"
+ALOG_PID=$GW_PID ALOG_PORT=$GW_PORT ALOG_OPS=$GW_OPS
+scraper() { # OPS_ADDR: scrapes every second until killed; counts good scrapes
+    while :; do
+        curl -sf --max-time 2 -o /dev/null "http://$1/metrics" && echo ok >>"$TMP/scrapes.txt"
+        sleep 1
+    done
+}
+: >"$TMP/scrapes.txt"
+OPS_ROUNDS=${BENCH_OPS_ROUNDS:-$ROUNDS}
+for round in $(seq 1 "$OPS_ROUNDS"); do
+    run_wrk "ops-plain-$round" "http://127.0.0.1:$PLAIN_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    scraper "$PLAIN_OPS" &
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+    run_wrk "ops-metrics-$round" "http://127.0.0.1:$PLAIN_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    stop_pid "$SCRAPER"
+    scraper "$ALOG_OPS" &
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+    run_wrk "ops-access-$round" "http://127.0.0.1:$ALOG_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    stop_pid "$SCRAPER"
+    access_lines=$(wc -l <"$ACCESS_FILE")
+    : >"$ACCESS_FILE" # the writer appends (O_APPEND): truncating keeps /tmp small
+done
+{ read -r ops_plain_rounds; read -r _; } < <(ROUNDS=$OPS_ROUNDS median_round ops-plain)
+{ read -r ops_metrics_rounds; read -r _; } < <(ROUNDS=$OPS_ROUNDS median_round ops-metrics)
+{ read -r ops_access_rounds; read -r ops_access_reqs _; } < <(ROUNDS=$OPS_ROUNDS median_round ops-access)
+read -r ops_plain_rps _ < <(wrk_figures "$OUT/wrk-ops-plain.txt")
+read -r ops_metrics_rps _ < <(wrk_figures "$OUT/wrk-ops-metrics.txt")
+read -r ops_access_rps _ < <(wrk_figures "$OUT/wrk-ops-access.txt")
+metrics_cost=$(awk -v a="$ops_metrics_rps" -v b="$ops_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+access_cost=$(awk -v a="$ops_access_rps" -v b="$ops_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+scrapes=$(wc -l <"$TMP/scrapes.txt")
+access_dropped=$(curl -sf "http://$ALOG_OPS/metrics" | awk '$1 ~ /^pointgate_log_lines_dropped_total\{sink="access"\}/ { print $2 }')
+stop_pid "$ALOG_PID"
+GW_PID=$PLAIN_PID
+
 # ---- 1,000 open connections, on a fresh gateway so its peak is this run's ------
 stop_pid "$GW_PID"
 start_gateway
@@ -454,6 +503,10 @@ fi
     echo "settlement lag after wrk's end: ${lag_ms} ms (outbox drained, Postgres spent = Redis spent)"
     echo "nothing held after wrk's end: ${idle_ms} ms (the idle lease given back)"
     echo "charged: $charged points for $served_2xx 2xx answers counted by wrk: $check"
+    echo "operations cost (requests/s, medians of $OPS_ROUNDS interleaved rounds): plain $ops_plain_rps ($ops_plain_rounds);"
+    echo "  /metrics scraped every second $ops_metrics_rps ($ops_metrics_rounds): ${metrics_cost}% (target within 3%)"
+    echo "  access log to a file, scraped too $ops_access_rps ($ops_access_rounds): ${access_cost}% (target within 8%)"
+    echo "  $scrapes scrapes answered; access log lines in the last round: $access_lines, dropped in all: ${access_dropped:-?}"
     verdict=ok
     [ "$GW_MANY_RSS_KB" -le "$RSS_TARGET_KB" ] || verdict="OVER the 64 MiB target"
     echo "gateway peak RSS with $MANY connections: $((GW_MANY_RSS_KB / 1024)) MiB ($GW_MANY_RSS_KB kB): $verdict"
@@ -468,6 +521,12 @@ record held_zero_ms "$idle_ms"
 record gateway_charged_points "$charged"
 record gateway_2xx_by_wrk "$served_2xx"
 record gateway_charge_check "$check"
+record ops_plain_rps "$ops_plain_rps"
+record ops_metrics_rps "$ops_metrics_rps"
+record ops_access_rps "$ops_access_rps"
+record ops_metrics_cost_pct "$metrics_cost"
+record ops_access_cost_pct "$access_cost"
+record ops_access_dropped_lines "${access_dropped:-}"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
 record gateway_rss_after_round1_kb "$rss_first"
 record gateway_rss_after_last_round_kb "$rss_last"

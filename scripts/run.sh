@@ -13,7 +13,8 @@
 #
 # Addresses can be overridden from the environment: GATEWAY_LISTEN
 # (127.0.0.1:8080), BILLING_LISTEN (127.0.0.1:8081), DEVSIM_LISTEN
-# (127.0.0.1:9090), ROUTES_FILE (routes.example.json).
+# (127.0.0.1:9090), GATEWAY_OPS_LISTEN (127.0.0.1:9180), BILLING_OPS_LISTEN
+# (127.0.0.1:9181), ROUTES_FILE (routes.example.json).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,6 +25,8 @@ started=0                         # set once a start has fully succeeded
 GATEWAY_LISTEN=${GATEWAY_LISTEN:-127.0.0.1:8080}
 BILLING_LISTEN=${BILLING_LISTEN:-127.0.0.1:8081}
 DEVSIM_LISTEN=${DEVSIM_LISTEN:-127.0.0.1:9090}
+GATEWAY_OPS_LISTEN=${GATEWAY_OPS_LISTEN:-127.0.0.1:9180}
+BILLING_OPS_LISTEN=${BILLING_OPS_LISTEN:-127.0.0.1:9181}
 ROUTES_FILE=${ROUTES_FILE:-$ROOT/routes.example.json}
 
 say() { printf 'run: %s\n' "$*" >&2; }
@@ -198,7 +201,8 @@ start_all() {
     done
 
     stop_all # a previous run, if any
-    for addr in "$DEVSIM_LISTEN" "$BILLING_LISTEN" "$GATEWAY_LISTEN"; do
+    for addr in "$DEVSIM_LISTEN" "$BILLING_LISTEN" "$GATEWAY_LISTEN" "$BILLING_OPS_LISTEN" \
+        "$GATEWAY_OPS_LISTEN"; do
         port_bindable "$(host_of "$addr")" "$(port_of "$addr")" ||
             die "$addr is already in use (see: ss -tnp 'sport = :$(port_of "$addr")')"
     done
@@ -230,7 +234,7 @@ start_all() {
     . "$STACK/env"
 
     export DATABASE_URL REDIS_URL KEY_PEPPER ADMIN_TOKEN FINANCE_TOKEN
-    export BILLING_LISTEN GATEWAY_LISTEN DEVSIM_LISTEN ROUTES_FILE
+    export BILLING_LISTEN GATEWAY_LISTEN DEVSIM_LISTEN ROUTES_FILE GATEWAY_OPS_LISTEN BILLING_OPS_LISTEN
     export UPSTREAM_URL=${UPSTREAM_URL:-http://$DEVSIM_LISTEN}
     export LOG_LEVEL=${LOG_LEVEL:-info}
 
@@ -261,6 +265,31 @@ start_all() {
     } >"$STACK/demo"
     chmod 600 "$STACK/demo"
     print_howto "$acct" "$key" "$acct3" "$key3"
+    print_ops "$key"
+}
+
+# The operator's view: the ops endpoints, billing's metrics after one call,
+# and `billing status`.
+print_ops() {
+    local key=$1 gops="http://$GATEWAY_OPS_LISTEN" bops="http://$BILLING_OPS_LISTEN"
+    curl -s -o /dev/null -H "Authorization: Bearer $key" "http://$GATEWAY_LISTEN/v1/devices/thermo-1" || true
+    sleep 0.5 # the call's charge reaches Postgres (settlement polls every SETTLE_LINGER_MS)
+    cat <<EOF
+
+Operations (ops ports: loopback only, never the public listener):
+  gateway   $gops/metrics  $gops/healthz  $gops/readyz
+  billing   $bops/metrics  $bops/healthz  $bops/readyz
+  logs      LOG_FORMAT=json for JSON lines; ACCESS_LOG=stderr|PATH for one line per call;
+            kill -USR1 (or -HUP) reopens log files after logrotate
+
+\$ curl -s $bops/metrics | grep '^pointgate_billing_'
+EOF
+    curl -s --max-time 5 "$bops/metrics" | grep '^pointgate_billing_' | grep -v '_bucket{' | head -n 40 || true
+    printf '\n$ curl -s %s/readyz\n' "$gops"
+    curl -s --max-time 5 "$gops/readyz" || true
+    printf '\n\n$ billing status\n'
+    "$STACK/bin/billing" status || true
+    echo
 }
 
 print_howto() {

@@ -133,6 +133,7 @@ static int config_resolve_upstream(gw_upstream *up)
 int config_load(gw_config *c)
 {
     const char *listen = env_str("GATEWAY_LISTEN", "127.0.0.1:8080");
+    const char *ops = env_str("GATEWAY_OPS_LISTEN", "127.0.0.1:9180");
     const char *redis = env_str("REDIS_URL", "redis://127.0.0.1:6379/0");
     const char *upstream = env_str("UPSTREAM_URL", NULL);
     const char *routes = env_str("ROUTES_FILE", NULL);
@@ -147,6 +148,16 @@ int config_load(gw_config *c)
     memset(c, 0, sizeof *c);
     if (env_parse_hostport(listen, c->listen_host, sizeof c->listen_host, &c->listen_port) != 0) {
         log_error("GATEWAY_LISTEN=%s: expected host:port", listen);
+        goto out;
+    }
+    /* Never "off": whoever runs the gateway needs its health and metrics. */
+    if (env_parse_hostport(ops, c->ops_host, sizeof c->ops_host, &c->ops_port) != 0) {
+        log_error("GATEWAY_OPS_LISTEN=%s: expected host:port", ops);
+        goto out;
+    }
+    if (strcmp(c->ops_host, c->listen_host) == 0 && c->ops_port == c->listen_port) {
+        log_error("GATEWAY_OPS_LISTEN must differ from GATEWAY_LISTEN: metrics stay off the "
+                  "public listener");
         goto out;
     }
     if (redisurl_parse(redis, &c->redis, err, sizeof err) != 0) {
@@ -200,6 +211,7 @@ int config_load(gw_config *c)
     if (env_int64("GATEWAY_LEASE_CALLS", 256, 0, 1 << 20, &c->lease_calls) != 0) goto out;
     if (env_int64("GATEWAY_LEASE_IDLE_MS", 1000, 10, 3600000, &c->lease_idle_ms) != 0) goto out;
     /* Resending what Redis has not taken yet after SIGTERM, then spilling. */
+    if (env_int64("GATEWAY_STOP_DELAY_MS", 0, 0, 60000, &c->stop_delay_ms) != 0) goto out;
     if (env_int64("GATEWAY_DRAIN_TIMEOUT_MS", 30000, 0, 3600000, &c->drain_timeout_ms) != 0)
         goto out;
     if (config_copy(c->spill_dir, sizeof c->spill_dir, env_str("GATEWAY_SPILL_DIR", ".spill"),

@@ -31,6 +31,9 @@ typedef struct gw_upstream {
 typedef struct gw_config {
     char listen_host[CONFIG_HOST_MAX];
     int listen_port;
+    char ops_host[CONFIG_HOST_MAX]; /* GATEWAY_OPS_LISTEN: /metrics, /healthz, /readyz (ops.h) */
+    int ops_port;
+    int64_t stop_delay_ms;         /* SIGTERM: /readyz says 503 this long before the drain begins */
     redisurl redis;                /* REDIS_URL: host, port, db, ACL user and password */
     char upstream[CONFIG_URL_MAX]; /* base URL without trailing slash */
     gw_upstream up;                /* the same, parsed and resolved */

@@ -6,6 +6,7 @@
  * request processing (worker.c, request.c). */
 #include "billing/log.h"
 #include "gateway/config.h"
+#include "gateway/ops.h"
 #include "gateway/routes.h"
 #include "gateway/worker.h"
 
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <time.h>
 
 /* Loads one table per worker: tables are per thread (no shared refcounts).
  * All or nothing: -1 leaves OUT untouched. */
@@ -49,6 +51,7 @@ int main(void)
     gw_config cfg;
     worker *workers = NULL;
     route_table **tables = NULL;
+    gw_ops *ops = NULL;
     sigset_t sigs;
     int nstarted = 0, ninit = 0, rc = 1, sig = 0;
 
@@ -79,10 +82,12 @@ int main(void)
             goto out;
         }
     }
+    /* Bound before the workers start: a taken ops port is a start-up error. */
+    if (gw_ops_new(&cfg, workers, cfg.threads, &ops) != 0 || gw_ops_start(ops) != 0) goto out;
     for (; nstarted < cfg.threads; nstarted++)
         if (worker_start(&workers[nstarted]) != 0) goto out;
-    log_info("listening on %s:%d, %d threads, upstream %s", cfg.listen_host, cfg.listen_port,
-             cfg.threads, cfg.upstream);
+    log_info("listening on %s:%d, %d threads, upstream %s; ops on %s:%d", cfg.listen_host,
+             cfg.listen_port, cfg.threads, cfg.upstream, cfg.ops_host, cfg.ops_port);
 
     for (;;) {
         if (sigwait(&sigs, &sig) != 0) continue;
@@ -95,6 +100,16 @@ int main(void)
             worker_reload(&workers[i], tables[i]);
         log_info("routes reloaded from %s", cfg.routes_file);
     }
+    /* Readiness goes first, so that load balancers move away while the
+     * gateway still serves; only then does it stop accepting and drain. */
+    gw_ops_set_draining(ops);
+    if (cfg.stop_delay_ms > 0) {
+        struct timespec d = {cfg.stop_delay_ms / 1000, (cfg.stop_delay_ms % 1000) * 1000000};
+        log_info("signal %d: /readyz says draining; serving %lld ms more", sig,
+                 (long long)cfg.stop_delay_ms);
+        while (nanosleep(&d, &d) != 0) {
+        }
+    }
     log_info("signal %d: draining", sig);
     rc = 0;
 out:
@@ -102,6 +117,7 @@ out:
         worker_stop(&workers[i]);
     for (int i = 0; i < nstarted; i++)
         worker_join(&workers[i]);
+    gw_ops_free(ops); /* it reads the workers' metrics: before they go */
     for (int i = 0; i < ninit; i++)
         worker_destroy(&workers[i]);
     if (ninit == 0 && tables) {

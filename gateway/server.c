@@ -222,6 +222,7 @@ static void server_close(server_conn *c)
     close(c->fd);
     server_unlink(c);
     s->nconns--;
+    metric_gauge_add(&s->w->m.connections, -1);
     free(c->wbody);
     free(c->in);
     free(c->body);
@@ -379,6 +380,7 @@ void server_reply_begin(server_conn *c, unsigned status)
     c->reply_failed = 0;
     c->reply_length = -1;
     c->status = status;
+    gw_metrics_answer(&c->s->w->m, status);
     n = snprintf(line, sizeof line, "HTTP/1.1 %03u %s\r\nDate: ", status, server_reason(status));
     server_out(c, line, (size_t)n);
     server_out(c, c->s->date, c->s->date_len);
@@ -958,6 +960,8 @@ static void server_new_conn(server *s, int fd, const struct sockaddr_storage *pe
     /* Linked before anything can close it. */
     TAILQ_INSERT_TAIL(&s->lists[L_NONE], c, link);
     s->nconns++;
+    metric_gauge_add(&s->w->m.connections, 1);
+    metric_add(&s->w->m.accepted, 1);
     server_list(c, L_HEAD);
     server_read_on(c);
     if (c->eof) server_close(c);

@@ -57,6 +57,23 @@ void worker_request_id(worker *w, char out[33])
 
 static void worker_on_stop(worker *w);
 
+/* The loop turned (healthz), and the gauges of state only this thread may
+ * read, published for scrapes once a second instead of on every change. */
+static void worker_beat(worker *w)
+{
+    metric_set(&w->m.heartbeat_ms, (int64_t)worker_now_ms());
+    metric_set(&w->m.inflight, w->inflight);
+    metric_set(&w->m.redis_ready, hotclient_epoch(w->hc) != 0);
+    metric_set(&w->m.resend_queue, (int64_t)hotclient_queued(w->hc));
+    metric_set(&w->m.spill_refusing, hotclient_spilled(w->hc) != 0);
+    metric_set(&w->m.stopping, w->stopping);
+}
+
+static void worker_on_beat(evutil_socket_t fd, short what, void *arg)
+{
+    worker_beat(arg);
+}
+
 /* Settles spilled while running (the resend queue overflowed) are replayed
  * by this worker once Redis is back and its queue is empty; reserves stay
  * refused until every one was answered and nothing new was spilled. */
@@ -170,6 +187,7 @@ static void worker_on_stop(worker *w)
     struct timeval tick = {0, WORKER_DRAIN_TICK_MS * 1000};
     if (w->stopping) return;
     w->stopping = 1;
+    worker_beat(w);
     w->stop_ms = worker_now_ms();
     /* Stop accepting and close idle connections; requests in progress are
      * still served, and their connections closed after the answer. */
@@ -208,7 +226,12 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     }
     w->spill = spill_file_new(cfg->spill_dir, idx);
     w->spill_timer = event_new(w->base, -1, EV_PERSIST, worker_on_spill_check, w);
-    if (!w->spill || !w->spill_timer) goto oom;
+    w->beat_timer = event_new(w->base, -1, EV_PERSIST, worker_on_beat, w);
+    if (!w->spill || !w->spill_timer || !w->beat_timer) goto oom;
+    {
+        struct timeval tv = {0, 250000}; /* readiness follows Redis within 250 ms */
+        if (event_add(w->beat_timer, &tv) != 0) goto oom;
+    }
     {
         struct timeval tv = {0, WORKER_SPILL_CHECK_MS * 1000};
         if (event_add(w->spill_timer, &tv) != 0) goto oom;
@@ -237,6 +260,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     }
     /* Last: the port is open only once everything behind it is ready. */
     if (server_new(w, cfg, &w->srv) != 0) return -1;
+    worker_beat(w); /* alive from the start; not ready until Redis answers */
     return 0;
 oom:
     log_error("worker %d: out of memory", idx);
@@ -310,6 +334,7 @@ void worker_destroy(worker *w)
     spill_replay_free(w->own_replay);
     w->own_replay = NULL;
     if (w->spill_timer) event_free(w->spill_timer);
+    if (w->beat_timer) event_free(w->beat_timer);
     spill_file_close(w->spill); /* fsync of the file and the directory */
     w->spill = NULL;
     lease_table_free(w->leases);

@@ -11,6 +11,7 @@
 #include "gateway/config.h"
 #include "gateway/hotclient.h"
 #include "gateway/lease.h"
+#include "gateway/metrics.h"
 #include "gateway/pgclient.h"
 #include "gateway/proxy.h"
 #include "gateway/routes.h"
@@ -45,7 +46,9 @@ typedef struct worker {
     uint64_t snap_ms;         /* when the last one was taken */
     int snap_live;            /* the last one holds items (a file exists) */
     struct event *spill_timer;
-    pgclient *pg; /* /_billing/usage only; lazily connected */
+    struct event *beat_timer; /* 1 s: the heartbeat and the loop's gauges (metrics.h) */
+    gw_metrics m;             /* written by this thread only; read by scrapes */
+    pgclient *pg;             /* /_billing/usage only; lazily connected */
     proxy *px;
     authcache keys;
     route_table *routes;

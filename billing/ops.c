@@ -43,7 +43,6 @@ struct ops_server {
     pthread_t probe;
     int probe_started;
     atomic_int stop;
-    atomic_int probed; /* the first probe finished */
     /* The probe thread's own connections. */
     PGconn *pg;
     redisContext *rc;
@@ -185,7 +184,6 @@ static void *ops_probe_run(void *arg)
             metric_set(&s->m->oldest_age_ms, age);
             metric_set(&s->m->dead_letters, dead);
         }
-        atomic_store(&s->probed, 1);
         worker_sleep(&s->stop, OPS_PROBE_MS);
     }
     if (s->pg) PQfinish(s->pg);

@@ -10,6 +10,7 @@
 #include "billing/log.h"
 #include "billing/operators.h"
 #include "billing/reports.h"
+#include "billing/status.h"
 
 #include <inttypes.h>
 #include <arpa/inet.h>
@@ -29,7 +30,8 @@ enum api_role { ROLE_NONE, ROLE_FINANCE, ROLE_ADMIN };
 struct api_server {
     struct MHD_Daemon *d;
     const billing_config *cfg;
-    pthread_key_t ctx_key; /* per MHD thread: control_ctx */
+    billing_metrics *metrics; /* NULL: not counted */
+    pthread_key_t ctx_key;    /* per MHD thread: control_ctx */
 };
 
 /* State of one request while MHD feeds us its body. */
@@ -81,6 +83,7 @@ static control_ctx *api_ctx(api_server *s)
         c = calloc(1, sizeof *c);
         if (!c) return NULL;
         c->pepper = &s->cfg->pepper;
+        c->metrics = s->metrics;
         c->hot = hot_open(s->cfg->redis_url);
         if (!c->hot || pthread_setspecific(s->ctx_key, c) != 0) {
             api_ctx_free(c);
@@ -505,6 +508,14 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
     } else if (SEG(1, "reports") && n == 3 && (SEG(2, "usage") || SEG(2, "statement"))) {
         if (!is_get) return api_error(405, "method_not_allowed", "use GET");
         return SEG(2, "usage") ? api_usage(c, conn) : api_statement(c, conn);
+    } else if (SEG(1, "status") && n == 2) {
+        /* Finance and admin alike: it changes nothing (status.c). */
+        int verdict;
+        json_t *rep;
+        if (!is_get) return api_error(405, "method_not_allowed", "use GET");
+        rep = status_build(c->pg, NULL, c->hot, &verdict);
+        if (!rep) return api_error(500, "internal", "out of memory");
+        return api_json(200, rep);
     } else if (SEG(1, "keys") && n == 3) {
         id = api_parse_id(seg[2], len[2]);
         if (!id) return api_error(404, "not_found", "no such key");
@@ -515,7 +526,8 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
     return api_error(404, "not_found", "no such endpoint");
 }
 
-static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
+/* Sends R, counting it under endpoint template EP with its final status. */
+static enum MHD_Result api_send(api_server *s, int ep, struct MHD_Connection *conn, api_reply r)
 {
     char *text = r.json ? json_dumps(r.json, JSON_COMPACT) : r.text;
     const char *ctype = r.json ? "application/json" : r.ctype;
@@ -533,6 +545,7 @@ static enum MHD_Result api_send(struct MHD_Connection *conn, api_reply r)
     }
     if (text) MHD_add_response_header(resp, "Content-Type", ctype ? ctype : "application/json");
     MHD_add_response_header(resp, "Cache-Control", "no-store");
+    bm_api(s->metrics, ep, r.status);
     ret = MHD_queue_response(conn, (unsigned)r.status, resp);
     MHD_destroy_response(resp);
     return ret;
@@ -563,8 +576,10 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *conn, const
         *upload_size = 0;
         return MHD_YES;
     }
-    if (rq->too_big) return api_send(conn, api_error(413, "payload_too_large", "body over 64 KiB"));
-    return api_send(conn, api_route(s, conn, method, url, rq));
+    if (rq->too_big)
+        return api_send(s, bm_endpoint_of(url), conn,
+                        api_error(413, "payload_too_large", "body over 64 KiB"));
+    return api_send(s, bm_endpoint_of(url), conn, api_route(s, conn, method, url, rq));
 }
 
 static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -577,12 +592,13 @@ static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls
     *con_cls = NULL;
 }
 
-api_server *api_start(const billing_config *cfg)
+api_server *api_start(const billing_config *cfg, billing_metrics *metrics)
 {
     api_server *s = calloc(1, sizeof *s);
     struct sockaddr_in addr;
     if (!s) return NULL;
     s->cfg = cfg;
+    s->metrics = metrics;
     if (pthread_key_create(&s->ctx_key, api_ctx_free) != 0) {
         free(s);
         return NULL;

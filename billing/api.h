@@ -7,6 +7,7 @@
 #define POINTGATE_API_H
 
 #include "billing/config.h"
+#include "billing/metrics.h"
 
 #include <jansson.h>
 #include <stddef.h>
@@ -14,8 +15,9 @@
 
 typedef struct api_server api_server;
 
-/* Starts listening; NULL (logged) on failure. */
-api_server *api_start(const billing_config *cfg);
+/* Starts listening; NULL (logged) on failure. METRICS (or NULL) counts
+ * requests by endpoint template and status, and credits. */
+api_server *api_start(const billing_config *cfg, billing_metrics *metrics);
 void api_stop(api_server *s);
 
 /* ---- request bodies, parsed and checked without I/O (tests/fuzz too) ---- */

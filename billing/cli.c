@@ -7,6 +7,7 @@
 #include "billing/env.h"
 #include "billing/operators.h"
 #include "billing/reports.h"
+#include "billing/status.h"
 
 #include <inttypes.h>
 #include <jansson.h>
@@ -470,5 +471,6 @@ int cli_run(int argc, char **argv)
     if (strcmp(cmd, "adjust") == 0) return cli_credit(argc - 1, argv + 1, 0);
     if (strcmp(cmd, "report") == 0) return cli_report(argc - 1, argv + 1);
     if (strcmp(cmd, "operators") == 0) return cli_operators(argc - 1, argv + 1);
+    if (strcmp(cmd, "status") == 0) return status_cli(argc - 1, argv + 1);
     return -1;
 }

@@ -24,6 +24,12 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         log_error("BILLING_LISTEN=%s: expected host:port", listen);
         rc = -1;
     }
+    listen = env_str("BILLING_OPS_LISTEN", "127.0.0.1:9181");
+    if (need_listen &&
+        env_parse_hostport(listen, c->ops_host, sizeof c->ops_host, &c->ops_port) != 0) {
+        log_error("BILLING_OPS_LISTEN=%s: expected host:port", listen);
+        rc = -1;
+    }
     if (need_listen && c->admin_token && strlen(c->admin_token) < 16) {
         log_error("ADMIN_TOKEN must be at least 16 characters");
         rc = -1;
@@ -65,7 +71,8 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         env_int64("SWEEP_INTERVAL_MS", 1000, 10, 3600000, &c->sweep_interval_ms) != 0 ||
         env_int64("SWEEP_RECOVERY_MS", 15000, 0, 3600000, &c->sweep_recovery_ms) != 0 ||
         env_int64("CREDIT_SYNC_INTERVAL_MS", 30000, 100, 86400000, &c->credit_sync_interval_ms) !=
-            0)
+            0 ||
+        env_int64("BILLING_STOP_DELAY_MS", 0, 0, 600000, &c->stop_delay_ms) != 0)
         rc = -1;
     return rc;
 }

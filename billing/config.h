@@ -13,6 +13,8 @@ typedef struct billing_config {
     const char *redis_url;
     char listen_host[256];
     int listen_port;
+    char ops_host[256]; /* BILLING_OPS_LISTEN: /metrics, /healthz, /readyz (ops.c) */
+    int ops_port;
     const char *admin_token;   /* NULL: admin API refuses every call */
     const char *finance_token; /* NULL: no finance bootstrap token */
     apikey_pepper pepper;
@@ -25,6 +27,7 @@ typedef struct billing_config {
     int64_t sweep_interval_ms;
     int64_t sweep_recovery_ms; /* no expiry this long after Redis came back */
     int64_t credit_sync_interval_ms;
+    int64_t stop_delay_ms; /* BILLING_STOP_DELAY_MS: /readyz 503 this long before stopping */
 } billing_config;
 
 /* Reads the environment. NEED_* say which parts this command requires; a

@@ -155,6 +155,7 @@ int control_credit(control_ctx *c, int64_t account_id, const char *kind, int64_t
     rc = ledger_credit(c->pg, account_id, kind, amount, reference, reason, operator_name, out,
                        created, &spent);
     if (rc == LEDGER_OK) {
+        if (*created) bm_credit(c->metrics, kind, amount); /* a replay is not a new credit */
         if (hot_credit(c->hot, account_id, out->credit_seq, out->credited_after, spent, guard, 0,
                        &applied) != 0)
             log_warn("account %" PRId64 ": credit push to redis failed; repair pass will retry",

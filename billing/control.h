@@ -10,12 +10,14 @@
 #include "billing/apikey.h"
 #include "billing/hot.h"
 #include "billing/ledger.h"
+#include "billing/metrics.h"
 
 /* One caller's connections; belongs to one thread. */
 typedef struct control_ctx {
     PGconn *pg;
     hot_conn *hot;
     const apikey_pepper *pepper;
+    billing_metrics *metrics; /* NULL (the CLI): credits are not counted */
 } control_ctx;
 
 enum { CONTROL_UNAVAILABLE = -10 /* Redis unreachable: nothing was changed */ };

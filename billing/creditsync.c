@@ -55,74 +55,93 @@
 typedef struct creditsync_ctx {
     hot_conn *hot;
     char marker[HOT_PASS_MARKER];
-    long applied; /* account pushes Redis took: it was behind (or lost them) */
-    int lost;     /* Redis lost its data since the pass began */
+    long applied;       /* account pushes Redis took: it was behind (or lost them) */
+    long fixes;         /* pushes that changed Redis: applied, spent repaired, keys written */
+    int lost;           /* Redis lost its data since the pass began */
+    billing_metrics *m; /* heartbeats during a long pass; NULL: none */
 } creditsync_ctx;
 
 static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credited, int64_t spent)
 {
     creditsync_ctx *c = arg;
-    int applied, lost;
+    int applied, lost, repaired;
+    bm_beat(c->m, BM_BEAT_CREDITSYNC);
     /* Also drops guard holds past their deadline: the sweeper leaves them,
      * since only a push of Postgres' credited total may end one (credit.lua).
      * Checks the pass's marker in the same step: a loss since the pass
      * began stops it before a hash is made from figures read before it. */
-    if (hot_pass_credit(c->hot, c->marker, id, seq, credited, spent, &applied, &lost) != 0)
+    if (hot_pass_credit(c->hot, c->marker, id, seq, credited, spent, &applied, &lost, &repaired) !=
+        0)
         return -1;
     if (lost) {
         c->lost = 1;
         return -1;
     }
     c->applied += applied;
+    c->fixes += applied || repaired;
     return 0;
 }
 
 static int creditsync_key(void *arg, const char *key_hash, int64_t account, int revoked)
 {
     creditsync_ctx *c = arg;
-    int lost;
-    if (hot_pass_key(c->hot, c->marker, key_hash, revoked ? -1 : account, &lost) != 0) return -1;
+    int lost, changed;
+    bm_beat(c->m, BM_BEAT_CREDITSYNC);
+    if (hot_pass_key(c->hot, c->marker, key_hash, revoked ? -1 : account, &lost, &changed) != 0)
+        return -1;
     if (lost) {
         c->lost = 1;
         return -1;
     }
+    c->fixes += changed;
     return 0;
 }
 
-/* One pass; *APPLIED gets the account pushes Redis took. */
-static int creditsync_pass_counted(PGconn *pg, hot_conn *hot, long *applied)
+/* One pass with C's connection and counters. */
+static int creditsync_pass_run(PGconn *pg, creditsync_ctx *c)
 {
-    creditsync_ctx c = {.hot = hot};
     int result;
     int rc;
-    unsigned connects = hot_connects(hot);
-    if (hot_pass_begin(hot, c.marker) != 0) return -1;
+    unsigned connects = hot_connects(c->hot);
+    if (hot_pass_begin(c->hot, c->marker) != 0) return -1;
     /* Exclusive against negative adjustments between guard and push
      * (control.h): a hash this pass creates never misses such a debit. */
     if (control_pass_lock(pg, 1) != 0) return -1;
-    rc = ledger_each_account(pg, creditsync_account, &c);
+    rc = ledger_each_account(pg, creditsync_account, c);
     if (control_pass_lock(pg, 0) != 0) {
         PQreset(pg); /* the lock goes with the session; never left held */
         return -1;
     }
-    if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, &c) != LEDGER_OK)
-        return c.lost ? CREDITSYNC_LOST : -1;
+    if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, c) != LEDGER_OK)
+        return c->lost ? CREDITSYNC_LOST : -1;
     /* A command of this pass was retried on a new connection: the Redis
      * may have restarted and lost the last writes before its crash
      * (appendfsync everysec) while keeping the marker: run it again
      * rather than vouch for it with the epoch. */
-    if (hot_connects(hot) != connects) return CREDITSYNC_LOST;
-    if (hot_pass_end(hot, c.marker, &result) != 0) return -1;
-    *applied = c.applied;
+    if (hot_connects(c->hot) != connects) return CREDITSYNC_LOST;
+    if (hot_pass_end(c->hot, c->marker, &result) != 0) return -1;
     if (result == 0) return CREDITSYNC_LOST;
     if (result == 2) log_info("creditsync: every account and key in redis; pg:epoch written");
     return 0;
 }
 
+/* One pass; *APPLIED gets the account pushes Redis took, *FIXES the pushes
+ * that changed Redis (whatever the result: a pass stopped midway still
+ * made them). */
+static int creditsync_pass_counted(PGconn *pg, hot_conn *hot, billing_metrics *m, long *applied,
+                                   long *fixes)
+{
+    creditsync_ctx c = {.hot = hot, .m = m};
+    int rc = creditsync_pass_run(pg, &c);
+    *applied = c.applied;
+    *fixes = c.fixes;
+    return rc;
+}
+
 int creditsync_pass(PGconn *pg, hot_conn *hot)
 {
-    long applied = 0;
-    return creditsync_pass_counted(pg, hot, &applied);
+    long applied = 0, fixes = 0;
+    return creditsync_pass_counted(pg, hot, NULL, &applied, &fixes);
 }
 
 static int64_t creditsync_mono_ms(void)
@@ -144,12 +163,14 @@ void *creditsync_run(void *arg)
     while (!atomic_load(w->stop)) {
         int64_t now = creditsync_mono_ms(), started;
         int exists = 1, rc = -1;
-        long applied = 0;
+        long applied = 0, fixes = 0;
+        int64_t pass_us;
+        bm_beat(w->metrics, BM_BEAT_CREDITSYNC);
         /* Redis unreachable (or the last pass failed): no answer, no
          * verdict; ask again in a second, not every poll (each failed
          * connect is logged). */
         if (now < retry_at) {
-            worker_sleep(w->stop, CREDITSYNC_POLL_MS);
+            worker_rest(w->stop, CREDITSYNC_POLL_MS, w->metrics, BM_BEAT_CREDITSYNC);
             continue;
         }
         if (hot_epoch_exists(h, &exists) != 0) {
@@ -173,13 +194,20 @@ void *creditsync_run(void *arg)
             warned = 1;
         }
         if (exists && !reconnected && now < next_pass) {
-            worker_sleep(w->stop, CREDITSYNC_POLL_MS);
+            worker_rest(w->stop, CREDITSYNC_POLL_MS, w->metrics, BM_BEAT_CREDITSYNC);
             continue;
         }
         started = now;
+        pass_us = bm_mono_us();
         if (!pg) pg = ledger_connect(w->cfg->database_url);
-        if (pg && ledger_check(pg) == 0) rc = creditsync_pass_counted(pg, h, &applied);
+        if (pg && ledger_check(pg) == 0)
+            rc = creditsync_pass_counted(pg, h, w->metrics, &applied, &fixes);
         now = creditsync_mono_ms();
+        bm_repair(w->metrics,
+                  rc == 0                 ? BM_REPAIR_OK
+                  : rc == CREDITSYNC_LOST ? BM_REPAIR_LOST
+                                          : BM_REPAIR_ERROR,
+                  bm_mono_us() - pass_us, fixes);
         if (rc == CREDITSYNC_LOST) {
             log_warn("creditsync: redis lost its data (or reconnected) during a pass; starting "
                      "again");

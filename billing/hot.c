@@ -20,6 +20,7 @@ struct hot_conn {
     redisurl url;      /* REDIS_URL, parsed: AUTH and SELECT on every connect */
     int auth_refused;  /* the last handshake was refused: logged once per streak */
     unsigned connects; /* handshakes that succeeded: a new one may be a new Redis */
+    char error[128];   /* the last connection or I/O error (hot_error) */
     char sha[HOT_NSCRIPTS][41];
 };
 
@@ -89,6 +90,7 @@ static int hot_ensure(hot_conn *h)
     if (!h->c || h->c->err) {
         log_warn("redis %s:%d: %s", h->url.host, h->url.port,
                  h->c ? h->c->errstr : "out of memory");
+        snprintf(h->error, sizeof h->error, "%s", h->c ? h->c->errstr : "out of memory");
         hot_drop(h);
         return -1;
     }
@@ -140,6 +142,7 @@ void *hot_command_argv(hot_conn *h, int argc, const char **argv, const size_t *l
         r = redisCommandArgv(h->c, argc, argv, lens);
         if (!r) {
             log_warn("redis: %s", h->c->errstr);
+            snprintf(h->error, sizeof h->error, "%s", h->c->errstr);
             hot_drop(h);
             if (attempt >= 1) return NULL; /* a second dead connection: Redis is down */
             continue;
@@ -241,7 +244,7 @@ static int hot_run(hot_conn *h, int script, int64_t account, const char *outbox,
  * gone (nothing written). */
 static int hot_credit_run(hot_conn *h, const char *marker, int64_t account, int64_t seq,
                           int64_t credited, int64_t spent, const char *guard_rid,
-                          int drop_expired_guards, int *applied, int *lost)
+                          int drop_expired_guards, int *applied, int *lost, int *repaired)
 {
     char s[24], c[24], sp[24], rebuilt[HOT_KEYNAME_MAX];
     hot_keys k;
@@ -271,6 +274,7 @@ static int hot_credit_run(hot_conn *h, const char *marker, int64_t account, int6
     freeReplyObject(r);
     *applied = (int)out[0];
     *lost = out[3] == 1;
+    *repaired = out[2] == 1;
     if (out[2] == 1)
         log_warn("account %" PRId64 ": Redis had lost settled charges; its spent raised to "
                  "Postgres' %" PRId64,
@@ -281,15 +285,15 @@ static int hot_credit_run(hot_conn *h, const char *marker, int64_t account, int6
 int hot_credit(hot_conn *h, int64_t account, int64_t seq, int64_t credited, int64_t spent,
                const char *guard_rid, int drop_expired_guards, int *applied)
 {
-    int lost;
+    int lost, repaired;
     return hot_credit_run(h, NULL, account, seq, credited, spent, guard_rid, drop_expired_guards,
-                          applied, &lost);
+                          applied, &lost, &repaired);
 }
 
 int hot_pass_credit(hot_conn *h, const char *marker, int64_t account, int64_t seq, int64_t credited,
-                    int64_t spent, int *applied, int *lost)
+                    int64_t spent, int *applied, int *lost, int *repaired)
 {
-    return hot_credit_run(h, marker, account, seq, credited, spent, "", 1, applied, lost);
+    return hot_credit_run(h, marker, account, seq, credited, spent, "", 1, applied, lost, repaired);
 }
 
 int hot_reserve(hot_conn *h, int64_t account, const char *rid, int64_t amount, int64_t ttl_ms,
@@ -412,11 +416,13 @@ int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER])
     return hot_simple(h, 5, argv);
 }
 
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost)
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost,
+                 int *changed)
 {
     int written;
     if (hot_keypush(h, key_hash, account, marker, &written) != 0) return -1;
     *lost = written == 2;
+    *changed = written == 1;
     return 0;
 }
 
@@ -437,6 +443,11 @@ int hot_pass_end(hot_conn *h, const char *marker, int *result)
     *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
     freeReplyObject(r);
     return *result < 0 ? -1 : 0;
+}
+
+const char *hot_error(const hot_conn *h)
+{
+    return h->error[0] ? h->error : "no answer";
 }
 
 unsigned hot_connects(const hot_conn *h)

@@ -55,17 +55,22 @@ int hot_key_revoke(hot_conn *h, const char *key_hash);
  * lost data during the pass: run it again). */
 #define HOT_PASS_MARKER 48
 int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER]);
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost);
+/* *changed = 1 when the push changed the mirror (it was missing or stale). */
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost,
+                 int *changed);
 /* hot_credit for the pass (no guard; drops expired guards): *lost = 1,
- * nothing written, when the marker is gone (credit.lua). */
+ * nothing written, when the marker is gone (credit.lua); *repaired = 1 when
+ * it raised Redis spent to Postgres'. */
 int hot_pass_credit(hot_conn *h, const char *marker, int64_t account, int64_t seq, int64_t credited,
-                    int64_t spent, int *applied, int *lost);
+                    int64_t spent, int *applied, int *lost, int *repaired);
 int hot_pass_end(hot_conn *h, const char *marker, int *result);
 /* *exists = 1 when pg:epoch is in Redis. -1 when Redis did not answer. */
 int hot_epoch_exists(hot_conn *h, int *exists);
 /* Connections made so far (a command that met a dead connection is retried
  * on a new one without a word: this says it happened). */
 unsigned hot_connects(const hot_conn *h);
+/* The last connection or I/O error, for reports (never holds a secret). */
+const char *hot_error(const hot_conn *h);
 
 /* Raw command access for the workers (settlement, sweeper), which speak
  * stream and scan commands directly. Returns a redisReply* (caller frees with

@@ -15,7 +15,9 @@
 --
 -- KEYS[1] pg:key:<hash>, KEYS[2] (optional) the pass's marker
 -- ARGV[1] the account id, or "-1" for the tombstone
--- Returns 1 written, 0 tombstone kept, 2 marker gone: nothing written.
+-- Returns 1 written, 0 tombstone kept, 2 marker gone: nothing written,
+-- 3 the key already had that value: nothing written (a repair pass counts
+-- only the writes that changed Redis as fixes).
 if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
 if ARGV[1] ~= '-1' then
     if not int(ARGV[1]) or int(ARGV[1]) <= 0 then
@@ -23,5 +25,6 @@ if ARGV[1] ~= '-1' then
     end
     if redis.call('GET', KEYS[1]) == '-1' then return 0 end
 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 3 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1

@@ -14,6 +14,7 @@
 #include "billing/ledger.h"
 #include "billing/log.h"
 #include "billing/migrate.h"
+#include "billing/ops.h"
 #include "billing/workers.h"
 
 #include <pthread.h>
@@ -22,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static void usage(FILE *f)
 {
@@ -40,6 +42,7 @@ static void usage(FILE *f)
                "  report usage --from YYYY-MM-DD --to YYYY-MM-DD [--group-by ...] [--csv|--json]\n"
                "  report statement ACCOUNT_ID YYYY-MM [--json]\n"
                "  operators add NAME --role admin|finance | revoke NAME | list\n"
+               "  status [--json]   stores, outbox lag, holds, reconcile (exit 5: attention)\n"
                "\n"
                "every command takes --help. exit codes: 0 done, 1 store unreachable (retry),\n"
                "2 usage error, 3 not found, 4 refused.\n"
@@ -96,6 +99,8 @@ static int cmd_serve(void)
     pthread_t threads[20];
     worker_args args[20];
     api_server *api = NULL;
+    ops_server *ops = NULL;
+    billing_metrics *metrics = NULL;
 
     if (config_load(&cfg, 1, 1, 1) != 0) return 2;
     if (!cfg.admin_token) log_warn("ADMIN_TOKEN is not set: every admin call will be refused");
@@ -106,11 +111,22 @@ static int cmd_serve(void)
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    api = api_start(&cfg);
+    /* The registry outlives every thread that writes it (freed after the
+     * joins); each worker's heartbeat starts now, so /healthz counts a
+     * worker stalled only 5 s after it could have turned. */
+    metrics = calloc(1, sizeof *metrics);
+    if (!metrics) goto out;
+    for (int i = 0; i < cfg.settle_workers + 2; i++) {
+        metrics->beat_used[i] = 1;
+        bm_beat(metrics, i);
+    }
+    ops = ops_start(&cfg, metrics);
+    if (!ops) goto out;
+    api = api_start(&cfg, metrics);
     if (!api) goto out;
     for (int i = 0; i < cfg.settle_workers + 2; i++) {
         void *(*fn)(void *) = i == 0 ? creditsync_run : i == 1 ? sweeper_run : settlement_run;
-        args[i] = (worker_args){&cfg, &stop, i - 2};
+        args[i] = (worker_args){&cfg, &stop, i - 2, metrics};
         if (pthread_create(&threads[nthreads], NULL, fn, &args[i]) != 0) {
             log_error("cannot start worker thread");
             goto out;
@@ -121,12 +137,23 @@ static int cmd_serve(void)
              (long long)cfg.settle_workers, (long long)cfg.sweep_interval_ms);
     sigwait(&sigs, &sig);
     log_info("signal %d: stopping", sig);
+    /* Not ready first, so load balancers move away while everything still
+     * serves (BILLING_STOP_DELAY_MS, default 0); the ops listener answers
+     * until the very end. */
+    ops_drain(ops);
+    if (cfg.stop_delay_ms > 0)
+        nanosleep(
+            &(struct timespec){cfg.stop_delay_ms / 1000, (cfg.stop_delay_ms % 1000) * 1000000L},
+            NULL);
     rc = 0;
 out:
+    ops_drain(ops);
     atomic_store(&stop, 1);
     api_stop(api);
     for (int i = 0; i < nthreads; i++)
         pthread_join(threads[i], NULL);
+    ops_stop(ops);
+    free(metrics);
     return rc;
 }
 

@@ -80,10 +80,12 @@ typedef struct settle_state {
     int charges_cap;
     settle_id *ids; /* the entries of the batch */
     int ids_cap;
-    char ack_sha[41]; /* outbox_ack.lua, once loaded; "" before */
-    int lock_pid;     /* backend of the session holding the pass lock; 0: none */
-    int reread;       /* a commit failed: read our pending entries again, under a new lock */
-    int64_t pause_ms; /* SETTLE_TEST_PAUSE_MS: tests only (see settlement_run) */
+    char ack_sha[41];   /* outbox_ack.lua, once loaded; "" before */
+    int lock_pid;       /* backend of the session holding the pass lock; 0: none */
+    int reread;         /* a commit failed: read our pending entries again, under a new lock */
+    int64_t pause_ms;   /* SETTLE_TEST_PAUSE_MS: tests only (see settlement_run) */
+    billing_metrics *m; /* NULL: not counted */
+    int beat;           /* this worker's heartbeat slot */
 } settle_state;
 
 /* Copies the next '|'-separated part of *P into OUT (at most CAP-1 chars);
@@ -259,6 +261,7 @@ static int settle_dead_letter(settle_state *s, const ledger_charge *c, const cha
     r = hot_command_argv(s->hot, 23, argv, NULL);
     if (r && r->type != REDIS_REPLY_ERROR) rc = 0;
     if (r) freeReplyObject(r);
+    if (rc == 0) bm_dead_letter(s->m);
     if (rc == 0)
         log_error("settlement: call %s of account %" PRId64
                   " refused by postgres (%s); moved to %s",
@@ -298,8 +301,10 @@ static int settle_dead_entry(settle_state *s, const char *id, const redisReply *
     if (r && r->type != REDIS_REPLY_ERROR) rc = 0;
     if (r) freeReplyObject(r);
     free(argv);
-    if (rc == 0)
+    if (rc == 0) {
+        bm_dead_letter(s->m);
         log_error("settlement: malformed outbox entry %s moved to %s", id, SETTLE_DEAD_STREAM);
+    }
     return rc;
 }
 
@@ -315,6 +320,8 @@ static int settle_apply(settle_state *s, int lo, int n)
     rc = ledger_settle_batch(s->pg, &s->charges[lo], n, &applied, why, sizeof why);
     if (rc == LEDGER_OK) {
         log_debug("settlement: %d charges, %d new", n, applied);
+        for (int i = 0; i < n; i++)
+            bm_settled(s->m, s->charges[lo + i].outcome);
         return 0;
     }
     if (rc != LEDGER_CONFLICT) return -1;
@@ -357,14 +364,19 @@ static void settle_unlock(settle_state *s)
 static int settle_write(settle_state *s, int n)
 {
     int rc;
+    int64_t started;
     /* Tests only: a slow commit, with the lock held (the loss window). */
-    if (s->pause_ms > 0) worker_sleep(s->stop, (long)s->pause_ms);
+    if (s->pause_ms > 0) worker_rest(s->stop, (long)s->pause_ms, s->m, s->beat);
     if (atomic_load(s->stop) || PQstatus(s->pg) != CONNECTION_OK ||
         PQbackendPID(s->pg) != s->lock_pid) {
         s->reread = 1;
         return -1;
     }
+    started = bm_mono_us();
     rc = settle_apply(s, 0, n);
+    /* One observation per transaction asked for, however often a refused
+     * call made it split: the size and time of what settlement wrote. */
+    if (rc == 0) bm_batch(s->m, n, bm_mono_us() - started);
     if (rc == 0 && PQbackendPID(s->pg) != s->lock_pid)
         /* ledger.c resent the batch on a new session (the old one died
          * before it ran): committed without the lock. Only a Redis loss
@@ -539,6 +551,8 @@ void *settlement_run(void *arg)
     memset(&s, 0, sizeof s);
     s.cfg = w->cfg;
     s.stop = w->stop;
+    s.m = w->metrics;
+    s.beat = BM_BEAT_SETTLE0 + w->index;
     /* Stable across restarts, so a restarted worker resumes its own pending
      * entries; SETTLE_CONSUMER tells apart several serve processes on one
      * host (sharing a name is safe, only redundant: Postgres deduplicates). */
@@ -566,17 +580,18 @@ void *settlement_run(void *arg)
         goto out;
     }
     while (!atomic_load(s.stop) && settle_group_create(&s) != 0)
-        worker_sleep(s.stop, 1000);
+        worker_rest(s.stop, 1000, s.m, s.beat);
     /* Our own pending entries first: we may have died after committing. */
     s.reread = 1;
     while (!atomic_load(s.stop)) {
         struct timespec now;
         int n;
+        bm_beat(s.m, s.beat);
         clock_gettime(CLOCK_MONOTONIC, &now);
         if ((now.tv_sec - last_claim.tv_sec) * 1000 >= s.cfg->settle_claim_idle_ms / 2) {
             last_claim = now;
-            while (!atomic_load(s.stop) && settle_claim(&s) > 0) {
-            }
+            while (!atomic_load(s.stop) && settle_claim(&s) > 0)
+                bm_beat(s.m, s.beat);
         }
         if (s.reread) {
             /* Entries delivered to us and not committed (a failed commit,
@@ -589,7 +604,7 @@ void *settlement_run(void *arg)
             n = settle_read(&s, ">", SETTLE_BLOCK_MS, &charges);
         }
         if (n < 0) {
-            worker_sleep(s.stop, backoff);
+            worker_rest(s.stop, backoff, s.m, s.beat);
             backoff = backoff < 5000 ? backoff * 2 : 5000;
             continue;
         }
@@ -599,7 +614,7 @@ void *settlement_run(void *arg)
          * more than per row, so this trades a few ms of settlement lag for
          * most of the database's CPU under load. */
         if (charges > 0 && charges < s.cfg->settle_batch / 4)
-            worker_sleep(s.stop, (long)s.cfg->settle_linger_ms);
+            worker_rest(s.stop, (long)s.cfg->settle_linger_ms, s.m, s.beat);
     }
 out:
     free(s.charges);

@@ -45,6 +45,17 @@ void worker_sleep(atomic_int *stop, long ms)
     }
 }
 
+void worker_rest(atomic_int *stop, long ms, billing_metrics *m, int slot)
+{
+    bm_beat(m, slot);
+    while (ms > 0 && !atomic_load(stop)) {
+        long step = ms > 250 ? 250 : ms;
+        worker_sleep(stop, step);
+        bm_beat(m, slot);
+        ms -= step;
+    }
+}
+
 /* Redis's own clock, the one the scripts stamp deadlines with. */
 static int sweeper_now_ms(hot_conn *h, int64_t *now)
 {
@@ -72,7 +83,8 @@ static int64_t sweeper_deadline(const char *value)
 }
 
 /* Releases the expired holds of one account's holds hash. */
-static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *released)
+static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *released,
+                           billing_metrics *m)
 {
     const char *open = strchr(holdskey, '{');
     const char *argv[2] = {"HGETALL", holdskey};
@@ -112,6 +124,7 @@ static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *
                       rid, account);
         } else if (settled) {
             (*released)++;
+            bm_sweeper_release(m, strtoll(value, NULL, 10)); /* the hold's amount */
             log_info("sweeper: released expired hold %s of account %" PRId64, rid, account);
         }
     }
@@ -120,7 +133,7 @@ static int sweeper_account(hot_conn *h, const char *holdskey, int64_t now, int *
 }
 
 /* One pass over every account that has open holds. */
-static int sweeper_pass(hot_conn *h, int *released)
+static int sweeper_pass(hot_conn *h, int *released, billing_metrics *m)
 {
     char cursor[32] = "0";
     int64_t now;
@@ -135,7 +148,8 @@ static int sweeper_pass(hot_conn *h, int *released)
         }
         snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
         for (size_t i = 0; i < r->element[1]->elements; i++) {
-            if (sweeper_account(h, r->element[1]->element[i]->str, now, released) != 0) {
+            bm_beat(m, BM_BEAT_SWEEPER); /* a long pass is a turning loop */
+            if (sweeper_account(h, r->element[1]->element[i]->str, now, released, m) != 0) {
                 freeReplyObject(r);
                 return -1;
             }
@@ -160,6 +174,7 @@ void *sweeper_run(void *arg)
     if (!h) return NULL;
     while (!atomic_load(w->stop)) {
         int released = 0;
+        bm_beat(w->metrics, BM_BEAT_SWEEPER);
         /* After Redis was unreachable, expire nothing for SWEEP_RECOVERY_MS:
          * holds whose deadline passed during the outage mostly belong to
          * calls that ended meanwhile, whose gateways are about to resend
@@ -167,12 +182,12 @@ void *sweeper_run(void *arg)
          * first, a billable call would cost nothing. */
         if (sweeper_mono_ms() < quiet_until) {
             if (hot_ping(h) != 0) quiet_until = sweeper_mono_ms() + w->cfg->sweep_recovery_ms;
-        } else if (sweeper_pass(h, &released) != 0) {
+        } else if (sweeper_pass(h, &released, w->metrics) != 0) {
             log_warn("sweeper: pass failed; no expiry until %lld ms after Redis answers again",
                      (long long)w->cfg->sweep_recovery_ms);
             quiet_until = sweeper_mono_ms() + w->cfg->sweep_recovery_ms;
         }
-        worker_sleep(w->stop, (long)w->cfg->sweep_interval_ms);
+        worker_rest(w->stop, (long)w->cfg->sweep_interval_ms, w->metrics, BM_BEAT_SWEEPER);
     }
     hot_close(h);
     return NULL;

@@ -12,6 +12,7 @@
 #define POINTGATE_WORKERS_H
 
 #include "billing/config.h"
+#include "billing/metrics.h"
 
 #include <libpq-fe.h>
 #include <stdatomic.h>
@@ -20,7 +21,8 @@
 typedef struct worker_args {
     const billing_config *cfg;
     atomic_int *stop;
-    int index; /* distinguishes several settlement workers */
+    int index;                /* distinguishes several settlement workers */
+    billing_metrics *metrics; /* NULL: nothing counted (heartbeats neither) */
 } worker_args;
 
 void *settlement_run(void *worker_args);
@@ -32,6 +34,7 @@ void *creditsync_run(void *worker_args);
  * data during the pass (run it again), -1 on failure. Also used by the CLI
  * and tests. */
 #define CREDITSYNC_LOST 1
+struct hot_conn;
 int creditsync_pass(PGconn *pg, struct hot_conn *hot);
 
 /* Parses one outbox record "rid|acct|route|amount|hold|outcome|status"
@@ -41,5 +44,9 @@ int settle_parse(const char *rec, int64_t ts_ms, struct ledger_charge *c);
 
 /* Sleeps up to MS, waking early when *stop is set. */
 void worker_sleep(atomic_int *stop, long ms);
+/* The same, stamping heartbeat SLOT of M (metrics.h) as it goes: a worker
+ * that waits on purpose (an interval, a backoff) is alive, and /healthz
+ * must tell it from one stuck in a call. */
+void worker_rest(atomic_int *stop, long ms, billing_metrics *m, int slot);
 
 #endif

@@ -23,7 +23,9 @@ PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) $(MHD_PKG) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 MHD_LIBS := $(shell pkg-config --libs $(MHD_PKG) 2>/dev/null)
 
-CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wpointer-arith \
+# The version both programs report (pointgate_build_info).
+VERSION ?= dev
+CFLAGS := -std=c11 -D_GNU_SOURCE -DPOINTGATE_VERSION=\"$(VERSION)\" -Wall -Wextra -Werror -Wshadow -Wpointer-arith \
           -Wstrict-prototypes -Wno-unused-parameter -g -I. -I$(O)/gen $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lpq -lhiredis -levent -lpthread -lm
 

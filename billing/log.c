@@ -33,13 +33,9 @@ int log_start(void)
     return 0;
 }
 
-void log_stop(void)
-{
-}
+void log_stop(void) {}
 
-void log_reopen(void)
-{
-}
+void log_reopen(void) {}
 
 unsigned long long log_dropped(enum log_sink sink)
 {
@@ -56,9 +52,7 @@ int log_access_on(void)
     return 0;
 }
 
-void log_access(const log_access_rec *r)
-{
-}
+void log_access(const log_access_rec *r) {}
 
 void log_msg_ctx(enum log_level lvl, const char *request_id, long long account_id, const char *fmt,
                  ...)

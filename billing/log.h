@@ -43,10 +43,10 @@ typedef struct log_access_rec {
     const char *key_id;     /* NULL: none */
     const char *route;      /* route id, NULL: none */
     const char *method;
-    const char *path;       /* the normalised target, no query; NULL: none */
+    const char *path; /* the normalised target, no query; NULL: none */
     int status;
-    long long charged;      /* points */
-    const char *outcome;    /* the metrics' outcome label */
+    long long charged;   /* points */
+    const char *outcome; /* the metrics' outcome label */
     double total_ms, upstream_ms, wait_ms;
     long long bytes_in, bytes_out;
 } log_access_rec;

@@ -9,7 +9,7 @@
 #include <stdio.h>
 
 #ifndef POINTGATE_VERSION
-#define POINTGATE_VERSION "0.11.0"
+#define POINTGATE_VERSION "dev"
 #endif
 
 static int64_t gw_metrics_sum(const worker *w, int n, size_t off)

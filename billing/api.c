@@ -603,13 +603,8 @@ api_server *api_start(const billing_config *cfg, billing_metrics *metrics)
         free(s);
         return NULL;
     }
-    memset(&addr, 0, sizeof addr);
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)cfg->listen_port);
-    if (inet_pton(AF_INET, cfg->listen_host, &addr.sin_addr) != 1) {
-        log_error("BILLING_LISTEN host %s: expected an IPv4 address", cfg->listen_host);
+    if (config_sockaddr("BILLING_LISTEN", cfg->listen_host, cfg->listen_port, &addr) != 0)
         goto fail;
-    }
     s->d =
         MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, 0, NULL, NULL,
                          api_handler, s, MHD_OPTION_SOCK_ADDR, &addr, MHD_OPTION_THREAD_POOL_SIZE,

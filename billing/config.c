@@ -5,6 +5,8 @@
 #include "billing/log.h"
 #include "billing/redisurl.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <string.h>
 
 int config_load(billing_config *c, int need_redis, int need_listen, int need_pepper)
@@ -75,4 +77,16 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         env_int64("BILLING_STOP_DELAY_MS", 0, 0, 600000, &c->stop_delay_ms) != 0)
         rc = -1;
     return rc;
+}
+
+int config_sockaddr(const char *var, const char *host, int port, struct sockaddr_in *out)
+{
+    memset(out, 0, sizeof *out);
+    out->sin_family = AF_INET;
+    out->sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &out->sin_addr) != 1) {
+        log_error("%s host %s: expected an IPv4 address", var, host);
+        return -1;
+    }
+    return 0;
 }

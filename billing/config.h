@@ -34,4 +34,9 @@ typedef struct billing_config {
  * missing or malformed required value is logged and makes it return -1. */
 int config_load(billing_config *c, int need_redis, int need_listen, int need_pepper);
 
+struct sockaddr_in;
+/* HOST:PORT (the value of the variable VAR) as an IPv4 socket address for a
+ * listener. 0, or -1 after logging what VAR should hold. */
+int config_sockaddr(const char *var, const char *host, int port, struct sockaddr_in *out);
+
 #endif

@@ -21,6 +21,7 @@ struct hot_conn {
     int auth_refused;  /* the last handshake was refused: logged once per streak */
     unsigned connects; /* handshakes that succeeded: a new one may be a new Redis */
     char error[128];   /* the last connection or I/O error (hot_error) */
+    int timeout_ms;    /* 0: the defaults (hot_set_timeout) */
     char sha[HOT_NSCRIPTS][41];
 };
 
@@ -39,6 +40,11 @@ hot_conn *hot_open(const char *redis_url)
         return NULL;
     }
     return h;
+}
+
+void hot_set_timeout(hot_conn *h, int ms)
+{
+    h->timeout_ms = ms;
 }
 
 void hot_close(hot_conn *h)
@@ -81,10 +87,14 @@ static int hot_handshake(hot_conn *h, const char *what, int argc, const char **a
  * else is sent on it. */
 static int hot_ensure(hot_conn *h)
 {
-    struct timeval tv = {2, 0};
+    struct timeval tv = {2, 0}, cmd = {5, 0};
     char db[16];
     const char *argv[3];
     if (h->c && !h->c->err) return 0;
+    if (h->timeout_ms > 0) {
+        tv = (struct timeval){h->timeout_ms / 1000, (h->timeout_ms % 1000) * 1000};
+        cmd = tv;
+    }
     hot_drop(h);
     h->c = redisConnectWithTimeout(h->url.host, h->url.port, tv);
     if (!h->c || h->c->err) {
@@ -94,7 +104,7 @@ static int hot_ensure(hot_conn *h)
         hot_drop(h);
         return -1;
     }
-    redisSetTimeout(h->c, (struct timeval){5, 0});
+    redisSetTimeout(h->c, cmd);
     if (h->url.password[0]) {
         int argc = 0;
         argv[argc++] = "AUTH";

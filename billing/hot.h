@@ -15,6 +15,9 @@ typedef struct hot_conn hot_conn;
 /* NULL (logged) if the URL is malformed; a connection failure is not fatal
  * here: the first call reports it. */
 hot_conn *hot_open(const char *redis_url);
+/* Connect and command timeouts of H's connections from now on (default 2 s
+ * to connect, 5 s per command): a probe wants to fail fast. */
+void hot_set_timeout(hot_conn *h, int ms);
 void hot_close(hot_conn *h);
 /* 0 when Redis answers PING. */
 int hot_ping(hot_conn *h);

@@ -17,9 +17,9 @@
  * lag, and a claimed entry that never commits must show as growing lag. */
 #include "billing/ops.h"
 
+#include "billing/hot.h"
 #include "billing/hotkeys.h"
 #include "billing/log.h"
-#include "billing/redisurl.h"
 #include "billing/workers.h"
 
 #include <arpa/inet.h>
@@ -45,8 +45,7 @@ struct ops_server {
     atomic_int stop;
     /* The probe thread's own connections. */
     PGconn *pg;
-    redisContext *rc;
-    redisurl url;
+    hot_conn *hot; /* hot.c's client, with 1 s timeouts */
 };
 
 /* ---- the probe ---------------------------------------------------------- */
@@ -84,54 +83,6 @@ fail:
     return -1;
 }
 
-static redisReply *ops_cmd(ops_server *s, int argc, const char **argv)
-{
-    redisReply *r = redisCommandArgv(s->rc, argc, argv, NULL);
-    if (!r) {
-        redisFree(s->rc);
-        s->rc = NULL;
-    }
-    return r;
-}
-
-static int ops_redis_connect(ops_server *s)
-{
-    struct timeval tv = {1, 0};
-    const char *argv[3];
-    char db[16];
-    redisReply *r;
-    if (s->rc) return 0;
-    s->rc = redisConnectWithTimeout(s->url.host, s->url.port, tv);
-    if (!s->rc || s->rc->err) goto fail;
-    redisSetTimeout(s->rc, tv);
-    if (s->url.password[0]) {
-        int argc = 0;
-        argv[argc++] = "AUTH";
-        if (s->url.user[0]) argv[argc++] = s->url.user;
-        argv[argc++] = s->url.password;
-        r = ops_cmd(s, argc, argv);
-        if (!r) return -1;
-        int ok = r->type == REDIS_REPLY_STATUS;
-        freeReplyObject(r);
-        if (!ok) goto fail;
-    }
-    if (s->url.db != 0) {
-        snprintf(db, sizeof db, "%d", s->url.db);
-        argv[0] = "SELECT";
-        argv[1] = db;
-        r = ops_cmd(s, 2, argv);
-        if (!r) return -1;
-        int ok = r->type == REDIS_REPLY_STATUS;
-        freeReplyObject(r);
-        if (!ok) goto fail;
-    }
-    return 0;
-fail:
-    if (s->rc) redisFree(s->rc);
-    s->rc = NULL;
-    return -1;
-}
-
 /* The Redis figures: reachable, pg:backlog, the oldest entry's age (ms), XLEN
  * of the dead letters. -1 when Redis did not answer. */
 static int ops_probe_redis(ops_server *s, int64_t *backlog, int64_t *age_ms, int64_t *dead)
@@ -143,8 +94,7 @@ static int ops_probe_redis(ops_server *s, int64_t *backlog, int64_t *age_ms, int
     redisReply *r;
     int64_t now = 0;
     *backlog = *age_ms = *dead = 0;
-    if (ops_redis_connect(s) != 0) return -1;
-    r = ops_cmd(s, 1, time_argv);
+    r = hot_command_argv(s->hot, 1, time_argv, NULL);
     if (!r) return -1;
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
         freeReplyObject(r);
@@ -153,10 +103,10 @@ static int ops_probe_redis(ops_server *s, int64_t *backlog, int64_t *age_ms, int
     now =
         strtoll(r->element[0]->str, NULL, 10) * 1000 + strtoll(r->element[1]->str, NULL, 10) / 1000;
     freeReplyObject(r);
-    if (!(r = ops_cmd(s, 2, bl_argv))) return -1;
+    if (!(r = hot_command_argv(s->hot, 2, bl_argv, NULL))) return -1;
     if (r->type == REDIS_REPLY_STRING) *backlog = strtoll(r->str, NULL, 10);
     freeReplyObject(r);
-    if (!(r = ops_cmd(s, 6, first_argv))) return -1;
+    if (!(r = hot_command_argv(s->hot, 6, first_argv, NULL))) return -1;
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 &&
         r->element[0]->type == REDIS_REPLY_ARRAY && r->element[0]->elements >= 1 &&
         r->element[0]->element[0]->type == REDIS_REPLY_STRING) {
@@ -164,7 +114,7 @@ static int ops_probe_redis(ops_server *s, int64_t *backlog, int64_t *age_ms, int
         *age_ms = now > id_ms ? now - id_ms : 0;
     }
     freeReplyObject(r);
-    if (!(r = ops_cmd(s, 2, dead_argv))) return -1;
+    if (!(r = hot_command_argv(s->hot, 2, dead_argv, NULL))) return -1;
     if (r->type == REDIS_REPLY_INTEGER) *dead = r->integer;
     freeReplyObject(r);
     return 0;
@@ -187,9 +137,7 @@ static void *ops_probe_run(void *arg)
         worker_sleep(&s->stop, OPS_PROBE_MS);
     }
     if (s->pg) PQfinish(s->pg);
-    if (s->rc) redisFree(s->rc);
     s->pg = NULL;
-    s->rc = NULL;
     return NULL;
 }
 
@@ -316,21 +264,13 @@ ops_server *ops_start(const billing_config *cfg, billing_metrics *m)
 {
     ops_server *s = calloc(1, sizeof *s);
     struct sockaddr_in addr;
-    char err[256];
     if (!s) return NULL;
     s->cfg = cfg;
     s->m = m;
-    if (redisurl_parse(cfg->redis_url, &s->url, err, sizeof err) != 0) {
-        log_error("ops: REDIS_URL: %s", err); /* config_load checked it already */
-        goto fail;
-    }
-    memset(&addr, 0, sizeof addr);
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)cfg->ops_port);
-    if (inet_pton(AF_INET, cfg->ops_host, &addr.sin_addr) != 1) {
-        log_error("BILLING_OPS_LISTEN host %s: expected an IPv4 address", cfg->ops_host);
-        goto fail;
-    }
+    s->hot = hot_open(cfg->redis_url); /* config_load checked the URL already */
+    if (!s->hot) goto fail;
+    hot_set_timeout(s->hot, 1000);
+    if (config_sockaddr("BILLING_OPS_LISTEN", cfg->ops_host, cfg->ops_port, &addr) != 0) goto fail;
     if (pthread_create(&s->probe, NULL, ops_probe_run, s) != 0) {
         log_error("ops: cannot start the probe thread");
         goto fail;
@@ -364,6 +304,6 @@ void ops_stop(ops_server *s)
     if (s->d) MHD_stop_daemon(s->d);
     atomic_store(&s->stop, 1);
     if (s->probe_started) pthread_join(s->probe, NULL);
-    redisurl_wipe(&s->url);
+    hot_close(s->hot);
     free(s);
 }

@@ -76,6 +76,7 @@ static struct {
     int stopping; /* log_stop asked: drain and exit */
     int idle;     /* the writer waits on cond: a caller wakes it */
     int wedged;   /* log_stop gave up on the writer: never free the rings */
+    unsigned long long dropped_at_start[LOG_SINKS];
     atomic_int reopen;
 } L = {
     .min = LOG_INFO,
@@ -638,6 +639,8 @@ int log_start(void)
     }
     L.stopping = 0;
     L.idle = 0;
+    for (int s = 0; s < LOG_SINKS; s++)
+        L.dropped_at_start[s] = log_dropped((enum log_sink)s);
     /* The writer takes no signal: they go to the programs' sigwait loops. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
@@ -688,11 +691,11 @@ void log_stop(void)
         L.out[s].ring.cap = 0;
     }
     L.stopping = 0;
-    dl_log = log_dropped(LOG_SINK_LOG);
-    dl_access = log_dropped(LOG_SINK_ACCESS);
+    dl_log = log_dropped(LOG_SINK_LOG) - L.dropped_at_start[LOG_SINK_LOG];
+    dl_access = log_dropped(LOG_SINK_ACCESS) - L.dropped_at_start[LOG_SINK_ACCESS];
     if (dl_log || dl_access)
-        log_warn("log: %llu log lines and %llu access lines dropped since the start (a sink "
-                 "could not keep up)",
+        log_warn("log: %llu log lines and %llu access lines dropped while the writer ran (a "
+                 "sink could not keep up)",
                  dl_log, dl_access);
 }
 
@@ -790,7 +793,8 @@ static void log_vmsg(enum log_level lvl, const char *rid, long long account, con
     char msg[LOG_MSG_MAX], line[LOG_LINE_MAX];
     log_buf b = {line, 0, sizeof line, 0};
     if (lvl < L.min || (int)lvl < 0 || lvl > LOG_ERROR) return;
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    if (vsnprintf(msg, sizeof msg, fmt, ap) >= (int)sizeof msg)
+        memcpy(msg + sizeof msg - 4, "...", 4); /* said, not silently cut */
     log_format(&b, lvl, rid, account, msg);
     if (b.len == 0 || line[b.len - 1] != '\n') { /* cut in the tail: end it anyway */
         if (b.len == b.cap) b.len--;

@@ -43,6 +43,13 @@
 #define LOG_BUFFER_MAX (256u << 20)
 #define LOG_STOP_WAIT_S 5       /* log_stop gives up on a sink blocked this long */
 #define LOG_DROP_REPORT_MS 1000 /* at most one "lines dropped" line a second */
+/* After a pass that wrote something, the writer naps this long before it
+ * looks again, and callers do not wake it unless their ring is half full:
+ * under load, lines go out in batches and no caller pays for a wake-up
+ * (a futex call, the largest part of a line's cost otherwise). A nap that
+ * finds nothing is followed by a sleep that the next line ends. */
+#define LOG_NAP_MS 2
+enum { LOG_BUSY, LOG_IDLE_SLEEP, LOG_IDLE_NAP };
 
 /* Bytes ever queued (wpos) and ever handed back by the writer (rpos): the
  * used part is [rpos, wpos) modulo cap. Callers write only into the free
@@ -74,7 +81,7 @@ static struct {
     pthread_t thread;
     int running;  /* lines go to the rings (the writer runs) */
     int stopping; /* log_stop asked: drain and exit */
-    int idle;     /* the writer waits on cond: a caller wakes it */
+    int idle;     /* the writer waits on cond: LOG_IDLE_* */
     int wedged;   /* log_stop gave up on the writer: never free the rings */
     unsigned long long dropped_at_start[LOG_SINKS];
     atomic_int reopen;
@@ -114,20 +121,37 @@ static void lb_str(log_buf *b, const char *s)
     lb_add(b, s, strlen(s));
 }
 
-static void lb_fmt(log_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void lb_fmt(log_buf *b, const char *fmt, ...)
+/* V in decimal: snprintf costs more than the rest of an access line. */
+static void lb_int(log_buf *b, long long v)
 {
-    char tmp[64];
-    va_list ap;
-    int n;
-    va_start(ap, fmt);
-    n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof tmp) {
-        b->cut = 1;
-        return;
+    char tmp[24];
+    size_t k = sizeof tmp;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[--k] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) tmp[--k] = '-';
+    lb_add(b, tmp + k, sizeof tmp - k);
+}
+
+/* Milliseconds with three decimals (microseconds), "12.345"; not finite: 0. */
+static void lb_ms(log_buf *b, double ms)
+{
+    long long us;
+    char frac[4];
+    if (!isfinite(ms) || ms > 9e12 || ms < -9e12) ms = 0;
+    us = llround(ms * 1000.0);
+    if (us < 0) {
+        lb_add(b, "-", 1);
+        us = -us;
     }
-    lb_add(b, tmp, (size_t)n);
+    lb_int(b, us / 1000);
+    frac[0] = '.';
+    frac[1] = (char)('0' + us / 100 % 10);
+    frac[2] = (char)('0' + us / 10 % 10);
+    frac[3] = (char)('0' + us % 10);
+    lb_add(b, frac, 4);
 }
 
 /* Length of the well-formed UTF-8 sequence (RFC 3629: no overlongs, no
@@ -170,6 +194,23 @@ static void lb_escape(log_buf *b, const char *str, size_t n, int json, size_t li
     if (limit > b->cap) limit = b->cap;
     while (i < n) {
         char e[8];
+        size_t j = i;
+        /* The usual case first: a run of printable ASCII, copied at once. */
+        while (j < n && s[j] >= 0x20 && s[j] < 0x7F && s[j] != '"' && s[j] != '\\')
+            j++;
+        if (j > i) {
+            size_t run = j - i;
+            if (b->len + run + 3 > limit) run = limit > b->len + 3 ? limit - b->len - 3 : 0;
+            memcpy(b->p + b->len, str + i, run);
+            b->len += run;
+            i += run;
+            if (i < j) {
+                b->cut = 1;
+                if (b->len + 3 <= b->cap) lb_add(b, "...", 3);
+                return;
+            }
+            continue;
+        }
         const char *out = e;
         size_t k = 0, adv = 1;
         unsigned char c = s[i];
@@ -296,7 +337,10 @@ static void log_format(log_buf *b, enum log_level lvl, const char *rid, long lon
             lb_str(b, ",\"request_id\":");
             lb_json_str(b, rid, b->len + 80);
         }
-        if (account > 0) lb_fmt(b, ",\"account_id\":%lld", account);
+        if (account > 0) {
+            lb_str(b, ",\"account_id\":");
+            lb_int(b, account);
+        }
         lb_str(b, "}\n");
     } else {
         lb_str(b, ts);
@@ -310,7 +354,10 @@ static void log_format(log_buf *b, enum log_level lvl, const char *rid, long lon
             lb_str(b, " request_id=");
             lb_escape(b, rid, strlen(rid), 0, b->len + 80);
         }
-        if (account > 0) lb_fmt(b, " account_id=%lld", account);
+        if (account > 0) {
+            lb_str(b, " account_id=");
+            lb_int(b, account);
+        }
         lb_str(b, "\n");
     }
 }
@@ -377,8 +424,8 @@ static int log_push_locked(log_out *o, const char *line, size_t len)
     memcpy(r->buf + off, line, first);
     memcpy(r->buf, line + first, len - first);
     r->wpos += len;
-    if (L.idle) {
-        L.idle = 0;
+    if (L.idle == LOG_IDLE_SLEEP || (L.idle == LOG_IDLE_NAP && r->wpos - r->rpos >= r->cap / 2)) {
+        L.idle = LOG_BUSY;
         pthread_cond_signal(&L.cond);
     }
     return 0;
@@ -434,6 +481,20 @@ static long long log_mono_ms(void)
     return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
+/* The writer waits on L.cond (under L.mu) for at most MS, as STATE. */
+static void log_wait(int state, long long ms)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += (time_t)(ms / 1000);
+    dl.tv_nsec += (long)(ms % 1000) * 1000000L;
+    dl.tv_sec += dl.tv_nsec / 1000000000L;
+    dl.tv_nsec %= 1000000000L;
+    L.idle = state;
+    pthread_cond_timedwait(&L.cond, &L.mu, &dl);
+    L.idle = LOG_BUSY;
+}
+
 /* The writer: empties each ring in turn (both parts of a wrapped one
  * before the next ring, so two sinks on one fd never split a line), with
  * one write(2) per contiguous part; reopens files when asked; says how
@@ -444,6 +505,7 @@ static void *log_writer(void *arg)
     unsigned long long rep_log = log_dropped(LOG_SINK_LOG), rep_access = log_dropped(LOG_SINK_ACCESS);
     unsigned long long reported = rep_log + rep_access;
     long long last_report = 0;
+    int napped = 0;
     (void)arg;
     pthread_mutex_lock(&L.mu);
     for (;;) {
@@ -470,7 +532,10 @@ static void *log_writer(void *arg)
             r->rpos = to;
             did = 1;
         }
-        if (did) continue;
+        if (did) {
+            napped = 0;
+            continue;
+        }
         dropped = log_dropped_all();
         if (dropped != reported) {
             long long now = log_mono_ms();
@@ -498,23 +563,21 @@ static void *log_writer(void *arg)
                 }
             }
             if (!L.stopping) {
-                struct timespec dl;
                 long long wait_ms = LOG_DROP_REPORT_MS - (now - last_report);
-                if (wait_ms < 1) wait_ms = LOG_DROP_REPORT_MS;
-                clock_gettime(CLOCK_REALTIME, &dl);
-                dl.tv_nsec += (long)wait_ms * 1000000L;
-                dl.tv_sec += dl.tv_nsec / 1000000000L;
-                dl.tv_nsec %= 1000000000L;
-                L.idle = 1;
-                pthread_cond_timedwait(&L.cond, &L.mu, &dl);
-                L.idle = 0;
+                log_wait(LOG_IDLE_SLEEP, wait_ms < 1 ? LOG_DROP_REPORT_MS : wait_ms);
                 continue;
             }
         }
         if (L.stopping) break;
-        L.idle = 1;
+        if (!napped) {
+            log_wait(LOG_IDLE_NAP, LOG_NAP_MS);
+            napped = 1;
+            continue;
+        }
+        L.idle = LOG_IDLE_SLEEP;
         pthread_cond_wait(&L.cond, &L.mu);
-        L.idle = 0;
+        L.idle = LOG_BUSY;
+        napped = 0;
     }
     /* Still under the lock: a line queued before this point was written; one
      * after it is written by its caller. */
@@ -638,7 +701,7 @@ int log_start(void)
         r->cap = L.bufsize;
     }
     L.stopping = 0;
-    L.idle = 0;
+    L.idle = LOG_BUSY;
     for (int s = 0; s < LOG_SINKS; s++)
         L.dropped_at_start[s] = log_dropped((enum log_sink)s);
     /* The writer takes no signal: they go to the programs' sigwait loops. */
@@ -670,8 +733,8 @@ void log_stop(void)
         return;
     }
     L.stopping = 1;
-    if (L.idle) {
-        L.idle = 0;
+    if (L.idle != LOG_BUSY) {
+        L.idle = LOG_BUSY;
         pthread_cond_signal(&L.cond);
     }
     pthread_mutex_unlock(&L.mu);
@@ -706,8 +769,8 @@ void log_reopen(void)
     running = L.running;
     if (running) {
         atomic_store(&L.reopen, 1);
-        if (L.idle) {
-            L.idle = 0;
+        if (L.idle != LOG_BUSY) {
+            L.idle = LOG_BUSY;
             pthread_cond_signal(&L.cond);
         }
     }
@@ -749,11 +812,6 @@ int log_access_on(void)
     return L.out[LOG_SINK_ACCESS].fd >= 0;
 }
 
-static double log_finite(double v)
-{
-    return isfinite(v) ? v : 0;
-}
-
 void log_access(const log_access_rec *r)
 {
     char line[LOG_ACCESS_MAX], ts[32];
@@ -764,10 +822,11 @@ void log_access(const log_access_rec *r)
     lb_str(&b, ts);
     lb_str(&b, "\",\"request_id\":");
     lb_json_str(&b, r->request_id, b.len + 80);
+    lb_str(&b, ",\"account_id\":");
     if (r->account_id > 0)
-        lb_fmt(&b, ",\"account_id\":%lld", r->account_id);
+        lb_int(&b, r->account_id);
     else
-        lb_str(&b, ",\"account_id\":null");
+        lb_str(&b, "null");
     lb_str(&b, ",\"key_id\":");
     lb_json_str(&b, r->key_id, b.len + 80);
     lb_str(&b, ",\"route\":");
@@ -776,12 +835,23 @@ void log_access(const log_access_rec *r)
     lb_json_str(&b, r->method, b.len + 80);
     lb_str(&b, ",\"path\":");
     lb_json_str(&b, r->path, b.len + LOG_FIELD_MAX);
-    lb_fmt(&b, ",\"status\":%d,\"charged\":%lld,\"outcome\":", r->status, r->charged);
+    lb_str(&b, ",\"status\":");
+    lb_int(&b, r->status);
+    lb_str(&b, ",\"charged\":");
+    lb_int(&b, r->charged);
+    lb_str(&b, ",\"outcome\":");
     lb_json_str(&b, r->outcome, b.len + 80);
-    lb_fmt(&b, ",\"total_ms\":%.3f", log_finite(r->total_ms));
-    lb_fmt(&b, ",\"upstream_ms\":%.3f", log_finite(r->upstream_ms));
-    lb_fmt(&b, ",\"wait_ms\":%.3f", log_finite(r->wait_ms));
-    lb_fmt(&b, ",\"bytes_in\":%lld,\"bytes_out\":%lld}\n", r->bytes_in, r->bytes_out);
+    lb_str(&b, ",\"total_ms\":");
+    lb_ms(&b, r->total_ms);
+    lb_str(&b, ",\"upstream_ms\":");
+    lb_ms(&b, r->upstream_ms);
+    lb_str(&b, ",\"wait_ms\":");
+    lb_ms(&b, r->wait_ms);
+    lb_str(&b, ",\"bytes_in\":");
+    lb_int(&b, r->bytes_in);
+    lb_str(&b, ",\"bytes_out\":");
+    lb_int(&b, r->bytes_out);
+    lb_str(&b, "}\n");
     /* The fields are bounded well below the line: cannot be cut. */
     if (b.cut) return;
     log_emit(LOG_SINK_ACCESS, line, b.len);

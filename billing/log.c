@@ -43,12 +43,15 @@
 #define LOG_BUFFER_MAX (256u << 20)
 #define LOG_STOP_WAIT_S 5       /* log_stop gives up on a sink blocked this long */
 #define LOG_DROP_REPORT_MS 1000 /* at most one "lines dropped" line a second */
-/* After a pass that wrote something, the writer naps this long before it
- * looks again, and callers do not wake it unless their ring is half full:
- * under load, lines go out in batches and no caller pays for a wake-up
- * (a futex call, the largest part of a line's cost otherwise). A nap that
- * finds nothing is followed by a sleep that the next line ends. */
+/* Under load (LOG_NAP_BYTES or more written since the writer last
+ * waited) it naps LOG_NAP_MS before it looks again, and callers do not wake
+ * it unless their ring is half full: lines go out in batches and no caller
+ * pays for a wake-up (a futex call, the largest part of a line's cost
+ * otherwise). Otherwise, and after a nap that found nothing, it sleeps
+ * until the next line wakes it: a quiet log is written within microseconds,
+ * as a synchronous one was (tests and operators grep it right away). */
 #define LOG_NAP_MS 2
+#define LOG_NAP_BYTES 16384
 enum { LOG_BUSY, LOG_IDLE_SLEEP, LOG_IDLE_NAP };
 
 /* Bytes ever queued (wpos) and ever handed back by the writer (rpos): the
@@ -506,6 +509,7 @@ static void *log_writer(void *arg)
     unsigned long long reported = rep_log + rep_access;
     long long last_report = 0;
     int napped = 0;
+    size_t since_wait = 0; /* bytes written since the last wait */
     (void)arg;
     pthread_mutex_lock(&L.mu);
     for (;;) {
@@ -530,6 +534,7 @@ static void *log_writer(void *arg)
             if (n > first) log_write_chunk(o, r->buf, n - first);
             pthread_mutex_lock(&L.mu);
             r->rpos = to;
+            since_wait += n;
             did = 1;
         }
         if (did) {
@@ -569,15 +574,17 @@ static void *log_writer(void *arg)
             }
         }
         if (L.stopping) break;
-        if (!napped) {
+        if (!napped && since_wait >= LOG_NAP_BYTES) {
             log_wait(LOG_IDLE_NAP, LOG_NAP_MS);
             napped = 1;
+            since_wait = 0;
             continue;
         }
         L.idle = LOG_IDLE_SLEEP;
         pthread_cond_wait(&L.cond, &L.mu);
         L.idle = LOG_BUSY;
         napped = 0;
+        since_wait = 0;
     }
     /* Still under the lock: a line queued before this point was written; one
      * after it is written by its caller. */

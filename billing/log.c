@@ -34,10 +34,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LOG_MSG_MAX 4096        /* a message as formatted, before escaping */
-#define LOG_LINE_MAX 8192       /* a log line, escaped; longer ones are cut with "..." */
-#define LOG_ACCESS_MAX 8192     /* an access line */
-#define LOG_FIELD_MAX 2048      /* one access-log string field, escaped */
+#define LOG_MSG_MAX 4096    /* a message as formatted, before escaping */
+#define LOG_LINE_MAX 8192   /* a log line, escaped; longer ones are cut with "..." */
+#define LOG_ACCESS_MAX 8192 /* an access line */
+#define LOG_FIELD_MAX 2048  /* one access-log string field, escaped */
 #define LOG_BUFFER_DEFAULT (1u << 20)
 #define LOG_BUFFER_MIN (64u << 10)
 #define LOG_BUFFER_MAX (256u << 20)
@@ -505,7 +505,8 @@ static void log_wait(int state, long long ms)
 static void *log_writer(void *arg)
 {
     /* Drops before the writer started (a failing sink) are not reported as its. */
-    unsigned long long rep_log = log_dropped(LOG_SINK_LOG), rep_access = log_dropped(LOG_SINK_ACCESS);
+    unsigned long long rep_log = log_dropped(LOG_SINK_LOG),
+                       rep_access = log_dropped(LOG_SINK_ACCESS);
     unsigned long long reported = rep_log + rep_access;
     long long last_report = 0;
     int napped = 0;

@@ -60,8 +60,11 @@ static char **read_lines(const char *path, size_t *n)
     if (!f) return calloc(1, sizeof *out);
     while ((len = getline(&line, &lcap, f)) >= 0) {
         if (k + 2 > cap) {
+            char **grown;
             cap = cap ? cap * 2 : 64;
-            out = realloc(out, cap * sizeof *out);
+            grown = realloc(out, cap * sizeof *out);
+            if (!grown) break;
+            out = grown;
         }
         if (len > 0 && line[len - 1] == '\n') line[--len] = '\0';
         out[k++] = strdup(line);
@@ -154,8 +157,8 @@ static const esc_case esc_cases[] = {
     {"ctl \x01\x02\x1f del \x7f tab\t nl\n cr\r bs\b ff\f", NULL},
     {"utf8 \xc3\xa9 \xe2\x82\xac \xf0\x9d\x84\x9e \xf4\x8f\xbf\xbf", NULL},
     {"bad \xff\xfe|\xc3 |\xe2\x82 |\xc0\xaf|\xed\xa0\x80|\xf4\x90\x80\x80|\x80",
-     "bad " FFFD FFFD "|" FFFD " |" FFFD FFFD " |" FFFD FFFD "|" FFFD FFFD FFFD "|" FFFD FFFD FFFD
-     FFFD "|" FFFD},
+     "bad " FFFD FFFD "|" FFFD " |" FFFD FFFD " |" FFFD FFFD "|" FFFD FFFD FFFD
+     "|" FFFD FFFD FFFD FFFD "|" FFFD},
     {"{\"injected\":true}\n{\"level\":\"error\"", NULL},
 };
 
@@ -244,8 +247,8 @@ static void test_text(void)
         CHECK(strlen(lines[0]) > 25 && lines[0][24] == ' ');
         lines[0][24] = '\0';
         CHECK(ts_ok(lines[0]));
-        CHECK(strcmp(lines[0] + 25, "test warn: routes reload failed: keeping the current routes") ==
-              0);
+        CHECK(strcmp(lines[0] + 25,
+                     "test warn: routes reload failed: keeping the current routes") == 0);
         CHECK(strcmp(lines[1] + 25,
                      "test error: two\\nlines \\x01 and \\xff, \"quoted\" \\ \xc3\xa9") == 0);
         CHECK(strcmp(lines[2] + 25, "test warn: ctx request_id=abc account_id=9") == 0);
@@ -333,8 +336,10 @@ static void *reader_run(void *arg)
         if (rc == 0 && atomic_load(&r->done)) break;
         if (rc <= 0) continue;
         if (r->len + 65536 > r->cap) {
+            char *grown = realloc(r->buf, r->cap ? r->cap * 2 : 1 << 20);
+            if (!grown) break;
+            r->buf = grown;
             r->cap = r->cap ? r->cap * 2 : 1 << 20;
-            r->buf = realloc(r->buf, r->cap);
         }
         k = read(r->fd, r->buf + r->len, 65536);
         if (k > 0) r->len += (size_t)k;
@@ -408,9 +413,10 @@ static void test_drop(void)
 
 /* ---- the access log ----------------------------------------------------------- */
 
-static const char *access_keys[] = {"ts",      "request_id", "account_id", "key_id",    "route",
-                                    "method",  "path",       "status",     "charged",   "outcome",
-                                    "total_ms", "upstream_ms", "wait_ms",   "bytes_in", "bytes_out"};
+static const char *access_keys[] = {"ts",      "request_id", "account_id", "key_id",
+                                    "route",   "method",     "path",       "status",
+                                    "charged", "outcome",    "total_ms",   "upstream_ms",
+                                    "wait_ms", "bytes_in",   "bytes_out"};
 
 static void test_access(void)
 {
@@ -418,11 +424,34 @@ static void test_access(void)
     char **lines;
     size_t n;
     struct stat st;
-    log_access_rec full = {"0123456789abcdef0123456789abcdef", 17, "a1b2c3d4e5f6", "devices",
-                           "GET", "/v1/devices/42", 200, 3, "charged", 12.5, 10.25, 0.0, 120,
+    log_access_rec full = {"0123456789abcdef0123456789abcdef",
+                           17,
+                           "a1b2c3d4e5f6",
+                           "devices",
+                           "GET",
+                           "/v1/devices/42",
+                           200,
+                           3,
+                           "charged",
+                           12.5,
+                           10.25,
+                           0.0,
+                           120,
                            4096};
-    log_access_rec none = {"ffffffffffffffffffffffffffffffff", 0, NULL, NULL, "POST",
-                           "/x\"y\\z\x01\xff", 401, 0, "unauthorized", 0.1234, 0, 0, 0, 57};
+    log_access_rec none = {"ffffffffffffffffffffffffffffffff",
+                           0,
+                           NULL,
+                           NULL,
+                           "POST",
+                           "/x\"y\\z\x01\xff",
+                           401,
+                           0,
+                           "unauthorized",
+                           0.1234,
+                           0,
+                           0,
+                           0,
+                           57};
     path_of(path, sizeof path, "access.log");
     path_of(lpath, sizeof lpath, "access-side.log");
     umask(022);
@@ -505,8 +534,20 @@ static int count_in(const char *path, const char *what)
 static void test_reopen(void)
 {
     char lp[128], ap[128], lp1[128], ap1[128], lp2[128], ap2[128];
-    log_access_rec r = {"0123456789abcdef0123456789abcdef", 1, "k", "r", "GET", "/a", 200, 1,
-                        "charged", 1, 1, 0, 1, 1};
+    log_access_rec r = {"0123456789abcdef0123456789abcdef",
+                        1,
+                        "k",
+                        "r",
+                        "GET",
+                        "/a",
+                        200,
+                        1,
+                        "charged",
+                        1,
+                        1,
+                        0,
+                        1,
+                        1};
     struct stat st;
     path_of(lp, sizeof lp, "r.log");
     path_of(ap, sizeof ap, "r-access.log");
@@ -549,9 +590,20 @@ static void test_reopen(void)
 
 static void *mix_access(void *arg)
 {
-    log_access_rec r = {"0123456789abcdef0123456789abcdef", 5, "abcdefabcdef", "route-x",
-                        "GET", "/some/path/of/a/decent/length", 200, 1, "charged", 1.5, 1.0, 0,
-                        99, 1234};
+    log_access_rec r = {"0123456789abcdef0123456789abcdef",
+                        5,
+                        "abcdefabcdef",
+                        "route-x",
+                        "GET",
+                        "/some/path/of/a/decent/length",
+                        200,
+                        1,
+                        "charged",
+                        1.5,
+                        1.0,
+                        0,
+                        99,
+                        1234};
     (void)arg;
     for (int i = 0; i < MIX_LINES; i++)
         log_access(&r);
@@ -587,8 +639,7 @@ static void test_shared_fd(void)
     CHECK(n > MIX_LINES / 10);
     for (size_t i = 0; i < n; i++) {
         json_t *j = json_loads(lines[i], 0, NULL);
-        if (!j || !jstr(j, "ts"))
-            bad++;
+        if (!j || !jstr(j, "ts")) bad++;
         json_decref(j);
     }
     CHECK(bad == 0);
@@ -625,8 +676,19 @@ typedef struct bench_arg {
 static void *bench_thread(void *arg)
 {
     const bench_arg *b = arg;
-    log_access_rec r = {"0123456789abcdef0123456789abcdef", 5, "abcdefabcdef", "devices",
-                        "GET", "/v1/devices/42/readings", 200, 1, "charged", 1.5, 1.0, 0, 99,
+    log_access_rec r = {"0123456789abcdef0123456789abcdef",
+                        5,
+                        "abcdefabcdef",
+                        "devices",
+                        "GET",
+                        "/v1/devices/42/readings",
+                        200,
+                        1,
+                        "charged",
+                        1.5,
+                        1.0,
+                        0,
+                        99,
                         1234};
     for (int i = 0; i < b->n; i++) {
         if (b->access)

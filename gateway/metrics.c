@@ -16,11 +16,13 @@
 #define POINTGATE_VERSION "dev"
 #endif
 
-static const char *const gw_methods[GW_METHODS] = {"GET",    "HEAD",    "POST", "PUT",
-                                                   "PATCH",  "DELETE", "OPTIONS", "other"};
+static const char *const gw_methods[GW_METHODS] = {"GET",   "HEAD",   "POST",    "PUT",
+                                                   "PATCH", "DELETE", "OPTIONS", "other"};
 static const char *const gw_outcomes[GW_OUTCOMES] = {
-    "charged",     "released",    "refused",      "unauthorized", "no_route",  "billing_unavailable",
-    "bad_request", "rate_limited", "info",        "cancelled",    "too_many_waiting", "error"};
+    "charged",      "released",         "refused",
+    "unauthorized", "no_route",         "billing_unavailable",
+    "bad_request",  "rate_limited",     "info",
+    "cancelled",    "too_many_waiting", "error"};
 static const char *const gw_classes[GW_METRICS_CLASSES] = {"other", "1xx", "2xx",
                                                            "3xx",   "4xx", "5xx"};
 
@@ -182,7 +184,6 @@ static void gw_metrics_routes(promtext *p, const worker *w, int n)
 
 void gw_metrics_render(promtext *p, const worker *w, int n, int draining, int ready)
 {
-    static const char *const sinks[LOG_SINKS] = {"log", "access"};
     uint64_t answers[GW_METRICS_CLASSES] = {0};
     int64_t redis_up = 1;
     char lab[64];
@@ -265,16 +266,6 @@ void gw_metrics_render(promtext *p, const worker *w, int n, int draining, int re
     gw_metrics_gauge(p, "pointgate_gateway_spill_refusing",
                      "Workers refusing reserves until their spilled settles are replayed.",
                      gw_metrics_sum(w, n, offsetof(gw_metrics, spill_refusing)));
-    promtext_family(p, "pointgate_log_lines_total", "counter", "Log lines written.");
-    for (int s = 0; s < LOG_SINKS; s++) {
-        snprintf(lab, sizeof lab, "sink=\"%s\"", sinks[s]);
-        promtext_u64(p, "pointgate_log_lines_total", lab, log_written((enum log_sink)s));
-    }
-    promtext_family(p, "pointgate_log_lines_dropped_total", "counter",
-                    "Log lines dropped because their sink could not keep up.");
-    for (int s = 0; s < LOG_SINKS; s++) {
-        snprintf(lab, sizeof lab, "sink=\"%s\"", sinks[s]);
-        promtext_u64(p, "pointgate_log_lines_dropped_total", lab, log_dropped((enum log_sink)s));
-    }
+    log_metrics(p);
     promtext_process(p);
 }

@@ -55,7 +55,7 @@ enum gw_outcome {
 
 typedef struct gw_route_metrics {
     metric_u64 requests[GW_METHODS][GW_METRICS_CLASSES - 1][GW_OUTCOMES]; /* 1xx..5xx */
-    metric_u64 charged;  /* points */
+    metric_u64 charged;                                                   /* points */
     metric_u64 released; /* points held, then not charged */
 } gw_route_metrics;
 

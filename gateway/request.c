@@ -904,8 +904,7 @@ static void request_reserve(gw_request *r)
     if (q && (q->n > 0 || q->trying)) {
         /* Others of the account already wait here: behind them, without
          * a reserve of its own (the queue's next one finds out for all). */
-        if (request_wait(r, 0) != 0)
-            request_too_many_waiting(r);
+        if (request_wait(r, 0) != 0) request_too_many_waiting(r);
         return;
     }
     r->st = ST_RESERVE;

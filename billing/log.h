@@ -1,33 +1,47 @@
-/* log.h: one-line structured logs to stderr, shared by every binary.
- * Owns formatting only; callers decide what is worth logging and must never
- * pass secrets (API keys, tokens, passwords) to it. */
+/* log.h: one-line structured logs, shared by every binary: the log (stderr,
+ * or LOG_FILE) and the access log (ACCESS_LOG), written by one writer
+ * thread off the callers' threads once log_start has run.
+ * Owns formatting, escaping, the bounded buffers and the writer; callers
+ * decide what is worth logging and must never pass secrets (API keys,
+ * tokens, passwords) to it. Messages may hold client-controlled bytes: they
+ * are escaped (JSON) or made printable (text), never written raw. */
 #ifndef POINTGATE_LOG_H
 #define POINTGATE_LOG_H
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 
 /* Set once at start from LOG_LEVEL (debug|info|warn|error), LOG_FORMAT
- * (text|json) and ACCESS_LOG (off|stderr|PATH); configuration. Until
- * log_start, lines are written at once (start-up errors, CLI commands).
- * -1 (with a message on stderr) when a variable has a bad value or
- * ACCESS_LOG's file cannot be opened. */
+ * (text|json), ACCESS_LOG (off|stderr|PATH), LOG_FILE (unset: stderr) and
+ * LOG_BUFFER_BYTES (65536..268435456, default 1048576); configuration.
+ * Until log_start, lines are written at once (start-up errors, CLI
+ * commands). -1 (with a message on stderr) when a variable has a bad value
+ * or a file cannot be opened. May be called again while not started. */
 int log_init(const char *component);
 /* Starts the writer thread: from then on a line is copied into a bounded
  * buffer and written off the caller's thread; when the buffer is full the
  * line is dropped and counted (log_dropped), never waited for. -1 if the
  * thread cannot start (lines then stay synchronous). */
 int log_start(void);
-/* Writes what is buffered and joins the writer (at exit). */
+/* Writes what is buffered and joins the writer (at exit); lines are
+ * synchronous again afterwards. A sink that stays blocked for 5 s is given
+ * up on: log_stop returns and what it holds is lost. */
 void log_stop(void);
 /* Asks the writer to reopen ACCESS_LOG's file (and LOG_FILE's, if set) on
- * its next pass: logrotate's SIGHUP/SIGUSR1. Any thread; never blocks. */
+ * its next pass: logrotate's SIGHUP/SIGUSR1. Any thread; never blocks on
+ * I/O (before log_start it reopens at once). Not async-signal-safe: call it
+ * from a sigwait loop, not from a signal handler. */
 void log_reopen(void);
 
 enum log_sink { LOG_SINK_LOG, LOG_SINK_ACCESS, LOG_SINKS };
-/* Lines dropped because the sink could not keep up, since the start. */
+/* Lines dropped because the sink could not keep up (or failed), since the start. */
 unsigned long long log_dropped(enum log_sink sink);
 /* Lines written, since the start. */
 unsigned long long log_written(enum log_sink sink);
+
+/* pointgate_log_lines_total{sink} and pointgate_log_lines_dropped_total{sink}
+ * (family and sample lines) into a scrape's text (common/metrics.h). */
+struct promtext;
+void log_metrics(struct promtext *p);
 
 void log_msg(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* The same with the request's id (NULL: none) and account (<= 0: none) as

@@ -6,7 +6,10 @@
  *   billing accounts|keys|topup|adjust|report|operators ...   see cli.c
  *
  * Owns argument dispatch, signal handling and the lifetime of the serve
- * threads; the work itself lives in the modules it starts. */
+ * threads; the work itself lives in the modules it starts. `serve` logs
+ * through the log writer (billing/log.c) once started, and reopens the log
+ * files on SIGHUP or SIGUSR1 (logrotate); every other command writes its
+ * lines synchronously, as a CLI should. */
 #include "billing/api.h"
 #include "billing/cli.h"
 #include "billing/config.h"
@@ -104,10 +107,13 @@ static int cmd_serve(void)
 
     if (config_load(&cfg, 1, 1, 1) != 0) return 2;
     if (!cfg.admin_token) log_warn("ADMIN_TOKEN is not set: every admin call will be refused");
-    /* Block the stop signals in every thread; the main thread waits for them. */
+    /* Block the stop and reopen signals in every thread; the main thread
+     * waits for them. */
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -135,7 +141,13 @@ static int cmd_serve(void)
     }
     log_info("billing serving: %lld settlement worker(s), sweep every %lld ms",
              (long long)cfg.settle_workers, (long long)cfg.sweep_interval_ms);
-    sigwait(&sigs, &sig);
+    /* From here on no log line waits for stderr or a file. */
+    log_start();
+    for (;;) {
+        if (sigwait(&sigs, &sig) != 0) continue;
+        if (sig != SIGHUP && sig != SIGUSR1) break;
+        log_reopen();
+    }
     log_info("signal %d: stopping", sig);
     /* Not ready first, so load balancers move away while everything still
      * serves (BILLING_STOP_DELAY_MS, default 0); the ops listener answers
@@ -154,13 +166,14 @@ out:
         pthread_join(threads[i], NULL);
     ops_stop(ops);
     free(metrics);
+    log_stop();
     return rc;
 }
 
 int main(int argc, char **argv)
 {
     int rc;
-    log_init("billing");
+    if (log_init("billing") != 0) return 2;
     if (sodium_init() < 0) {
         log_error("libsodium failed to initialise");
         return 1;

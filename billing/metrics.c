@@ -198,7 +198,6 @@ static void bm_histogram(promtext *p, const char *name, const char *help, const 
 void bm_render(billing_metrics *m, promtext *p, int ready)
 {
     char lab[160];
-    static const char *const sinks[LOG_SINKS] = {"log", "access"};
     static const char *const dirs[2] = {"credit", "debit"};
 
     promtext_family(p, "pointgate_billing_settled_records_total", "counter",
@@ -268,17 +267,7 @@ void bm_render(billing_metrics *m, promtext *p, int ready)
     bm_gauge(p, "pointgate_billing_redis_up", "1 when Redis answered the last probe.",
              metric_gauge_get(&m->redis_up));
     bm_gauge(p, "pointgate_billing_ready", "1 when /readyz answers 200.", ready);
-    promtext_family(p, "pointgate_log_lines_dropped_total", "counter",
-                    "Log lines dropped because the sink could not keep up.");
-    for (int s = 0; s < LOG_SINKS; s++) {
-        snprintf(lab, sizeof lab, "sink=\"%s\"", sinks[s]);
-        promtext_u64(p, "pointgate_log_lines_dropped_total", lab, log_dropped((enum log_sink)s));
-    }
-    promtext_family(p, "pointgate_log_lines_total", "counter", "Log lines written.");
-    for (int s = 0; s < LOG_SINKS; s++) {
-        snprintf(lab, sizeof lab, "sink=\"%s\"", sinks[s]);
-        promtext_u64(p, "pointgate_log_lines_total", lab, log_written((enum log_sink)s));
-    }
+    log_metrics(p);
     promtext_family(p, "pointgate_build_info", "gauge", "The program and its version.");
     {
         char ver[64], l2[128];

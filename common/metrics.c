@@ -133,7 +133,7 @@ void promtext_hist(promtext *p, const char *name, const char *labels, const metr
     uint64_t cum = 0;
     for (int i = 0; i < s->n; i++) {
         cum += h->bucket[i];
-        promtext_printf(p, "%s_bucket{%s%sle=\"%.17g\"} %" PRIu64 "\n", name, lab, sep,
+        promtext_printf(p, "%s_bucket{%s%sle=\"%.15g\"} %" PRIu64 "\n", name, lab, sep,
                         (double)s->bound[i] / s->scale, cum);
     }
     cum += h->bucket[s->n];

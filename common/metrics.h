@@ -32,6 +32,11 @@ static inline void metric_add_shared(metric_u64 *c, uint64_t n)
 {
     atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
+/* Single writer: a counter kept elsewhere by the same thread, published. */
+static inline void metric_store(metric_u64 *c, uint64_t v)
+{
+    atomic_store_explicit(c, v, memory_order_relaxed);
+}
 static inline uint64_t metric_get(const metric_u64 *c)
 {
     return atomic_load_explicit((metric_u64 *)c, memory_order_relaxed);

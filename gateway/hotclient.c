@@ -123,6 +123,7 @@ struct hotclient {
     int backoff_ms;
     int flush_ms; /* delay of the next resend of queued settles: backs off */
     char sha[HOT_NSCRIPTS][48];
+    hot_stats stats;
     int inflight;                      /* ops and commands sent, not yet answered */
     hot_settle_args *queue;            /* settles waiting for Redis to come back */
     size_t qlen, qcap;                 /* grows on demand up to HOT_SETTLE_QUEUE_MAX */
@@ -296,6 +297,7 @@ static void hot_ready(hotclient *hc)
     hc->auth_refused = 0;
     hc->connected = 1;
     hc->epoch++;
+    hc->stats.connects++;
     hc->backoff_ms = HOT_BACKOFF_MIN_MS;
     hot_flush_queue(hc);
 }
@@ -545,6 +547,11 @@ unsigned hotclient_epoch(const hotclient *hc)
     return hc->connected ? hc->epoch : 0;
 }
 
+void hotclient_get_stats(const hotclient *hc, hot_stats *out)
+{
+    *out = hc->stats;
+}
+
 int hotclient_busy(const hotclient *hc)
 {
     int n = hc->inflight + (int)hc->qlen;
@@ -573,6 +580,8 @@ static int hot_int(const redisReply *r, int64_t *out)
 static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 {
     hc->inflight -= ops;
+    hc->stats.replies += rep != NULL;
+    hc->stats.errors += !rep || rep->type == REDIS_REPLY_ERROR;
     if (rep) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
 }
 

@@ -98,6 +98,14 @@ unsigned hotclient_epoch(const hotclient *hc);
 /* Commands and queued settles not yet answered. */
 int hotclient_busy(const hotclient *hc);
 
+/* What the client has seen since its start, for the metrics. */
+typedef struct hot_stats {
+    uint64_t replies;  /* round trips: a batch of ops is one */
+    uint64_t errors;   /* error replies, and replies lost with their connection */
+    uint64_t connects; /* connections made (and accepted by the handshake) */
+} hot_stats;
+void hotclient_get_stats(const hotclient *hc, hot_stats *out);
+
 /* Each returns 0 when the command was sent (CB will run), -1 when Redis is
  * down (CB will not run). */
 int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);

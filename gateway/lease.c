@@ -585,6 +585,17 @@ int lease_table_busy(const lease_table *t)
     return n;
 }
 
+void lease_table_stats(const lease_table *t, int64_t *n, int64_t *points)
+{
+    const lease *l;
+    *n = *points = 0;
+    TAILQ_FOREACH(l, &t->leases, all)
+    if (!l->deleted && l->amount > 0) {
+        (*n)++;
+        *points += l->amount - l->used;
+    }
+}
+
 static lease *lease_find(lease_table *t, int64_t account)
 {
     lease *l;

@@ -55,6 +55,9 @@ void lease_table_free(lease_table *t);
 void lease_table_close(lease_table *t);
 /* Leases still held or with records to send: the drain waits for 0. */
 int lease_table_busy(const lease_table *t);
+/* The leases T holds in Redis now (*N) and their points not yet charged
+ * (*POINTS): the metrics' gauges. O(leases): for a timer, not a call. */
+void lease_table_stats(const lease_table *t, int64_t *n, int64_t *points);
 
 /* Promises PRICE from ACCOUNT's lease. Returns the lease (the call must end
  * it with lease_end), or NULL: no lease, or not enough free points in it

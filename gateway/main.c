@@ -1,6 +1,9 @@
 /* main.c: gateway entry point: configuration, worker threads, signals.
  * Owns process-wide setup and teardown (libsodium, libevent)
- * and the signal loop: SIGHUP reloads routes, SIGTERM/SIGINT drain and exit.
+ * and the signal loop: SIGHUP reloads routes and reopens the log files,
+ * SIGUSR1 only reopens them (logrotate), SIGTERM/SIGINT drain and exit.
+ * Lines are written by the log writer (billing/log.c) from the end of the
+ * start-up to the end of the drain; before and after, synchronously.
  * Signals are blocked in every thread and taken synchronously here with
  * sigwait, so no handler ever runs inside a worker's loop. Does not own any
  * request processing (worker.c, request.c). */
@@ -55,7 +58,7 @@ int main(void)
     sigset_t sigs;
     int nstarted = 0, ninit = 0, rc = 1, sig = 0;
 
-    log_init("gateway");
+    if (log_init("gateway") != 0) return 2;
     if (config_load(&cfg) != 0) return 2;
     if (sodium_init() < 0) {
         log_error("libsodium init failed");
@@ -66,6 +69,7 @@ int main(void)
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by the workers */
     main_raise_nofile();
 
@@ -88,9 +92,14 @@ int main(void)
         if (worker_start(&workers[nstarted]) != 0) goto out;
     log_info("listening on %s:%d, %d threads, upstream %s; ops on %s:%d", cfg.listen_host,
              cfg.listen_port, cfg.threads, cfg.upstream, cfg.ops_host, cfg.ops_port);
+    /* From here on no log line waits for stderr or a file (-1: they stay
+     * synchronous, as before; log_start said so). */
+    log_start();
 
     for (;;) {
         if (sigwait(&sigs, &sig) != 0) continue;
+        if (sig == SIGUSR1 || sig == SIGHUP) log_reopen();
+        if (sig == SIGUSR1) continue;
         if (sig != SIGHUP) break;
         if (main_load_routes(&cfg, tables, cfg.threads) != 0) {
             log_error("routes reload failed: keeping the current routes");
@@ -128,5 +137,6 @@ out:
     free(workers);
     libevent_global_shutdown();
     if (rc == 0) log_info("stopped");
+    log_stop();
     return rc;
 }

@@ -105,6 +105,7 @@ struct proxy {
     int idle_timer_on;
     int serving; /* inside proxy_serve_queue */
     int freeing;
+    uint64_t connect_failures, timeouts; /* proxy_stats */
 };
 
 static uint64_t proxy_now_ms(void)
@@ -434,6 +435,7 @@ static int proxy_conn_open(proxy_conn *k)
             log_debug("upstream: TCP_NODELAY: %s", strerror(errno));
         if (connect(fd, sa, up->addrlen[i]) != 0 && errno != EINPROGRESS && errno != EINTR) {
             log_debug("upstream: connect to address %d of %s: %s", i, up->host, strerror(errno));
+            p->connect_failures++;
             close(fd);
             continue;
         }
@@ -799,6 +801,7 @@ static void proxy_on_write(evutil_socket_t fd, short what, void *arg)
         if (err != 0) {
             log_debug("upstream: connect to address %d of %s: %s", k->addr, p->up->host,
                       strerror(err));
+            p->connect_failures++;
             event_del(&k->rev);
             event_del(&k->wev);
             close(k->fd);
@@ -868,6 +871,7 @@ static void proxy_on_call_timer(evutil_socket_t fd, short what, void *arg)
         proxy_serve_queue(p);
     }
     log_debug("upstream: call timed out");
+    p->timeouts++;
     proxy_call_finish(c, PROXY_TIMEOUT);
 }
 
@@ -914,6 +918,14 @@ int proxy_new(struct event_base *base, const gw_upstream *up, int64_t max_body, 
 fail:
     free(p);
     return -1;
+}
+
+void proxy_get_stats(const proxy *p, proxy_stats *out)
+{
+    out->active = p->nconns - p->nidle;
+    out->idle = p->nidle;
+    out->connect_failures = p->connect_failures;
+    out->timeouts = p->timeouts;
 }
 
 void proxy_free(proxy *p)

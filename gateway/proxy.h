@@ -31,6 +31,13 @@ enum proxy_result {
 };
 
 typedef struct proxy_call proxy_call;
+
+/* What the pool has done, for the metrics (read on the loop thread). */
+typedef struct proxy_stats {
+    int active, idle;          /* connections now: carrying a call, kept for reuse */
+    uint64_t connect_failures; /* connects that failed, each address tried counting */
+    uint64_t timeouts;         /* calls ended by their timeout */
+} proxy_stats;
 typedef void (*proxy_done_cb)(void *arg, proxy_call *c);
 
 #define PROXY_CALL_IOV 7
@@ -116,5 +123,8 @@ size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, con
 
 /* 1 if NAME is a hop-by-hop header (RFC 9110 7.6.1) a proxy must not forward. */
 int proxy_hop_by_hop(const char *name);
+
+/* Loop thread: P's counters and its connections now. */
+void proxy_get_stats(const proxy *p, proxy_stats *out);
 
 #endif

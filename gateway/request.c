@@ -118,6 +118,14 @@ struct gw_request {
     proxy_call call;
     int64_t charge; /* what settle was asked to commit */
     lease *lease;   /* the price was promised by this lease, not held per call */
+    /* what the metrics and the access log say of it (request_observe) */
+    unsigned status;     /* of the answer begun */
+    int outcome;         /* enum gw_outcome + 1; 0: derived from the status */
+    int waiting;         /* counted in the worker's waiting calls */
+    int64_t hold_pts;    /* held or promised */
+    int64_t charged_pts; /* charged by its settle */
+    uint64_t t0_us, up_t0_us, wait_t0_us;
+    int64_t up_us, wait_us;
 };
 
 /* One account's waiters on this worker (see the top of the file). */
@@ -160,6 +168,7 @@ gw_request *request_head(worker *w, server_conn *c)
     if (!r) return NULL;
     r->w = w;
     r->conn = c;
+    r->t0_us = worker_now_us();
     r->uri = server_target(c);
     worker_request_id(w, r->rid);
     r->account = -1;
@@ -168,8 +177,18 @@ gw_request *request_head(worker *w, server_conn *c)
 
 static void request_lease_end(gw_request *r, int64_t charge, int commit, long status, hot_cb cb);
 
+/* R no longer waits for held points (it got them, or is answered). */
+static void request_wait_end(gw_request *r)
+{
+    if (!r->waiting) return;
+    r->waiting = 0;
+    r->wait_us = (int64_t)(worker_now_us() - r->wait_t0_us);
+    metric_gauge_add(&r->w->m.waiting, -1);
+}
+
 static void request_free(gw_request *r)
 {
+    request_wait_end(r);
     /* Every path that ends a leased call ends it first; this is teardown's
      * (after the lease table is gone there is nothing to end it with). */
     if (r->lease && r->w->leases) request_lease_end(r, 0, 0, 0, NULL);
@@ -218,14 +237,86 @@ void request_discard(gw_request *r)
 /* Starts the answer: the status and the request id every answer carries. */
 static void request_answer_begin(gw_request *r, unsigned status)
 {
+    r->status = status;
     server_reply_begin(r->conn, status);
     server_reply_header(r->conn, "X-Request-Id", r->rid);
+}
+
+static enum gw_outcome request_outcome(const gw_request *r)
+{
+    if (r->outcome) return (enum gw_outcome)(r->outcome - 1);
+    switch (r->status) {
+    case 401:
+        return GW_OUT_UNAUTHORIZED;
+    case 402:
+        return GW_OUT_REFUSED;
+    case 404:
+        return GW_OUT_NO_ROUTE;
+    case 429:
+        return GW_OUT_RATE_LIMITED;
+    case 503:
+        return GW_OUT_BILLING_UNAVAILABLE;
+    default:
+        break;
+    }
+    if (r->status >= 400 && r->status < 500) return GW_OUT_BAD_REQUEST;
+    if (r->status < 300 && (r->balance || r->usage)) return GW_OUT_INFO;
+    return GW_OUT_ERROR;
+}
+
+/* The answered call, counted (per worker: no lock) and, with ACCESS_LOG
+ * on, logged. BYTES_OUT: the answer's body. */
+static void request_observe(gw_request *r, size_t bytes_out)
+{
+    gw_metrics *m = &r->w->m;
+    enum gw_outcome o = request_outcome(r);
+    int slot = r->route ? r->route->metric_slot
+                        : (r->balance || r->usage ? GW_SLOT_BILLING : GW_SLOT_NONE);
+    int64_t total_us = (int64_t)(worker_now_us() - r->t0_us);
+    int64_t released = r->hold_pts > r->charged_pts ? r->hold_pts - r->charged_pts : 0;
+
+    request_wait_end(r);
+    gw_metrics_call(m, slot, gw_metrics_method(r->method), r->status, o, r->charged_pts, released);
+    metric_observe(&m->request_us, &metric_latency_us, total_us);
+    if (r->up_t0_us) metric_observe(&m->upstream_us, &metric_latency_us, r->up_us);
+    if (r->wait_t0_us) metric_observe(&m->wait_us, &metric_latency_us, r->wait_us);
+    if (log_access_on()) {
+        char key_id[13] = "";
+        log_access_rec a = {
+            .request_id = r->rid,
+            .account_id = r->account,
+            .route = r->route ? r->route->id : (r->balance || r->usage ? "_billing" : NULL),
+            .method = r->method,
+            .path = r->path,
+            .status = (int)r->status,
+            .charged = r->charged_pts,
+            .outcome = gw_metrics_outcome_name(o),
+            .total_ms = (double)total_us / 1000.0,
+            .upstream_ms = (double)r->up_us / 1000.0,
+            .wait_ms = (double)r->wait_us / 1000.0,
+            .bytes_in = (long long)r->body_len,
+            .bytes_out = (long long)bytes_out,
+        };
+        /* A prefix of the key's hash names the key to whoever holds the
+         * key list; it gives nothing of the key itself. */
+        if (r->keyhash[0]) {
+            memcpy(key_id, r->keyhash, sizeof key_id - 1);
+            a.key_id = key_id;
+        }
+        log_access(&a);
+    }
+}
+
+static void request_set_outcome(gw_request *r, enum gw_outcome o)
+{
+    r->outcome = (int)o + 1;
 }
 
 /* Ends the request: hands the answer (begun, headers added) to the server
  * with BODY (TAKE: malloc'd, the server frees it) and frees R. */
 static void request_finish(gw_request *r, char *body, size_t len, int take)
 {
+    request_observe(r, len);
     r->st = ST_DONE;
     request_unsuspend(r);
     server_reply_send(r->conn, body, len, take);
@@ -252,6 +343,22 @@ static void request_error_charged(gw_request *r, unsigned status, const char *co
 static void request_error(gw_request *r, unsigned status, const char *code, const char *msg)
 {
     request_error_charged(r, status, code, msg, NULL);
+}
+
+/* The call is dropped without an answer from the upstream (the client
+ * left, the gateway stops): what it held went back. */
+static void request_cancel(gw_request *r, const char *why)
+{
+    request_set_outcome(r, GW_OUT_CANCELLED);
+    request_error(r, 503, "cancelled", why);
+}
+
+/* The account's wait queue on this worker is full (MAX_WAITERS). */
+static void request_too_many_waiting(gw_request *r)
+{
+    request_set_outcome(r, GW_OUT_TOO_MANY_WAITING);
+    request_error(r, 503, "too_many_waiting",
+                  "too many calls of this account are waiting for held points, try again");
 }
 
 /* Billing could not decide (hot_cb rc < 0, or Redis lacks the account):
@@ -363,6 +470,7 @@ static void request_on_settled(void *arg, int rc, const int64_t v[3])
         /* Queued for resend by hotclient; the answer still goes out, with the
          * charge that will be applied and no remaining figure. */
         log_warn("request %s: settle deferred (redis unavailable)", r->rid);
+        r->charged_pts = r->charge;
         request_answer_upstream(r, r->charge, 0, 0);
         return;
     }
@@ -371,6 +479,7 @@ static void request_on_settled(void *arg, int rc, const int64_t v[3])
      * it): nothing was charged, and the answer says so (v[1] is 0). The
      * remaining points are said only with a charge applied: a lease that
      * was gone knows none. */
+    r->charged_pts = v[1];
     request_answer_upstream(r, v[1], v[0] == 1, v[2]);
 }
 
@@ -416,8 +525,10 @@ static void request_on_upstream(void *arg, proxy_call *c)
     hot_settle_args a = {.account = r->account, .status = 0};
     memcpy(a.rid, r->rid, sizeof a.rid);
 
+    r->up_us = (int64_t)(worker_now_us() - r->up_t0_us);
     if (c->result != PROXY_OK) {
         request_release_detached(r);
+        request_set_outcome(r, GW_OUT_RELEASED);
         if (c->result == PROXY_TIMEOUT)
             request_error_charged(r, 504, "upstream_timeout",
                                   "the device API did not answer in time", "0");
@@ -432,6 +543,7 @@ static void request_on_upstream(void *arg, proxy_call *c)
     a.commit = routes_billable(r->route, c->status);
     if (a.commit) a.charge = r->route->usage ? request_usage_charge(r) : r->route->price;
     r->charge = a.charge;
+    request_set_outcome(r, a.commit ? GW_OUT_CHARGED : GW_OUT_RELEASED);
     r->st = ST_SETTLE;
     if (r->lease) {
         request_lease_end(r, a.charge, a.commit, a.status, request_on_settled);
@@ -446,6 +558,7 @@ static void request_on_upstream(void *arg, proxy_call *c)
 static void request_proxy(gw_request *r)
 {
     r->st = ST_PROXY;
+    r->up_t0_us = worker_now_us();
     /* The raw target (path and query, as the client sent them) goes to the
      * upstream unchanged after its path prefix; uri, method and body live
      * as long as the request, so the call can point at them. */
@@ -453,6 +566,7 @@ static void request_proxy(gw_request *r)
         proxy_start(r->w->px, &r->call, r->uri, r->method, r->body, r->body_len,
                     r->route->timeout_ms, request_on_upstream, r) != 0) {
         request_release_detached(r);
+        request_set_outcome(r, GW_OUT_RELEASED);
         request_error(r, 502, "upstream_unavailable", "could not start the upstream call");
     }
 }
@@ -462,6 +576,8 @@ static void request_proxy(gw_request *r)
  * and calls request_body_done). */
 static void request_go(gw_request *r)
 {
+    request_wait_end(r);
+    r->hold_pts = r->route->price;
     if (r->early && !r->body_in) {
         r->st = ST_BODYWAIT;
         server_want_body(r->conn);
@@ -582,6 +698,11 @@ static int request_wait(gw_request *r, int fresh)
 {
     request_waitq *q = request_waitq_get(r->w, r->account);
     if (!q || q->n + (q->trying != NULL) >= r->w->cfg->max_waiters) return -1;
+    if (!r->waiting) {
+        r->waiting = 1;
+        r->wait_t0_us = worker_now_us();
+        metric_gauge_add(&r->w->m.waiting, 1);
+    }
     if (fresh) {
         q->avail = r->last_avail;
         q->held = r->last_held;
@@ -714,7 +835,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         }
         /* The same answer as a call dropped by request_drop: the client
          * left, or the gateway is stopping. */
-        request_error(r, 503, "cancelled", r->w->aborted ? "shutting down" : "client went away");
+        request_cancel(r, r->w->aborted ? "shutting down" : "client went away");
         r = NULL;
     } else if (v[0] == HOT_RESERVE_HELD) {
         r->held = 1;
@@ -747,9 +868,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
                                                                            : q->backoff_ms * 2;
                 request_waitq_arm(q, q->backoff_ms);
             } else if (request_wait(r, 1) != 0) {
-                request_error(r, 503, "too_many_waiting",
-                              "too many calls of this account are waiting for held points, try "
-                              "again");
+                request_too_many_waiting(r);
             }
         } else {
             request_short(r, v[1], v[2]);
@@ -785,9 +904,7 @@ static void request_reserve(gw_request *r)
     if (q && (q->n > 0 || q->trying)) {
         /* Others of the account already wait here: behind them, without
          * a reserve of its own (the queue's next one finds out for all). */
-        if (request_wait(r, 0) != 0)
-            request_error(r, 503, "too_many_waiting",
-                          "too many calls of this account are waiting for held points, try again");
+        if (request_wait(r, 0) != 0) request_too_many_waiting(r);
         return;
     }
     r->st = ST_RESERVE;
@@ -934,7 +1051,7 @@ static void request_on_key(void *arg, int rc, const int64_t v[3])
         return;
     }
     if (r->gone) {
-        request_error(r, 503, "cancelled", r->w->aborted ? "shutting down" : "client went away");
+        request_cancel(r, r->w->aborted ? "shutting down" : "client went away");
         return;
     }
     r->account = v[0];
@@ -988,15 +1105,15 @@ static void request_drop(gw_request *r, const char *why)
         if (proxy_call_written(&r->call)) break;
         proxy_cancel(&r->call);
         request_release_detached(r);
-        request_error(r, 503, "cancelled", why);
+        request_cancel(r, why);
         break;
     case ST_BODYWAIT:
         request_release_detached(r);
-        request_error(r, 503, "cancelled", why);
+        request_cancel(r, why);
         break;
     case ST_WAIT:
         request_waitq_leave(r);
-        request_error(r, 503, "cancelled", why);
+        request_cancel(r, why);
         break;
     default:
         break;
@@ -1039,7 +1156,7 @@ void request_teardown(worker *w)
         if (r->st == ST_PROXY) {
             proxy_cancel(&r->call);
             request_release_detached(r);
-            request_error(r, 503, "cancelled", "shutting down");
+            request_cancel(r, "shutting down");
         } else if (r->st == ST_WAIT || r->st == ST_BODYWAIT) {
             request_drop(r, "shutting down");
         } else if (r->waitq) {

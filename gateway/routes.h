@@ -22,6 +22,7 @@ typedef struct route {
     char *units_header;
     int64_t timeout_ms;
     unsigned charge_on; /* bit N set: status class Nxx is billable */
+    int metric_slot;    /* its worker's metrics slot (gw_metrics_route_slot), set on adoption */
 } route;
 
 typedef struct route_table {

@@ -529,6 +529,7 @@ static int server_flush(server_conn *c)
             server_close(c); /* reset or broken pipe: nobody to answer */
             return 0;
         }
+        metric_add(&c->s->w->m.sent_bytes, (uint64_t)n);
         if ((size_t)n >= head_left) {
             c->out_sent = c->out_len;
             c->wbody_sent += (size_t)n - head_left;
@@ -904,6 +905,7 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
         server_on_eof(c);
         return;
     }
+    metric_add(&c->s->w->m.received_bytes, (uint64_t)n);
     if (dst == c->body + c->body_len) {
         c->body_len += (size_t)n;
         if (c->body_len == c->body_need) server_body_complete(c);

@@ -24,6 +24,13 @@
  * is an fsync on the loop, which by then only finishes calls in flight. */
 #define WORKER_SNAP_MS 1000
 
+uint64_t worker_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
 uint64_t worker_now_ms(void)
 {
     struct timespec ts;
@@ -57,11 +64,34 @@ void worker_request_id(worker *w, char out[33])
 
 static void worker_on_stop(worker *w);
 
+/* T becomes this worker's: its routes get their metrics slots (named in
+ * this worker's block on first sight, kept across reloads). */
+static void worker_adopt_routes(worker *w, route_table *t)
+{
+    for (size_t i = 0; i < t->n; i++)
+        t->routes[i].metric_slot = gw_metrics_route_slot(&w->m, t->routes[i].id);
+}
+
 /* The loop turned (healthz), and the gauges of state only this thread may
- * read, published for scrapes once a second instead of on every change. */
+ * read, published for scrapes every beat instead of on every change. */
 static void worker_beat(worker *w)
 {
+    proxy_stats ps;
+    hot_stats hs;
+    int64_t nl = 0, lp = 0;
+    proxy_get_stats(w->px, &ps);
+    hotclient_get_stats(w->hc, &hs);
+    if (w->leases) lease_table_stats(w->leases, &nl, &lp);
     metric_set(&w->m.heartbeat_ms, (int64_t)worker_now_ms());
+    metric_set(&w->m.up_active, ps.active);
+    metric_set(&w->m.up_idle, ps.idle);
+    metric_store(&w->m.up_connect_fail, ps.connect_failures);
+    metric_store(&w->m.up_timeouts, ps.timeouts);
+    metric_store(&w->m.redis_trips, hs.replies);
+    metric_store(&w->m.redis_errors, hs.errors);
+    metric_store(&w->m.redis_reconnects, hs.connects > 1 ? hs.connects - 1 : 0);
+    metric_set(&w->m.leases, nl);
+    metric_set(&w->m.leased_points, lp);
     metric_set(&w->m.inflight, w->inflight);
     metric_set(&w->m.redis_ready, hotclient_epoch(w->hc) != 0);
     metric_set(&w->m.resend_queue, (int64_t)hotclient_queued(w->hc));
@@ -109,6 +139,7 @@ static void worker_take_routes(worker *w)
     route_table *t = atomic_exchange(&w->next_routes, NULL);
     if (!t) return;
     /* Requests in flight keep their reference to the old table. */
+    worker_adopt_routes(w, t);
     routes_unref(w->routes);
     w->routes = t;
     log_info("worker %d: routes reloaded (%zu routes)", w->idx, t->n);
@@ -208,6 +239,7 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     w->idx = idx;
     w->cfg = cfg;
     w->routes = routes;
+    worker_adopt_routes(w, routes);
     atomic_init(&w->next_routes, NULL);
     w->base = event_base_new();
     if (!w->base) goto oom;

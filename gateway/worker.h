@@ -74,6 +74,7 @@ void worker_join(worker *w);
 /* Frees everything; the thread must have been joined (or never started). */
 void worker_destroy(worker *w);
 uint64_t worker_now_ms(void);
+uint64_t worker_now_us(void);
 /* Loop thread: N <= sizeof w->rnd random bytes (libsodium's CSPRNG, drawn
  * a kilobyte at a time instead of one getrandom call per request). */
 void worker_random(worker *w, unsigned char *out, size_t n);

@@ -118,14 +118,18 @@ def raw_http(port, data, timeout=10.0):
 
 
 class Proc:
-    def __init__(self, name, argv, env, logpath, port=None):
+    def __init__(self, name, argv, env, logpath, port=None, stderr=None):
+        """STDERR: where the process's stderr goes instead of its log file
+        (a file object or descriptor, e.g. a pipe's write end); then only
+        stdout is in the log, and output() and the sanitizer scan see that."""
         self.name = name
         self.argv = argv
         self.env = env
         self.logpath = logpath
         self.port = port
         self.log = open(logpath, "ab")
-        self.p = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.p = subprocess.Popen(argv, env=env, stdout=self.log,
+                                  stderr=subprocess.STDOUT if stderr is None else stderr,
                                   stdin=subprocess.DEVNULL)
         if port:
             wait_port(port, proc=self.p)
@@ -265,7 +269,7 @@ class Stack:
         """The gateway's least-privilege credentials, as its environment."""
         return {"REDIS_URL": self.gateway_redis_url, "DATABASE_URL": self.gateway_database_url}
 
-    def spawn(self, name, argv, env=None, port=None):
+    def spawn(self, name, argv, env=None, port=None, stderr=None):
         e = dict(self.env)
         prog = os.path.basename(argv[0])
         if prog == "gateway":
@@ -277,7 +281,7 @@ class Stack:
             e[ops_var] = f"127.0.0.1:{free_port()}"
         e.update(env or {})
         log = os.path.join(self.dir, f"{name}.{len(self.procs)}.log")
-        p = Proc(name, argv, e, log, port)
+        p = Proc(name, argv, e, log, port, stderr)
         p.ops_url = None
         if ops_var and e.get(ops_var):
             p.ops_url = "http://" + e[ops_var]

@@ -459,7 +459,7 @@ def test_grafana_dashboard_and_provisioning(stack):
         assert metric in exprs, f"the dashboard does not show {metric}"
 
 
-def test_prometheus_rules_parse_and_have_runbooks(stack):
+def test_alert_rules_parse_and_have_runbooks(stack):
     with open(os.path.join(PROM, "alerts.yml")) as f:
         rules = yaml.safe_load(f)
     with open(os.path.join(ROOT, "README.md")) as f:

@@ -550,6 +550,8 @@ unsigned hotclient_epoch(const hotclient *hc)
 void hotclient_get_stats(const hotclient *hc, hot_stats *out)
 {
     *out = hc->stats;
+    out->backlog = hc->backlog;
+    out->refusing = hotclient_refusing(hc);
 }
 
 int hotclient_busy(const hotclient *hc)

@@ -103,6 +103,8 @@ typedef struct hot_stats {
     uint64_t replies;  /* round trips: a batch of ops is one */
     uint64_t errors;   /* error replies, and replies lost with their connection */
     uint64_t connects; /* connections made (and accepted by the handshake) */
+    int64_t backlog;   /* pg:backlog as last polled */
+    int refusing;      /* hotclient_refusing */
 } hot_stats;
 void hotclient_get_stats(const hotclient *hc, hot_stats *out);
 

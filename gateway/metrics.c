@@ -58,6 +58,18 @@ static int64_t gw_metrics_sum(const worker *w, int n, size_t off)
     return t;
 }
 
+/* For a figure every worker reads from the same place (pg:backlog): each
+ * reading is at most a poll old; the largest is the cautious one to show. */
+static int64_t gw_metrics_max(const worker *w, int n, size_t off)
+{
+    int64_t t = 0;
+    for (int i = 0; i < n; i++) {
+        int64_t v = metric_gauge_get((const metric_i64 *)((const char *)&w[i].m + off));
+        if (v > t) t = v;
+    }
+    return t;
+}
+
 static uint64_t gw_metrics_count(const worker *w, int n, size_t off)
 {
     uint64_t t = 0;
@@ -263,6 +275,13 @@ void gw_metrics_render(promtext *p, const worker *w, int n, int draining, int re
     gw_metrics_gauge(p, "pointgate_gateway_leased_points",
                      "Points held in Redis by the workers' leases and not yet charged.",
                      gw_metrics_sum(w, n, offsetof(gw_metrics, leased_points)));
+    gw_metrics_gauge(p, "pointgate_gateway_refusing",
+                     "Workers refusing new reserves (settlement backlog at OUTBOX_MAX_BACKLOG, "
+                     "resend queue past half its bound, or settles spilled).",
+                     gw_metrics_sum(w, n, offsetof(gw_metrics, refusing)));
+    gw_metrics_gauge(p, "pointgate_gateway_outbox_backlog_records",
+                     "The settlement backlog (pg:backlog) as the workers last read it.",
+                     gw_metrics_max(w, n, offsetof(gw_metrics, backlog)));
     gw_metrics_gauge(p, "pointgate_gateway_spill_refusing",
                      "Workers refusing reserves until their spilled settles are replayed.",
                      gw_metrics_sum(w, n, offsetof(gw_metrics, spill_refusing)));

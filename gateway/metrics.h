@@ -80,6 +80,8 @@ typedef struct gw_metrics {
     metric_i64 redis_ready;      /* connected with Redis's data present (epoch != 0) */
     metric_i64 resend_queue;     /* settles queued for resending */
     metric_i64 spill_refusing;   /* reserves refused until a spill is replayed */
+    metric_i64 refusing;         /* reserves refused: backlog, resend queue or spill */
+    metric_i64 backlog;          /* pg:backlog as last polled */
     metric_i64 stopping;         /* the worker began its drain */
     metric_i64 up_active;        /* upstream connections carrying a call */
     metric_i64 up_idle;          /* upstream connections kept for reuse */

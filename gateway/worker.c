@@ -96,6 +96,8 @@ static void worker_beat(worker *w)
     metric_set(&w->m.redis_ready, hotclient_epoch(w->hc) != 0);
     metric_set(&w->m.resend_queue, (int64_t)hotclient_queued(w->hc));
     metric_set(&w->m.spill_refusing, hotclient_spilled(w->hc) != 0);
+    metric_set(&w->m.refusing, hs.refusing);
+    metric_set(&w->m.backlog, hs.backlog);
     metric_set(&w->m.stopping, w->stopping);
 }
 

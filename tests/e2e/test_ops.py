@@ -323,3 +323,38 @@ def test_metrics_upstream_failures(stack):
         down.stop()
         slow.stop()
         dead.close()
+
+
+def test_metrics_backlog_refusing(stack):
+    """The settlement backlog the workers poll, and their refusal at
+    OUTBOX_MAX_BACKLOG, show in the gauges (and in the outcome)."""
+    main = _setup(stack)
+    try:
+        gw = stack.start_gateway(env={"GATEWAY_THREADS": "2", "OUTBOX_MAX_BACKLOG": "1000"})
+    finally:
+        stack.gateway = main
+    _, key = stack.new_account(points=10)
+    try:
+        stack.wait_for(lambda: http("GET", gw.ops_url + "/readyz").status == 200, timeout=10,
+                       what="ready")
+        s = _samples(_metrics(gw.ops_url))
+        assert s["pointgate_gateway_refusing"] == 0
+        # Records answered but not in Postgres: pg:backlog counts them
+        # (raised here by hand, lowered again below).
+        stack.redis("INCRBY", "pg:backlog", 5000)
+        try:
+            stack.wait_for(lambda: _samples(_metrics(gw.ops_url))[
+                "pointgate_gateway_refusing"] == 2, timeout=5, what="both workers refusing")
+            s = _samples(_metrics(gw.ops_url))
+            assert s["pointgate_gateway_outbox_backlog_records"] >= 5000
+            r = http("GET", gw.url + "/v1/devices/d1", headers=harness.auth(key))
+            assert r.status == 503, r
+            s = _samples(_metrics(gw.ops_url))
+            assert _sum(s, "pointgate_gateway_requests_total", route="device.read",
+                        outcome="billing_unavailable") == 1
+        finally:
+            stack.redis("DECRBY", "pg:backlog", 5000)
+        stack.wait_for(lambda: _samples(_metrics(gw.ops_url))["pointgate_gateway_refusing"] == 0,
+                       timeout=5, what="refusing no more")
+    finally:
+        gw.stop()

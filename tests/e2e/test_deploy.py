@@ -21,8 +21,10 @@ still wrong:
 - preStop + the stop delay + the drain bound fit in the grace period, with
   the defaults taken from gateway/config.c and billing/config.c when a
   manifest does not set them.
-`kubectl kustomize` and `docker compose config` run when those tools are
-installed (skipped otherwise: neither is a dependency of the build).
+`kubectl kustomize`, `docker compose config` and a JSON-schema check of
+every object (deploy/k8s/validate.mjs, npm's kubernetes-models) run when
+those tools are installed (skipped otherwise: none is a dependency of the
+build yet).
 """
 import glob
 import json
@@ -175,6 +177,37 @@ def test_k8s_kustomize_renders(stack):
     assert all(d["metadata"].get("namespace") == "pointgate" for d in objs
                if d["kind"] != "Namespace"), "every object in the pointgate namespace"
     assert not [d for d in objs if d["kind"] == "Secret"], "no Secret is applied"
+
+
+def _models_dir():
+    """kubernetes-models (npm) if installed: KUBERNETES_MODELS, else the
+    global npm root's copy."""
+    d = os.environ.get("KUBERNETES_MODELS")
+    if not d and shutil.which("npm"):
+        p = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, timeout=60)
+        d = os.path.join(p.stdout.strip(), "kubernetes-models")
+    return d if d and os.path.isdir(d) else None
+
+
+def test_k8s_schema_valid(stack):
+    """Every object (the Secret template too) against Kubernetes' JSON
+    schemas, with deploy/k8s/validate.mjs and the npm package
+    kubernetes-models, when node and the package are installed."""
+    models = _models_dir()
+    if not shutil.which("node") or not models:
+        print("    skipped: no node or no kubernetes-models (npm install -g kubernetes-models@5.1.0)")
+        return
+    objs = [d for _, d in _objects()] + _docs(os.path.join(K8S, SECRET_TEMPLATE))
+    p = subprocess.run(["node", os.path.join(K8S, "validate.mjs"), models], input=json.dumps(objs),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("ok ") == len(objs), p.stdout
+    # The validator is not a rubber stamp.
+    broken = json.loads(json.dumps(_by_kind("HorizontalPodAutoscaler")))
+    broken[0]["spec"]["minReplicas"] = "two"
+    p = subprocess.run(["node", os.path.join(K8S, "validate.mjs"), models],
+                       input=json.dumps(broken), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "minReplicas" in p.stdout, p.stdout + p.stderr
 
 
 def test_k8s_env_vars_are_read_by_the_programs(stack):

@@ -217,12 +217,16 @@ class Prometheus:
              f"--storage.tsdb.path={os.path.join(self.dir, 'data')}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        harness.wait_port(self.port, timeout=30, proc=self.p)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 30
-        while http("GET", self.url + "/-/ready").status != 200:
-            assert time.time() < deadline and self.p.poll() is None, self.output()
-            time.sleep(0.1)
+        try:
+            harness.wait_port(self.port, timeout=30, proc=self.p)
+            deadline = time.time() + 30
+            while http("GET", self.url + "/-/ready").status != 200:
+                assert time.time() < deadline and self.p.poll() is None, self.output()
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()  # never left running by a failed start
+            raise
 
     def api(self, path, **params):
         r = http("GET", self.url + "/api/v1/" + path + "?" + urllib.parse.urlencode(params))

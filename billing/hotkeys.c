@@ -9,4 +9,5 @@ void hot_keys_for(hot_keys *k, int64_t account_id)
     // cppcheck-suppress ctuuninitvar
     snprintf(k->acct, sizeof k->acct, "pg:{%lld}:acct", (long long)account_id);
     snprintf(k->holds, sizeof k->holds, "pg:{%lld}:holds", (long long)account_id);
+    snprintf(k->lim, sizeof k->lim, "pg:{%lld}:lim", (long long)account_id);
 }

@@ -5,9 +5,18 @@
  * Per account A, all under the hash tag {A} so one script touches one slot:
  *   pg:{A}:acct   hash  credited, seq, spent, held, leasefree (points of
  *                       leases not promised to a call), contend (ms of the
- *                       last reserve short of held points)
+ *                       last reserve short of held points), limited ("1"
+ *                       while the account or a key of it has a limit)
  *   pg:{A}:holds  hash  rid -> "amount|route|deadline" (deadline: ms since
- *                       epoch, Redis clock; the sweeper scans these hashes),
+ *                       epoch, Redis clock; the sweeper scans these hashes;
+ *                       a capped hold "amount|route|c<day>.<month>.<key>|
+ *                       deadline", reserve.lua),
+ *   pg:{A}:lim    hash  the limits of the account (a.*) and of its keys
+ *                       (k<id>.*): settings rq rw (rate quota, window ms),
+ *                       cd cm (daily, monthly cap), written by limits.lua;
+ *                       state: tat.a, tat.k<id>.<route> (rate buckets, us),
+ *                       <scope>.d .ds .dh, .m .ms .mh (cap counters: period,
+ *                       spent, held), written by reserve.lua and settle.lua
  *                       and a gateway worker's lease L<id> ->
  *                       "amount|~lease|seq|free|deadline|soft" (lease.lua)
  * Global:
@@ -59,6 +68,7 @@
 typedef struct hot_keys {
     char acct[HOT_KEYNAME_MAX];
     char holds[HOT_KEYNAME_MAX];
+    char lim[HOT_KEYNAME_MAX];
 } hot_keys;
 
 /* Most calls one reserve.lua / settle.lua run takes: bounds the gateway's
@@ -87,7 +97,19 @@ extern const char hot_lua_keypush[];
 extern const char hot_lua_passend[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
-enum { HOT_RESERVE_UNKNOWN = -1, HOT_RESERVE_SHORT = 0, HOT_RESERVE_HELD = 1 };
+enum {
+    HOT_RESERVE_UNKNOWN = -1,
+    HOT_RESERVE_SHORT = 0,
+    HOT_RESERVE_HELD = 1,
+    HOT_RESERVE_RATE_LIMITED = 2, /* a rate limit refused: nothing taken */
+    HOT_RESERVE_CAPPED = 3        /* a spending cap refused: nothing taken */
+};
+/* reserve.lua's flags (its 4th integer per op, in the gateway's form). */
+#define HOT_RESERVE_F_LIMITED 1 /* under limits: never served from a lease */
+#define HOT_RESERVE_F_RATE 2    /* q w r t: the rate limit closest to refusing */
+/* Integers reserve.lua answers per op in the gateway's form: status,
+ * available, held, flags, q, w, r, t (reserve.lua). */
+#define HOT_RESERVE_REPLY 8
 /* Either script: the account's (or hold's) data in Redis is unusable;
  * nothing was changed for that op. */
 #define HOT_STATUS_UNUSABLE (-2)

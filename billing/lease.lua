@@ -58,7 +58,8 @@
 -- resend of that op (status 2) answers the same number (kept in
 -- pg:{A}:leaseshort:L<id> = "seq|charged" for a day, written only then).
 -- contended: 1 when a reserve was short of points held here in
--- the last CONTEND_MS (reserve.lua marks it). A contended lease grows no
+-- the last CONTEND_MS (reserve.lua marks it), or the account is under
+-- limits (its acct hash's limited field). A contended lease grows no
 -- more, and its worker stops serving from it and gives its free points back
 -- with its next op: a caller waiting for points (reserve.lua's short
 -- answer, then the gateway's bounded wait) is then served, and no call is
@@ -104,6 +105,10 @@ local cont = redis.call('HGET', KEYS[1], 'contend')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local contended = cont and int(cont) and now - int(cont) < CONTEND_MS and 1 or 0
+-- An account under limits (reserve.lua) is served per call: its leases
+-- are treated as contended, so their workers stop promising from them and
+-- give them back with their next op.
+if a.limited then contended = 1 end
 local function shown()
     return a.credited - a.spent - a.held + lf
 end

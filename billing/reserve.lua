@@ -9,15 +9,37 @@
 --
 -- For op i (1-based): KEYS[2i-1] acct hash {credited, seq, spent, held},
 --                     KEYS[2i]   holds hash rid -> "amount|route|deadline ms"
--- ARGV[4i-3] reservation id, ARGV[4i-2] price (> 0), ARGV[4i-1] ttl ms,
--- ARGV[4i] route id
+-- ARGV[S(i-1)+1] reservation id, +2 price (> 0), +3 ttl ms, +4 route id,
+-- and with S = 7 (the gateway's form; S = 4 is the form without limits):
+-- +5 the API key's id (0 unknown), +6 +7 the route's rate limit per key,
+-- quota and window ms (0 0: none)
 --
--- Returns 3 integers per op, {status, available, held}:
+-- Returns per op, {status, available, held} (S = 4) or {status, available,
+-- held, flags, q, w, r, t} (S = 7):
 --   1  held (or already held under this rid: idempotent), figures after it
 --   0  short: available < price, figures now; nothing changed
 --  -1  account unknown to Redis (never synced from Postgres)
 --  -2  the account's data in Redis is unusable, or Redis refused the write
 --      (e.g. out of memory): nothing changed for this op
+--   2  rate limited: q w the limit that refused (quota, window ms), r 0, t
+--      ms until one call passes; nothing changed
+--   3  a spending cap refused: q the cap, w 1 daily or 2 monthly, r what
+--      is left of it, t ms until it resets; nothing changed
+-- flags: 1 the call is under limits (the gateway serves it with no lease,
+-- so that every such call is checked here), 2 q w r t describe the rate
+-- limit closest to refusing (for the RateLimit headers of a call held).
+--
+-- Limits (the account's pg:{A}:lim hash, prelude.lua) are read only for
+-- an account billing marked limited, or a route with a rate: others cost
+-- nothing more. Rate limits are GCRA buckets, one per (key, route) (the
+-- key's own limit, else the route's) and one per account (its own limit,
+-- if set): a quota q per window w lets q calls at once and one more every
+-- w/q; the state is the bucket's theoretical arrival time, tat.<bucket>,
+-- in us. Caps hold the price against the day's and the month's counters
+-- of the account and of the key (<scope>.d|m: the period, .ds|ms spent,
+-- .dh|mh held), and the hold carries the periods (cap_tag) so that its
+-- settle moves them from held to spent. A call is checked against every
+-- limit, then the points, and takes from each only when all pass.
 --
 -- Redis commands are issued per key, not per op: one HMGET per account and
 -- one per holds hash read everything first (each command from a script costs
@@ -36,17 +58,19 @@
 -- enforces as the ceiling of any account's credited total. They are written
 -- with %d, never by concatenation (which prints doubles as %.14g).
 local n = #KEYS / 2
-if n < 1 or n ~= math.floor(n) or #ARGV ~= 4 * n then
-    return redis.error_reply('reserve: want 2 keys and 4 arguments per reservation')
+local S = n >= 1 and #ARGV / n or 0
+if n < 1 or n ~= math.floor(n) or (S ~= 4 and S ~= 7) then
+    return redis.error_reply('reserve: want 2 keys and 4 or 7 arguments per reservation')
 end
 if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
     return redis.error_reply('reserve: at most 1024 reservations per call')
 end
 -- Prices and ttls as canonical integers: the price's own string then goes
 -- into the hold unchanged (no string.format per op).
-local prices, ints = {}, {}
+local prices, ints, rq, rw = {}, {}, {}, {}
 for i = 1, n do
-    local price, ttl = intc(ints, ARGV[4 * i - 2]), intc(ints, ARGV[4 * i - 1])
+    local b = S * (i - 1)
+    local price, ttl = intc(ints, ARGV[b + 2]), intc(ints, ARGV[b + 3])
     if not price or price <= 0 then
         -- a non-positive hold would lower held and mint available points
         return redis.error_reply('reserve: price must be a positive integer')
@@ -55,14 +79,111 @@ for i = 1, n do
         return redis.error_reply('reserve: ttl must be a positive integer')
     end
     prices[i] = price
+    rq[i], rw[i] = 0, 0
+    if S == 7 then
+        local k, q, w = intc(ints, ARGV[b + 5]), intc(ints, ARGV[b + 6]), intc(ints, ARGV[b + 7])
+        if not k or k < 0 or not q or q < 0 or not w or w < 0 or (q > 0) ~= (w > 0) then
+            return redis.error_reply('reserve: key id, quota and window must be integers >= 0')
+        end
+        rq[i], rw[i] = q, w
+    end
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local today = math.floor(now / 86400000)
+local month = utc_month(today)
+local DAY_RESET = (today + 1) * 86400000 - now
+local MONTH_RESET = utc_next_month_day(month) * 86400000 - now
+local lims, lorder = {}, {} -- account key -> limits (prelude.lua), in first-seen order
+
+-- One GCRA bucket (quota Q per window W ms; TAT field NAME of L): nil and
+-- its new tat when a call passes, with {q, w, r, t} for the headers; or
+-- the ms until one would pass.
+local function bucket(L, name, q, w)
+    local T = w * 1000 / q
+    local tat = lim_num(L, name)
+    if tat < now_us then tat = now_us end
+    local new = tat + T
+    if new - now_us > w * 1000 then
+        return math.ceil((new - now_us - w * 1000) / 1000)
+    end
+    return nil, new, {q, w, math.floor((w * 1000 - (new - now_us)) / T + 1e-6),
+                      math.ceil((new - now_us) / 1000)}
+end
+
+-- Checks op I (account A, hold PRICE) against every limit that applies:
+-- nil, or the refusal {status, q, w, r, t}; then what to write when the
+-- call is held: {L, tats = {name, tat}..., info, tag}.
+local function limits_check(i, akey, price, route)
+    local L = lims[akey]
+    if not L then
+        L = lim_new(akey)
+        lims[akey] = L
+        lorder[#lorder + 1] = akey
+    end
+    local b = S * (i - 1)
+    local key = S == 7 and ARGV[b + 5] or '0'
+    local kp = 'k' .. key .. '.'
+    local tk = 'tat.' .. kp .. route
+    if not lim_read(L, {'a.rq', 'a.rw', 'a.cd', 'a.cm', kp .. 'rq', kp .. 'rw', kp .. 'cd',
+                        kp .. 'cm', 'tat.a', tk, 'a.d', 'a.ds', 'a.dh', 'a.m', 'a.ms', 'a.mh',
+                        kp .. 'd', kp .. 'ds', kp .. 'dh', kp .. 'm', kp .. 'ms', kp .. 'mh'}) then
+        return {-2, 0, 0, 0, 0}
+    end
+    local plan = {L = L, tats = {}, info = nil, key = key, kp = kp}
+    -- The key's bucket on this route (its own limit, else the route's),
+    -- then the account's.
+    local q, w = lim_num(L, kp .. 'rq'), lim_num(L, kp .. 'rw')
+    if q <= 0 or w <= 0 then q, w = rq[i], rw[i] end
+    for _, bk in ipairs({{tk, q, w}, {'tat.a', lim_num(L, 'a.rq'), lim_num(L, 'a.rw')}}) do
+        if bk[2] > 0 and bk[3] > 0 then
+            local retry, new, info = bucket(L, bk[1], bk[2], bk[3])
+            if retry then return {2, bk[2], bk[3], 0, retry} end
+            plan.tats[#plan.tats + 1] = {bk[1], new}
+            if not plan.info or info[3] < plan.info[3] then plan.info = info end
+        end
+    end
+    -- Caps: what is spent and held in the current day and month, per scope.
+    for _, sc in ipairs({'a.', kp}) do
+        for _, per in ipairs({{'d', today, 1, DAY_RESET}, {'m', month, 2, MONTH_RESET}}) do
+            local cap = lim_num(L, sc .. 'c' .. per[1])
+            if cap > 0 then
+                local cur = lim_num(L, sc .. per[1]) == per[2]
+                local used = cur and lim_num(L, sc .. per[1] .. 's') + lim_num(L, sc .. per[1] .. 'h') or 0
+                if used + price > cap then
+                    return {3, cap, per[3], cap - used > 0 and cap - used or 0, per[4]}
+                end
+            end
+        end
+    end
+    return nil, plan
+end
+
+-- Op held: its buckets move and its price is held in every cap counter
+-- (kept whether or not a cap is set, so that a cap set later in a day
+-- counts the day's calls).
+local function limits_take(plan, price)
+    local L = plan.L
+    for _, tt in ipairs(plan.tats) do lim_set(L, tt[1], math.floor(tt[2])) end
+    for _, sc in ipairs({'a.', plan.kp}) do
+        for _, per in ipairs({{'d', today}, {'m', month}}) do
+            local f = sc .. per[1]
+            if lim_num(L, f) ~= per[2] then
+                lim_set(L, f, per[2])
+                lim_set(L, f .. 's', 0)
+                lim_set(L, f .. 'h', 0)
+            end
+            lim_set(L, f .. 'h', lim_num(L, f .. 'h') + price)
+        end
+    end
+    return string.format('c%d.%d.%s', today, month, plan.key)
+end
 
 -- Pass 1: every account's figures (false: unknown to Redis) and every
 -- asked-for hold, one read per key (prelude.lua).
-local accts, order, groups, gorder = read_batch(n, 1, 4, 3, false)
+local accts, order, groups, gorder = read_batch(n, 1, S, S - 1, false)
 for _, akey in ipairs(order) do
     accts[akey].added = 0
 end
@@ -70,30 +191,54 @@ for _, hkey in ipairs(gorder) do
     groups[hkey].fields, groups[hkey].ops = {}, {}
 end
 
--- Pass 2: decide each op in order; each sees the holds taken before it.
+-- Pass 2: decide each op in order; each sees the holds taken before it
+-- (and the limits' state as the ops before it left it).
+local R = S == 7 and 8 or 3 -- integers answered per op
 local out, deadlines, contended = {}, {}, {}
+for i = 1, R * n do out[i] = 0 end
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
-    local rid, route = ARGV[4 * i - 3], ARGV[4 * i]
+    local b = S * (i - 1)
+    local rid, route = ARGV[b + 1], ARGV[b + 4]
     local price = prices[i]
     local a, g = accts[akey], groups[hkey]
-    local o = 3 * i - 2
+    local o = R * (i - 1) + 1
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
+    local refused, plan = nil, nil
+    if type(a) == 'table' and not g.bad and not g.vals[rid] and (a.limited or rq[i] > 0) then
+        refused, plan = limits_check(i, akey, price, route)
+        if R == 8 then out[o + 3] = 1 end
+    end
     if a == false then
         out[o] = -1
+    elseif refused then
+        if R == 8 then
+            out[o], out[o + 4], out[o + 5], out[o + 6], out[o + 7] =
+                refused[1], refused[2], refused[3], refused[4], refused[5]
+        end
     elseif a ~= 'bad' and not g.bad then
         local avail = a.credited - a.spent - a.held
         if g.vals[rid] then
             out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
+            if R == 8 and (a.limited or rq[i] > 0) then out[o + 3] = 1 end
         elseif avail >= price then
             g.fields[#g.fields + 1] = rid
-            local ttl = ARGV[4 * i - 1]
+            local ttl = ARGV[b + 3]
             local dl = deadlines[ttl]
             if not dl then
                 dl = string.format('%d', now + tonumber(ttl))
                 deadlines[ttl] = dl
             end
-            g.fields[#g.fields + 1] = ARGV[4 * i - 2] .. '|' .. route .. '|' .. dl
+            local mid = route .. '|'
+            if plan then
+                mid = mid .. limits_take(plan, price) .. '|'
+                if plan.info and R == 8 then
+                    out[o + 3] = 3
+                    out[o + 4], out[o + 5], out[o + 6], out[o + 7] =
+                        plan.info[1], plan.info[2], plan.info[3], plan.info[4]
+                end
+            end
+            g.fields[#g.fields + 1] = ARGV[b + 2] .. '|' .. mid .. dl
             g.vals[rid] = g.fields[#g.fields] -- a retry later in this batch finds it
             g.ops[#g.ops + 1] = i
             a.held = a.held + price
@@ -125,7 +270,7 @@ for _, hkey in ipairs(gorder) do
                 local a = accts[KEYS[2 * i - 1]]
                 local price = prices[i]
                 a.held, a.added = a.held - price, a.added - price
-                out[3 * i - 2], out[3 * i - 1], out[3 * i] = -2, 0, 0
+                out[R * (i - 1) + 1], out[R * (i - 1) + 2], out[R * (i - 1) + 3] = -2, 0, 0
             end
         else
             wrote = true
@@ -137,6 +282,10 @@ for _, akey in ipairs(order) do
         redis.call('HINCRBY', akey, 'held', string.format('%d', accts[akey].added))
     end
 end
+-- The limits' state after the holds (a batch refused at its first write
+-- returned above, before it): buckets and cap counters moved only for
+-- calls held.
+for _, akey in ipairs(lorder) do lim_flush(lims[akey]) end
 for akey in pairs(contended) do
     redis.pcall('HSET', akey, 'contend', string.format('%d', now)) -- a hint: may be refused
 end

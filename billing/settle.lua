@@ -62,7 +62,41 @@ for i = 1, n do
     end
 end
 
--- A hold's amount, route and amount as written, from "amount|route|deadline";
+-- A capped hold (reserve.lua: its cap tag) gives its amount back to the
+-- cap counters of the day and month it was held in, and adds its charge to
+-- what they count as spent (only while those periods are current: the
+-- counters of a day that is over are not kept). Its account's limits hash
+-- is read in pass 2 and written after the outbox entry, like the rest.
+local lims, lorder = {}, {}
+local function caps_settle(akey, h, hold, charge)
+    local d, m, key = cap_tag(h)
+    if not d then return end
+    local L = lims[akey]
+    if not L then
+        L = lim_new(akey)
+        lims[akey] = L
+        lorder[#lorder + 1] = akey
+    end
+    local kp = 'k' .. key .. '.'
+    if not lim_read(L, {'a.d', 'a.ds', 'a.dh', 'a.m', 'a.ms', 'a.mh', kp .. 'd', kp .. 'ds',
+                        kp .. 'dh', kp .. 'm', kp .. 'ms', kp .. 'mh'}) then
+        redis.log(redis.LOG_WARNING, 'settle: unusable limits hash ' .. L.key)
+        return
+    end
+    for _, sc in ipairs({'a.', kp}) do
+        for _, per in ipairs({{'d', d}, {'m', m}}) do
+            local f = sc .. per[1]
+            if lim_num(L, f) == per[2] then
+                local left = lim_num(L, f .. 'h') - hold
+                lim_set(L, f .. 'h', left > 0 and left or 0)
+                lim_set(L, f .. 's', lim_num(L, f .. 's') + charge)
+            end
+        end
+    end
+end
+
+-- A hold's amount, route and amount as written, from "amount|route|deadline"
+-- (or "amount|route|cap tag|deadline");
 -- nil if malformed.
 local function parse_hold(h)
     local hstr, route = string.match(h, '^(%d+)|([^|]*)')
@@ -191,6 +225,7 @@ for i = 1, n do
             end
             g.vals[rid] = nil
             g.closed[#g.closed + 1] = rid
+            caps_settle(akey, h, hold, charge)
             a.held, a.dheld = a.held - hold, a.dheld - hold
             a.spent, a.dspent = a.spent + charge, a.dspent + charge
             entry[#entry + 1] = 'c'
@@ -226,6 +261,7 @@ for _, akey in ipairs(order) do
     if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', string.format('%d', a.dspent)) end
     if a.dlf ~= 0 then redis.call('HINCRBY', akey, 'leasefree', string.format('%d', a.dlf)) end
 end
+for _, akey in ipairs(lorder) do lim_flush(lims[akey]) end
 for sk, v in pairs(marks) do
     local r
     if v then

@@ -61,6 +61,7 @@ typedef struct hot_op {
      * lost (see hot_on_batch_reply) */
     hot_settle_args settle;
     int64_t amount, ttl_ms; /* reserve */
+    hot_limit_args lim;     /* reserve */
     char route[HOT_ROUTE_MAX];
 } hot_op;
 
@@ -632,7 +633,7 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_cmd *cmd = priv;
     hotclient *hc = cmd->hc;
     redisReply *rep = r;
-    int64_t v[3] = {0, 0, 0};
+    int64_t v[HOT_V_MAX] = {0};
     int rc = -1;
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR)
@@ -710,6 +711,7 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_batch *b = priv;
     hotclient *hc = b->hc;
     redisReply *rep = r;
+    size_t per;
     int ok;
 
     if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 &&
@@ -722,7 +724,8 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         if (hot_send_batch(b) == 0) return; /* same batch, still in flight */
     }
     hot_answered(hc, rep, b->n);
-    ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->n * 3;
+    per = b->script == HOT_SCRIPT_RESERVE ? HOT_RESERVE_REPLY : 3;
+    ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->n * per;
     for (size_t i = 0; ok && i < rep->elements; i++)
         if (rep->element[i]->type != REDIS_REPLY_INTEGER) ok = 0;
     if (rep && rep->type == REDIS_REPLY_ERROR) {
@@ -736,11 +739,11 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     if (ok) hc->flush_ms = HOT_BACKOFF_MIN_MS;
     for (int i = 0; i < b->n; i++) {
         hot_op *op = &b->ops[i];
-        int64_t v[3] = {0, 0, 0};
+        int64_t v[HOT_V_MAX] = {0};
         int rc = -1;
         if (ok) {
-            for (int j = 0; j < 3; j++)
-                v[j] = (int64_t)rep->element[3 * i + j]->integer;
+            for (size_t j = 0; j < per; j++)
+                v[j] = (int64_t)rep->element[per * (size_t)i + j]->integer;
             rc = 0;
             if (v[0] == HOT_STATUS_UNUSABLE) {
                 /* Nothing changed for this op; the script logged why. Not
@@ -876,6 +879,9 @@ static int hot_send_batch(hot_batch *b)
             rc |= hot_arg_i64(&a, op->amount);
             rc |= hot_arg_i64(&a, op->ttl_ms);
             rc |= hot_arg_str(&a, op->route);
+            rc |= hot_arg_i64(&a, op->lim.key_id);
+            rc |= hot_arg_i64(&a, op->lim.rate_quota);
+            rc |= hot_arg_i64(&a, op->lim.rate_window_ms);
         }
     }
     if (rc != 0) {
@@ -983,7 +989,8 @@ static hot_op *hot_add(hotclient *hc, enum hot_script script, hot_cb cb, void *a
 }
 
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
-                      int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg)
+                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim, hot_cb cb,
+                      void *arg)
 {
     hot_op *op;
     if (!hc->ac || hc->closing || strlen(route_id) >= HOT_ROUTE_MAX ||
@@ -996,6 +1003,10 @@ int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t a
     memcpy(op->settle.rid, rid, strlen(rid) + 1);
     op->amount = amount;
     op->ttl_ms = ttl_ms;
+    if (lim)
+        op->lim = *lim;
+    else
+        memset(&op->lim, 0, sizeof op->lim);
     memcpy(op->route, route_id, strlen(route_id) + 1);
     return 0;
 }

@@ -31,11 +31,14 @@ typedef struct hotclient hotclient;
 #define HOT_ERR_NODATA (-3)
 
 /* RC: 0 success with V filled, 1 "not found" (key unknown, account unknown),
- * < 0 one of the HOT_ERR codes above. For reserve, V = {status, available, held};
- * settle {status, charged, available} (status 1 settled, 0 no such hold,
- * HOT_STATUS_UNUSABLE: not applied, charged 0); key {account}; balance {credited,
- * spent, held}. Called exactly once per accepted command, from the loop. */
-typedef void (*hot_cb)(void *arg, int rc, const int64_t v[3]);
+ * < 0 one of the HOT_ERR codes above. V has HOT_V_MAX integers, the unused
+ * ones 0. For reserve, V = {status, available, held, flags, q, w, r, t}
+ * (billing/reserve.lua: HOT_RESERVE_*); settle {status, charged, available}
+ * (status 1 settled, 0 no such hold, HOT_STATUS_UNUSABLE: not applied,
+ * charged 0); key {account}; balance {credited, spent, held}. Called exactly
+ * once per accepted command, from the loop. */
+#define HOT_V_MAX HOT_RESERVE_REPLY
+typedef void (*hot_cb)(void *arg, int rc, const int64_t *v);
 
 /* hot_settle_args.commit: what settle.lua is asked to do with the hold. */
 #define HOT_SETTLE_RELEASE 0
@@ -112,8 +115,15 @@ void hotclient_get_stats(const hotclient *hc, hot_stats *out);
  * down (CB will not run). */
 int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
+/* What reserve.lua checks a call's limits with (NULL: key 0, no route rate):
+ * the API key's id and the route's rate limit per key (0 0: none). */
+typedef struct hot_limit_args {
+    int64_t key_id;
+    int64_t rate_quota, rate_window_ms;
+} hot_limit_args;
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
-                      int64_t ttl_ms, const char *route_id, hot_cb cb, void *arg);
+                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim, hot_cb cb,
+                      void *arg);
 /* Settle is never lost to a Redis outage or refusal: if it cannot be
  * delivered or Redis answers an error, it is queued and resent (on
  * reconnect, or with backoff while connected); CB then gets -1. The queue

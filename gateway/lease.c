@@ -150,7 +150,7 @@ static void lease_recs_answer(lease_rec *recs, int n, int rc, int64_t status, in
 {
     for (int i = 0; i < n; i++) {
         hot_cb cb = recs[i].cb;
-        int64_t v[3] = {status, charged ? recs[i].charge : 0, available};
+        int64_t v[HOT_V_MAX] = {status, charged ? recs[i].charge : 0, available};
         recs[i].cb = NULL;
         if (cb) cb(recs[i].arg, rc, v);
     }
@@ -675,20 +675,20 @@ void lease_end(lease *l, const char *rid, const char *route_id, int64_t price, i
     len = snprintf(rec.text, sizeof rec.text, "%s|%" PRId64 "|%s|%" PRId64 "|%" PRId64 "|%s|%ld",
                    rid, l->account, route_id, charge, price, commit ? "commit" : "release", status);
     if (l->t->down) {
-        int64_t v[3] = {0, 0, 0};
+        int64_t v[HOT_V_MAX] = {0};
         if (cb) cb(arg, -1, v);
         return;
     }
     if (l->deleted) {
         /* Redis released the lease (cost 0 for everything in it). */
-        int64_t v[3] = {0, 0, 0};
+        int64_t v[HOT_V_MAX] = {0};
         if (cb) cb(arg, 0, v);
         return;
     }
     if (len < 0 || (size_t)len >= sizeof rec.text || lease_recs_push(&l->queue, &rec) != 0) {
         /* Cannot happen for valid ids (route ids are at most 128 bytes). The
          * points go back to the lease: the call is free. */
-        int64_t v[3] = {0, 0, 0};
+        int64_t v[HOT_V_MAX] = {0};
         log_error("lease %s: record of %s not queued: call not charged", l->lid, rid);
         if (cb) cb(arg, 0, v);
         return;

@@ -35,6 +35,7 @@ enum gw_outcome {
     GW_OUT_INFO,                /* /_billing/ answered */
     GW_OUT_CANCELLED,           /* the client left, or the stop, before the upstream */
     GW_OUT_TOO_MANY_WAITING,    /* 503: the account's wait queue is full */
+    GW_OUT_QUOTA_EXCEEDED,      /* 429: a spending cap */
     GW_OUT_ERROR,               /* anything else (500) */
     GW_OUTCOMES
 };

@@ -62,6 +62,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <event2/event_struct.h>
 
 #define REQUEST_BACKOFF_MIN_MS 2
@@ -109,6 +110,11 @@ struct gw_request {
     char from[11], to[11]; /* its dates, checked */
     char keyhash[APIKEY_HASH_HEX + 1];
     int64_t account;
+    int64_t key_id; /* the API key's id (0 unknown): its limits in reserve.lua */
+    /* The rate limit closest to refusing, from the reserve (HOT_RESERVE_F_*):
+     * the RateLimit headers of the answer. */
+    int rl_flags;
+    int64_t rl_q, rl_w_ms, rl_r, rl_t_ms;
     const char *body; /* the server's, valid until the answer */
     size_t body_len;
     uint64_t wait_until_ms;
@@ -151,7 +157,7 @@ struct request_ctx {
 };
 
 static void request_reserve(gw_request *r);
-static void request_on_reserved(void *arg, int rc, const int64_t v[3]);
+static void request_on_reserved(void *arg, int rc, const int64_t *v);
 static int request_begin(gw_request *r);
 static void request_waitq_leave(gw_request *r);
 static void request_waitq_kick(worker *w, int64_t account);
@@ -374,6 +380,59 @@ static void request_unavailable(gw_request *r, int rc)
     request_error(r, 503, "billing_unavailable", msg);
 }
 
+/* The RateLimit-Policy and RateLimit headers (draft-ietf-httpapi-ratelimit-
+ * headers): quota Q per W ms, R left, T ms until the bucket is full (or,
+ * refused, until one call passes). */
+static void request_rate_headers(gw_request *r, int64_t q, int64_t w_ms, int64_t rem, int64_t t_ms)
+{
+    char buf[96];
+    snprintf(buf, sizeof buf, "\"limit\";q=%" PRId64 ";w=%" PRId64, q, (w_ms + 999) / 1000);
+    server_reply_header(r->conn, "RateLimit-Policy", buf);
+    snprintf(buf, sizeof buf, "\"limit\";r=%" PRId64 ";t=%" PRId64, rem < 0 ? 0 : rem,
+             (t_ms + 999) / 1000);
+    server_reply_header(r->conn, "RateLimit", buf);
+}
+
+/* 429: a rate limit or a spending cap refused the call before the upstream
+ * (V: reserve.lua's answer); it cost nothing and took nothing. */
+static void request_limited(gw_request *r, const int64_t *v)
+{
+    char buf[512], secs[32];
+    int64_t retry_s = (v[7] + 999) / 1000;
+    if (retry_s < 1) retry_s = 1;
+    snprintf(secs, sizeof secs, "%" PRId64, retry_s);
+    if (v[0] == HOT_RESERVE_RATE_LIMITED) {
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"rate_limited\",\"message\":\"too many calls: at most %" PRId64
+                 " per %" PRId64 " s; retry after %" PRId64 " s\",\"retry_after_s\":%" PRId64
+                 ",\"limit\":{\"quota\":%" PRId64 ",\"window_s\":%" PRId64 "}}",
+                 v[4], (v[5] + 999) / 1000, retry_s, retry_s, v[4], (v[5] + 999) / 1000);
+        request_set_outcome(r, GW_OUT_RATE_LIMITED);
+    } else {
+        /* When it resets: the next UTC midnight (or first of the month) as
+         * Redis counts it, written in the gateway's clock. */
+        char at[32];
+        time_t t = (time_t)((worker_wall_ms() + v[7] + 500) / 1000);
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(at, sizeof at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"quota_exceeded\",\"message\":\"this call would pass the %s "
+                 "spending cap of %" PRId64 " points; it resets at %s\",\"cap\":%" PRId64
+                 ",\"period\":\"%s\",\"remaining\":%" PRId64 ",\"cost\":%" PRId64
+                 ",\"resets_at\":\"%s\"}",
+                 v[5] == 2 ? "monthly" : "daily", v[4], at, v[4], v[5] == 2 ? "month" : "day",
+                 v[6], r->route->price, at);
+        request_set_outcome(r, GW_OUT_QUOTA_EXCEEDED);
+    }
+    request_answer_begin(r, 429);
+    server_reply_header(r->conn, "Content-Type", "application/json");
+    server_reply_header(r->conn, "Retry-After", secs);
+    if (v[0] == HOT_RESERVE_RATE_LIMITED) request_rate_headers(r, v[4], v[5], 0, v[7]);
+    server_reply_header(r->conn, "X-Points-Charged", "0");
+    request_finish(r, buf, strlen(buf), 0);
+}
+
 static void request_short(gw_request *r, int64_t avail, int64_t held)
 {
     char buf[512];
@@ -447,6 +506,8 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
         if (forward_response_header(name)) server_reply_header(r->conn, name, value);
     snprintf(num, sizeof num, "%" PRId64, charged);
     server_reply_header(r->conn, "X-Points-Charged", num);
+    if (r->rl_flags & HOT_RESERVE_F_RATE)
+        request_rate_headers(r, r->rl_q, r->rl_w_ms, r->rl_r, r->rl_t_ms);
     if (have_remaining) {
         snprintf(num, sizeof num, "%" PRId64, remaining < 0 ? 0 : remaining);
         server_reply_header(r->conn, "X-Points-Remaining", num);
@@ -461,7 +522,7 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
     request_finish(r, body, len, 1);
 }
 
-static void request_on_settled(void *arg, int rc, const int64_t v[3])
+static void request_on_settled(void *arg, int rc, const int64_t *v)
 {
     gw_request *r = arg;
     /* Settled or queued: the account's holds changed; its waiters try. */
@@ -584,6 +645,19 @@ static void request_go(gw_request *r)
         return;
     }
     request_proxy(r);
+}
+
+/* Asks Redis for R's price, with what its limits are checked by. */
+static int request_send_reserve(gw_request *r)
+{
+    const gw_config *cfg = r->w->cfg;
+    hot_limit_args lim = {.key_id = r->key_id,
+                          .rate_quota = r->route->rate_quota,
+                          .rate_window_ms = r->route->rate_window_ms};
+    return hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
+                             r->route->timeout_ms + cfg->hold_grace_ms +
+                                 (r->early ? cfg->body_timeout_ms : 0),
+                             r->route->id, &lim, request_on_reserved, r);
 }
 
 /* ---- waiting for held points (one queue per account per worker) ------ */
@@ -769,7 +843,6 @@ static void request_waitq_schedule(request_waitq *q)
 static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
 {
     request_waitq *q = arg;
-    const gw_config *cfg;
     gw_request *r;
     q->timer_on = 0;
     if (q->trying) return;
@@ -786,11 +859,7 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
     request_waitq_unlink(q, r);
     q->trying = r;
     r->st = ST_RESERVE;
-    cfg = r->w->cfg;
-    if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
-                          r->route->timeout_ms + cfg->hold_grace_ms +
-                              (r->early ? cfg->body_timeout_ms : 0),
-                          r->route->id, request_on_reserved, r) != 0)
+    if (request_send_reserve(r) != 0)
         request_on_reserved(r, HOT_ERR_UNAVAILABLE, NULL);
 }
 
@@ -809,7 +878,7 @@ static void request_waitq_fail(request_waitq *q, int rc)
 
 /* ---- reserve ------------------------------------------------------- */
 
-static void request_on_reserved(void *arg, int rc, const int64_t v[3])
+static void request_on_reserved(void *arg, int rc, const int64_t *v)
 {
     gw_request *r = arg;
     request_waitq *q = r->waitq;
@@ -839,7 +908,14 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
         r = NULL;
     } else if (v[0] == HOT_RESERVE_HELD) {
         r->held = 1;
-        lease_consider(r->w->leases, r->account, r->route->price, v[1]);
+        r->rl_flags = (int)v[3];
+        r->rl_q = v[4];
+        r->rl_w_ms = v[5];
+        r->rl_r = v[6];
+        r->rl_t_ms = v[7];
+        /* An account under limits is served per call (reserve.lua). */
+        if (!(v[3] & HOT_RESERVE_F_LIMITED))
+            lease_consider(r->w->leases, r->account, r->route->price, v[1]);
         if (q) {
             /* Got its points: the next waiter tries at once. */
             q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
@@ -848,6 +924,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
             if (q->n > 0) request_waitq_arm(q, 0);
         }
         request_go(r);
+        r = NULL;
+    } else if (v[0] == HOT_RESERVE_RATE_LIMITED || v[0] == HOT_RESERVE_CAPPED) {
+        request_limited(r, v);
         r = NULL;
     } else if (v[0] == HOT_RESERVE_UNKNOWN) {
         /* Billing creates every account's hash with the account (and every
@@ -891,11 +970,14 @@ static void request_on_reserved(void *arg, int rc, const int64_t v[3])
 
 static void request_reserve(gw_request *r)
 {
-    const gw_config *cfg = r->w->cfg;
     request_waitq *q;
     /* A call whose body is still to come is held per call, for as long as
      * the body may take (a lease's deadline does not cover that). */
-    r->lease = r->early ? NULL : lease_take(r->w->leases, r->account, r->route->price);
+    /* Nor is a call under a rate limit: each is counted in Redis (a lease
+     * serves calls without asking it). */
+    r->lease = r->early || r->route->rate_quota
+                   ? NULL
+                   : lease_take(r->w->leases, r->account, r->route->price);
     if (r->lease) {
         request_go(r);
         return;
@@ -908,16 +990,13 @@ static void request_reserve(gw_request *r)
         return;
     }
     r->st = ST_RESERVE;
-    if (hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
-                          r->route->timeout_ms + cfg->hold_grace_ms +
-                              (r->early ? cfg->body_timeout_ms : 0),
-                          r->route->id, request_on_reserved, r) != 0)
+    if (request_send_reserve(r) != 0)
         request_unavailable(r, HOT_ERR_UNAVAILABLE);
 }
 
 /* ---- balance endpoint ----------------------------------------------- */
 
-static void request_on_balance(void *arg, int rc, const int64_t v[3])
+static void request_on_balance(void *arg, int rc, const int64_t *v)
 {
     gw_request *r = arg;
     char buf[256];
@@ -1038,7 +1117,7 @@ static void request_with_account(gw_request *r)
     request_reserve(r);
 }
 
-static void request_on_key(void *arg, int rc, const int64_t v[3])
+static void request_on_key(void *arg, int rc, const int64_t *v)
 {
     gw_request *r = arg;
     if (rc < 0) {

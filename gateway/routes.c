@@ -112,6 +112,26 @@ oom:
     return -1;
 }
 
+/* "rate": {"quota": N, "window_s": S} (N calls per S seconds, N at once),
+ * or null for none. */
+static int routes_parse_rate(json_t *v, int64_t *quota, int64_t *window_ms, char *err,
+                             size_t errlen)
+{
+    int64_t q = 0, s = 0;
+    *quota = *window_ms = 0;
+    if (json_is_null(v)) return 0;
+    if (!json_is_object(v) || json_object_size(v) != 2 ||
+        routes_get_int(v, "quota", 1, 1000000, &q, 1, err, errlen) != 0 ||
+        routes_get_int(v, "window_s", 1, 86400, &s, 1, err, errlen) != 0) {
+        snprintf(err, errlen,
+                 "\"rate\" must be {\"quota\": 1..1000000, \"window_s\": 1..86400} or null");
+        return -1;
+    }
+    *quota = q;
+    *window_ms = s * 1000;
+    return 0;
+}
+
 /* 1 when ID may name a route (see its use). */
 static int routes_id_ok(const char *id)
 {
@@ -123,7 +143,7 @@ static int routes_id_ok(const char *id)
 }
 
 static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t def_timeout,
-                              char *err, size_t errlen)
+                              const int64_t def_rate[2], char *err, size_t errlen)
 {
     const char *id = json_string_value(json_object_get(o, "id"));
     const char *method = json_string_value(json_object_get(o, "method"));
@@ -155,6 +175,12 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
     if (co && routes_parse_charge_on(co, &r->charge_on, err, errlen) != 0) return -1;
     r->timeout_ms = def_timeout;
     if (routes_get_int(o, "timeout_ms", 1, 3600000, &r->timeout_ms, 0, err, errlen) != 0) return -1;
+    r->rate_quota = def_rate[0];
+    r->rate_window_ms = def_rate[1];
+    if (json_object_get(o, "rate") &&
+        routes_parse_rate(json_object_get(o, "rate"), &r->rate_quota, &r->rate_window_ms, err,
+                          errlen) != 0)
+        return -1;
     if (json_object_get(o, "price")) {
         if (json_object_get(o, "hold") || json_object_get(o, "unit_price")) {
             snprintf(err, errlen, "route %s: either \"price\" or \"hold\"+\"unit_price\"", id);
@@ -189,6 +215,7 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     json_t *arr, *v;
     route_table *t = NULL;
     unsigned def_charge = (1u << 2) | (1u << 3);
+    int64_t def_rate[2] = {0, 0};
     size_t i;
     int rc = -1;
 
@@ -198,6 +225,10 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     }
     if (json_object_get(root, "charge_on") &&
         routes_parse_charge_on(json_object_get(root, "charge_on"), &def_charge, err, errlen) != 0)
+        goto out;
+    if (json_object_get(root, "rate") &&
+        routes_parse_rate(json_object_get(root, "rate"), &def_rate[0], &def_rate[1], err, errlen) !=
+            0)
         goto out;
     arr = json_object_get(root, "routes");
     if (!json_is_array(arr)) {
@@ -213,8 +244,8 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     {
         char msg[200];
         t->n++;
-        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, msg, sizeof msg) !=
-            0) {
+        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, def_rate, msg,
+                               sizeof msg) != 0) {
             snprintf(err, errlen, "%s: route #%zu: %s", path, i, msg);
             goto out;
         }

@@ -22,6 +22,9 @@ typedef struct route {
     char *units_header;
     int64_t timeout_ms;
     unsigned charge_on; /* bit N set: status class Nxx is billable */
+    /* Its rate limit per API key ("rate": quota calls per window; 0 0:
+     * none), checked in Redis by reserve.lua with the key's own override. */
+    int64_t rate_quota, rate_window_ms;
     int metric_slot;    /* its worker's metrics slot (gw_metrics_route_slot), set on adoption */
 } route;
 

@@ -656,7 +656,7 @@ static void spill_item_answered(spill_item *it, int rc)
     if (r->outstanding == 0) spill_round_answered(r);
 }
 
-static void spill_on_settled(void *arg, int rc, const int64_t v[3])
+static void spill_on_settled(void *arg, int rc, const int64_t *v)
 {
     spill_item_answered(arg, rc);
 }

@@ -74,6 +74,8 @@ void worker_join(worker *w);
 /* Frees everything; the thread must have been joined (or never started). */
 void worker_destroy(worker *w);
 uint64_t worker_now_ms(void);
+/* The wall clock (CLOCK_REALTIME), ms since the epoch: for dates in answers. */
+uint64_t worker_wall_ms(void);
 uint64_t worker_now_us(void);
 /* Loop thread: N <= sizeof w->rnd random bytes (libsodium's CSPRNG, drawn
  * a kilobyte at a time instead of one getrandom call per request). */

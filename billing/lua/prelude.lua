@@ -30,16 +30,17 @@ local function intc(cache, v)
 end
 
 -- An account's figures {credited, spent, held, lf (its leases' free points,
--- lease.lua)}, read once per batch: false
+-- lease.lua), limited (billing set a rate limit or a cap on the account or
+-- one of its keys: limits.lua)}, read once per batch: false
 -- when its hash has no credited field (unknown to Redis) unless
 -- MISSING_IS_ZERO, 'bad' when unusable (not a hash, or not integers).
 local function read_figures(akey, missing_is_zero)
-    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held', 'leasefree')
+    local f = redis.pcall('HMGET', akey, 'credited', 'spent', 'held', 'leasefree', 'limited')
     if type(f) ~= 'table' or f.err then return 'bad' end
     if not f[1] and not missing_is_zero then return false end
     local c, s, h, lf = int(f[1] or '0'), int(f[2] or '0'), int(f[3] or '0'), int(f[4] or '0')
     if not c or not s or not h or not lf then return 'bad' end
-    return {credited = c, spent = s, held = h, lf = lf}
+    return {credited = c, spent = s, held = h, lf = lf, limited = f[5] == '1'}
 end
 
 -- The reads of a reserve or settle batch, one command per key: op i's
@@ -77,4 +78,105 @@ local function read_batch(n, k0, stride, back, missing_is_zero)
         end
     end
     return accts, order, groups, gorder
+end
+
+-- ---- limits (rate limits and spending caps: reserve.lua, settle.lua) ----
+-- An account's limits hash, pg:{A}:lim (billing/hotkeys.h): its settings,
+-- written by billing (limits.lua), and the state the scripts keep (rate
+-- buckets, cap counters). Named from the account hash here rather than
+-- passed by the caller: it shares the account's hash tag, so it is in the
+-- same cluster slot as the keys the caller declared, and no caller's key
+-- layout changes.
+local function lim_key(akey)
+    return (string.gsub(akey, ':acct$', ':lim'))
+end
+
+-- A limits hash's fields as read in this call, with their pending writes:
+-- {key, f = name -> value (false: absent), w = names written}.
+local function lim_new(akey)
+    return {key = lim_key(akey), f = {}, w = {}, wn = {}}
+end
+
+-- Reads the fields of NAMES not known yet, one HMGET. false when Redis
+-- refused (the key is not a hash).
+local function lim_read(L, names)
+    local want = {}
+    for _, nm in ipairs(names) do
+        if L.f[nm] == nil then want[#want + 1] = nm end
+    end
+    if #want == 0 then return true end
+    local v = redis.pcall('HMGET', L.key, unpack(want))
+    if type(v) ~= 'table' or v.err then return false end
+    for k, nm in ipairs(want) do L.f[nm] = v[k] or false end
+    return true
+end
+
+-- A field as an integer: 0 when absent (a setting not set, a counter not
+-- started) or not one (the scripts write these fields with %d only).
+local function lim_num(L, nm)
+    local x = L.f[nm]
+    if not x then return 0 end
+    return int(x) or 0
+end
+
+local function lim_set(L, nm, v)
+    L.f[nm] = string.format('%d', v)
+    if not L.w[nm] then
+        L.w[nm] = true
+        L.wn[#L.wn + 1] = nm
+    end
+end
+
+-- Writes what was set (HSET through pcall: a limits hash of the wrong type
+-- was refused at the read already; anything else is logged, not fatal).
+local function lim_flush(L)
+    if #L.wn == 0 then return end
+    local args = {}
+    for _, nm in ipairs(L.wn) do
+        args[#args + 1] = nm
+        args[#args + 1] = L.f[nm]
+    end
+    local r = redis.pcall('HSET', L.key, unpack(args))
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'limits: ' .. L.key .. ': ' .. r.err)
+    end
+end
+
+-- UTC calendar (Howard Hinnant's civil-from-days algorithms): the month of
+-- a day number (days since 1970-01-01) as y * 100 + m, and the day number
+-- of the first of the month after it. Caps count per UTC day and month.
+local function utc_month(days)
+    local z = days + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) -
+                                math.floor(doe / 146096)) / 365)
+    local y = yoe + era * 400
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    if m <= 2 then y = y + 1 end
+    return y * 100 + m
+end
+
+local function utc_next_month_day(month)
+    local y, m = math.floor(month / 100), month % 100 + 1
+    if m == 13 then y, m = y + 1, 1 end
+    if m <= 2 then y = y - 1 end
+    local era = math.floor(y / 400)
+    local yoe = y - era * 400
+    local mp = m > 2 and m - 3 or m + 9
+    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) +
+                    math.floor((153 * mp + 2) / 5)
+    return era * 146097 + doe - 719468
+end
+
+-- The tag a capped hold carries between its route and its deadline,
+-- "c<day>.<month>.<key id>": which day's and month's counters it is held
+-- in, so that its settle gives back to those (a hold taken before
+-- midnight and settled after it counts in the day it was taken).
+local function cap_tag(h)
+    local d, m, k = string.match(h, '^%d+|[^|]*|c(%d+)%.(%d+)%.(%d+)|')
+    if not d then return nil end
+    return tonumber(d), tonumber(m), k
 end

@@ -90,12 +90,16 @@ typedef struct hot_cmd {
     void *arg;
 } hot_cmd;
 
-/* Room for one batch's arguments (4 fixed + 7 per op at most) or one lease
- * op's (13 fixed + 2 per record). */
-#define HOT_ARGV_MAX                                                                               \
-    (4 + 7 * HOT_BATCH_MAX > 13 + 2 * HOT_LEASE_RECORDS_MAX ? 4 + 7 * HOT_BATCH_MAX                \
-                                                            : 13 + 2 * HOT_LEASE_RECORDS_MAX)
-#define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 3 * 24 + 33 + HOT_ROUTE_MAX + 8))
+/* Room for one batch's arguments or one lease op's (13 fixed + 2 per
+ * record). A batch is 4 fixed plus, per op, its 2 keys and its arguments:
+ * a settle's 5 (rid, charge, kind, status, account), a reserve's 7 (rid,
+ * price, ttl, route, key id, rate quota, window). The scratch space holds
+ * the decimals (at most 5 per op) and each op's key names. */
+#define HOT_OP_ARGV_MAX 9
+#define HOT_BATCH_ARGV (4 + HOT_OP_ARGV_MAX * HOT_BATCH_MAX)
+#define HOT_LEASE_ARGV (13 + 2 * HOT_LEASE_RECORDS_MAX)
+#define HOT_ARGV_MAX (HOT_BATCH_ARGV > HOT_LEASE_ARGV ? HOT_BATCH_ARGV : HOT_LEASE_ARGV)
+#define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 5 * 24 + 33 + HOT_ROUTE_MAX + 8))
 
 struct hotclient {
     struct event_base *base;

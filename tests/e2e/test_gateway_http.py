@@ -680,7 +680,8 @@ def test_1000_keepalive_connections_on_fixed_threads(stack):
                     sel.unregister(s)
     sel.close()
     assert len(done) == n, f"{len(done)}/{n} answered"
-    assert all(r.status == 200 for r in done.values())
+    bad = [r for r in done.values() if r.status != 200]
+    assert not bad, (len(bad), bad[0].status, bad[0].body[:300])
     assert sorted(r.json()["id"] for r in done.values()) == sorted(f"c{i}" for i in range(n))
     assert len(os.listdir(f"/proc/{pid}/task")) == threads
     for s in socks:

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_KEYPUSH, HOT_PASSEND, HOT_NSCRIPTS };
+enum { HOT_RESERVE, HOT_SETTLE, HOT_CREDIT, HOT_KEYPUSH, HOT_PASSEND, HOT_LIMITS, HOT_NSCRIPTS };
 
 struct hot_conn {
     redisContext *c;
@@ -26,7 +26,8 @@ struct hot_conn {
 };
 
 static const char *const hot_sources[HOT_NSCRIPTS] = {
-    hot_lua_reserve, hot_lua_settle, hot_lua_credit, hot_lua_keypush, hot_lua_passend};
+    hot_lua_reserve, hot_lua_settle, hot_lua_credit, hot_lua_keypush, hot_lua_passend,
+    hot_lua_limits};
 
 hot_conn *hot_open(const char *redis_url)
 {
@@ -181,17 +182,22 @@ static int hot_load(hot_conn *h, int script)
     return rc;
 }
 
+/* The most keys and arguments one script call of billing's takes (a
+ * limits snapshot: 4 settings per key of an account). */
+#define HOT_EVAL_ARGS_MAX 65536
+
 /* EVALSHA with the script's keys and args; reloads once on NOSCRIPT (Redis
  * restarted or SCRIPT FLUSH). Returns the reply (caller frees) or NULL. */
 static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **args, int nargs)
 {
-    const char *argv[16];
+    const char *small[16], **argv = small;
     char nk[8];
     redisReply *r = NULL;
-    if (nargs + 3 > 16) return NULL;
+    if (nargs < 0 || nargs > HOT_EVAL_ARGS_MAX) return NULL;
+    if (nargs + 3 > 16 && !(argv = malloc((size_t)(nargs + 3) * sizeof *argv))) return NULL;
     for (int attempt = 0; attempt < 2; attempt++) {
-        if (hot_ensure(h) != 0) return NULL;
-        if (!h->sha[script][0] && hot_load(h, script) != 0) return NULL;
+        if (hot_ensure(h) != 0) break;
+        if (!h->sha[script][0] && hot_load(h, script) != 0) break;
         snprintf(nk, sizeof nk, "%d", nkeys);
         argv[0] = "EVALSHA";
         argv[1] = h->sha[script];
@@ -199,7 +205,7 @@ static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **arg
         for (int i = 0; i < nargs; i++)
             argv[3 + i] = args[i];
         r = hot_command_argv(h, nargs + 3, argv, NULL);
-        if (!r) return NULL;
+        if (!r) break;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
             freeReplyObject(r);
             r = NULL;
@@ -208,6 +214,7 @@ static redisReply *hot_eval(hot_conn *h, int script, int nkeys, const char **arg
         }
         break;
     }
+    if (argv != small) free(argv);
     if (r && r->type == REDIS_REPLY_ERROR) {
         log_error("redis script: %s", r->str);
         freeReplyObject(r);
@@ -412,6 +419,29 @@ int hot_key_revoke(hot_conn *h, const char *key_hash)
 {
     int written;
     return hot_keypush(h, key_hash, -1, NULL, &written);
+}
+
+int hot_limits_push(hot_conn *h, int64_t account, int64_t seq, const char *const *pairs, int n,
+                    int *result)
+{
+    hot_keys k;
+    char sq[24];
+    const char **args = malloc((size_t)(n + 3) * sizeof *args);
+    redisReply *r;
+    if (!args) return -1;
+    hot_keys_for(&k, account);
+    snprintf(sq, sizeof sq, "%" PRId64, seq);
+    args[0] = k.acct;
+    args[1] = k.lim;
+    args[2] = sq;
+    for (int i = 0; i < n; i++)
+        args[3 + i] = pairs[i];
+    r = hot_eval(h, HOT_LIMITS, 2, args, n + 3);
+    free(args);
+    if (!r) return -1;
+    *result = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
+    freeReplyObject(r);
+    return *result < 0 ? -1 : 0;
 }
 
 int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER])

@@ -57,6 +57,11 @@ int hot_key_revoke(hot_conn *h, const char *key_hash);
  * *result 2 epoch written, 1 it was there, 0 the marker was gone (Redis
  * lost data during the pass: run it again). */
 #define HOT_PASS_MARKER 48
+/* limits.lua: ACCOUNT's whole limits snapshot as of its limits_seq SEQ:
+ * PAIRS[0..N) setting name, value (N even; none: no limits). *result 1
+ * written, 0 a newer snapshot is there, 3 unchanged. */
+int hot_limits_push(hot_conn *h, int64_t account, int64_t seq, const char *const *pairs, int n,
+                    int *result);
 int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER]);
 /* *changed = 1 when the push changed the mirror (it was missing or stale). */
 int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost,

@@ -95,6 +95,7 @@ extern const char hot_lua_lease[];
 extern const char hot_lua_outbox_ack[];
 extern const char hot_lua_keypush[];
 extern const char hot_lua_passend[];
+extern const char hot_lua_limits[];
 
 /* Reply status codes of reserve.lua and settle.lua. */
 enum {

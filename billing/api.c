@@ -7,6 +7,7 @@
 
 #include "billing/control.h"
 #include "billing/env.h"
+#include "billing/limits.h"
 #include "billing/log.h"
 #include "billing/operators.h"
 #include "billing/reports.h"
@@ -446,6 +447,52 @@ static api_reply api_statement(control_ctx *c, struct MHD_Connection *conn)
     return out;
 }
 
+/* The settings of SCOPE ID as answered by GET and PUT .../limits. */
+static api_reply api_limits_reply(int status, enum limits_scope scope, int64_t id, int64_t account,
+                                  const limits_spec *spec, int pushed)
+{
+    json_t *j = limits_json(spec);
+    if (!j) return api_error(500, "internal", "out of memory");
+    json_object_set_new(j, scope == LIMITS_ACCOUNT ? "account_id" : "key_id",
+                        json_integer((json_int_t)id));
+    if (scope == LIMITS_KEY)
+        json_object_set_new(j, "account_id", json_integer((json_int_t)account));
+    if (pushed >= 0) json_object_set_new(j, "applied", json_boolean(pushed));
+    return api_json(status, j);
+}
+
+static api_reply api_get_limits(control_ctx *c, enum limits_scope scope, int64_t id)
+{
+    limits_spec spec;
+    int64_t account = 0;
+    int rc = limits_get(c->pg, scope, id, &spec, &account);
+    if (rc != LEDGER_OK)
+        return api_status_error(rc, scope == LIMITS_ACCOUNT ? "no such account" : "no such key");
+    return api_limits_reply(200, scope, id, account, &spec, -1);
+}
+
+/* PUT replaces the scope's settings whole; "applied": false says Redis did
+ * not take them yet (the repair pass pushes them). */
+static api_reply api_put_limits(control_ctx *c, enum limits_scope scope, int64_t id,
+                                const api_req *rq)
+{
+    api_reply err;
+    limits_spec spec;
+    int64_t account = 0;
+    int rc, pushed = 0;
+    json_t *body = api_parse_body(rq, &err);
+    const char *bad;
+    if (!body) return err;
+    bad = limits_parse(body, &spec);
+    json_decref(body);
+    if (bad) return api_error(400, "bad_request", bad);
+    rc = limits_set(c, scope, id, &spec, &account, &pushed);
+    if (rc != LEDGER_OK)
+        return api_status_error(rc, scope == LIMITS_ACCOUNT ? "no such account"
+                                                            : "no such key (or it is revoked)");
+    return api_limits_reply(200, scope, id, account, &spec, pushed);
+}
+
 /* Splits "/v1/accounts/12/keys" style paths and dispatches. */
 static api_reply api_route(api_server *s, struct MHD_Connection *conn, const char *method,
                            const char *url, const api_req *rq)
@@ -453,7 +500,7 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
     const char *seg[6];
     size_t len[6];
     int n = 0, is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0,
-        is_delete = strcmp(method, "DELETE") == 0;
+        is_delete = strcmp(method, "DELETE") == 0, is_put = strcmp(method, "PUT") == 0;
     api_caller who;
     control_ctx *c;
     int64_t id = 0;
@@ -501,6 +548,11 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
             if (is_post) return api_credit(c, id, rq, SEG(3, "topups"), who.name);
             return api_error(405, "method_not_allowed", "use POST");
         }
+        if (n == 4 && SEG(3, "limits")) {
+            if (is_get) return api_get_limits(c, LIMITS_ACCOUNT, id);
+            if (is_put) return api_put_limits(c, LIMITS_ACCOUNT, id, rq);
+            return api_error(405, "method_not_allowed", "use GET or PUT");
+        }
         if (n == 4 && SEG(3, "ledger")) {
             if (is_get) return api_ledger(c, id, conn);
             return api_error(405, "method_not_allowed", "use GET");
@@ -516,6 +568,12 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
         rep = status_build(c->pg, NULL, c->hot, &verdict);
         if (!rep) return api_error(500, "internal", "out of memory");
         return api_json(200, rep);
+    } else if (SEG(1, "keys") && n == 4 && SEG(3, "limits")) {
+        id = api_parse_id(seg[2], len[2]);
+        if (!id) return api_error(404, "not_found", "no such key");
+        if (is_get) return api_get_limits(c, LIMITS_KEY, id);
+        if (is_put) return api_put_limits(c, LIMITS_KEY, id, rq);
+        return api_error(405, "method_not_allowed", "use GET or PUT");
     } else if (SEG(1, "keys") && n == 3) {
         id = api_parse_id(seg[2], len[2]);
         if (!id) return api_error(404, "not_found", "no such key");

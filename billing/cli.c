@@ -5,6 +5,7 @@
 #include "billing/config.h"
 #include "billing/control.h"
 #include "billing/env.h"
+#include "billing/limits.h"
 #include "billing/operators.h"
 #include "billing/reports.h"
 #include "billing/status.h"
@@ -462,6 +463,132 @@ out:
     return rc;
 }
 
+/* --rate Q/S, --daily-cap N, --monthly-cap N ("none" clears) into BODY,
+ * the settings JSON that limits_parse then checks: one set of rules for
+ * the CLI and the API. */
+static const char *cli_limits_flags(const cli_args *a, json_t *body)
+{
+    const char *rate = cli_flag(a, "rate"), *dc = cli_flag(a, "daily-cap"),
+               *mc = cli_flag(a, "monthly-cap");
+    const char *flags[2] = {dc, mc}, *names[2] = {"daily_cap", "monthly_cap"};
+    if (!rate && !dc && !mc) return "say what to set: --rate, --daily-cap, --monthly-cap";
+    if (rate && strcmp(rate, "none") == 0) {
+        json_object_set_new(body, "rate", json_null());
+    } else if (rate) {
+        const char *slash = strchr(rate, '/');
+        char q[24];
+        int64_t quota, window;
+        if (!slash || (size_t)(slash - rate) >= sizeof q)
+            return "--rate is QUOTA/SECONDS, e.g. 10/1";
+        memcpy(q, rate, (size_t)(slash - rate));
+        q[slash - rate] = '\0';
+        if (env_parse_int64(q, &quota) != 0 || env_parse_int64(slash + 1, &window) != 0)
+            return "--rate is QUOTA/SECONDS, e.g. 10/1";
+        json_object_set_new(
+            body, "rate",
+            json_pack("{s:I, s:I}", "quota", (json_int_t)quota, "window_s", (json_int_t)window));
+    }
+    for (int i = 0; i < 2; i++) {
+        int64_t v;
+        if (!flags[i]) continue;
+        if (strcmp(flags[i], "none") == 0) {
+            json_object_set_new(body, names[i], json_null());
+            continue;
+        }
+        if (env_parse_int64(flags[i], &v) != 0) return "a cap is a whole number of points, or none";
+        json_object_set_new(body, names[i], json_integer((json_int_t)v));
+    }
+    return NULL;
+}
+
+static void cli_print_limits(const limits_spec *s)
+{
+    if (s->rate_quota)
+        printf("rate         %" PRId64 " calls per %" PRId64 " s\n", s->rate_quota,
+               s->rate_window_s);
+    else
+        printf("rate         none\n");
+    if (s->daily_cap)
+        printf("daily_cap    %" PRId64 " points\n", s->daily_cap);
+    else
+        printf("daily_cap    none\n");
+    if (s->monthly_cap)
+        printf("monthly_cap  %" PRId64 " points\n", s->monthly_cap);
+    else
+        printf("monthly_cap  none\n");
+}
+
+/* billing limits show|set: the settings of one account or key. set
+ * changes only the settings it names (the API's PUT replaces them all). */
+static int cli_limits(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    limits_spec cur, next;
+    int64_t id, account = 0;
+    enum limits_scope scope;
+    const char *sub = argc > 0 ? argv[0] : NULL, *acct, *key, *bad = NULL;
+    json_t *body = NULL;
+    int rc, pushed = 0;
+    memset(&e, 0, sizeof e);
+    if (!sub ||
+        cli_parse(argc - 1, argv + 1, " account key rate daily-cap monthly-cap ", " json ", &a) !=
+            0 ||
+        a.help || a.npos != 0 || (strcmp(sub, "show") != 0 && strcmp(sub, "set") != 0)) {
+        fprintf(a.help ? stdout : stderr,
+                "usage: billing limits show --account ID | --key ID [--json]\n"
+                "       billing limits set --account ID | --key ID [--rate QUOTA/SECONDS|none]\n"
+                "                          [--daily-cap POINTS|none] [--monthly-cap POINTS|none] "
+                "[--json]\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    acct = cli_flag(&a, "account");
+    key = cli_flag(&a, "key");
+    if (!acct == !key) {
+        fprintf(stderr, "billing: give one of --account ID and --key ID\n");
+        return CLI_USAGE;
+    }
+    scope = acct ? LIMITS_ACCOUNT : LIMITS_KEY;
+    if (cli_id(acct ? acct : key, acct ? "--account" : "--key", &id) != 0) return CLI_USAGE;
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    rc = cli_status(limits_get(e.c.pg, scope, id, &cur, &account), acct ? "account" : "key");
+    if (rc != CLI_OK) goto out;
+    next = cur;
+    if (strcmp(sub, "set") == 0) {
+        body = limits_json(&cur);
+        if (!body) {
+            rc = CLI_FAIL;
+            goto out;
+        }
+        bad = cli_limits_flags(&a, body);
+        if (!bad) bad = limits_parse(body, &next);
+        if (bad) {
+            fprintf(stderr, "billing: %s\n", bad);
+            rc = CLI_USAGE;
+            goto out;
+        }
+        rc = cli_status(limits_set(&e.c, scope, id, &next, &account, &pushed),
+                        acct ? "account" : "live key");
+        if (rc != CLI_OK) goto out;
+        if (!pushed)
+            fprintf(stderr, "billing: stored; redis did not take it yet (the repair pass will)\n");
+    }
+    if (cli_flag(&a, "json")) {
+        json_t *j = limits_json(&next);
+        if (j) json_object_set_new(j, "account_id", json_integer((json_int_t)account));
+        if (j && scope == LIMITS_KEY)
+            json_object_set_new(j, "key_id", json_integer((json_int_t)id));
+        cli_print_json(j);
+    } else {
+        printf("%-12s %" PRId64 "\n", scope == LIMITS_ACCOUNT ? "account" : "key", id);
+        cli_print_limits(&next);
+    }
+out:
+    json_decref(body);
+    cli_close(&e);
+    return rc;
+}
+
 int cli_run(int argc, char **argv)
 {
     const char *cmd = argv[0];
@@ -472,5 +599,6 @@ int cli_run(int argc, char **argv)
     if (strcmp(cmd, "report") == 0) return cli_report(argc - 1, argv + 1);
     if (strcmp(cmd, "operators") == 0) return cli_operators(argc - 1, argv + 1);
     if (strcmp(cmd, "status") == 0) return status_cli(argc - 1, argv + 1);
+    if (strcmp(cmd, "limits") == 0) return cli_limits(argc - 1, argv + 1);
     return -1;
 }

@@ -43,6 +43,7 @@
 #include "billing/control.h"
 #include "billing/hot.h"
 #include "billing/ledger.h"
+#include "billing/limits.h"
 #include "billing/log.h"
 #include "billing/workers.h"
 
@@ -102,6 +103,7 @@ static int creditsync_pass_run(PGconn *pg, creditsync_ctx *c)
 {
     int result;
     int rc;
+    long pushed;
     unsigned connects = hot_connects(c->hot);
     if (hot_pass_begin(c->hot, c->marker) != 0) return -1;
     /* Exclusive against negative adjustments between guard and push
@@ -114,6 +116,9 @@ static int creditsync_pass_run(PGconn *pg, creditsync_ctx *c)
     }
     if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, c) != LEDGER_OK)
         return c->lost ? CREDITSYNC_LOST : -1;
+    /* Limits before the epoch: after a loss, no call is served (NODATA)
+     * until an account's caps and rates are back with its points. */
+    if (limits_push_all(pg, c->hot, &pushed) != 0) return -1;
     /* A command of this pass was retried on a new connection: the Redis
      * may have restarted and lost the last writes before its crash
      * (appendfsync everysec) while keeping the marker: run it again

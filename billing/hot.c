@@ -25,9 +25,9 @@ struct hot_conn {
     char sha[HOT_NSCRIPTS][41];
 };
 
-static const char *const hot_sources[HOT_NSCRIPTS] = {
-    hot_lua_reserve, hot_lua_settle, hot_lua_credit, hot_lua_keypush, hot_lua_passend,
-    hot_lua_limits};
+static const char *const hot_sources[HOT_NSCRIPTS] = {hot_lua_reserve, hot_lua_settle,
+                                                      hot_lua_credit,  hot_lua_keypush,
+                                                      hot_lua_passend, hot_lua_limits};
 
 hot_conn *hot_open(const char *redis_url)
 {

@@ -77,8 +77,8 @@ static int64_t limits_col(const PGresult *r, int row, int col)
 }
 
 /* The statements of limits_set, inside its transaction. */
-static int limits_set_tx(PGconn *pg, enum limits_scope scope, const char *ids,
-                         const limits_spec *s, int64_t *account)
+static int limits_set_tx(PGconn *pg, enum limits_scope scope, const char *ids, const limits_spec *s,
+                         int64_t *account)
 {
     char acct[24], q[24], w[24], d[24], m[24];
     const char *p[6];
@@ -106,8 +106,9 @@ static int limits_set_tx(PGconn *pg, enum limits_scope scope, const char *ids,
     p[5] = acct;
     if (none)
         r = ledger_query(pg,
-                         scope == LIMITS_ACCOUNT ? "DELETE FROM account_limits WHERE account_id = $1"
-                                                 : "DELETE FROM key_limits WHERE key_id = $1",
+                         scope == LIMITS_ACCOUNT
+                             ? "DELETE FROM account_limits WHERE account_id = $1"
+                             : "DELETE FROM key_limits WHERE key_id = $1",
                          1, p);
     else if (scope == LIMITS_ACCOUNT)
         r = ledger_query(pg,
@@ -227,16 +228,17 @@ int limits_push(PGconn *pg, hot_conn *hot, int64_t account)
     PGresult *r;
     snprintf(ids, sizeof ids, "%" PRId64, account);
     /* One statement: the seq and the rows it numbers, from one snapshot. */
-    r = ledger_query(pg,
-                     "SELECT a.limits_seq, s.key_id, s.rate_quota, s.rate_window_s, s.daily_cap, "
-                     "s.monthly_cap FROM accounts a LEFT JOIN LATERAL ("
-                     "SELECT 0::bigint AS key_id, rate_quota, rate_window_s, daily_cap, monthly_cap "
-                     "FROM account_limits WHERE account_id = a.id UNION ALL "
-                     "SELECT l.key_id, l.rate_quota, l.rate_window_s, l.daily_cap, l.monthly_cap "
-                     "FROM key_limits l JOIN api_keys k ON k.id = l.key_id "
-                     "WHERE l.account_id = a.id AND k.revoked_at IS NULL) s ON true "
-                     "WHERE a.id = $1",
-                     1, p);
+    r = ledger_query(
+        pg,
+        "SELECT a.limits_seq, s.key_id, s.rate_quota, s.rate_window_s, s.daily_cap, "
+        "s.monthly_cap FROM accounts a LEFT JOIN LATERAL ("
+        "SELECT 0::bigint AS key_id, rate_quota, rate_window_s, daily_cap, monthly_cap "
+        "FROM account_limits WHERE account_id = a.id UNION ALL "
+        "SELECT l.key_id, l.rate_quota, l.rate_window_s, l.daily_cap, l.monthly_cap "
+        "FROM key_limits l JOIN api_keys k ON k.id = l.key_id "
+        "WHERE l.account_id = a.id AND k.revoked_at IS NULL) s ON true "
+        "WHERE a.id = $1",
+        1, p);
     if (!r) return -1;
     if (PQntuples(r) < 1) goto out;
     seq = limits_col(r, 0, 0);
@@ -260,8 +262,8 @@ out:
 
 int limits_push_all(PGconn *pg, hot_conn *hot, long *pushed)
 {
-    PGresult *r = ledger_query(pg, "SELECT id FROM accounts WHERE limits_seq > 0 ORDER BY id", 0,
-                               NULL);
+    PGresult *r =
+        ledger_query(pg, "SELECT id FROM accounts WHERE limits_seq > 0 ORDER BY id", 0, NULL);
     int rc = 0;
     *pushed = 0;
     if (!r) return -1;

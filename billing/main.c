@@ -46,6 +46,8 @@ static void usage(FILE *f)
                "  report statement ACCOUNT_ID YYYY-MM [--json]\n"
                "  operators add NAME --role admin|finance | revoke NAME | list\n"
                "  status [--json]   stores, outbox lag, holds, reconcile (exit 5: attention)\n"
+               "  limits show|set --account ID | --key ID [--rate Q/S] [--daily-cap N]\n"
+               "                 [--monthly-cap N]   rate limits and spending caps\n"
                "\n"
                "every command takes --help. exit codes: 0 done, 1 store unreachable (retry),\n"
                "2 usage error, 3 not found, 4 refused.\n"

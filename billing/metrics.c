@@ -31,7 +31,9 @@ static const char *const bm_endpoint_names[BM_EP_N] = {
     "/v1/accounts/{id}/ledger",
     "/v1/reports/usage",
     "/v1/reports/statement",
+    "/v1/accounts/{id}/limits",
     "/v1/keys/{id}",
+    "/v1/keys/{id}/limits",
     "/v1/status",
     "other",
 };
@@ -163,6 +165,7 @@ int bm_endpoint_of(const char *url)
         if (n == 4 && bm_seg(seg[3], len[3], "topups")) return BM_EP_ACCOUNT_TOPUPS;
         if (n == 4 && bm_seg(seg[3], len[3], "adjustments")) return BM_EP_ACCOUNT_ADJUSTMENTS;
         if (n == 4 && bm_seg(seg[3], len[3], "ledger")) return BM_EP_ACCOUNT_LEDGER;
+        if (n == 4 && bm_seg(seg[3], len[3], "limits")) return BM_EP_ACCOUNT_LIMITS;
         return BM_EP_OTHER;
     }
     if (n == 3 && bm_seg(seg[1], len[1], "reports")) {
@@ -170,6 +173,9 @@ int bm_endpoint_of(const char *url)
         if (bm_seg(seg[2], len[2], "statement")) return BM_EP_REPORT_STATEMENT;
     }
     if (n == 3 && bm_seg(seg[1], len[1], "keys") && bm_id(seg[2], len[2])) return BM_EP_KEY;
+    if (n == 4 && bm_seg(seg[1], len[1], "keys") && bm_id(seg[2], len[2]) &&
+        bm_seg(seg[3], len[3], "limits"))
+        return BM_EP_KEY_LIMITS;
     return BM_EP_OTHER;
 }
 

@@ -51,7 +51,7 @@
 
 enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
-enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_BACKLOG_GET };
+enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_CAPS, HOT_BACKLOG_GET };
 
 /* One reserve or settle waiting in, or sent with, a batch. */
 typedef struct hot_op {
@@ -595,9 +595,9 @@ static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 /* ---- plain commands ---------------------------------------------------- */
 
 /* Turns a GET / HMGET reply into (rc, v). */
-static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
+static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[HOT_V_MAX])
 {
-    int64_t f[4];
+    int64_t f[5];
     if (kind == HOT_KEY) {
         /* MGET key epoch, one atomic read: a miss is "unknown key" only if
          * Redis holds billing's data (the epoch, written after a complete
@@ -616,9 +616,16 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
             return -1;
         return 0;
     }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4) return -1;
+    if (kind == HOT_CAPS) {
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != HOT_CAP_FIELDS) return -1;
+        for (int i = 0; i < HOT_CAP_FIELDS; i++)
+            if (r->element[i]->type != REDIS_REPLY_NIL && hot_int(r->element[i], &v[i]) != 0)
+                return -1;
+        return 0;
+    }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 5) return -1;
     if (r->element[0]->type == REDIS_REPLY_NIL) return 1;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 5; i++) {
         if (r->element[i]->type == REDIS_REPLY_NIL)
             f[i] = 0;
         else if (hot_int(r->element[i], &f[i]) != 0)
@@ -629,6 +636,7 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[3])
     v[0] = f[0];
     v[1] = f[1];
     v[2] = f[2] - f[3];
+    v[3] = f[4] != 0;
     return 0;
 }
 
@@ -705,7 +713,30 @@ int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)
     hc->argv[3] = "spent";
     hc->argv[4] = "held";
     hc->argv[5] = "leasefree";
-    return hot_command(hc, HOT_BALANCE, cb, arg, 6);
+    hc->argv[6] = "limited";
+    return hot_command(hc, HOT_BALANCE, cb, arg, 7);
+}
+
+int hotclient_caps(hotclient *hc, int64_t account, int64_t key_id, hot_cb cb, void *arg)
+{
+    static const char *const sfx[HOT_CAP_FIELDS / 2] = {"cd", "cm", "d",  "ds",
+                                                        "dh", "m",  "ms", "mh"};
+    char names[HOT_CAP_FIELDS][40];
+    hot_keys k;
+    hot_keys_for(&k, account);
+    hc->argv[0] = "HMGET";
+    hc->argv[1] = k.lim;
+    for (int i = 0; i < HOT_CAP_FIELDS; i++) {
+        const char *s = sfx[i % (HOT_CAP_FIELDS / 2)];
+        /* Fields a.* then k<id>.*; key 0 asks for "k0.*", which is never set. */
+        if (i < HOT_CAP_FIELDS / 2)
+            snprintf(names[i], sizeof names[i], "a.%s", s);
+        else
+            snprintf(names[i], sizeof names[i], "k%lld.%s", (long long)key_id, s);
+        hc->argv[2 + i] = names[i];
+    }
+    /* hiredis copies the arguments at once: NAMES may go after the call. */
+    return hot_command(hc, HOT_CAPS, cb, arg, 2 + HOT_CAP_FIELDS);
 }
 
 /* ---- batches ------------------------------------------------------------ */

@@ -35,9 +35,11 @@ typedef struct hotclient hotclient;
  * ones 0. For reserve, V = {status, available, held, flags, q, w, r, t}
  * (billing/reserve.lua: HOT_RESERVE_*); settle {status, charged, available}
  * (status 1 settled, 0 no such hold, HOT_STATUS_UNUSABLE: not applied,
- * charged 0); key {account}; balance {credited, spent, held}. Called exactly
- * once per accepted command, from the loop. */
-#define HOT_V_MAX HOT_RESERVE_REPLY
+ * charged 0); key {account}; balance {credited, spent, held, limited};
+ * caps HOT_CAP_FIELDS (hotclient_caps). Called exactly once per accepted
+ * command, from the loop. */
+#define HOT_CAP_FIELDS 16
+#define HOT_V_MAX (HOT_RESERVE_REPLY > HOT_CAP_FIELDS ? HOT_RESERVE_REPLY : HOT_CAP_FIELDS)
 typedef void (*hot_cb)(void *arg, int rc, const int64_t *v);
 
 /* hot_settle_args.commit: what settle.lua is asked to do with the hold. */
@@ -115,6 +117,12 @@ void hotclient_get_stats(const hotclient *hc, hot_stats *out);
  * down (CB will not run). */
 int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
+/* The spending caps of ACCOUNT and of its key KEY_ID (0: the account's
+ * only) as reserve.lua keeps them in pg:{A}:lim: V = for the account then
+ * the key, {daily cap, monthly cap, day, day spent, day held, month, month
+ * spent, month held} (0 where absent; day = days since 1970, month =
+ * YYYYMM: counters of another period are stale, i.e. 0). */
+int hotclient_caps(hotclient *hc, int64_t account, int64_t key_id, hot_cb cb, void *arg);
 /* What reserve.lua checks a call's limits with (NULL: key 0, no route rate):
  * the API key's id and the route's rate limit per key (0 0: none). */
 typedef struct hot_limit_args {

@@ -106,8 +106,9 @@ struct gw_request {
     route_table *table;
     const route *route;
     int balance;
-    int usage;             /* GET /_billing/usage */
-    char from[11], to[11]; /* its dates, checked */
+    int64_t bal_avail, bal_held; /* the balance endpoint's figures, while it reads caps */
+    int usage;                   /* GET /_billing/usage */
+    char from[11], to[11];       /* its dates, checked */
     char keyhash[APIKEY_HASH_HEX + 1];
     int64_t account;
     int64_t key_id; /* the API key's id (0 unknown): its limits in reserve.lua */
@@ -421,8 +422,8 @@ static void request_limited(gw_request *r, const int64_t *v)
                  "spending cap of %" PRId64 " points; it resets at %s\",\"cap\":%" PRId64
                  ",\"period\":\"%s\",\"remaining\":%" PRId64 ",\"cost\":%" PRId64
                  ",\"resets_at\":\"%s\"}",
-                 v[5] == 2 ? "monthly" : "daily", v[4], at, v[4], v[5] == 2 ? "month" : "day",
-                 v[6], r->route->price, at);
+                 v[5] == 2 ? "monthly" : "daily", v[4], at, v[4], v[5] == 2 ? "month" : "day", v[6],
+                 r->route->price, at);
         request_set_outcome(r, GW_OUT_QUOTA_EXCEEDED);
     }
     request_answer_begin(r, 429);
@@ -859,8 +860,7 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
     request_waitq_unlink(q, r);
     q->trying = r;
     r->st = ST_RESERVE;
-    if (request_send_reserve(r) != 0)
-        request_on_reserved(r, HOT_ERR_UNAVAILABLE, NULL);
+    if (request_send_reserve(r) != 0) request_on_reserved(r, HOT_ERR_UNAVAILABLE, NULL);
 }
 
 /* Redis cannot answer for Q's account: every waiter gets the 503. */
@@ -990,17 +990,93 @@ static void request_reserve(gw_request *r)
         return;
     }
     r->st = ST_RESERVE;
-    if (request_send_reserve(r) != 0)
-        request_unavailable(r, HOT_ERR_UNAVAILABLE);
+    if (request_send_reserve(r) != 0) request_unavailable(r, HOT_ERR_UNAVAILABLE);
 }
 
 /* ---- balance endpoint ----------------------------------------------- */
+
+/* The balance JSON's start: {"account_id":..,"available":..,"held":.. */
+static int request_balance_head(gw_request *r, char *buf, size_t cap)
+{
+    return snprintf(buf, cap,
+                    "{\"account_id\":%" PRId64 ",\"available\":%" PRId64 ",\"held\":%" PRId64,
+                    r->account, r->bal_avail, r->bal_held);
+}
+
+/* One cap as the balance shows it: {"cap","spent","held","remaining",
+ * "resets_at"}; counters of another period than NOW's count as 0. */
+static int request_cap_json(char *buf, size_t cap, const char *name, int64_t limit, int64_t per,
+                            int64_t now_per, int64_t spent, int64_t held, const char *resets)
+{
+    int64_t left;
+    if (per != now_per) spent = held = 0;
+    left = limit - spent - held;
+    if (left < 0) left = 0;
+    return snprintf(buf, cap,
+                    "\"%s\":{\"cap\":%" PRId64 ",\"spent\":%" PRId64 ",\"held\":%" PRId64
+                    ",\"remaining\":%" PRId64 ",\"resets_at\":\"%s\"}",
+                    name, limit, spent, held, left, resets);
+}
+
+/* "caps":{"account":{"daily":..,"monthly":..},"key":{..}} from V
+ * (hotclient_caps), in the gateway's clock (reserve.lua counts in Redis's:
+ * the same UTC day but at a period's edge). */
+static void request_on_caps(void *arg, int rc, const int64_t *v)
+{
+    gw_request *r = arg;
+    char buf[1024], day_at[32], month_at[32];
+    size_t n;
+    time_t now = (time_t)(worker_wall_ms() / 1000), t;
+    struct tm tm;
+    int64_t today, month;
+    if (rc < 0) {
+        request_unavailable(r, rc);
+        return;
+    }
+    gmtime_r(&now, &tm);
+    today = (int64_t)(now / 86400);
+    month = (int64_t)(tm.tm_year + 1900) * 100 + tm.tm_mon + 1;
+    t = (time_t)((today + 1) * 86400);
+    gmtime_r(&t, &tm);
+    strftime(day_at, sizeof day_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    gmtime_r(&now, &tm);
+    tm.tm_mday = 1;
+    tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+    if (++tm.tm_mon == 12) {
+        tm.tm_mon = 0;
+        tm.tm_year++;
+    }
+    t = timegm(&tm);
+    gmtime_r(&t, &tm);
+    strftime(month_at, sizeof month_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    n = (size_t)request_balance_head(r, buf, sizeof buf);
+    n += (size_t)snprintf(buf + n, sizeof buf - n, ",\"caps\":{");
+    for (int sc = 0; sc < 2; sc++) {
+        const int64_t *f = v + sc * (HOT_CAP_FIELDS / 2);
+        int any = 0;
+        if (!f[0] && !f[1]) continue;
+        if (buf[n - 1] == '}') buf[n++] = ',';
+        n += (size_t)snprintf(buf + n, sizeof buf - n, "\"%s\":{", sc ? "key" : "account");
+        if (f[0]) {
+            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "daily", f[0], f[2], today, f[3],
+                                          f[4], day_at);
+            any = 1;
+        }
+        if (f[1]) {
+            if (any) buf[n++] = ',';
+            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "monthly", f[1], f[5], month,
+                                          f[6], f[7], month_at);
+        }
+        buf[n++] = '}';
+    }
+    n += (size_t)snprintf(buf + n, sizeof buf - n, "}}");
+    request_json(r, 200, buf, "0");
+}
 
 static void request_on_balance(void *arg, int rc, const int64_t *v)
 {
     gw_request *r = arg;
     char buf[256];
-    int64_t avail = 0, held = 0;
     if (rc < 0) {
         request_unavailable(r, rc);
         return;
@@ -1012,14 +1088,18 @@ static void request_on_balance(void *arg, int rc, const int64_t *v)
         request_unavailable(r, HOT_ERR_NODATA);
         return;
     }
-    {
-        held = v[2];
-        avail = v[0] - v[1] - v[2];
-        if (avail < 0) avail = 0;
+    r->bal_held = v[2];
+    r->bal_avail = v[0] - v[1] - v[2];
+    if (r->bal_avail < 0) r->bal_avail = 0;
+    /* An account under limits: a second read for its caps (the balance is
+     * not on the billed path; calls of accounts without limits pay none). */
+    if (v[3]) {
+        if (hotclient_caps(r->w->hc, r->account, r->key_id, request_on_caps, r) != 0)
+            request_unavailable(r, HOT_ERR_UNAVAILABLE);
+        return;
     }
-    snprintf(buf, sizeof buf,
-             "{\"account_id\":%" PRId64 ",\"available\":%" PRId64 ",\"held\":%" PRId64 "}",
-             r->account, avail, held);
+    request_balance_head(r, buf, sizeof buf);
+    strcat(buf, "}");
     request_json(r, 200, buf, "0");
 }
 

@@ -177,9 +177,8 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
     if (routes_get_int(o, "timeout_ms", 1, 3600000, &r->timeout_ms, 0, err, errlen) != 0) return -1;
     r->rate_quota = def_rate[0];
     r->rate_window_ms = def_rate[1];
-    if (json_object_get(o, "rate") &&
-        routes_parse_rate(json_object_get(o, "rate"), &r->rate_quota, &r->rate_window_ms, err,
-                          errlen) != 0)
+    if (json_object_get(o, "rate") && routes_parse_rate(json_object_get(o, "rate"), &r->rate_quota,
+                                                        &r->rate_window_ms, err, errlen) != 0)
         return -1;
     if (json_object_get(o, "price")) {
         if (json_object_get(o, "hold") || json_object_get(o, "unit_price")) {

@@ -25,7 +25,7 @@ typedef struct route {
     /* Its rate limit per API key ("rate": quota calls per window; 0 0:
      * none), checked in Redis by reserve.lua with the key's own override. */
     int64_t rate_quota, rate_window_ms;
-    int metric_slot;    /* its worker's metrics slot (gw_metrics_route_slot), set on adoption */
+    int metric_slot; /* its worker's metrics slot (gw_metrics_route_slot), set on adoption */
 } route;
 
 typedef struct route_table {

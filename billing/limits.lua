@@ -39,10 +39,15 @@ if #old > 0 then redis.call('HDEL', KEYS[2], unpack(old)) end
 local set = {'seq', string.format('%d', seq)}
 for i = 2, #ARGV do set[#set + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(set))
-if #ARGV > 1 then
-    redis.call('HSET', KEYS[1], 'limited', '1')
-else
-    redis.call('HDEL', KEYS[1], 'limited')
+-- Never create the acct hash: a missing one means Redis lost it, which
+-- the repair pass must see (credit.lua) and which pushes the limits again
+-- after the account.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    if #ARGV > 1 then
+        redis.call('HSET', KEYS[1], 'limited', '1')
+    else
+        redis.call('HDEL', KEYS[1], 'limited')
+    end
 end
 if same and #old == 0 then return 3 end
 return 1

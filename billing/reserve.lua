@@ -96,7 +96,7 @@ local today = math.floor(now / 86400000)
 local month = utc_month(today)
 local DAY_RESET = (today + 1) * 86400000 - now
 local MONTH_RESET = utc_next_month_day(month) * 86400000 - now
-local lims, lorder = {}, {} -- account key -> limits (prelude.lua), in first-seen order
+local lims = {by = {}, order = {}} -- account key -> limits (prelude.lua lim_of)
 
 -- One GCRA bucket (quota Q per window W ms; TAT field NAME of L): nil and
 -- its new tat when a call passes, with {q, w, r, t} for the headers; or
@@ -117,12 +117,7 @@ end
 -- nil, or the refusal {status, q, w, r, t}; then what to write when the
 -- call is held: {L, tats = {name, tat}..., info, tag}.
 local function limits_check(i, akey, price, route)
-    local L = lims[akey]
-    if not L then
-        L = lim_new(akey)
-        lims[akey] = L
-        lorder[#lorder + 1] = akey
-    end
+    local L = lim_of(lims, akey)
     local b = S * (i - 1)
     local key = S == 7 and ARGV[b + 5] or '0'
     local kp = 'k' .. key .. '.'
@@ -285,7 +280,7 @@ end
 -- The limits' state after the holds (a batch refused at its first write
 -- returned above, before it): buckets and cap counters moved only for
 -- calls held.
-for _, akey in ipairs(lorder) do lim_flush(lims[akey]) end
+for _, akey in ipairs(lims.order) do lim_flush(lims.by[akey]) end
 for akey in pairs(contended) do
     redis.pcall('HSET', akey, 'contend', string.format('%d', now)) -- a hint: may be refused
 end

@@ -67,16 +67,11 @@ end
 -- what they count as spent (only while those periods are current: the
 -- counters of a day that is over are not kept). Its account's limits hash
 -- is read in pass 2 and written after the outbox entry, like the rest.
-local lims, lorder = {}, {}
+local lims = {by = {}, order = {}} -- account key -> limits (prelude.lua lim_of)
 local function caps_settle(akey, h, hold, charge)
     local d, m, key = cap_tag(h)
     if not d then return end
-    local L = lims[akey]
-    if not L then
-        L = lim_new(akey)
-        lims[akey] = L
-        lorder[#lorder + 1] = akey
-    end
+    local L = lim_of(lims, akey)
     local kp = 'k' .. key .. '.'
     if not lim_read(L, {'a.d', 'a.ds', 'a.dh', 'a.m', 'a.ms', 'a.mh', kp .. 'd', kp .. 'ds',
                         kp .. 'dh', kp .. 'm', kp .. 'ms', kp .. 'mh'}) then
@@ -261,7 +256,7 @@ for _, akey in ipairs(order) do
     if a.dspent ~= 0 then redis.call('HINCRBY', akey, 'spent', string.format('%d', a.dspent)) end
     if a.dlf ~= 0 then redis.call('HINCRBY', akey, 'leasefree', string.format('%d', a.dlf)) end
 end
-for _, akey in ipairs(lorder) do lim_flush(lims[akey]) end
+for _, akey in ipairs(lims.order) do lim_flush(lims.by[akey]) end
 for sk, v in pairs(marks) do
     local r
     if v then

@@ -97,6 +97,18 @@ local function lim_new(akey)
     return {key = lim_key(akey), f = {}, w = {}, wn = {}}
 end
 
+-- The limits of AKEY in this call's set {by = akey -> limits, order =
+-- akeys in first-seen order (the order lim_flush writes them in)}.
+local function lim_of(set, akey)
+    local L = set.by[akey]
+    if not L then
+        L = lim_new(akey)
+        set.by[akey] = L
+        set.order[#set.order + 1] = akey
+    end
+    return L
+end
+
 -- Reads the fields of NAMES not known yet, one HMGET. false when Redis
 -- refused (the key is not a hash).
 local function lim_read(L, names)

@@ -11,6 +11,13 @@
  *                       epoch, Redis clock; the sweeper scans these hashes;
  *                       a capped hold "amount|route|c<day>.<month>.<key>|
  *                       deadline", reserve.lua),
+ *   pg:{A}:idem:<sha256 hex of an Idempotency-Key>  string: the key's marker
+ *                       (billing/lua/prelude.lua): "f|fp|rid|deadline" in
+ *                       flight (PX the hold's ttl), "d|fp|rid|answer" or
+ *                       "n|fp|rid|status|why" once billable (PX
+ *                       IDEMPOTENCY_TTL); reserve.lua and settle.lua
+ *   pg:{A}:idemb  hash  bytes of the answers stored per time bucket (24 per
+ *                       TTL, prelude.lua): the account's budget
  *   pg:{A}:lim    hash  the limits of the account (a.*) and of its keys
  *                       (k<id>.*): settings rq rw (rate quota, window ms),
  *                       cd cm (daily, monthly cap), written by limits.lua;
@@ -103,7 +110,13 @@ enum {
     HOT_RESERVE_SHORT = 0,
     HOT_RESERVE_HELD = 1,
     HOT_RESERVE_RATE_LIMITED = 2, /* a rate limit refused: nothing taken */
-    HOT_RESERVE_CAPPED = 3        /* a spending cap refused: nothing taken */
+    HOT_RESERVE_CAPPED = 3,       /* a spending cap refused: nothing taken */
+    /* Idempotency-Key (reserve.lua), nothing taken: */
+    HOT_RESERVE_REPLAY = 4,         /* the first call's answer (hotclient_reserve_answer) */
+    HOT_RESERVE_IDEM_IN_FLIGHT = 5, /* the first call runs: t ms until its marker expires */
+    HOT_RESERVE_IDEM_REUSED = 6,    /* the key came with another request */
+    HOT_RESERVE_IDEM_NOT_KEPT = 7,  /* billable, answer not kept: q its status, w 1 large 2 late */
+    HOT_RESERVE_IDEM_BUDGET = 8     /* the account's stored answers are at their budget: t ms */
 };
 /* reserve.lua's flags (its 4th integer per op, in the gateway's form). */
 #define HOT_RESERVE_F_LIMITED 1 /* under limits: never served from a lease */

@@ -12,10 +12,14 @@
 -- ARGV[S(i-1)+1] reservation id, +2 price (> 0), +3 ttl ms, +4 route id,
 -- and with S = 7 (the gateway's form; S = 4 is the form without limits):
 -- +5 the API key's id (0 unknown), +6 +7 the route's rate limit per key,
--- quota and window ms (0 0: none)
+-- quota and window ms (0 0: none); and with S = 11 (the gateway's form for a
+-- batch with a call that carries an Idempotency-Key): +8 the SHA-256 of the
+-- key (hex; '' for an op without one), +9 the request's fingerprint (hex),
+-- +10 IDEMPOTENCY_TTL ms, +11 the account's budget of stored answers, bytes
 --
 -- Returns per op, {status, available, held} (S = 4) or {status, available,
--- held, flags, q, w, r, t} (S = 7):
+-- held, flags, q, w, r, t} (S = 7), or those and a 9th element (S = 11): the
+-- stored answer (a string) for status 4, else 0:
 --   1  held (or already held under this rid: idempotent), figures after it
 --   0  short: available < price, figures now; nothing changed
 --  -1  account unknown to Redis (never synced from Postgres)
@@ -25,6 +29,21 @@
 --      ms until one call passes; nothing changed
 --   3  a spending cap refused: q the cap, w 1 daily or 2 monthly, r what
 --      is left of it, t ms until it resets; nothing changed
+-- and for an op with an Idempotency-Key (prelude.lua's markers), decided
+-- before its limits and its points, nothing changed and nothing taken:
+--   4  replay: the first call's answer, stored (9th element); available
+--      and held as they are
+--   5  the first call with the key is in flight: t ms until its marker
+--      expires (the hold's deadline)
+--   6  the key was used with another fingerprint (method, target, body)
+--   7  the first call was billable but its answer is not kept: q its
+--      status, w 1 (too large) or 2 (its settle came late)
+--   8  the account's stored answers are at their budget: t ms until the
+--      oldest of them leave the count
+-- An op that is held with a key writes its in-flight marker (PX its ttl):
+-- a later op with the key, in this batch or after, gets 5 until the
+-- call's settle stores its answer (4, 7) or clears the marker (a failed
+-- call: the next one runs anew), or until the hold's deadline.
 -- flags: 1 the call is under limits (the gateway serves it with no lease,
 -- so that every such call is checked here), 2 q w r t describe the rate
 -- limit closest to refusing (for the RateLimit headers of a call held).
@@ -59,15 +78,15 @@
 -- with %d, never by concatenation (which prints doubles as %.14g).
 local n = #KEYS / 2
 local S = n >= 1 and #ARGV / n or 0
-if n < 1 or n ~= math.floor(n) or (S ~= 4 and S ~= 7) then
-    return redis.error_reply('reserve: want 2 keys and 4 or 7 arguments per reservation')
+if n < 1 or n ~= math.floor(n) or (S ~= 4 and S ~= 7 and S ~= 11) then
+    return redis.error_reply('reserve: want 2 keys and 4, 7 or 11 arguments per reservation')
 end
 if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
     return redis.error_reply('reserve: at most 1024 reservations per call')
 end
 -- Prices and ttls as canonical integers: the price's own string then goes
 -- into the hold unchanged (no string.format per op).
-local prices, ints, rq, rw = {}, {}, {}, {}
+local prices, ints, rq, rw, idem = {}, {}, {}, {}, {}
 for i = 1, n do
     local b = S * (i - 1)
     local price, ttl = intc(ints, ARGV[b + 2]), intc(ints, ARGV[b + 3])
@@ -86,6 +105,15 @@ for i = 1, n do
             return redis.error_reply('reserve: key id, quota and window must be integers >= 0')
         end
         rq[i], rw[i] = q, w
+    end
+    if S == 11 and ARGV[b + 8] ~= '' then
+        local ttl, budget = intc(ints, ARGV[b + 10]), intc(ints, ARGV[b + 11])
+        if not idem_hex(ARGV[b + 8]) or not idem_hex(ARGV[b + 9]) or not ttl or ttl <= 0 or
+            not budget or budget <= 0 then
+            return redis.error_reply('reserve: idempotency key and fingerprint must be 64 hex ' ..
+                                         'digits, ttl and budget positive integers')
+        end
+        idem[i] = {kh = ARGV[b + 8], fp = ARGV[b + 9], ttl = ttl, budget = budget}
     end
 end
 
@@ -176,6 +204,56 @@ local function limits_take(plan, price)
     return string.format('c%d.%d.%s', today, month, plan.key)
 end
 
+-- Idempotency: the markers seen in this call (key -> prelude.lua's parts,
+-- false: none, 'bad': unusable), including those this batch writes, and
+-- each account's stored bytes (idem_used), read once per call.
+local iseen, ibudget = {}, {}
+
+-- The verdict on op I's Idempotency-Key IM: nil (no marker and room in the
+-- budget: the call goes on to its limits and points), or the answer
+-- {status, q, w, r, t, answer}.
+local function idem_check(akey, im)
+    im.mkey = idem_key(akey, im.kh)
+    local st = iseen[im.mkey]
+    if st == nil then
+        local v = redis.pcall('GET', im.mkey)
+        if type(v) == 'table' then
+            st = 'bad' -- not a string
+        elseif not v then
+            st = false
+        else
+            st = idem_parse(v) or 'bad'
+        end
+        iseen[im.mkey] = st
+    end
+    if st == 'bad' then
+        redis.log(redis.LOG_WARNING, 'reserve: unusable idempotency marker ' .. im.mkey)
+        return {-2, 0, 0, 0, 0}
+    end
+    if st then
+        if st.fp ~= im.fp then return {6, 0, 0, 0, 0} end
+        if st.kind == 'f' then
+            local dl = int(string.sub(st.v, st.at)) or now
+            return {5, 0, 0, 0, dl > now and dl - now or 1}
+        end
+        if st.kind == 'd' then return {4, 0, 0, 0, 0, string.sub(st.v, st.at)} end
+        local status, why = string.match(st.v, '^(%d+)|(%a)', st.at)
+        return {7, int(status or '0') or 0, why == 't' and 1 or 2, 0, 0}
+    end
+    local bu = ibudget[akey]
+    if not bu then
+        local used, wait = idem_used(idem_budget_key(akey), now, im.ttl)
+        if not used then
+            redis.log(redis.LOG_WARNING, 'reserve: unusable idempotency budget of ' .. akey)
+            return {-2, 0, 0, 0, 0}
+        end
+        bu = {used, wait}
+        ibudget[akey] = bu
+    end
+    if bu[1] >= im.budget then return {8, 0, 0, 0, bu[2]} end
+    return nil
+end
+
 -- Pass 1: every account's figures (false: unknown to Redis) and every
 -- asked-for hold, one read per key (prelude.lua).
 local accts, order, groups, gorder = read_batch(n, 1, S, S - 1, false)
@@ -188,8 +266,9 @@ end
 
 -- Pass 2: decide each op in order; each sees the holds taken before it
 -- (and the limits' state as the ops before it left it).
-local R = S == 7 and 8 or 3 -- integers answered per op
+local R = S == 11 and 9 or (S == 7 and 8 or 3) -- elements answered per op
 local out, deadlines, contended = {}, {}, {}
+local iwrites = {} -- in-flight markers to write: {op, key, value, ttl}
 for i = 1, R * n do out[i] = 0 end
 for i = 1, n do
     local akey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
@@ -200,14 +279,27 @@ for i = 1, n do
     local o = R * (i - 1) + 1
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
     local refused, plan = nil, nil
-    if type(a) == 'table' and not g.bad and not g.vals[rid] and (a.limited or rq[i] > 0) then
+    local im = idem[i]
+    if im and type(a) == 'table' and not g.bad and not g.vals[rid] then
+        -- A retry is answered from its key alone: before the limits (a
+        -- replay is not a call) and the points (nor does it cost any).
+        refused = idem_check(akey, im)
+        if refused and refused[1] == 4 then
+            out[o + 8] = refused[6]
+            refused[2], refused[3] = a.credited - a.spent - a.held + a.lf, a.held
+        end
+    end
+    if not refused and type(a) == 'table' and not g.bad and not g.vals[rid] and
+        (a.limited or rq[i] > 0) then
         refused, plan = limits_check(i, akey, price, route)
-        if R == 8 then out[o + 3] = 1 end
+        if R >= 8 then out[o + 3] = 1 end
     end
     if a == false then
         out[o] = -1
+    elseif refused and refused[1] == 4 then
+        out[o], out[o + 1], out[o + 2] = 4, refused[2], refused[3]
     elseif refused then
-        if R == 8 then
+        if R >= 8 then
             out[o], out[o + 4], out[o + 5], out[o + 6], out[o + 7] =
                 refused[1], refused[2], refused[3], refused[4], refused[5]
         end
@@ -215,7 +307,7 @@ for i = 1, n do
         local avail = a.credited - a.spent - a.held
         if g.vals[rid] then
             out[o], out[o + 1], out[o + 2] = 1, avail, a.held -- a retry of a hold taken
-            if R == 8 and (a.limited or rq[i] > 0) then out[o + 3] = 1 end
+            if R >= 8 and (a.limited or rq[i] > 0) then out[o + 3] = 1 end
         elseif avail >= price then
             g.fields[#g.fields + 1] = rid
             local ttl = ARGV[b + 3]
@@ -227,7 +319,7 @@ for i = 1, n do
             local mid = route .. '|'
             if plan then
                 mid = mid .. limits_take(plan, price) .. '|'
-                if plan.info and R == 8 then
+                if plan.info and R >= 8 then
                     out[o + 3] = 3
                     out[o + 4], out[o + 5], out[o + 6], out[o + 7] =
                         plan.info[1], plan.info[2], plan.info[3], plan.info[4]
@@ -236,6 +328,13 @@ for i = 1, n do
             g.fields[#g.fields + 1] = ARGV[b + 2] .. '|' .. mid .. dl
             g.vals[rid] = g.fields[#g.fields] -- a retry later in this batch finds it
             g.ops[#g.ops + 1] = i
+            if im then
+                -- In flight until the hold's deadline: a later op with the
+                -- key (in this batch too) gets 5.
+                local v = 'f|' .. im.fp .. '|' .. rid .. '|' .. dl
+                iwrites[#iwrites + 1] = {i, im.mkey, v, ttl}
+                iseen[im.mkey] = idem_parse(v)
+            end
             a.held = a.held + price
             a.added = a.added + price
             out[o], out[o + 1], out[o + 2] = 1, avail - price, a.held
@@ -250,22 +349,54 @@ for i = 1, n do
     end
 end
 
--- Pass 3: write the holds, then each account's held total.
+-- Pass 3: write the in-flight markers, the holds, then each account's
+-- held total. A marker goes before its hold: a hold without its marker
+-- would let a retry run the call a second time.
 local wrote = false
+local unmarked = {} -- op -> true: its marker was refused, it takes nothing
+for _, m in ipairs(iwrites) do
+    local r = redis.pcall('SET', m[2], m[3], 'PX', m[4])
+    if type(r) == 'table' and r.err then
+        if not wrote then return redis.error_reply(r.err) end
+        unmarked[m[1]] = true -- not expected after a write (see above)
+    else
+        wrote = true
+    end
+end
+-- Op I took nothing after all: its figures go back, it answers -2.
+local function untake(i)
+    local a = accts[KEYS[2 * i - 1]]
+    local price = prices[i]
+    a.held, a.added = a.held - price, a.added - price
+    out[R * (i - 1) + 1], out[R * (i - 1) + 2], out[R * (i - 1) + 3] = -2, 0, 0
+end
 for _, hkey in ipairs(gorder) do
     local g = groups[hkey]
-    if #g.fields > 0 then
-        local r = redis.pcall('HSET', hkey, unpack(g.fields))
+    local fields = g.fields
+    if next(unmarked) then
+        fields = {}
+        for j, i in ipairs(g.ops) do
+            if unmarked[i] then
+                untake(i)
+            else
+                fields[#fields + 1] = g.fields[2 * j - 1]
+                fields[#fields + 1] = g.fields[2 * j]
+            end
+        end
+    end
+    if #fields > 0 then
+        local r = redis.pcall('HSET', hkey, unpack(fields))
         if type(r) == 'table' and r.err then
             if not wrote then return redis.error_reply(r.err) end
             -- Not expected once a write went in (see above); if it happens,
-            -- these ops took nothing. Figures answered to later ops of the
-            -- account stay lower than true, never higher.
+            -- these ops took nothing (and their markers go). Figures
+            -- answered to later ops of the account stay lower than true,
+            -- never higher.
             for _, i in ipairs(g.ops) do
-                local a = accts[KEYS[2 * i - 1]]
-                local price = prices[i]
-                a.held, a.added = a.held - price, a.added - price
-                out[R * (i - 1) + 1], out[R * (i - 1) + 2], out[R * (i - 1) + 3] = -2, 0, 0
+                if not unmarked[i] then
+                    untake(i)
+                    if idem[i] and idem[i].mkey then redis.pcall('DEL', idem[i].mkey) end
+                end
             end
         else
             wrote = true

@@ -11,11 +11,26 @@
 -- Postgres, which settlement lowers as it acknowledges them) in the same step.
 --
 -- KEYS[1] outbox stream; for op i (1-based): KEYS[2i] acct hash, KEYS[2i+1] holds hash
--- ARGV[5i-4] reservation id
--- ARGV[5i-3] charge requested (commit and late only; capped to [0, hold])
--- ARGV[5i-2] outcome: commit | release | expire | late
--- ARGV[5i-1] upstream status (0 when none)
--- ARGV[5i]   account id (copied into the outbox entry)
+-- and S = 5 arguments per op (S = 8: the gateway's form for a batch with a
+-- call that carried an Idempotency-Key), from b = S(i-1):
+-- ARGV[b+1] reservation id
+-- ARGV[b+2] charge requested (commit and late only; capped to [0, hold])
+-- ARGV[b+3] outcome: commit | release | expire | late
+-- ARGV[b+4] upstream status (0 when none)
+-- ARGV[b+5] account id (copied into the outbox entry)
+-- ARGV[b+6] the SHA-256 of the call's Idempotency-Key (hex; '' none)
+-- ARGV[b+7] the marker to store for it (prelude.lua: "d|..." the answer,
+--           "n|..." billable without the answer), its rid this op's; ''
+--           to clear the call's in-flight marker (a call not billable:
+--           a retry runs anew)
+-- ARGV[b+8] IDEMPOTENCY_TTL ms: the stored marker's PX, and the budget's
+--
+-- The marker is stored, or cleared, whatever became of the hold (a call the
+-- device ran is not run again even when it was not charged), unless it is
+-- another call's (a retry that ran after this call's marker expired): that
+-- one is left alone. A stored answer counts against the account's budget
+-- (pg:{A}:idemb, prelude.lua). A marker that cannot be written is logged:
+-- the charge is applied whatever becomes of it.
 --
 -- expire is the sweeper's: the hold's call ended unseen, released at cost 0.
 -- For a per-call hold it also leaves pg:{A}:swept:<rid> = "hold|route" (7
@@ -47,18 +62,30 @@
 -- HINCRBYs per account and one INCRBY of the backlog. Only the sweeper's
 -- expires and replayed late settles touch the swept marks.
 local n = (#KEYS - 1) / 2
-if n < 1 or n ~= math.floor(n) or #ARGV ~= 5 * n then
-    return redis.error_reply('settle: want 1 + 2 keys and 5 arguments per settle')
+local S = n >= 1 and #ARGV / n or 0
+if n < 1 or n ~= math.floor(n) or (S ~= 5 and S ~= 8) then
+    return redis.error_reply('settle: want 1 + 2 keys and 5 or 8 arguments per settle')
 end
 if n > 1024 then -- unpack() of one key's fields must stay within Lua's stack
     return redis.error_reply('settle: at most 1024 settles per call')
 end
 
-local charges, ints = {}, {}
+local charges, ints, idem = {}, {}, {}
 for i = 1, n do
-    charges[i] = intc(ints, ARGV[5 * i - 3])
+    local b = S * (i - 1)
+    charges[i] = intc(ints, ARGV[b + 2])
     if not charges[i] then
         return redis.error_reply('settle: charge must be an integer')
+    end
+    if S == 8 and ARGV[b + 6] ~= '' then
+        local ttl, v = intc(ints, ARGV[b + 8]), ARGV[b + 7]
+        local p = v ~= '' and idem_parse(v)
+        if not idem_hex(ARGV[b + 6]) or not ttl or ttl <= 0 or
+            (v ~= '' and (not p or p.kind == 'f' or p.rid ~= ARGV[b + 1])) then
+            return redis.error_reply('settle: idempotency key must be 64 hex digits, the ' ..
+                                         "marker this op's answer, the ttl a positive integer")
+        end
+        idem[i] = {kh = ARGV[b + 6], v = v, ttl = ttl}
     end
 end
 
@@ -104,7 +131,7 @@ end
 -- Pass 1: every account's figures (zeros for an account Redis lost: the
 -- hold's own figures still balance) and every hold asked for, one read per
 -- key (prelude.lua).
-local accts, order, groups, gorder = read_batch(n, 2, 5, 4, true)
+local accts, order, groups, gorder = read_batch(n, 2, S, S - 1, true)
 for _, akey in ipairs(order) do
     accts[akey].dheld, accts[akey].dspent, accts[akey].dlf = 0, 0, 0
 end
@@ -125,16 +152,60 @@ local seen = {}  -- swept mark -> its value as read (false: absent or consumed)
 -- free points go back (its worker stopped promising from it). Returns 1 if
 -- it changed.
 local now = nil
+local function time_now()
+    if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    return now
+end
+
+-- Idempotency markers: as read or decided in this call (key -> prelude.lua's
+-- parts, false none, 'bad' unusable), what to write (key -> {value, ttl},
+-- false to delete), and the bytes each account's new answers take.
+local iseen, iwrite, ibytes, ibkeys = {}, {}, {}, {}
+local function idem_settle(akey, rid, im)
+    local mkey = idem_key(akey, im.kh)
+    local st = iseen[mkey]
+    if st == nil then
+        local v = redis.pcall('GET', mkey)
+        if type(v) == 'table' then
+            st = 'bad'
+        elseif not v then
+            st = false
+        else
+            st = idem_parse(v) or 'bad'
+        end
+    end
+    if st == 'bad' then
+        redis.log(redis.LOG_WARNING, 'settle: unusable idempotency marker ' .. mkey)
+        return
+    end
+    if st and st.rid ~= rid then return end -- another call's
+    if im.v == '' then
+        if st and st.kind == 'f' then
+            iwrite[mkey], iseen[mkey] = false, false
+        end
+        return
+    end
+    if not st or st.kind == 'f' then -- a resend of a stored one is not counted again
+        local bkey = idem_budget_key(akey)
+        if not ibytes[bkey] then
+            ibytes[bkey] = 0
+            ibkeys[#ibkeys + 1] = {bkey, im.ttl}
+        end
+        ibytes[bkey] = ibytes[bkey] + #im.v + #mkey + 64
+    end
+    iwrite[mkey], iseen[mkey] = {im.v, im.ttl}, idem_parse(im.v)
+end
+
 local function expire_lease(a, g, rid, h)
     local amount, seq, free, dl, soft = string.match(h, '^(%d+)|~lease|(%d+)|(%d+)|(%d+)|(%d+)$')
     amount, free, dl, soft = int(amount or ''), int(free or ''), int(dl or ''), int(soft or '')
     if not amount or not free or not dl or not soft or string.sub(rid, 1, 1) ~= 'L' then
         return -2
     end
-    if not now then
-        local t = redis.call('TIME')
-        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
+    time_now()
     if dl <= now then
         g.vals[rid] = nil
         g.closed[#g.closed + 1] = rid
@@ -157,7 +228,8 @@ end
 local out, entry = {}, {}
 for i = 1, n do
     local akey, hkey = KEYS[2 * i], KEYS[2 * i + 1]
-    local rid, outcome = ARGV[5 * i - 4], ARGV[5 * i - 2]
+    local b = S * (i - 1)
+    local rid, outcome = ARGV[b + 1], ARGV[b + 3]
     local a, g = accts[akey], groups[hkey]
     local o = 3 * i - 2
     out[o], out[o + 1], out[o + 2] = -2, 0, 0
@@ -197,9 +269,9 @@ for i = 1, n do
             if charge > 0 then
                 a.spent, a.dspent = a.spent + charge, a.dspent + charge
                 entry[#entry + 1] = 'c'
-                entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. sroute .. '|' ..
+                entry[#entry + 1] = rid .. '|' .. ARGV[b + 5] .. '|' .. sroute .. '|' ..
                                         string.format('%d', charge) .. '|' .. hstr .. '|late|' ..
-                                        ARGV[5 * i - 1]
+                                        ARGV[b + 4]
             end
             out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held + a.lf
         elseif sv then
@@ -215,7 +287,7 @@ for i = 1, n do
             local recorded = outcome
             if outcome == 'late' then recorded = 'commit' end -- the hold is there: a commit
             if recorded == 'commit' and charges[i] > 0 then
-                charge, cstr = charges[i], ARGV[5 * i - 3]
+                charge, cstr = charges[i], ARGV[b + 2]
                 if charge > hold then charge, cstr = hold, hstr end
             end
             g.vals[rid] = nil
@@ -224,8 +296,8 @@ for i = 1, n do
             a.held, a.dheld = a.held - hold, a.dheld - hold
             a.spent, a.dspent = a.spent + charge, a.dspent + charge
             entry[#entry + 1] = 'c'
-            entry[#entry + 1] = rid .. '|' .. ARGV[5 * i] .. '|' .. route .. '|' .. cstr .. '|' ..
-                                    hstr .. '|' .. recorded .. '|' .. ARGV[5 * i - 1]
+            entry[#entry + 1] = rid .. '|' .. ARGV[b + 5] .. '|' .. route .. '|' .. cstr .. '|' ..
+                                    hstr .. '|' .. recorded .. '|' .. ARGV[b + 4]
             -- A guard hold ('_' route, credit.lua) is not a call: no mark.
             if outcome == 'expire' and g.base and string.sub(route, 1, 1) ~= '_' then
                 marks[g.base .. 'swept:' .. rid] = hstr .. '|' .. route
@@ -233,14 +305,13 @@ for i = 1, n do
             out[o], out[o + 1], out[o + 2] = 1, charge, a.credited - a.spent - a.held + a.lf
         end
     end
+    if idem[i] and a ~= 'bad' then idem_settle(akey, rid, idem[i]) end
 end
 
 -- Pass 3: the outbox entry first (the only write that may be refused), then
 -- the holds and the accounts' totals.
 if #entry > 0 then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local r = redis.pcall('XADD', KEYS[1], '*', 'ts', string.format('%d', now), unpack(entry))
+    local r = redis.pcall('XADD', KEYS[1], '*', 'ts', string.format('%d', time_now()), unpack(entry))
     if type(r) == 'table' and r.err then
         return redis.error_reply(r.err) -- Redis's own code first (READONLY, OOM...)
     end
@@ -257,6 +328,18 @@ for _, akey in ipairs(order) do
     if a.dlf ~= 0 then redis.call('HINCRBY', akey, 'leasefree', string.format('%d', a.dlf)) end
 end
 for _, akey in ipairs(lims.order) do lim_flush(lims.by[akey]) end
+for mkey, w in pairs(iwrite) do
+    local r
+    if w then
+        r = redis.pcall('SET', mkey, w[1], 'PX', string.format('%d', w[2]))
+    else
+        r = redis.pcall('DEL', mkey)
+    end
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'settle: idempotency marker ' .. mkey .. ': ' .. r.err)
+    end
+end
+for _, bk in ipairs(ibkeys) do idem_count(bk[1], time_now(), bk[2], ibytes[bk[1]]) end
 for sk, v in pairs(marks) do
     local r
     if v then

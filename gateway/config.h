@@ -61,6 +61,15 @@ typedef struct gw_config {
     char spill_dir[CONFIG_URL_MAX]; /* GATEWAY_SPILL_DIR: spill files (spill.h) */
     int64_t max_backlog;            /* OUTBOX_MAX_BACKLOG: refuse reserves at pg:backlog >= this */
     int64_t settle_queue_max;       /* settles kept for resending per worker; then spilled */
+    /* Idempotency-Key (README, "Safe retries"): how long a billable answer
+     * is kept for replays (IDEMPOTENCY_TTL, seconds), the largest body kept
+     * (IDEMPOTENCY_MAX_BODY, bytes; past it the answer is not kept and a
+     * retry gets 409 idempotency_response_too_large), and the bytes of
+     * stored answers an account may have at once (IDEMPOTENCY_ACCOUNT_BYTES;
+     * past it a new key gets 429 idempotency_budget_exceeded). */
+    int64_t idem_ttl_ms;
+    int64_t idem_max_body;
+    int64_t idem_account_bytes;
 } gw_config;
 
 /* Fills C from the environment and resolves the upstream's host (blocking:

@@ -17,6 +17,7 @@
 
 #include "billing/hotkeys.h"
 #include "billing/log.h"
+#include "gateway/idem.h"
 #include "gateway/redisev.h"
 #include "gateway/resolve.h"
 #include "gateway/spill.h"
@@ -78,6 +79,7 @@ typedef struct hot_batch {
     hotclient *hc;
     enum hot_script script; /* HOT_SCRIPT_RESERVE or HOT_SCRIPT_SETTLE */
     int retried;
+    int idem; /* an op has an Idempotency-Key: the scripts' longer form */
     int n;
     hot_op ops[];
 } hot_batch;
@@ -93,13 +95,19 @@ typedef struct hot_cmd {
 /* Room for one batch's arguments or one lease op's (13 fixed + 2 per
  * record). A batch is 4 fixed plus, per op, its 2 keys and its arguments:
  * a settle's 5 (rid, charge, kind, status, account), a reserve's 7 (rid,
- * price, ttl, route, key id, rate quota, window). The scratch space holds
- * the decimals (at most 5 per op) and each op's key names. */
-#define HOT_OP_ARGV_MAX 9
+ * price, ttl, route, key id, rate quota, window); in a batch with an
+ * Idempotency-Key, 3 more per settle (key hash, marker, ttl) and 4 per
+ * reserve (key hash, fingerprint, ttl, budget). The scratch space holds the
+ * decimals (at most 6 per op), each op's key names, its two hashes in hex
+ * and a marker of an answer not kept. */
+#define HOT_OP_ARGV_MAX 13
 #define HOT_BATCH_ARGV (4 + HOT_OP_ARGV_MAX * HOT_BATCH_MAX)
 #define HOT_LEASE_ARGV (13 + 2 * HOT_LEASE_RECORDS_MAX)
 #define HOT_ARGV_MAX (HOT_BATCH_ARGV > HOT_LEASE_ARGV ? HOT_BATCH_ARGV : HOT_LEASE_ARGV)
-#define HOT_SCRATCH (HOT_BATCH_MAX * (3 * HOT_KEYNAME_MAX + 5 * 24 + 33 + HOT_ROUTE_MAX + 8))
+#define HOT_IDEM_BARE_MAX 160 /* "n|<fp>|<rid>|<status>|l" */
+#define HOT_SCRATCH                                                                                \
+    (HOT_BATCH_MAX *                                                                               \
+     (3 * HOT_KEYNAME_MAX + 6 * 24 + 33 + HOT_ROUTE_MAX + 8 + 2 * IDEM_HEX + HOT_IDEM_BARE_MAX))
 
 struct hotclient {
     struct event_base *base;
@@ -129,6 +137,8 @@ struct hotclient {
     int flush_ms; /* delay of the next resend of queued settles: backs off */
     char sha[HOT_NSCRIPTS][48];
     hot_stats stats;
+    const char *answer; /* a replay's stored answer, during its callback */
+    size_t answer_len;
     int inflight;                      /* ops and commands sent, not yet answered */
     hot_settle_args *queue;            /* settles waiting for Redis to come back */
     size_t qlen, qcap;                 /* grows on demand up to HOT_SETTLE_QUEUE_MAX */
@@ -197,6 +207,10 @@ static void hot_enqueue_settle(hotclient *hc, const hot_settle_args *a)
         return;
     }
     hc->queue[hc->qlen++] = *a;
+    /* The answer to store is the caller's memory, gone after its callback:
+     * the queued settle stores the marker of a billable answer not kept. */
+    hc->queue[hc->qlen - 1].idem_val = NULL;
+    hc->queue[hc->qlen - 1].idem_len = 0;
     /* A commit resent later goes as `late` (settle.lua): exactly a commit
      * while its hold is there, and still a charge (from the available
      * points, never an overdraft) if the sweeper expired the hold
@@ -430,6 +444,8 @@ int hotclient_new(struct event_base *base, const redisurl *url, hotclient **out)
     hc->backlog_timer = event_new(base, -1, EV_PERSIST, hot_on_backlog_timer, hc);
     hc->limits.max_backlog = INT64_MAX;
     hc->limits.queue_max = HOT_SETTLE_QUEUE_MAX;
+    hc->limits.idem_ttl_ms = 86400000;
+    hc->limits.idem_budget = 64 << 20;
     if (!hc->retry || !hc->flush || !hc->watchdog || !hc->batch || !hc->backlog_timer) {
         hotclient_free(hc);
         return -1;
@@ -500,6 +516,8 @@ void hotclient_configure(hotclient *hc, const hot_limits *l)
     struct timeval tv = {0, HOT_BACKLOG_POLL_MS * 1000};
     hc->limits = *l;
     if (hc->limits.queue_max < 2) hc->limits.queue_max = 2;
+    if (hc->limits.idem_ttl_ms <= 0) hc->limits.idem_ttl_ms = 86400000;
+    if (hc->limits.idem_budget <= 0) hc->limits.idem_budget = 64 << 20;
     if (evtimer_add(hc->backlog_timer, &tv) != 0)
         log_error("redis: cannot arm the backlog poll timer");
 }
@@ -759,10 +777,14 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         if (hot_send_batch(b) == 0) return; /* same batch, still in flight */
     }
     hot_answered(hc, rep, b->n);
-    per = b->script == HOT_SCRIPT_RESERVE ? HOT_RESERVE_REPLY : 3;
+    per = b->script == HOT_SCRIPT_RESERVE ? HOT_RESERVE_REPLY + (b->idem ? 1 : 0) : 3;
     ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->n * per;
+    /* Integers, but a replay's stored answer (the 9th of a reserve's). */
     for (size_t i = 0; ok && i < rep->elements; i++)
-        if (rep->element[i]->type != REDIS_REPLY_INTEGER) ok = 0;
+        if (rep->element[i]->type != REDIS_REPLY_INTEGER &&
+            !(per == HOT_RESERVE_REPLY + 1 && i % per == HOT_RESERVE_REPLY &&
+              rep->element[i]->type == REDIS_REPLY_STRING))
+            ok = 0;
     if (rep && rep->type == REDIS_REPLY_ERROR) {
         log_error("redis error on a batch of %d: %s", b->n, rep->str);
         /* A replica (after a failover) refuses writes: reconnect rather
@@ -777,9 +799,18 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         int64_t v[HOT_V_MAX] = {0};
         int rc = -1;
         if (ok) {
-            for (size_t j = 0; j < per; j++)
+            for (size_t j = 0; j < per && j < HOT_RESERVE_REPLY; j++)
                 v[j] = (int64_t)rep->element[per * (size_t)i + j]->integer;
             rc = 0;
+            if (per > HOT_RESERVE_REPLY && v[0] == HOT_RESERVE_REPLAY) {
+                const redisReply *e = rep->element[per * (size_t)i + HOT_RESERVE_REPLY];
+                if (e->type == REDIS_REPLY_STRING) {
+                    hc->answer = e->str;
+                    hc->answer_len = e->len;
+                } else {
+                    rc = -1; /* a replay without its answer: not usable */
+                }
+            }
             if (v[0] == HOT_STATUS_UNUSABLE) {
                 /* Nothing changed for this op; the script logged why. Not
                  * retried: a human must repair the account's keys. A
@@ -805,6 +836,8 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
             hot_enqueue_settle(hc, &op->settle);
         }
         if (op->cb) op->cb(op->arg, rc, v);
+        hc->answer = NULL;
+        hc->answer_len = 0;
     }
     free(b);
 }
@@ -851,6 +884,42 @@ static int hot_arg_i64(hot_args *a, int64_t v)
     return hot_arg(a, a->at - len, len);
 }
 
+/* The 32 bytes of H as 64 hex digits, written into the scratch space. */
+static int hot_arg_hex(hot_args *a, const unsigned char h[32])
+{
+    if ((size_t)(a->end - a->at) < IDEM_HEX) return -1;
+    idem_hex(h, a->at);
+    a->at += IDEM_HEX;
+    return hot_arg(a, a->at - IDEM_HEX, IDEM_HEX - 1);
+}
+
+/* A settle's idempotency arguments (settle.lua: key hash, marker, ttl). */
+static int hot_arg_settle_idem(hot_args *a, const hot_settle_args *s)
+{
+    hotclient *hc = a->hc;
+    int rc = 0;
+    if (!s->has_idem) {
+        rc |= hot_arg(a, "", 0);
+        rc |= hot_arg(a, "", 0);
+        return rc | hot_arg(a, "0", 1);
+    }
+    rc |= hot_arg_hex(a, s->idem.key);
+    if (s->commit == HOT_SETTLE_RELEASE) {
+        rc |= hot_arg(a, "", 0); /* clears its in-flight marker */
+    } else if (s->idem_val) {
+        rc |= hot_arg(a, s->idem_val, s->idem_len);
+    } else {
+        size_t n;
+        if ((size_t)(a->end - a->at) < HOT_IDEM_BARE_MAX) return -1;
+        n = idem_marker_bare(a->at, HOT_IDEM_BARE_MAX, s->idem.fp, s->rid, s->status,
+                             IDEM_WHY_LATE);
+        if (n == 0) return -1;
+        a->at += n;
+        rc |= hot_arg(a, a->at - n, n);
+    }
+    return rc | hot_arg_i64(a, hc->limits.idem_ttl_ms);
+}
+
 /* The key names of ACCOUNT, written into the scratch space once per run of
  * ops on the same account (a batch is mostly one or a few accounts). */
 static int hot_arg_keys(hot_args *a, int64_t account, int64_t *last, const char **acct,
@@ -887,6 +956,9 @@ static int hot_send_batch(hot_batch *b)
     hot_args a = {hc, 0, hc->scratch, hc->scratch + sizeof hc->scratch};
 
     if (!hc->ac) return -1;
+    b->idem = 0;
+    for (int i = 0; i < b->n; i++)
+        if (b->ops[i].settle.has_idem) b->idem = 1;
     if (sha[0] && !b->retried) {
         rc |= hot_arg(&a, "EVALSHA", 7);
         rc |= hot_arg_str(&a, sha);
@@ -910,6 +982,7 @@ static int hot_send_batch(hot_batch *b)
                 rc |= s->commit ? hot_arg(&a, "commit", 6) : hot_arg(&a, "release", 7);
             rc |= hot_arg_i64(&a, s->status);
             rc |= hot_arg_i64(&a, s->account);
+            if (b->idem) rc |= hot_arg_settle_idem(&a, s);
         } else {
             rc |= hot_arg_i64(&a, op->amount);
             rc |= hot_arg_i64(&a, op->ttl_ms);
@@ -917,6 +990,17 @@ static int hot_send_batch(hot_batch *b)
             rc |= hot_arg_i64(&a, op->lim.key_id);
             rc |= hot_arg_i64(&a, op->lim.rate_quota);
             rc |= hot_arg_i64(&a, op->lim.rate_window_ms);
+            if (b->idem && s->has_idem) {
+                rc |= hot_arg_hex(&a, s->idem.key);
+                rc |= hot_arg_hex(&a, s->idem.fp);
+                rc |= hot_arg_i64(&a, hc->limits.idem_ttl_ms);
+                rc |= hot_arg_i64(&a, hc->limits.idem_budget);
+            } else if (b->idem) {
+                rc |= hot_arg(&a, "", 0);
+                rc |= hot_arg(&a, "", 0);
+                rc |= hot_arg(&a, "0", 1);
+                rc |= hot_arg(&a, "0", 1);
+            }
         }
     }
     if (rc != 0) {
@@ -1024,8 +1108,8 @@ static hot_op *hot_add(hotclient *hc, enum hot_script script, hot_cb cb, void *a
 }
 
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
-                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim, hot_cb cb,
-                      void *arg)
+                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim,
+                      const hot_idem_args *idem, hot_cb cb, void *arg)
 {
     hot_op *op;
     if (!hc->ac || hc->closing || strlen(route_id) >= HOT_ROUTE_MAX ||
@@ -1043,7 +1127,18 @@ int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t a
     else
         memset(&op->lim, 0, sizeof op->lim);
     memcpy(op->route, route_id, strlen(route_id) + 1);
+    /* Its release (a lost reply) clears the in-flight marker too. */
+    if (idem) {
+        op->settle.has_idem = 1;
+        op->settle.idem = *idem;
+    }
     return 0;
+}
+
+const char *hotclient_reserve_answer(const hotclient *hc, size_t *len)
+{
+    *len = hc->answer_len;
+    return hc->answer;
 }
 
 int hotclient_settle(hotclient *hc, const hot_settle_args *a, hot_cb cb, void *arg)

@@ -49,6 +49,13 @@ typedef void (*hot_cb)(void *arg, int rc, const int64_t *v);
  * charge from available if the sweeper expired it (settle.lua). */
 #define HOT_SETTLE_LATE 2
 
+/* A call's Idempotency-Key (gateway/idem.h): the SHA-256 of the key and
+ * the request's fingerprint. */
+typedef struct hot_idem_args {
+    unsigned char key[32];
+    unsigned char fp[32];
+} hot_idem_args;
+
 typedef struct hot_settle_args {
     int64_t account;
     char rid[33];
@@ -56,6 +63,15 @@ typedef struct hot_settle_args {
     int commit; /* HOT_SETTLE_* */
     long status;
     int replay; /* the caller resends it on failure: not queued here */
+    /* The call carried an Idempotency-Key: a release clears its in-flight
+     * marker, a commit (or late) stores IDEM_VAL (settle.lua's marker,
+     * borrowed: valid until CB runs) or, without one, the marker of a
+     * billable answer not kept (IDEM_WHY_LATE: a settle queued, resent or
+     * spilled keeps no answer). */
+    int has_idem;
+    hot_idem_args idem;
+    const char *idem_val;
+    size_t idem_len;
 } hot_settle_args;
 
 struct spill_file;
@@ -64,6 +80,8 @@ typedef struct hot_limits {
     int64_t max_backlog;      /* OUTBOX_MAX_BACKLOG: refuse reserves at pg:backlog >= this */
     size_t queue_max;         /* settles kept for resending; past it they are spilled */
     struct spill_file *spill; /* the worker's spill file (spill.h), or NULL */
+    int64_t idem_ttl_ms;      /* IDEMPOTENCY_TTL: how long a stored answer is kept */
+    int64_t idem_budget;      /* IDEMPOTENCY_ACCOUNT_BYTES: stored answers per account */
 } hot_limits;
 
 /* Connects to URL's host (resolved here, blocking: call before the loop
@@ -129,9 +147,16 @@ typedef struct hot_limit_args {
     int64_t key_id;
     int64_t rate_quota, rate_window_ms;
 } hot_limit_args;
+/* IDEM (NULL: none): the call's Idempotency-Key, checked first (reserve.lua
+ * statuses 4..8, HOT_RESERVE_REPLAY..); a call held with one leaves its
+ * in-flight marker, which its settle (has_idem) stores or clears. */
 int hotclient_reserve(hotclient *hc, int64_t account, const char *rid, int64_t amount,
-                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim, hot_cb cb,
-                      void *arg);
+                      int64_t ttl_ms, const char *route_id, const hot_limit_args *lim,
+                      const hot_idem_args *idem, hot_cb cb, void *arg);
+/* Inside a reserve's callback with status HOT_RESERVE_REPLAY: the stored
+ * answer (idem.h's idem_answer_parse), valid until the callback returns;
+ * NULL otherwise. */
+const char *hotclient_reserve_answer(const hotclient *hc, size_t *len);
 /* Settle is never lost to a Redis outage or refusal: if it cannot be
  * delivered or Redis answers an error, it is queued and resent (on
  * reconnect, or with backoff while connected); CB then gets -1. The queue

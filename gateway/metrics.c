@@ -18,12 +18,29 @@
 
 static const char *const gw_methods[GW_METHODS] = {"GET",   "HEAD",   "POST",    "PUT",
                                                    "PATCH", "DELETE", "OPTIONS", "other"};
-static const char *const gw_outcomes[GW_OUTCOMES] = {
-    "charged",      "released",         "refused",
-    "unauthorized", "no_route",         "billing_unavailable",
-    "bad_request",  "rate_limited",     "info",
-    "cancelled",    "too_many_waiting", "quota_exceeded",
-    "error"};
+static const char *const gw_outcomes[GW_OUTCOMES] = {"charged",
+                                                     "released",
+                                                     "refused",
+                                                     "unauthorized",
+                                                     "no_route",
+                                                     "billing_unavailable",
+                                                     "bad_request",
+                                                     "rate_limited",
+                                                     "info",
+                                                     "cancelled",
+                                                     "too_many_waiting",
+                                                     "quota_exceeded",
+                                                     "replayed",
+                                                     "idempotency_conflict",
+                                                     "error"};
+static const char *const gw_idem_results[GW_IDEM_RESULTS] = {"replayed",
+                                                             "in_flight",
+                                                             "reused",
+                                                             "not_kept",
+                                                             "budget_exceeded",
+                                                             "stored",
+                                                             "stored_without_answer",
+                                                             "cleared"};
 static const char *const gw_classes[GW_METRICS_CLASSES] = {"other", "1xx", "2xx",
                                                            "3xx",   "4xx", "5xx"};
 
@@ -286,6 +303,20 @@ void gw_metrics_render(promtext *p, const worker *w, int n, int draining, int re
     gw_metrics_gauge(p, "pointgate_gateway_spill_refusing",
                      "Workers refusing reserves until their spilled settles are replayed.",
                      gw_metrics_sum(w, n, offsetof(gw_metrics, spill_refusing)));
+    promtext_family(p, "pointgate_gateway_idempotency_total", "counter",
+                    "Calls with an Idempotency-Key by result: replayed, in_flight (409), reused "
+                    "(422), not_kept (409), budget_exceeded (429), stored, "
+                    "stored_without_answer (too large), cleared (not billable).");
+    for (int i = 0; i < GW_IDEM_RESULTS; i++) {
+        snprintf(lab, sizeof lab, "result=\"%s\"", gw_idem_results[i]);
+        promtext_u64(
+            p, "pointgate_gateway_idempotency_total", lab,
+            gw_metrics_count(w, n, offsetof(gw_metrics, idem) + (size_t)i * sizeof(metric_u64)));
+    }
+    gw_metrics_counter(p, "pointgate_gateway_idempotency_stored_bytes_total",
+                       "Bytes of answers (and markers) the workers sent to Redis to be kept for "
+                       "replays (each lives IDEMPOTENCY_TTL).",
+                       gw_metrics_count(w, n, offsetof(gw_metrics, idem_stored_bytes)));
     log_metrics(p);
     promtext_process(p);
 }

@@ -36,8 +36,24 @@ enum gw_outcome {
     GW_OUT_CANCELLED,           /* the client left, or the stop, before the upstream */
     GW_OUT_TOO_MANY_WAITING,    /* 503: the account's wait queue is full */
     GW_OUT_QUOTA_EXCEEDED,      /* 429: a spending cap */
+    GW_OUT_REPLAYED,            /* Idempotency-Key: the first call's answer, cost 0 */
+    GW_OUT_IDEM_CONFLICT,       /* Idempotency-Key: 409, 422 or 429 budget; cost 0 */
     GW_OUT_ERROR,               /* anything else (500) */
     GW_OUTCOMES
+};
+
+/* What became of calls with an Idempotency-Key (the `result` label of
+ * pointgate_gateway_idempotency_total). */
+enum gw_idem {
+    GW_IDEM_REPLAYED,    /* a retry answered with the stored answer */
+    GW_IDEM_IN_FLIGHT,   /* 409: the first call still runs */
+    GW_IDEM_REUSED,      /* 422: the key came with another request */
+    GW_IDEM_NOT_KEPT,    /* 409: the first answer was billable but not kept */
+    GW_IDEM_BUDGET,      /* 429: the account's stored answers at their budget */
+    GW_IDEM_STORED,      /* a billable answer sent to be stored with its body */
+    GW_IDEM_STORED_BARE, /* a billable answer stored without it (too large) */
+    GW_IDEM_CLEARED,     /* a first call not billable: its marker cleared */
+    GW_IDEM_RESULTS
 };
 
 /* The `method` label: the methods a route may name, then "other". */
@@ -76,23 +92,25 @@ typedef struct gw_metrics {
     /* From the loop's beat timer: gauges, and the counters other modules
      * keep in their own structs (proxy.c, hotclient.c), copied here so that
      * they stay single-owner. At most one beat (250 ms) old. */
-    metric_i64 heartbeat_ms;     /* the loop's beat last ran (monotonic ms) */
-    metric_i64 inflight;         /* calls in flight */
-    metric_i64 redis_ready;      /* connected with Redis's data present (epoch != 0) */
-    metric_i64 resend_queue;     /* settles queued for resending */
-    metric_i64 spill_refusing;   /* reserves refused until a spill is replayed */
-    metric_i64 refusing;         /* reserves refused: backlog, resend queue or spill */
-    metric_i64 backlog;          /* pg:backlog as last polled */
-    metric_i64 stopping;         /* the worker began its drain */
-    metric_i64 up_active;        /* upstream connections carrying a call */
-    metric_i64 up_idle;          /* upstream connections kept for reuse */
-    metric_u64 up_connect_fail;  /* upstream connects that failed */
-    metric_u64 up_timeouts;      /* upstream calls past their timeout */
-    metric_u64 redis_trips;      /* Redis replies (a batch of ops is one) */
-    metric_u64 redis_errors;     /* error replies and lost replies */
-    metric_u64 redis_reconnects; /* connections made after the first */
-    metric_i64 leases;           /* point leases held */
-    metric_i64 leased_points;    /* points they hold in Redis, not yet charged */
+    metric_i64 heartbeat_ms;          /* the loop's beat last ran (monotonic ms) */
+    metric_i64 inflight;              /* calls in flight */
+    metric_i64 redis_ready;           /* connected with Redis's data present (epoch != 0) */
+    metric_i64 resend_queue;          /* settles queued for resending */
+    metric_i64 spill_refusing;        /* reserves refused until a spill is replayed */
+    metric_i64 refusing;              /* reserves refused: backlog, resend queue or spill */
+    metric_i64 backlog;               /* pg:backlog as last polled */
+    metric_i64 stopping;              /* the worker began its drain */
+    metric_i64 up_active;             /* upstream connections carrying a call */
+    metric_i64 up_idle;               /* upstream connections kept for reuse */
+    metric_u64 up_connect_fail;       /* upstream connects that failed */
+    metric_u64 up_timeouts;           /* upstream calls past their timeout */
+    metric_u64 redis_trips;           /* Redis replies (a batch of ops is one) */
+    metric_u64 redis_errors;          /* error replies and lost replies */
+    metric_u64 redis_reconnects;      /* connections made after the first */
+    metric_i64 leases;                /* point leases held */
+    metric_i64 leased_points;         /* points they hold in Redis, not yet charged */
+    metric_u64 idem[GW_IDEM_RESULTS]; /* calls with an Idempotency-Key, by result */
+    metric_u64 idem_stored_bytes;     /* bytes of the markers sent to be stored */
 } gw_metrics;
 
 /* Loop thread: a status line was begun for an answer of STATUS. */

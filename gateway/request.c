@@ -50,6 +50,7 @@
 #include "billing/log.h"
 #include "gateway/forward.h"
 #include "gateway/http1.h"
+#include "gateway/idem.h"
 #include "gateway/usage.h"
 #include "gateway/worker.h"
 
@@ -133,6 +134,14 @@ struct gw_request {
     int64_t charged_pts; /* charged by its settle */
     uint64_t t0_us, up_t0_us, wait_t0_us;
     int64_t up_us, wait_us;
+    /* Idempotency-Key (idem.h): the call carries one (a POST or PATCH on a
+     * route where it is not off): its hash and the request's fingerprint,
+     * checked in reserve.lua's call; the marker its settle stores (owned,
+     * valid until the settle's callback). */
+    int idem;
+    hot_idem_args idem_args;
+    char *idem_val;
+    size_t idem_len;
 };
 
 /* One account's waiters on this worker (see the top of the file). */
@@ -202,6 +211,7 @@ static void request_free(gw_request *r)
     if (r->waitq) request_waitq_leave(r);
     proxy_call_clear(&r->call);
     if (r->table) routes_unref(r->table);
+    free(r->idem_val);
     free(r->path);
     free(r);
 }
@@ -434,6 +444,86 @@ static void request_limited(gw_request *r, const int64_t *v)
     request_finish(r, buf, strlen(buf), 0);
 }
 
+/* reserve.lua decided a call with an Idempotency-Key from its marker
+ * (V: its answer, HOT_RESERVE_REPLAY..IDEM_BUDGET): nothing was taken, it
+ * is not proxied and costs 0. A replay is the first call's stored answer
+ * with Idempotent-Replayed; the others are 409, 422 or 429. */
+static void request_idem_answer(gw_request *r, const int64_t *v)
+{
+    gw_metrics *m = &r->w->m;
+    char buf[512], num[32];
+    const char *s, *name, *value;
+    size_t len, off = 0;
+    idem_answer a;
+
+    request_set_outcome(r, GW_OUT_IDEM_CONFLICT);
+    switch (v[0]) {
+    case HOT_RESERVE_REPLAY:
+        s = hotclient_reserve_answer(r->w->hc, &len);
+        if (!s || idem_answer_parse(s, len, &a) != 0) {
+            log_error("request %s: account %" PRId64 ": a stored answer that does not parse",
+                      r->rid, r->account);
+            request_unavailable(r, HOT_ERR_UNAVAILABLE);
+            return;
+        }
+        metric_add(&m->idem[GW_IDEM_REPLAYED], 1);
+        request_set_outcome(r, GW_OUT_REPLAYED);
+        request_answer_begin(r, a.status);
+        while ((off = idem_answer_header_next(&a, off, &name, &value)) != 0)
+            server_reply_header(r->conn, name, value);
+        server_reply_header(r->conn, "Idempotent-Replayed", "true");
+        server_reply_header(r->conn, "X-Points-Charged", "0");
+        snprintf(num, sizeof num, "%" PRId64, v[1] < 0 ? 0 : v[1]);
+        server_reply_header(r->conn, "X-Points-Remaining", num);
+        request_finish(r, (char *)a.body, a.body_len, 0);
+        return;
+    case HOT_RESERVE_IDEM_IN_FLIGHT:
+        metric_add(&m->idem[GW_IDEM_IN_FLIGHT], 1);
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"idempotency_in_flight\",\"message\":\"the first call with this "
+                 "Idempotency-Key is still running; retry later to get its answer\","
+                 "\"retry_after_s\":1,\"expires_in_s\":%" PRId64 "}",
+                 (v[7] + 999) / 1000);
+        request_answer_begin(r, 409);
+        server_reply_header(r->conn, "Retry-After", "1");
+        break;
+    case HOT_RESERVE_IDEM_REUSED:
+        metric_add(&m->idem[GW_IDEM_REUSED], 1);
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"idempotency_key_reused\",\"message\":\"this Idempotency-Key was "
+                 "used with another request (method, path or body); use a new key for a new "
+                 "request\"}");
+        request_answer_begin(r, 422);
+        break;
+    case HOT_RESERVE_IDEM_NOT_KEPT:
+        metric_add(&m->idem[GW_IDEM_NOT_KEPT], 1);
+        snprintf(
+            buf, sizeof buf,
+            "{\"error\":\"%s\",\"message\":\"the first call with this Idempotency-Key was "
+            "carried out and billed (status %" PRId64 ") but its answer %s; it is not run "
+            "again\",\"status\":%" PRId64 "}",
+            v[5] == 1 ? "idempotency_response_too_large" : "idempotency_response_unavailable", v[4],
+            v[5] == 1 ? "was too large to keep" : "could not be kept (its settle came late)", v[4]);
+        request_answer_begin(r, 409);
+        break;
+    default: /* HOT_RESERVE_IDEM_BUDGET */
+        metric_add(&m->idem[GW_IDEM_BUDGET], 1);
+        snprintf(num, sizeof num, "%" PRId64, v[7] / 1000 + 1);
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"idempotency_budget_exceeded\",\"message\":\"this account keeps "
+                 "as many answers for retries as it may (IDEMPOTENCY_ACCOUNT_BYTES); retry "
+                 "after %s s, or send the call without an Idempotency-Key\","
+                 "\"retry_after_s\":%s}",
+                 num, num);
+        request_answer_begin(r, 429);
+        server_reply_header(r->conn, "Retry-After", num);
+        break;
+    }
+    server_reply_header(r->conn, "Content-Type", "application/json");
+    server_reply_header(r->conn, "X-Points-Charged", "0");
+    request_finish(r, buf, strlen(buf), 0);
+}
+
 static void request_short(gw_request *r, int64_t avail, int64_t held)
 {
     char buf[512];
@@ -487,6 +577,12 @@ static void request_release_detached(gw_request *r)
     hot_settle_args a = {.account = r->account, .charge = 0, .commit = 0, .status = 0};
     memcpy(a.rid, r->rid, sizeof a.rid);
     r->held = 0;
+    if (r->idem) {
+        /* Not billable: its in-flight marker goes, a retry runs anew. */
+        a.has_idem = 1;
+        a.idem = r->idem_args;
+        metric_add(&r->w->m.idem[GW_IDEM_CLEARED], 1);
+    }
     /* No callback: the request may be gone before the reply. Idempotent by rid. */
     hotclient_settle(r->w->hc, &a, NULL, NULL);
     /* The points are free again: this account's waiters try now (the
@@ -581,6 +677,29 @@ static int64_t request_usage_charge(gw_request *r)
 
 /* The upstream's answer (or its failure) decides the charge, whether or not
  * the client is still there (r->gone: the answer is then dropped). */
+/* A call with an Idempotency-Key is settled with what becomes of its
+ * marker: a billable answer is stored (or, too large, its status only: a
+ * retry then gets 409, never a second run), any other clears it. Out of
+ * memory, the settle stores the marker of an answer not kept (hotclient). */
+static void request_idem_settle(gw_request *r, hot_settle_args *a)
+{
+    gw_metrics *m = &r->w->m;
+    int kept = 0;
+    a->has_idem = 1;
+    a->idem = r->idem_args;
+    if (!a->commit) {
+        metric_add(&m->idem[GW_IDEM_CLEARED], 1);
+        return;
+    }
+    r->idem_val = idem_marker_answer(r->idem_args.fp, r->rid, &r->call,
+                                     (size_t)r->w->cfg->idem_max_body, &r->idem_len, &kept);
+    if (!r->idem_val) log_warn("request %s: out of memory: its answer is not kept", r->rid);
+    a->idem_val = r->idem_val;
+    a->idem_len = r->idem_len;
+    metric_add(&m->idem[kept ? GW_IDEM_STORED : GW_IDEM_STORED_BARE], 1);
+    metric_add(&m->idem_stored_bytes, r->idem_len);
+}
+
 static void request_on_upstream(void *arg, proxy_call *c)
 {
     gw_request *r = arg;
@@ -605,6 +724,7 @@ static void request_on_upstream(void *arg, proxy_call *c)
     a.commit = routes_billable(r->route, c->status);
     if (a.commit) a.charge = r->route->usage ? request_usage_charge(r) : r->route->price;
     r->charge = a.charge;
+    if (r->idem) request_idem_settle(r, &a);
     request_set_outcome(r, a.commit ? GW_OUT_CHARGED : GW_OUT_RELEASED);
     r->st = ST_SETTLE;
     if (r->lease) {
@@ -655,10 +775,10 @@ static int request_send_reserve(gw_request *r)
     hot_limit_args lim = {.key_id = r->key_id,
                           .rate_quota = r->route->rate_quota,
                           .rate_window_ms = r->route->rate_window_ms};
-    return hotclient_reserve(r->w->hc, r->account, r->rid, r->route->price,
-                             r->route->timeout_ms + cfg->hold_grace_ms +
-                                 (r->early ? cfg->body_timeout_ms : 0),
-                             r->route->id, &lim, request_on_reserved, r);
+    return hotclient_reserve(
+        r->w->hc, r->account, r->rid, r->route->price,
+        r->route->timeout_ms + cfg->hold_grace_ms + (r->early ? cfg->body_timeout_ms : 0),
+        r->route->id, &lim, r->idem ? &r->idem_args : NULL, request_on_reserved, r);
 }
 
 /* ---- waiting for held points (one queue per account per worker) ------ */
@@ -928,6 +1048,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t *v)
     } else if (v[0] == HOT_RESERVE_RATE_LIMITED || v[0] == HOT_RESERVE_CAPPED) {
         request_limited(r, v);
         r = NULL;
+    } else if (v[0] >= HOT_RESERVE_REPLAY && v[0] <= HOT_RESERVE_IDEM_BUDGET) {
+        request_idem_answer(r, v);
+        r = NULL;
     } else if (v[0] == HOT_RESERVE_UNKNOWN) {
         /* Billing creates every account's hash with the account (and every
          * repair pass pushes them all): a missing one means Redis lost its
@@ -974,8 +1097,9 @@ static void request_reserve(gw_request *r)
     /* A call whose body is still to come is held per call, for as long as
      * the body may take (a lease's deadline does not cover that). */
     /* Nor is a call under a rate limit: each is counted in Redis (a lease
-     * serves calls without asking it). */
-    r->lease = r->early || r->route->rate_quota
+     * serves calls without asking it); nor one with an Idempotency-Key, whose
+     * marker is checked and written by reserve.lua. */
+    r->lease = r->early || r->route->rate_quota || r->idem
                    ? NULL
                    : lease_take(r->w->leases, r->account, r->route->price);
     if (r->lease) {
@@ -983,7 +1107,9 @@ static void request_reserve(gw_request *r)
         return;
     }
     q = request_waitq_find(r->w, r->account);
-    if (q && (q->n > 0 || q->trying)) {
+    /* A call with a key asks once itself (a retry may be a replay or a
+     * conflict, which waiting for points would only delay). */
+    if (q && (q->n > 0 || q->trying) && !r->idem) {
         /* Others of the account already wait here: behind them, without
          * a reserve of its own (the queue's next one finds out for all). */
         if (request_wait(r, 0) != 0) request_too_many_waiting(r);
@@ -1354,6 +1480,41 @@ static const char *request_key(const server_conn *conn, size_t *len)
     return v;
 }
 
+/* The Idempotency-Key of a POST or PATCH on a route where it is not off:
+ * one well-formed header (r->idem set, its hash taken), none (0; a 400 when
+ * the route requires one), or a 400 (-1: R answered). */
+static int request_idem_head(gw_request *r)
+{
+    const char *v = NULL;
+    int n = 0;
+    if (!r->route || r->route->idempotency == ROUTES_IDEM_OFF ||
+        (strcmp(r->method, "POST") != 0 && strcmp(r->method, "PATCH") != 0))
+        return 0;
+    for (size_t i = 0, nh = server_header_count(r->conn); i < nh; i++) {
+        const char *name, *value;
+        server_header_at(r->conn, i, &name, &value);
+        if (strcasecmp(name, "Idempotency-Key") == 0) {
+            v = value;
+            n++;
+        }
+    }
+    if (n == 0 && r->route->idempotency == ROUTES_IDEM_REQUIRED) {
+        request_error(r, 400, "idempotency_key_required",
+                      "this route requires an Idempotency-Key header: a unique value per "
+                      "operation, the same on every retry of it");
+        return -1;
+    }
+    if (n == 0) return 0;
+    if (n > 1 || idem_key_hash(v, r->idem_args.key) != 0) {
+        request_error(r, 400, "bad_idempotency_key",
+                      "Idempotency-Key must be one header of 1 to 255 visible ASCII "
+                      "characters (or an sf-string of them)");
+        return -1;
+    }
+    r->idem = 1;
+    return 0;
+}
+
 /* Headers are in: everything that needs neither body nor Redis. 0, or -1
  * when it answered (R is freed). The server already refused what is not
  * HTTP (request line, header syntax: names are tokens, values have no
@@ -1401,12 +1562,19 @@ static int request_begin(gw_request *r)
         request_error(r, 401, "unauthorized", key ? "malformed API key" : "missing API key");
         return -1;
     }
+    if (request_idem_head(r) != 0) return -1;
     r->st = ST_BODY;
     return 0;
 }
 
 void request_early(gw_request *r)
 {
+    if (r->idem) {
+        /* Its fingerprint needs the body's hash before the reserve: read it
+         * first (within MAX_BODY_BYTES and the body deadline, as any). */
+        server_want_body(r->conn);
+        return;
+    }
     r->early = 1;
     request_start(r);
 }
@@ -1415,6 +1583,7 @@ void request_body_done(gw_request *r)
 {
     r->body = server_body(r->conn, &r->body_len);
     r->body_in = 1;
+    if (r->idem) idem_fingerprint(r->method, r->uri, r->body, r->body_len, r->idem_args.fp);
     if (r->early) {
         /* Reserved already (request_go asked for the body). */
         request_proxy(r);

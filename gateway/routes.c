@@ -132,6 +132,20 @@ static int routes_parse_rate(json_t *v, int64_t *quota, int64_t *window_ms, char
     return 0;
 }
 
+/* "idempotency": "optional" | "required" | "off" into *OUT (ROUTES_IDEM_*). */
+static int routes_parse_idem(json_t *v, int *out, char *err, size_t errlen)
+{
+    const char *s = json_string_value(v);
+    static const char *const names[] = {"optional", "required", "off"};
+    for (int i = 0; s && i < 3; i++)
+        if (strcmp(s, names[i]) == 0) {
+            *out = i;
+            return 0;
+        }
+    snprintf(err, errlen, "\"idempotency\" must be \"optional\", \"required\" or \"off\"");
+    return -1;
+}
+
 /* 1 when ID may name a route (see its use). */
 static int routes_id_ok(const char *id)
 {
@@ -143,7 +157,7 @@ static int routes_id_ok(const char *id)
 }
 
 static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t def_timeout,
-                              const int64_t def_rate[2], char *err, size_t errlen)
+                              const int64_t def_rate[2], int def_idem, char *err, size_t errlen)
 {
     const char *id = json_string_value(json_object_get(o, "id"));
     const char *method = json_string_value(json_object_get(o, "method"));
@@ -180,6 +194,10 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
     if (json_object_get(o, "rate") && routes_parse_rate(json_object_get(o, "rate"), &r->rate_quota,
                                                         &r->rate_window_ms, err, errlen) != 0)
         return -1;
+    r->idempotency = def_idem;
+    if (json_object_get(o, "idempotency") &&
+        routes_parse_idem(json_object_get(o, "idempotency"), &r->idempotency, err, errlen) != 0)
+        return -1;
     if (json_object_get(o, "price")) {
         if (json_object_get(o, "hold") || json_object_get(o, "unit_price")) {
             snprintf(err, errlen, "route %s: either \"price\" or \"hold\"+\"unit_price\"", id);
@@ -215,6 +233,7 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     route_table *t = NULL;
     unsigned def_charge = (1u << 2) | (1u << 3);
     int64_t def_rate[2] = {0, 0};
+    int def_idem = ROUTES_IDEM_OPTIONAL;
     size_t i;
     int rc = -1;
 
@@ -228,6 +247,9 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     if (json_object_get(root, "rate") &&
         routes_parse_rate(json_object_get(root, "rate"), &def_rate[0], &def_rate[1], err, errlen) !=
             0)
+        goto out;
+    if (json_object_get(root, "idempotency") &&
+        routes_parse_idem(json_object_get(root, "idempotency"), &def_idem, err, errlen) != 0)
         goto out;
     arr = json_object_get(root, "routes");
     if (!json_is_array(arr)) {
@@ -243,8 +265,8 @@ static int routes_from_json(json_t *root, const json_error_t *jerr, const char *
     {
         char msg[200];
         t->n++;
-        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, def_rate, msg,
-                               sizeof msg) != 0) {
+        if (routes_parse_route(&t->routes[i], v, def_charge, default_timeout_ms, def_rate, def_idem,
+                               msg, sizeof msg) != 0) {
             snprintf(err, errlen, "%s: route #%zu: %s", path, i, msg);
             goto out;
         }

@@ -25,8 +25,15 @@ typedef struct route {
     /* Its rate limit per API key ("rate": quota calls per window; 0 0:
      * none), checked in Redis by reserve.lua with the key's own override. */
     int64_t rate_quota, rate_window_ms;
+    /* Idempotency-Key on its POST and PATCH calls (ROUTES_IDEM_*): used when
+     * sent (optional), required, or ignored (off: forwarded as any header). */
+    int idempotency;
     int metric_slot; /* its worker's metrics slot (gw_metrics_route_slot), set on adoption */
 } route;
+
+#define ROUTES_IDEM_OPTIONAL 0
+#define ROUTES_IDEM_REQUIRED 1
+#define ROUTES_IDEM_OFF 2
 
 typedef struct route_table {
     route *routes;

@@ -67,9 +67,10 @@ const struct sockaddr *server_peer(const server_conn *c);
 /* The request body (de-chunked), complete once request_body_done ran. */
 const char *server_body(const server_conn *c, size_t *len);
 
-/* request_early's request holds its price: send 100 Continue (if asked
- * for) and read the body, then request_body_done. From the loop, never
- * from inside this call. */
+/* request_early's request holds its price (or carries an Idempotency-Key,
+ * whose fingerprint needs the body before the reserve): send 100 Continue
+ * (if asked for) and read the body, then request_body_done. From the loop,
+ * never from inside this call. */
 void server_want_body(server_conn *c);
 
 /* ---- answering ------------------------------------------------------- */

@@ -16,6 +16,9 @@
 #include "gateway/spill.h"
 
 #include "billing/log.h"
+#include "gateway/idem.h"
+
+#include <sodium.h>
 
 #include <dirent.h>
 #include <errno.h>
@@ -157,11 +160,19 @@ static int spill_write(spill_file *f, const char *buf, size_t len)
 
 int spill_settle(spill_file *f, const hot_settle_args *a)
 {
-    char line[SPILL_LINE_MAX];
+    char line[SPILL_LINE_MAX], key[IDEM_HEX] = "", fp[IDEM_HEX] = "";
     int n;
+    /* A call with an Idempotency-Key carries the key's hash and its
+     * fingerprint: the replay stores its marker (an answer not kept) or
+     * clears it. */
+    if (a->has_idem) {
+        idem_hex(a->idem.key, key);
+        idem_hex(a->idem.fp, fp);
+    }
     /* A commit replays as `late`: the hold may be swept by then. */
-    n = snprintf(line, sizeof line, "S %s %" PRId64 " %" PRId64 " %s %ld\n", a->rid, a->account,
-                 a->charge, a->commit ? "late" : "release", a->status);
+    n = snprintf(line, sizeof line, "S %s %" PRId64 " %" PRId64 " %s %ld%s%s%s%s\n", a->rid,
+                 a->account, a->charge, a->commit ? "late" : "release", a->status,
+                 a->has_idem ? " " : "", key, a->has_idem ? " " : "", fp);
     if (n < 0 || (size_t)n >= sizeof line || spill_write(f, line, (size_t)n) != 0) {
         log_error("spill: settle rid=%s account=%" PRId64 " charge=%" PRId64 " lost", a->rid,
                   a->account, a->charge);
@@ -397,16 +408,29 @@ static int spill_parse(spill_replay *r, const char *path, char *text)
 {
     char *line = text, *nl;
     while ((nl = strchr(line, '\n')) != NULL) {
-        char rid[64], lid[64], outcome[16];
+        char rid[64], lid[64], outcome[16], key[IDEM_HEX + 1], fp[IDEM_HEX + 1];
         long long acct, charge, seq;
         long status;
-        int nrec;
+        int nrec, nf = 0;
         spill_item *it;
         *nl = '\0';
+        /* 5 fields, or 7 with a key's hash and fingerprint (64 hex each). A
+         * malformed pair is dropped, never the charge: its marker then
+         * expires with its hold. */
         if (line[0] == 'S' &&
-            sscanf(line, "S %63s %lld %lld %15s %ld", rid, &acct, &charge, outcome, &status) == 5 &&
+            (nf = sscanf(line, "S %63s %lld %lld %15s %ld %65s %65s", rid, &acct, &charge, outcome,
+                         &status, key, fp)) >= 5 &&
             spill_valid_id(rid, 33) && (!strcmp(outcome, "late") || !strcmp(outcome, "release"))) {
             if (!(it = spill_add_item(r))) return -1;
+            if (nf == 7 && strlen(key) == IDEM_HEX - 1 && strlen(fp) == IDEM_HEX - 1 &&
+                sodium_hex2bin(it->settle.idem.key, sizeof it->settle.idem.key, key, IDEM_HEX - 1,
+                               NULL, NULL, NULL) == 0 &&
+                sodium_hex2bin(it->settle.idem.fp, sizeof it->settle.idem.fp, fp, IDEM_HEX - 1,
+                               NULL, NULL, NULL) == 0)
+                it->settle.has_idem = 1;
+            else if (nf > 5)
+                log_error("spill %s: settle %s: malformed idempotency key, replayed without it",
+                          path, rid);
             it->kind = SPILL_SETTLE;
             it->settle.account = acct;
             memcpy(it->settle.rid, rid, strlen(rid) + 1);

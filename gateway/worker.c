@@ -280,7 +280,9 @@ int worker_init(worker *w, int idx, const gw_config *cfg, route_table *routes)
     {
         hot_limits hl = {.max_backlog = cfg->max_backlog,
                          .queue_max = (size_t)cfg->settle_queue_max,
-                         .spill = w->spill};
+                         .spill = w->spill,
+                         .idem_ttl_ms = cfg->idem_ttl_ms,
+                         .idem_budget = cfg->idem_account_bytes};
         hotclient_configure(w->hc, &hl);
     }
     /* One worker replays what an earlier run spilled, while serving (every

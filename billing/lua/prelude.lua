@@ -192,3 +192,85 @@ local function cap_tag(h)
     if not d then return nil end
     return tonumber(d), tonumber(m), k
 end
+
+-- ---- idempotency (Idempotency-Key: reserve.lua, settle.lua) ----
+-- One string per key an account used, pg:{A}:idem:<SHA-256 of the key, hex>
+-- (billing/hotkeys.h), in the account's slot like the limits hash:
+--   f|<fp>|<rid>|<deadline ms>   the first call is in flight (reserve.lua;
+--                                PX the hold's ttl: it dies with the hold)
+--   d|<fp>|<rid>|<answer>        its billable answer, to replay (settle.lua;
+--                                PX IDEMPOTENCY_TTL)
+--   n|<fp>|<rid>|<status>|<why>  billable, but the answer is not kept (why:
+--                                t too large, l its settle came late)
+-- fp is the request's fingerprint (SHA-256 of method, target and body
+-- hash, hex), rid the first call's reservation id. The answer is the
+-- gateway's own format (gateway/idem.c); the scripts only carry it.
+local function idem_key(akey, khash)
+    return (string.gsub(akey, 'acct$', 'idem:')) .. khash
+end
+
+-- A marker's parts {kind, fp, rid, rest = what follows rid's '|'}, or nil.
+local function idem_parse(v)
+    local kind, fp, rid, at = string.match(v, '^([fdn])|(%x+)|(%w+)|()')
+    if not kind or #fp ~= 64 then return nil end
+    return {kind = kind, fp = fp, rid = rid, at = at, v = v}
+end
+
+-- An argument that names a key or a fingerprint: 64 hex digits.
+local function idem_hex(s)
+    return type(s) == 'string' and #s == 64 and string.find(s, '^%x+$') ~= nil
+end
+
+-- The per-account budget of stored answers, pg:{A}:idemb: a hash of the
+-- bytes stored per time bucket, IDEM_BUCKETS + 1 buckets covering the TTL,
+-- so that what was stored more than a TTL ago leaves the count without a
+-- scan (settle.lua adds to the current bucket and deletes those past the
+-- window; the hash expires when no answer was stored for a TTL). The count
+-- errs high by at most one bucket (answers of the oldest bucket that
+-- already expired), never low.
+local IDEM_BUCKETS = 24
+local function idem_budget_key(akey)
+    return (string.gsub(akey, 'acct$', 'idemb'))
+end
+
+local function idem_bucket_ms(ttl)
+    return math.ceil(ttl / IDEM_BUCKETS)
+end
+
+-- Bytes stored in the window of NOW for a TTL, and the ms until the oldest
+-- bucket with bytes leaves it; nil when the hash is unusable.
+local function idem_used(bkey, now, ttl)
+    local B = idem_bucket_ms(ttl)
+    local cur = math.floor(now / B)
+    local names = {}
+    for k = cur - IDEM_BUCKETS, cur do names[#names + 1] = string.format('%d', k) end
+    local v = redis.pcall('HMGET', bkey, unpack(names))
+    if type(v) ~= 'table' or v.err then return nil end
+    local used, wait = 0, nil
+    for j = 1, #names do
+        local x = v[j] and int(v[j])
+        if x and x > 0 then
+            used = used + x
+            if not wait then wait = (cur - IDEM_BUCKETS + j - 1 + IDEM_BUCKETS + 1) * B - now end
+        end
+    end
+    return used, wait or B
+end
+
+-- An answer of BYTES stored now: counted in the current bucket; the
+-- buckets that left the window go (see idem_used).
+local function idem_count(bkey, now, ttl, bytes)
+    local B = idem_bucket_ms(ttl)
+    local cur = math.floor(now / B)
+    local old = {}
+    for k = cur - 2 * IDEM_BUCKETS - 1, cur - IDEM_BUCKETS - 1 do
+        old[#old + 1] = string.format('%d', k)
+    end
+    local r = redis.pcall('HINCRBY', bkey, string.format('%d', cur), string.format('%d', bytes))
+    if type(r) == 'table' and r.err then
+        redis.log(redis.LOG_WARNING, 'idempotency: ' .. bkey .. ': ' .. r.err)
+        return
+    end
+    redis.pcall('HDEL', bkey, unpack(old))
+    redis.pcall('EXPIRE', bkey, string.format('%d', math.ceil((ttl + B) / 1000) + 1))
+end

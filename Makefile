@@ -115,6 +115,8 @@ $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 $(O)/bin/test_routes: $(O)/gateway/routes.o
+# idem.o alone: the test stubs the proxy and forward functions it calls.
+$(O)/bin/test_idem: $(O)/gateway/idem.o
 # lease.c with its fault-injection hook (LEASE_TESTING), in its unit test only.
 $(O)/tests/unit/lease_testing.o: gateway/lease.c
 	@mkdir -p $(dir $@)

@@ -40,6 +40,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         FUZZ_CHECK(r->price >= 1 && r->price <= pmax);
         FUZZ_CHECK(r->timeout_ms >= 1 && r->timeout_ms <= 3600000);
         FUZZ_CHECK((r->charge_on & ~0x3eu) == 0);
+        FUZZ_CHECK(r->idempotency >= ROUTES_IDEM_OPTIONAL && r->idempotency <= ROUTES_IDEM_OFF);
         if (r->usage)
             FUZZ_CHECK(r->unit_price >= 1 && r->unit_price <= pmax && r->units_header &&
                        r->units_header[0]);

@@ -184,11 +184,53 @@ static void test_route_ids(void)
     CHECK(load_id("\"\"") != 0);
 }
 
+/* "idempotency" per route, with the file's default: optional unless said. */
+static void test_idempotency_option(void)
+{
+    const char *ok = "{\"idempotency\":\"required\",\"routes\":["
+                     "{\"id\":\"a\",\"method\":\"POST\",\"path\":\"/a\",\"price\":1},"
+                     "{\"id\":\"b\",\"method\":\"POST\",\"path\":\"/b\",\"price\":1,"
+                     "\"idempotency\":\"off\"},"
+                     "{\"id\":\"c\",\"method\":\"POST\",\"path\":\"/c\",\"price\":1,"
+                     "\"idempotency\":\"optional\"}]}";
+    const char *bad[] = {"{\"routes\":[{\"id\":\"a\",\"method\":\"POST\",\"path\":\"/a\","
+                         "\"price\":1,\"idempotency\":\"on\"}]}",
+                         "{\"routes\":[{\"id\":\"a\",\"method\":\"POST\",\"path\":\"/a\","
+                         "\"price\":1,\"idempotency\":true}]}",
+                         "{\"idempotency\":1,\"routes\":[]}"};
+    char err[256];
+    route_table *t = NULL;
+    CHECK(routes_load_buffer(ok, strlen(ok), "test", 1000, &t, err, sizeof err) == 0);
+    if (t) {
+        CHECK(t->routes[0].idempotency == ROUTES_IDEM_REQUIRED);
+        CHECK(t->routes[1].idempotency == ROUTES_IDEM_OFF);
+        CHECK(t->routes[2].idempotency == ROUTES_IDEM_OPTIONAL);
+        routes_unref(t);
+    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        t = NULL;
+        CHECK(routes_load_buffer(bad[i], strlen(bad[i]), "test", 1000, &t, err, sizeof err) != 0);
+        CHECK(t == NULL);
+        if (t) routes_unref(t);
+    }
+    t = NULL;
+    CHECK(routes_load_buffer("{\"routes\":[{\"id\":\"a\",\"method\":\"POST\",\"path\":\"/a\","
+                             "\"price\":1}]}",
+                             strlen("{\"routes\":[{\"id\":\"a\",\"method\":\"POST\",\"path\":"
+                                    "\"/a\",\"price\":1}]}"),
+                             "test", 1000, &t, err, sizeof err) == 0);
+    if (t) {
+        CHECK(t->routes[0].idempotency == ROUTES_IDEM_OPTIONAL);
+        routes_unref(t);
+    }
+}
+
 int main(void)
 {
     test_decoded();
     test_refused();
     test_route_ids();
+    test_idempotency_option();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

@@ -16,7 +16,7 @@ from harness import http
 
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 ALLOWED_LABELS = {"route", "method", "status_class", "outcome", "state", "sink", "program",
-                  "version", "le"}
+                  "version", "le", "result"}
 METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
 

@@ -124,12 +124,12 @@ static void test_answers(void)
         BAD("099|0|");
         BAD("600|0|");
         BAD("200|");
-        BAD("200|5|abc");      /* head past the end */
-        BAD("200|3|a\0b");     /* a value without its NUL */
+        BAD("200|5|abc");        /* head past the end */
+        BAD("200|3|a\0b");       /* a value without its NUL */
         BAD("200|6|a\0b\r\n\0"); /* CR LF in a value: header splitting */
-        BAD("200|4|\0b\0\0");   /* an empty name */
-        BAD("200|4|a b\0");    /* a name that is not a token */
-        BAD("200|2|a\0");      /* a name without a value */
+        BAD("200|4|\0b\0\0");    /* an empty name */
+        BAD("200|4|a b\0");      /* a name that is not a token */
+        BAD("200|2|a\0");        /* a name without a value */
 #undef BAD
         CHECK(idem_answer_parse("200|4|a\0b\0body", 14, &a) == 0 && a.body_len == 4);
         CHECK(idem_answer_parse("204|0|", 6, &a) == 0 && a.body_len == 0 && a.head_len == 0);

@@ -329,6 +329,13 @@ Try:
   curl -i -H 'Authorization: Bearer $key' -X POST -H 'Content-Type: application/json' \\
        -d '{"items":[{"id":"thermo-1"},{"id":"thermo-2"}]}' $gw/v1/batch
 
+  # a safe retry: the same Idempotency-Key twice runs the command once; the
+  # second answer is the first one again (Idempotent-Replayed: true, 0 points)
+  curl -i -H 'Authorization: Bearer $key' -X POST -H 'Idempotency-Key: demo-unlock-1' \\
+       -d '{"command":"unlock"}' $gw/v1/devices/lock-1/commands
+  curl -i -H 'Authorization: Bearer $key' -X POST -H 'Idempotency-Key: demo-unlock-1' \\
+       -d '{"command":"unlock"}' $gw/v1/devices/lock-1/commands
+
   # the account as admins and finance see it
   curl -s -H 'Authorization: Bearer $ADMIN_TOKEN' $adm/v1/accounts/$acct | jq .
   curl -s -H 'Authorization: Bearer $FINANCE_TOKEN' $adm/v1/accounts/$acct/ledger | jq .

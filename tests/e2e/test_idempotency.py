@@ -406,3 +406,35 @@ def test_account_budget_bounds_the_stored_answers(stack):
     used = stack.redis_raw("HGETALL", f"pg:{{{acct}}}:idemb").splitlines()
     assert sum(int(x) for x in used[1::2]) >= 4096
     assert _metric(gw, "budget_exceeded") == 1
+
+
+def test_body_sent_after_100_continue_is_read_before_the_reserve(stack):
+    """A call with a key whose body is not there with its head is not
+    reserved first (request_early): its fingerprint needs the body, so the
+    gateway sends 100 Continue at once, reads the body, then reserves."""
+    import socket
+    _base(stack)
+    gw = _gateway(stack)
+    acct, key = _account(stack)
+    body = b'{"op":"unlock"}'
+    outs = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        s.sendall(b"POST /v1/devices/d9/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: " +
+                  key.encode() + b"\r\nIdempotency-Key: k-continue\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        assert stack.hot(acct).get("held", 0) == 0  # nothing held before the body
+        s.sendall(body)
+        out = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+        s.close()
+        outs.append(out)
+    assert outs[0].startswith(b"HTTP/1.1 202") and b"Idempotent-Replayed" not in outs[0], outs[0]
+    assert outs[1].startswith(b"HTTP/1.1 202") and b"Idempotent-Replayed: true" in outs[1]
+    assert outs[0].split(b"\r\n\r\n", 1)[1] == outs[1].split(b"\r\n\r\n", 1)[1]
+    assert _sim_requests(stack) == 1

@@ -438,3 +438,40 @@ def test_body_sent_after_100_continue_is_read_before_the_reserve(stack):
     assert outs[1].startswith(b"HTTP/1.1 202") and b"Idempotent-Replayed: true" in outs[1]
     assert outs[0].split(b"\r\n\r\n", 1)[1] == outs[1].split(b"\r\n\r\n", 1)[1]
     assert _sim_requests(stack) == 1
+
+
+def test_spilled_settles_store_or_clear_their_markers(stack):
+    """A spill file's settle line carries the key's hash and fingerprint: a
+    commit replayed late stores the marker of an answer not kept (a retry
+    gets 409, never a second run), a release clears the in-flight marker
+    (a retry runs anew). Lines of older files, without them, still replay."""
+    import os
+    _base(stack)
+    acct, key = _account(stack)
+    spill = os.path.join(stack.dir, "spill-idem")
+    os.makedirs(spill, exist_ok=True)
+    fp = hashlib.sha256(b"whatever the first call was").hexdigest()
+    deadline = int(time.time() * 1000) + 60000
+    lines = []
+    for rid, ikey, outcome in (("a1" * 16, "k-spill-commit", "late"),
+                               ("b2" * 16, "k-spill-release", "release"),
+                               ("c3" * 16, None, "late")):
+        stack.redis("HSET", f"pg:{{{acct}}}:holds", rid, f"5|device.command|{deadline}")
+        stack.redis("HINCRBY", f"pg:{{{acct}}}:acct", "held", 5)
+        if ikey:
+            stack.redis("SET", _marker(stack, acct, ikey), f"f|{fp}|{rid}|{deadline}", "PX", 60000)
+            kh = hashlib.sha256(ikey.encode()).hexdigest()
+            lines.append(f"S {rid} {acct} 5 {outcome} 202 {kh} {fp}\n")
+        else:
+            lines.append(f"S {rid} {acct} 5 {outcome} 202\n")
+    path = os.path.join(spill, "spill-1-0-2.log")
+    with open(path, "w") as f:
+        f.write("".join(lines))
+    gw = _gateway(stack, {"GATEWAY_SPILL_DIR": spill})
+    stack.wait_for(lambda: not os.path.exists(path), timeout=20, what="replayed and deleted")
+    v = stack.redis_raw("GET", _marker(stack, acct, "k-spill-commit"))
+    assert v == f"n|{fp}|{'a1' * 16}|202|l", v
+    assert stack.redis_raw("EXISTS", _marker(stack, acct, "k-spill-release")) == "0"
+    assert stack.hot(acct)["held"] == 0
+    assert _charged(stack, acct) == (2, 10)
+    gw.stop()

@@ -18,12 +18,20 @@
 
 static const char *const gw_methods[GW_METHODS] = {"GET",   "HEAD",   "POST",    "PUT",
                                                    "PATCH", "DELETE", "OPTIONS", "other"};
-static const char *const gw_outcomes[GW_OUTCOMES] = {
-    "charged",      "released",         "refused",
-    "unauthorized", "no_route",         "billing_unavailable",
-    "bad_request",  "rate_limited",     "info",
-    "cancelled",    "too_many_waiting", "quota_exceeded",
-    "error"};
+static const char *const gw_outcomes[GW_OUTCOMES] = {"charged",
+                                                     "released",
+                                                     "refused",
+                                                     "unauthorized",
+                                                     "no_route",
+                                                     "billing_unavailable",
+                                                     "bad_request",
+                                                     "rate_limited",
+                                                     "info",
+                                                     "cancelled",
+                                                     "too_many_waiting",
+                                                     "quota_exceeded",
+                                                     "forbidden",
+                                                     "error"};
 static const char *const gw_classes[GW_METRICS_CLASSES] = {"other", "1xx", "2xx",
                                                            "3xx",   "4xx", "5xx"};
 

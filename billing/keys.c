@@ -59,11 +59,11 @@ const char *keys_check(const keys_spec *s)
         tm.tm_year -= 1900;
         tm.tm_mon -= 1;
         {
-            struct tm back;
-            t = timegm(&tm);
+            struct tm want = tm;
             /* timegm normalizes 02-30 into March: a date that moved is no date. */
-            if (t == (time_t)-1 || !gmtime_r(&t, &back) || back.tm_mday != tm.tm_mday ||
-                back.tm_mon != tm.tm_mon || back.tm_hour != tm.tm_hour || tm.tm_sec > 59)
+            t = timegm(&tm);
+            if (t == (time_t)-1 || tm.tm_mday != want.tm_mday || tm.tm_mon != want.tm_mon ||
+                tm.tm_hour != want.tm_hour || tm.tm_min != want.tm_min || tm.tm_sec != want.tm_sec)
                 return "expires_at is not a valid date and time";
         }
         if (t <= time(NULL)) return "expires_at must be in the future";
@@ -288,8 +288,8 @@ static int keys_rotate_tx(control_ctx *c, const char *ids, const char *grace, co
     p[1] = PQgetvalue(*r, 0, 0);
     *old = ledger_query(c->pg,
                         "UPDATE api_keys k SET rotated_to = $2, version = version + 1, "
-                        "expires_at = least(coalesce(expires_at, 'infinity'), now() + "
-                        "make_interval(secs => $3::int)) WHERE id = $1 RETURNING k.key_hash, "
+                        "expires_at = least(coalesce(expires_at, 'infinity'), "
+                        "date_trunc('second', now()) + make_interval(secs => $3::int)) WHERE id = $1 RETURNING k.key_hash, "
                         "" KEYS_MIRROR_SQL,
                         3, (const char *const[]){ids, p[1], grace});
     return *old ? LEDGER_OK : LEDGER_ERROR;

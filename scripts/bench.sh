@@ -489,16 +489,25 @@ AUTH=$LAUTH
 start_gateway ROUTES_FILE="$TMP/routes-limited.json"
 AUTH=$AUTH_SAVED
 LIM_PID=$GW_PID LIM_PORT=$GW_PORT
+# The same calls without limits and without leases: how much of the gap is
+# the per-call scripts rather than the limit checks in them.
+start_gateway GATEWAY_LEASE_CALLS=0
+PERCALL_PID=$GW_PID PERCALL_PORT=$GW_PORT
 LIM_ROUNDS=${BENCH_LIMITS_ROUNDS:-$ROUNDS}
 for round in $(seq 1 "$LIM_ROUNDS"); do
     run_wrk "contract-plain-$round" "http://127.0.0.1:$PLAIN_PORT$BENCH_PATH" "$CONNS" "$AUTH"
     run_wrk "contract-limited-$round" "http://127.0.0.1:$LIM_PORT$BENCH_PATH" "$CONNS" "$LAUTH"
+    run_wrk "contract-percall-$round" "http://127.0.0.1:$PERCALL_PORT$BENCH_PATH" "$CONNS" "$AUTH"
 done
+{ read -r percall_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-percall)
+read -r percall_rps _ < <(wrk_figures "$OUT/wrk-contract-percall.txt")
+stop_pid "$PERCALL_PID"
 { read -r lim_plain_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-plain)
 { read -r lim_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-limited)
 read -r lim_plain_rps _ lim_plain_p99 _ < <(wrk_figures "$OUT/wrk-contract-plain.txt")
 read -r lim_rps _ lim_p99 _ lim_non2xx _ < <(wrk_figures "$OUT/wrk-contract-limited.txt")
 lim_cost=$(awk -v a="$lim_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+percall_cost=$(awk -v a="$percall_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
 stop_pid "$LIM_PID"
 GW_PID=$PLAIN_PID
 
@@ -548,6 +557,7 @@ fi
     echo "  $scrapes scrapes answered; access log lines in the last round: $access_lines, dropped in all: ${access_dropped:-?}"
     echo "developer contract (requests/s, medians of $LIM_ROUNDS interleaved rounds): plain $lim_plain_rps ($lim_plain_rounds);"
     echo "  rate limit (route and account) and daily cap on every call $lim_rps ($lim_rounds): ${lim_cost}% (target within 5%), p99 $lim_p99 vs $lim_plain_p99, non-2xx $lim_non2xx"
+    echo "  no limits, no leases (GATEWAY_LEASE_CALLS=0) $percall_rps ($percall_rounds): ${percall_cost}%"
     verdict=ok
     [ "$GW_MANY_RSS_KB" -le "$RSS_TARGET_KB" ] || verdict="OVER the 64 MiB target"
     echo "gateway peak RSS with $MANY connections: $((GW_MANY_RSS_KB / 1024)) MiB ($GW_MANY_RSS_KB kB): $verdict"
@@ -571,6 +581,8 @@ record ops_access_dropped_lines "${access_dropped:-}"
 record contract_plain_rps "$lim_plain_rps"
 record contract_limited_rps "$lim_rps"
 record contract_limited_cost_pct "$lim_cost"
+record contract_percall_rps "$percall_rps"
+record contract_percall_cost_pct "$percall_cost"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
 record gateway_rss_after_round1_kb "$rss_first"
 record gateway_rss_after_last_round_kb "$rss_last"

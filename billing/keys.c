@@ -45,15 +45,16 @@ const char *keys_check(const keys_spec *s)
         size_t n = strlen(s->name);
         if (n == 0 || n > KEYS_NAME_MAX) return "name must be 1 to 100 characters";
         for (const char *p = s->name; *p; p++)
-            if ((unsigned char)*p < ' ' || *p == 0x7f) return "name must not hold control characters";
+            if ((unsigned char)*p < ' ' || *p == 0x7f)
+                return "name must not hold control characters";
     }
     if (s->expires_at) {
         struct tm tm = {0};
         char tail = 0;
         time_t t;
         if (strlen(s->expires_at) != 20 ||
-            sscanf(s->expires_at, "%4d-%2d-%2dT%2d:%2d:%2d%c", &tm.tm_year, &tm.tm_mon,
-                   &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &tail) != 7 ||
+            sscanf(s->expires_at, "%4d-%2d-%2dT%2d:%2d:%2d%c", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+                   &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &tail) != 7 ||
             tail != 'Z')
             return "expires_at must be a UTC time as YYYY-MM-DDTHH:MM:SSZ";
         tm.tm_year -= 1900;
@@ -92,8 +93,7 @@ const char *keys_parse(json_t *body, keys_spec *s)
             return "unknown field: a key takes name, expires_at and scopes";
     }
     v = json_object_get(body, "name");
-    if (v && !json_is_null(v) && !(s->name = json_string_value(v)))
-        return "name must be a string";
+    if (v && !json_is_null(v) && !(s->name = json_string_value(v))) return "name must be a string";
     v = json_object_get(body, "expires_at");
     if (v && !json_is_null(v) && !(s->expires_at = json_string_value(v)))
         return "expires_at must be a string (YYYY-MM-DDTHH:MM:SSZ) or null";
@@ -101,8 +101,7 @@ const char *keys_parse(json_t *body, keys_spec *s)
     if (v && !json_is_null(v)) {
         size_t i;
         json_t *e;
-        if (!json_is_array(v) || json_array_size(v) == 0 ||
-            json_array_size(v) > KEYS_SCOPES_MAX)
+        if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > KEYS_SCOPES_MAX)
             return "scopes must be a list of 1 to 16 route ids, or null (every route)";
         json_array_foreach(v, i, e)
         {
@@ -211,8 +210,7 @@ int keys_create(control_ctx *c, int64_t account, const keys_spec *s, char key[AP
         goto out;
     }
     *info = keys_info_json(r, 0, 0);
-    keys_push(c, strtoll(PQgetvalue(r, 0, 0), NULL, 10), hash,
-              PQgetvalue(r, 0, KEYS_INFO_COLS));
+    keys_push(c, strtoll(PQgetvalue(r, 0, 0), NULL, 10), hash, PQgetvalue(r, 0, KEYS_INFO_COLS));
     rc = *info ? LEDGER_OK : LEDGER_ERROR;
 out:
     if (rc != LEDGER_OK) sodium_memzero(key, APIKEY_LEN + 1);
@@ -289,7 +287,8 @@ static int keys_rotate_tx(control_ctx *c, const char *ids, const char *grace, co
     *old = ledger_query(c->pg,
                         "UPDATE api_keys k SET rotated_to = $2, version = version + 1, "
                         "expires_at = least(coalesce(expires_at, 'infinity'), "
-                        "date_trunc('second', now()) + make_interval(secs => $3::int)) WHERE id = $1 RETURNING k.key_hash, "
+                        "date_trunc('second', now()) + make_interval(secs => $3::int)) WHERE id = "
+                        "$1 RETURNING k.key_hash, "
                         "" KEYS_MIRROR_SQL,
                         3, (const char *const[]){ids, p[1], grace});
     return *old ? LEDGER_OK : LEDGER_ERROR;
@@ -320,8 +319,7 @@ int keys_rotate(control_ctx *c, int64_t key_id, int64_t grace_s, char key[APIKEY
     keys_push(c, key_id, PQgetvalue(old, 0, 0), PQgetvalue(old, 0, 1));
     keys_push(c, strtoll(PQgetvalue(r, 0, 0), NULL, 10), hash, PQgetvalue(r, 0, KEYS_INFO_COLS));
     *info = keys_info_json(r, 0, 0);
-    if (*info)
-        json_object_set_new(*info, "rotated_from", json_integer((json_int_t)key_id));
+    if (*info) json_object_set_new(*info, "rotated_from", json_integer((json_int_t)key_id));
     rc = *info ? LEDGER_OK : LEDGER_ERROR;
 out:
     if (rc != LEDGER_OK) sodium_memzero(key, APIKEY_LEN + 1);

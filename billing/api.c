@@ -343,7 +343,8 @@ static api_reply api_list_keys(control_ctx *c, int64_t account, struct MHD_Conne
         return api_error(400, "bad_request", "after must be a key id");
     rc = keys_list(c->pg, account, after, (int)limit, &keys);
     if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
-    return api_json(200, json_pack("{s:o, s:o}", "keys", keys, "next_after",
+    /* "O": next_after is borrowed from the last key (json_null() is not counted). */
+    return api_json(200, json_pack("{s:o, s:O}", "keys", keys, "next_after",
                                    json_array_size(keys) == (size_t)limit
                                        ? json_object_get(json_array_get(keys, limit - 1), "key_id")
                                        : json_null()));

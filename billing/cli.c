@@ -364,7 +364,10 @@ static int cli_keys(int argc, char **argv)
             json_t *k;
             printf("%-8s %-20s %-7s %-8s %-20s %s\n", "KEY_ID", "NAME", "HINT", "STATE", "EXPIRES",
                    "SCOPES");
-            json_array_foreach(keys, i, k) cli_print_key(k);
+            json_array_foreach(keys, i, k)
+            {
+                cli_print_key(k);
+            }
             json_decref(keys);
         }
     } else {

@@ -1253,7 +1253,7 @@ static void request_on_key(void *arg, int rc, const hot_key_info *info)
         request_unavailable(r, rc);
         return;
     }
-    if (rc == 0) {
+    if (rc == 0 && info) {
         request_key_entry(info, &k);
     } else {
         memset(&k, 0, sizeof k);

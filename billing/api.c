@@ -7,6 +7,7 @@
 
 #include "billing/control.h"
 #include "billing/env.h"
+#include "billing/keys.h"
 #include "billing/limits.h"
 #include "billing/log.h"
 #include "billing/operators.h"
@@ -304,22 +305,94 @@ static api_reply api_get_account(control_ctx *c, int64_t id)
     return api_json(200, j);
 }
 
-static api_reply api_create_key(control_ctx *c, int64_t account)
+/* POST /v1/accounts/{id}/keys [{"name","expires_at","scopes"}]: 201 the
+ * key as listed plus "api_key", the secret, shown this once. */
+static api_reply api_create_key(control_ctx *c, int64_t account, const api_req *rq)
 {
     char key[APIKEY_LEN + 1];
-    int64_t key_id;
-    json_t *j;
-    int rc = control_key_create(c, account, key, &key_id);
+    api_reply err;
+    keys_spec spec;
+    json_t *body = NULL, *info = NULL;
+    const char *bad;
+    int rc;
+    if (rq->len > 0 && !(body = api_parse_body(rq, &err))) return err;
+    bad = keys_parse(body, &spec);
+    if (bad) {
+        json_decref(body);
+        return api_error(400, "bad_request", bad);
+    }
+    rc = keys_create(c, account, &spec, key, &info);
+    json_decref(body);
     if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
-    j = json_pack("{s:I, s:I, s:s}", "key_id", (json_int_t)key_id, "account_id",
-                  (json_int_t)account, "api_key", key);
+    json_object_set_new(info, "api_key", json_string(key));
     sodium_memzero(key, sizeof key);
-    return api_json(201, j);
+    return api_json(201, info);
+}
+
+/* GET /v1/accounts/{id}/keys?after=&limit=: never a secret or a hash. */
+static api_reply api_list_keys(control_ctx *c, int64_t account, struct MHD_Connection *conn)
+{
+    const char *ls = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "limit");
+    const char *as = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "after");
+    int64_t limit = 100, after = 0;
+    json_t *keys;
+    int rc;
+    if (ls && (env_parse_int64(ls, &limit) != 0 || limit < 1 || limit > KEYS_LIST_MAX))
+        return api_error(400, "bad_request", "limit must be an integer from 1 to 1000");
+    if (as && (env_parse_int64(as, &after) != 0 || after < 0))
+        return api_error(400, "bad_request", "after must be a key id");
+    rc = keys_list(c->pg, account, after, (int)limit, &keys);
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such account");
+    /* "O": next_after is borrowed from the last key (json_null() is not counted). */
+    return api_json(200, json_pack("{s:o, s:O}", "keys", keys, "next_after",
+                                   json_array_size(keys) == (size_t)limit
+                                       ? json_object_get(json_array_get(keys, limit - 1), "key_id")
+                                       : json_null()));
+}
+
+/* POST /v1/keys/{id}/rotate [{"grace_s"}]: 201 the new key with its secret. */
+static api_reply api_rotate_key(control_ctx *c, int64_t key_id, const api_req *rq)
+{
+    char key[APIKEY_LEN + 1];
+    api_reply err;
+    json_t *body = NULL, *info = NULL, *g;
+    int64_t grace = KEYS_GRACE_DEFAULT_S;
+    const char *k;
+    int rc;
+    if (rq->len > 0 && !(body = api_parse_body(rq, &err))) return err;
+    if (body) {
+        json_t *v;
+        json_object_foreach(body, k, v)
+        {
+            if (strcmp(k, "grace_s") != 0) {
+                json_decref(body);
+                return api_error(400, "bad_request", "unknown field: a rotation takes grace_s");
+            }
+        }
+        g = json_object_get(body, "grace_s");
+        if (!json_is_object(body) || (g && (!json_is_integer(g) || json_integer_value(g) < 0 ||
+                                            json_integer_value(g) > KEYS_GRACE_MAX_S))) {
+            json_decref(body);
+            return api_error(400, "bad_request",
+                             "grace_s must be an integer of seconds from 0 to 2592000 (30 days)");
+        }
+        if (g) grace = (int64_t)json_integer_value(g);
+        json_decref(body);
+    }
+    rc = keys_rotate(c, key_id, grace, key, &info);
+    if (rc == LEDGER_CONFLICT)
+        return api_error(409, "already_rotated",
+                         "this key was rotated already: rotate its successor (rotated_to)");
+    if (rc != LEDGER_OK) return api_status_error(rc, "no such live key");
+    json_object_set_new(info, "api_key", json_string(key));
+    json_object_set_new(info, "grace_s", json_integer((json_int_t)grace));
+    sodium_memzero(key, sizeof key);
+    return api_json(201, info);
 }
 
 static api_reply api_revoke_key(control_ctx *c, int64_t key_id)
 {
-    int rc = control_key_revoke(c, key_id);
+    int rc = keys_revoke(c, key_id);
     if (rc != LEDGER_OK) return api_status_error(rc, "no such key");
     return api_json(204, NULL);
 }
@@ -541,8 +614,9 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
             return api_error(405, "method_not_allowed", "use GET");
         }
         if (n == 4 && SEG(3, "keys")) {
-            if (is_post) return api_create_key(c, id);
-            return api_error(405, "method_not_allowed", "use POST");
+            if (is_post) return api_create_key(c, id, rq);
+            if (is_get) return api_list_keys(c, id, conn);
+            return api_error(405, "method_not_allowed", "use GET or POST");
         }
         if (n == 4 && (SEG(3, "topups") || SEG(3, "adjustments"))) {
             if (is_post) return api_credit(c, id, rq, SEG(3, "topups"), who.name);
@@ -574,6 +648,11 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
         if (is_get) return api_get_limits(c, LIMITS_KEY, id);
         if (is_put) return api_put_limits(c, LIMITS_KEY, id, rq);
         return api_error(405, "method_not_allowed", "use GET or PUT");
+    } else if (SEG(1, "keys") && n == 4 && SEG(3, "rotate")) {
+        id = api_parse_id(seg[2], len[2]);
+        if (!id) return api_error(404, "not_found", "no such key");
+        if (is_post) return api_rotate_key(c, id, rq);
+        return api_error(405, "method_not_allowed", "use POST");
     } else if (SEG(1, "keys") && n == 3) {
         id = api_parse_id(seg[2], len[2]);
         if (!id) return api_error(404, "not_found", "no such key");

@@ -5,6 +5,7 @@
 #include "billing/config.h"
 #include "billing/control.h"
 #include "billing/env.h"
+#include "billing/keys.h"
 #include "billing/limits.h"
 #include "billing/operators.h"
 #include "billing/reports.h"
@@ -230,34 +231,152 @@ out:
     return rc;
 }
 
+/* A key as keys_list shows it, in columns. */
+static void cli_print_key(json_t *k)
+{
+    json_t *sc = json_object_get(k, "scopes");
+    const char *name = json_string_value(json_object_get(k, "name"));
+    const char *exp = json_string_value(json_object_get(k, "expires_at"));
+    char scopes[KEYS_SCOPES_MAX * (KEYS_SCOPE_MAX + 1) + 1] = "";
+    size_t i;
+    json_t *e;
+    json_array_foreach(sc, i, e)
+    {
+        if (i) strcat(scopes, ",");
+        strcat(scopes, json_string_value(e));
+    }
+    printf("%-8" JSON_INTEGER_FORMAT " %-20s ...%-4s %-8s %-20s %s\n",
+           json_integer_value(json_object_get(k, "key_id")), name ? name : "-",
+           json_string_value(json_object_get(k, "hint"))
+               ? json_string_value(json_object_get(k, "hint"))
+               : "",
+           json_string_value(json_object_get(k, "state")), exp ? exp : "never",
+           scopes[0] ? scopes : "*");
+}
+
+/* A new or rotated key: its secret, shown once. */
+static void cli_print_new_key(json_t *info, const char *key, int as_json)
+{
+    if (as_json) {
+        json_object_set_new(info, "api_key", json_string(key));
+        cli_print_json(json_incref(info));
+        return;
+    }
+    printf("key_id  %" JSON_INTEGER_FORMAT "\napi_key %s\n(shown once: store it now)\n",
+           json_integer_value(json_object_get(info, "key_id")), key);
+}
+
 static int cli_keys(int argc, char **argv)
 {
     cli_args a;
     cli_env e;
-    int64_t id, key_id;
-    char key[APIKEY_LEN + 1];
-    int rc;
+    int64_t id;
+    char key[APIKEY_LEN + 1], scopes_buf[KEYS_SCOPES_MAX * (KEYS_SCOPE_MAX + 1) + 1];
+    json_t *info = NULL;
+    keys_spec spec;
+    const char *bad;
+    int rc, as_json;
     const char *sub = argc > 0 ? argv[0] : NULL;
-    if (!sub || cli_parse(argc - 1, argv + 1, NULL, NULL, &a) != 0 || a.help || a.npos != 1 ||
-        (strcmp(sub, "create") != 0 && strcmp(sub, "revoke") != 0)) {
-        fprintf(a.help ? stdout : stderr, "usage: billing keys create ACCOUNT_ID\n"
-                                          "       billing keys revoke KEY_ID\n");
-        return a.help ? CLI_OK : CLI_USAGE;
+    memset(&e, 0, sizeof e);
+    if (!sub ||
+        cli_parse(argc - 1, argv + 1, " name expires-at scopes grace after limit ", " json ", &a) !=
+            0 ||
+        a.help || a.npos != 1 ||
+        (strcmp(sub, "create") != 0 && strcmp(sub, "revoke") != 0 && strcmp(sub, "list") != 0 &&
+         strcmp(sub, "rotate") != 0)) {
+        fprintf(a.help ? stdout : stderr,
+                "usage: billing keys create ACCOUNT_ID [--name NAME] [--expires-at "
+                "YYYY-MM-DDTHH:MM:SSZ]\n"
+                "                           [--scopes ROUTE,ROUTE...] [--json]\n"
+                "       billing keys list ACCOUNT_ID [--after KEY_ID] [--limit N] [--json]\n"
+                "       billing keys rotate KEY_ID [--grace SECONDS] [--json]\n"
+                "       billing keys revoke KEY_ID\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
     }
-    if (cli_id(a.pos[0], strcmp(sub, "create") == 0 ? "ACCOUNT_ID" : "KEY_ID", &id) != 0)
+    as_json = cli_flag(&a, "json") != NULL;
+    if (cli_id(a.pos[0],
+               strcmp(sub, "create") == 0 || strcmp(sub, "list") == 0 ? "ACCOUNT_ID" : "KEY_ID",
+               &id) != 0)
         return CLI_USAGE;
-    if ((rc = cli_open(&e, 1)) != CLI_OK) goto out;
     if (strcmp(sub, "create") == 0) {
-        rc = cli_status(control_key_create(&e.c, id, key, &key_id), "account");
-        if (rc == CLI_OK) {
-            printf("key_id  %" PRId64 "\napi_key %s\n(shown once: store it now)\n", key_id, key);
-            sodium_memzero(key, sizeof key);
+        const char *sc = cli_flag(&a, "scopes");
+        memset(&spec, 0, sizeof spec);
+        spec.name = cli_flag(&a, "name");
+        spec.expires_at = cli_flag(&a, "expires-at");
+        if (sc) {
+            if (strlen(sc) >= sizeof scopes_buf) {
+                fprintf(stderr, "billing: --scopes is too long\n");
+                return CLI_USAGE;
+            }
+            snprintf(scopes_buf, sizeof scopes_buf, "%s", sc);
+            for (char *p = scopes_buf, *q; p; p = q) {
+                q = strchr(p, ',');
+                if (q) *q++ = '\0';
+                if (spec.nscopes == KEYS_SCOPES_MAX) {
+                    spec.nscopes++;
+                    break;
+                }
+                spec.scopes[spec.nscopes++] = p;
+            }
+        }
+        if ((bad = keys_check(&spec))) {
+            fprintf(stderr, "billing: %s\n", bad);
+            return CLI_USAGE;
+        }
+    }
+    if ((rc = cli_open(&e, strcmp(sub, "create") == 0 || strcmp(sub, "rotate") == 0)) != CLI_OK)
+        goto out;
+    if (strcmp(sub, "create") == 0) {
+        rc = cli_status(keys_create(&e.c, id, &spec, key, &info), "account");
+        if (rc == CLI_OK) cli_print_new_key(info, key, as_json);
+    } else if (strcmp(sub, "rotate") == 0) {
+        int64_t grace = KEYS_GRACE_DEFAULT_S;
+        const char *g = cli_flag(&a, "grace");
+        if (g && (env_parse_int64(g, &grace) != 0 || grace < 0 || grace > KEYS_GRACE_MAX_S)) {
+            fprintf(stderr, "billing: --grace is 0 to 2592000 seconds\n");
+            rc = CLI_USAGE;
+            goto out;
+        }
+        rc = keys_rotate(&e.c, id, grace, key, &info);
+        if (rc == LEDGER_CONFLICT) {
+            fprintf(stderr, "billing: key %" PRId64 " was rotated already: rotate its successor\n",
+                    id);
+            rc = CLI_REFUSED;
+        } else if ((rc = cli_status(rc, "live key")) == CLI_OK) {
+            cli_print_new_key(info, key, as_json);
+            if (!as_json) printf("key %" PRId64 " keeps working for %" PRId64 " s\n", id, grace);
+        }
+    } else if (strcmp(sub, "list") == 0) {
+        int64_t after = 0, limit = 100;
+        const char *as = cli_flag(&a, "after"), *ls = cli_flag(&a, "limit");
+        json_t *keys = NULL;
+        if ((as && (env_parse_int64(as, &after) != 0 || after < 0)) ||
+            (ls && (env_parse_int64(ls, &limit) != 0 || limit < 1 || limit > KEYS_LIST_MAX))) {
+            fprintf(stderr, "billing: --after is a key id, --limit 1 to 1000\n");
+            rc = CLI_USAGE;
+            goto out;
+        }
+        rc = cli_status(keys_list(e.c.pg, id, after, (int)limit, &keys), "account");
+        if (rc == CLI_OK && as_json) {
+            cli_print_json(keys);
+        } else if (rc == CLI_OK) {
+            size_t i;
+            json_t *k;
+            printf("%-8s %-20s %-7s %-8s %-20s %s\n", "KEY_ID", "NAME", "HINT", "STATE", "EXPIRES",
+                   "SCOPES");
+            json_array_foreach(keys, i, k)
+            {
+                cli_print_key(k);
+            }
+            json_decref(keys);
         }
     } else {
-        rc = cli_status(control_key_revoke(&e.c, id), "key");
+        rc = cli_status(keys_revoke(&e.c, id), "key");
         if (rc == CLI_OK) printf("key %" PRId64 " revoked\n", id);
     }
 out:
+    sodium_memzero(key, sizeof key);
+    json_decref(info);
     cli_close(&e);
     return rc;
 }

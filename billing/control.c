@@ -55,39 +55,6 @@ int control_account_create(control_ctx *c, const char *name, ledger_account *out
     return LEDGER_OK;
 }
 
-int control_key_create(control_ctx *c, int64_t account_id, char key[APIKEY_LEN + 1],
-                       int64_t *key_id)
-{
-    char hash[APIKEY_HASH_HEX + 1];
-    int rc;
-    if (apikey_generate(key) != 0) return LEDGER_ERROR;
-    if (apikey_hash(c->pepper, key, APIKEY_LEN, hash) != 0) return LEDGER_ERROR;
-    rc = ledger_key_create(c->pg, account_id, hash, key_id);
-    if (rc != LEDGER_OK) {
-        sodium_memzero(key, APIKEY_LEN + 1);
-        return rc;
-    }
-    if (hot_key_set(c->hot, hash, account_id) != 0)
-        log_warn("key %" PRId64 ": push to redis failed; repair pass will retry", *key_id);
-    return LEDGER_OK;
-}
-
-int control_key_revoke(control_ctx *c, int64_t key_id)
-{
-    char hash[65];
-    int64_t account;
-    int rc = ledger_key_revoke(c->pg, key_id, hash, &account);
-    if (rc != LEDGER_OK) return rc;
-    /* The tombstone, after the commit: no push of a live snapshot taken
-     * before the commit can overwrite it (keypush.lua). */
-    if (hot_key_revoke(c->hot, hash) != 0) {
-        log_error("key %" PRId64 ": revoked in ledger; its tombstone is not in redis yet", key_id);
-        return CONTROL_UNAVAILABLE;
-    }
-    log_info("key %" PRId64 " of account %" PRId64 " revoked", key_id, account);
-    return LEDGER_OK;
-}
-
 /* Takes the guard hold of a negative adjustment. *guarded = 0 when Redis does
  * not know the account (nothing can be in flight against it then).
  *

@@ -24,17 +24,6 @@ enum { CONTROL_UNAVAILABLE = -10 /* Redis unreachable: nothing was changed */ };
 
 int control_account_create(control_ctx *c, const char *name, ledger_account *out);
 
-/* Creates a key: KEY gets the plaintext (shown once, never stored). */
-int control_key_create(control_ctx *c, int64_t account_id, char key[APIKEY_LEN + 1],
-                       int64_t *key_id);
-
-/* Revokes in Postgres, then writes the key's tombstone to Redis (a revoke
- * is final: no push of a live key overwrites it). CONTROL_UNAVAILABLE when
- * the Redis write failed: the key is revoked in the ledger and the repair
- * pass writes the tombstone, but the caller should know it may still work
- * for up to one repair interval. */
-int control_key_revoke(control_ctx *c, int64_t key_id);
-
 /* A top-up (kind "topup") or signed adjustment (kind "adjustment"); see
  * ledger_credit for idempotency. A negative adjustment first holds the amount
  * in Redis so that calls in flight can never be left overdrawn by it. */

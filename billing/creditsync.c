@@ -42,6 +42,7 @@
  * that. */
 #include "billing/control.h"
 #include "billing/hot.h"
+#include "billing/keys.h"
 #include "billing/ledger.h"
 #include "billing/limits.h"
 #include "billing/log.h"
@@ -83,13 +84,12 @@ static int creditsync_account(void *arg, int64_t id, int64_t seq, int64_t credit
     return 0;
 }
 
-static int creditsync_key(void *arg, const char *key_hash, int64_t account, int revoked)
+static int creditsync_key(void *arg, const char *key_hash, const char *value)
 {
     creditsync_ctx *c = arg;
     int lost, changed;
     bm_beat(c->m, BM_BEAT_CREDITSYNC);
-    if (hot_pass_key(c->hot, c->marker, key_hash, revoked ? -1 : account, &lost, &changed) != 0)
-        return -1;
+    if (hot_pass_key(c->hot, c->marker, key_hash, value, &lost, &changed) != 0) return -1;
     if (lost) {
         c->lost = 1;
         return -1;
@@ -114,7 +114,7 @@ static int creditsync_pass_run(PGconn *pg, creditsync_ctx *c)
         PQreset(pg); /* the lock goes with the session; never left held */
         return -1;
     }
-    if (rc != LEDGER_OK || ledger_each_key(pg, creditsync_key, c) != LEDGER_OK)
+    if (rc != LEDGER_OK || keys_each_mirror(pg, creditsync_key, c) != LEDGER_OK)
         return c->lost ? CREDITSYNC_LOST : -1;
     /* Limits before the epoch: after a loss, no call is served (NODATA)
      * until an account's caps and rates are back with its points. */

@@ -387,20 +387,16 @@ static int hot_simple(hot_conn *h, int argc, const char **argv)
     return rc;
 }
 
-/* keypush.lua for one key: ACCOUNT < 0 writes the tombstone; MARKER (or
+/* keypush.lua for one key: VALUE NULL writes the tombstone; MARKER (or
  * NULL) names the pass. *written gets the script's answer. */
-static int hot_keypush(hot_conn *h, const char *key_hash, int64_t account, const char *marker,
+static int hot_keypush(hot_conn *h, const char *key_hash, const char *value, const char *marker,
                        int *written)
 {
-    char name[96], acct[24];
-    const char *args[3] = {name, marker ? marker : "", acct};
+    char name[96];
+    const char *v = value ? value : HOT_KEY_REVOKED;
+    const char *args[3] = {name, marker ? marker : v, v};
     redisReply *r;
     snprintf(name, sizeof name, HOT_KEY_PREFIX "%s", key_hash);
-    if (account < 0)
-        snprintf(acct, sizeof acct, "%s", HOT_KEY_REVOKED);
-    else
-        snprintf(acct, sizeof acct, "%" PRId64, account);
-    if (!marker) args[1] = acct;
     r = hot_eval(h, HOT_KEYPUSH, marker ? 2 : 1, args, marker ? 3 : 2);
     if (!r) return -1;
     *written = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
@@ -408,17 +404,17 @@ static int hot_keypush(hot_conn *h, const char *key_hash, int64_t account, const
     return *written < 0 ? -1 : 0;
 }
 
-int hot_key_set(hot_conn *h, const char *key_hash, int64_t account)
+int hot_key_set(hot_conn *h, const char *key_hash, const char *value)
 {
     int written;
-    if (account <= 0) return -1;
-    return hot_keypush(h, key_hash, account, NULL, &written);
+    if (!value || !value[0]) return -1;
+    return hot_keypush(h, key_hash, value, NULL, &written);
 }
 
 int hot_key_revoke(hot_conn *h, const char *key_hash)
 {
     int written;
-    return hot_keypush(h, key_hash, -1, NULL, &written);
+    return hot_keypush(h, key_hash, NULL, NULL, &written);
 }
 
 int hot_limits_push(hot_conn *h, int64_t account, int64_t seq, const char *const *pairs, int n,
@@ -456,11 +452,11 @@ int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER])
     return hot_simple(h, 5, argv);
 }
 
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost,
-                 int *changed)
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, const char *value,
+                 int *lost, int *changed)
 {
     int written;
-    if (hot_keypush(h, key_hash, account, marker, &written) != 0) return -1;
+    if (hot_keypush(h, key_hash, value, marker, &written) != 0) return -1;
     *lost = written == 2;
     *changed = written == 1;
     return 0;

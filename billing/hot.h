@@ -43,16 +43,17 @@ int hot_settle(hot_conn *h, int64_t account, const char *rid, int64_t charge, co
 int hot_account(hot_conn *h, int64_t account, int *found, int64_t *credited, int64_t *spent,
                 int64_t *held);
 
-/* The API key mirror the gateway authenticates against (keypush.lua). A
- * live key's push never overwrites a revoked key's tombstone; a revoke
- * writes the tombstone, which only ever stays. */
-int hot_key_set(hot_conn *h, const char *key_hash, int64_t account);
+/* The API key mirror the gateway authenticates against (keypush.lua):
+ * VALUE is the key's mirror value (keys.h). A live key's push never
+ * overwrites a revoked key's tombstone nor a newer version; a revoke writes
+ * the tombstone, which only ever stays. */
+int hot_key_set(hot_conn *h, const char *key_hash, const char *value);
 int hot_key_revoke(hot_conn *h, const char *key_hash);
 
 /* Repair passes (creditsync.c). A pass sets its marker MARKER (a Redis key
  * name, HOT_PASS_MARKER bytes with its NUL) before its first push; a loss
  * of Redis's data takes it away. hot_pass_key pushes one key for the pass
- * (ACCOUNT < 0: revoked); *lost = 1, nothing written, when the marker is
+ * (VALUE NULL: revoked); *lost = 1, nothing written, when the marker is
  * gone. hot_pass_end deletes the marker and writes pg:epoch if missing:
  * *result 2 epoch written, 1 it was there, 0 the marker was gone (Redis
  * lost data during the pass: run it again). */
@@ -64,8 +65,8 @@ int hot_limits_push(hot_conn *h, int64_t account, int64_t seq, const char *const
                     int *result);
 int hot_pass_begin(hot_conn *h, char marker[HOT_PASS_MARKER]);
 /* *changed = 1 when the push changed the mirror (it was missing or stale). */
-int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, int64_t account, int *lost,
-                 int *changed);
+int hot_pass_key(hot_conn *h, const char *marker, const char *key_hash, const char *value,
+                 int *lost, int *changed);
 /* hot_credit for the pass (no guard; drops expired guards): *lost = 1,
  * nothing written, when the marker is gone (credit.lua); *repaired = 1 when
  * it raised Redis spent to Postgres'. */

@@ -13,18 +13,35 @@
 -- whose tombstone the loss took, so nothing is written and the pass starts
 -- again from a fresh snapshot.
 --
+-- A live key's value is "account|key id|version|expires ms|scopes"
+-- (billing/keys.h); version rises with every change of the key's row, and
+-- a value never replaces one of a higher version: a pass that read the key
+-- before a rotation (which shortened its life) cannot lengthen it again.
+-- A bare "account" (the form before key management) counts as version 0.
+--
 -- KEYS[1] pg:key:<hash>, KEYS[2] (optional) the pass's marker
--- ARGV[1] the account id, or "-1" for the tombstone
--- Returns 1 written, 0 tombstone kept, 2 marker gone: nothing written,
+-- ARGV[1] the value, or "-1" for the tombstone
+-- Returns 1 written, 0 tombstone (or a newer version) kept, 2 marker gone: nothing written,
 -- 3 the key already had that value: nothing written (a repair pass counts
 -- only the writes that changed Redis as fixes).
-if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
-if ARGV[1] ~= '-1' then
-    if not int(ARGV[1]) or int(ARGV[1]) <= 0 then
-        return redis.error_reply('keypush: account must be a positive integer or -1')
-    end
-    if redis.call('GET', KEYS[1]) == '-1' then return 0 end
+local function version(v)
+    if not v then return -1 end
+    if string.find(v, '^%d+$') then return 0 end
+    local ver = string.match(v, '^%d+|%d+|(%d+)|')
+    return ver and tonumber(ver) or -1
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then return 3 end
+
+if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '-1' then
+    local a, k, ver, exp, scopes = string.match(ARGV[1], '^(%d+)|(%d+)|(%d+)|(%d+)|([^|]*)$')
+    if not a or tonumber(a) <= 0 or tonumber(k) <= 0 or #ARGV[1] > 4096 then
+        return redis.error_reply('keypush: want account|key id|version|expires ms|scopes or -1')
+    end
+    if cur == '-1' then return 0 end
+    if cur == ARGV[1] then return 3 end
+    if version(cur) > tonumber(ver) then return 0 end
+end
+if cur == ARGV[1] then return 3 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1

@@ -228,42 +228,6 @@ int ledger_entry_by_reference(PGconn *conn, int64_t account_id, const char *refe
     return rc;
 }
 
-int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id)
-{
-    char ids[24];
-    const char *p[2] = {ids, key_hash};
-    PGresult *r = NULL;
-    int rc;
-    snprintf(ids, sizeof ids, "%" PRId64, account_id);
-    rc = ledger_failure(
-        conn, "INSERT INTO api_keys (account_id, key_hash) VALUES ($1, $2) RETURNING id", 2, p, &r);
-    if (rc != LEDGER_OK) return rc;
-    *key_id = ledger_i64(r, 0, 0);
-    PQclear(r);
-    return LEDGER_OK;
-}
-
-int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *account_id)
-{
-    char ids[24];
-    const char *p[1] = {ids};
-    PGresult *r;
-    int rc = LEDGER_NOT_FOUND;
-    snprintf(ids, sizeof ids, "%" PRId64, key_id);
-    r = ledger_query(conn,
-                     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 "
-                     "RETURNING key_hash, account_id",
-                     1, p);
-    if (!r) return LEDGER_ERROR;
-    if (PQntuples(r) == 1) {
-        snprintf(key_hash, 65, "%s", PQgetvalue(r, 0, 0));
-        *account_id = ledger_i64(r, 0, 1);
-        rc = LEDGER_OK;
-    }
-    PQclear(r);
-    return rc;
-}
-
 int ledger_same_terms(const ledger_entry *e, const char *kind, int64_t amount)
 {
     return e->amount == amount && strcmp(e->kind, kind) == 0;
@@ -630,19 +594,6 @@ int ledger_each_account(PGconn *conn, ledger_account_fn fn, void *arg)
     for (int i = 0; i < PQntuples(r) && rc == LEDGER_OK; i++)
         if (fn(arg, ledger_i64(r, i, 0), ledger_i64(r, i, 1), ledger_i64(r, i, 2),
                ledger_i64(r, i, 3)) != 0)
-            rc = LEDGER_ERROR;
-    PQclear(r);
-    return rc;
-}
-
-int ledger_each_key(PGconn *conn, ledger_key_fn fn, void *arg)
-{
-    PGresult *r = ledger_query(
-        conn, "SELECT key_hash, account_id, revoked_at IS NOT NULL FROM api_keys", 0, NULL);
-    int rc = LEDGER_OK;
-    if (!r) return LEDGER_ERROR;
-    for (int i = 0; i < PQntuples(r) && rc == LEDGER_OK; i++)
-        if (fn(arg, PQgetvalue(r, i, 0), ledger_i64(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') != 0)
             rc = LEDGER_ERROR;
     PQclear(r);
     return rc;

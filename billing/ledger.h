@@ -1,5 +1,5 @@
 /* ledger.h: the Postgres ledger (libpq, synchronous).
- * Owns accounts, API key hashes, credit entries (top-ups, adjustments),
+ * Owns accounts, credit entries (top-ups, adjustments),
  * settled charges and the daily usage rollup. Does not touch Redis: keeping
  * the hot balances in step is control.c's job (and the workers').
  * Every query is parameterised; no value is ever spliced into SQL text. */
@@ -83,11 +83,6 @@ int ledger_account_get(PGconn *conn, int64_t id, ledger_account *out);
 /* Up to MAX accounts with id > AFTER, by id (cursor paging). */
 int ledger_accounts(PGconn *conn, int64_t after, int max, ledger_account *out, int *n);
 
-/* Stores a key hash for an account; *key_id gets the new key's id. */
-int ledger_key_create(PGconn *conn, int64_t account_id, const char *key_hash, int64_t *key_id);
-/* Revokes a key (idempotent); returns its hash and account for the Redis mirror. */
-int ledger_key_revoke(PGconn *conn, int64_t key_id, char key_hash[65], int64_t *account_id);
-
 /* Adds a credit entry: kind "topup" (amount > 0, reference required) or
  * "adjustment" (signed, reason required, reference optional). With a
  * reference already used on the account, returns that entry and *created = 0
@@ -121,11 +116,9 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
                         size_t whylen);
 
-/* Calls FN for every account's credit state / every key, for repair passes. */
+/* Calls FN for every account's credit state, for repair passes (keys: keys.h). */
 typedef int (*ledger_account_fn)(void *arg, int64_t id, int64_t credit_seq, int64_t credited,
                                  int64_t spent);
 int ledger_each_account(PGconn *conn, ledger_account_fn fn, void *arg);
-typedef int (*ledger_key_fn)(void *arg, const char *key_hash, int64_t account_id, int revoked);
-int ledger_each_key(PGconn *conn, ledger_key_fn fn, void *arg);
 
 #endif

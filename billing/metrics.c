@@ -34,6 +34,7 @@ static const char *const bm_endpoint_names[BM_EP_N] = {
     "/v1/accounts/{id}/limits",
     "/v1/keys/{id}",
     "/v1/keys/{id}/limits",
+    "/v1/keys/{id}/rotate",
     "/v1/status",
     "other",
 };
@@ -176,6 +177,9 @@ int bm_endpoint_of(const char *url)
     if (n == 4 && bm_seg(seg[1], len[1], "keys") && bm_id(seg[2], len[2]) &&
         bm_seg(seg[3], len[3], "limits"))
         return BM_EP_KEY_LIMITS;
+    if (n == 4 && bm_seg(seg[1], len[1], "keys") && bm_id(seg[2], len[2]) &&
+        bm_seg(seg[3], len[3], "rotate"))
+        return BM_EP_KEY_ROTATE;
     return BM_EP_OTHER;
 }
 

@@ -32,6 +32,7 @@ enum bm_endpoint {
     BM_EP_ACCOUNT_LIMITS,
     BM_EP_KEY,
     BM_EP_KEY_LIMITS,
+    BM_EP_KEY_ROTATE,
     BM_EP_STATUS,
     BM_EP_OTHER,
     BM_EP_N

@@ -141,67 +141,94 @@ local function bucket(L, name, q, w)
                       math.ceil((new - now_us) / 1000)}
 end
 
+-- The cap checks of one scope's names N: nil, or the refusal.
+local function caps_check(L, N, price)
+    local cap = lim_num(L, N.cd)
+    if cap > 0 then
+        local used = lim_num(L, N.d) == today and lim_num(L, N.ds) + lim_num(L, N.dh) or 0
+        if used + price > cap then
+            return {3, cap, 1, cap - used > 0 and cap - used or 0, DAY_RESET}
+        end
+    end
+    cap = lim_num(L, N.cm)
+    if cap > 0 then
+        local used = lim_num(L, N.m) == month and lim_num(L, N.ms) + lim_num(L, N.mh) or 0
+        if used + price > cap then
+            return {3, cap, 2, cap - used > 0 and cap - used or 0, MONTH_RESET}
+        end
+    end
+    return nil
+end
+
 -- Checks op I (account A, hold PRICE) against every limit that applies:
 -- nil, or the refusal {status, q, w, r, t}; then what to write when the
--- call is held: {L, tats = {name, tat}..., info, tag}.
+-- call is held: {L, a, k (names), tats = {name, tat}..., info}. Field names
+-- and the limits hash's read are made once per call for each key and
+-- route (prelude.lua lim_names), not per op.
 local function limits_check(i, akey, price, route)
     local L = lim_of(lims, akey)
-    local b = S * (i - 1)
-    local key = S == 7 and ARGV[b + 5] or '0'
-    local kp = 'k' .. key .. '.'
-    local tk = 'tat.' .. kp .. route
-    if not lim_read(L, {'a.rq', 'a.rw', 'a.cd', 'a.cm', kp .. 'rq', kp .. 'rw', kp .. 'cd',
-                        kp .. 'cm', 'tat.a', tk, 'a.d', 'a.ds', 'a.dh', 'a.m', 'a.ms', 'a.mh',
-                        kp .. 'd', kp .. 'ds', kp .. 'dh', kp .. 'm', kp .. 'ms', kp .. 'mh'}) then
-        return {-2, 0, 0, 0, 0}
+    local a = lim_names(L, 'a')
+    local k = lim_names(L, S == 7 and ARGV[S * (i - 1) + 5] or '0')
+    local tk = k.tat[route]
+    if not tk then
+        tk = 'tat.' .. k.p .. route
+        k.tat[route] = tk
     end
-    local plan = {L = L, tats = {}, info = nil, key = key, kp = kp}
+    if not k.seen[route] then
+        if not lim_read(L, {a.rq, a.rw, a.cd, a.cm, k.rq, k.rw, k.cd, k.cm, 'tat.a', tk, a.d,
+                            a.ds, a.dh, a.m, a.ms, a.mh, k.d, k.ds, k.dh, k.m, k.ms, k.mh}) then
+            return {-2, 0, 0, 0, 0}
+        end
+        k.seen[route] = true
+    end
+    local plan = {L = L, a = a, k = k, tats = {}, info = nil}
     -- The key's bucket on this route (its own limit, else the route's),
     -- then the account's.
-    local q, w = lim_num(L, kp .. 'rq'), lim_num(L, kp .. 'rw')
+    local q, w = lim_num(L, k.rq), lim_num(L, k.rw)
     if q <= 0 or w <= 0 then q, w = rq[i], rw[i] end
-    for _, bk in ipairs({{tk, q, w}, {'tat.a', lim_num(L, 'a.rq'), lim_num(L, 'a.rw')}}) do
-        if bk[2] > 0 and bk[3] > 0 then
-            local retry, new, info = bucket(L, bk[1], bk[2], bk[3])
-            if retry then return {2, bk[2], bk[3], 0, retry} end
-            plan.tats[#plan.tats + 1] = {bk[1], new}
+    local aq, aw = lim_num(L, a.rq), lim_num(L, a.rw)
+    for b = 1, 2 do
+        local name, bq, bw = tk, q, w
+        if b == 2 then name, bq, bw = 'tat.a', aq, aw end
+        if bq > 0 and bw > 0 then
+            local retry, new, info = bucket(L, name, bq, bw)
+            if retry then return {2, bq, bw, 0, retry} end
+            plan.tats[#plan.tats + 1] = {name, new}
             if not plan.info or info[3] < plan.info[3] then plan.info = info end
         end
     end
     -- Caps: what is spent and held in the current day and month, per scope.
-    for _, sc in ipairs({'a.', kp}) do
-        for _, per in ipairs({{'d', today, 1, DAY_RESET}, {'m', month, 2, MONTH_RESET}}) do
-            local cap = lim_num(L, sc .. 'c' .. per[1])
-            if cap > 0 then
-                local cur = lim_num(L, sc .. per[1]) == per[2]
-                local used = cur and lim_num(L, sc .. per[1] .. 's') + lim_num(L, sc .. per[1] .. 'h') or 0
-                if used + price > cap then
-                    return {3, cap, per[3], cap - used > 0 and cap - used or 0, per[4]}
-                end
-            end
-        end
-    end
+    local refused = caps_check(L, a, price) or caps_check(L, k, price)
+    if refused then return refused end
     return nil, plan
+end
+
+-- One scope's counters of the current day and month take PRICE as held.
+local function caps_take(L, N, price)
+    if lim_num(L, N.d) ~= today then
+        lim_set(L, N.d, today)
+        lim_set(L, N.ds, 0)
+        lim_set(L, N.dh, 0)
+    end
+    lim_set(L, N.dh, lim_num(L, N.dh) + price)
+    if lim_num(L, N.m) ~= month then
+        lim_set(L, N.m, month)
+        lim_set(L, N.ms, 0)
+        lim_set(L, N.mh, 0)
+    end
+    lim_set(L, N.mh, lim_num(L, N.mh) + price)
 end
 
 -- Op held: its buckets move and its price is held in every cap counter
 -- (kept whether or not a cap is set, so that a cap set later in a day
--- counts the day's calls).
+-- counts the day's calls). Returns the hold's cap tag (made once per key).
 local function limits_take(plan, price)
-    local L = plan.L
+    local L, k = plan.L, plan.k
     for _, tt in ipairs(plan.tats) do lim_set(L, tt[1], math.floor(tt[2])) end
-    for _, sc in ipairs({'a.', plan.kp}) do
-        for _, per in ipairs({{'d', today}, {'m', month}}) do
-            local f = sc .. per[1]
-            if lim_num(L, f) ~= per[2] then
-                lim_set(L, f, per[2])
-                lim_set(L, f .. 's', 0)
-                lim_set(L, f .. 'h', 0)
-            end
-            lim_set(L, f .. 'h', lim_num(L, f .. 'h') + price)
-        end
-    end
-    return string.format('c%d.%d.%s', today, month, plan.key)
+    caps_take(L, plan.a, price)
+    caps_take(L, k, price)
+    if not k.tag then k.tag = string.format('c%d.%d.%s', today, month, string.sub(k.p, 2, -2)) end
+    return k.tag
 end
 
 -- Idempotency: the markers seen in this call (key -> prelude.lua's parts,

@@ -95,26 +95,34 @@ end
 -- counters of a day that is over are not kept). Its account's limits hash
 -- is read in pass 2 and written after the outbox entry, like the rest.
 local lims = {by = {}, order = {}} -- account key -> limits (prelude.lua lim_of)
+-- One scope's counters (names N) of day D and month M, if current.
+local function caps_give(L, N, d, m, hold, charge)
+    if lim_num(L, N.d) == d then
+        local left = lim_num(L, N.dh) - hold
+        lim_set(L, N.dh, left > 0 and left or 0)
+        lim_set(L, N.ds, lim_num(L, N.ds) + charge)
+    end
+    if lim_num(L, N.m) == m then
+        local left = lim_num(L, N.mh) - hold
+        lim_set(L, N.mh, left > 0 and left or 0)
+        lim_set(L, N.ms, lim_num(L, N.ms) + charge)
+    end
+end
+
 local function caps_settle(akey, h, hold, charge)
     local d, m, key = cap_tag(h)
     if not d then return end
     local L = lim_of(lims, akey)
-    local kp = 'k' .. key .. '.'
-    if not lim_read(L, {'a.d', 'a.ds', 'a.dh', 'a.m', 'a.ms', 'a.mh', kp .. 'd', kp .. 'ds',
-                        kp .. 'dh', kp .. 'm', kp .. 'ms', kp .. 'mh'}) then
-        redis.log(redis.LOG_WARNING, 'settle: unusable limits hash ' .. L.key)
-        return
-    end
-    for _, sc in ipairs({'a.', kp}) do
-        for _, per in ipairs({{'d', d}, {'m', m}}) do
-            local f = sc .. per[1]
-            if lim_num(L, f) == per[2] then
-                local left = lim_num(L, f .. 'h') - hold
-                lim_set(L, f .. 'h', left > 0 and left or 0)
-                lim_set(L, f .. 's', lim_num(L, f .. 's') + charge)
-            end
+    local a, k = lim_names(L, 'a'), lim_names(L, key)
+    if not k.settled then
+        if not lim_read(L, {a.d, a.ds, a.dh, a.m, a.ms, a.mh, k.d, k.ds, k.dh, k.m, k.ms, k.mh}) then
+            redis.log(redis.LOG_WARNING, 'settle: unusable limits hash ' .. L.key)
+            return
         end
+        k.settled = true
     end
+    caps_give(L, a, d, m, hold, charge)
+    caps_give(L, k, d, m, hold, charge)
 end
 
 -- A hold's amount, route and amount as written, from "amount|route|deadline"

@@ -89,6 +89,7 @@ typedef struct hot_cmd {
     hotclient *hc;
     enum hot_kind kind;
     hot_cb cb;
+    hot_key_cb kcb; /* HOT_KEY's */
     void *arg;
 } hot_cmd;
 
@@ -616,17 +617,6 @@ static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[HOT_V_MAX])
 {
     int64_t f[5];
-    if (kind == HOT_KEY) {
-        /* MGET key epoch, one atomic read: a miss is "unknown key" only if
-         * Redis holds billing's data (the epoch, written after a complete
-         * rebuild). Two commands would race a rebuild that pushes the key
-         * and writes the epoch between them: a valid key answered 401 (and
-         * cached). */
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return -1;
-        if (r->element[0]->type == REDIS_REPLY_NIL)
-            return r->element[1]->type == REDIS_REPLY_NIL ? HOT_ERR_NODATA : 1;
-        return hot_int(r->element[0], &v[0]) == 0 ? 0 : -1;
-    }
     if (kind == HOT_BACKLOG_GET) {
         if (r->type == REDIS_REPLY_NIL)
             v[0] = 0;
@@ -658,6 +648,53 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[HOT
     return 0;
 }
 
+/* Parses a decimal of [P, END) up to SEP (or END) into *OUT; the char
+ * after it, or NULL when it is not one. */
+static const char *hot_field(const char *p, const char *end, char sep, int64_t *out)
+{
+    int64_t v = 0;
+    const char *q = p;
+    while (q < end && *q >= '0' && *q <= '9' && q - p < 18)
+        v = v * 10 + (*q++ - '0');
+    if (q == p || (q < end && *q != sep)) return NULL;
+    *out = v;
+    return q;
+}
+
+/* MGET key epoch, one atomic read: a miss is "unknown key" only if Redis
+ * holds billing's data (the epoch, written after a complete rebuild). Two
+ * commands would race a rebuild that pushes the key and writes the epoch
+ * between them: a valid key answered 401 (and cached). */
+static int hot_decode_key(const redisReply *r, hot_key_info *k)
+{
+    const redisReply *v;
+    const char *p, *end;
+    memset(k, 0, sizeof *k);
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) return -1;
+    v = r->element[0];
+    if (v->type == REDIS_REPLY_NIL)
+        return r->element[1]->type == REDIS_REPLY_NIL ? HOT_ERR_NODATA : 1;
+    if (v->type != REDIS_REPLY_STRING) return -1;
+    p = v->str;
+    end = v->str + v->len;
+    if (v->len == 2 && memcmp(p, "-1", 2) == 0) {
+        k->account = -1;
+        return 0;
+    }
+    if (!(p = hot_field(p, end, '|', &k->account)) || k->account <= 0) return -1;
+    if (p == end) return 0; /* "account": the form before key ids */
+    {
+        int64_t version;
+        if (!(p = hot_field(p + 1, end, '|', &k->key_id)) || p == end ||
+            !(p = hot_field(p + 1, end, '|', &version)) || p == end ||
+            !(p = hot_field(p + 1, end, '|', &k->expires_ms)) || p == end)
+            return -1;
+    }
+    k->scopes = p + 1;
+    k->scopes_len = (size_t)(end - k->scopes);
+    return 0;
+}
+
 static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
 {
     hot_cmd *cmd = priv;
@@ -668,8 +705,19 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR)
         log_error("redis error: %s", rep->str);
-    else if (rep)
+    else if (rep && cmd->kind == HOT_KEY) {
+        hot_key_info k;
+        rc = hot_decode_key(rep, &k);
+        if (cmd->kcb) cmd->kcb(cmd->arg, rc, rc == 0 ? &k : NULL);
+        free(cmd);
+        return;
+    } else if (rep)
         rc = hot_decode_cmd(cmd->kind, rep, v);
+    if (cmd->kind == HOT_KEY) {
+        if (cmd->kcb) cmd->kcb(cmd->arg, rc, NULL);
+        free(cmd);
+        return;
+    }
     if (cmd->kind == HOT_BACKLOG_GET) {
         hc->backlog_polling = 0;
         if (rc == 0) {
@@ -695,13 +743,14 @@ static void hot_on_backlog_timer(evutil_socket_t fd, short what, void *arg)
     if (hot_command(hc, HOT_BACKLOG_GET, NULL, NULL, 2) == 0) hc->backlog_polling = 1;
 }
 
-static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, int argc)
+static int hot_command_cb(hotclient *hc, enum hot_kind kind, hot_cb cb, hot_key_cb kcb, void *arg,
+                          int argc)
 {
     hot_cmd *cmd;
     if (!hc->ac || hc->closing) return -1;
     cmd = malloc(sizeof *cmd);
     if (!cmd) return -1;
-    *cmd = (hot_cmd){.hc = hc, .kind = kind, .cb = cb, .arg = arg};
+    *cmd = (hot_cmd){.hc = hc, .kind = kind, .cb = cb, .kcb = kcb, .arg = arg};
     if (hc->inflight == 0) clock_gettime(CLOCK_MONOTONIC, &hc->last_reply);
     if (redisAsyncCommandArgv(hc->ac, hot_on_cmd_reply, cmd, argc, hc->argv, NULL) != REDIS_OK) {
         free(cmd);
@@ -711,14 +760,19 @@ static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, 
     return 0;
 }
 
-int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg)
+static int hot_command(hotclient *hc, enum hot_kind kind, hot_cb cb, void *arg, int argc)
+{
+    return hot_command_cb(hc, kind, cb, NULL, arg, argc);
+}
+
+int hotclient_key(hotclient *hc, const char *hash_hex, hot_key_cb cb, void *arg)
 {
     char key[HOT_KEYNAME_MAX + 80];
     snprintf(key, sizeof key, "%s%s", HOT_KEY_PREFIX, hash_hex);
     hc->argv[0] = "MGET";
     hc->argv[1] = key;
     hc->argv[2] = HOT_EPOCH;
-    return hot_command(hc, HOT_KEY, cb, arg, 3);
+    return hot_command_cb(hc, HOT_KEY, NULL, cb, arg, 3);
 }
 
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg)

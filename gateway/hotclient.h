@@ -133,7 +133,18 @@ void hotclient_get_stats(const hotclient *hc, hot_stats *out);
 
 /* Each returns 0 when the command was sent (CB will run), -1 when Redis is
  * down (CB will not run). */
-int hotclient_key(hotclient *hc, const char *hash_hex, hot_cb cb, void *arg);
+/* A key's mirror value (billing/keys.h): account (-1: revoked), key id (0:
+ * a value of the older "account" form), expiry in wall-clock ms (0: none),
+ * and its scopes, "route,route" (SCOPES_LEN 0: every route), pointing into
+ * the reply: valid during the callback only. */
+typedef struct hot_key_info {
+    int64_t account, key_id, expires_ms;
+    const char *scopes;
+    size_t scopes_len;
+} hot_key_info;
+/* RC as for hot_cb; K filled when RC is 0. */
+typedef void (*hot_key_cb)(void *arg, int rc, const hot_key_info *k);
+int hotclient_key(hotclient *hc, const char *hash_hex, hot_key_cb cb, void *arg);
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
 /* The spending caps of ACCOUNT and of its key KEY_ID (0: the account's
  * only) as reserve.lua keeps them in pg:{A}:lim: V = for the account then

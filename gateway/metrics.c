@@ -30,6 +30,7 @@ static const char *const gw_outcomes[GW_OUTCOMES] = {"charged",
                                                      "cancelled",
                                                      "too_many_waiting",
                                                      "quota_exceeded",
+                                                     "forbidden",
                                                      "replayed",
                                                      "idempotency_conflict",
                                                      "error"};

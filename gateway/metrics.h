@@ -36,6 +36,7 @@ enum gw_outcome {
     GW_OUT_CANCELLED,           /* the client left, or the stop, before the upstream */
     GW_OUT_TOO_MANY_WAITING,    /* 503: the account's wait queue is full */
     GW_OUT_QUOTA_EXCEEDED,      /* 429: a spending cap */
+    GW_OUT_FORBIDDEN,           /* 403: the key may not call this route */
     GW_OUT_REPLAYED,            /* Idempotency-Key: the first call's answer, cost 0 */
     GW_OUT_IDEM_CONFLICT,       /* Idempotency-Key: 409, 422 or 429 budget; cost 0 */
     GW_OUT_ERROR,               /* anything else (500) */

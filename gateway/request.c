@@ -267,6 +267,8 @@ static enum gw_outcome request_outcome(const gw_request *r)
         return GW_OUT_UNAUTHORIZED;
     case 402:
         return GW_OUT_REFUSED;
+    case 403:
+        return GW_OUT_FORBIDDEN;
     case 404:
         return GW_OUT_NO_ROUTE;
     case 429:
@@ -1323,36 +1325,81 @@ static void request_with_account(gw_request *r)
     request_reserve(r);
 }
 
-static void request_on_key(void *arg, int rc, const int64_t *v)
+/* What K lets R do: its expiry, then its scopes (on a route; the free
+ * endpoints are any key's). 0 and R's account and key set, or -1 answered. */
+static int request_key_allows(gw_request *r, const authcache_key *k)
+{
+    if (k->account == AUTHCACHE_NONE) {
+        request_error(r, 401, "unauthorized", "unknown or revoked API key");
+        return -1;
+    }
+    if (k->expires_ms && (uint64_t)k->expires_ms <= worker_wall_ms()) {
+        request_error(r, 401, "key_expired",
+                      "this API key has expired: use its successor or ask for a new key");
+        return -1;
+    }
+    if (k->nscopes && r->route) {
+        int ok = 0;
+        for (int i = 0; i < k->nscopes && !ok; i++)
+            ok = k->scopes[i] == r->route->id_hash;
+        if (!ok) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "this API key may not call route %.128s", r->route->id);
+            request_error(r, 403, "route_not_allowed", msg);
+            return -1;
+        }
+    }
+    r->account = k->account;
+    r->key_id = k->key_id;
+    return 0;
+}
+
+/* A mirror value (hotclient.h) as the cache keeps it: scopes as hashes. */
+static void request_key_entry(const hot_key_info *info, authcache_key *k)
+{
+    const char *p = info->scopes, *end = info->scopes + info->scopes_len;
+    memset(k, 0, sizeof *k);
+    k->account = info->account > 0 ? info->account : AUTHCACHE_NONE;
+    k->key_id = info->key_id;
+    k->expires_ms = info->expires_ms;
+    /* More scopes than billing makes (a bad value) allow fewer routes, never more. */
+    while (p < end && k->nscopes < AUTHCACHE_SCOPES_MAX) {
+        const char *q = memchr(p, ',', (size_t)(end - p));
+        if (!q) q = end;
+        k->scopes[k->nscopes++] = routes_id_hash(p, (size_t)(q - p));
+        p = q + 1;
+    }
+}
+
+static void request_on_key(void *arg, int rc, const hot_key_info *info)
 {
     gw_request *r = arg;
+    authcache_key k;
     if (rc < 0) {
         request_unavailable(r, rc);
         return;
     }
-    authcache_put(&r->w->keys, r->keyhash, rc == 0 ? v[0] : AUTHCACHE_NONE, worker_now_ms());
-    if (rc != 0 || v[0] < 0) {
-        request_error(r, 401, "unauthorized", "unknown or revoked API key");
-        return;
+    if (rc == 0 && info) {
+        request_key_entry(info, &k);
+    } else {
+        memset(&k, 0, sizeof k);
+        k.account = AUTHCACHE_NONE;
     }
+    authcache_put(&r->w->keys, r->keyhash, &k, worker_now_ms());
+    if (request_key_allows(r, &k) != 0) return;
     if (r->gone) {
         request_cancel(r, r->w->aborted ? "shutting down" : "client went away");
         return;
     }
-    r->account = v[0];
     request_with_account(r);
 }
 
 /* Authenticate (cache or Redis), then reserve. */
 static void request_start(gw_request *r)
 {
-    int64_t acct;
-    if (authcache_get(&r->w->keys, r->keyhash, worker_now_ms(), &acct)) {
-        if (acct == AUTHCACHE_NONE) {
-            request_error(r, 401, "unauthorized", "unknown or revoked API key");
-            return;
-        }
-        r->account = acct;
+    authcache_key k;
+    if (authcache_get(&r->w->keys, r->keyhash, worker_now_ms(), &k)) {
+        if (request_key_allows(r, &k) != 0) return;
         request_suspend(r);
         request_with_account(r);
         return;

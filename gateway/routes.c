@@ -182,6 +182,7 @@ static int routes_parse_route(route *r, json_t *o, unsigned def_charge, int64_t 
         return -1;
     }
     r->id = strdup(id);
+    r->id_hash = routes_id_hash(id, strlen(id));
     r->method = strdup(method);
     if (!r->id || !r->method) goto oom;
     if (routes_split_pattern(r, path, err, errlen) != 0) return -1;
@@ -319,6 +320,16 @@ static int routes_match_one(const route *r, const char *path)
         }
     }
     return *p == '\0';
+}
+
+uint64_t routes_id_hash(const char *id, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)id[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
 }
 
 const route *routes_match(const route_table *t, const char *method, const char *path)

@@ -13,6 +13,7 @@
 
 typedef struct route {
     char *id;
+    uint64_t id_hash; /* routes_id_hash(id): what a key's scopes are matched by */
     char *method;
     char **segs; /* pattern segments; "*" one segment, "**" (last) the rest */
     size_t nsegs;
@@ -53,6 +54,11 @@ void routes_ref(route_table *t);
 void routes_unref(route_table *t);
 
 /* The first route matching METHOD and decoded PATH, or NULL. */
+/* A route id's 64-bit FNV-1a hash: API keys' scopes are kept as these
+ * (gateway/authcache.h), compared with the matched route's. Ids are set by
+ * the operator, never by a caller, so a chosen collision is not a threat. */
+uint64_t routes_id_hash(const char *id, size_t len);
+
 const route *routes_match(const route_table *t, const char *method, const char *path);
 
 /* Checks the raw request path (before '?') of LEN bytes and writes its

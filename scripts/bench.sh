@@ -465,6 +465,52 @@ access_dropped=$(curl -sf "http://$ALOG_OPS/metrics" | awk '$1 ~ /^pointgate_log
 stop_pid "$ALOG_PID"
 GW_PID=$PLAIN_PID
 
+# ---- the developer contract: rate limit and cap on the bench route ----------------
+# Interleaved rounds of the plain gateway and a second gateway whose bench
+# route has a rate limit (per key: 10^6 calls a second, so that none is
+# refused) and whose account has a rate limit and a daily cap far above what
+# the run spends: every call meets every check, none is refused. A limited
+# call is never served from a lease (README "Rate limits and spending caps"),
+# so this compares leased calls with per-call reserve and settle scripts.
+# Target (issue 12): within 5% of plain.
+LACCT=$(admin POST /v1/accounts '{"name":"bench-limited"}' | jq -er .id) || die "no account id"
+admin POST "/v1/accounts/$LACCT/topups" '{"amount":1000000000,"reference":"bench-seed-limited"}' >/dev/null
+admin PUT "/v1/accounts/$LACCT/limits" \
+    '{"rate":{"quota":1000000,"window_s":1},"daily_cap":1000000000000,"monthly_cap":1000000000000}' >/dev/null
+LKEY=$(admin POST "/v1/accounts/$LACCT/keys" | jq -er .api_key) || die "no api key"
+LAUTH="Authorization: Bearer $LKEY"
+cat >"$TMP/routes-limited.json" <<'XEOF2'
+{"charge_on": ["2xx", "3xx"], "routes": [{"id": "bench", "method": "GET", "path": "/**", "price": 1,
+ "rate": {"quota": 1000000, "window_s": 1}}]}
+XEOF2
+# The plain gateway of the ops rounds (PLAIN_PID, PLAIN_PORT) is the reference.
+AUTH_SAVED=$AUTH
+AUTH=$LAUTH
+start_gateway ROUTES_FILE="$TMP/routes-limited.json"
+AUTH=$AUTH_SAVED
+LIM_PID=$GW_PID LIM_PORT=$GW_PORT
+# The same calls without limits and without leases: how much of the gap is
+# the per-call scripts rather than the limit checks in them.
+start_gateway GATEWAY_LEASE_CALLS=0
+PERCALL_PID=$GW_PID PERCALL_PORT=$GW_PORT
+LIM_ROUNDS=${BENCH_LIMITS_ROUNDS:-$ROUNDS}
+for round in $(seq 1 "$LIM_ROUNDS"); do
+    run_wrk "contract-plain-$round" "http://127.0.0.1:$PLAIN_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    run_wrk "contract-limited-$round" "http://127.0.0.1:$LIM_PORT$BENCH_PATH" "$CONNS" "$LAUTH"
+    run_wrk "contract-percall-$round" "http://127.0.0.1:$PERCALL_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+done
+{ read -r percall_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-percall)
+read -r percall_rps _ < <(wrk_figures "$OUT/wrk-contract-percall.txt")
+stop_pid "$PERCALL_PID"
+{ read -r lim_plain_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-plain)
+{ read -r lim_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-limited)
+read -r lim_plain_rps _ lim_plain_p99 _ < <(wrk_figures "$OUT/wrk-contract-plain.txt")
+read -r lim_rps _ lim_p99 _ lim_non2xx _ < <(wrk_figures "$OUT/wrk-contract-limited.txt")
+lim_cost=$(awk -v a="$lim_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+percall_cost=$(awk -v a="$percall_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+stop_pid "$LIM_PID"
+GW_PID=$PLAIN_PID
+
 # ---- 1,000 open connections, on a fresh gateway so its peak is this run's ------
 stop_pid "$GW_PID"
 start_gateway
@@ -509,6 +555,9 @@ fi
     echo "  /metrics scraped every second $ops_metrics_rps ($ops_metrics_rounds): ${metrics_cost}% (target within 3%)"
     echo "  access log to a file, scraped too $ops_access_rps ($ops_access_rounds): ${access_cost}% (target within 8%)"
     echo "  $scrapes scrapes answered; access log lines in the last round: $access_lines, dropped in all: ${access_dropped:-?}"
+    echo "developer contract (requests/s, medians of $LIM_ROUNDS interleaved rounds): plain $lim_plain_rps ($lim_plain_rounds);"
+    echo "  rate limit (route and account) and daily cap on every call $lim_rps ($lim_rounds): ${lim_cost}% (target within 5%), p99 $lim_p99 vs $lim_plain_p99, non-2xx $lim_non2xx"
+    echo "  no limits, no leases (GATEWAY_LEASE_CALLS=0) $percall_rps ($percall_rounds): ${percall_cost}%"
     verdict=ok
     [ "$GW_MANY_RSS_KB" -le "$RSS_TARGET_KB" ] || verdict="OVER the 64 MiB target"
     echo "gateway peak RSS with $MANY connections: $((GW_MANY_RSS_KB / 1024)) MiB ($GW_MANY_RSS_KB kB): $verdict"
@@ -529,6 +578,11 @@ record ops_access_rps "$ops_access_rps"
 record ops_metrics_cost_pct "$metrics_cost"
 record ops_access_cost_pct "$access_cost"
 record ops_access_dropped_lines "${access_dropped:-}"
+record contract_plain_rps "$lim_plain_rps"
+record contract_limited_rps "$lim_rps"
+record contract_limited_cost_pct "$lim_cost"
+record contract_percall_rps "$percall_rps"
+record contract_percall_cost_pct "$percall_cost"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
 record gateway_rss_after_round1_kb "$rss_first"
 record gateway_rss_after_last_round_kb "$rss_last"

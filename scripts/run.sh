@@ -336,6 +336,20 @@ Try:
   curl -i -H 'Authorization: Bearer $key' -X POST -H 'Idempotency-Key: demo-unlock-1' \\
        -d '{"command":"unlock"}' $gw/v1/devices/lock-1/commands
 
+  # a rate limit: 3 calls per 10 s for this account, the 4th answered 429
+  # rate_limited with Retry-After and RateLimit headers, free and not proxied
+  curl -s -X PUT -H 'Authorization: Bearer $ADMIN_TOKEN' -H 'Content-Type: application/json' \\
+       -d '{"rate":{"quota":3,"window_s":10}}' $adm/v1/accounts/$acct/limits
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -H 'Authorization: Bearer $key' $gw/v1/devices/thermo-1; done
+  curl -i -H 'Authorization: Bearer $key' $gw/v1/devices/thermo-1
+
+  # a spending cap: at most 2 points a day (UTC), then 429 quota_exceeded with resets_at
+  curl -s -X PUT -H 'Authorization: Bearer $ADMIN_TOKEN' -H 'Content-Type: application/json' \\
+       -d '{"daily_cap":2}' $adm/v1/accounts/$acct3/limits
+  for i in 1 2; do curl -s -o /dev/null -w '%{http_code} ' -H 'Authorization: Bearer $key3' $gw/v1/devices/thermo-1; done
+  curl -i -H 'Authorization: Bearer $key3' $gw/v1/devices/thermo-1
+  curl -s -H 'Authorization: Bearer $key3' $gw/_billing/balance | jq .
+
   # the account as admins and finance see it
   curl -s -H 'Authorization: Bearer $ADMIN_TOKEN' $adm/v1/accounts/$acct | jq .
   curl -s -H 'Authorization: Bearer $FINANCE_TOKEN' $adm/v1/accounts/$acct/ledger | jq .

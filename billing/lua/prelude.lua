@@ -92,9 +92,28 @@ local function lim_key(akey)
 end
 
 -- A limits hash's fields as read in this call, with their pending writes:
--- {key, f = name -> value (false: absent), w = names written}.
+-- {key, f = name -> value read (false: absent), v = name -> its integer
+-- (parsed once, then what the script set), w/wn = names written, names =
+-- field names by scope (lim_names)}. Values are formatted once, at the
+-- flush: a batch of a hundred ops on one account sets the same few
+-- counters a hundred times.
 local function lim_new(akey)
-    return {key = lim_key(akey), f = {}, w = {}, wn = {}}
+    return {key = lim_key(akey), f = {}, v = {}, w = {}, wn = {}, names = {}}
+end
+
+-- The field names of scope ID ('a' the account, else a key id) in L, made
+-- once per call: {p = prefix, rq rw cd cm d ds dh m ms mh = names, tat =
+-- route -> its bucket's name, seen = route -> read}.
+local function lim_names(L, id)
+    local N = L.names[id]
+    if N then return N end
+    local p = id == 'a' and 'a.' or 'k' .. id .. '.'
+    N = {p = p, tat = {}, seen = {}}
+    for _, f in ipairs({'rq', 'rw', 'cd', 'cm', 'd', 'ds', 'dh', 'm', 'ms', 'mh'}) do
+        N[f] = p .. f
+    end
+    L.names[id] = N
+    return N
 end
 
 -- The limits of AKEY in this call's set {by = akey -> limits, order =
@@ -126,13 +145,16 @@ end
 -- A field as an integer: 0 when absent (a setting not set, a counter not
 -- started) or not one (the scripts write these fields with %d only).
 local function lim_num(L, nm)
-    local x = L.f[nm]
-    if not x then return 0 end
-    return int(x) or 0
+    local x = L.v[nm]
+    if x then return x end
+    local s = L.f[nm]
+    x = s and int(s) or 0
+    L.v[nm] = x
+    return x
 end
 
 local function lim_set(L, nm, v)
-    L.f[nm] = string.format('%d', v)
+    L.v[nm] = v
     if not L.w[nm] then
         L.w[nm] = true
         L.wn[#L.wn + 1] = nm
@@ -146,7 +168,7 @@ local function lim_flush(L)
     local args = {}
     for _, nm in ipairs(L.wn) do
         args[#args + 1] = nm
-        args[#args + 1] = L.f[nm]
+        args[#args + 1] = string.format('%d', L.v[nm])
     end
     local r = redis.pcall('HSET', L.key, unpack(args))
     if type(r) == 'table' and r.err then

@@ -190,7 +190,7 @@ def test_create_key_stores_only_hash(stack):
         assert h.encode() in dump  # the dump does contain the keys
         assert key.encode() not in dump and key[4:].encode() not in dump
     # Redis: the hash mirror maps to the account; the key itself is nowhere.
-    assert stack.redis_raw("GET", f"pg:key:{h}") == str(acct)
+    assert stack.redis_raw("GET", f"pg:key:{h}").split("|")[0] == str(acct)
     red = Redis(stack.redis_port)
     try:
         names = []
@@ -245,7 +245,7 @@ def test_revoke_key(stack):
     revoked = stack.scalar(f"select revoked_at from api_keys where id = {key_id}")
     assert revoked
     # The other key of the account is untouched.
-    assert stack.redis_raw("GET", f"pg:key:{_key_hash(other['api_key'])}") == str(acct)
+    assert stack.redis_raw("GET", f"pg:key:{_key_hash(other['api_key'])}").split("|")[0] == str(acct)
     assert stack.scalar(f"select revoked_at is null from api_keys where id = {other['key_id']}") == "t"
     # Idempotent: 204 again, revoked_at unchanged, still gone from Redis.
     time.sleep(0.01)
@@ -584,7 +584,7 @@ def test_methods_and_paths(stack):
     for method, path in [("GET", "/v1/accounts"), ("PUT", "/v1/accounts"),
                          ("DELETE", "/v1/accounts"), ("POST", f"/v1/accounts/{acct}"),
                          ("DELETE", f"/v1/accounts/{acct}"), ("PATCH", f"/v1/accounts/{acct}"),
-                         ("GET", f"/v1/accounts/{acct}/keys"),
+                         ("PUT", f"/v1/accounts/{acct}/keys"),
                          ("GET", f"/v1/accounts/{acct}/topups"),
                          ("PUT", f"/v1/accounts/{acct}/adjustments"),
                          ("POST", f"/v1/accounts/{acct}/ledger"),
@@ -681,7 +681,7 @@ def test_repair_restores_redis_from_postgres(stack):
     p = stack.run_billing("repair")
     assert p.returncode == 0 and "repair" in p.stdout, p
     assert stack.hot(acct) == {"credited": 250, "seq": 1, "spent": 40, "held": 0}
-    assert stack.redis_raw("GET", f"pg:key:{h}") == str(acct)
+    assert stack.redis_raw("GET", f"pg:key:{h}").split("|")[0] == str(acct)
     # Running it again changes nothing.
     stack.run_billing("repair")
     assert stack.hot(acct) == {"credited": 250, "seq": 1, "spent": 40, "held": 0}
@@ -701,7 +701,7 @@ def test_serve_repairs_at_start(stack):
     assert stack.billing.stop() == 0
     stack.redis("DEL", acct_key(acct), f"pg:key:{h}")
     stack.start_billing()
-    stack.wait_for(lambda: stack.redis_raw("GET", f"pg:key:{h}") == str(acct),
+    stack.wait_for(lambda: stack.redis_raw("GET", f"pg:key:{h}").split("|")[0] == str(acct),
                    timeout=10, what="key mirror restored")
     stack.wait_for(lambda: stack.hot(acct) == {"credited": 60, "seq": 1, "spent": 0, "held": 0},
                    timeout=10, what="account restored")

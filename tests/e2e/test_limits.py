@@ -307,3 +307,30 @@ def test_repair_pass_restores_lost_limits(stack):
     codes = [_command(gw.url, key, i).status for i in range(3)]
     assert codes == [202, 202, 429], codes
     gw.stop()
+
+
+def test_caps_and_buckets_survive_restarts_of_redis_gateway_and_billing(stack):
+    """Counters and buckets live in Redis (appendonly, as the stack runs
+    it): a Redis restart keeps them, and so do restarts of a gateway and of
+    billing, which hold none of them."""
+    _base(stack)
+    gw = _gateway(stack)
+    acct, key = _account(stack, 1000)
+    _put_limits(stack, acct, {"daily_cap": 15, "rate": {"quota": 100, "window_s": 3600}})
+    assert _command(gw.url, key, 1).status == 202
+    stack.service("redis-stop")
+    stack.service("redis-start")
+    stack.wait_for(lambda: _command(gw.url, key, 2).status == 202, timeout=20,
+                   what="served again after the Redis restart")
+    gw.stop()
+    gw = _gateway(stack)
+    assert stack.billing.stop() == 0
+    stack.start_billing()
+    r = _command(gw.url, key, 3)
+    assert r.status == 202, r  # 15 of 15
+    r = _command(gw.url, key, 4)
+    assert r.status == 429 and r.json()["error"] == "quota_exceeded", r
+    lim = stack.redis_raw("HGETALL", f"pg:{{{acct}}}:lim").splitlines()
+    lim = dict(zip(lim[::2], lim[1::2]))
+    assert int(lim["a.ds"]) + int(lim["a.dh"]) == 15, lim
+    gw.stop()

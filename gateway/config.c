@@ -227,7 +227,8 @@ int config_load(gw_config *c)
      * 30,000. Size it to maxmemory, not to time (README, "Sizing Redis"). */
     if (env_int64("OUTBOX_MAX_BACKLOG", 2000000, 1, (int64_t)1 << 40, &c->max_backlog) != 0)
         goto out;
-    /* Per worker, about 100 bytes each; reserves stop at half of it. */
+    /* Per worker, 160 bytes each (an Idempotency-Key's hash and fingerprint included); reserves
+     * stop at half of it. */
     if (env_int64("GATEWAY_SETTLE_QUEUE_MAX", 65536, 2, 1 << 24, &c->settle_queue_max) != 0)
         goto out;
     if (env_int64("IDEMPOTENCY_TTL", 86400, 1, 30 * 86400, &v) != 0) goto out;

@@ -18,22 +18,13 @@
 
 static const char *const gw_methods[GW_METHODS] = {"GET",   "HEAD",   "POST",    "PUT",
                                                    "PATCH", "DELETE", "OPTIONS", "other"};
-static const char *const gw_outcomes[GW_OUTCOMES] = {"charged",
-                                                     "released",
-                                                     "refused",
-                                                     "unauthorized",
-                                                     "no_route",
-                                                     "billing_unavailable",
-                                                     "bad_request",
-                                                     "rate_limited",
-                                                     "info",
-                                                     "cancelled",
-                                                     "too_many_waiting",
-                                                     "quota_exceeded",
-                                                     "forbidden",
-                                                     "replayed",
-                                                     "idempotency_conflict",
-                                                     "error"};
+static const char *const gw_outcomes[GW_OUTCOMES] = {
+    "charged",      "released",         "refused",
+    "unauthorized", "no_route",         "billing_unavailable",
+    "bad_request",  "rate_limited",     "info",
+    "cancelled",    "too_many_waiting", "quota_exceeded",
+    "forbidden",    "replayed",         "idempotency_conflict",
+    "error"};
 static const char *const gw_idem_results[GW_IDEM_RESULTS] = {"replayed",
                                                              "in_flight",
                                                              "reused",

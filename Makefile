@@ -22,6 +22,8 @@ MHD_PKG := libmicrohttpd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) $(MHD_PKG) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 MHD_LIBS := $(shell pkg-config --libs $(MHD_PKG) 2>/dev/null)
+# libcurl: bin/billing's webhook deliveries only (billing/whdeliver.c).
+CURL_LIBS := $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 
 # The version both programs report (pointgate_build_info).
 VERSION ?= dev
@@ -89,7 +91,7 @@ $(O)/libbilling.a: $(LIB_OBJ)
 $(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(CURL_LIBS) $(LDLIBS) -o $@
 
 $(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)

@@ -5,6 +5,7 @@
  * and never logged. */
 #include "billing/api.h"
 
+#include "billing/alerts.h"
 #include "billing/control.h"
 #include "billing/env.h"
 #include "billing/keys.h"
@@ -13,6 +14,7 @@
 #include "billing/operators.h"
 #include "billing/reports.h"
 #include "billing/status.h"
+#include "billing/webhooks.h"
 
 #include <inttypes.h>
 #include <arpa/inet.h>
@@ -566,6 +568,13 @@ static api_reply api_put_limits(control_ctx *c, enum limits_scope scope, int64_t
     return api_limits_reply(200, scope, id, account, &spec, pushed);
 }
 
+/* The answer of a webhook or alert call (webhooks.h: its status, *OUT its
+ * body), taken after the call has set it. */
+static api_reply api_answer(int status, json_t **out)
+{
+    return api_json(status, *out);
+}
+
 /* Splits "/v1/accounts/12/keys" style paths and dispatches. */
 static api_reply api_route(api_server *s, struct MHD_Connection *conn, const char *method,
                            const char *url, const api_req *rq)
@@ -631,6 +640,19 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
             if (is_get) return api_ledger(c, id, conn);
             return api_error(405, "method_not_allowed", "use GET");
         }
+        if (n == 4 && SEG(3, "webhooks")) {
+            json_t *out = NULL;
+            if (is_post)
+                return api_answer(webhooks_api_create(c, id, rq->body, rq->len, &out), &out);
+            if (is_get) return api_answer(webhooks_api_list(c, id, &out), &out);
+            return api_error(405, "method_not_allowed", "use GET or POST");
+        }
+        if (n == 4 && SEG(3, "alerts")) {
+            json_t *out = NULL;
+            if (is_put) return api_answer(alerts_api_put(c, id, rq->body, rq->len, &out), &out);
+            if (is_get) return api_answer(alerts_api_get(c, id, &out), &out);
+            return api_error(405, "method_not_allowed", "use GET or PUT");
+        }
     } else if (SEG(1, "reports") && n == 3 && (SEG(2, "usage") || SEG(2, "statement"))) {
         if (!is_get) return api_error(405, "method_not_allowed", "use GET");
         return SEG(2, "usage") ? api_usage(c, conn) : api_statement(c, conn);
@@ -642,6 +664,24 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
         rep = status_build(c->pg, NULL, c->hot, &verdict);
         if (!rep) return api_error(500, "internal", "out of memory");
         return api_json(200, rep);
+    } else if (SEG(1, "webhooks") && (n == 3 || (n == 4 && SEG(3, "deliveries")))) {
+        json_t *out = NULL;
+        id = api_parse_id(seg[2], len[2]);
+        if (!id) return api_error(404, "not_found", "no such webhook endpoint");
+        if (n == 3) {
+            if (is_delete) return api_answer(webhooks_api_remove(c, id, &out), &out);
+            return api_error(405, "method_not_allowed", "use DELETE");
+        }
+        if (!is_get) return api_error(405, "method_not_allowed", "use GET");
+        return api_answer(
+            webhooks_api_deliveries(
+                c, id, MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "limit"),
+                MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "before"), &out),
+            &out);
+    } else if (SEG(1, "events") && n == 4 && SEG(3, "replay")) {
+        json_t *out = NULL;
+        if (!is_post) return api_error(405, "method_not_allowed", "use POST");
+        return api_answer(webhooks_api_replay(c, seg[2], len[2], &out), &out);
     } else if (SEG(1, "keys") && n == 4 && SEG(3, "limits")) {
         id = api_parse_id(seg[2], len[2]);
         if (!id) return api_error(404, "not_found", "no such key");

@@ -2,6 +2,7 @@
  * table by default, JSON with --json; errors go to stderr, one line. */
 #include "billing/cli.h"
 
+#include "billing/alerts.h"
 #include "billing/config.h"
 #include "billing/control.h"
 #include "billing/env.h"
@@ -10,6 +11,7 @@
 #include "billing/operators.h"
 #include "billing/reports.h"
 #include "billing/status.h"
+#include "billing/webhooks.h"
 
 #include <inttypes.h>
 #include <jansson.h>
@@ -708,6 +710,165 @@ out:
     return rc;
 }
 
+/* An answer of the webhook and alert calls (webhooks.h: an HTTP status and
+ * a JSON body, shared with the admin API): the body on stdout, or its
+ * message on stderr with the exit code of its kind. */
+static int cli_answer(int status, json_t *j)
+{
+    if (status < 300) {
+        if (j) cli_print_json(j);
+        return CLI_OK;
+    }
+    fprintf(stderr, "billing: %s\n",
+            j && json_string_value(json_object_get(j, "message"))
+                ? json_string_value(json_object_get(j, "message"))
+                : "refused");
+    json_decref(j);
+    if (status == 404) return CLI_NOT_FOUND;
+    if (status == 400) return CLI_USAGE;
+    return status >= 500 ? CLI_FAIL : CLI_REFUSED;
+}
+
+static int cli_webhooks_usage(int help)
+{
+    fprintf(help ? stdout : stderr,
+            "usage: billing webhooks add ACCOUNT_ID URL [--disabled]\n"
+            "       billing webhooks list ACCOUNT_ID\n"
+            "       billing webhooks remove ENDPOINT_ID\n"
+            "       billing webhooks deliveries ENDPOINT_ID [--limit N] [--before DELIVERY_ID]\n"
+            "       billing webhooks replay EVENT_ID\n"
+            "add prints the endpoint with its signing secret: the only time it is shown.\n"
+            "Answers are JSON.\n");
+    return help ? CLI_OK : CLI_USAGE;
+}
+
+static int cli_webhooks(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    json_t *out = NULL, *body = NULL;
+    char *text = NULL;
+    int64_t id = 0;
+    int rc, status;
+    memset(&e, 0, sizeof e);
+    memset(&a, 0, sizeof a);
+    if (!sub || cli_parse(argc - 1, argv + 1, " limit before ", " disabled ", &a) != 0 || a.help)
+        return cli_webhooks_usage(a.help && sub);
+    if (strcmp(sub, "add") == 0 && a.npos == 2) {
+        if (cli_id(a.pos[0], "ACCOUNT_ID", &id) != 0) return CLI_USAGE;
+        body = json_pack("{s:s, s:b}", "url", a.pos[1], "enabled", !cli_flag(&a, "disabled"));
+        text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+        json_decref(body);
+        if (!text) return CLI_FAIL;
+    } else if (strcmp(sub, "replay") == 0 && a.npos == 1) {
+        /* the event id is checked by the call */
+    } else if ((strcmp(sub, "list") == 0 || strcmp(sub, "remove") == 0 ||
+                strcmp(sub, "deliveries") == 0) &&
+               a.npos == 1) {
+        if (cli_id(a.pos[0], strcmp(sub, "list") == 0 ? "ACCOUNT_ID" : "ENDPOINT_ID", &id) != 0)
+            return CLI_USAGE;
+    } else {
+        return cli_webhooks_usage(0);
+    }
+    if ((rc = cli_open(&e, strcmp(sub, "add") == 0)) != CLI_OK) goto out;
+    if (strcmp(sub, "add") == 0)
+        status = webhooks_api_create(&e.c, id, text, strlen(text), &out);
+    else if (strcmp(sub, "list") == 0)
+        status = webhooks_api_list(&e.c, id, &out);
+    else if (strcmp(sub, "remove") == 0)
+        status = webhooks_api_remove(&e.c, id, &out);
+    else if (strcmp(sub, "deliveries") == 0)
+        status =
+            webhooks_api_deliveries(&e.c, id, cli_flag(&a, "limit"), cli_flag(&a, "before"), &out);
+    else
+        status = webhooks_api_replay(&e.c, a.pos[0], strlen(a.pos[0]), &out);
+    if (status == 204) printf("removed\n");
+    rc = cli_answer(status, out);
+out:
+    if (text) {
+        sodium_memzero(text, strlen(text));
+        free(text);
+    }
+    cli_close(&e);
+    return rc;
+}
+
+/* "1000,100" as a JSON array of integers; NULL if it is not one. */
+static json_t *cli_int_list(const char *s)
+{
+    json_t *arr = json_array();
+    char buf[512], *save = NULL;
+    if (!arr || strlen(s) >= sizeof buf) goto bad;
+    snprintf(buf, sizeof buf, "%s", s);
+    for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        int64_t v;
+        if (env_parse_int64(t, &v) != 0) goto bad;
+        json_array_append_new(arr, json_integer((json_int_t)v));
+    }
+    return arr;
+bad:
+    json_decref(arr);
+    return NULL;
+}
+
+static int cli_alerts(int argc, char **argv)
+{
+    cli_args a;
+    cli_env e;
+    const char *sub = argc > 0 ? argv[0] : NULL, *th, *eb;
+    json_t *out = NULL, *body = NULL, *list;
+    char *text = NULL;
+    int64_t id = 0, ebv;
+    int rc, is_set = sub && strcmp(sub, "set") == 0;
+    memset(&e, 0, sizeof e);
+    memset(&a, 0, sizeof a);
+    if (!sub || cli_parse(argc - 1, argv + 1, " thresholds exhausted-below ", NULL, &a) != 0 ||
+        a.help || a.npos != 1 || (!is_set && strcmp(sub, "show") != 0)) {
+        fprintf(a.help && sub ? stdout : stderr,
+                "usage: billing alerts show ACCOUNT_ID\n"
+                "       billing alerts set ACCOUNT_ID --thresholds P[,P...] "
+                "[--exhausted-below P]\n"
+                "balance.low fires once when the balance falls below a threshold, and is armed\n"
+                "again by a credit that lifts it back; --thresholds '' removes them all.\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    if (cli_id(a.pos[0], "ACCOUNT_ID", &id) != 0) return CLI_USAGE;
+    if (is_set) {
+        th = cli_flag(&a, "thresholds");
+        eb = cli_flag(&a, "exhausted-below");
+        if (!th) {
+            fprintf(stderr, "billing: alerts set needs --thresholds P[,P...]\n");
+            return CLI_USAGE;
+        }
+        list = cli_int_list(th);
+        if (!list) {
+            fprintf(stderr, "billing: --thresholds is a comma-separated list of points\n");
+            return CLI_USAGE;
+        }
+        body = json_pack("{s:o}", "thresholds", list);
+        if (body && eb) {
+            if (env_parse_int64(eb, &ebv) != 0) {
+                fprintf(stderr, "billing: --exhausted-below is a number of points\n");
+                json_decref(body);
+                return CLI_USAGE;
+            }
+            json_object_set_new(body, "exhausted_below", json_integer((json_int_t)ebv));
+        }
+        text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+        json_decref(body);
+        if (!text) return CLI_FAIL;
+    }
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    rc = is_set ? alerts_api_put(&e.c, id, text, strlen(text), &out)
+                : alerts_api_get(&e.c, id, &out);
+    rc = cli_answer(rc, out);
+out:
+    free(text);
+    cli_close(&e);
+    return rc;
+}
+
 int cli_run(int argc, char **argv)
 {
     const char *cmd = argv[0];
@@ -719,5 +880,7 @@ int cli_run(int argc, char **argv)
     if (strcmp(cmd, "operators") == 0) return cli_operators(argc - 1, argv + 1);
     if (strcmp(cmd, "status") == 0) return status_cli(argc - 1, argv + 1);
     if (strcmp(cmd, "limits") == 0) return cli_limits(argc - 1, argv + 1);
+    if (strcmp(cmd, "webhooks") == 0) return cli_webhooks(argc - 1, argv + 1);
+    if (strcmp(cmd, "alerts") == 0) return cli_alerts(argc - 1, argv + 1);
     return -1;
 }

@@ -74,7 +74,18 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         env_int64("SWEEP_RECOVERY_MS", 15000, 0, 3600000, &c->sweep_recovery_ms) != 0 ||
         env_int64("CREDIT_SYNC_INTERVAL_MS", 30000, 100, 86400000, &c->credit_sync_interval_ms) !=
             0 ||
-        env_int64("BILLING_STOP_DELAY_MS", 0, 0, 600000, &c->stop_delay_ms) != 0)
+        env_int64("BILLING_STOP_DELAY_MS", 0, 0, 600000, &c->stop_delay_ms) != 0 ||
+        env_int64("WEBHOOK_TIMEOUT_MS", 10000, 100, 120000, &c->webhook_timeout_ms) != 0 ||
+        env_int64("WEBHOOK_CONNECT_TIMEOUT_MS", 3000, 50, 60000, &c->webhook_connect_timeout_ms) !=
+            0 ||
+        env_int64("WEBHOOK_CONCURRENCY", 16, 0, 256, &c->webhook_concurrency) != 0 ||
+        env_int64("WEBHOOK_RETRY_BASE_MS", 5000, 10, 3600000, &c->webhook_retry_base_ms) != 0 ||
+        env_int64("WEBHOOK_RETRY_MAX_MS", 3600000, 10, 86400000, &c->webhook_retry_max_ms) != 0 ||
+        env_int64("WEBHOOK_RETRY_HORIZON_S", 86400, 1, 30 * 86400, &c->webhook_retry_horizon_s) !=
+            0 ||
+        env_int64("WEBHOOK_WATCH_INTERVAL_MS", 1000, 50, 3600000, &c->webhook_watch_interval_ms) !=
+            0 ||
+        env_int64("WEBHOOK_RETENTION_DAYS", 30, 1, 3650, &c->webhook_retention_days) != 0)
         rc = -1;
     return rc;
 }

@@ -28,6 +28,15 @@ typedef struct billing_config {
     int64_t sweep_recovery_ms; /* no expiry this long after Redis came back */
     int64_t credit_sync_interval_ms;
     int64_t stop_delay_ms; /* BILLING_STOP_DELAY_MS: /readyz 503 this long before stopping */
+    /* Webhook deliveries (whdeliver.c; README "Balance alerts and webhooks"). */
+    int64_t webhook_timeout_ms;         /* WEBHOOK_TIMEOUT_MS: one attempt, all of it */
+    int64_t webhook_connect_timeout_ms; /* WEBHOOK_CONNECT_TIMEOUT_MS */
+    int64_t webhook_concurrency;        /* WEBHOOK_CONCURRENCY: attempts in flight; 0: none */
+    int64_t webhook_retry_base_ms;      /* WEBHOOK_RETRY_BASE_MS: first retry, then doubled */
+    int64_t webhook_retry_max_ms;       /* WEBHOOK_RETRY_MAX_MS: longest wait between two */
+    int64_t webhook_retry_horizon_s;    /* WEBHOOK_RETRY_HORIZON_S: give up this long after */
+    int64_t webhook_watch_interval_ms;  /* WEBHOOK_WATCH_INTERVAL_MS: balance watcher period */
+    int64_t webhook_retention_days;     /* WEBHOOK_RETENTION_DAYS: events kept this long */
 } billing_config;
 
 /* Reads the environment. NEED_* say which parts this command requires; a

@@ -4,6 +4,7 @@
 #include "billing/hot.h"
 #include "billing/ledger.h"
 #include "billing/log.h"
+#include "billing/events.h"
 
 #include <inttypes.h>
 #include <sodium.h>
@@ -336,20 +337,39 @@ int keys_revoke(control_ctx *c, int64_t key_id)
     int rc = LEDGER_OK;
     snprintf(ids, sizeof ids, "%" PRId64, key_id);
     /* The key, and the keys rotated into it (and into those), once. */
-    r = ledger_query(c->pg,
-                     "WITH RECURSIVE chain(id) AS (SELECT id FROM api_keys WHERE id = $1 UNION "
-                     "SELECT k.id FROM api_keys k JOIN chain ON k.rotated_to = chain.id) "
-                     "UPDATE api_keys k SET revoked_at = coalesce(revoked_at, now()), "
-                     "version = version + (revoked_at IS NULL)::int FROM chain WHERE k.id = "
-                     "chain.id RETURNING k.id, k.key_hash, k.account_id",
-                     1, p);
+    /* The key, and the keys rotated into it (and into those), once; a
+     * key.revoked event for each key this call revoked (the CTEs share one
+     * snapshot: "was" is the state before the update), written in the same
+     * statement, so the event exists iff the revoke committed. */
+    r = ledger_query(
+        c->pg,
+        "WITH RECURSIVE chain(id) AS (SELECT id FROM api_keys WHERE id = $1 UNION "
+        "SELECT k.id FROM api_keys k JOIN chain ON k.rotated_to = chain.id), "
+        " was AS (SELECT k.id FROM api_keys k JOIN chain USING (id) WHERE k.revoked_at IS NULL), "
+        " up AS (UPDATE api_keys k SET revoked_at = coalesce(revoked_at, now()), "
+        "  version = version + (revoked_at IS NULL)::int FROM chain WHERE k.id = chain.id "
+        "  RETURNING k.id, k.key_hash, k.account_id, k.name, k.hint, k.revoked_at), "
+        " ev AS (INSERT INTO webhook_events (account_id, type, payload) "
+        "  SELECT up.account_id, 'key.revoked', jsonb_build_object('key_id', up.id, "
+        "  'account_id', up.account_id, 'name', up.name, 'hint', up.hint, 'revoked_at', "
+        "  to_char(up.revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')) "
+        "  FROM up JOIN was USING (id) RETURNING id, account_id), "
+        " dl AS (" WEBHOOK_DELIVERIES_OF(
+            "ev") " RETURNING 1) "
+                  "SELECT up.id, up.key_hash, up.account_id, (SELECT count(*) FROM ev), "
+                  "  CASE WHEN (SELECT count(*) FROM dl) > 0 THEN pg_notify('" WEBHOOK_CHANNEL
+                  "', '') "
+                  "  IS NULL END "
+                  "FROM up",
+        1, p);
     if (!r) return LEDGER_ERROR;
     if (PQntuples(r) == 0) {
         PQclear(r);
         return LEDGER_NOT_FOUND;
     }
-    /* webhook: key.revoked (issue 12, item 4) belongs inside the statement's
-     * transaction above, once the events outbox exists. */
+    if (PQntuples(r) > 0)
+        for (long i = 0, n = strtol(PQgetvalue(r, 0, 3), NULL, 10); i < n; i++)
+            events_count("key.revoked");
     /* The tombstones, after the commit: no push of a live snapshot taken
      * before the commit can overwrite them (keypush.lua). */
     for (int i = 0; i < PQntuples(r); i++) {

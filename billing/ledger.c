@@ -9,9 +9,11 @@
  * by the caller). */
 #include "billing/ledger.h"
 
+#include "billing/events.h"
 #include "billing/log.h"
 
 #include <inttypes.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -233,6 +235,28 @@ int ledger_same_terms(const ledger_entry *e, const char *kind, int64_t amount)
     return e->amount == amount && strcmp(e->kind, kind) == 0;
 }
 
+/* The credit's event (topup.created or adjustment.created) and the
+ * account's thresholds against its new balance, in the credit's
+ * transaction: the event exists iff the credit committed, and the row lock
+ * the credit holds makes the crossing check exact (a credit re-arms, a
+ * debit may fire). */
+static int ledger_credit_event(PGconn *conn, const ledger_entry *e, int64_t spent)
+{
+    int rc;
+    json_t *data = json_pack(
+        "{s:I, s:I, s:s, s:I, s:s?, s:s?, s:I, s:I, s:s}", "entry_id", (json_int_t)e->id,
+        "account_id", (json_int_t)e->account_id, "kind", e->kind, "amount", (json_int_t)e->amount,
+        "reference", e->reference[0] ? e->reference : NULL, "reason",
+        e->reason[0] ? e->reason : NULL, "credited_after", (json_int_t)e->credited_after, "balance",
+        (json_int_t)(e->credited_after - spent), "created_at", e->created_at);
+    if (!data) return LEDGER_ERROR;
+    rc = events_add(conn, e->account_id,
+                    strcmp(e->kind, "topup") == 0 ? "topup.created" : "adjustment.created", data);
+    json_decref(data);
+    if (rc != LEDGER_OK) return rc;
+    return events_check_balance(conn, e->account_id, NULL, NULL);
+}
+
 /* The body of ledger_credit, inside its transaction. */
 static int ledger_credit_tx(PGconn *conn, int64_t account_id, const char *ids, const char *kind,
                             int64_t amount, const char *reference, const char *reason,
@@ -284,7 +308,7 @@ static int ledger_credit_tx(PGconn *conn, int64_t account_id, const char *ids, c
     ledger_fill_entry(out, r, 0);
     PQclear(r);
     *created = 1;
-    return LEDGER_OK;
+    return ledger_credit_event(conn, out, spent);
 }
 
 int ledger_credit(PGconn *conn, int64_t account_id, const char *kind, int64_t amount,

@@ -18,8 +18,10 @@
 #include "billing/log.h"
 #include "billing/migrate.h"
 #include "billing/ops.h"
+#include "billing/events.h"
 #include "billing/workers.h"
 
+#include <curl/curl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sodium.h>
@@ -49,6 +51,9 @@ static void usage(FILE *f)
                "  status [--json]   stores, outbox lag, holds, reconcile (exit 5: attention)\n"
                "  limits show|set --account ID | --key ID [--rate Q/S] [--daily-cap N]\n"
                "                 [--monthly-cap N]   rate limits and spending caps\n"
+               "  webhooks add ACCOUNT_ID URL | list ACCOUNT_ID | remove ID\n"
+               "       | deliveries ID [--limit N] [--before ID] | replay EVENT_ID\n"
+               "  alerts show ACCOUNT_ID | set ACCOUNT_ID --thresholds P,P [--exhausted-below P]\n"
                "\n"
                "every command takes --help. exit codes: 0 done, 1 store unreachable (retry),\n"
                "2 usage error, 3 not found, 4 refused.\n"
@@ -129,6 +134,9 @@ static int cmd_serve(void)
         metrics->beat_used[i] = 1;
         bm_beat(metrics, i);
     }
+    metrics->beat_used[BM_BEAT_WEBHOOKS] = 1;
+    bm_beat(metrics, BM_BEAT_WEBHOOKS);
+    events_metrics_attach(metrics);
     ops = ops_start(&cfg, metrics);
     if (!ops) goto out;
     api = api_start(&cfg, metrics);
@@ -142,6 +150,13 @@ static int cmd_serve(void)
         }
         nthreads++;
     }
+    /* The webhook thread: the balance watcher and deliveries. */
+    args[nthreads] = (worker_args){&cfg, &stop, 0, metrics};
+    if (pthread_create(&threads[nthreads], NULL, webhooks_run, &args[nthreads]) != 0) {
+        log_error("cannot start the webhook thread");
+        goto out;
+    }
+    nthreads++;
     log_info("billing serving: %lld settlement worker(s), sweep every %lld ms",
              (long long)cfg.settle_workers, (long long)cfg.sweep_interval_ms);
     /* From here on no log line waits for stderr or a file. */
@@ -177,6 +192,11 @@ int main(int argc, char **argv)
 {
     int rc;
     if (log_init("billing") != 0) return 2;
+    /* Before any thread: libcurl's global state (webhook deliveries). */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        log_error("libcurl failed to initialise");
+        return 1;
+    }
     if (sodium_init() < 0) {
         log_error("libsodium failed to initialise");
         return 1;

@@ -36,6 +36,11 @@ static const char *const bm_endpoint_names[BM_EP_N] = {
     "/v1/keys/{id}/limits",
     "/v1/keys/{id}/rotate",
     "/v1/status",
+    "/v1/accounts/{id}/webhooks",
+    "/v1/accounts/{id}/alerts",
+    "/v1/webhooks/{id}",
+    "/v1/webhooks/{id}/deliveries",
+    "/v1/events/{id}/replay",
     "other",
 };
 
@@ -65,6 +70,8 @@ void bm_beat_name(int slot, char *out, size_t cap)
         snprintf(out, cap, "creditsync");
     else if (slot == BM_BEAT_SWEEPER)
         snprintf(out, cap, "sweeper");
+    else if (slot == BM_BEAT_WEBHOOKS)
+        snprintf(out, cap, "webhooks");
     else
         snprintf(out, cap, "settlement %d", slot - BM_BEAT_SETTLE0);
 }
@@ -125,6 +132,13 @@ void bm_credit(billing_metrics *m, const char *kind, int64_t amount)
     }
 }
 
+void bm_webhook_attempt(billing_metrics *m, int result, int64_t duration_us)
+{
+    if (!m || result < 0 || result >= BM_WH_RESULTS) return;
+    metric_add_shared(&m->webhook_attempts[result], 1);
+    metric_observe_shared(&m->webhook_attempt_duration, &metric_latency_us, duration_us);
+}
+
 /* One path segment: [P, P+N) equals LIT. */
 static int bm_seg(const char *p, size_t n, const char *lit)
 {
@@ -167,6 +181,8 @@ int bm_endpoint_of(const char *url)
         if (n == 4 && bm_seg(seg[3], len[3], "adjustments")) return BM_EP_ACCOUNT_ADJUSTMENTS;
         if (n == 4 && bm_seg(seg[3], len[3], "ledger")) return BM_EP_ACCOUNT_LEDGER;
         if (n == 4 && bm_seg(seg[3], len[3], "limits")) return BM_EP_ACCOUNT_LIMITS;
+        if (n == 4 && bm_seg(seg[3], len[3], "webhooks")) return BM_EP_ACCOUNT_WEBHOOKS;
+        if (n == 4 && bm_seg(seg[3], len[3], "alerts")) return BM_EP_ACCOUNT_ALERTS;
         return BM_EP_OTHER;
     }
     if (n == 3 && bm_seg(seg[1], len[1], "reports")) {
@@ -180,6 +196,14 @@ int bm_endpoint_of(const char *url)
     if (n == 4 && bm_seg(seg[1], len[1], "keys") && bm_id(seg[2], len[2]) &&
         bm_seg(seg[3], len[3], "rotate"))
         return BM_EP_KEY_ROTATE;
+    if (bm_seg(seg[1], len[1], "webhooks") && n >= 3 && bm_id(seg[2], len[2])) {
+        if (n == 3) return BM_EP_WEBHOOK;
+        if (n == 4 && bm_seg(seg[3], len[3], "deliveries")) return BM_EP_WEBHOOK_DELIVERIES;
+    }
+    /* An event id is a uuid: any segment of its length stands for it. */
+    if (n == 4 && bm_seg(seg[1], len[1], "events") && len[2] == 36 &&
+        bm_seg(seg[3], len[3], "replay"))
+        return BM_EP_EVENT_REPLAY;
     return BM_EP_OTHER;
 }
 
@@ -271,6 +295,39 @@ void bm_render(billing_metrics *m, promtext *p, int ready)
         snprintf(lab, sizeof lab, "direction=\"%s\"", dirs[d]);
         promtext_u64(p, "pointgate_billing_adjustment_points_total", lab,
                      metric_get(&m->adjustment_points[d]));
+    }
+    {
+        static const char *const types[BM_WEBHOOK_TYPES] = {"balance.low", "balance.exhausted",
+                                                            "topup.created", "adjustment.created",
+                                                            "key.revoked"};
+        static const char *const results[BM_WH_RESULTS] = {"delivered", "retry", "failed"};
+        promtext_family(p, "pointgate_billing_webhook_events_total", "counter",
+                        "Webhook events written to the outbox, by type.");
+        for (int i = 0; i < BM_WEBHOOK_TYPES; i++) {
+            snprintf(lab, sizeof lab, "type=\"%s\"", types[i]);
+            promtext_u64(p, "pointgate_billing_webhook_events_total", lab,
+                         metric_get(&m->webhook_events[i]));
+        }
+        promtext_family(p, "pointgate_billing_webhook_attempts_total", "counter",
+                        "Webhook delivery attempts, by result (retry: failed and scheduled "
+                        "again; failed: given up after the retry horizon).");
+        for (int i = 0; i < BM_WH_RESULTS; i++) {
+            snprintf(lab, sizeof lab, "result=\"%s\"", results[i]);
+            promtext_u64(p, "pointgate_billing_webhook_attempts_total", lab,
+                         metric_get(&m->webhook_attempts[i]));
+        }
+        bm_histogram(p, "pointgate_billing_webhook_attempt_duration_seconds",
+                     "Duration of one webhook delivery attempt.", &m->webhook_attempt_duration,
+                     &metric_latency_us);
+        bm_gauge(p, "pointgate_billing_webhook_pending_deliveries",
+                 "Webhook deliveries not yet delivered nor given up.",
+                 metric_gauge_get(&m->webhook_pending));
+        promtext_family(p, "pointgate_billing_webhook_oldest_pending_age_seconds", "gauge",
+                        "Age of the oldest pending webhook delivery (since it was scheduled).");
+        promtext_double(p, "pointgate_billing_webhook_oldest_pending_age_seconds", NULL,
+                        (double)metric_gauge_get(&m->webhook_oldest_ms) / 1000.0);
+        bm_gauge(p, "pointgate_billing_webhook_in_flight", "Webhook attempts in flight.",
+                 metric_gauge_get(&m->webhook_in_flight));
     }
     bm_gauge(p, "pointgate_billing_postgres_up", "1 when Postgres answered the last probe.",
              metric_gauge_get(&m->postgres_up));

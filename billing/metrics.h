@@ -34,19 +34,29 @@ enum bm_endpoint {
     BM_EP_KEY_LIMITS,
     BM_EP_KEY_ROTATE,
     BM_EP_STATUS,
+    BM_EP_ACCOUNT_WEBHOOKS,
+    BM_EP_ACCOUNT_ALERTS,
+    BM_EP_WEBHOOK,
+    BM_EP_WEBHOOK_DELIVERIES,
+    BM_EP_EVENT_REPLAY,
     BM_EP_OTHER,
     BM_EP_N
 };
 
 enum bm_outcome { BM_COMMIT, BM_RELEASE, BM_EXPIRE, BM_LATE, BM_OUTCOMES };
 enum bm_repair { BM_REPAIR_OK, BM_REPAIR_ERROR, BM_REPAIR_LOST, BM_REPAIRS };
+/* Webhook event types (webhooks.c's order) and delivery attempt results:
+ * delivered (a 2xx), retry (failed, scheduled again), failed (given up). */
+#define BM_WEBHOOK_TYPES 5
+enum bm_webhook_result { BM_WH_DELIVERED, BM_WH_RETRY, BM_WH_FAILED, BM_WH_RESULTS };
 
 /* Heartbeat slots: creditsync, sweeper, then settlement workers 0..15
- * (SETTLE_WORKERS is at most 16, config.c). */
+ * (SETTLE_WORKERS is at most 16, config.c), then the webhook thread. */
 #define BM_BEAT_CREDITSYNC 0
 #define BM_BEAT_SWEEPER 1
 #define BM_BEAT_SETTLE0 2
-#define BM_BEATS 18
+#define BM_BEAT_WEBHOOKS 18
+#define BM_BEATS 19
 
 /* HTTP status codes 100..599 are counted one slot each. */
 #define BM_CODES 500
@@ -63,6 +73,13 @@ typedef struct billing_metrics {
     metric_u64 api[BM_EP_N][BM_CODES];
     metric_u64 topups, topup_points;
     metric_u64 adjustments[2], adjustment_points[2]; /* [0] credit, [1] debit */
+    /* Webhooks: events written (webhooks.c, alerts.c), attempts by result
+     * and their duration, and the delivery thread's gauges (whdeliver.c,
+     * read from Postgres once a second). */
+    metric_u64 webhook_events[BM_WEBHOOK_TYPES];
+    metric_u64 webhook_attempts[BM_WH_RESULTS];
+    metric_hist webhook_attempt_duration; /* metric_latency_us */
+    metric_i64 webhook_pending, webhook_oldest_ms, webhook_in_flight;
     /* Written by the ops probe (ops.c) once a second; read by scrapes. */
     metric_i64 postgres_up, redis_up;
     metric_i64 backlog, oldest_age_ms, dead_letters;
@@ -93,6 +110,9 @@ void bm_repair(billing_metrics *m, int result, int64_t duration_us, long fixes);
 void bm_api(billing_metrics *m, int endpoint, int code);
 /* A new credit entry (replays are not counted): kind "topup" or "adjustment". */
 void bm_credit(billing_metrics *m, const char *kind, int64_t amount);
+
+/* One webhook attempt's result and duration. */
+void bm_webhook_attempt(billing_metrics *m, int result, int64_t duration_us);
 
 /* The endpoint template of a request (METHOD is not part of it). */
 int bm_endpoint_of(const char *url);

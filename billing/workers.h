@@ -7,6 +7,8 @@
  *  creditsync: re-pushes every account's credits and every key to Redis at
  *              start and periodically, repairing lost pushes, and at once
  *              when Redis lost its data (pg:epoch gone) (creditsync.c)
+ *  webhooks:   balance watcher and webhook deliveries; Postgres only, never
+ *              Redis (whdeliver.c, the only part that links libcurl)
  */
 #ifndef POINTGATE_WORKERS_H
 #define POINTGATE_WORKERS_H
@@ -28,6 +30,7 @@ typedef struct worker_args {
 void *settlement_run(void *worker_args);
 void *sweeper_run(void *worker_args);
 void *creditsync_run(void *worker_args);
+void *webhooks_run(void *worker_args);
 
 /* One repair pass; returns 0 when every account and key was pushed (and
  * pg:epoch written if it was missing), CREDITSYNC_LOST when Redis lost its

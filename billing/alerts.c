@@ -42,7 +42,8 @@ static int alerts_points(json_t *v, int64_t *out)
 /* The settings of a PUT body: NULL, or the message of the 400. */
 static const char *alerts_parse(json_t *body, int64_t *t, int *nt, int64_t *exhausted_below)
 {
-    json_t *arr = json_object_get(body, "thresholds"), *eb = json_object_get(body, "exhausted_below");
+    json_t *arr = json_object_get(body, "thresholds"),
+           *eb = json_object_get(body, "exhausted_below");
     size_t i;
     json_t *v;
     const char *key;
@@ -157,9 +158,8 @@ int alerts_api_get(control_ctx *c, int64_t account, json_t **out)
     arr = json_array();
     for (int i = 0; i < PQntuples(r); i++) {
         json_t *row = json_pack(
-            "{s:I, s:s, s:o, s:o}", "threshold",
-            (json_int_t)strtoll(PQgetvalue(r, i, 1), NULL, 10), "state",
-            PQgetvalue(r, i, 2)[0] == 't' ? "armed" : "fired", "fired_at",
+            "{s:I, s:s, s:o, s:o}", "threshold", (json_int_t)strtoll(PQgetvalue(r, i, 1), NULL, 10),
+            "state", PQgetvalue(r, i, 2)[0] == 't' ? "armed" : "fired", "fired_at",
             PQgetisnull(r, i, 3) ? json_null() : json_string(PQgetvalue(r, i, 3)), "armed_at",
             PQgetisnull(r, i, 4) ? json_null() : json_string(PQgetvalue(r, i, 4)));
         if (strcmp(PQgetvalue(r, i, 0), "exhausted") == 0) {

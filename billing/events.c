@@ -11,7 +11,7 @@
 #include <string.h>
 
 static const char *const events_types[] = {"balance.low", "balance.exhausted", "topup.created",
-                                       "adjustment.created", "key.revoked"};
+                                           "adjustment.created", "key.revoked"};
 static billing_metrics *_Atomic events_metrics;
 
 void events_metrics_attach(billing_metrics *m)
@@ -51,8 +51,9 @@ int events_add(PGconn *pg, int64_t account, const char *type, json_t *data)
                      "WITH e AS (INSERT INTO webhook_events (account_id, type, payload) "
                      "  VALUES ($1::bigint, $2, $3::jsonb) RETURNING id, account_id), "
                      " d AS (" WEBHOOK_DELIVERIES_OF("e") " RETURNING 1) "
-                     "SELECT e.id, (SELECT count(*) FROM d), "
-                     "  pg_notify('" WEBHOOK_CHANNEL "', '') IS NULL FROM e",
+                                                          "SELECT e.id, (SELECT count(*) FROM d), "
+                                                          "  pg_notify('" WEBHOOK_CHANNEL
+                                                          "', '') IS NULL FROM e",
                      3, p);
     free(payload);
     if (!r) return LEDGER_ERROR;
@@ -72,7 +73,7 @@ int events_add(PGconn *pg, int64_t account, const char *type, json_t *data)
  *        version, so two watchers fire one crossing once;
  *  ev, dl: the events of the rows that fired and their deliveries.
  * Only accounts in transition are locked: a quiet account costs a read. */
-#define EVENTS_BALANCE_SQL                                                                           \
+#define EVENTS_BALANCE_SQL                                                                         \
     "WITH cand AS (SELECT DISTINCT s.account_id FROM balance_alerts s "                            \
     "  JOIN accounts a ON a.id = s.account_id "                                                    \
     "  WHERE ($1::bigint = 0 OR s.account_id = $1::bigint) "                                       \
@@ -89,12 +90,14 @@ int events_add(PGconn *pg, int64_t account, const char *type, json_t *data)
     "  SELECT account_id, CASE kind WHEN 'low' THEN 'balance.low' ELSE 'balance.exhausted' END, "  \
     "  jsonb_build_object('threshold', threshold, 'balance', balance, 'credited', credited, "      \
     "  'spent', spent) FROM fire RETURNING id, account_id, type), "                                \
-    " dl AS (" WEBHOOK_DELIVERIES_OF("ev") " RETURNING 1) "                                       \
-    "SELECT (SELECT count(*) FROM arm), (SELECT count(*) FROM dl), "                               \
-    "  (SELECT count(*) FROM ev WHERE type = 'balance.low'), "                                     \
-    "  (SELECT count(*) FROM ev WHERE type = 'balance.exhausted'), "                               \
-    "  CASE WHEN (SELECT count(*) FROM dl) > 0 THEN pg_notify('" WEBHOOK_CHANNEL "', '') "        \
-    "  IS NULL END"
+    " dl AS (" WEBHOOK_DELIVERIES_OF(                                                              \
+        "ev") " RETURNING 1) "                                                                     \
+              "SELECT (SELECT count(*) FROM arm), (SELECT count(*) FROM dl), "                     \
+              "  (SELECT count(*) FROM ev WHERE type = 'balance.low'), "                           \
+              "  (SELECT count(*) FROM ev WHERE type = 'balance.exhausted'), "                     \
+              "  CASE WHEN (SELECT count(*) FROM dl) > 0 THEN pg_notify('" WEBHOOK_CHANNEL         \
+              "', '') "                                                                            \
+              "  IS NULL END"
 
 int events_check_balance(PGconn *pg, int64_t account, int *fired, int *armed)
 {
@@ -116,4 +119,3 @@ int events_check_balance(PGconn *pg, int64_t account, int *fired, int *armed)
         events_count("balance.exhausted");
     return LEDGER_OK;
 }
-

@@ -190,20 +190,22 @@ local function idem_settle(akey, rid, im)
         return
     end
     if st and st.rid ~= rid then return end -- another call's
+    -- This call's answer is already stored: final. A resend of the settle
+    -- (its reply was lost) may carry less (the bare status when the gateway
+    -- no longer had the answer) and must not overwrite it.
+    if st and st.kind ~= 'f' then return end
     if im.v == '' then
         if st and st.kind == 'f' then
             iwrite[mkey], iseen[mkey] = false, false
         end
         return
     end
-    if not st or st.kind == 'f' then -- a resend of a stored one is not counted again
-        local bkey = idem_budget_key(akey)
-        if not ibytes[bkey] then
-            ibytes[bkey] = 0
-            ibkeys[#ibkeys + 1] = {bkey, im.ttl}
-        end
-        ibytes[bkey] = ibytes[bkey] + #im.v + #mkey + 64
+    local bkey = idem_budget_key(akey)
+    if not ibytes[bkey] then
+        ibytes[bkey] = 0
+        ibkeys[#ibkeys + 1] = {bkey, im.ttl}
     end
+    ibytes[bkey] = ibytes[bkey] + #im.v + #mkey + 64
     iwrite[mkey], iseen[mkey] = {im.v, im.ttl}, idem_parse(im.v)
 end
 

@@ -88,8 +88,8 @@ int webhook_secret_open(const webhook_key *k, int64_t account, const char *hex,
         return -1;
     snprintf(ad, sizeof ad, "%" PRId64, account);
     if (crypto_aead_xchacha20poly1305_ietf_decrypt((unsigned char *)text, &mlen, NULL, buf + nb,
-                                                   blen - nb, (const unsigned char *)ad,
-                                                   strlen(ad), buf, k->k) != 0)
+                                                   blen - nb, (const unsigned char *)ad, strlen(ad),
+                                                   buf, k->k) != 0)
         goto out;
     text[mlen] = '\0';
     if (mlen <= 6 || strncmp(text, WEBHOOK_SECRET_PREFIX, 6) != 0) goto out;
@@ -235,8 +235,7 @@ static int wh_create_tx(control_ctx *c, int64_t account, const char *url, int en
     return alerts_ensure_exhausted(c->pg, account);
 }
 
-int webhooks_api_create(control_ctx *c, int64_t account, const char *body, size_t len,
-                        json_t **out)
+int webhooks_api_create(control_ctx *c, int64_t account, const char *body, size_t len, json_t **out)
 {
     char msg[256], secret[WEBHOOK_SECRET_LEN + 1], sealed[512];
     json_t *j = api_body_parse(body, len, msg, sizeof msg), *en, *row = NULL;
@@ -338,22 +337,27 @@ int webhooks_api_remove(control_ctx *c, int64_t endpoint, json_t **out)
 
 /* A delivery with its last 10 attempts, as JSON text (one column). */
 #define WH_ATTEMPT_JSON                                                                            \
-    "jsonb_build_object('attempt', a.attempt, 'started_at', " WH_ISO("a.started_at")               \
-    ", 'duration_ms', a.duration_ms, 'status', a.status_code, 'error', a.error, "                  \
-    "'response', a.response)"
-#define WH_DELIVERY_JSON                                                                           \
-    "jsonb_build_object('id', d.id, 'event_id', d.event_id, 'type', e.type, 'endpoint_id', "       \
-    "d.endpoint_id, 'state', d.state, 'attempts', d.attempts, 'scheduled_at', "                    \
-    WH_ISO("d.scheduled_at") ", 'next_attempt_at', CASE WHEN d.state = 'pending' THEN "            \
-    WH_ISO("d.next_attempt_at") " END, 'last_status', d.last_status, 'last_error', "              \
-    "d.last_error, 'delivered_at', " WH_ISO("d.delivered_at") ", 'failed_at', "                   \
-    WH_ISO("d.failed_at") ", 'created_at', " WH_ISO("e.created_at") ", 'attempt_log', "            \
-    "(SELECT coalesce(jsonb_agg(" WH_ATTEMPT_JSON " ORDER BY a.id), '[]') FROM "                   \
-    "(SELECT * FROM webhook_attempts x WHERE x.delivery_id = d.id ORDER BY x.id DESC "            \
-    "LIMIT 10) a))::text"
+    "jsonb_build_object('attempt', a.attempt, 'started_at', " WH_ISO(                              \
+        "a.started_at") ", 'duration_ms', a.duration_ms, 'status', a.status_code, 'error', "       \
+                        "a.error, "                                                                \
+                        "'response', a.response)"
+#define WH_DELIVERY_JSON                                                                                                                                                                                                                           \
+    "jsonb_build_object('id', d.id, 'event_id', d.event_id, 'type', e.type, 'endpoint_id', "                                                                                                                                                       \
+    "d.endpoint_id, 'state', d.state, 'attempts', d.attempts, 'scheduled_at', " WH_ISO(                                                                                                                                                            \
+        "d.scheduled_at") ", 'next_attempt_at', CASE WHEN d.state = 'pending' THEN " WH_ISO("d."                                                                                                                                                   \
+                                                                                            "next"                                                                                                                                                 \
+                                                                                            "_att"                                                                                                                                                 \
+                                                                                            "empt"                                                                                                                                                 \
+                                                                                            "_at") " END, 'last_status', d.last_status, 'last_error', "                                                                                            \
+                                                                                                   "d.last_error, 'delivered_at', " WH_ISO("d.delivered_at") ", 'failed_at', " WH_ISO(                                                             \
+                                                                                                       "d.failed_at") ", 'created_at', " WH_ISO("e.created_at") ", 'attempt_log', "                                                                \
+                                                                                                                                                                "(SELECT coalesce(jsonb_agg(" WH_ATTEMPT_JSON                                      \
+                                                                                                                                                                " ORDER BY a.id), '[]') FROM "                                                     \
+                                                                                                                                                                "(SELECT * FROM webhook_attempts x WHERE x.delivery_id = d.id ORDER BY x.id DESC " \
+                                                                                                                                                                "LIMIT 10) a))::text"
 
-int webhooks_api_deliveries(control_ctx *c, int64_t endpoint, const char *limit,
-                            const char *before, json_t **out)
+int webhooks_api_deliveries(control_ctx *c, int64_t endpoint, const char *limit, const char *before,
+                            json_t **out)
 {
     char ids[24], bs[24], ls[16];
     const char *p[3] = {ids, bs, ls};
@@ -400,7 +404,8 @@ static int wh_uuid(const char *id, size_t len)
         int dash = i == 8 || i == 13 || i == 18 || i == 23;
         char ch = id[i];
         if (dash ? ch != '-'
-                 : !((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F')))
+                 : !((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') ||
+                     (ch >= 'A' && ch <= 'F')))
             return 0;
     }
     return 1;

@@ -139,8 +139,7 @@ static int wh_header(struct curl_slist **list, const char *name, const char *val
 /* Starts the attempt of claimed row I of R in slot A. An attempt that
  * cannot start (a secret that does not open, no memory) is finished at once
  * as a failed attempt, so it is logged and retried like any other. */
-static void wh_attempt_finish(wh_worker *w, wh_attempt *a, int ok, long status,
-                              const char *error);
+static void wh_attempt_finish(wh_worker *w, wh_attempt *a, int ok, long status, const char *error);
 
 static void wh_attempt_start(wh_worker *w, wh_attempt *a, const PGresult *r, int i)
 {
@@ -237,8 +236,16 @@ static void wh_attempt_finish(wh_worker *w, wh_attempt *a, int ok, long status, 
 {
     char ids[24], attempt[16], started[24], statuss[24], delay[24], dur[24], err[301];
     const char *state;
-    const char *p[10] = {ids, NULL, attempt, started, status ? statuss : NULL, NULL,
-                         a->response_len ? a->response : NULL, delay, w->consumer, dur};
+    const char *p[10] = {ids,
+                         NULL,
+                         attempt,
+                         started,
+                         status ? statuss : NULL,
+                         NULL,
+                         a->response_len ? a->response : NULL,
+                         delay,
+                         w->consumer,
+                         dur};
     int64_t duration_us = bm_mono_us() - a->started_us, wait = 0;
     int result;
     PGresult *r;

@@ -233,7 +233,7 @@ int config_load(gw_config *c)
         goto out;
     if (env_int64("IDEMPOTENCY_TTL", 86400, 1, 30 * 86400, &v) != 0) goto out;
     c->idem_ttl_ms = v * 1000;
-    if (env_int64("IDEMPOTENCY_MAX_BODY", 65536, 0, 16 << 20, &c->idem_max_body) != 0) goto out;
+    if (env_int64("IDEMPOTENCY_MAX_BODY", 65536, 0, 1 << 20, &c->idem_max_body) != 0) goto out;
     if (env_int64("IDEMPOTENCY_ACCOUNT_BYTES", 64 << 20, 1024, (int64_t)1 << 40,
                   &c->idem_account_bytes) != 0)
         goto out;

@@ -126,11 +126,14 @@ static int forward_in(const char *name, size_t nl, const forward_name *list, siz
 }
 
 static const forward_name forward_rid = FORWARD_NAME("x-request-id");
+/* Only the gateway says an answer is a replay (idem.c); the upstream's own
+ * claim would mislead the client on a first answer. */
+static const forward_name forward_replayed = FORWARD_NAME("idempotent-replayed");
 
 int forward_response_header(const char *name)
 {
     size_t nl = strlen(name);
-    return !forward_is(name, nl, &forward_rid) &&
+    return !forward_is(name, nl, &forward_rid) && !forward_is(name, nl, &forward_replayed) &&
            !forward_in(name, nl, forward_answer_drop_prefix,
                        sizeof forward_answer_drop_prefix / sizeof forward_answer_drop_prefix[0], 1);
 }

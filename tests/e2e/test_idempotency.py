@@ -475,3 +475,32 @@ def test_spilled_settles_store_or_clear_their_markers(stack):
     assert stack.hot(acct)["held"] == 0
     assert _charged(stack, acct) == (2, 10)
     gw.stop()
+
+
+def test_a_resent_settle_never_overwrites_a_stored_answer(stack):
+    """The settle's reply was lost and the gateway resends it without the
+    answer (a bare "n|" marker, or a clear): the stored answer stays, and
+    the budget is not counted twice."""
+    import luahelp
+    _base(stack)
+    gw = _gateway(stack)
+    acct, key = _account(stack)
+    r1 = _cmd(gw.url, key, "resend-1")
+    assert r1.status == 202, r1
+    mkey = _marker(stack, acct, "resend-1")
+    stored = stack.redis_raw("GET", mkey)
+    assert stored.startswith("d|"), stored[:80]
+    kind, fp, rid = stored.split("|")[:3]
+    budget = stack.redis_raw("HGETALL", f"pg:{{{acct}}}:idemb")
+    red = luahelp.redis_for(stack)
+    kh = hashlib.sha256(b"resend-1").hexdigest()
+    for marker in (f"n|{fp}|{rid}|202|l", ""):
+        keys = [luahelp.OUTBOX, luahelp.acct_key(acct), luahelp.holds_key(acct)]
+        args = [rid, 5, "commit", 202, acct, kh, marker, 86400000]
+        out = red.call("EVALSHA", red.sha("settle"), len(keys), *keys, *args)
+        assert out[0] == 0, out  # the hold is gone: no charge either
+        assert stack.redis_raw("GET", mkey) == stored
+    assert stack.redis_raw("HGETALL", f"pg:{{{acct}}}:idemb") == budget
+    r2 = _cmd(gw.url, key, "resend-1")
+    assert r2.headers.get("idempotent-replayed") == "true" and r2.body == r1.body, r2
+    assert _charged(stack, acct) == (1, 5)

@@ -1311,6 +1311,15 @@ static void request_usage(gw_request *r)
 
 static void request_with_account(gw_request *r)
 {
+    if (r->idem && !r->body_in) {
+        /* Authenticated (a bad key got its 401 without a byte of body
+         * read): now the body, whose hash the fingerprint needs before the
+         * reserve. request_body_done starts over, from the auth cache. */
+        request_unsuspend(r);
+        r->st = ST_BODY;
+        server_want_body(r->conn);
+        return;
+    }
     if (r->usage) {
         request_usage(r);
         return;
@@ -1617,9 +1626,9 @@ static int request_begin(gw_request *r)
 void request_early(gw_request *r)
 {
     if (r->idem) {
-        /* Its fingerprint needs the body's hash before the reserve: read it
-         * first (within MAX_BODY_BYTES and the body deadline, as any). */
-        server_want_body(r->conn);
+        /* Its fingerprint needs the body's hash before the reserve: the key
+         * first, then the body (request_with_account), then the reserve. */
+        request_start(r);
         return;
     }
     r->early = 1;

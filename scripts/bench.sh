@@ -181,10 +181,11 @@ EOF
 }
 
 # run_wrk LABEL URL CONNS [HEADER]: wrk's output in build/bench/wrk-LABEL.txt
-run_wrk() {
+run_wrk() { # label url conns [header]; WRK_SCRIPT=file adds -s file
     local label=$1 url=$2 conns=$3 header=${4:-}
     local args=(-t "$THREADS" -c "$conns" -d "$DURATION" --latency --timeout 10s)
     [ -n "$header" ] && args+=(-H "$header")
+    [ -n "${WRK_SCRIPT:-}" ] && args+=(-s "$WRK_SCRIPT")
     say "wrk ${args[*]//Bearer */Bearer ...} $url ($label)"
     # In the background so that a signal interrupts the wait at once.
     wrk "${args[@]}" "$url" >"$OUT/wrk-$label.txt" 2>&1 &
@@ -481,12 +482,17 @@ LKEY=$(admin POST "/v1/accounts/$LACCT/keys" | jq -er .api_key) || die "no api k
 LAUTH="Authorization: Bearer $LKEY"
 cat >"$TMP/routes-limited.json" <<'XEOF2'
 {"charge_on": ["2xx", "3xx"], "routes": [{"id": "bench", "method": "GET", "path": "/**", "price": 1,
- "rate": {"quota": 1000000, "window_s": 1}}]}
+ "rate": {"quota": 1000000, "window_s": 1}},
+ {"id": "bench-post", "method": "POST", "path": "/**", "price": 1,
+ "rate": {"quota": 1000000, "window_s": 1}, "idempotency": "required"}]}
 XEOF2
 # The plain gateway of the ops rounds (PLAIN_PID, PLAIN_PORT) is the reference.
 AUTH_SAVED=$AUTH
 AUTH=$LAUTH
-start_gateway ROUTES_FILE="$TMP/routes-limited.json"
+# A short IDEMPOTENCY_TTL and a large budget: every call of the run stores
+# its answer, and none may be refused for the budget.
+start_gateway ROUTES_FILE="$TMP/routes-limited.json" IDEMPOTENCY_TTL=300 \
+    IDEMPOTENCY_ACCOUNT_BYTES=$((512 << 20))
 AUTH=$AUTH_SAVED
 LIM_PID=$GW_PID LIM_PORT=$GW_PORT
 # The same calls without limits and without leases: how much of the gap is
@@ -498,7 +504,12 @@ for round in $(seq 1 "$LIM_ROUNDS"); do
     run_wrk "contract-plain-$round" "http://127.0.0.1:$PLAIN_PORT$BENCH_PATH" "$CONNS" "$AUTH"
     run_wrk "contract-limited-$round" "http://127.0.0.1:$LIM_PORT$BENCH_PATH" "$CONNS" "$LAUTH"
     run_wrk "contract-percall-$round" "http://127.0.0.1:$PERCALL_PORT$BENCH_PATH" "$CONNS" "$AUTH"
+    # The same limited route's POST twin, each call with its own key.
+    WRK_SCRIPT="$ROOT/scripts/bench-idem.lua" \
+        run_wrk "contract-idem-$round" "http://127.0.0.1:$LIM_PORT$BENCH_PATH" "$CONNS" "$LAUTH"
 done
+{ read -r idem_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-idem)
+read -r idem_rps _ idem_p99 _ idem_non2xx _ < <(wrk_figures "$OUT/wrk-contract-idem.txt")
 { read -r percall_rounds; read -r _; } < <(ROUNDS=$LIM_ROUNDS median_round contract-percall)
 read -r percall_rps _ < <(wrk_figures "$OUT/wrk-contract-percall.txt")
 stop_pid "$PERCALL_PID"
@@ -508,6 +519,7 @@ read -r lim_plain_rps _ lim_plain_p99 _ < <(wrk_figures "$OUT/wrk-contract-plain
 read -r lim_rps _ lim_p99 _ lim_non2xx _ < <(wrk_figures "$OUT/wrk-contract-limited.txt")
 lim_cost=$(awk -v a="$lim_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
 percall_cost=$(awk -v a="$percall_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+idem_cost=$(awk -v a="$idem_rps" -v b="$lim_plain_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
 stop_pid "$LIM_PID"
 GW_PID=$PLAIN_PID
 
@@ -558,6 +570,7 @@ fi
     echo "developer contract (requests/s, medians of $LIM_ROUNDS interleaved rounds): plain $lim_plain_rps ($lim_plain_rounds);"
     echo "  rate limit (route and account) and daily cap on every call $lim_rps ($lim_rounds): ${lim_cost}% (target within 5%), p99 $lim_p99 vs $lim_plain_p99, non-2xx $lim_non2xx"
     echo "  no limits, no leases (GATEWAY_LEASE_CALLS=0) $percall_rps ($percall_rounds): ${percall_cost}%"
+    echo "  rate limits, cap and a new Idempotency-Key on every call (POST) $idem_rps ($idem_rounds): ${idem_cost}%, p99 $idem_p99, non-2xx $idem_non2xx"
     verdict=ok
     [ "$GW_MANY_RSS_KB" -le "$RSS_TARGET_KB" ] || verdict="OVER the 64 MiB target"
     echo "gateway peak RSS with $MANY connections: $((GW_MANY_RSS_KB / 1024)) MiB ($GW_MANY_RSS_KB kB): $verdict"
@@ -583,6 +596,9 @@ record contract_limited_rps "$lim_rps"
 record contract_limited_cost_pct "$lim_cost"
 record contract_percall_rps "$percall_rps"
 record contract_percall_cost_pct "$percall_cost"
+record contract_idem_rps "$idem_rps"
+record contract_idem_cost_pct "$idem_cost"
+record contract_idem_non2xx "$idem_non2xx"
 record "gateway_c${MANY}_peak_rss_kb" "$GW_MANY_RSS_KB"
 record gateway_rss_after_round1_kb "$rss_first"
 record gateway_rss_after_last_round_kb "$rss_last"

@@ -438,6 +438,16 @@ def test_body_sent_after_100_continue_is_read_before_the_reserve(stack):
     assert outs[1].startswith(b"HTTP/1.1 202") and b"Idempotent-Replayed: true" in outs[1]
     assert outs[0].split(b"\r\n\r\n", 1)[1] == outs[1].split(b"\r\n\r\n", 1)[1]
     assert _sim_requests(stack) == 1
+    # A made-up key is refused before any body byte: no 100 Continue, a 401
+    # at once, though the body (1 MiB announced) never comes.
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(b"POST /v1/devices/d9/commands HTTP/1.1\r\nHost: x\r\nX-Api-Key: pgk_" +
+              b"A" * 43 + b"\r\nIdempotency-Key: k-bad\r\nExpect: 100-continue\r\n"
+              b"Content-Length: 1048576\r\n\r\n")
+    first = s.recv(4096)
+    s.close()
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+    assert b"100 Continue" not in first
 
 
 def test_spilled_settles_store_or_clear_their_markers(stack):

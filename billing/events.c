@@ -40,7 +40,7 @@ int events_add(PGconn *pg, int64_t account, const char *type, json_t *data)
     const char *p[3] = {ids, type, NULL};
     PGresult *r;
     if (events_type_index(type) < 0) return LEDGER_LIMIT;
-    payload = json_dumps(data ? data : json_object(), JSON_COMPACT);
+    payload = data ? json_dumps(data, JSON_COMPACT) : strdup("{}");
     if (!payload) return LEDGER_ERROR;
     snprintf(ids, sizeof ids, "%" PRId64, account);
     p[2] = payload;

@@ -432,7 +432,8 @@ int webhooks_api_replay(control_ctx *c, const char *event_id, size_t idlen, json
         "  ON w.account_id = ev.account_id AND w.enabled "
         "  ON CONFLICT (event_id, endpoint_id) DO UPDATE SET state = 'pending', "
         "  scheduled_at = now(), next_attempt_at = now(), delivered_at = NULL, failed_at = NULL, "
-        "  claimed_by = NULL RETURNING id) "
+        "  claimed_by = NULL WHERE NOT (webhook_deliveries.claimed_by IS NOT NULL AND "
+        "  webhook_deliveries.next_attempt_at > now()) RETURNING id) "
         "SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM up), "
         "  pg_notify('" WEBHOOK_CHANNEL "', '') IS NULL",
         1, p);

@@ -321,7 +321,8 @@ static void wh_transfer_done(wh_worker *w, CURL *easy, CURLcode code)
     "  WHERE state = 'pending' AND claimed_by IS NOT NULL AND next_attempt_at > now() "            \
     "  GROUP BY endpoint_id), "                                                                    \
     " due AS (SELECT id, endpoint_id, next_attempt_at FROM webhook_deliveries "                    \
-    "  WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $5), "  \
+    "  WHERE state = 'pending' AND next_attempt_at <= now() AND endpoint_id NOT IN "               \
+    "  (SELECT endpoint_id FROM busy WHERE n >= $4) ORDER BY next_attempt_at LIMIT $5), "          \
     " pick AS (SELECT x.id FROM (SELECT due.id, due.next_attempt_at, row_number() OVER "           \
     "  (PARTITION BY due.endpoint_id ORDER BY due.next_attempt_at) + coalesce(busy.n, 0) AS k "    \
     "  FROM due LEFT JOIN busy USING (endpoint_id)) x WHERE x.k <= $4 "                            \
@@ -393,6 +394,8 @@ static void wh_retention(wh_worker *w)
                      2, p);
     if (r && atoi(PQcmdTuples(r)) > 0)
         log_info("webhooks: %s event(s) past retention deleted", PQcmdTuples(r));
+    /* A full batch: more are due; the next pass comes at once. */
+    if (r && atoi(PQcmdTuples(r)) == WH_RETENTION_BATCH) w->next_retention_ms = 0;
     PQclear(r);
 }
 
@@ -406,6 +409,11 @@ static int wh_connect(wh_worker *w)
     if (w->pg) PQfinish(w->pg);
     w->pg = ledger_connect(w->cfg->database_url);
     if (!w->pg) return -1;
+    /* A half-open connection (a failover) must not hang the thread: no
+     * statement outlives the claims' lease margin. */
+    r = ledger_query(w->pg, "SET statement_timeout = '15s'", 0, NULL);
+    if (!r) goto fail;
+    PQclear(r);
     r = ledger_query(w->pg, "LISTEN " WEBHOOK_CHANNEL, 0, NULL);
     if (!r) goto fail;
     PQclear(r);
@@ -448,8 +456,8 @@ static void wh_turn(wh_worker *w)
         w->next_gauge_ms = now + WH_GAUGE_MS;
     }
     if (w->pg && now >= w->next_retention_ms) {
-        wh_retention(w);
         w->next_retention_ms = now + WH_RETENTION_MS;
+        wh_retention(w);
     }
     if (w->pg && now >= w->next_claim_ms && w->nslots > 0) {
         wh_claim(w);

@@ -24,6 +24,8 @@ PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 MHD_LIBS := $(shell pkg-config --libs $(MHD_PKG) 2>/dev/null)
 # libcurl: bin/billing's webhook deliveries only (billing/whdeliver.c).
 CURL_LIBS := $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+# zlib: bin/billing's ledger archives only (billing/archive.c).
+ZLIB_LIBS := $(shell pkg-config --libs zlib 2>/dev/null || echo -lz)
 
 # The version both programs report (pointgate_build_info).
 VERSION ?= dev
@@ -91,7 +93,7 @@ $(O)/libbilling.a: $(LIB_OBJ)
 $(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(CURL_LIBS) $(LDLIBS) -o $@
+	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(LDLIBS) -o $@
 
 $(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
 	@mkdir -p $(dir $@)

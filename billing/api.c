@@ -6,12 +6,14 @@
 #include "billing/api.h"
 
 #include "billing/alerts.h"
+#include "billing/archive.h"
 #include "billing/control.h"
 #include "billing/env.h"
 #include "billing/keys.h"
 #include "billing/limits.h"
 #include "billing/log.h"
 #include "billing/operators.h"
+#include "billing/periods.h"
 #include "billing/reports.h"
 #include "billing/status.h"
 #include "billing/webhooks.h"
@@ -656,6 +658,18 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
     } else if (SEG(1, "reports") && n == 3 && (SEG(2, "usage") || SEG(2, "statement"))) {
         if (!is_get) return api_error(405, "method_not_allowed", "use GET");
         return SEG(2, "usage") ? api_usage(c, conn) : api_statement(c, conn);
+    } else if (SEG(1, "charges") && n == 3) {
+        json_t *out = NULL;
+        if (!is_get) return api_error(405, "method_not_allowed", "use GET");
+        return api_answer(archive_api_charge(c->pg, seg[2], len[2], &out), &out);
+    } else if (SEG(1, "periods") && (n == 2 || (n == 4 && SEG(3, "close")))) {
+        json_t *out = NULL;
+        if (n == 2) {
+            if (!is_get) return api_error(405, "method_not_allowed", "use GET");
+            return api_answer(periods_api_list(c->pg, &out), &out);
+        }
+        if (!is_post) return api_error(405, "method_not_allowed", "use POST");
+        return api_answer(periods_api_close(c->pg, seg[2], len[2], who.name, &out), &out);
     } else if (SEG(1, "status") && n == 2) {
         /* Finance and admin alike: it changes nothing (status.c). */
         int verdict;

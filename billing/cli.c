@@ -3,12 +3,14 @@
 #include "billing/cli.h"
 
 #include "billing/alerts.h"
+#include "billing/archive.h"
 #include "billing/config.h"
 #include "billing/control.h"
 #include "billing/env.h"
 #include "billing/keys.h"
 #include "billing/limits.h"
 #include "billing/operators.h"
+#include "billing/periods.h"
 #include "billing/reports.h"
 #include "billing/status.h"
 #include "billing/webhooks.h"
@@ -869,6 +871,116 @@ out:
     return rc;
 }
 
+/* billing charge REQUEST_ID: the admin API's GET /v1/charges/{id}. */
+static int cli_charge(int argc, char **argv)
+{
+    cli_env e;
+    json_t *out = NULL;
+    int rc;
+    if (argc != 1 || strcmp(argv[0], "--help") == 0) {
+        fprintf(argc == 1 ? stdout : stderr,
+                "usage: billing charge REQUEST_ID\n"
+                "The charge of one call (its X-Request-Id), or the archive file that holds\n"
+                "its day once the day is past CHARGE_RETENTION_DAYS.\n");
+        return argc == 1 ? CLI_OK : CLI_USAGE;
+    }
+    if ((rc = cli_open(&e, 0)) == CLI_OK)
+        rc = cli_answer(archive_api_charge(e.c.pg, argv[0], strlen(argv[0]), &out), out);
+    cli_close(&e);
+    return rc;
+}
+
+/* billing archive list [--json] | run */
+static int cli_archive(int argc, char **argv)
+{
+    cli_env e;
+    cli_args a;
+    const char *sub = argc > 0 ? argv[0] : NULL;
+    json_t *list, *parts;
+    archive_result res;
+    int rc;
+    memset(&a, 0, sizeof a);
+    if (!sub || cli_parse(argc - 1, argv + 1, NULL, " json ", &a) != 0 || a.help || a.npos != 0 ||
+        (strcmp(sub, "list") != 0 && strcmp(sub, "run") != 0)) {
+        fprintf(a.help && sub ? stdout : stderr,
+                "usage: billing archive list [--json]\n"
+                "       billing archive run\n"
+                "list: the charges table's daily partitions and what was exported (file, rows,\n"
+                "bytes, sha256). run: one pass now (partitions ahead, months due closed, days\n"
+                "past CHARGE_RETENTION_DAYS exported to ARCHIVE_DIR and dropped).\n");
+        return a.help && sub ? CLI_OK : CLI_USAGE;
+    }
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    if (strcmp(sub, "run") == 0) {
+        if (archive_pass(e.c.pg, &e.cfg, &res) != 0) {
+            fprintf(stderr, "billing: the archive pass failed (see the log); what it did stays\n");
+            rc = CLI_FAIL;
+            goto out;
+        }
+        if (res.busy) printf("another billing process is archiving: nothing exported now\n");
+        printf("partitions made %d, months closed %d, partitions archived %d (%" PRId64
+               " rows)\n",
+               res.made, res.closed, res.archived, res.rows);
+        if (!e.cfg.archive_dir) printf("ARCHIVE_DIR is not set: nothing is ever dropped\n");
+        goto out;
+    }
+    list = archive_list(e.c.pg, &e.cfg);
+    if (!list) {
+        rc = cli_status(LEDGER_ERROR, "");
+        goto out;
+    }
+    if (cli_flag(&a, "json")) {
+        cli_print_json(list);
+        goto out;
+    }
+    parts = json_object_get(list, "partitions");
+    printf("retention %" PRId64 " days, archive dir %s\n", e.cfg.charge_retention_days,
+           e.cfg.archive_dir ? e.cfg.archive_dir : "(not set: nothing is dropped)");
+    printf("%-12s %-12s %-18s %-9s %12s %12s  %s\n", "from", "to", "partition", "state", "rows",
+           "bytes", "file");
+    for (size_t i = 0; i < json_array_size(parts); i++) {
+        json_t *p = json_array_get(parts, i);
+        printf("%-12s %-12s %-18s %-9s %12" JSON_INTEGER_FORMAT " %12" JSON_INTEGER_FORMAT
+               "  %s\n",
+               json_string_value(json_object_get(p, "from")),
+               json_string_value(json_object_get(p, "to")),
+               json_string_value(json_object_get(p, "name")),
+               json_string_value(json_object_get(p, "state")),
+               json_integer_value(json_object_get(p, "rows")),
+               json_integer_value(json_object_get(p, "bytes")),
+               json_object_get(p, "file") ? json_string_value(json_object_get(p, "file")) : "");
+    }
+    json_decref(list);
+out:
+    cli_close(&e);
+    return rc;
+}
+
+/* billing period close YYYY-MM | list */
+static int cli_period(int argc, char **argv)
+{
+    cli_env e;
+    json_t *out = NULL;
+    int rc, is_close = argc == 2 && strcmp(argv[0], "close") == 0;
+    if (!is_close && !(argc == 1 && strcmp(argv[0], "list") == 0)) {
+        int help = argc >= 1 && strcmp(argv[argc - 1], "--help") == 0;
+        fprintf(help ? stdout : stderr,
+                "usage: billing period close YYYY-MM\n"
+                "       billing period list\n"
+                "A closed month's statements never change: a charge settled later for one of\n"
+                "its calls is booked on the day it is settled. Closing a month closes every\n"
+                "month before it; billing closes one STATEMENT_CLOSE_DAYS after its end.\n");
+        return help ? CLI_OK : CLI_USAGE;
+    }
+    if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
+    rc = is_close ? periods_api_close(e.c.pg, argv[1], strlen(argv[1]), e.operator_name, &out)
+                  : periods_api_list(e.c.pg, &out);
+    rc = cli_answer(rc, out);
+out:
+    cli_close(&e);
+    return rc;
+}
+
 int cli_run(int argc, char **argv)
 {
     const char *cmd = argv[0];
@@ -882,5 +994,8 @@ int cli_run(int argc, char **argv)
     if (strcmp(cmd, "limits") == 0) return cli_limits(argc - 1, argv + 1);
     if (strcmp(cmd, "webhooks") == 0) return cli_webhooks(argc - 1, argv + 1);
     if (strcmp(cmd, "alerts") == 0) return cli_alerts(argc - 1, argv + 1);
+    if (strcmp(cmd, "charge") == 0) return cli_charge(argc - 1, argv + 1);
+    if (strcmp(cmd, "archive") == 0) return cli_archive(argc - 1, argv + 1);
+    if (strcmp(cmd, "period") == 0) return cli_period(argc - 1, argv + 1);
     return -1;
 }

@@ -20,6 +20,7 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
     c->redis_url = env_str("REDIS_URL", "redis://127.0.0.1:6379/0");
     c->admin_token = env_str("ADMIN_TOKEN", NULL);
     c->finance_token = env_str("FINANCE_TOKEN", NULL);
+    c->archive_dir = env_str("ARCHIVE_DIR", NULL);
     listen = env_str("BILLING_LISTEN", "127.0.0.1:8081");
     if (need_listen &&
         env_parse_hostport(listen, c->listen_host, sizeof c->listen_host, &c->listen_port) != 0) {
@@ -85,7 +86,10 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
             0 ||
         env_int64("WEBHOOK_WATCH_INTERVAL_MS", 1000, 50, 3600000, &c->webhook_watch_interval_ms) !=
             0 ||
-        env_int64("WEBHOOK_RETENTION_DAYS", 30, 1, 3650, &c->webhook_retention_days) != 0)
+        env_int64("WEBHOOK_RETENTION_DAYS", 30, 1, 3650, &c->webhook_retention_days) != 0 ||
+        env_int64("CHARGE_RETENTION_DAYS", 400, 1, 36500, &c->charge_retention_days) != 0 ||
+        env_int64("ARCHIVE_INTERVAL_S", 3600, 1, 86400, &c->archive_interval_s) != 0 ||
+        env_int64("STATEMENT_CLOSE_DAYS", 3, 0, 365, &c->statement_close_days) != 0)
         rc = -1;
     return rc;
 }

@@ -37,6 +37,12 @@ typedef struct billing_config {
     int64_t webhook_retry_horizon_s;    /* WEBHOOK_RETRY_HORIZON_S: give up this long after */
     int64_t webhook_watch_interval_ms;  /* WEBHOOK_WATCH_INTERVAL_MS: balance watcher period */
     int64_t webhook_retention_days;     /* WEBHOOK_RETENTION_DAYS: events kept this long */
+    /* The charges table's life cycle (archive.c; README "Ledger retention"). */
+    int64_t charge_retention_days; /* CHARGE_RETENTION_DAYS: per-call rows kept this long */
+    const char *archive_dir;       /* ARCHIVE_DIR: exports; NULL: nothing is ever dropped */
+    int64_t archive_interval_s;    /* ARCHIVE_INTERVAL_S: a pass this often */
+    int64_t statement_close_days;  /* STATEMENT_CLOSE_DAYS: a month closes this long after
+                                      its end; 0: only `billing period close` closes */
 } billing_config;
 
 /* Reads the environment. NEED_* say which parts this command requires; a

@@ -397,28 +397,43 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     ledger_buf_put(b, "\"", 1);
 }
 
+/* The period rule (schema/011): a call of a closed month (ledger_periods)
+ * is booked on the day it is settled, its occurred_at kept, so an issued
+ * statement never changes; any other on its own UTC day. OPEN_FROM is the
+ * first day of the first open month. Reading ledger_periods here also
+ * takes the lock that makes a close wait for the statements in flight
+ * (billing/archive.c). */
+#define LEDGER_OPEN_FROM                                                                           \
+    " p AS (SELECT coalesce((max(month) + interval '1 month')::date, '-infinity'::date)"           \
+    "   AS open_from, (now() AT TIME ZONE 'UTC')::date AS today FROM ledger_periods),"
+#define LEDGER_BOOKED_ON(T) "CASE WHEN (" T " AT TIME ZONE 'UTC')::date < p.open_from THEN p.today END"
+#define LEDGER_DAY "coalesce(booked_on, (occurred_at AT TIME ZONE 'UTC')::date) AS day"
+
 /* One round trip, one implicit transaction: the new charge rows (those whose
  * reservation id was not seen before) drive both the accounts' spent and the
- * rollup, so a redelivered entry changes nothing. */
+ * rollup, so a redelivered entry changes nothing. The partition key is a
+ * function of the reservation id (schema/011), so a redelivered record
+ * meets its row in the same partition. */
 #define LEDGER_SETTLE_SQL                                                                          \
     "WITH input AS ("                                                                              \
-    "  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],"     \
-    "    $6::text[], $7::int[], $8::bigint[])"                                                     \
+    "  SELECT *, to_timestamp(ts_ms::float8 / 1000) AS o FROM unnest($1::text[], $2::bigint[],"    \
+    "    $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::bigint[])"            \
     "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)),"                     \
+    LEDGER_OPEN_FROM                                                                               \
     " ins AS ("                                                                                    \
     "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
-    "    occurred_at)"                                                                             \
-    "  SELECT rid, account_id, route, amount, hold, outcome, status,"                              \
-    "    to_timestamp(ts_ms::float8 / 1000) FROM input"                                            \
-    "  ON CONFLICT (reservation_id) DO NOTHING"                                                    \
-    "  RETURNING account_id, route, amount, outcome, occurred_at),"                                \
+    "    occurred_at, reserved_at, booked_on)"                                                     \
+    "  SELECT rid, account_id, route, amount, hold, outcome, status, o,"                           \
+    "    charges_reserved_at(rid), " LEDGER_BOOKED_ON("o") " FROM input, p"                        \
+    "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"                                       \
+    "  RETURNING account_id, route, amount, outcome, " LEDGER_DAY "),"                             \
     " acc AS ("                                                                                    \
     "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
     "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"              \
     "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                                 \
     " roll AS ("                                                                                   \
     "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"         \
-    "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, count(*),"                \
+    "  SELECT account_id, day, route, count(*),"                                                   \
     "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"                                 \
     "  FROM ins GROUP BY 1, 2, 3"                                                                  \
     "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"       \
@@ -438,12 +453,16 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
  * less: the call was billable after all; calls unchanged). A row with any
  * other outcome is left alone. Two statements, not one: in one, the update
  * would not see an expire row that another settlement worker committed
- * while the insert waited on it, and the late charge would be lost. */
+ * while the insert waited on it, and the late charge would be lost. An
+ * upgrade of a row booked in a closed month books its points on the day
+ * it is settled instead, and leaves the closed month's failed call counted
+ * (its statement is issued). */
 #define LEDGER_LATE_INPUT                                                                          \
     "WITH input AS ("                                                                              \
-    "  SELECT DISTINCT ON (rid) * FROM unnest($1::text[], $2::bigint[], $3::text[],"               \
-    "    $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::bigint[])"                         \
-    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms) ORDER BY rid),"
+    "  SELECT DISTINCT ON (rid) *, to_timestamp(ts_ms::float8 / 1000) AS o FROM unnest("           \
+    "    $1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[],"  \
+    "    $8::bigint[]) AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)"         \
+    "    ORDER BY rid)," LEDGER_OPEN_FROM
 #define LEDGER_LATE_MOVE(SRC)                                                                      \
     " acc AS ("                                                                                    \
     "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
@@ -451,7 +470,7 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                                 \
     " roll AS ("                                                                                   \
     "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"         \
-    "  SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, sum(calls),"              \
+    "  SELECT account_id, day, route, sum(calls),"                                                 \
     "    sum(amount), sum(failed) FROM " SRC " GROUP BY 1, 2, 3"                                   \
     "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"       \
     "    points = u.points + EXCLUDED.points,"                                                     \
@@ -462,20 +481,28 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     LEDGER_LATE_INPUT                                                                              \
     " ins AS ("                                                                                    \
     "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
-    "    occurred_at)"                                                                             \
-    "  SELECT rid, account_id, route, amount, hold, 'late', status,"                               \
-    "    to_timestamp(ts_ms::float8 / 1000) FROM input"                                            \
-    "  ON CONFLICT (reservation_id) DO NOTHING"                                                    \
-    "  RETURNING account_id, route, amount, occurred_at, 1 AS calls, 0 AS "                        \
+    "    occurred_at, reserved_at, booked_on)"                                                     \
+    "  SELECT rid, account_id, route, amount, hold, 'late', status, o,"                            \
+    "    charges_reserved_at(rid), " LEDGER_BOOKED_ON("o") " FROM input, p"                        \
+    "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"                                       \
+    "  RETURNING account_id, route, amount, " LEDGER_DAY ", 1 AS calls, 0 AS "                     \
     "failed)," LEDGER_LATE_MOVE("ins")
 #define LEDGER_LATE_UPGRADE_SQL                                                                    \
     LEDGER_LATE_INPUT                                                                              \
+    " cur AS ("                                                                                    \
+    "  SELECT c.reservation_id AS rid, c.reserved_at,"                                             \
+    "    coalesce(c.booked_on, (c.occurred_at AT TIME ZONE 'UTC')::date) < p.open_from AS moved"   \
+    "  FROM charges c JOIN input i ON c.reservation_id = i.rid"                                    \
+    "    AND c.reserved_at = charges_reserved_at(i.rid), p),"                                      \
     " up AS ("                                                                                     \
-    "  UPDATE charges c SET amount = i.amount, outcome = 'late', status = i.status FROM input i"   \
-    "  WHERE c.reservation_id = i.rid AND c.account_id = i.account_id"                             \
+    "  UPDATE charges c SET amount = i.amount, outcome = 'late', status = i.status,"               \
+    "    booked_on = CASE WHEN cur.moved THEN p.today ELSE c.booked_on END"                        \
+    "  FROM input i, cur, p"                                                                       \
+    "  WHERE c.reservation_id = i.rid AND cur.rid = i.rid AND c.reserved_at = cur.reserved_at"     \
+    "    AND c.account_id = i.account_id"                                                          \
     "    AND c.outcome = 'expire' AND c.amount = 0 AND i.amount > 0"                               \
-    "  RETURNING c.account_id, c.route, c.amount, c.occurred_at, 0 AS calls, -1 AS "               \
-    "failed)," LEDGER_LATE_MOVE("up")
+    "  RETURNING c.account_id, c.route, c.amount, " LEDGER_DAY ", 0 AS calls,"                     \
+    "    CASE WHEN cur.moved THEN 0 ELSE -1 END AS failed)," LEDGER_LATE_MOVE("up")
 
 /* Runs the settlement statement as a prepared statement (planned once per
  * connection): a connection that does not know it yet (new, or reset after
@@ -566,6 +593,27 @@ static int ledger_settle_arrays(ledger_buf cols[8], const ledger_charge *c, int 
     return 0;
 }
 
+int ledger_ensure_partitions(PGconn *conn, int *made)
+{
+    PGresult *r = ledger_query(conn,
+                               "SELECT charges_ensure_partitions("
+                               "(now() AT TIME ZONE 'UTC')::date - 1, "
+                               "(now() AT TIME ZONE 'UTC')::date + " LEDGER_DAYS_AHEAD ")",
+                               0, NULL);
+    if (!r) return LEDGER_ERROR;
+    if (made) *made = (int)ledger_i64(r, 0, 0);
+    PQclear(r);
+    return LEDGER_OK;
+}
+
+/* 1 if a settlement statement failed (WHY, ledger_settle_result's) because
+ * a record's day has no partition: not made yet (billing was down for
+ * longer than LEDGER_DAYS_AHEAD), or made, archived and dropped. */
+static int ledger_no_partition(const char *why)
+{
+    return strncmp(why, "23514", 5) == 0 && strstr(why, "no partition") != NULL;
+}
+
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
                         size_t whylen)
 {
@@ -583,6 +631,9 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
         for (int j = 0; j < 8; j++)
             p[j] = cols[j].p;
         rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
+        if (rc == LEDGER_CONFLICT && ledger_no_partition(why) &&
+            ledger_ensure_partitions(conn, NULL) == LEDGER_OK)
+            rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
         if (rc != LEDGER_OK) goto out;
     }
     for (int j = 0; j < 8; j++) {

@@ -116,6 +116,13 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
                         size_t whylen);
 
+/* Makes the daily partitions of charges from yesterday to LEDGER_DAYS_AHEAD
+ * days ahead that were never made (schema/011; a day once archived is not
+ * made again). *MADE (may be NULL) gets how many. Settlement calls it when
+ * a record finds no partition, the archive pass every ARCHIVE_INTERVAL_S. */
+#define LEDGER_DAYS_AHEAD "14"
+int ledger_ensure_partitions(PGconn *conn, int *made);
+
 /* Calls FN for every account's credit state, for repair passes (keys: keys.h). */
 typedef int (*ledger_account_fn)(void *arg, int64_t id, int64_t credit_seq, int64_t credited,
                                  int64_t spent);

@@ -27,6 +27,7 @@
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <limits.h>
 #include <string.h>
 #include <time.h>
 
@@ -35,7 +36,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: billing COMMAND\n"
                "\n"
                "commands:\n"
-               "  migrate   apply pending schema migrations (safe to run twice, or at once)\n"
+               "  migrate [--to N]  apply pending schema migrations (safe to run twice, or\n"
+               "            at once); --to stops after migration N\n"
                "  serve     admin/finance API on BILLING_LISTEN plus the settlement,\n"
                "            sweeper and credit-sync workers; stops on SIGTERM/SIGINT\n"
                "  repair    push every account's credits and every key to Redis once\n"
@@ -54,6 +56,9 @@ static void usage(FILE *f)
                "  webhooks add ACCOUNT_ID URL | list ACCOUNT_ID | remove ID\n"
                "       | deliveries ID [--limit N] [--before ID] | replay EVENT_ID\n"
                "  alerts show ACCOUNT_ID | set ACCOUNT_ID --thresholds P,P [--exhausted-below P]\n"
+               "  charge REQUEST_ID   the charge of one call (or the archive holding its day)\n"
+               "  archive list | run  charge partitions: retention, exports (ARCHIVE_DIR)\n"
+               "  period close YYYY-MM | list   closed months: their statements never change\n"
                "\n"
                "every command takes --help. exit codes: 0 done, 1 store unreachable (retry),\n"
                "2 usage error, 3 not found, 4 refused.\n"
@@ -62,15 +67,29 @@ static void usage(FILE *f)
                "KEY_PEPPER, ADMIN_TOKEN, FINANCE_TOKEN; see README.md.\n");
 }
 
-static int cmd_migrate(void)
+/* billing migrate [--to VERSION]: --to stops after VERSION (staged
+ * upgrades; the migration tests start from an older schema). */
+static int cmd_migrate(int argc, char **argv)
 {
     billing_config cfg;
     PGconn *pg;
-    int applied = 0, rc;
+    int applied = 0, rc, upto = INT_MAX;
+    if (argc == 2 && strcmp(argv[0], "--to") == 0) {
+        char *end;
+        long v = strtol(argv[1], &end, 10);
+        if (*argv[1] == '\0' || *end != '\0' || v < 1 || v > 9999) {
+            fprintf(stderr, "billing: --to takes a migration number\n");
+            return 2;
+        }
+        upto = (int)v;
+    } else if (argc != 0) {
+        fprintf(stderr, "usage: billing migrate [--to VERSION]\n");
+        return 2;
+    }
     if (config_load(&cfg, 0, 0, 0) != 0) return 2;
     pg = ledger_connect(cfg.database_url);
     if (!pg) return 1;
-    rc = migrate_apply(pg, &applied);
+    rc = migrate_apply(pg, upto, &applied);
     PQfinish(pg);
     if (rc != 0) return 1;
     printf("migrations: %d applied, %d known\n", applied, migrations_count);
@@ -136,6 +155,8 @@ static int cmd_serve(void)
     }
     metrics->beat_used[BM_BEAT_WEBHOOKS] = 1;
     bm_beat(metrics, BM_BEAT_WEBHOOKS);
+    metrics->beat_used[BM_BEAT_ARCHIVE] = 1;
+    bm_beat(metrics, BM_BEAT_ARCHIVE);
     events_metrics_attach(metrics);
     ops = ops_start(&cfg, metrics);
     if (!ops) goto out;
@@ -154,6 +175,13 @@ static int cmd_serve(void)
     args[nthreads] = (worker_args){&cfg, &stop, 0, metrics};
     if (pthread_create(&threads[nthreads], NULL, webhooks_run, &args[nthreads]) != 0) {
         log_error("cannot start the webhook thread");
+        goto out;
+    }
+    nthreads++;
+    /* The archive thread: partitions ahead, months closed, old days out. */
+    args[nthreads] = (worker_args){&cfg, &stop, 0, metrics};
+    if (pthread_create(&threads[nthreads], NULL, archive_run, &args[nthreads]) != 0) {
+        log_error("cannot start the archive thread");
         goto out;
     }
     nthreads++;
@@ -205,7 +233,7 @@ int main(int argc, char **argv)
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    if (strcmp(argv[1], "migrate") == 0) return cmd_migrate();
+    if (strcmp(argv[1], "migrate") == 0) return cmd_migrate(argc - 2, argv + 2);
     if (strcmp(argv[1], "serve") == 0) return cmd_serve();
     if (strcmp(argv[1], "repair") == 0) return cmd_repair();
     rc = cli_run(argc - 1, argv + 1);

@@ -72,6 +72,8 @@ void bm_beat_name(int slot, char *out, size_t cap)
         snprintf(out, cap, "sweeper");
     else if (slot == BM_BEAT_WEBHOOKS)
         snprintf(out, cap, "webhooks");
+    else if (slot == BM_BEAT_ARCHIVE)
+        snprintf(out, cap, "archive");
     else
         snprintf(out, cap, "settlement %d", slot - BM_BEAT_SETTLE0);
 }

@@ -51,12 +51,14 @@ enum bm_repair { BM_REPAIR_OK, BM_REPAIR_ERROR, BM_REPAIR_LOST, BM_REPAIRS };
 enum bm_webhook_result { BM_WH_DELIVERED, BM_WH_RETRY, BM_WH_FAILED, BM_WH_RESULTS };
 
 /* Heartbeat slots: creditsync, sweeper, then settlement workers 0..15
- * (SETTLE_WORKERS is at most 16, config.c), then the webhook thread. */
+ * (SETTLE_WORKERS is at most 16, config.c), then the webhook thread, then
+ * the archive thread. */
 #define BM_BEAT_CREDITSYNC 0
 #define BM_BEAT_SWEEPER 1
 #define BM_BEAT_SETTLE0 2
 #define BM_BEAT_WEBHOOKS 18
-#define BM_BEATS 19
+#define BM_BEAT_ARCHIVE 19
+#define BM_BEATS 20
 
 /* HTTP status codes 100..599 are counted one slot each. */
 #define BM_CODES 500

@@ -66,7 +66,7 @@ out:
     return rc;
 }
 
-int migrate_apply(PGconn *conn, int *applied)
+int migrate_apply(PGconn *conn, int upto, int *applied)
 {
     int rc = -1;
     *applied = 0;
@@ -80,7 +80,7 @@ int migrate_apply(PGconn *conn, int *applied)
     for (int i = 0; i < migrations_count; i++) {
         int done = 0;
         if (migrate_is_applied(conn, migrations[i].version, &done) != 0) goto out;
-        if (done) continue;
+        if (done || migrations[i].version > upto) continue;
         if (migrate_one(conn, &migrations[i]) != 0) {
             log_error("migrate: %s failed; nothing of it was applied", migrations[i].name);
             goto out;

@@ -16,8 +16,9 @@ struct migration {
 extern const struct migration migrations[];
 extern const int migrations_count;
 
-/* Applies every pending migration, each in its own transaction, under a
- * session advisory lock. *applied gets how many ran now. 0 on success. */
-int migrate_apply(PGconn *conn, int *applied);
+/* Applies every pending migration up to version UPTO (INT_MAX: all), each
+ * in its own transaction, under a session advisory lock. *applied gets how
+ * many ran now. 0 on success. */
+int migrate_apply(PGconn *conn, int upto, int *applied);
 
 #endif

@@ -238,7 +238,9 @@ static int reports_statement_tx(PGconn *pg, const char *ids, const char *start, 
         "   AND created_at < ($3::date::timestamp AT TIME ZONE 'UTC')),"
         " (SELECT coalesce(sum(points), 0)::bigint FROM usage_daily WHERE account_id = $1"
         "   AND day >= $2::date AND day < $3::date),"
-        " EXISTS (SELECT 1 FROM accounts WHERE id = $1)",
+        " EXISTS (SELECT 1 FROM accounts WHERE id = $1),"
+        " (SELECT to_char(closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+        "   FROM ledger_periods WHERE month >= $2::date ORDER BY month LIMIT 1)",
         3, p);
     if (!r) return LEDGER_ERROR;
     if (PQgetvalue(r, 0, 4)[0] != 't') {
@@ -249,6 +251,7 @@ static int reports_statement_tx(PGconn *pg, const char *ids, const char *start, 
     s->credits = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
     s->charges = strtoll(PQgetvalue(r, 0, 3), NULL, 10);
     s->closing = s->opening + s->credits - s->charges;
+    snprintf(s->closed_at, sizeof s->closed_at, "%s", PQgetvalue(r, 0, 5));
     PQclear(r);
 
     r = ledger_query(pg,
@@ -341,9 +344,10 @@ json_t *reports_statement_json(const report_statement *s)
                                                 "calls", (json_int_t)s->routes[i].calls, "points",
                                                 (json_int_t)s->routes[i].points, "failed_calls",
                                                 (json_int_t)s->routes[i].failed_calls));
-    return json_pack("{s:I, s:s, s:I, s:{s:I, s:o}, s:{s:I, s:o}, s:I}", "account_id",
+    return json_pack("{s:I, s:s, s:I, s:{s:I, s:o}, s:{s:I, s:o}, s:I, s:o}", "account_id",
                      (json_int_t)s->account_id, "month", s->month, "opening",
                      (json_int_t)s->opening, "credits", "total", (json_int_t)s->credits, "entries",
                      entries, "charges", "total", (json_int_t)s->charges, "by_route", routes,
-                     "closing", (json_int_t)s->closing);
+                     "closing", (json_int_t)s->closing, "closed",
+                     s->closed_at[0] ? json_string(s->closed_at) : json_null());
 }

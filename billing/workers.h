@@ -9,6 +9,8 @@
  *              when Redis lost its data (pg:epoch gone) (creditsync.c)
  *  webhooks:   balance watcher and webhook deliveries; Postgres only, never
  *              Redis (whdeliver.c, the only part that links libcurl)
+ *  archive:    partitions made ahead, months closed, old days exported and
+ *              dropped; Postgres only (archive.c)
  */
 #ifndef POINTGATE_WORKERS_H
 #define POINTGATE_WORKERS_H
@@ -31,6 +33,7 @@ void *settlement_run(void *worker_args);
 void *sweeper_run(void *worker_args);
 void *creditsync_run(void *worker_args);
 void *webhooks_run(void *worker_args);
+void *archive_run(void *worker_args);
 
 /* One repair pass; returns 0 when every account and key was pushed (and
  * pg:epoch written if it was missing), CREDITSYNC_LOST when Redis lost its

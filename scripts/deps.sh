@@ -11,12 +11,12 @@ set -euo pipefail
 # reference HTTP parser (llhttp) of tests/e2e/test_differential.py.
 # prometheus (brings promtool): the metrics, rules and dashboard tests;
 # python3-yaml: the manifest tests (tests/e2e/test_deploy.py);
-# libcurl4-openssl-dev: billing's webhook deliveries.
+# libcurl4-openssl-dev: billing's webhook deliveries; zlib1g-dev: its ledger archives.
 pkgs=(build-essential pkg-config postgresql redis-server libmicrohttpd-dev libpq-dev
       libhiredis-dev libjansson-dev libsodium-dev libevent-dev
       curl jq python3 nginx wrk procps bc
       clang libclang-rt-14-dev libfuzzer-14-dev nodejs
-      prometheus python3-yaml libcurl4-openssl-dev)
+      prometheus python3-yaml libcurl4-openssl-dev zlib1g-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

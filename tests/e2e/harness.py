@@ -203,6 +203,9 @@ class Stack:
             "LOG_LEVEL": "info",
             # Spill files (gateway/spill.h) of this stack only: never replayed into another's Redis.
             "GATEWAY_SPILL_DIR": os.path.join(self.dir, "spill"),
+            # Tests feed charges of past months: no month closes by itself
+            # (test_ledger_retention closes them on purpose).
+            "STATEMENT_CLOSE_DAYS": "0",
         })
         self.env = env
         self.redis_port = int(env["REDIS_PORT_STACK"])

@@ -884,8 +884,10 @@ static int cli_charge(int argc, char **argv)
                 "its day once the day is past CHARGE_RETENTION_DAYS.\n");
         return argc == 1 ? CLI_OK : CLI_USAGE;
     }
-    if ((rc = cli_open(&e, 0)) == CLI_OK)
-        rc = cli_answer(archive_api_charge(e.c.pg, argv[0], strlen(argv[0]), &out), out);
+    if ((rc = cli_open(&e, 0)) == CLI_OK) {
+        rc = archive_api_charge(e.c.pg, argv[0], strlen(argv[0]), &out);
+        rc = cli_answer(rc, out);
+    }
     cli_close(&e);
     return rc;
 }

@@ -5,6 +5,7 @@
 #   make run        the whole stack on this machine, with a demo account
 #   make bench      the benchmark (wrk: upstream direct, nginx proxy_pass, gateway)
 #   make bench-reports  the usage report over 10 million charges vs. a scan
+#   make bench-ledger   the charges table before and after partitioning
 #   make fuzz       libFuzzer harnesses (tests/fuzz), FUZZ_SECS (60) seconds each
 #   make format     clang-format every C file;  make lint: cppcheck
 #
@@ -59,7 +60,7 @@ BINS := $(O)/bin/billing $(if $(GW_SRC),$(O)/bin/gateway) $(if $(SIM_SRC),$(O)/b
 # Test tools that are not tests themselves: the differential test's driver.
 TOOL_BIN := $(O)/bin/frame_dump
 
-.PHONY: all build test run bench bench-reports format lint clean deps fuzz fuzz-build FORCE
+.PHONY: all build test run bench bench-reports bench-ledger format lint clean deps fuzz fuzz-build FORCE
 all: build
 ifeq ($(MODE),release)
 	@mkdir -p bin && cp --remove-destination $(BINS) bin/
@@ -219,6 +220,10 @@ bench: deps
 bench-reports: deps
 	@$(MAKE) --no-print-directory all
 	@scripts/bench-reports.sh
+
+bench-ledger: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-ledger.sh
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -66,7 +67,8 @@ static void archive_copy_drain(PGconn *pg)
 /* Writes detached partition NAME to PATH as CSV with a header row, gzip'd,
  * and flushes it to disk; *ROWS gets how many rows it holds (checked
  * against COPY's own count). 0, or -1 after logging. */
-static int archive_export(PGconn *pg, const char *name, const char *path, int64_t *rows)
+static int archive_export(PGconn *pg, const char *name, const char *path, int64_t *rows,
+                          billing_metrics *m)
 {
     char *ident = NULL, *sql = NULL, *buf;
     int fd = -1, gfd, rc = -1, failed = 0, len;
@@ -104,7 +106,9 @@ static int archive_export(PGconn *pg, const char *name, const char *path, int64_
     while ((len = PQgetCopyData(pg, &buf, 0)) > 0) {
         if (!failed && gzwrite(gz, buf, (unsigned)len) != len) failed = 1;
         PQfreemem(buf);
-        n++;
+        /* A day of a busy gateway is hundreds of millions of rows: the
+         * thread is alive while it copies them (/healthz). */
+        if (++n % 65536 == 0) bm_beat(m, BM_BEAT_ARCHIVE);
     }
     r = PQgetResult(pg);
     if (len != -1 || PQresultStatus(r) != PGRES_COMMAND_OK) {
@@ -176,9 +180,16 @@ static int archive_sync_dir(const char *dir)
     return rc;
 }
 
+/* 1 if DIR is a directory this process can create files in. */
+static int archive_writable_dir(const char *dir)
+{
+    struct stat st;
+    return stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && access(dir, W_OK | X_OK) == 0;
+}
+
 /* Detaches (if STATE is attached), exports and drops partition NAME. */
 static int archive_one(PGconn *pg, const char *dir, const char *name, const char *state,
-                       int64_t *rows)
+                       int64_t *rows, billing_metrics *m)
 {
     char path[PATH_MAX], tmp[PATH_MAX], hex[65], rs[24], bs[24];
     const char *p[5] = {name, rs, bs, path, hex};
@@ -199,7 +210,7 @@ static int archive_one(PGconn *pg, const char *dir, const char *name, const char
         if (!ok) return 0; /* another pass moved it meanwhile */
         log_info("archive: %s detached", name);
     }
-    if (archive_export(pg, name, tmp, rows) != 0 || archive_sha256(tmp, hex, &bytes) != 0)
+    if (archive_export(pg, name, tmp, rows, m) != 0 || archive_sha256(tmp, hex, &bytes) != 0)
         return -1;
     if (rename(tmp, path) != 0 || archive_sync_dir(dir) != 0) {
         log_error("archive: %s: %s", path, strerror(errno));
@@ -216,7 +227,8 @@ static int archive_one(PGconn *pg, const char *dir, const char *name, const char
 }
 
 /* The partitions due, oldest first; under the pass lock. */
-static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *res)
+static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *res,
+                       billing_metrics *m)
 {
     char days[24], max[16];
     const char *p[2] = {days, max};
@@ -231,9 +243,17 @@ static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *re
                      " ORDER BY day_from LIMIT $2::int",
                      2, p);
     if (!r) return -1;
+    /* Before anything is detached: a day taken out of charges for a
+     * directory it cannot be written to would only be out of reach. */
+    if (PQntuples(r) > 0 && !archive_writable_dir(cfg->archive_dir)) {
+        log_error("archive: ARCHIVE_DIR %s is not a writable directory: %d day(s) past retention "
+                  "stay",
+                  cfg->archive_dir, PQntuples(r));
+        rc = -1;
+    }
     for (int i = 0; i < PQntuples(r) && rc == 0; i++) {
         int64_t rows = 0;
-        rc = archive_one(pg, cfg->archive_dir, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), &rows);
+        rc = archive_one(pg, cfg->archive_dir, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), &rows, m);
         if (rc == 0) {
             res->archived++;
             res->rows += rows;
@@ -243,7 +263,7 @@ static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *re
     return rc;
 }
 
-int archive_pass(PGconn *pg, const billing_config *cfg, archive_result *res)
+int archive_pass(PGconn *pg, const billing_config *cfg, billing_metrics *m, archive_result *res)
 {
     int got = 0, rc = -1;
     memset(res, 0, sizeof *res);
@@ -258,7 +278,7 @@ int archive_pass(PGconn *pg, const billing_config *cfg, archive_result *res)
         return 0;
     }
     if (archive_bool(pg, ARCHIVE_LOCK_TIMEOUT, 0, NULL, &(int){0}) == 0)
-        rc = archive_due(pg, cfg, res);
+        rc = archive_due(pg, cfg, res, m);
     archive_bool(pg, "RESET lock_timeout", 0, NULL, &(int){0});
     archive_bool(pg, ARCHIVE_UNLOCK, 0, NULL, &(int){0});
     return rc;
@@ -368,7 +388,7 @@ void *archive_run(void *arg)
             worker_rest(wa->stop, 1000, wa->metrics, BM_BEAT_ARCHIVE);
             continue;
         }
-        if (archive_pass(pg, cfg, &res) != 0) {
+        if (archive_pass(pg, cfg, wa->metrics, &res) != 0) {
             rest = rest < 60000 ? rest : 60000; /* again soon: the next try may pass */
         } else {
             if (res.made || res.closed || res.archived)

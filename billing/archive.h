@@ -20,6 +20,7 @@
 #define POINTGATE_ARCHIVE_H
 
 #include "billing/config.h"
+#include "billing/metrics.h"
 
 #include <jansson.h>
 #include <libpq-fe.h>
@@ -34,9 +35,10 @@ typedef struct archive_result {
     int busy;     /* another process runs the pass: this one did nothing */
 } archive_result;
 
-/* One pass (see above). 0, or -1 after logging (what was done stays done;
- * the next pass goes on from there). */
-int archive_pass(PGconn *pg, const billing_config *cfg, archive_result *res);
+/* One pass (see above), stamping M's archive heartbeat as it goes (NULL:
+ * none). 0, or -1 after logging (what was done stays done; the next pass
+ * goes on from there). */
+int archive_pass(PGconn *pg, const billing_config *cfg, billing_metrics *m, archive_result *res);
 
 /* Every partition, oldest first, with its state and, once archived, its
  * file: {"retention_days":N, "archive_dir":..., "partitions":[...]}.

@@ -914,14 +914,13 @@ static int cli_archive(int argc, char **argv)
     }
     if ((rc = cli_open(&e, 0)) != CLI_OK) goto out;
     if (strcmp(sub, "run") == 0) {
-        if (archive_pass(e.c.pg, &e.cfg, &res) != 0) {
+        if (archive_pass(e.c.pg, &e.cfg, NULL, &res) != 0) {
             fprintf(stderr, "billing: the archive pass failed (see the log); what it did stays\n");
             rc = CLI_FAIL;
             goto out;
         }
         if (res.busy) printf("another billing process is archiving: nothing exported now\n");
-        printf("partitions made %d, months closed %d, partitions archived %d (%" PRId64
-               " rows)\n",
+        printf("partitions made %d, months closed %d, partitions archived %d (%" PRId64 " rows)\n",
                res.made, res.closed, res.archived, res.rows);
         if (!e.cfg.archive_dir) printf("ARCHIVE_DIR is not set: nothing is ever dropped\n");
         goto out;
@@ -942,8 +941,7 @@ static int cli_archive(int argc, char **argv)
            "bytes", "file");
     for (size_t i = 0; i < json_array_size(parts); i++) {
         json_t *p = json_array_get(parts, i);
-        printf("%-12s %-12s %-18s %-9s %12" JSON_INTEGER_FORMAT " %12" JSON_INTEGER_FORMAT
-               "  %s\n",
+        printf("%-12s %-12s %-18s %-9s %12" JSON_INTEGER_FORMAT " %12" JSON_INTEGER_FORMAT "  %s\n",
                json_string_value(json_object_get(p, "from")),
                json_string_value(json_object_get(p, "to")),
                json_string_value(json_object_get(p, "name")),

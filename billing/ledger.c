@@ -397,6 +397,25 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     ledger_buf_put(b, "\"", 1);
 }
 
+/* The settlement statements' parameters: one array per column. */
+#define LEDGER_SETTLE_COLS 9
+
+int64_t ledger_reserved_ms(const char *rid)
+{
+    int64_t ms = 0;
+    size_t n = strlen(rid);
+    if (n != 32) return 0;
+    for (size_t i = 0; i < n; i++) {
+        int d = rid[i] >= '0' && rid[i] <= '9'   ? rid[i] - '0'
+                : rid[i] >= 'a' && rid[i] <= 'f' ? rid[i] - 'a' + 10
+                                                 : -1;
+        if (d < 0) return 0;
+        if (i < 12) ms = ms * 16 + d;
+    }
+    /* 2000-01-01 to 2099-12-31: no gateway made the others. */
+    return ms >= 946684800000LL && ms <= 4102444799999LL ? ms : 0;
+}
+
 /* The period rule (schema/011): a call of a closed month (ledger_periods)
  * is booked on the day it is settled, its occurred_at kept, so an issued
  * statement never changes; any other on its own UTC day. OPEN_FROM is the
@@ -406,7 +425,8 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
 #define LEDGER_OPEN_FROM                                                                           \
     " p AS (SELECT coalesce((max(month) + interval '1 month')::date, '-infinity'::date)"           \
     "   AS open_from, (now() AT TIME ZONE 'UTC')::date AS today FROM ledger_periods),"
-#define LEDGER_BOOKED_ON(T) "CASE WHEN (" T " AT TIME ZONE 'UTC')::date < p.open_from THEN p.today END"
+#define LEDGER_BOOKED_ON(T)                                                                        \
+    "CASE WHEN (" T " AT TIME ZONE 'UTC')::date < p.open_from THEN p.today END"
 #define LEDGER_DAY "coalesce(booked_on, (occurred_at AT TIME ZONE 'UTC')::date) AS day"
 
 /* One round trip, one implicit transaction: the new charge rows (those whose
@@ -416,31 +436,35 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
  * meets its row in the same partition. */
 #define LEDGER_SETTLE_SQL                                                                          \
     "WITH input AS ("                                                                              \
-    "  SELECT *, to_timestamp(ts_ms::float8 / 1000) AS o FROM unnest($1::text[], $2::bigint[],"    \
-    "    $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::bigint[])"            \
-    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)),"                     \
-    LEDGER_OPEN_FROM                                                                               \
-    " ins AS ("                                                                                    \
+    "  SELECT *, to_timestamp(ts_ms::float8 / 1000) AS o, to_timestamp(rms / 1000.0) AS ra"        \
+    "  FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],"  \
+    "    $7::int[], $8::bigint[], $9::bigint[])"                                                   \
+    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms, "                      \
+    "rms))," LEDGER_OPEN_FROM " ins AS ("                                                          \
     "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
     "    occurred_at, reserved_at, booked_on)"                                                     \
     "  SELECT rid, account_id, route, amount, hold, outcome, status, o,"                           \
-    "    charges_reserved_at(rid), " LEDGER_BOOKED_ON("o") " FROM input, p"                        \
-    "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"                                       \
-    "  RETURNING account_id, route, amount, outcome, " LEDGER_DAY "),"                             \
-    " acc AS ("                                                                                    \
-    "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
-    "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"              \
-    "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                                 \
-    " roll AS ("                                                                                   \
-    "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, failed_calls)"         \
-    "  SELECT account_id, day, route, count(*),"                                                   \
-    "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"                                 \
-    "  FROM ins GROUP BY 1, 2, 3"                                                                  \
-    "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + EXCLUDED.calls,"       \
-    "    points = u.points + EXCLUDED.points,"                                                     \
-    "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"                       \
-    " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) FROM "       \
-    "roll)"
+    "    ra, " LEDGER_BOOKED_ON(                                                                   \
+        "o") " FROM input, p"                                                                      \
+             "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"                              \
+             "  RETURNING account_id, route, amount, outcome, " LEDGER_DAY "),"                    \
+             " acc AS ("                                                                           \
+             "  UPDATE accounts a SET spent = a.spent + s.total"                                   \
+             "  FROM (SELECT account_id, sum(amount) AS total FROM ins GROUP BY account_id) s"     \
+             "  WHERE a.id = s.account_id AND s.total > 0 RETURNING a.id),"                        \
+             " roll AS ("                                                                          \
+             "  INSERT INTO usage_daily AS u (account_id, day, route, calls, points, "             \
+             "failed_calls)"                                                                       \
+             "  SELECT account_id, day, route, count(*),"                                          \
+             "    sum(amount), count(*) FILTER (WHERE outcome <> 'commit')"                        \
+             "  FROM ins GROUP BY 1, 2, 3"                                                         \
+             "  ON CONFLICT (account_id, day, route) DO UPDATE SET calls = u.calls + "             \
+             "EXCLUDED.calls,"                                                                     \
+             "    points = u.points + EXCLUDED.points,"                                            \
+             "    failed_calls = u.failed_calls + EXCLUDED.failed_calls RETURNING 1)"              \
+             " SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM acc), (SELECT count(*) "   \
+             "FROM "                                                                               \
+             "roll)"
 
 /* A late settle (settle.lua outcome "late", a spilled settle replayed after
  * the sweeper had released its hold) in two statements, each its own
@@ -459,10 +483,11 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
  * (its statement is issued). */
 #define LEDGER_LATE_INPUT                                                                          \
     "WITH input AS ("                                                                              \
-    "  SELECT DISTINCT ON (rid) *, to_timestamp(ts_ms::float8 / 1000) AS o FROM unnest("           \
-    "    $1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[],"  \
-    "    $8::bigint[]) AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms)"         \
-    "    ORDER BY rid)," LEDGER_OPEN_FROM
+    "  SELECT DISTINCT ON (rid) *, to_timestamp(ts_ms::float8 / 1000) AS o,"                       \
+    "    to_timestamp(rms / 1000.0) AS ra FROM unnest($1::text[], $2::bigint[], $3::text[],"       \
+    "    $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::bigint[], $9::bigint[])"           \
+    "    AS t(rid, account_id, route, amount, hold, outcome, status, ts_ms, rms) ORDER BY "        \
+    "rid)," LEDGER_OPEN_FROM
 #define LEDGER_LATE_MOVE(SRC)                                                                      \
     " acc AS ("                                                                                    \
     "  UPDATE accounts a SET spent = a.spent + s.total"                                            \
@@ -483,17 +508,18 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
     "  INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,"     \
     "    occurred_at, reserved_at, booked_on)"                                                     \
     "  SELECT rid, account_id, route, amount, hold, 'late', status, o,"                            \
-    "    charges_reserved_at(rid), " LEDGER_BOOKED_ON("o") " FROM input, p"                        \
-    "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"                                       \
-    "  RETURNING account_id, route, amount, " LEDGER_DAY ", 1 AS calls, 0 AS "                     \
-    "failed)," LEDGER_LATE_MOVE("ins")
+    "    ra, " LEDGER_BOOKED_ON("o") " FROM input, p"                                              \
+                                     "  ON CONFLICT (reservation_id, reserved_at) DO NOTHING"      \
+                                     "  RETURNING account_id, route, amount, " LEDGER_DAY          \
+                                     ", 1 AS calls, 0 AS "                                         \
+                                     "failed)," LEDGER_LATE_MOVE("ins")
 #define LEDGER_LATE_UPGRADE_SQL                                                                    \
     LEDGER_LATE_INPUT                                                                              \
     " cur AS ("                                                                                    \
     "  SELECT c.reservation_id AS rid, c.reserved_at,"                                             \
     "    coalesce(c.booked_on, (c.occurred_at AT TIME ZONE 'UTC')::date) < p.open_from AS moved"   \
     "  FROM charges c JOIN input i ON c.reservation_id = i.rid"                                    \
-    "    AND c.reserved_at = charges_reserved_at(i.rid), p),"                                      \
+    "    AND c.reserved_at = i.ra, p),"                                                            \
     " up AS ("                                                                                     \
     "  UPDATE charges c SET amount = i.amount, outcome = 'late', status = i.status,"               \
     "    booked_on = CASE WHEN cur.moved THEN p.today ELSE c.booked_on END"                        \
@@ -510,19 +536,19 @@ static void ledger_buf_elem(ledger_buf *b, int first, const char *s)
  * result (NULL when the connection could not be made again). */
 static PGresult *ledger_settle_exec(PGconn *conn, const char *const *p)
 {
-    PGresult *r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
+    PGresult *r = PQexecPrepared(conn, "settle_batch", LEDGER_SETTLE_COLS, p, NULL, NULL, 0);
     const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     if (state && strcmp(state, "26000") == 0) {
         PQclear(r);
-        r = PQprepare(conn, "settle_batch", LEDGER_SETTLE_SQL, 8, NULL);
+        r = PQprepare(conn, "settle_batch", LEDGER_SETTLE_SQL, LEDGER_SETTLE_COLS, NULL);
         if (PQresultStatus(r) != PGRES_COMMAND_OK) return r;
         PQclear(r);
-        r = PQexecPrepared(conn, "settle_batch", 8, p, NULL, NULL, 0);
+        r = PQexecPrepared(conn, "settle_batch", LEDGER_SETTLE_COLS, p, NULL, NULL, 0);
     } else if (PQstatus(conn) == CONNECTION_BAD) {
         /* Postgres restarted: ledger_run reconnects and sends it unprepared
          * (the statement is idempotent); the next batch prepares again. */
         PQclear(r);
-        return ledger_run(conn, LEDGER_SETTLE_SQL, 8, p);
+        return ledger_run(conn, LEDGER_SETTLE_SQL, LEDGER_SETTLE_COLS, p);
     }
     return r;
 }
@@ -561,10 +587,10 @@ static int ledger_settle_result(PGconn *conn, PGresult *r, int *applied, char *w
     return rc;
 }
 
-/* The 8 array parameters of the charges among C[0..N) whose outcome is
+/* The LEDGER_SETTLE_COLS array parameters of the charges among C[0..N) whose outcome is
  * late (LATE = 1) or not (0); *TAKEN gets how many. -1 when out of memory. */
-static int ledger_settle_arrays(ledger_buf cols[8], const ledger_charge *c, int n, int late,
-                                int *taken)
+static int ledger_settle_arrays(ledger_buf cols[LEDGER_SETTLE_COLS], const ledger_charge *c, int n,
+                                int late, int *taken)
 {
     char num[32];
     int k = 0;
@@ -583,10 +609,12 @@ static int ledger_settle_arrays(ledger_buf cols[8], const ledger_charge *c, int 
         ledger_buf_elem(&cols[6], k == 0, num);
         snprintf(num, sizeof num, "%" PRId64, c[i].ts_ms);
         ledger_buf_elem(&cols[7], k == 0, num);
+        snprintf(num, sizeof num, "%" PRId64, ledger_reserved_ms(c[i].rid));
+        ledger_buf_elem(&cols[8], k == 0, num);
         k++;
     }
     *taken = k;
-    for (int j = 0; j < 8 && k > 0; j++) {
+    for (int j = 0; j < LEDGER_SETTLE_COLS && k > 0; j++) {
         ledger_buf_put(&cols[j], "}", 1);
         if (cols[j].oom) return -1;
     }
@@ -617,8 +645,8 @@ static int ledger_no_partition(const char *why)
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
                         size_t whylen)
 {
-    ledger_buf cols[8] = {{0}};
-    const char *p[8];
+    ledger_buf cols[LEDGER_SETTLE_COLS] = {{0}};
+    const char *p[LEDGER_SETTLE_COLS];
     int rc = LEDGER_ERROR, k;
 
     *applied = 0;
@@ -628,7 +656,7 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
      * prepared statement, the hot path. */
     if (ledger_settle_arrays(cols, c, n, 0, &k) != 0) goto out;
     if (k > 0) {
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
             p[j] = cols[j].p;
         rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
         if (rc == LEDGER_CONFLICT && ledger_no_partition(why) &&
@@ -636,7 +664,7 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
             rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
         if (rc != LEDGER_OK) goto out;
     }
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < LEDGER_SETTLE_COLS; j++) {
         free(cols[j].p);
         cols[j] = (ledger_buf){0};
     }
@@ -646,16 +674,18 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
     if (ledger_settle_arrays(cols, c, n, 1, &k) != 0) goto out;
     rc = LEDGER_OK;
     if (k > 0) {
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
             p[j] = cols[j].p;
-        rc = ledger_settle_result(conn, ledger_run(conn, LEDGER_LATE_INSERT_SQL, 8, p), applied,
-                                  why, whylen);
+        rc = ledger_settle_result(conn,
+                                  ledger_run(conn, LEDGER_LATE_INSERT_SQL, LEDGER_SETTLE_COLS, p),
+                                  applied, why, whylen);
         if (rc == LEDGER_OK)
-            rc = ledger_settle_result(conn, ledger_run(conn, LEDGER_LATE_UPGRADE_SQL, 8, p),
-                                      applied, why, whylen);
+            rc = ledger_settle_result(
+                conn, ledger_run(conn, LEDGER_LATE_UPGRADE_SQL, LEDGER_SETTLE_COLS, p), applied,
+                why, whylen);
     }
 out:
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
         free(cols[j].p);
     return rc;
 }

@@ -37,7 +37,7 @@ typedef struct report_statement {
     int64_t account_id;
     char month[8];
     int64_t opening, credits, charges, closing;
-    char closed_at[40]; /* "" while the month is open (periods.h) */
+    char closed_at[40];    /* "" while the month is open (periods.h) */
     ledger_entry *entries; /* credit entries of the month, oldest first */
     int nentries;
     report_route *routes; /* charges of the month by route */

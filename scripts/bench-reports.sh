@@ -27,11 +27,15 @@ echo "filling $CHARGES charges (1,000 accounts, 5 routes, 30 days)..."
 t0=$(date +%s.%N)
 psql -q "$DATABASE_URL" -v ON_ERROR_STOP=1 <<SQL
 INSERT INTO accounts (name, credited) SELECT 'acct-' || g, 9000000000000 FROM generate_series(1, 1000) g;
-INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status, occurred_at)
-SELECT md5(g::text), 1 + g % 1000, 'route.' || (g % 5), CASE WHEN g % 50 = 0 THEN 0 ELSE 1 + g % 5 END,
-       5, CASE WHEN g % 50 = 0 THEN 'release' ELSE 'commit' END, 200,
-       timestamptz '2026-11-01 00:00:00Z' + (g % 2592000) * interval '1 second'
-FROM generate_series(1, $CHARGES) g;
+-- Partitions of the month (schema/011), then rows whose ids carry their time as the gateway's do.
+SELECT charges_ensure_partitions('2026-11-01', '2026-11-30');
+INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status, occurred_at,
+                     reserved_at)
+SELECT lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20),
+       1 + g % 1000, 'route.' || (g % 5), CASE WHEN g % 50 = 0 THEN 0 ELSE 1 + g % 5 END,
+       5, CASE WHEN g % 50 = 0 THEN 'release' ELSE 'commit' END, 200, t, t
+FROM (SELECT g, timestamptz '2026-11-01 00:00:00Z' + (g % 2592000) * interval '1 second' AS t
+      FROM generate_series(1, $CHARGES) g) s;
 INSERT INTO usage_daily (account_id, day, route, calls, points, failed_calls)
 SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, route, count(*), sum(amount),
        count(*) FILTER (WHERE outcome <> 'commit')

@@ -21,6 +21,14 @@
 # with its /metrics scraped every second, and a second gateway writing the
 # access log to a file while scraped (targets: within 3% and 8% of plain).
 #
+# Realistic traffic: each round also runs the many-accounts scenario on the
+# same gateway (BENCH_MANY_ACCOUNTS, 1,000 accounts with a key each; 90% of
+# them small, BENCH_MANY_SMALL_POINTS points, on per-call holds; 10% large,
+# on leases; half the calls on each group, keys drawn at random per request
+# by scripts/bench-many.lua), reported like the single account: requests/s,
+# ratio to nginx-proxy and to the single account, CPU per call of each
+# process, and the whole billing path's CPU per call against nginx proxy's.
+#
 # Fairness: both proxies get the same number of workers, BENCH_WORKERS
 # (default 1): nginx `worker_processes N` for the proxy, GATEWAY_THREADS=N for
 # the gateway (the static upstream always has one). One each by default
@@ -324,6 +332,34 @@ start_gateway() { # [VAR=VALUE...]: sets GW_PID, GW_PORT and GW_OPS (its ops add
 }
 start_gateway
 
+# ---- the many-accounts scenario: 1,000 accounts, each with its own key ------------
+# 900 small accounts of BENCH_MANY_SMALL_POINTS (1,000) points, too few for
+# a lease (gateway/lease.c wants room for 4 x GATEWAY_LEASE_CALLS calls):
+# every call holds and settles its price per call; 100 large ones served
+# from leases. Half the calls go to each group, keys drawn at random per
+# request (scripts/bench-many.lua).
+MANY_ACCTS=${BENCH_MANY_ACCOUNTS:-1000}
+MANY_SMALL=$((MANY_ACCTS * 9 / 10))
+SMALL_POINTS=${BENCH_MANY_SMALL_POINTS:-1000}
+make_many_account() { # I: prints "small|large KEY ACCOUNT_ID"
+    local i=$1 id key pts=1000000000 kind=large
+    [ "$i" -le "$MANY_SMALL" ] && pts=$SMALL_POINTS kind=small
+    id=$(admin POST /v1/accounts "{\"name\":\"many-$i\"}" | jq -er .id) || exit 1
+    admin POST "/v1/accounts/$id/topups" "{\"amount\":$pts,\"reference\":\"many-$i\"}" >/dev/null || exit 1
+    key=$(admin POST "/v1/accounts/$id/keys" | jq -er .api_key) || exit 1
+    echo "$kind $key $id"
+}
+export -f make_many_account admin die say
+export MANY_SMALL SMALL_POINTS
+say "creating $MANY_ACCTS accounts and keys for the many-accounts scenario"
+seq 1 "$MANY_ACCTS" | xargs -P 8 -I{} bash -c 'make_many_account {}' >"$TMP/many-keys.txt" ||
+    die "creating the many-accounts scenario's accounts failed"
+[ "$(wc -l <"$TMP/many-keys.txt")" = "$MANY_ACCTS" ] || die "not every many-accounts key was made"
+export BENCH_MANY_KEYS=$TMP/many-keys.txt
+MANY_IDS=$(awk '{ print $3 }' "$TMP/many-keys.txt" | paste -sd, -)
+many_spent() { psql "$DATABASE_URL" -Atqc "select coalesce(sum(spent), 0) from accounts where id in ($MANY_IDS)"; }
+many_spent_before=$(many_spent)
+
 # ---- the runs --------------------------------------------------------------------
 # The proxy's own CPU per call, to set beside the gateway's.
 nginx_ticks() {
@@ -345,7 +381,7 @@ spent_before=${spent_before:-0}
 # Interleaved rounds: this machine's speed drifts over a minute (shared
 # cores, other tenants), so nginx and the gateway take turns and the report
 # uses each one's median round; the ratio is that of the medians.
-px_ticks=() gw_ticks=()
+px_ticks=() gw_ticks=() many_ticks=()
 for round in $(seq 1 "$ROUNDS"); do
     b=$(nginx_ticks)
     run_wrk "nginx-proxy-$round" "http://127.0.0.1:$PROXY_PORT$BENCH_PATH" "$CONNS" "$AUTH"
@@ -353,6 +389,10 @@ for round in $(seq 1 "$ROUNDS"); do
     b=$(cpu_ticks)
     run_wrk "gateway-$round" "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
     add_ticks gw_ticks "$b" "$(cpu_ticks)"
+    b=$(cpu_ticks)
+    WRK_SCRIPT="$ROOT/scripts/bench-many.lua" \
+        run_wrk "many-accounts-$round" "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS"
+    add_ticks many_ticks "$b" "$(cpu_ticks)"
     # Steady state: the same load again and again on the same gateway; its
     # resident memory after the last round must not exceed the first's by
     # more than noise.
@@ -379,6 +419,8 @@ median_round() {
 }
 { read -r px_rounds; read -r px_reqs _; } < <(median_round nginx-proxy)
 { read -r gw_rounds; read -r gw_reqs gw_non2xx; } < <(median_round gateway)
+{ read -r many_rounds; read -r many_reqs many_non2xx; } < <(median_round many-accounts)
+read -r px_rps_med _ < <(wrk_figures "$OUT/wrk-nginx-proxy.txt")
 
 # Settlement lag: until the outbox is empty and Postgres agrees with Redis
 # on what was spent. Then, apart, until nothing is held: the gateway's
@@ -416,6 +458,24 @@ px_cpu_report=$(awk -v n="$px_reqs" -v hz="$(getconf CLK_TCK)" -v x="${px_ticks[
     'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0); fg = (gn > 0 ? 1e6 / hz / gn : 0)
              printf "nginx proxy %.1f, upstream nginx %.1f; gateway / nginx proxy: %.2fx",
                     x * f, u * f, (x > 0 ? (g * fg) / (x * f) : 0) }')
+# CPU per call of each process (us) from tick totals T (gateway redis
+# postgres billing upstream) over N calls; then the whole billing path
+# (gateway + Redis + Postgres + billing) against the nginx proxy's own.
+cpu_line() { # N T0 T1 T2 T3 T4
+    awk -v n="$1" -v hz="$(getconf CLK_TCK)" -v g="$2" -v r="$3" -v p="$4" -v b="$5" -v u="$6" \
+        -v xn="$px_reqs" -v x="${px_ticks[0]}" \
+        'BEGIN { f = (n > 0 ? 1e6 / hz / n : 0); fx = (xn > 0 ? 1e6 / hz / xn : 0)
+                 printf "gateway %.1f, redis %.1f, postgres %.1f, billing %.1f, upstream nginx %.1f; billing path %.1f = %.2fx nginx proxy",
+                        g * f, r * f, p * f, b * f, u * f, (g + r + p + b) * f,
+                        (x > 0 ? (g + r + p + b) * f / (x * fx) : 0) }'
+}
+path_report=$(cpu_line "$gw_reqs" "${gw_ticks[@]}")
+many_cpu_report=$(cpu_line "$many_reqs" "${many_ticks[@]}")
+read -r many_rps _ many_p99 _ < <(wrk_figures "$OUT/wrk-many-accounts.txt")
+many_ratio=$(awk -v a="$many_rps" -v b="$px_rps_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+many_vs_single=$(awk -v a="$many_rps" -v b="$gw_rps" 'BEGIN { printf "%+.1f", (b > 0 ? (a / b - 1) * 100 : 0) }')
+charged_many=$(($(many_spent) - many_spent_before))
+served_many_2xx=$((many_reqs - many_non2xx))
 charged=$((rspent - spent_before))
 served_2xx=$((gw_reqs - gw_non2xx))
 
@@ -542,7 +602,7 @@ if [ "$charged" -ge "$served_2xx" ] && [ "$charged" -le $((served_2xx + CONNS * 
 fi
 {
     printf '\n%-14s %12s %10s %10s %10s %14s\n' target "requests/s" p50 p99 non-2xx "socket errors"
-    for label in upstream nginx-proxy gateway "gateway-c$MANY"; do
+    for label in upstream nginx-proxy gateway many-accounts "gateway-c$MANY"; do
         read -r rps p50 p99 reqs non2xx errs < <(wrk_figures "$OUT/wrk-$label.txt")
         printf '%-14s %12s %10s %10s %10s %14s\n' "$label" "$rps" "$p50" "$p99" "$non2xx" "$errs"
         record "${label}_rps" "$rps"
@@ -558,6 +618,15 @@ fi
     echo "gateway / nginx-proxy: ${ratio}x the requests/s, ${p99_ratio}x the p99"
     echo "CPU per gateway call (us, user+sys, during the -c$CONNS run): $cpu_report"
     echo "CPU per nginx-proxy call (us, user+sys): $px_cpu_report"
+    echo "  the gateway's whole billing path per call: $path_report"
+    echo "many-accounts ($MANY_ACCTS accounts and keys, $MANY_SMALL of $SMALL_POINTS points on per-call holds, the rest leased; keys drawn per request):"
+    echo "  $many_rps requests/s ($many_rounds), p99 $many_p99, ${many_ratio}x nginx-proxy, ${many_vs_single}% against the single account"
+    echo "  CPU per call (us): $many_cpu_report"
+    many_check=MISMATCH
+    if [ "$charged_many" -ge "$served_many_2xx" ] && [ "$charged_many" -le $((served_many_2xx + CONNS * ROUNDS)) ]; then
+        many_check=ok
+    fi
+    echo "  charged: $charged_many points for $served_many_2xx 2xx answers (non-2xx $many_non2xx): $many_check"
     echo "gateway peak RSS (-c$CONNS): $((GW_RSS_KB / 1024)) MiB ($GW_RSS_KB kB)"
     echo "gateway RSS after round 1: $rss_first kB, after round $ROUNDS: $rss_last kB (growth $((rss_last - rss_first)) kB)"
     echo "settlement lag after wrk's end: ${lag_ms} ms (outbox drained, Postgres spent = Redis spent)"
@@ -577,6 +646,12 @@ fi
 } | tee "$OUT/report.txt"
 record cpu_us_per_gateway_call "$cpu_report"
 record cpu_us_per_nginx_proxy_call "$px_cpu_report"
+record cpu_us_billing_path_single "$path_report"
+record cpu_us_per_many_accounts_call "$many_cpu_report"
+record many_accounts_ratio_over_nginx_proxy "$many_ratio"
+record many_accounts_vs_single_pct "$many_vs_single"
+record many_accounts_charged "$charged_many"
+record many_accounts_2xx "$served_many_2xx"
 record ratio_rps_gateway_over_nginx_proxy "$ratio"
 record ratio_p99_gateway_over_nginx_proxy "$p99_ratio"
 record gateway_peak_rss_kb "$GW_RSS_KB"

@@ -70,7 +70,7 @@ BEGIN
 END \$\$;
 SQL
 }
-per=$(( CHARGES / ROUNDS ))
+per=$(( (CHARGES + ROUNDS - 1) / ROUNDS ))
 declare -A t
 for round in $(seq 1 "$ROUNDS"); do
     for db in before after; do
@@ -119,11 +119,16 @@ SQL
     [ "$db" = after ] && lookall[$db]=$(lookup "reservation_id = %L")
 done
 parts=$(q "$base/bench_after" -c "SELECT count(*) FROM pg_partition_tree('charges') WHERE isleaf")
+# What a day costs once exported (billing/archive.c writes the same COPY, gzip level 6).
+read -r big big_rows < <(q "$base/bench_after" -F ' ' -c "
+    SELECT c.tableoid::regclass, count(*) FROM charges c GROUP BY 1 ORDER BY 2 DESC LIMIT 1")
+gz_bytes=$(q "$base/bench_after" -c "COPY $big TO STDOUT WITH (FORMAT csv, HEADER true)" | gzip -6 | wc -c)
 echo
 printf 'charges table, %d rows over %d days, batches of %d (%d interleaved rounds)\n' "$rows" "$DAYS" "$BATCH" "$ROUNDS"
 printf '%-46s %14s %14s %8s\n' "" "unpartitioned" "partitioned" "ratio"
 awk -v a="${ins[before]}" -v b="${ins[after]}" -v n="$per" 'BEGIN { printf "%-46s %14.2f %14.2f %7.2fx\n", "insert, us per call (median round)", a * 1000 / n, b * 1000 / n, b / a }'
 awk -v a="${size[before]}" -v b="${size[after]}" -v n="$rows" 'BEGIN { printf "%-46s %14.1f %14.1f %7.2fx\n", "table, MiB per million calls", a / n * 1e6 / 1048576, b / n * 1e6 / 1048576, b / a }'
 awk -v a="${idx[before]}" -v b="${idx[after]}" -v n="$rows" 'BEGIN { printf "%-46s %14.1f %14.1f %7.2fx\n", "index, MiB per million calls", a / n * 1e6 / 1048576, b / n * 1e6 / 1048576, b / a }'
+awk -v g="$gz_bytes" -v n="$big_rows" 'BEGIN { printf "%-46s %14s %14.1f\n", "archive file (gzip CSV), MiB per million calls", "", g / n * 1e6 / 1048576 }'
 awk -v a="${look[before]}" -v b="${look[after]}" -v n="$LOOKUPS" 'BEGIN { printf "%-46s %14.1f %14.1f %7.2fx\n", "find one charge by request id, us", a * 1000 / n, b * 1000 / n, b / a }'
 awk -v a="${look[before]}" -v b="${lookall[after]}" -v n="$LOOKUPS" -v p="$parts" 'BEGIN { printf "%-46s %14s %14.1f %7.2fx\n", "  the same without the key (" p " partitions)", "", b * 1000 / n, b / a }'

@@ -375,6 +375,13 @@ add_ticks() {
 }
 spent_redis() { redis-cli -p "$REDIS_PORT_STACK" --raw HGET "pg:{$ACCT}:acct" spent; }
 
+# Where Redis's time goes in a run: its command statistics (commands run
+# inside scripts are counted too) in build/bench/redis-stats-LABEL.txt.
+redis_stats_reset() { redis-cli -p "$REDIS_PORT_STACK" CONFIG RESETSTAT >/dev/null; }
+redis_stats() {
+    redis-cli -p "$REDIS_PORT_STACK" INFO commandstats | tr -d '\r' | grep '^cmdstat_' |
+        sed 's/^cmdstat_//' | sort -t= -k2 >"$OUT/redis-stats-$1.txt"
+}
 run_wrk upstream "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$CONNS" "$AUTH"
 spent_before=$(spent_redis)
 spent_before=${spent_before:-0}
@@ -387,12 +394,16 @@ for round in $(seq 1 "$ROUNDS"); do
     run_wrk "nginx-proxy-$round" "http://127.0.0.1:$PROXY_PORT$BENCH_PATH" "$CONNS" "$AUTH"
     add_ticks px_ticks "$b" "$(nginx_ticks)"
     b=$(cpu_ticks)
+    redis_stats_reset
     run_wrk "gateway-$round" "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS" "$AUTH"
     add_ticks gw_ticks "$b" "$(cpu_ticks)"
+    redis_stats "gateway-$round"
     b=$(cpu_ticks)
+    redis_stats_reset
     WRK_SCRIPT="$ROOT/scripts/bench-many.lua" \
         run_wrk "many-accounts-$round" "http://127.0.0.1:$GW_PORT$BENCH_PATH" "$CONNS"
     add_ticks many_ticks "$b" "$(cpu_ticks)"
+    redis_stats "many-accounts-$round"
     # Steady state: the same load again and again on the same gateway; its
     # resident memory after the last round must not exceed the first's by
     # more than noise.

@@ -25,7 +25,8 @@ PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 MHD_LIBS := $(shell pkg-config --libs $(MHD_PKG) 2>/dev/null)
 # libcurl: bin/billing's webhook deliveries only (billing/whdeliver.c).
 CURL_LIBS := $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
-# zlib: bin/billing's ledger archives only (billing/archive.c).
+# zlib: the ledger archives (billing/archive.c): bin/billing, and the
+# harnesses that link libbilling.a's admin API.
 ZLIB_LIBS := $(shell pkg-config --libs zlib 2>/dev/null || echo -lz)
 
 # The version both programs report (pointgate_build_info).
@@ -42,16 +43,22 @@ CFLAGS += -O2
 endif
 
 LUA := $(wildcard billing/*.lua)
-LUA_PRELUDE := billing/lua/prelude.lua
-# common/: what both planes share (metrics primitives so far); linked into
-# every binary through libbilling.a until issue 13 splits the libraries.
-LIB_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c)) $(wildcard common/*.c)
+LUA_PRELUDE := common/prelude.lua
+# Two libraries, one per layer: libcommon.a is what both planes share
+# (common/: logging, environment, key hashing, Redis key names and the
+# embedded scripts, REDIS_URL, metrics primitives, calendar dates);
+# libbilling.a the points domain and control plane (billing/). bin/gateway
+# links libcommon.a only: the data plane never reaches into billing/.
+COMMON_SRC := $(wildcard common/*.c)
+BILLING_SRC := $(filter-out billing/main.c,$(wildcard billing/*.c))
+LIB_SRC := $(BILLING_SRC) $(COMMON_SRC)
 GW_SRC := $(wildcard gateway/*.c)
 SIM_SRC := $(wildcard tests/sim/*.c)
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 
 SQL := $(sort $(wildcard schema/*.sql))
-LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o) $(O)/gen/hotlua.o $(O)/gen/migrations.o
+COMMON_OBJ := $(COMMON_SRC:%.c=$(O)/%.o) $(O)/gen/hotlua.o
+BILLING_OBJ := $(BILLING_SRC:%.c=$(O)/%.o) $(O)/gen/migrations.o
 GW_OBJ := $(GW_SRC:%.c=$(O)/%.o)
 SIM_OBJ := $(SIM_SRC:%.c=$(O)/%.o)
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(O)/bin/%)
@@ -88,25 +95,28 @@ $(O)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
 $(O)/gen/%.o: $(O)/gen/%.c
 	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
-$(O)/libbilling.a: $(LIB_OBJ)
+$(O)/libcommon.a: $(COMMON_OBJ)
 	$(Q)ar rcs $@ $^
 
-$(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a
+$(O)/libbilling.a: $(BILLING_OBJ)
+	$(Q)ar rcs $@ $^
+
+$(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(LDLIBS) -o $@
 
-$(O)/bin/gateway: $(GW_OBJ) $(O)/libbilling.a
+$(O)/bin/gateway: $(GW_OBJ) $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
-$(O)/bin/devsim: $(SIM_OBJ) $(O)/libbilling.a
+$(O)/bin/devsim: $(SIM_OBJ) $(O)/libbilling.a $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
 
-$(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
+$(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(LDFLAGS) $^ $(MHD_LIBS) $(LDLIBS) -o $@
@@ -114,9 +124,9 @@ $(O)/bin/test_%: $(O)/tests/unit/test_%.o $(O)/libbilling.a
 # Unit tests of gateway modules link the module's object too.
 $(O)/bin/test_http1: $(O)/gateway/http1.o
 $(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
-# forward.o logs through libbilling.a, so the library goes after it.
+# forward.o logs through libcommon.a, so the library goes after it.
 $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
-		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libbilling.a
+		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 $(O)/bin/test_routes: $(O)/gateway/routes.o
@@ -126,7 +136,7 @@ $(O)/bin/test_idem: $(O)/gateway/idem.o
 $(O)/tests/unit/lease_testing.o: gateway/lease.c
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(CFLAGS) -DLEASE_TESTING -MMD -MP -c $< -o $@
-$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o $(O)/libbilling.a
+$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
@@ -182,7 +192,7 @@ $(FZ)/libbilling.a: $(FUZZ_LIB_OBJ)
 $(FZ)/bin/fuzz_%: $(FZ)/tests/fuzz/fuzz_%.o
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  FUZZLD  $@")
-	$(Q)$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) $^ $(MHD_LIBS) $(LDLIBS) -o $@
+	$(Q)$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) $^ $(MHD_LIBS) $(ZLIB_LIBS) $(LDLIBS) -o $@
 
 $(FZ)/bin/fuzz_http1req: $(FZ)/gateway/http1req.o $(FZ)/gateway/http1.o
 $(FZ)/bin/fuzz_chunked: $(FZ)/gateway/http1.o

@@ -4,7 +4,7 @@
 #include "billing/api.h"
 #include "billing/control.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/webhooks.h"
 
 #include <inttypes.h>

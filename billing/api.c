@@ -8,10 +8,10 @@
 #include "billing/alerts.h"
 #include "billing/archive.h"
 #include "billing/control.h"
-#include "billing/env.h"
+#include "common/env.h"
 #include "billing/keys.h"
 #include "billing/limits.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/operators.h"
 #include "billing/periods.h"
 #include "billing/reports.h"
@@ -478,7 +478,7 @@ static api_reply api_usage(control_ctx *c, struct MHD_Connection *conn)
     report_usage u;
     api_reply out;
 
-    if (reports_valid_date(from) != 0 || reports_valid_date(to) != 0)
+    if (calendar_valid_date(from) != 0 || calendar_valid_date(to) != 0)
         return api_error(400, "bad_request", "from and to must be dates YYYY-MM-DD (to exclusive)");
     if (strcmp(from, to) >= 0) return api_error(400, "bad_request", "from must be before to");
     if (reports_parse_group_by(group, &mask) != 0)
@@ -515,7 +515,7 @@ static api_reply api_statement(control_ctx *c, struct MHD_Connection *conn)
     api_reply out;
     int rc;
     if (!account) return api_error(400, "bad_request", "account must be an account id");
-    if (reports_valid_month(month, next) != 0)
+    if (calendar_valid_month(month, next) != 0)
         return api_error(400, "bad_request", "month must be YYYY-MM");
     rc = reports_statement(c->pg, account, month, &st);
     if (rc != LEDGER_OK) return api_status_error(rc, "no such account");

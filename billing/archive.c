@@ -2,7 +2,7 @@
 #include "billing/archive.h"
 
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/periods.h"
 #include "billing/webhooks.h"
 #include "billing/workers.h"

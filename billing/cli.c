@@ -6,7 +6,7 @@
 #include "billing/archive.h"
 #include "billing/config.h"
 #include "billing/control.h"
-#include "billing/env.h"
+#include "common/env.h"
 #include "billing/keys.h"
 #include "billing/limits.h"
 #include "billing/operators.h"
@@ -454,7 +454,7 @@ static int cli_report(int argc, char **argv)
         const char *accts = cli_flag(&a, "account");
         int64_t account = 0;
         report_usage u;
-        if (a.npos != 0 || reports_valid_date(from) != 0 || reports_valid_date(to) != 0 ||
+        if (a.npos != 0 || calendar_valid_date(from) != 0 || calendar_valid_date(to) != 0 ||
             strcmp(from, to) >= 0) {
             fprintf(stderr, "billing: --from and --to must be dates YYYY-MM-DD, from < to\n");
             return CLI_USAGE;
@@ -497,7 +497,7 @@ static int cli_report(int argc, char **argv)
         char next[8];
         report_statement st;
         if (a.npos != 2 || cli_id(a.pos[0], "ACCOUNT_ID", &account) != 0 ||
-            reports_valid_month(a.pos[1], next) != 0) {
+            calendar_valid_month(a.pos[1], next) != 0) {
             fprintf(stderr, "billing: usage: report statement ACCOUNT_ID YYYY-MM\n");
             return CLI_USAGE;
         }

@@ -1,9 +1,9 @@
 /* config.c: bin/billing configuration from the environment (see config.h). */
 #include "billing/config.h"
 
-#include "billing/env.h"
-#include "billing/log.h"
-#include "billing/redisurl.h"
+#include "common/env.h"
+#include "common/log.h"
+#include "common/redisurl.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

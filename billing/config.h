@@ -4,7 +4,7 @@
 #ifndef POINTGATE_CONFIG_H
 #define POINTGATE_CONFIG_H
 
-#include "billing/apikey.h"
+#include "common/apikey.h"
 
 #include <stdint.h>
 

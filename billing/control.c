@@ -1,8 +1,8 @@
 /* control.c: control-plane operations across Postgres and Redis (see control.h). */
 #include "billing/control.h"
 
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 
 #include <inttypes.h>
 #include <sodium.h>

@@ -7,7 +7,7 @@
 #ifndef POINTGATE_CONTROL_H
 #define POINTGATE_CONTROL_H
 
-#include "billing/apikey.h"
+#include "common/apikey.h"
 #include "billing/hot.h"
 #include "billing/ledger.h"
 #include "billing/metrics.h"

@@ -45,7 +45,7 @@
 #include "billing/keys.h"
 #include "billing/ledger.h"
 #include "billing/limits.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/workers.h"
 
 #include <time.h>

@@ -1,9 +1,9 @@
 /* hot.c: synchronous hot-balance client (see hot.h). */
 #include "billing/hot.h"
 
-#include "billing/hotkeys.h"
-#include "billing/log.h"
-#include "billing/redisurl.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
+#include "common/redisurl.h"
 
 #include <hiredis/hiredis.h>
 #include <inttypes.h>

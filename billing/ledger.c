@@ -10,7 +10,7 @@
 #include "billing/ledger.h"
 
 #include "billing/events.h"
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <inttypes.h>
 #include <jansson.h>

@@ -3,7 +3,7 @@
 
 #include "billing/hot.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <inttypes.h>
 #include <stdio.h>

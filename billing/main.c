@@ -7,7 +7,7 @@
  *
  * Owns argument dispatch, signal handling and the lifetime of the serve
  * threads; the work itself lives in the modules it starts. `serve` logs
- * through the log writer (billing/log.c) once started, and reopens the log
+ * through the log writer (common/log.c) once started, and reopens the log
  * files on SIGHUP or SIGUSR1 (logrotate); every other command writes its
  * lines synchronously, as a CLI should. */
 #include "billing/api.h"
@@ -15,7 +15,7 @@
 #include "billing/config.h"
 #include "billing/hot.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/migrate.h"
 #include "billing/ops.h"
 #include "billing/events.h"

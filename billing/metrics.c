@@ -3,7 +3,7 @@
  * by the modules that do the work, the probe gauges by ops.c. */
 #include "billing/metrics.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <stdio.h>
 #include <string.h>

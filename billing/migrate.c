@@ -6,7 +6,7 @@
  * either both or neither. */
 #include "billing/migrate.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -5,7 +5,7 @@
 #ifndef POINTGATE_OPERATORS_H
 #define POINTGATE_OPERATORS_H
 
-#include "billing/apikey.h"
+#include "common/apikey.h"
 #include "billing/ledger.h"
 
 #define OPERATOR_PREFIX "pgo_"

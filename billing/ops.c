@@ -18,8 +18,8 @@
 #include "billing/ops.h"
 
 #include "billing/hot.h"
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 #include "billing/workers.h"
 
 #include <arpa/inet.h>

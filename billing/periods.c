@@ -2,7 +2,7 @@
 #include "billing/periods.h"
 
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/reports.h"
 #include "billing/webhooks.h"
 
@@ -64,7 +64,7 @@ int periods_close(PGconn *pg, const char *month, const char *by, int *closed)
 {
     char next[8], first[16];
     *closed = 0;
-    if (reports_valid_month(month, next) != 0) return LEDGER_NOT_FOUND;
+    if (calendar_valid_month(month, next) != 0) return LEDGER_NOT_FOUND;
     snprintf(first, sizeof first, "%.7s-01", month);
     return periods_close_date(pg, first, by, closed);
 }

@@ -34,45 +34,6 @@ int reports_parse_group_by(const char *s, int *mask)
     return 0;
 }
 
-static int reports_digits(const char *s, int n)
-{
-    for (int i = 0; i < n; i++)
-        if (s[i] < '0' || s[i] > '9') return 0;
-    return 1;
-}
-
-int reports_valid_date(const char *s)
-{
-    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    int y, m, d, leap;
-    if (!s || strlen(s) != 10 || s[4] != '-' || s[7] != '-' || !reports_digits(s, 4) ||
-        !reports_digits(s + 5, 2) || !reports_digits(s + 8, 2))
-        return -1;
-    y = atoi(s);
-    m = atoi(s + 5);
-    d = atoi(s + 8);
-    leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    if (y < 2000 || y > 9999 || m < 1 || m > 12 || d < 1) return -1;
-    if (d > days[m - 1] + (m == 2 && leap)) return -1;
-    return 0;
-}
-
-int reports_valid_month(const char *s, char next[8])
-{
-    int y, m;
-    if (!s || strlen(s) != 7 || s[4] != '-' || !reports_digits(s, 4) || !reports_digits(s + 5, 2))
-        return -1;
-    y = atoi(s);
-    m = atoi(s + 5);
-    if (y < 2000 || y > 9998 || m < 1 || m > 12) return -1;
-    {
-        char buf[32]; /* wide enough for any int, so no truncation to reason about */
-        snprintf(buf, sizeof buf, "%04d-%02d", m == 12 ? y + 1 : y, m == 12 ? 1 : m + 1);
-        memcpy(next, buf, 8);
-    }
-    return 0;
-}
-
 int reports_usage(PGconn *pg, const char *from, const char *to, int group_by, int64_t account,
                   report_usage *out)
 {
@@ -298,7 +259,7 @@ int reports_statement(PGconn *pg, int64_t account, const char *month, report_sta
     PGresult *r;
     int rc;
     memset(out, 0, sizeof *out);
-    if (reports_valid_month(month, next) != 0) return LEDGER_CONFLICT;
+    if (calendar_valid_month(month, next) != 0) return LEDGER_CONFLICT;
     out->account_id = account;
     snprintf(out->month, sizeof out->month, "%s", month);
     snprintf(ids, sizeof ids, "%" PRId64, account);

@@ -7,6 +7,7 @@
 #define POINTGATE_REPORTS_H
 
 #include "billing/ledger.h"
+#include "common/calendar.h"
 
 #include <jansson.h>
 
@@ -46,10 +47,6 @@ typedef struct report_statement {
 
 /* "account,route,day" (any subset, any order) into a mask; -1 if unknown. */
 int reports_parse_group_by(const char *s, int *mask);
-/* 0 if S is a real calendar date YYYY-MM-DD. */
-int reports_valid_date(const char *s);
-/* 0 if S is YYYY-MM; NEXT (8 bytes) gets the following month. */
-int reports_valid_month(const char *s, char next[8]);
 
 /* Usage between FROM (inclusive) and TO (exclusive); ACCOUNT 0 = all.
  * LEDGER_LIMIT when the result would exceed REPORTS_MAX_ROWS. */

@@ -42,11 +42,11 @@
  * pass waits for at most one read's BLOCK (SETTLE_BLOCK_MS) plus the
  * batch in flight. */
 #include "billing/control.h"
-#include "billing/env.h"
+#include "common/env.h"
 #include "billing/hot.h"
-#include "billing/hotkeys.h"
+#include "common/hotkeys.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/workers.h"
 
 #include <hiredis/hiredis.h>

@@ -32,9 +32,9 @@
 
 #include "billing/config.h"
 #include "billing/control.h"
-#include "billing/hotkeys.h"
+#include "common/hotkeys.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/workers.h"
 
 #include <hiredis/hiredis.h>

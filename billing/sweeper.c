@@ -24,8 +24,8 @@
  * any hold during SWEEP_RECOVERY_MS after Redis was unreachable (gateways'
  * queued settles land first). */
 #include "billing/hot.h"
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 #include "billing/workers.h"
 
 #include <hiredis/hiredis.h>

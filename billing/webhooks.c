@@ -18,9 +18,9 @@
 #include "billing/alerts.h"
 #include "billing/api.h"
 #include "billing/control.h"
-#include "billing/env.h"
+#include "common/env.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <inttypes.h>
 #include <sodium.h>

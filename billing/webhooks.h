@@ -11,7 +11,7 @@
 #ifndef POINTGATE_WEBHOOKS_H
 #define POINTGATE_WEBHOOKS_H
 
-#include "billing/apikey.h"
+#include "common/apikey.h"
 #include "billing/events.h"
 #include "billing/metrics.h"
 

@@ -23,10 +23,10 @@
  * but only its first WH_RESPONSE_KEEP bytes are kept for the delivery log.
  * The endpoint URL is the admin's; this thread does not block private
  * addresses (an operator-set URL, not a tenant's: see README). */
-#include "billing/env.h"
+#include "common/env.h"
 #include "billing/events.h"
 #include "billing/ledger.h"
-#include "billing/log.h"
+#include "common/log.h"
 #include "billing/webhooks.h"
 #include "billing/workers.h"
 

@@ -10,7 +10,7 @@
 #ifndef GATEWAY_AUTHCACHE_H
 #define GATEWAY_AUTHCACHE_H
 
-#include "billing/apikey.h"
+#include "common/apikey.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -2,8 +2,8 @@
  * Every value is bounded here so that the rest of the code can trust it. */
 #include "gateway/config.h"
 
-#include "billing/env.h"
-#include "billing/log.h"
+#include "common/env.h"
+#include "common/log.h"
 #include "gateway/resolve.h"
 
 #include <stdio.h>

@@ -5,8 +5,8 @@
 #ifndef GATEWAY_CONFIG_H
 #define GATEWAY_CONFIG_H
 
-#include "billing/apikey.h"
-#include "billing/redisurl.h"
+#include "common/apikey.h"
+#include "common/redisurl.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -9,7 +9,7 @@
  * length first: this runs for every header of every call. */
 #include "gateway/forward.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/http1.h"
 #include "gateway/http1req.h"
 

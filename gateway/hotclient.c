@@ -15,8 +15,8 @@
  * a NOSCRIPT retry can resend them. */
 #include "gateway/hotclient.h"
 
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 #include "gateway/idem.h"
 #include "gateway/redisev.h"
 #include "gateway/resolve.h"
@@ -35,7 +35,7 @@
 /* pg:backlog is read this often (never per call): a reserve may pass for
  * this long after the backlog reached its bound, a few hundred records. */
 #define HOT_BACKLOG_POLL_MS 200
-/* billing writes these (billing/hotkeys.h names them once merged). */
+/* billing writes these (common/hotkeys.h names them once merged). */
 #ifndef HOT_EPOCH
 #define HOT_EPOCH "pg:epoch"
 #endif

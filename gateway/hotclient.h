@@ -9,7 +9,7 @@
 #ifndef GATEWAY_HOTCLIENT_H
 #define GATEWAY_HOTCLIENT_H
 
-#include "billing/redisurl.h"
+#include "common/redisurl.h"
 
 #include <event2/event.h>
 #include <stdint.h>

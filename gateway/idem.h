@@ -1,7 +1,7 @@
 /* idem.h: Idempotency-Key (draft-ietf-httpapi-idempotency-key-header) on
  * the gateway's side: the header's syntax, the key's hash, the request's
  * fingerprint, and the format of the markers settle.lua stores for a call
- * (billing/lua/prelude.lua) with the answer a replay sends back.
+ * (common/prelude.lua) with the answer a replay sends back.
  * Pure functions on buffers. Does not decide whether a call is a replay, a
  * conflict or a first call (reserve.lua does, in the reserve's script
  * call), nor talk to Redis (hotclient.c), nor answer (request.c). */

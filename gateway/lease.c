@@ -20,8 +20,8 @@
  * per-call settles are when Redis is away. */
 #include "gateway/lease.h"
 
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 #include "gateway/spill.h"
 #include "gateway/worker.h"
 

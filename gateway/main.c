@@ -2,12 +2,12 @@
  * Owns process-wide setup and teardown (libsodium, libevent)
  * and the signal loop: SIGHUP reloads routes and reopens the log files,
  * SIGUSR1 only reopens them (logrotate), SIGTERM/SIGINT drain and exit.
- * Lines are written by the log writer (billing/log.c) from the end of the
+ * Lines are written by the log writer (common/log.c) from the end of the
  * start-up to the end of the drain; before and after, synchronously.
  * Signals are blocked in every thread and taken synchronously here with
  * sigwait, so no handler ever runs inside a worker's loop. Does not own any
  * request processing (worker.c, request.c). */
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/config.h"
 #include "gateway/ops.h"
 #include "gateway/routes.h"

@@ -5,7 +5,7 @@
 
 #include "gateway/worker.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <stddef.h>
 #include <stdio.h>

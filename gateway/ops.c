@@ -3,7 +3,7 @@
  * reads the workers' metric blocks (metrics.h) and nothing else of theirs. */
 #include "gateway/ops.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/metrics.h"
 #include "gateway/worker.h"
 

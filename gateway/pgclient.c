@@ -12,7 +12,7 @@
  * reconnects). One timer bounds a connect and each query. */
 #include "gateway/pgclient.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/resolve.h"
 
 #include <stdio.h>

@@ -40,7 +40,7 @@
  * re-entered from its own calls into the proxy. */
 #include "gateway/proxy.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/http1.h"
 
 #include <errno.h>

@@ -45,9 +45,9 @@
  * say its price is not available. */
 #include "gateway/request.h"
 
-#include "billing/apikey.h"
-#include "billing/hotkeys.h"
-#include "billing/log.h"
+#include "common/apikey.h"
+#include "common/hotkeys.h"
+#include "common/log.h"
 #include "gateway/forward.h"
 #include "gateway/http1.h"
 #include "gateway/idem.h"

@@ -1,7 +1,7 @@
 /* resolve.c: see resolve.h. */
 #include "gateway/resolve.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>

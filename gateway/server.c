@@ -31,7 +31,7 @@
  * duration), and a per-worker tick closes what has passed its deadline. */
 #include "gateway/server.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/http1.h"
 #include "gateway/http1req.h"
 #include "gateway/request.h"

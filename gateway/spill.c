@@ -15,7 +15,7 @@
  * sending one twice, or a file twice after a crash, changes nothing. */
 #include "gateway/spill.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/idem.h"
 
 #include <sodium.h>

@@ -1,24 +1,26 @@
 /* usage.c: /_billing/usage (see usage.h). */
 #include "gateway/usage.h"
 
-#include "billing/reports.h"
+#include "common/calendar.h"
 
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* Grouped by route and day and ordered like the finance report
- * (reports_usage with REPORT_BY_ROUTE | REPORT_BY_DAY and the account). One
- * row past the limit tells "too many" from "exactly the limit". */
+ * (billing/reports.c's usage grouped by route and day for the account). One
+ * row past the limit tells "too many" from "exactly the limit", which is
+ * the finance report's (REPORTS_MAX_ROWS). */
+#define USAGE_MAX_ROWS 100000
 #define USAGE_STR2(x) #x
 #define USAGE_STR(x) USAGE_STR2(x)
 const char *const usage_sql =
     "SELECT route, to_char(day, 'YYYY-MM-DD'), sum(calls)::bigint, sum(points)::bigint, "
     "sum(failed_calls)::bigint FROM usage_daily "
     "WHERE account_id = $1::bigint AND day >= $2::date AND day < $3::date "
-    "GROUP BY 1, 2 ORDER BY 1, 2 LIMIT " USAGE_STR(REPORTS_MAX_ROWS) " + 1";
+    "GROUP BY 1, 2 ORDER BY 1, 2 LIMIT " USAGE_STR(USAGE_MAX_ROWS) " + 1";
 
-/* Days since 1970-01-01 of a date checked by reports_valid_date. */
+/* Days since 1970-01-01 of a date checked by calendar_valid_date. */
 static int64_t usage_day_number(const char *s)
 {
     int64_t y = atoi(s), m = atoi(s + 5), d = atoi(s + 8);
@@ -33,7 +35,7 @@ static int64_t usage_day_number(const char *s)
 
 int usage_check_range(const char *from, const char *to, const char **msg)
 {
-    if (reports_valid_date(from) != 0 || reports_valid_date(to) != 0) {
+    if (calendar_valid_date(from) != 0 || calendar_valid_date(to) != 0) {
         *msg = "from and to must be dates YYYY-MM-DD (to exclusive)";
         return -1;
     }
@@ -71,7 +73,7 @@ char *usage_render(int64_t account, const char *from, const char *to, const PGre
     *status = 503;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 5) return NULL;
     n = PQntuples(res);
-    if (n > REPORTS_MAX_ROWS) {
+    if (n > USAGE_MAX_ROWS) {
         *status = 422;
         return NULL;
     }

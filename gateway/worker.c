@@ -4,7 +4,7 @@
  * requests by request.c. */
 #include "gateway/worker.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 #include "gateway/request.h"
 
 #include <sodium.h>

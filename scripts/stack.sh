@@ -46,7 +46,7 @@ GATEWAY_PG_ROLE=pointgate_gateway
 # commands (AUTH, SELECT, SCRIPT LOAD, EVALSHA and EVAL, MGET of a key and
 # the epoch marker,
 # HMGET of a balance), those of the scripts it runs (billing/reserve.lua,
-# settle.lua, lease.lua and lua/prelude.lua: HGET HMGET HSET HDEL HINCRBY
+# settle.lua, lease.lua and common/prelude.lua: HGET HMGET HSET HDEL HINCRBY
 # XADD TIME) and those of the backlog bound, the epoch marker and late
 # settles (GET and INCRBY pg:backlog, the epoch in the key lookup, SET/DEL/EXPIRE of
 # pg:{A}:swept:*), plus PING. Everything else is refused: FLUSHALL,

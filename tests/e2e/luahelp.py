@@ -5,7 +5,7 @@ layer directly.
 Nothing here reimplements the scripts: every call loads billing/reserve.lua,
 settle.lua and credit.lua from the repository (SCRIPT LOAD) and runs them with
 EVALSHA, with the KEYS/ARGV contract written at the top of each script and the
-key layout of billing/hotkeys.h.
+key layout of common/hotkeys.h.
 """
 import os
 import socket
@@ -36,7 +36,7 @@ def swept_key(a, rid):
 
 def script_source(name):
     """The script as the binaries embed it: the shared prelude, then it."""
-    parts = [os.path.join(ROOT, "billing", "lua", "prelude.lua"),
+    parts = [os.path.join(ROOT, "common", "prelude.lua"),
              os.path.join(ROOT, "billing", name + ".lua")]
     out = []
     for path in parts:

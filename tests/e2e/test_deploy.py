@@ -8,8 +8,8 @@ still wrong:
 - every environment variable a manifest or the compose file sets is one its
   program reads: the set is built from the C sources (every getenv/env_*
   call with a literal name) of the program's own directory plus the shared
-  modules both binaries link for it (billing/log.c, billing/env.c,
-  common/*.c), never from a list kept here;
+  modules both binaries link for it (common/*.c), never from a list kept
+  here;
 - probe paths are paths the program's ops listener compares against, and
   probe ports are the port of its *_OPS_LISTEN in the same manifest; the
   deployed routes.json is loaded by a real gateway, whose /readyz and
@@ -46,7 +46,7 @@ ENV_CALL = re.compile(r'\b(?:getenv|env_[a-z0-9_]+)\(\s*"([A-Z][A-Z0-9_]*)"')
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PEPPER|SECRET|DSN")
 CREDENTIAL_URL_NAMES = {"DATABASE_URL", "REDIS_URL"}
 CREDENTIAL_IN_URL = re.compile(r"://[^/@\s]*:[^/@\s]+@")
-SHARED = ["billing/log.c", "billing/env.c", "common/*.c"]
+SHARED = ["common/*.c"]
 PROGRAM_SOURCES = {
     "gateway": ["gateway/*.c"] + SHARED,
     "billing": ["billing/*.c"] + SHARED,

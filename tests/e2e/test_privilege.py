@@ -146,8 +146,9 @@ def _gateway_commands():
     """Every Redis command the gateway can send: those of the scripts it runs
     (a script runs with its caller's ACL) and the ones its C code names."""
     cmds = set()
-    for name in ("lua/prelude.lua", "reserve.lua", "settle.lua", "lease.lua"):
-        with open(os.path.join(harness.ROOT, "billing", name)) as f:
+    for name in ("common/prelude.lua", "billing/reserve.lua", "billing/settle.lua",
+                 "billing/lease.lua"):
+        with open(os.path.join(harness.ROOT, name)) as f:
             cmds |= {c.upper() for c in
                      re.findall(r"redis\.p?call\(\s*['\"]([A-Za-z]+)['\"]", f.read())}
     for name in os.listdir(os.path.join(harness.ROOT, "gateway")):

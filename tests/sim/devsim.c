@@ -40,8 +40,8 @@
  * Configuration: DEVSIM_LISTEN (host:port, default 127.0.0.1:9090),
  * DEVSIM_MAX_CONNECTIONS (default 4096), DEVSIM_IDLE_TIMEOUT_S (how long an
  * idle keep-alive connection is kept, default 120), LOG_LEVEL. */
-#include "billing/env.h"
-#include "billing/log.h"
+#include "common/env.h"
+#include "common/log.h"
 
 #include <jansson.h>
 #include <microhttpd.h>

@@ -3,7 +3,7 @@
  * release, settle twice, credit sync out of order, guard holds, and no
  * overdraft with 50 concurrent reservers. Exit 0 when every check holds. */
 #include "billing/hot.h"
-#include "billing/hotkeys.h"
+#include "common/hotkeys.h"
 #include "tests/unit/check.h"
 
 #include <hiredis/hiredis.h>

@@ -1,4 +1,4 @@
-/* test_log.c: the log writer (billing/log.c) against real files and a real
+/* test_log.c: the log writer (common/log.c) against real files and a real
  * FIFO: lines in order through the writer thread, a line that does not fit
  * dropped and counted while the caller goes on, the JSON of the log and of
  * the access log parsed back (jansson) with every hostile byte escaped,
@@ -8,7 +8,7 @@
  *
  * `test_log bench` instead prints what a line costs its caller (not a test:
  * run.py never passes it). */
-#include "billing/log.h"
+#include "common/log.h"
 #include "tests/unit/check.h"
 
 #include <errno.h>

@@ -1,9 +1,9 @@
-/* test_redisurl.c: REDIS_URL (billing/redisurl.c): hosts, ports and dbs
+/* test_redisurl.c: REDIS_URL (common/redisurl.c): hosts, ports and dbs
  * with their defaults, the ACL user and the default user's password,
  * percent-decoding, every malformed form refused with a reason that never
  * holds the password, and the redacted form log lines use. Needs no
  * service. Exit 0 when every check holds. */
-#include "billing/redisurl.h"
+#include "common/redisurl.h"
 #include "tests/unit/check.h"
 
 #include <string.h>

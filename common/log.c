@@ -16,7 +16,7 @@
  * Before log_start and after log_stop a line is written at once with one
  * write(2) on the caller's thread, so start-up errors and CLI commands
  * behave as plain stderr does. */
-#include "billing/log.h"
+#include "common/log.h"
 #include "common/metrics.h"
 
 #include <errno.h>

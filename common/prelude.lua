@@ -81,7 +81,7 @@ local function read_batch(n, k0, stride, back, missing_is_zero)
 end
 
 -- ---- limits (rate limits and spending caps: reserve.lua, settle.lua) ----
--- An account's limits hash, pg:{A}:lim (billing/hotkeys.h): its settings,
+-- An account's limits hash, pg:{A}:lim (common/hotkeys.h): its settings,
 -- written by billing (limits.lua), and the state the scripts keep (rate
 -- buckets, cap counters). Named from the account hash here rather than
 -- passed by the caller: it shares the account's hash tag, so it is in the
@@ -217,7 +217,7 @@ end
 
 -- ---- idempotency (Idempotency-Key: reserve.lua, settle.lua) ----
 -- One string per key an account used, pg:{A}:idem:<SHA-256 of the key, hex>
--- (billing/hotkeys.h), in the account's slot like the limits hash:
+-- (common/hotkeys.h), in the account's slot like the limits hash:
 --   f|<fp>|<rid>|<deadline ms>   the first call is in flight (reserve.lua;
 --                                PX the hold's ttl: it dies with the hold)
 --   d|<fp>|<rid>|<answer>        its billable answer, to replay (settle.lua;

@@ -12,7 +12,7 @@
  *                       a capped hold "amount|route|c<day>.<month>.<key>|
  *                       deadline", reserve.lua),
  *   pg:{A}:idem:<sha256 hex of an Idempotency-Key>  string: the key's marker
- *                       (billing/lua/prelude.lua): "f|fp|rid|deadline" in
+ *                       (common/prelude.lua): "f|fp|rid|deadline" in
  *                       flight (PX the hold's ttl), "d|fp|rid|answer" or
  *                       "n|fp|rid|status|why" once billable (PX
  *                       IDEMPOTENCY_TTL); reserve.lua and settle.lua
@@ -93,7 +93,7 @@ static inline int hot_swept_key(char *out, size_t cap, int64_t account, const ch
     return n > 0 && (size_t)n < cap ? 0 : -1;
 }
 
-/* Script sources, NUL-terminated, generated at build from billing/lua/prelude.lua
+/* Script sources, NUL-terminated, generated at build from common/prelude.lua
  * (helpers they share) followed by billing/<name>.lua. */
 extern const char hot_lua_reserve[];
 extern const char hot_lua_settle[];

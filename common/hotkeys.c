@@ -1,5 +1,5 @@
 /* hotkeys.c: key naming of the hot-balance layout (see hotkeys.h). */
-#include "billing/hotkeys.h"
+#include "common/hotkeys.h"
 
 #include <stdio.h>
 

@@ -5,7 +5,7 @@
  * rather than guessed; a wrong guess would show up only as WRONGPASS at the
  * first connect. The user info ends at the LAST '@' so that such a mistake
  * is reported as a character to percent-encode, not as a strange host. */
-#include "billing/redisurl.h"
+#include "common/redisurl.h"
 
 #include <stdio.h>
 #include <string.h>

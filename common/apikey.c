@@ -1,5 +1,5 @@
 /* apikey.c: key generation and keyed hashing with libsodium (see apikey.h). */
-#include "billing/apikey.h"
+#include "common/apikey.h"
 
 #include <sodium.h>
 #include <string.h>

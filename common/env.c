@@ -1,7 +1,7 @@
 /* env.c: environment configuration parsing (see env.h). */
-#include "billing/env.h"
+#include "common/env.h"
 
-#include "billing/log.h"
+#include "common/log.h"
 
 #include <errno.h>
 #include <stdio.h>

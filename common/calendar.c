@@ -44,4 +44,3 @@ int calendar_valid_month(const char *s, char next[8])
     }
     return 0;
 }
-

@@ -50,6 +50,15 @@
 #define HOT_STALL_MS 3000
 #define HOT_WATCHDOG_MS 500
 
+/* Each reply struct is a view of hot_reply.v (hotclient.h): int64_t
+ * fields in reply order, nothing else. */
+_Static_assert(sizeof(hot_reserve_reply) == HOT_RESERVE_REPLY * sizeof(int64_t),
+               "hot_reserve_reply is reserve.lua's reply");
+_Static_assert(sizeof(hot_caps_reply) == HOT_CAP_FIELDS * sizeof(int64_t),
+               "hot_caps_reply is the caps command's reply");
+_Static_assert(sizeof(hot_settle_reply) == 3 * sizeof(int64_t), "settle.lua's reply");
+_Static_assert(sizeof(hot_balance_reply) == 4 * sizeof(int64_t), "the balance's fields");
+
 enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
 enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_CAPS, HOT_BACKLOG_GET };
@@ -614,9 +623,10 @@ static void hot_answered(hotclient *hc, const redisReply *rep, int ops)
 /* ---- plain commands ---------------------------------------------------- */
 
 /* Turns a GET / HMGET reply into (rc, v). */
-static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[HOT_V_MAX])
+static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, hot_reply *out)
 {
-    int64_t f[5];
+    int64_t f[5], *v = out->v;
+    hot_balance_reply *b = &out->balance;
     if (kind == HOT_BACKLOG_GET) {
         if (r->type == REDIS_REPLY_NIL)
             v[0] = 0;
@@ -641,10 +651,10 @@ static int hot_decode_cmd(enum hot_kind kind, const redisReply *r, int64_t v[HOT
     }
     /* A lease's points not yet promised to a call are the account's to
      * spend: shown as available, not held (lease.lua). */
-    v[0] = f[0];
-    v[1] = f[1];
-    v[2] = f[2] - f[3];
-    v[3] = f[4] != 0;
+    b->credited = f[0];
+    b->spent = f[1];
+    b->held = f[2] - f[3];
+    b->limited = f[4] != 0;
     return 0;
 }
 
@@ -700,7 +710,8 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_cmd *cmd = priv;
     hotclient *hc = cmd->hc;
     redisReply *rep = r;
-    int64_t v[HOT_V_MAX] = {0};
+    hot_reply out = {{0}};
+    int64_t *v = out.v;
     int rc = -1;
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR)
@@ -712,7 +723,7 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
         free(cmd);
         return;
     } else if (rep)
-        rc = hot_decode_cmd(cmd->kind, rep, v);
+        rc = hot_decode_cmd(cmd->kind, rep, &out);
     if (cmd->kind == HOT_KEY) {
         if (cmd->kcb) cmd->kcb(cmd->arg, rc, NULL);
         free(cmd);
@@ -728,7 +739,7 @@ static void hot_on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
             hc->backlog = v[0];
         }
     }
-    if (cmd->cb) cmd->cb(cmd->arg, rc, v);
+    if (cmd->cb) cmd->cb(cmd->arg, rc, &out);
     free(cmd);
 }
 
@@ -850,7 +861,8 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
     if (ok) hc->flush_ms = HOT_BACKOFF_MIN_MS;
     for (int i = 0; i < b->n; i++) {
         hot_op *op = &b->ops[i];
-        int64_t v[HOT_V_MAX] = {0};
+        hot_reply out = {{0}};
+        int64_t *v = out.v;
         int rc = -1;
         if (ok) {
             for (size_t j = 0; j < per && j < HOT_RESERVE_REPLY; j++)
@@ -889,7 +901,7 @@ static void hot_on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
              * never came up: then Redis never saw it. */
             hot_enqueue_settle(hc, &op->settle);
         }
-        if (op->cb) op->cb(op->arg, rc, v);
+        if (op->cb) op->cb(op->arg, rc, &out);
         hc->answer = NULL;
         hc->answer_len = 0;
     }
@@ -1224,7 +1236,8 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
     hot_lease_cmd *cmd = priv;
     hotclient *hc = cmd->hc;
     redisReply *rep = r;
-    int64_t v[5] = {0, 0, 0, 0, 0};
+    hot_lease_reply out = {0, 0, 0, 0, 0};
+    int64_t *v[5] = {&out.status, &out.amount, &out.available, &out.contended, &out.charged};
     int rc = -1;
     hot_answered(hc, rep, 1);
     if (rep && rep->type == REDIS_REPLY_ERROR) {
@@ -1239,11 +1252,11 @@ static void hot_on_lease_reply(redisAsyncContext *ac, void *r, void *priv)
     } else if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 5) {
         rc = 0;
         for (int i = 0; i < 5; i++)
-            if (hot_int(rep->element[i], &v[i]) != 0) rc = -1;
+            if (hot_int(rep->element[i], v[i]) != 0) rc = -1;
     } else if (rep) {
         log_error("redis: unexpected reply to a lease op");
     }
-    if (cmd->cb) cmd->cb(cmd->arg, rc, v);
+    if (cmd->cb) cmd->cb(cmd->arg, rc, &out);
     free(cmd);
 }
 

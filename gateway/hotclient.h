@@ -9,6 +9,7 @@
 #ifndef GATEWAY_HOTCLIENT_H
 #define GATEWAY_HOTCLIENT_H
 
+#include "common/hotkeys.h"
 #include "common/redisurl.h"
 
 #include <event2/event.h>
@@ -30,17 +31,80 @@ typedef struct hotclient hotclient;
 #define HOT_ERR_BACKLOG (-2)
 #define HOT_ERR_NODATA (-3)
 
-/* RC: 0 success with V filled, 1 "not found" (key unknown, account unknown),
- * < 0 one of the HOT_ERR codes above. V has HOT_V_MAX integers, the unused
- * ones 0. For reserve, V = {status, available, held, flags, q, w, r, t}
- * (billing/reserve.lua: HOT_RESERVE_*); settle {status, charged, available}
- * (status 1 settled, 0 no such hold, HOT_STATUS_UNUSABLE: not applied,
- * charged 0); key {account}; balance {credited, spent, held, limited};
- * caps HOT_CAP_FIELDS (hotclient_caps). Called exactly once per accepted
- * command, from the loop. */
+/* The answers, one struct per script or command. hotclient.c decodes each
+ * reply by position into hot_reply.v, once; everything else reads the
+ * named fields. Every member is int64_t and in the order of the reply, so
+ * each struct is a view of v (checked at compile time in hotclient.c). */
+
+/* The limit a reserve met: the one that refused (status RATE_LIMITED), or
+ * the rate limit closest to refusing (flags & HOT_RESERVE_F_RATE): at most
+ * QUOTA calls per WINDOW_MS, REMAINING left, RESET_MS until one more. */
+typedef struct hot_rate_info {
+    int64_t quota, window_ms, remaining, reset_ms;
+} hot_rate_info;
+/* The spending cap that refused (status CAPPED): CAP points per PERIOD
+ * (HOT_CAP_DAILY or HOT_CAP_MONTHLY), LEFT of it now, RESET_MS until the
+ * period ends. */
+typedef struct hot_cap_info {
+    int64_t cap, period, left, reset_ms;
+} hot_cap_info;
+#define HOT_CAP_DAILY 1
+#define HOT_CAP_MONTHLY 2
+/* The Idempotency-Key's verdict (statuses HOT_RESERVE_REPLAY..): for
+ * IDEM_NOT_KEPT the first answer's STATUS and WHY it was not kept
+ * (HOT_IDEM_TOO_LARGE, HOT_IDEM_LATE); for IDEM_IN_FLIGHT and IDEM_BUDGET,
+ * RETRY_MS until a retry may pass. */
+typedef struct hot_idem_info {
+    int64_t status, why, unused, retry_ms;
+} hot_idem_info;
+#define HOT_IDEM_TOO_LARGE 1
+#define HOT_IDEM_LATE 2
+
+/* reserve.lua, per op: STATUS (HOT_RESERVE_*), the account's AVAILABLE and
+ * HELD points after it, FLAGS (HOT_RESERVE_F_*), then what the status says. */
+typedef struct hot_reserve_reply {
+    int64_t status, available, held, flags;
+    union {
+        hot_rate_info rate;
+        hot_cap_info cap;
+        hot_idem_info idem;
+    };
+} hot_reserve_reply;
+/* settle.lua, per op: STATUS 1 settled, 0 no such hold, HOT_STATUS_UNUSABLE
+ * not applied (CHARGED 0); CHARGED points; the account's AVAILABLE. */
+typedef struct hot_settle_reply {
+    int64_t status, charged, available;
+} hot_settle_reply;
+/* The account's hash: CREDITED, SPENT, HELD (a lease's free points counted
+ * as available, not held), LIMITED (1: under limits). */
+typedef struct hot_balance_reply {
+    int64_t credited, spent, held, limited;
+} hot_balance_reply;
+/* One scope's caps and counters in pg:{A}:lim (0 where absent): DAY is days
+ * since 1970 and MONTH YYYYMM of the counters (another period's are stale,
+ * i.e. 0). */
+typedef struct hot_cap_counters {
+    int64_t daily_cap, monthly_cap, day, day_spent, day_held, month, month_spent, month_held;
+} hot_cap_counters;
+typedef struct hot_caps_reply {
+    hot_cap_counters account, key;
+} hot_caps_reply;
+
 #define HOT_CAP_FIELDS 16
 #define HOT_V_MAX (HOT_RESERVE_REPLY > HOT_CAP_FIELDS ? HOT_RESERVE_REPLY : HOT_CAP_FIELDS)
-typedef void (*hot_cb)(void *arg, int rc, const int64_t *v);
+typedef union hot_reply {
+    int64_t v[HOT_V_MAX]; /* by position: hotclient.c's decoding only */
+    hot_reserve_reply reserve;
+    hot_settle_reply settle;
+    hot_balance_reply balance;
+    hot_caps_reply caps;
+} hot_reply;
+
+/* RC: 0 success with R filled (the member of the command's kind: reserve,
+ * settle, balance or caps; the rest 0), 1 "not found" (key unknown, account
+ * unknown), < 0 one of the HOT_ERR codes above. Called exactly once per
+ * accepted command, from the loop. */
+typedef void (*hot_cb)(void *arg, int rc, const hot_reply *r);
 
 /* hot_settle_args.commit: what settle.lua is asked to do with the hold. */
 #define HOT_SETTLE_RELEASE 0
@@ -147,10 +211,7 @@ typedef void (*hot_key_cb)(void *arg, int rc, const hot_key_info *k);
 int hotclient_key(hotclient *hc, const char *hash_hex, hot_key_cb cb, void *arg);
 int hotclient_balance(hotclient *hc, int64_t account, hot_cb cb, void *arg);
 /* The spending caps of ACCOUNT and of its key KEY_ID (0: the account's
- * only) as reserve.lua keeps them in pg:{A}:lim: V = for the account then
- * the key, {daily cap, monthly cap, day, day spent, day held, month, month
- * spent, month held} (0 where absent; day = days since 1970, month =
- * YYYYMM: counters of another period are stale, i.e. 0). */
+ * only) as reserve.lua keeps them in pg:{A}:lim: R->caps. */
 int hotclient_caps(hotclient *hc, int64_t account, int64_t key_id, hot_cb cb, void *arg);
 /* What reserve.lua checks a call's limits with (NULL: key 0, no route rate):
  * the API key's id and the route's rate limit per key (0 0: none). */
@@ -192,11 +253,16 @@ typedef struct hot_lease_args {
 } hot_lease_args;
 #define HOT_LEASE_RECORDS_MAX 256
 #define HOT_LEASE_LATE 2
-/* V = {status, amount, available, contended, charged} as lease.lua answers
- * them: the op's records [0, charged) were charged and appended, the rest
- * (an op short of points, past what the lease and the available points
- * cover) were not. */
-typedef void (*hot_lease_cb)(void *arg, int rc, const int64_t v[5]);
+/* lease.lua's answer: STATUS (1 applied, 2 applied before, 0 no such
+ * lease, < 0 account unknown or unusable), the lease's AMOUNT now, the
+ * account's AVAILABLE, CONTENDED (1: give the free points back), and
+ * CHARGED: the op's records [0, charged) were charged and appended, the
+ * rest (an op short of points, past what the lease and the available
+ * points cover) were not. */
+typedef struct hot_lease_reply {
+    int64_t status, amount, available, contended, charged;
+} hot_lease_reply;
+typedef void (*hot_lease_cb)(void *arg, int rc, const hot_lease_reply *r);
 /* Sends one lease op at once (lease.c sends at most one per lease at a
  * time, at the end of a loop pass). 0 when sent: CB runs once, with -1 if
  * no usable reply came (the op may or may not have been applied: lease.lua

@@ -144,15 +144,16 @@ static int lease_recs_push(lease_recs *q, const lease_rec *rec)
     return 0;
 }
 
-/* Runs the callbacks of RECS[0..N) still waiting, with RC and V. */
+/* Runs the callbacks of RECS[0..N) still waiting, with RC and a settle
+ * reply: STATUS, each record's charge if CHARGED (else 0), AVAILABLE. */
 static void lease_recs_answer(lease_rec *recs, int n, int rc, int64_t status, int64_t available,
                               int charged)
 {
     for (int i = 0; i < n; i++) {
         hot_cb cb = recs[i].cb;
-        int64_t v[HOT_V_MAX] = {status, charged ? recs[i].charge : 0, available};
+        hot_reply rep = {.settle = {status, charged ? recs[i].charge : 0, available}};
         recs[i].cb = NULL;
-        if (cb) cb(recs[i].arg, rc, v);
+        if (cb) cb(recs[i].arg, rc, &rep);
     }
 }
 
@@ -218,7 +219,7 @@ static void lease_lost(lease *l, int64_t available)
 
 static void lease_send(lease *l);
 
-static void lease_on_reply(void *arg, int rc, const int64_t v[5])
+static void lease_on_reply(void *arg, int rc, const hot_lease_reply *v)
 {
     lease *l = arg;
     lease_table *t = l->t;
@@ -242,22 +243,22 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[5])
     }
     l->op_failed = 0;
     l->last_op_ms = now;
-    if (v[0] == 1 || v[0] == 2) {
+    if (v->status == 1 || v->status == 2) {
         l->pending -= l->op_charge;
-        l->amount = v[1];
+        l->amount = v->amount;
         l->confirmed_ms = l->op_sent_ms;
         l->epoch = l->op_epoch;
         /* An op short of points charged its records in order as far as
          * the lease and the available points went (lease.lua): the calls
          * past that are answered as not charged, which they were not. */
-        int charged_n = v[4] < 0 ? 0 : v[4] > l->op.n ? l->op.n : (int)v[4];
+        int charged_n = v->charged < 0 ? 0 : v->charged > l->op.n ? l->op.n : (int)v->charged;
         if (charged_n < l->op.n)
             log_warn("lease %s of account %" PRId64 ": op %" PRId64 " short of points: %d of %d "
                      "calls charged",
                      l->lid, l->account, l->op_seq, charged_n, l->op.n);
-        lease_recs_answer(l->op.r, charged_n, 0, 1, v[2], 1);
-        lease_recs_answer(l->op.r + charged_n, l->op.n - charged_n, 0, 1, v[2], 0);
-        if (v[3] && !l->closing) {
+        lease_recs_answer(l->op.r, charged_n, 0, 1, v->available, 1);
+        lease_recs_answer(l->op.r + charged_n, l->op.n - charged_n, 0, 1, v->available, 0);
+        if (v->contended && !l->closing) {
             /* A reserve elsewhere is short while we hold points: give them
              * back now (lease.lua grants the account no lease while
              * contended). Later give-backs wait for the tick: an answer
@@ -273,20 +274,21 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[5])
             l->want_op = 1;
             lease_unlist(l);
         }
-        if (v[0] == 1 && (l->op_close || l->op_seq == 1) && l->amount == 0 && l->op.n == 0) {
+        if (v->status == 1 && (l->op_close || l->op_seq == 1) && l->amount == 0 && l->op.n == 0) {
             l->deleted = 1; /* lease.lua dropped the field (or never made it) */
             lease_unlist(l);
         }
     } else {
-        if (v[0] == 0)
+        if (v->status == 0)
             log_warn("lease %s of account %" PRId64 ": gone from Redis (expired?): %d calls not "
                      "charged",
                      l->lid, l->account, l->op.n);
-        else if (l->op_seq > 1 || v[0] != -1)
+        else if (l->op_seq > 1 || v->status != -1)
             log_error("lease %s of account %" PRId64 ": unusable in Redis (status %" PRId64 ")",
-                      l->lid, l->account, v[0]);
-        lease_recs_answer(l->op.r, l->op.n, 0, v[0] < 0 ? HOT_STATUS_UNUSABLE : 0, v[2], 0);
-        if (v[0] == 0 && (l->queue.n > 0 || l->refs > 0)) {
+                      l->lid, l->account, v->status);
+        lease_recs_answer(l->op.r, l->op.n, 0, v->status < 0 ? HOT_STATUS_UNUSABLE : 0,
+                          v->available, 0);
+        if (v->status == 0 && (l->queue.n > 0 || l->refs > 0)) {
             /* Released by the sweeper while our ops failed (or it never
              * was): the records queued behind this op were answered with
              * the charge to come, so they are not dropped but go as late
@@ -298,7 +300,7 @@ static void lease_on_reply(void *arg, int rc, const int64_t v[5])
             l->closing = 1;
             l->amount = l->pending;
         } else {
-            lease_lost(l, v[2]);
+            lease_lost(l, v->available);
         }
     }
     l->op.n = 0;
@@ -675,22 +677,22 @@ void lease_end(lease *l, const char *rid, const char *route_id, int64_t price, i
     len = snprintf(rec.text, sizeof rec.text, "%s|%" PRId64 "|%s|%" PRId64 "|%" PRId64 "|%s|%ld",
                    rid, l->account, route_id, charge, price, commit ? "commit" : "release", status);
     if (l->t->down) {
-        int64_t v[HOT_V_MAX] = {0};
-        if (cb) cb(arg, -1, v);
+        hot_reply none = {{0}};
+        if (cb) cb(arg, -1, &none);
         return;
     }
     if (l->deleted) {
         /* Redis released the lease (cost 0 for everything in it). */
-        int64_t v[HOT_V_MAX] = {0};
-        if (cb) cb(arg, 0, v);
+        hot_reply none = {{0}};
+        if (cb) cb(arg, 0, &none);
         return;
     }
     if (len < 0 || (size_t)len >= sizeof rec.text || lease_recs_push(&l->queue, &rec) != 0) {
         /* Cannot happen for valid ids (route ids are at most 128 bytes). The
          * points go back to the lease: the call is free. */
-        int64_t v[HOT_V_MAX] = {0};
+        hot_reply none = {{0}};
         log_error("lease %s: record of %s not queued: call not charged", l->lid, rid);
-        if (cb) cb(arg, 0, v);
+        if (cb) cb(arg, 0, &none);
         return;
     }
     rec.len = (size_t)len;

@@ -167,7 +167,7 @@ struct request_ctx {
 };
 
 static void request_reserve(gw_request *r);
-static void request_on_reserved(void *arg, int rc, const int64_t *v);
+static void request_on_reserved(void *arg, int rc, const hot_reply *rep);
 static int request_begin(gw_request *r);
 static void request_waitq_leave(gw_request *r);
 static void request_waitq_kick(worker *w, int64_t account);
@@ -408,24 +408,26 @@ static void request_rate_headers(gw_request *r, int64_t q, int64_t w_ms, int64_t
 
 /* 429: a rate limit or a spending cap refused the call before the upstream
  * (V: reserve.lua's answer); it cost nothing and took nothing. */
-static void request_limited(gw_request *r, const int64_t *v)
+static void request_limited(gw_request *r, const hot_reserve_reply *v)
 {
     char buf[512], secs[32];
-    int64_t retry_s = (v[7] + 999) / 1000;
+    int rate = v->status == HOT_RESERVE_RATE_LIMITED;
+    int64_t retry_s = ((rate ? v->rate.reset_ms : v->cap.reset_ms) + 999) / 1000;
     if (retry_s < 1) retry_s = 1;
     snprintf(secs, sizeof secs, "%" PRId64, retry_s);
-    if (v[0] == HOT_RESERVE_RATE_LIMITED) {
+    if (rate) {
         snprintf(buf, sizeof buf,
                  "{\"error\":\"rate_limited\",\"message\":\"too many calls: at most %" PRId64
                  " per %" PRId64 " s; retry after %" PRId64 " s\",\"retry_after_s\":%" PRId64
                  ",\"limit\":{\"quota\":%" PRId64 ",\"window_s\":%" PRId64 "}}",
-                 v[4], (v[5] + 999) / 1000, retry_s, retry_s, v[4], (v[5] + 999) / 1000);
+                 v->rate.quota, (v->rate.window_ms + 999) / 1000, retry_s, retry_s, v->rate.quota,
+                 (v->rate.window_ms + 999) / 1000);
         request_set_outcome(r, GW_OUT_RATE_LIMITED);
     } else {
         /* When it resets: the next UTC midnight (or first of the month) as
          * Redis counts it, written in the gateway's clock. */
         char at[32];
-        time_t t = (time_t)((worker_wall_ms() + v[7] + 500) / 1000);
+        time_t t = (time_t)((worker_wall_ms() + v->cap.reset_ms + 500) / 1000);
         struct tm tm;
         gmtime_r(&t, &tm);
         strftime(at, sizeof at, "%Y-%m-%dT%H:%M:%SZ", &tm);
@@ -434,14 +436,15 @@ static void request_limited(gw_request *r, const int64_t *v)
                  "spending cap of %" PRId64 " points; it resets at %s\",\"cap\":%" PRId64
                  ",\"period\":\"%s\",\"remaining\":%" PRId64 ",\"cost\":%" PRId64
                  ",\"resets_at\":\"%s\"}",
-                 v[5] == 2 ? "monthly" : "daily", v[4], at, v[4], v[5] == 2 ? "month" : "day", v[6],
-                 r->route->price, at);
+                 v->cap.period == HOT_CAP_MONTHLY ? "monthly" : "daily", v->cap.cap, at, v->cap.cap,
+                 v->cap.period == HOT_CAP_MONTHLY ? "month" : "day", v->cap.left, r->route->price,
+                 at);
         request_set_outcome(r, GW_OUT_QUOTA_EXCEEDED);
     }
     request_answer_begin(r, 429);
     server_reply_header(r->conn, "Content-Type", "application/json");
     server_reply_header(r->conn, "Retry-After", secs);
-    if (v[0] == HOT_RESERVE_RATE_LIMITED) request_rate_headers(r, v[4], v[5], 0, v[7]);
+    if (rate) request_rate_headers(r, v->rate.quota, v->rate.window_ms, 0, v->rate.reset_ms);
     server_reply_header(r->conn, "X-Points-Charged", "0");
     request_finish(r, buf, strlen(buf), 0);
 }
@@ -450,7 +453,7 @@ static void request_limited(gw_request *r, const int64_t *v)
  * (V: its answer, HOT_RESERVE_REPLAY..IDEM_BUDGET): nothing was taken, it
  * is not proxied and costs 0. A replay is the first call's stored answer
  * with Idempotent-Replayed; the others are 409, 422 or 429. */
-static void request_idem_answer(gw_request *r, const int64_t *v)
+static void request_idem_answer(gw_request *r, const hot_reserve_reply *v)
 {
     gw_metrics *m = &r->w->m;
     char buf[512], num[32];
@@ -459,7 +462,7 @@ static void request_idem_answer(gw_request *r, const int64_t *v)
     idem_answer a;
 
     request_set_outcome(r, GW_OUT_IDEM_CONFLICT);
-    switch (v[0]) {
+    switch (v->status) {
     case HOT_RESERVE_REPLAY:
         s = hotclient_reserve_answer(r->w->hc, &len);
         if (!s || idem_answer_parse(s, len, &a) != 0) {
@@ -475,7 +478,7 @@ static void request_idem_answer(gw_request *r, const int64_t *v)
             server_reply_header(r->conn, name, value);
         server_reply_header(r->conn, "Idempotent-Replayed", "true");
         server_reply_header(r->conn, "X-Points-Charged", "0");
-        snprintf(num, sizeof num, "%" PRId64, v[1] < 0 ? 0 : v[1]);
+        snprintf(num, sizeof num, "%" PRId64, v->available < 0 ? 0 : v->available);
         server_reply_header(r->conn, "X-Points-Remaining", num);
         request_finish(r, (char *)a.body, a.body_len, 0);
         return;
@@ -485,7 +488,7 @@ static void request_idem_answer(gw_request *r, const int64_t *v)
                  "{\"error\":\"idempotency_in_flight\",\"message\":\"the first call with this "
                  "Idempotency-Key is still running; retry later to get its answer\","
                  "\"retry_after_s\":1,\"expires_in_s\":%" PRId64 "}",
-                 (v[7] + 999) / 1000);
+                 (v->idem.retry_ms + 999) / 1000);
         request_answer_begin(r, 409);
         server_reply_header(r->conn, "Retry-After", "1");
         break;
@@ -499,18 +502,21 @@ static void request_idem_answer(gw_request *r, const int64_t *v)
         break;
     case HOT_RESERVE_IDEM_NOT_KEPT:
         metric_add(&m->idem[GW_IDEM_NOT_KEPT], 1);
-        snprintf(
-            buf, sizeof buf,
-            "{\"error\":\"%s\",\"message\":\"the first call with this Idempotency-Key was "
-            "carried out and billed (status %" PRId64 ") but its answer %s; it is not run "
-            "again\",\"status\":%" PRId64 "}",
-            v[5] == 1 ? "idempotency_response_too_large" : "idempotency_response_unavailable", v[4],
-            v[5] == 1 ? "was too large to keep" : "could not be kept (its settle came late)", v[4]);
+        snprintf(buf, sizeof buf,
+                 "{\"error\":\"%s\",\"message\":\"the first call with this Idempotency-Key was "
+                 "carried out and billed (status %" PRId64 ") but its answer %s; it is not run "
+                 "again\",\"status\":%" PRId64 "}",
+                 v->idem.why == HOT_IDEM_TOO_LARGE ? "idempotency_response_too_large"
+                                                   : "idempotency_response_unavailable",
+                 v->idem.status,
+                 v->idem.why == HOT_IDEM_TOO_LARGE ? "was too large to keep"
+                                                   : "could not be kept (its settle came late)",
+                 v->idem.status);
         request_answer_begin(r, 409);
         break;
     default: /* HOT_RESERVE_IDEM_BUDGET */
         metric_add(&m->idem[GW_IDEM_BUDGET], 1);
-        snprintf(num, sizeof num, "%" PRId64, v[7] / 1000 + 1);
+        snprintf(num, sizeof num, "%" PRId64, v->idem.retry_ms / 1000 + 1);
         snprintf(buf, sizeof buf,
                  "{\"error\":\"idempotency_budget_exceeded\",\"message\":\"this account keeps "
                  "as many answers for retries as it may (IDEMPOTENCY_ACCOUNT_BYTES); retry "
@@ -621,9 +627,10 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
     request_finish(r, body, len, 1);
 }
 
-static void request_on_settled(void *arg, int rc, const int64_t *v)
+static void request_on_settled(void *arg, int rc, const hot_reply *rep)
 {
     gw_request *r = arg;
+    const hot_settle_reply *v = &rep->settle;
     /* Settled or queued: the account's holds changed; its waiters try. */
     request_waitq_kick(r->w, r->account);
     if (rc != 0) {
@@ -634,13 +641,13 @@ static void request_on_settled(void *arg, int rc, const int64_t *v)
         request_answer_upstream(r, r->charge, 0, 0);
         return;
     }
-    if (v[0] == 0) log_warn("request %s: hold already gone at settle (swept?)", r->rid);
-    /* v[0] < 0: the account's data in Redis is unusable (hotclient logged
-     * it): nothing was charged, and the answer says so (v[1] is 0). The
+    if (v->status == 0) log_warn("request %s: hold already gone at settle (swept?)", r->rid);
+    /* status < 0: the account's data in Redis is unusable (hotclient
+     * logged it): nothing was charged, and the answer says so (charged 0). The
      * remaining points are said only with a charge applied: a lease that
      * was gone knows none. */
-    r->charged_pts = v[1];
-    request_answer_upstream(r, v[1], v[0] == 1, v[2]);
+    r->charged_pts = v->charged;
+    request_answer_upstream(r, v->charged, v->status == 1, v->available);
 }
 
 /* Parses a usage header: a non-negative decimal integer, else -1. */
@@ -1000,9 +1007,10 @@ static void request_waitq_fail(request_waitq *q, int rc)
 
 /* ---- reserve ------------------------------------------------------- */
 
-static void request_on_reserved(void *arg, int rc, const int64_t *v)
+static void request_on_reserved(void *arg, int rc, const hot_reply *rep)
 {
     gw_request *r = arg;
+    const hot_reserve_reply *v = &rep->reserve;
     request_waitq *q = r->waitq;
     uint64_t now;
     if (q) {
@@ -1020,7 +1028,7 @@ static void request_on_reserved(void *arg, int rc, const int64_t *v)
         return;
     }
     if (r->gone || r->w->aborted) {
-        if (v[0] == HOT_RESERVE_HELD) {
+        if (v->status == HOT_RESERVE_HELD) {
             r->held = 1;
             request_release_detached(r);
         }
@@ -1028,32 +1036,32 @@ static void request_on_reserved(void *arg, int rc, const int64_t *v)
          * left, or the gateway is stopping. */
         request_cancel(r, r->w->aborted ? "shutting down" : "client went away");
         r = NULL;
-    } else if (v[0] == HOT_RESERVE_HELD) {
+    } else if (v->status == HOT_RESERVE_HELD) {
         r->held = 1;
-        r->rl_flags = (int)v[3];
-        r->rl_q = v[4];
-        r->rl_w_ms = v[5];
-        r->rl_r = v[6];
-        r->rl_t_ms = v[7];
+        r->rl_flags = (int)v->flags;
+        r->rl_q = v->rate.quota;
+        r->rl_w_ms = v->rate.window_ms;
+        r->rl_r = v->rate.remaining;
+        r->rl_t_ms = v->rate.reset_ms;
         /* An account under limits is served per call (reserve.lua). */
-        if (!(v[3] & HOT_RESERVE_F_LIMITED))
-            lease_consider(r->w->leases, r->account, r->route->price, v[1]);
+        if (!(v->flags & HOT_RESERVE_F_LIMITED))
+            lease_consider(r->w->leases, r->account, r->route->price, v->available);
         if (q) {
             /* Got its points: the next waiter tries at once. */
             q->backoff_ms = REQUEST_BACKOFF_MIN_MS;
-            q->avail = v[1];
-            q->held = v[2];
+            q->avail = v->available;
+            q->held = v->held;
             if (q->n > 0) request_waitq_arm(q, 0);
         }
         request_go(r);
         r = NULL;
-    } else if (v[0] == HOT_RESERVE_RATE_LIMITED || v[0] == HOT_RESERVE_CAPPED) {
+    } else if (v->status == HOT_RESERVE_RATE_LIMITED || v->status == HOT_RESERVE_CAPPED) {
         request_limited(r, v);
         r = NULL;
-    } else if (v[0] >= HOT_RESERVE_REPLAY && v[0] <= HOT_RESERVE_IDEM_BUDGET) {
+    } else if (v->status >= HOT_RESERVE_REPLAY && v->status <= HOT_RESERVE_IDEM_BUDGET) {
         request_idem_answer(r, v);
         r = NULL;
-    } else if (v[0] == HOT_RESERVE_UNKNOWN) {
+    } else if (v->status == HOT_RESERVE_UNKNOWN) {
         /* Billing creates every account's hash with the account (and every
          * repair pass pushes them all): a missing one means Redis lost its
          * data, which is not the caller's fault. */
@@ -1062,9 +1070,9 @@ static void request_on_reserved(void *arg, int rc, const int64_t *v)
     }
     if (r) {
         now = worker_now_ms();
-        r->last_avail = v[1];
-        r->last_held = v[2];
-        if (v[1] + v[2] >= r->route->price && now < r->wait_until_ms) {
+        r->last_avail = v->available;
+        r->last_held = v->held;
+        if (v->available + v->held >= r->route->price && now < r->wait_until_ms) {
             /* Points exist but are held by calls in flight: wait for them. */
             if (q) {
                 request_waitq_push(q, r, 1);
@@ -1075,15 +1083,15 @@ static void request_on_reserved(void *arg, int rc, const int64_t *v)
                 request_too_many_waiting(r);
             }
         } else {
-            request_short(r, v[1], v[2]);
+            request_short(r, v->available, v->held);
         }
     }
     if (q) {
         /* What Redis just said holds for every waiter of the account. */
-        if (v[0] == HOT_RESERVE_SHORT) {
-            q->avail = v[1];
-            q->held = v[2];
-            request_waitq_expire(q, v[1], v[2], 1);
+        if (v->status == HOT_RESERVE_SHORT) {
+            q->avail = v->available;
+            q->held = v->held;
+            request_waitq_expire(q, v->available, v->held, 1);
         }
         q->pin--;
         /* Whoever got the turn left (gone, answered): the others keep theirs,
@@ -1146,10 +1154,10 @@ static int request_cap_json(char *buf, size_t cap, const char *name, int64_t lim
                     name, limit, spent, held, left, resets);
 }
 
-/* "caps":{"account":{"daily":..,"monthly":..},"key":{..}} from V
+/* "caps":{"account":{"daily":..,"monthly":..},"key":{..}} from REP
  * (hotclient_caps), in the gateway's clock (reserve.lua counts in Redis's:
  * the same UTC day but at a period's edge). */
-static void request_on_caps(void *arg, int rc, const int64_t *v)
+static void request_on_caps(void *arg, int rc, const hot_reply *rep)
 {
     gw_request *r = arg;
     char buf[1024], day_at[32], month_at[32];
@@ -1180,20 +1188,20 @@ static void request_on_caps(void *arg, int rc, const int64_t *v)
     n = (size_t)request_balance_head(r, buf, sizeof buf);
     n += (size_t)snprintf(buf + n, sizeof buf - n, ",\"caps\":{");
     for (int sc = 0; sc < 2; sc++) {
-        const int64_t *f = v + sc * (HOT_CAP_FIELDS / 2);
+        const hot_cap_counters *f = sc ? &rep->caps.key : &rep->caps.account;
         int any = 0;
-        if (!f[0] && !f[1]) continue;
+        if (!f->daily_cap && !f->monthly_cap) continue;
         if (buf[n - 1] == '}') buf[n++] = ',';
         n += (size_t)snprintf(buf + n, sizeof buf - n, "\"%s\":{", sc ? "key" : "account");
-        if (f[0]) {
-            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "daily", f[0], f[2], today, f[3],
-                                          f[4], day_at);
+        if (f->daily_cap) {
+            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "daily", f->daily_cap, f->day,
+                                          today, f->day_spent, f->day_held, day_at);
             any = 1;
         }
-        if (f[1]) {
+        if (f->monthly_cap) {
             if (any) buf[n++] = ',';
-            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "monthly", f[1], f[5], month,
-                                          f[6], f[7], month_at);
+            n += (size_t)request_cap_json(buf + n, sizeof buf - n, "monthly", f->monthly_cap,
+                                          f->month, month, f->month_spent, f->month_held, month_at);
         }
         buf[n++] = '}';
     }
@@ -1201,9 +1209,10 @@ static void request_on_caps(void *arg, int rc, const int64_t *v)
     request_json(r, 200, buf, "0");
 }
 
-static void request_on_balance(void *arg, int rc, const int64_t *v)
+static void request_on_balance(void *arg, int rc, const hot_reply *rep)
 {
     gw_request *r = arg;
+    const hot_balance_reply *v = &rep->balance;
     char buf[256];
     if (rc < 0) {
         request_unavailable(r, rc);
@@ -1216,12 +1225,12 @@ static void request_on_balance(void *arg, int rc, const int64_t *v)
         request_unavailable(r, HOT_ERR_NODATA);
         return;
     }
-    r->bal_held = v[2];
-    r->bal_avail = v[0] - v[1] - v[2];
+    r->bal_held = v->held;
+    r->bal_avail = v->credited - v->spent - v->held;
     if (r->bal_avail < 0) r->bal_avail = 0;
     /* An account under limits: a second read for its caps (the balance is
      * not on the billed path; calls of accounts without limits pay none). */
-    if (v[3]) {
+    if (v->limited) {
         if (hotclient_caps(r->w->hc, r->account, r->key_id, request_on_caps, r) != 0)
             request_unavailable(r, HOT_ERR_UNAVAILABLE);
         return;

@@ -680,18 +680,18 @@ static void spill_item_answered(spill_item *it, int rc)
     if (r->outstanding == 0) spill_round_answered(r);
 }
 
-static void spill_on_settled(void *arg, int rc, const int64_t *v)
+static void spill_on_settled(void *arg, int rc, const hot_reply *rep)
 {
     spill_item_answered(arg, rc);
 }
 
-static void spill_on_lease(void *arg, int rc, const int64_t v[5])
+static void spill_on_lease(void *arg, int rc, const hot_lease_reply *v)
 {
     spill_item *it = arg;
-    if (rc == 0 && v[0] < 0)
+    if (rc == 0 && v->status < 0)
         log_error("spill: lease %s op %" PRId64 " of account %" PRId64 ": refused (status %" PRId64
                   "), nothing charged",
-                  it->lid, it->seq, it->account, v[0]);
+                  it->lid, it->seq, it->account, v->status);
     spill_item_answered(it, rc);
 }
 

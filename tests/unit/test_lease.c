@@ -93,21 +93,21 @@ int spill_lease_close(spill_file *f, int64_t account, const char *lid, int64_t s
 #define NCALLS 301
 static int answered[NCALLS + 16], charged[NCALLS + 16], bad_rc;
 
-static void on_settled(void *arg, int rc, const int64_t v[3])
+static void on_settled(void *arg, int rc, const hot_reply *rep)
 {
     int i = (int)(intptr_t)arg;
     answered[i]++;
-    if (rc == 0 && v[0] == 1) charged[i] += (int)v[1];
+    if (rc == 0 && rep->settle.status == 1) charged[i] += (int)rep->settle.charged;
     if (rc != 0) bad_rc++;
 }
 
 static void reply(int64_t amount)
 {
-    int64_t v[5] = {1, amount, 1 << 30, 0, last_nrec / 2}; /* every record charged */
+    hot_lease_reply v = {1, amount, 1 << 30, 0, last_nrec / 2}; /* every record charged */
     hot_lease_cb cb = last_cb;
     last_cb = NULL;
     CHECK(cb != NULL);
-    if (cb) cb(last_arg, 0, v);
+    if (cb) cb(last_arg, 0, &v);
 }
 
 static void run(struct event_base *base)
@@ -209,11 +209,11 @@ static void test_shutdown_spills_the_failed_op(void)
 
 static void answer(int rc, int64_t status, int64_t amount)
 {
-    int64_t v[5] = {status, amount, 1 << 30, 0, status == 1 ? last_nrec / 2 : 0};
+    hot_lease_reply v = {status, amount, 1 << 30, 0, status == 1 ? last_nrec / 2 : 0};
     hot_lease_cb cb = last_cb;
     last_cb = NULL;
     CHECK(cb != NULL);
-    if (cb) cb(last_arg, rc, v);
+    if (cb) cb(last_arg, rc, &v);
 }
 
 /* A lease op is sent and its reply lost; a call ended meanwhile is queued

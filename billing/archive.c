@@ -374,6 +374,22 @@ int archive_api_charge(PGconn *pg, const char *rid, size_t len, json_t **out)
                            "no charge with this request id (not settled yet, or never made)", out);
 }
 
+/* The gauges of the charges table's state (metrics.h), from Postgres. */
+static void archive_gauges(PGconn *pg, billing_metrics *m)
+{
+    PGresult *r;
+    if (!m) return;
+    r = ledger_query(pg,
+                     "SELECT coalesce(max(day_to) FILTER (WHERE state = 'attached')"
+                     "   - (now() AT TIME ZONE 'UTC')::date - 1, -1),"
+                     " count(*) FILTER (WHERE state = 'detached') FROM charge_partitions",
+                     0, NULL);
+    if (!r) return;
+    metric_set(&m->charge_days_ahead, strtoll(PQgetvalue(r, 0, 0), NULL, 10));
+    metric_set(&m->charge_detached, strtoll(PQgetvalue(r, 0, 1), NULL, 10));
+    PQclear(r);
+}
+
 void *archive_run(void *arg)
 {
     const worker_args *wa = arg;
@@ -397,6 +413,7 @@ void *archive_run(void *arg)
                          res.made, res.closed, res.archived, res.rows);
             if (res.archived == ARCHIVE_MAX_PER_PASS) rest = 0;
         }
+        archive_gauges(pg, wa->metrics);
         worker_rest(wa->stop, rest, wa->metrics, BM_BEAT_ARCHIVE);
     }
     if (pg) PQfinish(pg);

@@ -157,6 +157,7 @@ static int cmd_serve(void)
     bm_beat(metrics, BM_BEAT_WEBHOOKS);
     metrics->beat_used[BM_BEAT_ARCHIVE] = 1;
     bm_beat(metrics, BM_BEAT_ARCHIVE);
+    metric_set(&metrics->charge_days_ahead, -1);
     events_metrics_attach(metrics);
     ops = ops_start(&cfg, metrics);
     if (!ops) goto out;

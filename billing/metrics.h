@@ -82,6 +82,9 @@ typedef struct billing_metrics {
     metric_u64 webhook_attempts[BM_WH_RESULTS];
     metric_hist webhook_attempt_duration; /* metric_latency_us */
     metric_i64 webhook_pending, webhook_oldest_ms, webhook_in_flight;
+    /* The charges table (archive.c, after each pass): days of partitions
+     * made beyond today (-1: not known yet), days detached not exported. */
+    metric_i64 charge_days_ahead, charge_detached;
     /* Written by the ops probe (ops.c) once a second; read by scrapes. */
     metric_i64 postgres_up, redis_up;
     metric_i64 backlog, oldest_age_ms, dead_letters;

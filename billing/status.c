@@ -405,12 +405,45 @@ static json_t *status_store(int ok, const char *error)
                      ok || !error ? json_null() : json_string(error));
 }
 
+/* The charges table's life cycle (archive.c) into REPORT's "ledger": 0
+ * when it needs attention (partitions for fewer than 2 days ahead: the
+ * archive pass is not running, and settlement soon dead-letters). */
+static int status_ledger(PGconn *pg, json_t *report)
+{
+    PGresult *r = ledger_query(
+        pg,
+        "SELECT coalesce(max(day_to) FILTER (WHERE state = 'attached')"
+        "   - (now() AT TIME ZONE 'UTC')::date - 1, -1),"
+        " count(*) FILTER (WHERE state = 'attached'), count(*) FILTER (WHERE state = 'detached'),"
+        " count(*) FILTER (WHERE state = 'archived'),"
+        " coalesce(min(day_from) FILTER (WHERE state = 'attached' AND name <> 'charges_legacy')"
+        "   ::text, ''),"
+        " coalesce((SELECT to_char(max(month), 'YYYY-MM') FROM ledger_periods), '')"
+        " FROM charge_partitions",
+        0, NULL);
+    int64_t ahead;
+    if (!r) {
+        json_object_set_new(report, "ledger", json_null());
+        return 1;
+    }
+    ahead = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    json_object_set_new(report, "ledger",
+                        json_pack("{s:I, s:I, s:I, s:I, s:s, s:s}", "days_ahead", (json_int_t)ahead,
+                                  "partitions", (json_int_t)strtoll(PQgetvalue(r, 0, 1), NULL, 10),
+                                  "detached", (json_int_t)strtoll(PQgetvalue(r, 0, 2), NULL, 10),
+                                  "archived", (json_int_t)strtoll(PQgetvalue(r, 0, 3), NULL, 10),
+                                  "oldest_day", PQgetvalue(r, 0, 4), "closed_through",
+                                  PQgetvalue(r, 0, 5)));
+    PQclear(r);
+    return ahead >= 2;
+}
+
 json_t *status_build(PGconn *pg, const char *pg_error, hot_conn *hot, int *verdict)
 {
     json_t *rep = json_object();
     const char *ping[1] = {"PING"}, *tm[1] = {"TIME"};
     redisReply *r;
-    int pg_ok = 0, redis_ok = 0, mismatches = 0;
+    int pg_ok = 0, redis_ok = 0, mismatches = 0, ledger_ok = 1;
     int64_t now = 0, dead = 0;
     char pgerr[256] = "";
     if (!rep) return NULL;
@@ -473,6 +506,11 @@ json_t *status_build(PGconn *pg, const char *pg_error, hot_conn *hot, int *verdi
         json_object_set_new(rep, "holds", json_null());
         json_object_set_new(rep, "leases", json_null());
     }
+    if (pg_ok) {
+        ledger_ok = status_ledger(pg, rep);
+    } else {
+        json_object_set_new(rep, "ledger", json_null());
+    }
     if (pg_ok && redis_ok) {
         json_t *rec = status_reconcile(pg, hot, &mismatches);
         json_object_set_new(rep, "reconcile", rec ? rec : json_null());
@@ -481,9 +519,9 @@ json_t *status_build(PGconn *pg, const char *pg_error, hot_conn *hot, int *verdi
                             json_pack("{s:i, s:[], s:b, s:s}", "accounts_checked", 0, "mismatches",
                                       "truncated", 0, "error", "a store is unreachable"));
     }
-    *verdict = !pg_ok || !redis_ok          ? STATUS_UNREACHABLE
-               : mismatches > 0 || dead > 0 ? STATUS_MISMATCH
-                                            : STATUS_OK;
+    *verdict = !pg_ok || !redis_ok                        ? STATUS_UNREACHABLE
+               : mismatches > 0 || dead > 0 || !ledger_ok ? STATUS_MISMATCH
+                                                          : STATUS_OK;
     json_object_set_new(rep, "verdict",
                         json_string(*verdict == STATUS_OK            ? "healthy"
                                     : *verdict == STATUS_UNREACHABLE ? "unreachable"
@@ -535,6 +573,16 @@ void status_print(FILE *f, const json_t *rep)
         else
             fprintf(f, "%-19s  %-7s  ", "-", "-");
         fprintf(f, "%-6lld  %lld\n", status_i(l, "count"), status_i(l, "points"));
+    }
+    if (json_is_object(json_object_get(rep, "ledger"))) {
+        const json_t *lg = json_object_get(rep, "ledger");
+        fprintf(
+            f,
+            "\nLEDGER    DAYS_AHEAD  PARTITIONS  DETACHED  ARCHIVED  OLDEST_DAY  CLOSED_THROUGH\n");
+        fprintf(f, "          %-10lld  %-10lld  %-8lld  %-8lld  %-10s  %s\n",
+                status_i(lg, "days_ahead"), status_i(lg, "partitions"), status_i(lg, "detached"),
+                status_i(lg, "archived"), status_s(lg, "oldest_day"),
+                status_s(lg, "closed_through"));
     }
     fprintf(f, "\nRECONCILE %lld accounts checked, %lld mismatch(es)%s%s%s\n",
             status_i(rec, "accounts_checked"), status_i(rec, "mismatch_count"),

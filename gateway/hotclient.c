@@ -59,6 +59,9 @@ _Static_assert(sizeof(hot_caps_reply) == HOT_CAP_FIELDS * sizeof(int64_t),
 _Static_assert(sizeof(hot_settle_reply) == 3 * sizeof(int64_t), "settle.lua's reply");
 _Static_assert(sizeof(hot_balance_reply) == 4 * sizeof(int64_t), "the balance's fields");
 
+/* What a callback gets when there is no answer (RC < 0): zeros, never NULL. */
+static const hot_reply hot_no_reply;
+
 enum hot_script { HOT_SCRIPT_RESERVE, HOT_SCRIPT_SETTLE, HOT_SCRIPT_LEASE, HOT_NSCRIPTS };
 /* Plain commands (reserves and settles are batches of a script). */
 enum hot_kind { HOT_KEY, HOT_BALANCE, HOT_CAPS, HOT_BACKLOG_GET };
@@ -476,7 +479,7 @@ static void hot_fail_ops(hotclient *hc, enum hot_script script, hot_op *ops, int
 {
     for (int i = 0; i < n; i++) {
         if (script == HOT_SCRIPT_SETTLE) hot_enqueue_settle(hc, &ops[i].settle);
-        if (ops[i].cb) ops[i].cb(ops[i].arg, -1, NULL);
+        if (ops[i].cb) ops[i].cb(ops[i].arg, -1, &hot_no_reply);
     }
 }
 
@@ -1127,7 +1130,7 @@ static void hot_refuse_reserves(hotclient *hc, int rc)
     hot_pending taken = hc->pending[HOT_SCRIPT_RESERVE];
     hc->pending[HOT_SCRIPT_RESERVE] = (hot_pending){0, 0, NULL};
     for (int i = 0; i < taken.n; i++)
-        if (taken.ops[i].cb) taken.ops[i].cb(taken.ops[i].arg, rc, NULL);
+        if (taken.ops[i].cb) taken.ops[i].cb(taken.ops[i].arg, rc, &hot_no_reply);
     free(taken.ops);
 }
 

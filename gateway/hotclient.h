@@ -102,8 +102,8 @@ typedef union hot_reply {
 
 /* RC: 0 success with R filled (the member of the command's kind: reserve,
  * settle, balance or caps; the rest 0), 1 "not found" (key unknown, account
- * unknown), < 0 one of the HOT_ERR codes above. Called exactly once per
- * accepted command, from the loop. */
+ * unknown), < 0 one of the HOT_ERR codes above (R all zeros). R is never
+ * NULL. Called exactly once per accepted command, from the loop. */
 typedef void (*hot_cb)(void *arg, int rc, const hot_reply *r);
 
 /* hot_settle_args.commit: what settle.lua is asked to do with the hold. */

@@ -741,7 +741,8 @@ static void request_on_upstream(void *arg, proxy_call *c)
         return;
     }
     r->held = 0; /* the settle ends the hold, delivered or queued */
-    if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0) request_on_settled(r, -1, NULL);
+    if (hotclient_settle(r->w->hc, &a, request_on_settled, r) != 0)
+        request_on_settled(r, -1, &(hot_reply){{0}});
 }
 
 /* ---- proxy ---------------------------------------------------------- */
@@ -989,7 +990,8 @@ static void request_waitq_on_timer(evutil_socket_t fd, short what, void *arg)
     request_waitq_unlink(q, r);
     q->trying = r;
     r->st = ST_RESERVE;
-    if (request_send_reserve(r) != 0) request_on_reserved(r, HOT_ERR_UNAVAILABLE, NULL);
+    if (request_send_reserve(r) != 0)
+        request_on_reserved(r, HOT_ERR_UNAVAILABLE, &(hot_reply){{0}});
 }
 
 /* Redis cannot answer for Q's account: every waiter gets the 503. */
@@ -1336,7 +1338,7 @@ static void request_with_account(gw_request *r)
     if (r->balance) {
         r->st = ST_BALANCE;
         if (hotclient_balance(r->w->hc, r->account, request_on_balance, r) != 0)
-            request_on_balance(r, HOT_ERR_UNAVAILABLE, NULL);
+            request_on_balance(r, HOT_ERR_UNAVAILABLE, &(hot_reply){{0}});
         return;
     }
     r->wait_until_ms = worker_now_ms() + (uint64_t)r->w->cfg->hold_wait_ms;

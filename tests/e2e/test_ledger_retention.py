@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -125,6 +126,12 @@ def test_charges_are_partitioned_by_the_reservation_day_and_settle_once(stack):
     assert plan.count(" on charges_p") == 1, plan
     assert _finance(stack, f"/v1/charges/{_rid(t0)}").json()["error"] == "not_found"
     assert _finance(stack, "/v1/charges/" + "x" * 65).status == 400
+    # on-call sees the partitions: billing status and the gauges
+    st = json.loads(stack.run_billing("status", "--json", check=False).stdout)
+    assert st["ledger"]["days_ahead"] >= 13 and st["ledger"]["detached"] == 0, st["ledger"]
+    stack.wait_for(lambda: re.search(
+        r"^pointgate_billing_charge_partitions_days_ahead (1[3-9]|[2-9][0-9])$",
+        http("GET", stack.billing.ops_url + "/metrics").body.decode(), re.M), what="the gauge")
     p = stack.run_billing("charge", rids[0])
     assert '"amount": 3' in p.stdout
     assert stack.run_billing("charge", _rid(t0), check=False).returncode == 3

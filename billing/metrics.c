@@ -331,8 +331,8 @@ void bm_render(billing_metrics *m, promtext *p, int ready)
         bm_gauge(p, "pointgate_billing_webhook_in_flight", "Webhook attempts in flight.",
                  metric_gauge_get(&m->webhook_in_flight));
     }
-    bm_gauge(p, "pointgate_billing_charge_partitions_days_ahead",
-             "Days past today that have a charges partition (-1: no archive pass yet).",
+    bm_gauge(p, "pointgate_billing_charge_partitions_ahead",
+             "Daily charges partitions made past today (-1: no archive pass yet).",
              metric_gauge_get(&m->charge_days_ahead));
     bm_gauge(p, "pointgate_billing_charge_partitions_detached",
              "Days taken out of charges and not yet exported to ARCHIVE_DIR.",

@@ -130,7 +130,7 @@ def test_charges_are_partitioned_by_the_reservation_day_and_settle_once(stack):
     st = json.loads(stack.run_billing("status", "--json", check=False).stdout)
     assert st["ledger"]["days_ahead"] >= 13 and st["ledger"]["detached"] == 0, st["ledger"]
     stack.wait_for(lambda: re.search(
-        r"^pointgate_billing_charge_partitions_days_ahead (1[3-9]|[2-9][0-9])$",
+        r"^pointgate_billing_charge_partitions_ahead (1[3-9]|[2-9][0-9])$",
         http("GET", stack.billing.ops_url + "/metrics").body.decode(), re.M), what="the gauge")
     p = stack.run_billing("charge", rids[0])
     assert '"amount": 3' in p.stdout

@@ -26,10 +26,9 @@
 /* A pass exports this many partitions at most (the rest: the next pass,
  * which comes at once when this one was full). */
 #define ARCHIVE_MAX_PER_PASS 32
-/* DETACH and DROP wait this long for settlement's statements on charges;
- * past it the pass gives up and the next one tries again, rather than
- * keep settlement queued behind the lock it waits for. */
-#define ARCHIVE_LOCK_TIMEOUT "SET lock_timeout = '2s'"
+/* DETACH and DROP give up after 2 s (schema/011 sets lock_timeout on the
+ * functions that run them): the next pass tries again, rather than keep
+ * settlement queued behind the lock they wait for. */
 
 /* Runs SQL; 1 in *OUT if its single value is true. -1 after logging. */
 static int archive_bool(PGconn *pg, const char *sql, int n, const char *const *p, int *out)
@@ -187,7 +186,9 @@ static int archive_writable_dir(const char *dir)
     return stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && access(dir, W_OK | X_OK) == 0;
 }
 
-/* Detaches (if STATE is attached), exports and drops partition NAME. */
+/* Detaches (if STATE is attached), exports and drops partition NAME: 1
+ * when it was dropped now, 0 when another pass had moved it, -1 on failure
+ * (logged; the day stays, attached or detached, for the next pass). */
 static int archive_one(PGconn *pg, const char *dir, const char *name, const char *state,
                        int64_t *rows, billing_metrics *m)
 {
@@ -201,7 +202,7 @@ static int archive_one(PGconn *pg, const char *dir, const char *name, const char
         return -1;
     }
     if ((size_t)snprintf(path, sizeof path, "%s/%s.csv.gz", dir, name) >= sizeof path ||
-        (size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp) {
+        (size_t)snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid()) >= sizeof tmp) {
         log_error("archive: ARCHIVE_DIR is too long");
         return -1;
     }
@@ -210,25 +211,28 @@ static int archive_one(PGconn *pg, const char *dir, const char *name, const char
         if (!ok) return 0; /* another pass moved it meanwhile */
         log_info("archive: %s detached", name);
     }
-    if (archive_export(pg, name, tmp, rows, m) != 0 || archive_sha256(tmp, hex, &bytes) != 0)
+    if (archive_export(pg, name, tmp, rows, m) != 0 || archive_sha256(tmp, hex, &bytes) != 0) {
+        unlink(tmp);
         return -1;
+    }
     if (rename(tmp, path) != 0 || archive_sync_dir(dir) != 0) {
         log_error("archive: %s: %s", path, strerror(errno));
+        unlink(tmp);
         return -1;
     }
     snprintf(rs, sizeof rs, "%" PRId64, *rows);
     snprintf(bs, sizeof bs, "%" PRId64, bytes);
     if (archive_bool(pg, "SELECT charges_drop_partition($1, $2, $3, $4, $5)", 5, p, &ok) != 0)
         return -1;
-    if (ok)
-        log_info("archive: %s: %" PRId64 " rows exported to %s (%" PRId64 " bytes), dropped", name,
-                 *rows, path, bytes);
-    return 0;
+    if (!ok) return 0;
+    log_info("archive: %s: %" PRId64 " rows exported to %s (%" PRId64 " bytes), dropped", name,
+             *rows, path, bytes);
+    return 1;
 }
 
 /* The partitions due, oldest first; under the pass lock. */
 static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *res,
-                       billing_metrics *m)
+                       billing_metrics *m, int backend)
 {
     char days[24], max[16];
     const char *p[2] = {days, max};
@@ -236,9 +240,11 @@ static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *re
     int rc = 0;
     snprintf(days, sizeof days, "%" PRId64, cfg->charge_retention_days);
     snprintf(max, sizeof max, "%d", ARCHIVE_MAX_PER_PASS);
+    /* charges_legacy (ids without a time, rows migrated without one) is
+     * never archived by itself: its rows have no day to age by. */
     r = ledger_query(pg,
                      "SELECT name, state FROM charge_partitions"
-                     " WHERE state IN ('attached', 'detached')"
+                     " WHERE state IN ('attached', 'detached') AND name <> 'charges_legacy'"
                      "   AND day_to <= (now() AT TIME ZONE 'UTC')::date - $1::int"
                      " ORDER BY day_from LIMIT $2::int",
                      2, p);
@@ -253,8 +259,19 @@ static int archive_due(PGconn *pg, const billing_config *cfg, archive_result *re
     }
     for (int i = 0; i < PQntuples(r) && rc == 0; i++) {
         int64_t rows = 0;
-        rc = archive_one(pg, cfg->archive_dir, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), &rows, m);
-        if (rc == 0) {
+        int done;
+        /* The pass lock is the session's: a connection that was reset
+         * (ledger_run reconnects on its own) no longer holds it, and
+         * another process may be exporting the same day now. */
+        if (PQbackendPID(pg) != backend) {
+            log_warn("archive: the connection to Postgres was reset: the pass stops here");
+            rc = -1;
+            break;
+        }
+        done =
+            archive_one(pg, cfg->archive_dir, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), &rows, m);
+        if (done < 0) rc = -1;
+        if (done > 0) {
             res->archived++;
             res->rows += rows;
         }
@@ -277,9 +294,7 @@ int archive_pass(PGconn *pg, const billing_config *cfg, billing_metrics *m, arch
         res->busy = 1;
         return 0;
     }
-    if (archive_bool(pg, ARCHIVE_LOCK_TIMEOUT, 0, NULL, &(int){0}) == 0)
-        rc = archive_due(pg, cfg, res, m);
-    archive_bool(pg, "RESET lock_timeout", 0, NULL, &(int){0});
+    rc = archive_due(pg, cfg, res, m, PQbackendPID(pg));
     archive_bool(pg, ARCHIVE_UNLOCK, 0, NULL, &(int){0});
     return rc;
 }
@@ -354,16 +369,21 @@ int archive_api_charge(PGconn *pg, const char *rid, size_t len, json_t **out)
     PQclear(r);
     /* Not in the table: its day may have been archived. */
     r = ledger_query(pg,
-                     "SELECT name, file, state FROM charge_partitions"
+                     "SELECT name, file, state = 'archived' FROM charge_partitions"
                      " WHERE day_from <= (charges_reserved_at($1) AT TIME ZONE 'UTC')::date"
                      "   AND day_to > (charges_reserved_at($1) AT TIME ZONE 'UTC')::date"
                      "   AND state <> 'attached'",
                      1, p);
     if (!r) return webhooks_failure(LEDGER_ERROR, "", out);
     if (PQntuples(r) == 1) {
-        *out = json_pack("{s:s, s:s, s:s, s:o}", "error", "archived", "message",
-                         "the charges of this request's day were exported and dropped "
-                         "(CHARGE_RETENTION_DAYS): look it up in the archive file",
+        int archived = PQgetvalue(r, 0, 2)[0] == 't';
+        *out = json_pack("{s:s, s:s, s:s, s:o}", "error", archived ? "archived" : "archiving",
+                         "message",
+                         archived ? "the charges of this request's day were exported and dropped "
+                                    "(CHARGE_RETENTION_DAYS): look it up in the archive file"
+                                  : "the charges of this request's day are being exported "
+                                    "(CHARGE_RETENTION_DAYS); ask again once billing archive "
+                                    "list shows the day archived",
                          "partition", PQgetvalue(r, 0, 0), "file",
                          PQgetisnull(r, 0, 1) ? json_null() : json_string(PQgetvalue(r, 0, 1)));
         PQclear(r);

@@ -15,7 +15,9 @@
  * that records the file, its size, its row count and its SHA-256. A crash
  * at any step leaves the partition attached, or detached and exported again
  * by the next pass: never dropped unexported. One pass at a time across
- * billing processes (a session advisory lock). */
+ * billing processes (a session advisory lock; a pass whose connection was
+ * reset stops, since the lock went with it). charges_legacy (rows without
+ * a time in their id) is never archived by the pass. */
 #ifndef POINTGATE_ARCHIVE_H
 #define POINTGATE_ARCHIVE_H
 

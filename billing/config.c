@@ -87,7 +87,7 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
         env_int64("WEBHOOK_WATCH_INTERVAL_MS", 1000, 50, 3600000, &c->webhook_watch_interval_ms) !=
             0 ||
         env_int64("WEBHOOK_RETENTION_DAYS", 30, 1, 3650, &c->webhook_retention_days) != 0 ||
-        env_int64("CHARGE_RETENTION_DAYS", 120, 1, 36500, &c->charge_retention_days) != 0 ||
+        env_int64("CHARGE_RETENTION_DAYS", 120, 30, 36500, &c->charge_retention_days) != 0 ||
         env_int64("ARCHIVE_INTERVAL_S", 3600, 1, 86400, &c->archive_interval_s) != 0 ||
         env_int64("STATEMENT_CLOSE_DAYS", 3, 0, 365, &c->statement_close_days) != 0)
         rc = -1;

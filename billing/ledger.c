@@ -425,8 +425,11 @@ int64_t ledger_reserved_ms(const char *rid)
 #define LEDGER_OPEN_FROM                                                                           \
     " p AS (SELECT coalesce((max(month) + interval '1 month')::date, '-infinity'::date)"           \
     "   AS open_from, (now() AT TIME ZONE 'UTC')::date AS today FROM ledger_periods),"
+/* The settlement day, or the first open day if later: the statement's
+ * transaction may have started (now()) just before a close it then saw. */
 #define LEDGER_BOOKED_ON(T)                                                                        \
-    "CASE WHEN (" T " AT TIME ZONE 'UTC')::date < p.open_from THEN p.today END"
+    "CASE WHEN (" T " AT TIME ZONE 'UTC')::date < p.open_from"                                     \
+    " THEN greatest(p.today, p.open_from) END"
 #define LEDGER_DAY "coalesce(booked_on, (occurred_at AT TIME ZONE 'UTC')::date) AS day"
 
 /* One round trip, one implicit transaction: the new charge rows (those whose
@@ -522,7 +525,8 @@ int64_t ledger_reserved_ms(const char *rid)
     "    AND c.reserved_at = i.ra, p),"                                                            \
     " up AS ("                                                                                     \
     "  UPDATE charges c SET amount = i.amount, outcome = 'late', status = i.status,"               \
-    "    booked_on = CASE WHEN cur.moved THEN p.today ELSE c.booked_on END"                        \
+    "    booked_on = CASE WHEN cur.moved THEN greatest(p.today, p.open_from)"                      \
+    "      ELSE c.booked_on END"                                                                   \
     "  FROM input i, cur, p"                                                                       \
     "  WHERE c.reservation_id = i.rid AND cur.rid = i.rid AND c.reserved_at = cur.reserved_at"     \
     "    AND c.account_id = i.account_id"                                                          \
@@ -623,11 +627,16 @@ static int ledger_settle_arrays(ledger_buf cols[LEDGER_SETTLE_COLS], const ledge
 
 int ledger_ensure_partitions(PGconn *conn, int *made)
 {
-    PGresult *r = ledger_query(conn,
-                               "SELECT charges_ensure_partitions("
-                               "(now() AT TIME ZONE 'UTC')::date - 1, "
-                               "(now() AT TIME ZONE 'UTC')::date + " LEDGER_DAYS_AHEAD ")",
-                               0, NULL);
+    /* From the day after the newest partition (days missed while billing
+     * was down longer than LEDGER_DAYS_AHEAD) or yesterday, whichever is
+     * earlier; archived days are never made again. */
+    PGresult *r = ledger_query(
+        conn,
+        "SELECT charges_ensure_partitions(least(coalesce((SELECT max(day_to) FROM"
+        " charge_partitions WHERE name <> 'charges_legacy'), (now() AT TIME ZONE 'UTC')::date),"
+        " (now() AT TIME ZONE 'UTC')::date - 1),"
+        " (now() AT TIME ZONE 'UTC')::date + " LEDGER_DAYS_AHEAD ")",
+        0, NULL);
     if (!r) return LEDGER_ERROR;
     if (made) *made = (int)ledger_i64(r, 0, 0);
     PQclear(r);

@@ -26,6 +26,11 @@ static int periods_close_date(PGconn *pg, const char *first, const char *by, int
     int ended, already, rc = LEDGER_ERROR;
     *closed = 0;
     if (periods_exec(pg, "BEGIN", 0, NULL) != 0) return LEDGER_ERROR;
+    /* Queued behind a session that read the periods and sits idle in its
+     * transaction, the close would hold every settlement statement back
+     * (they queue behind its lock): it gives up instead, and is tried
+     * again (the archive pass; or the operator). */
+    if (periods_exec(pg, "SET LOCAL lock_timeout = '2s'", 0, NULL) != 0) goto out;
     /* ACCESS EXCLUSIVE: waits for every statement that read the periods
      * (settlement's, which decide where a charge is booked) and holds the
      * next ones back until the close commits; they then see it. */

@@ -148,6 +148,18 @@ BEGIN
     RETURN true;
 END $$;
 
+-- The key of an existing row: its id's time when the id carries one, i.e.
+-- when that time is within a day of when the call ended. Gateways before
+-- the time-ordered ids made 32 random hex digits, which decode to random
+-- instants (about 1% of them between 2000 and 2099): those rows go to
+-- charges_legacy rather than to a random day decades away. Their outbox
+-- entries were settled long ago, so no redelivery will look for them.
+CREATE FUNCTION charges_migrated_at(rid text, occurred timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN abs(extract(epoch FROM charges_reserved_at(rid) - occurred)) <= 86400
+        THEN charges_reserved_at(rid) ELSE timestamptz '1970-01-01 00:00:00+00' END
+$$;
+
 -- The partitions the existing rows need, two weeks ahead, then the rows.
 DO $$
 DECLARE
@@ -159,9 +171,9 @@ DECLARE
     after bigint;
     today date := (now() AT TIME ZONE 'UTC')::date;
 BEGIN
-    SELECT min(charges_reserved_at(reservation_id)) FILTER (WHERE reservation_id ~ '^[0-9a-f]{32}$'
-                                                          AND charges_reserved_at(reservation_id) > 'epoch'),
-           max(charges_reserved_at(reservation_id)),
+    SELECT min(charges_migrated_at(reservation_id, occurred_at))
+               FILTER (WHERE charges_migrated_at(reservation_id, occurred_at) > 'epoch'),
+           max(charges_migrated_at(reservation_id, occurred_at)),
            count(*)
       INTO lo_t, hi_t, before FROM charges_unpartitioned;
     lo := least(coalesce((lo_t AT TIME ZONE 'UTC')::date, today), today - 1);
@@ -172,7 +184,7 @@ BEGIN
     INSERT INTO charges (reservation_id, account_id, route, amount, hold, outcome, status,
                          occurred_at, settled_at, reserved_at)
     SELECT reservation_id, account_id, route, amount, hold, outcome, status, occurred_at,
-           settled_at, charges_reserved_at(reservation_id)
+           settled_at, charges_migrated_at(reservation_id, occurred_at)
       FROM charges_unpartitioned;
     SELECT count(*) INTO after FROM charges;
     IF after <> before THEN
@@ -180,6 +192,15 @@ BEGIN
     END IF;
 END $$;
 DROP TABLE charges_unpartitioned;
+DROP FUNCTION charges_migrated_at(text, timestamptz);
+
+-- DDL on charges (CREATE ... PARTITION OF, DETACH, DROP) waits for every
+-- statement on the table, and holds every later one back while it waits:
+-- settlement and lookups with it. It gives up after 2 s instead (the
+-- archive pass, or settlement's retry, tries again later).
+ALTER FUNCTION charges_ensure_partitions(date, date) SET lock_timeout = '2s';
+ALTER FUNCTION charges_detach_partition(text) SET lock_timeout = '2s';
+ALTER FUNCTION charges_drop_partition(text, bigint, bigint, text, text) SET lock_timeout = '2s';
 
 CREATE TABLE ledger_periods (
     month     date PRIMARY KEY CHECK (extract(day FROM month) = 1),

@@ -394,20 +394,37 @@ int archive_api_charge(PGconn *pg, const char *rid, size_t len, json_t **out)
                            "no charge with this request id (not settled yet, or never made)", out);
 }
 
-/* The gauges of the charges table's state (metrics.h), from Postgres. */
+int archive_state_read(PGconn *pg, archive_state *out)
+{
+    PGresult *r = ledger_query(
+        pg,
+        "SELECT coalesce(max(day_to) FILTER (WHERE state = 'attached')"
+        "   - (now() AT TIME ZONE 'UTC')::date - 1, -1),"
+        " count(*) FILTER (WHERE state = 'attached'), count(*) FILTER (WHERE state = 'detached'),"
+        " count(*) FILTER (WHERE state = 'archived'),"
+        " coalesce(min(day_from) FILTER (WHERE state = 'attached' AND name <> 'charges_legacy')"
+        "   ::text, ''),"
+        " coalesce((SELECT to_char(max(month), 'YYYY-MM') FROM ledger_periods), '')"
+        " FROM charge_partitions",
+        0, NULL);
+    if (!r) return -1;
+    out->days_ahead = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    out->attached = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+    out->detached = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    out->archived = strtoll(PQgetvalue(r, 0, 3), NULL, 10);
+    snprintf(out->oldest_day, sizeof out->oldest_day, "%s", PQgetvalue(r, 0, 4));
+    snprintf(out->closed_through, sizeof out->closed_through, "%s", PQgetvalue(r, 0, 5));
+    PQclear(r);
+    return 0;
+}
+
+/* The gauges of the charges table's state (metrics.h). */
 static void archive_gauges(PGconn *pg, billing_metrics *m)
 {
-    PGresult *r;
-    if (!m) return;
-    r = ledger_query(pg,
-                     "SELECT coalesce(max(day_to) FILTER (WHERE state = 'attached')"
-                     "   - (now() AT TIME ZONE 'UTC')::date - 1, -1),"
-                     " count(*) FILTER (WHERE state = 'detached') FROM charge_partitions",
-                     0, NULL);
-    if (!r) return;
-    metric_set(&m->charge_days_ahead, strtoll(PQgetvalue(r, 0, 0), NULL, 10));
-    metric_set(&m->charge_detached, strtoll(PQgetvalue(r, 0, 1), NULL, 10));
-    PQclear(r);
+    archive_state st;
+    if (!m || archive_state_read(pg, &st) != 0) return;
+    metric_set(&m->charge_days_ahead, st.days_ahead);
+    metric_set(&m->charge_detached, st.detached);
 }
 
 void *archive_run(void *arg)

@@ -47,6 +47,15 @@ int archive_pass(PGconn *pg, const billing_config *cfg, billing_metrics *m, arch
  * NULL after logging when Postgres fails. */
 json_t *archive_list(PGconn *pg, const billing_config *cfg);
 
+/* Where the charges table stands: days of partitions made past today (-1
+ * none), partitions attached / detached / archived, the oldest day kept
+ * ("" none) and the last closed month ("" none). -1 after logging. */
+typedef struct archive_state {
+    int64_t days_ahead, attached, detached, archived;
+    char oldest_day[16], closed_through[8];
+} archive_state;
+int archive_state_read(PGconn *pg, archive_state *out);
+
 /* GET /v1/charges/{request_id} (finance and admin; `billing charge`): the
  * charge row of a call, found in its day's partition; 404 not_found, or
  * 404 archived naming the file that holds its day. The HTTP status, *OUT

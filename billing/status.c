@@ -33,6 +33,7 @@
 #include "billing/config.h"
 #include "billing/control.h"
 #include "common/hotkeys.h"
+#include "billing/archive.h"
 #include "billing/ledger.h"
 #include "common/log.h"
 #include "billing/workers.h"
@@ -410,32 +411,18 @@ static json_t *status_store(int ok, const char *error)
  * archive pass is not running, and settlement soon dead-letters). */
 static int status_ledger(PGconn *pg, json_t *report)
 {
-    PGresult *r = ledger_query(
-        pg,
-        "SELECT coalesce(max(day_to) FILTER (WHERE state = 'attached')"
-        "   - (now() AT TIME ZONE 'UTC')::date - 1, -1),"
-        " count(*) FILTER (WHERE state = 'attached'), count(*) FILTER (WHERE state = 'detached'),"
-        " count(*) FILTER (WHERE state = 'archived'),"
-        " coalesce(min(day_from) FILTER (WHERE state = 'attached' AND name <> 'charges_legacy')"
-        "   ::text, ''),"
-        " coalesce((SELECT to_char(max(month), 'YYYY-MM') FROM ledger_periods), '')"
-        " FROM charge_partitions",
-        0, NULL);
-    int64_t ahead;
-    if (!r) {
+    archive_state st;
+    if (archive_state_read(pg, &st) != 0) {
         json_object_set_new(report, "ledger", json_null());
         return 1;
     }
-    ahead = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
     json_object_set_new(report, "ledger",
-                        json_pack("{s:I, s:I, s:I, s:I, s:s, s:s}", "days_ahead", (json_int_t)ahead,
-                                  "partitions", (json_int_t)strtoll(PQgetvalue(r, 0, 1), NULL, 10),
-                                  "detached", (json_int_t)strtoll(PQgetvalue(r, 0, 2), NULL, 10),
-                                  "archived", (json_int_t)strtoll(PQgetvalue(r, 0, 3), NULL, 10),
-                                  "oldest_day", PQgetvalue(r, 0, 4), "closed_through",
-                                  PQgetvalue(r, 0, 5)));
-    PQclear(r);
-    return ahead >= 2;
+                        json_pack("{s:I, s:I, s:I, s:I, s:s, s:s}", "days_ahead",
+                                  (json_int_t)st.days_ahead, "partitions", (json_int_t)st.attached,
+                                  "detached", (json_int_t)st.detached, "archived",
+                                  (json_int_t)st.archived, "oldest_day", st.oldest_day,
+                                  "closed_through", st.closed_through));
+    return st.days_ahead >= 2;
 }
 
 json_t *status_build(PGconn *pg, const char *pg_error, hot_conn *hot, int *verdict)

@@ -132,11 +132,14 @@ $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
 $(O)/bin/test_routes: $(O)/gateway/routes.o
 # idem.o alone: the test stubs the proxy and forward functions it calls.
 $(O)/bin/test_idem: $(O)/gateway/idem.o
+# The lease core is pure: its test needs nothing else.
+$(O)/bin/test_leasecore: $(O)/gateway/leasecore.o
 # lease.c with its fault-injection hook (LEASE_TESTING), in its unit test only.
 $(O)/tests/unit/lease_testing.o: gateway/lease.c
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(CFLAGS) -DLEASE_TESTING -MMD -MP -c $< -o $@
-$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o $(O)/libcommon.a
+$(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.o \
+		$(O)/gateway/leasecore.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 

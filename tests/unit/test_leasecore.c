@@ -987,7 +987,14 @@ static void tick(world *w, int closing)
  *   the lease is lost), queued and op_n the records lease.c holds;
  * - pending is the charges of the records not yet known in or out;
  * - free >= 0, i.e. used + pending <= amount: never more promised than
- *   held (an orphan, which promises nothing, aside);
+ *   held, while Redis holds the lease as the worker last heard. Not after
+ *   the sweeper released it (a late op answers amount 0 while records are
+ *   still to come: the worker promises nothing then, free being < 0, until
+ *   an op finds the lease gone), nor after a reclaim at the soft deadline
+ *   until an op built since is answered (a resend carries the busy figure
+ *   of its first send; the records then re-take their points from the
+ *   available ones, as lease.lua intends). An orphan promises nothing.
+ *   take() checks, whatever the case, that a promise leaves free >= 0;
  * - the numbers: the last op built has the highest seq, Redis never holds
  *   a higher one;
  * - a closing lease stays closing (and so promises nothing: take checks);

@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#define REDISURL_USAGE "expected redis://[[user]:password@]host[:port][/db]"
+#define REDISURL_USAGE                                                                             \
+    "expected redis://[[user]:password@]host[:port][/db] or "                                      \
+    "redis+cluster://[[user]:password@]host[:port][,host[:port]...]"
 
 static void redisurl_err(char *err, size_t errlen, const char *msg)
 {
@@ -103,10 +105,57 @@ static long redisurl_number(const char *s, size_t n, long min, long max)
     return v < min || v > max ? -1 : v;
 }
 
+/* One host[:port] of S[0..N) into NODE (port 6379 when absent). */
+static int redisurl_hostport(const char *s, size_t n, redisurl_node *node, char *err, size_t errlen)
+{
+    const char *end = s + n, *host, *host_end, *port = NULL;
+    int literal = 0;
+    long v;
+
+    if (*s == '[') {
+        literal = 1;
+        host = s + 1;
+        host_end = memchr(s, ']', n);
+        if (!host_end || (host_end + 1 < end && host_end[1] != ':')) {
+            redisurl_err(err, errlen, "malformed [IPv6] host");
+            return -1;
+        }
+        if (host_end + 1 < end) port = host_end + 2;
+    } else {
+        host = s;
+        host_end = memchr(s, ':', n);
+        if (host_end)
+            port = host_end + 1;
+        else
+            host_end = end;
+    }
+    if (host_end == host || (size_t)(host_end - host) >= sizeof node->host) {
+        redisurl_err(err, errlen, "empty or overlong host; " REDISURL_USAGE);
+        return -1;
+    }
+    for (const char *h = host; h < host_end; h++) {
+        if (!redisurl_host_char(*h, literal)) {
+            redisurl_err(err, errlen, "invalid character in the host");
+            return -1;
+        }
+    }
+    memcpy(node->host, host, (size_t)(host_end - host));
+    node->host[host_end - host] = '\0';
+    node->port = 6379;
+    if (port) {
+        v = redisurl_number(port, (size_t)(end - port), 1, 65535);
+        if (v < 0) {
+            redisurl_err(err, errlen, "port must be 1..65535");
+            return -1;
+        }
+        node->port = (int)v;
+    }
+    return 0;
+}
+
 int redisurl_parse(const char *url, redisurl *u, char *err, size_t errlen)
 {
-    const char *rest, *at, *hp, *end, *host, *host_end, *port = NULL;
-    int literal = 0;
+    const char *rest, *at, *hp, *end;
     long v;
 
     memset(u, 0, sizeof *u);
@@ -117,11 +166,15 @@ int redisurl_parse(const char *url, redisurl *u, char *err, size_t errlen)
                          : REDISURL_USAGE);
         return -1;
     }
-    if (strncmp(url, "redis://", 8) != 0) {
+    if (strncmp(url, "redis://", 8) == 0) {
+        rest = url + 8;
+    } else if (strncmp(url, "redis+cluster://", 16) == 0) {
+        rest = url + 16;
+        u->cluster = 1;
+    } else {
         redisurl_err(err, errlen, REDISURL_USAGE);
         return -1;
     }
-    rest = url + 8;
     hp = rest;
     at = strrchr(rest, '@');
     if (at) {
@@ -147,43 +200,34 @@ int redisurl_parse(const char *url, redisurl *u, char *err, size_t errlen)
         redisurl_err(err, errlen, "a query or fragment is not supported; " REDISURL_USAGE);
         goto fail;
     }
-    if (*hp == '[') {
-        literal = 1;
-        host = hp + 1;
-        host_end = memchr(hp, ']', (size_t)(end - hp));
-        if (!host_end || (host_end + 1 < end && host_end[1] != ':')) {
-            redisurl_err(err, errlen, "malformed [IPv6] host");
+    /* Seeds, comma-separated (a plain redis:// URL takes one). */
+    for (const char *p = hp; p < end;) {
+        const char *comma = memchr(p, ',', (size_t)(end - p));
+        const char *stop = comma ? comma : end;
+        if (comma && !u->cluster) {
+            redisurl_err(err, errlen,
+                         "several hosts name a cluster: write redis+cluster://host:port,...");
             goto fail;
         }
-        if (host_end + 1 < end) port = host_end + 2;
-    } else {
-        host = hp;
-        host_end = memchr(hp, ':', (size_t)(end - hp));
-        if (host_end)
-            port = host_end + 1;
-        else
-            host_end = end;
+        if (u->nseeds == REDISURL_SEEDS_MAX) {
+            redisurl_err(err, errlen, "more than 16 seed nodes");
+            goto fail;
+        }
+        if (redisurl_hostport(p, (size_t)(stop - p), &u->seeds[u->nseeds], err, errlen) != 0)
+            goto fail;
+        u->nseeds++;
+        if (comma && comma + 1 == end) {
+            redisurl_err(err, errlen, "empty host after ','; " REDISURL_USAGE);
+            goto fail;
+        }
+        p = comma ? comma + 1 : end;
     }
-    if (host_end == host || (size_t)(host_end - host) >= sizeof u->host) {
+    if (u->nseeds == 0) {
         redisurl_err(err, errlen, "empty or overlong host; " REDISURL_USAGE);
         goto fail;
     }
-    for (const char *h = host; h < host_end; h++) {
-        if (!redisurl_host_char(*h, literal)) {
-            redisurl_err(err, errlen, "invalid character in the host");
-            goto fail;
-        }
-    }
-    memcpy(u->host, host, (size_t)(host_end - host));
-    u->port = 6379;
-    if (port) {
-        v = redisurl_number(port, (size_t)(end - port), 1, 65535);
-        if (v < 0) {
-            redisurl_err(err, errlen, "port must be 1..65535");
-            goto fail;
-        }
-        u->port = (int)v;
-    }
+    memcpy(u->host, u->seeds[0].host, sizeof u->host);
+    u->port = u->seeds[0].port;
     /* "/" alone or nothing: db 0. */
     if (*end == '/' && end[1]) {
         v = redisurl_number(end + 1, strlen(end + 1), 0, 15);
@@ -192,6 +236,10 @@ int redisurl_parse(const char *url, redisurl *u, char *err, size_t errlen)
             goto fail;
         }
         u->db = (int)v;
+        if (u->cluster && u->db != 0) {
+            redisurl_err(err, errlen, "a Redis Cluster has no databases: leave out /db");
+            goto fail;
+        }
     }
     return 0;
 fail:

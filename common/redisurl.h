@@ -4,6 +4,12 @@
  * connection (billing/hot.c, gateway/hotclient.c send AUTH and SELECT).
  *
  *   redis://[[user]:password@]host[:port][/db]
+ *   redis+cluster://[[user]:password@]host[:port][,host[:port]...]
+ *
+ * The second form names a Redis Cluster by its seed nodes (at most
+ * REDISURL_SEEDS_MAX): any one that answers gives the slot map (cluster.h),
+ * so one seed is enough and more only survive a seed being down. A cluster
+ * has no databases: a /db other than 0 is refused rather than ignored.
  *
  * user and password may be percent-encoded (%40 for '@', %3A for ':', %2F for
  * '/'); an empty user (redis://:password@host) is Redis' default user, whose
@@ -18,11 +24,20 @@
 
 #define REDISURL_HOST_MAX 256
 #define REDISURL_CRED_MAX 256
+#define REDISURL_SEEDS_MAX 16
+
+typedef struct redisurl_node {
+    char host[REDISURL_HOST_MAX];
+    int port;
+} redisurl_node;
 
 typedef struct redisurl {
-    char host[REDISURL_HOST_MAX]; /* without the brackets of an IPv6 literal */
-    int port;
+    char host[REDISURL_HOST_MAX]; /* without the brackets of an IPv6 literal; */
+    int port;                     /* for a cluster, its first seed */
     int db;
+    int cluster; /* redis+cluster:// */
+    int nseeds;  /* a cluster's seeds, in the URL's order (1 for redis://) */
+    redisurl_node seeds[REDISURL_SEEDS_MAX];
     char user[REDISURL_CRED_MAX];     /* decoded; "" = the default user */
     char password[REDISURL_CRED_MAX]; /* decoded; "" = no AUTH at all */
 } redisurl;

@@ -244,6 +244,28 @@ class Stack:
         if p.returncode != 0:
             raise RuntimeError(f"stack.sh {action} failed: {p.stderr}")
 
+    def start_cluster(self):
+        """A Redis Cluster beside the stack (stack.sh cluster-start: 3
+        masters, 3 replicas, the stack's passwords and ACL user). Sets
+        cluster_url (admin), gateway_cluster_url and cluster_ports (masters
+        first); stopped with the stack."""
+        self.service("cluster-start")
+        with open(os.path.join(self.dir, "env")) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("export CLUSTER_") or line.startswith("export GATEWAY_CLUSTER_"):
+                    k, v = line[len("export "):].split("=", 1)
+                    setattr(self, k.lower(), v.strip('"'))
+        self.cluster_ports = [int(p) for p in self.cluster_ports.split()]
+        return self.cluster_url
+
+    def cluster_cli(self, port, *args):
+        """redis-cli on one cluster node as the admin; stdout, stripped."""
+        env = dict(os.environ, REDISCLI_AUTH=self.redis_password)
+        p = subprocess.run(["redis-cli", "-p", str(port), "--no-auth-warning", "--raw", *args],
+                           capture_output=True, text=True, timeout=30, env=env)
+        return p.stdout.strip()
+
     def sanitizer_reports(self):
         out = []
         for p in self.procs:

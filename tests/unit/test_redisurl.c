@@ -52,6 +52,27 @@ int main(void)
     CHECK(strcmp(u.host, "::1") == 0 && u.port == 7000 && u.db == 2);
     CHECK(parse("redis://[::1]") == 0 && u.port == 6379);
 
+    CHECK(!u.cluster && u.nseeds == 1 && u.seeds[0].port == 6379);
+
+    /* A cluster by its seeds; the first is also host:port. */
+    CHECK(parse("redis+cluster://127.0.0.1:7000") == 0);
+    CHECK(u.cluster && u.nseeds == 1 && strcmp(u.host, "127.0.0.1") == 0 && u.port == 7000);
+    CHECK(parse("redis+cluster://:pw@a:7000,b,[::1]:7002/") == 0);
+    CHECK(u.cluster && u.nseeds == 3 && strcmp(u.password, "pw") == 0);
+    CHECK(strcmp(u.seeds[0].host, "a") == 0 && u.seeds[0].port == 7000);
+    CHECK(strcmp(u.seeds[1].host, "b") == 0 && u.seeds[1].port == 6379);
+    CHECK(strcmp(u.seeds[2].host, "::1") == 0 && u.seeds[2].port == 7002);
+    CHECK(strcmp(u.host, "a") == 0 && u.port == 7000 && u.db == 0);
+    refused("redis+cluster://a:1,b:2/3", "no databases", NULL);
+    refused("redis+cluster://a:1,,b:2", "empty", NULL);
+    refused("redis+cluster://a:1,", "empty host after", NULL);
+    refused("redis+cluster://:s3cret@a:1,b:x", "port", "s3cret");
+    refused("redis://a:1,b:2", "redis+cluster://", NULL);
+    refused("redis+cluster://h1,h2,h3,h4,h5,h6,h7,h8,h9,h10,h11,h12,h13,h14,h15,h16,h17", "16 seed",
+            NULL);
+    CHECK(parse("redis+cluster://h1,h2,h3,h4,h5,h6,h7,h8,h9,h10,h11,h12,h13,h14,h15,h16") == 0 &&
+          u.nseeds == 16 && strcmp(u.seeds[15].host, "h16") == 0);
+
     /* The default user: AUTH password. */
     CHECK(parse("redis://:s3cret@127.0.0.1:6379/0") == 0);
     CHECK(u.user[0] == '\0' && strcmp(u.password, "s3cret") == 0);

@@ -88,7 +88,14 @@ $(O)/gen/hotlua.c: $(LUA) $(LUA_PRELUDE) scripts/embed-lua.sh
 	@mkdir -p $(dir $@)
 	$(Q)scripts/embed-lua.sh $(LUA_PRELUDE) $(LUA) > $@
 
-$(O)/gen/migrations.c: $(SQL) scripts/embed-sql.sh
+# The list of migrations as a file that changes only when the list does, so
+# that removing or renaming a schema/*.sql regenerates migrations.c too (a
+# prerequisite that is gone triggers nothing by itself).
+$(O)/gen/sql.list: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(SQL)' | cmp -s - $@ || echo '$(SQL)' > $@
+
+$(O)/gen/migrations.c: $(SQL) $(O)/gen/sql.list scripts/embed-sql.sh
 	@mkdir -p $(dir $@)
 	$(Q)scripts/embed-sql.sh $(SQL) > $@
 

@@ -102,11 +102,14 @@ $(O)/gen/migrations.c: $(SQL) $(O)/gen/sql.list scripts/embed-sql.sh
 $(O)/gen/%.o: $(O)/gen/%.c
 	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
+# Made afresh (rm first): `ar rcs` only adds and replaces, so a member whose
+# source moved away (billing/redisurl.c became common/redisurl.c) would stay
+# in the old archive and be linked ahead of its new home.
 $(O)/libcommon.a: $(COMMON_OBJ)
-	$(Q)ar rcs $@ $^
+	$(Q)rm -f $@ && ar rcs $@ $^
 
 $(O)/libbilling.a: $(BILLING_OBJ)
-	$(Q)ar rcs $@ $^
+	$(Q)rm -f $@ && ar rcs $@ $^
 
 $(O)/bin/billing: $(O)/billing/main.o $(O)/libbilling.a $(O)/libcommon.a
 	@mkdir -p $(dir $@)

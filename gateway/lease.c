@@ -210,6 +210,7 @@ static void lease_on_reply(void *arg, int rc, const hot_lease_reply *v)
         /* Nothing in its queue can be charged. */
         lease_recs_answer(l->queue.r, l->queue.n, 0, 0, v->available, 0);
         l->queue.n = 0;
+        leasecore_queue_dropped(c);
     }
     l->op.n = 0;
     if (a.schedule) lease_schedule(l);

@@ -97,14 +97,16 @@ void leasecore_op_build(leasecore *c, int n, int64_t charge, uint64_t now_ms, in
     c->op_sent_ms = now_ms;
     freep = leasecore_free(c);
     if (c->closing)
-        c->op_resize = -freep; /* nothing is promised while closing */
+        /* Nothing is promised while closing: give the free points back,
+         * and ask for none when there are none (the sweeper took some
+         * back: lease.lua tops the lease up to busy by itself). */
+        c->op_resize = freep > 0 ? -freep : 0;
     else if (refusing)
         c->op_resize = 0; /* no growth past the backlog bound (or queue full) */
     else if (freep < c->want / 2)
         c->op_resize = c->want - freep;
     else
         c->op_resize = 0;
-    if (c->op_resize < 0 && freep <= 0) c->op_resize = 0;
     if (c->orphan) c->op_resize = c->op_busy = 0; /* lease.lua's late path reads neither */
 }
 
@@ -213,7 +215,8 @@ void leasecore_answer_done(leasecore *c, leasecore_answer *a)
         a->lost = 1;
         c->deleted = 1;
         c->amount = c->used = c->pending = 0;
-        c->queued = 0;
+        /* queued stays until leasecore_queue_dropped: the caller answers
+         * those records after this returns. */
     }
     c->op_n = 0;
     if (c->orphan && c->queued == 0 && c->refs == 0 && !c->op_failed) {
@@ -224,6 +227,11 @@ void leasecore_answer_done(leasecore *c, leasecore_answer *a)
         c->want_op = 1;
         a->schedule = 1;
     }
+}
+
+void leasecore_queue_dropped(leasecore *c)
+{
+    c->queued = 0;
 }
 
 int leasecore_tick(leasecore *c, uint64_t now_ms, int64_t idle_ms, int closing)

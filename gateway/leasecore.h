@@ -155,8 +155,8 @@ typedef struct leasecore_answer {
     /* set by leasecore_answer_done: */
     int contended; /* it starts giving back because contended: log it */
     int unlist;    /* out of the table: lease_take finds it no more */
-    int lost;      /* GONE for good: the queued records are answered not
-                      charged and dropped (leasecore.queued is 0 now) */
+    int lost;      /* GONE for good: the caller answers the queued records
+                      not charged, then calls leasecore_queue_dropped */
     int schedule;  /* an op is due */
 } leasecore_answer;
 
@@ -169,6 +169,10 @@ void leasecore_answer_begin(leasecore *c, int rc, const leasecore_reply *reply, 
  * answer's decisions (give-back when contended or spent out, dropped when
  * Redis dropped it, orphan or lost when gone), the op's records done. */
 void leasecore_answer_done(leasecore *c, leasecore_answer *a);
+/* After a lost answer, once the caller answered and dropped its queued
+ * records. Until then the lease counts them, so that it is not finished
+ * (and freed by a tick) while their callbacks run. */
+void leasecore_queue_dropped(leasecore *c);
 
 enum {
     LEASECORE_TICK_RESEND = 1,   /* resend the failed op if Redis is up */

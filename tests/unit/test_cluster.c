@@ -28,7 +28,8 @@ static redisReply *resp(const char *text)
     redisReader *rd = redisReaderCreate();
     void *r = NULL;
     if (!rd) return NULL;
-    if (redisReaderFeed(rd, text, strlen(text)) != REDIS_OK || redisReaderGetReply(rd, &r) != REDIS_OK)
+    if (redisReaderFeed(rd, text, strlen(text)) != REDIS_OK ||
+        redisReaderGetReply(rd, &r) != REDIS_OK)
         r = NULL;
     redisReaderFree(rd);
     return r;
@@ -151,9 +152,9 @@ static void redirects(void)
     CHECK(cluster_redirect_parse("ERR unknown command", &rd) == 0);
     CHECK(cluster_redirect_parse("CROSSSLOT Keys in request don't hash", &rd) == 0);
     CHECK(cluster_redirect_parse("MOVEDX 1 h:1", &rd) == 0);
-    const char *bad[] = {"MOVED ", "MOVED x h:1", "MOVED 16384 h:1", "MOVED -1 h:1",
-                         "MOVED 1 h", "MOVED 1 h:", "MOVED 1 h:0", "MOVED 1 h:70000",
-                         "MOVED 1 h:1x", "ASK 1", "MOVED 1  h:1x"};
+    const char *bad[] = {"MOVED ",       "MOVED x h:1", "MOVED 16384 h:1", "MOVED -1 h:1",
+                         "MOVED 1 h",    "MOVED 1 h:",  "MOVED 1 h:0",     "MOVED 1 h:70000",
+                         "MOVED 1 h:1x", "ASK 1",       "MOVED 1  h:1x"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int rc = cluster_redirect_parse(bad[i], &rd);
         if (rc != -1) fprintf(stderr, "  '%s' -> %d\n", bad[i], rc);

@@ -554,7 +554,11 @@ static void drive_answer(drive *d, int rc, int64_t status, int64_t amount, int64
     if (d->last.kind == LEASECORE_ANSWER_FAILED) return;
     leasecore_answer_done(&d->c, &d->last);
     d->nop = 0;
-    if (d->last.lost) d->nq = 0;
+    if (d->last.lost) {
+        CHECK(!leasecore_finished(&d->c) || d->nq == 0); /* not freed under its callbacks */
+        d->nq = 0;
+        leasecore_queue_dropped(&d->c);
+    }
 }
 
 /* Runs one event or check; returns what it yields, for `want`. */
@@ -864,6 +868,8 @@ static void send_op(world *w, leasecore_send_what what)
         w->s_mode = leasecore_op_mode_of(c);
         WCHECK(w->s_n == n);
         WCHECK(c->op_charge <= c->pending);
+        /* A closing lease never asks for more points. */
+        if (c->closing) WCHECK(c->op_resize <= 0);
         /* An op that could drop the lease carries no record. */
         if (w->s_mode == LEASECORE_OP_CLOSE) WCHECK(w->s_n == 0);
         if (w->s_n > 0) WCHECK(w->s_mode == LEASECORE_OP_LATE);
@@ -916,9 +922,12 @@ static void deliver(world *w, int apply, int replied, int unusable)
     }
     leasecore_answer_done(c, &a);
     if (a.lost) {
+        /* Not finished while its queued records are being answered. */
+        WCHECK(w->nq == 0 || !leasecore_finished(c));
         for (int i = 0; i < w->nq; i++)
             answer_rec(w, w->q[i], R_NOTCHARGED);
         w->nq = 0;
+        leasecore_queue_dropped(c);
     }
     w->nop = 0;
     if (a.schedule) w->dirty = 1;

@@ -140,6 +140,14 @@ $(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# buf.c with its allocation-failure hook (BUF_TESTING), in its unit test only.
+$(O)/tests/unit/buf_testing.o: common/buf.c
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -DBUF_TESTING -MMD -MP -c $< -o $@
+$(O)/bin/test_buf: $(O)/tests/unit/test_buf.o $(O)/tests/unit/buf_testing.o
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ -o $@
+
 # The gateway's request framing as a filter (tests/e2e/test_differential.py).
 $(O)/bin/frame_dump: $(O)/tests/fuzz/frame_dump.o $(O)/gateway/http1req.o $(O)/gateway/http1.o
 	@mkdir -p $(dir $@)

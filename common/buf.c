@@ -11,7 +11,7 @@
 int buf_test_fail_allocs;
 #endif
 
-void buf_init(buf *b, size_t max)
+void buf_init(struct buf *b, size_t max)
 {
     b->p = NULL;
     b->len = b->cap = 0;
@@ -19,7 +19,7 @@ void buf_init(buf *b, size_t max)
 }
 
 /* Reallocates B to exactly CAP bytes (len <= CAP <= max); B unchanged on failure. */
-static int buf_realloc(buf *b, size_t cap)
+static int buf_realloc(struct buf *b, size_t cap)
 {
     char *np;
 #ifdef BUF_TESTING
@@ -36,12 +36,12 @@ static int buf_realloc(buf *b, size_t cap)
 }
 
 /* The bound, checked without overflow: len + N within max. */
-static int buf_fits(const buf *b, size_t n)
+static int buf_fits(const struct buf *b, size_t n)
 {
     return b->len <= b->max && n <= b->max - b->len;
 }
 
-int buf_reserve(buf *b, size_t n)
+int buf_reserve(struct buf *b, size_t n)
 {
     size_t need, cap;
     if (n <= b->cap - b->len) return BUF_OK;
@@ -59,14 +59,14 @@ int buf_reserve(buf *b, size_t n)
     return buf_realloc(b, cap);
 }
 
-int buf_reserve_exact(buf *b, size_t n)
+int buf_reserve_exact(struct buf *b, size_t n)
 {
     if (n <= b->cap - b->len) return BUF_OK;
     if (!buf_fits(b, n)) return BUF_TOO_LARGE;
     return buf_realloc(b, b->len + n);
 }
 
-int buf_append(buf *b, const void *data, size_t n)
+int buf_append(struct buf *b, const void *data, size_t n)
 {
     int rc = buf_reserve(b, n);
     if (rc != BUF_OK) return rc;
@@ -75,7 +75,7 @@ int buf_append(buf *b, const void *data, size_t n)
     return BUF_OK;
 }
 
-int buf_terminate(buf *b)
+int buf_terminate(struct buf *b)
 {
     int rc = buf_reserve(b, 1);
     if (rc != BUF_OK) return rc;
@@ -83,37 +83,48 @@ int buf_terminate(buf *b)
     return BUF_OK;
 }
 
-int buf_printf(buf *b, const char *fmt, ...)
+int buf_vprintf(struct buf *b, const char *fmt, va_list ap)
 {
-    va_list ap;
+    va_list again;
     int n, rc;
     size_t room = b->cap - b->len;
     /* One try into the room there is; only a longer text pays a second
      * formatting, into exactly the room it said it needs. */
-    va_start(ap, fmt);
+    va_copy(again, ap);
     n = vsnprintf(room ? b->p + b->len : NULL, room, fmt, ap);
-    va_end(ap);
-    if (n < 0) return BUF_NOMEM;
-    if ((size_t)n < room) {
+    if (n < 0) {
+        rc = BUF_NOMEM;
+    } else if ((size_t)n < room) {
         b->len += (size_t)n;
-        return BUF_OK;
-    }
-    rc = buf_reserve(b, (size_t)n + 1);
-    if (rc != BUF_OK) {
-        /* A first try may have written into the room: the data is as it
-         * was, the bytes past it are not data. */
+        rc = BUF_OK;
+    } else if ((rc = buf_reserve(b, (size_t)n + 1)) != BUF_OK) {
+        /* The first try may have written into the room: the data is as it
+         * was, and the NUL after it too. */
         if (b->cap > b->len) b->p[b->len] = '\0';
-        return rc;
+    } else {
+        n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, again);
+        if (n < 0) {
+            b->p[b->len] = '\0';
+            rc = BUF_NOMEM;
+        } else {
+            b->len += (size_t)n;
+        }
     }
-    va_start(ap, fmt);
-    n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-    va_end(ap);
-    if (n < 0) return BUF_NOMEM;
-    b->len += (size_t)n;
-    return BUF_OK;
+    va_end(again);
+    return rc;
 }
 
-void buf_shrink(buf *b, size_t cap)
+int buf_printf(struct buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+    va_start(ap, fmt);
+    rc = buf_vprintf(b, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+void buf_shrink(struct buf *b, size_t cap)
 {
     if (cap >= b->cap || cap < b->len) return;
     if (cap == 0) {
@@ -127,19 +138,19 @@ void buf_shrink(buf *b, size_t cap)
     buf_realloc(b, cap);
 }
 
-void buf_reset(buf *b)
+void buf_reset(struct buf *b)
 {
     b->len = 0;
 }
 
-void buf_free(buf *b)
+void buf_free(struct buf *b)
 {
     free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
 }
 
-char *buf_detach(buf *b, size_t *len)
+char *buf_detach(struct buf *b, size_t *len)
 {
     char *p = b->p;
     if (len) *len = b->len;

@@ -17,6 +17,7 @@
 #ifndef POINTGATE_BUF_H
 #define POINTGATE_BUF_H
 
+#include <stdarg.h>
 #include <stddef.h>
 
 #define BUF_MIN_CAP 1024
@@ -35,34 +36,38 @@ enum buf_err {
  * CAP never exceeds MAX. The fields are for reading; change them only
  * through these functions (len may be lowered by a caller that consumes
  * bytes from the end, or raised after writing into reserved room). */
-typedef struct buf {
+struct buf {
     char *p;
     size_t len, cap, max;
-} buf;
+};
 
 /* An empty buffer bounded at MAX bytes; allocates nothing. A zeroed buf is
  * an empty buffer with max 0 (every growth fails) until buf_init. */
-void buf_init(buf *b, size_t max);
+void buf_init(struct buf *b, size_t max);
 /* Room for N more bytes (cap >= len + N), growing by doubling within max. */
-int buf_reserve(buf *b, size_t n) BUF_MUST_USE;
+int buf_reserve(struct buf *b, size_t n) BUF_MUST_USE;
 /* The same, but a growth allocates exactly len + N. */
-int buf_reserve_exact(buf *b, size_t n) BUF_MUST_USE;
+int buf_reserve_exact(struct buf *b, size_t n) BUF_MUST_USE;
 /* Appends N bytes of DATA (DATA may be NULL when N is 0). */
-int buf_append(buf *b, const void *data, size_t n) BUF_MUST_USE;
+int buf_append(struct buf *b, const void *data, size_t n) BUF_MUST_USE;
 /* Appends the formatted text and keeps a NUL after it (not counted in len;
  * the room for it counts against max). BUF_NOMEM too for a format error. */
-int buf_printf(buf *b, const char *fmt, ...) BUF_MUST_USE __attribute__((format(printf, 2, 3)));
+int buf_printf(struct buf *b, const char *fmt, ...) BUF_MUST_USE
+    __attribute__((format(printf, 2, 3)));
+/* buf_printf with a va_list (AP is used, not ended: the caller's va_end). */
+int buf_vprintf(struct buf *b, const char *fmt, va_list ap) BUF_MUST_USE
+    __attribute__((format(printf, 2, 0)));
 /* Puts a NUL after the data (not counted in len), growing for it if need be. */
-int buf_terminate(buf *b) BUF_MUST_USE;
+int buf_terminate(struct buf *b) BUF_MUST_USE;
 /* Gives memory back down to CAP bytes when the data fits in them; keeps the
  * larger allocation if the allocator will not shrink it (nothing is lost). */
-void buf_shrink(buf *b, size_t cap);
+void buf_shrink(struct buf *b, size_t cap);
 /* Empties the buffer, keeping its memory for reuse. */
-void buf_reset(buf *b);
+void buf_reset(struct buf *b);
 /* Frees the memory; the buffer is empty, with the same max, and reusable. */
-void buf_free(buf *b);
+void buf_free(struct buf *b);
 /* Hands the memory to the caller (free it with free(); NULL if none was
  * allocated) and its length in *LEN (if LEN); the buffer is left empty. */
-char *buf_detach(buf *b, size_t *len);
+char *buf_detach(struct buf *b, size_t *len);
 
 #endif

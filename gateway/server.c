@@ -31,6 +31,7 @@
  * duration), and a per-worker tick closes what has passed its deadline. */
 #include "gateway/server.h"
 
+#include "common/buf.h"
 #include "common/log.h"
 #include "gateway/http1.h"
 #include "gateway/http1req.h"
@@ -41,6 +42,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,11 +110,13 @@ struct server_conn {
     /* The body: de-chunked (bp), or Content-Length bytes (body_need). */
     int chunked;
     http1_parser bp;
-    char *body;
-    size_t body_len, body_cap, body_need;
-    /* The answer: head (and a small body) in out, a large body in wbody. */
-    char *out;
-    size_t out_len, out_cap, out_sent;
+    struct buf body; /* bounded at max_body */
+    size_t body_need;
+    /* The answer: head (and a small body) in out, a large body in wbody.
+     * out has no bound of its own: what request.c writes into the head,
+     * and a body only up to SERVER_COPY_BODY_MAX. */
+    struct buf out;
+    size_t out_sent;
     char *wbody;
     size_t wbody_len, wbody_sent;
     unsigned status;
@@ -225,8 +229,8 @@ static void server_close(server_conn *c)
     metric_gauge_add(&s->w->m.connections, -1);
     free(c->wbody);
     free(c->in);
-    free(c->body);
-    free(c->out);
+    buf_free(&c->body);
+    buf_free(&c->out);
     free(c);
 }
 
@@ -339,21 +343,7 @@ static const char *server_reason(unsigned status)
 static void server_out(server_conn *c, const char *data, size_t n)
 {
     if (c->reply_failed) return;
-    if (c->out_len + n > c->out_cap) {
-        size_t cap = c->out_cap ? c->out_cap : 1024;
-        char *nb;
-        while (cap < c->out_len + n)
-            cap *= 2;
-        nb = realloc(c->out, cap);
-        if (!nb) {
-            c->reply_failed = 1;
-            return;
-        }
-        c->out = nb;
-        c->out_cap = cap;
-    }
-    memcpy(c->out + c->out_len, data, n);
-    c->out_len += n;
+    if (buf_append(&c->out, data, n) != BUF_OK) c->reply_failed = 1;
 }
 
 #define SERVER_OUT_LIT(c, lit) server_out((c), (lit), sizeof(lit) - 1)
@@ -376,7 +366,8 @@ void server_reply_begin(server_conn *c, unsigned status)
     char line[96];
     int n;
     server_date(c->s);
-    c->out_len = c->out_sent = 0;
+    buf_reset(&c->out);
+    c->out_sent = 0;
     c->reply_failed = 0;
     c->reply_length = -1;
     c->status = status;
@@ -478,19 +469,17 @@ static int server_answer_done(server_conn *c)
     free(c->wbody);
     c->wbody = NULL;
     c->wbody_len = c->wbody_sent = 0;
-    c->out_len = c->out_sent = 0;
+    buf_reset(&c->out);
+    c->out_sent = 0;
     if (c->close_after || c->eof) return server_end(c);
     /* Drop the answered request; what follows is the next one's. */
     if (c->in_len > used) memmove(c->in, c->in + used, c->in_len - used);
     c->in_len -= used;
     c->head_len = c->skip = c->scan = 0;
-    c->body_len = c->body_need = 0;
+    buf_reset(&c->body);
+    c->body_need = 0;
     c->body_unread = c->chunked = c->head_req = 0;
-    if (c->body_cap > SERVER_KEEP_BODY_CAP) {
-        free(c->body);
-        c->body = NULL;
-        c->body_cap = 0;
-    }
+    if (c->body.cap > SERVER_KEEP_BODY_CAP) buf_free(&c->body);
     server_set_state(c, CS_IDLE);
     server_list(c, L_IDLE);
     server_read_on(c);
@@ -509,9 +498,9 @@ static int server_flush(server_conn *c)
         struct iovec iov[2];
         int niov = 0;
         ssize_t n;
-        size_t head_left = c->out_len - c->out_sent, body_left = c->wbody_len - c->wbody_sent;
+        size_t head_left = c->out.len - c->out_sent, body_left = c->wbody_len - c->wbody_sent;
         if (head_left) {
-            iov[niov].iov_base = c->out + c->out_sent;
+            iov[niov].iov_base = c->out.p + c->out_sent;
             iov[niov++].iov_len = head_left;
         }
         if (body_left) {
@@ -531,13 +520,13 @@ static int server_flush(server_conn *c)
         }
         metric_add(&c->s->w->m.sent_bytes, (uint64_t)n);
         if ((size_t)n >= head_left) {
-            c->out_sent = c->out_len;
+            c->out_sent = c->out.len;
             c->wbody_sent += (size_t)n - head_left;
         } else {
             c->out_sent += (size_t)n;
         }
         /* Short: the socket is full; another try now would fail. */
-        if (c->out_sent < c->out_len || c->wbody_sent < c->wbody_len) break;
+        if (c->out_sent < c->out.len || c->wbody_sent < c->wbody_len) break;
     }
     /* Partial write: wait until the socket drains, within the I/O timeout. */
     server_list(c, L_IO);
@@ -607,24 +596,6 @@ static int server_body_complete(server_conn *c)
     return server_dispatch(c);
 }
 
-/* Appends N body bytes (the bound was checked by the framing). */
-static int server_body_append(server_conn *c, const char *data, size_t n)
-{
-    if (c->body_len + n > c->body_cap) {
-        size_t cap = c->body_cap ? c->body_cap : 1024;
-        char *nb;
-        while (cap < c->body_len + n)
-            cap *= 2;
-        nb = realloc(c->body, cap);
-        if (!nb) return -1;
-        c->body = nb;
-        c->body_cap = cap;
-    }
-    memcpy(c->body + c->body_len, data, n);
-    c->body_len += n;
-    return 0;
-}
-
 /* Takes the body bytes that are in the input buffer. 0: C is gone. */
 static int server_read_body(server_conn *c)
 {
@@ -632,11 +603,11 @@ static int server_read_body(server_conn *c)
     int done = 0;
     if (!c->chunked) {
         size_t n = c->in_len - off;
-        if (n > c->body_need - c->body_len) n = c->body_need - c->body_len;
-        memcpy(c->body + c->body_len, c->in + off, n);
-        c->body_len += n;
+        if (n > c->body_need - c->body.len) n = c->body_need - c->body.len;
+        memcpy(c->body.p + c->body.len, c->in + off, n);
+        c->body.len += n;
         off += n;
-        done = c->body_len == c->body_need;
+        done = c->body.len == c->body_need;
     } else {
         for (;;) {
             http1_event ev;
@@ -644,7 +615,9 @@ static int server_read_body(server_conn *c)
             enum http1_ev e = http1_next(&c->bp, c->in + off, c->in_len - off, &used, &ev);
             off += used;
             if (e == HTTP1_BODY) {
-                if (server_body_append(c, ev.data, ev.len) != 0)
+                /* The bound was checked by the framing: a refusal is the
+                 * allocator's. */
+                if (buf_append(&c->body, ev.data, ev.len) != BUF_OK)
                     return server_fail(c, 500, "internal", "out of memory");
                 continue;
             }
@@ -674,19 +647,16 @@ static int server_body_begin(server_conn *c)
 {
     server *s = c->s;
     c->want_body = 0;
-    c->body_len = 0;
+    buf_reset(&c->body);
     if (c->chunked) {
         /* Trailers are skipped, within half the room past the head: a
          * line never has to wait for space the buffer cannot give. */
         http1_init_body(&c->bp, HTTP1_CHUNKED, 0, SERVER_ROOM / 2, (uint64_t)s->cfg->max_body);
     } else {
         c->body_need = (size_t)c->req.content_length;
-        if (c->body_cap < c->body_need) {
-            char *nb = realloc(c->body, c->body_need);
-            if (!nb) return server_fail(c, 500, "internal", "out of memory");
-            c->body = nb;
-            c->body_cap = c->body_need;
-        }
+        /* Refused past max_body before: a refusal is the allocator's. */
+        if (buf_reserve_exact(&c->body, c->body_need) != BUF_OK)
+            return server_fail(c, 500, "internal", "out of memory");
     }
     if (c->req.expect_continue && c->in_len == c->head_len) {
         /* The client waits for this before it sends the body. The previous
@@ -869,8 +839,8 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
     }
     if (c->state == CS_BODY && !c->chunked && c->in_len == c->head_len) {
         /* The rest of a Content-Length body: straight into its buffer. */
-        dst = c->body + c->body_len;
-        room = c->body_need - c->body_len;
+        dst = c->body.p + c->body.len;
+        room = c->body_need - c->body.len;
     } else {
         if (c->in_len == c->in_cap) {
             /* Before a request exists the buffer may grow to the head bound
@@ -906,9 +876,9 @@ static void server_on_read(evutil_socket_t fd, short what, void *arg)
         return;
     }
     metric_add(&c->s->w->m.received_bytes, (uint64_t)n);
-    if (dst == c->body + c->body_len) {
-        c->body_len += (size_t)n;
-        if (c->body_len == c->body_need) server_body_complete(c);
+    if (dst == c->body.p + c->body.len) {
+        c->body.len += (size_t)n;
+        if (c->body.len == c->body_need) server_body_complete(c);
         return;
     }
     c->in_len += (size_t)n;
@@ -952,6 +922,8 @@ static void server_new_conn(server *s, int fd, const struct sockaddr_storage *pe
     c->s = s;
     c->fd = fd;
     c->peer = *peer;
+    buf_init(&c->body, (size_t)s->cfg->max_body);
+    buf_init(&c->out, SIZE_MAX);
     c->list = L_NONE;
     c->state = CS_HEAD; /* the first request's head is due within the head timeout */
     c->req.keep_alive = 1;
@@ -1184,6 +1156,6 @@ const struct sockaddr *server_peer(const server_conn *c)
 
 const char *server_body(const server_conn *c, size_t *len)
 {
-    *len = c->body_len;
-    return c->body;
+    *len = c->body.len;
+    return c->body.p;
 }

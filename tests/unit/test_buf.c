@@ -15,7 +15,7 @@ extern int buf_test_fail_allocs;
 
 static void growth(void)
 {
-    buf b;
+    struct buf b;
     char chunk[300];
     memset(chunk, 'x', sizeof chunk);
     buf_init(&b, 1 << 20);
@@ -45,7 +45,7 @@ static void growth(void)
 
 static void bound(void)
 {
-    buf b;
+    struct buf b;
     char big[700];
     memset(big, 'y', sizeof big);
     /* A bound below the first size: clamped to it. */
@@ -86,7 +86,7 @@ static void bound(void)
 
 static void alloc_failure(void)
 {
-    buf b;
+    struct buf b;
     char *before;
     buf_init(&b, 1 << 20);
     /* The first allocation refused: still nothing. */
@@ -119,7 +119,7 @@ static void alloc_failure(void)
 
 static void printf_append(void)
 {
-    buf b;
+    struct buf b;
     buf_init(&b, 1 << 16);
     CHECK(buf_printf(&b, "%s=%d", "a", 1) == BUF_OK);
     CHECK(b.len == 3 && strcmp(b.p, "a=1") == 0);
@@ -142,7 +142,7 @@ static void printf_append(void)
 
 static void reset_shrink_detach(void)
 {
-    buf b;
+    struct buf b;
     char *p;
     size_t len = 99;
     buf_init(&b, 1 << 20);

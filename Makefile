@@ -126,7 +126,7 @@ $(O)/bin/test_http1: $(O)/gateway/http1.o
 $(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
 # forward.o logs through libcommon.a, so the library goes after it.
 $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
-		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libcommon.a
+		$(O)/gateway/proxy.o $(O)/gateway/proxy_msg.o $(O)/gateway/http1.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 $(O)/bin/test_routes: $(O)/gateway/routes.o

@@ -136,7 +136,7 @@ $(O)/bin/test_http1: $(O)/gateway/http1.o
 $(O)/bin/test_http1req: $(O)/gateway/http1req.o $(O)/gateway/http1.o
 # forward.o logs through libcommon.a, so the library goes after it.
 $(O)/bin/test_forward: $(O)/tests/unit/test_forward.o $(O)/gateway/forward.o \
-		$(O)/gateway/proxy.o $(O)/gateway/http1.o $(O)/libcommon.a
+		$(O)/gateway/proxy.o $(O)/gateway/proxy_msg.o $(O)/gateway/http1.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 $(O)/bin/test_routes: $(O)/gateway/routes.o
@@ -152,6 +152,14 @@ $(O)/bin/test_lease: $(O)/tests/unit/test_lease.o $(O)/tests/unit/lease_testing.
 		$(O)/gateway/leasecore.o $(O)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(Q)$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# buf.c with its allocation-failure hook (BUF_TESTING), in its unit test only.
+$(O)/tests/unit/buf_testing.o: common/buf.c
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(CFLAGS) -DBUF_TESTING -MMD -MP -c $< -o $@
+$(O)/bin/test_buf: $(O)/tests/unit/test_buf.o $(O)/tests/unit/buf_testing.o
+	@mkdir -p $(dir $@)
+	$(Q)$(CC) $(LDFLAGS) $^ -o $@
 
 # The gateway's request framing as a filter (tests/e2e/test_differential.py).
 $(O)/bin/frame_dump: $(O)/tests/fuzz/frame_dump.o $(O)/gateway/http1req.o $(O)/gateway/http1.o

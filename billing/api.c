@@ -17,6 +17,7 @@
 #include "billing/reports.h"
 #include "billing/status.h"
 #include "billing/webhooks.h"
+#include "common/buf.h"
 
 #include <inttypes.h>
 #include <arpa/inet.h>
@@ -42,8 +43,7 @@ struct api_server {
 
 /* State of one request while MHD feeds us its body. */
 typedef struct api_req {
-    char *body;
-    size_t len;
+    struct buf body; /* bounded at API_MAX_BODY */
     int too_big;
 } api_req;
 
@@ -224,7 +224,7 @@ json_t *api_body_parse(const char *buf, size_t len, char *msg, size_t msglen)
 static json_t *api_parse_body(const api_req *rq, api_reply *err)
 {
     char msg[256];
-    json_t *j = api_body_parse(rq->body, rq->len, msg, sizeof msg);
+    json_t *j = api_body_parse(rq->body.p, rq->body.len, msg, sizeof msg);
     if (!j) *err = api_error(400, "bad_request", msg);
     return j;
 }
@@ -319,7 +319,7 @@ static api_reply api_create_key(control_ctx *c, int64_t account, const api_req *
     json_t *body = NULL, *info = NULL;
     const char *bad;
     int rc;
-    if (rq->len > 0 && !(body = api_parse_body(rq, &err))) return err;
+    if (rq->body.len > 0 && !(body = api_parse_body(rq, &err))) return err;
     bad = keys_parse(body, &spec);
     if (bad) {
         json_decref(body);
@@ -363,7 +363,7 @@ static api_reply api_rotate_key(control_ctx *c, int64_t key_id, const api_req *r
     int64_t grace = KEYS_GRACE_DEFAULT_S;
     const char *k;
     int rc;
-    if (rq->len > 0 && !(body = api_parse_body(rq, &err))) return err;
+    if (rq->body.len > 0 && !(body = api_parse_body(rq, &err))) return err;
     if (body) {
         json_t *v;
         json_object_foreach(body, k, v)
@@ -645,13 +645,14 @@ static api_reply api_route(api_server *s, struct MHD_Connection *conn, const cha
         if (n == 4 && SEG(3, "webhooks")) {
             json_t *out = NULL;
             if (is_post)
-                return api_answer(webhooks_api_create(c, id, rq->body, rq->len, &out), &out);
+                return api_answer(webhooks_api_create(c, id, rq->body.p, rq->body.len, &out), &out);
             if (is_get) return api_answer(webhooks_api_list(c, id, &out), &out);
             return api_error(405, "method_not_allowed", "use GET or POST");
         }
         if (n == 4 && SEG(3, "alerts")) {
             json_t *out = NULL;
-            if (is_put) return api_answer(alerts_api_put(c, id, rq->body, rq->len, &out), &out);
+            if (is_put)
+                return api_answer(alerts_api_put(c, id, rq->body.p, rq->body.len, &out), &out);
             if (is_get) return api_answer(alerts_api_get(c, id, &out), &out);
             return api_error(405, "method_not_allowed", "use GET or PUT");
         }
@@ -751,18 +752,16 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *conn, const
     if (!rq) {
         rq = calloc(1, sizeof *rq);
         if (!rq) return MHD_NO;
+        buf_init(&rq->body, API_MAX_BODY);
         *con_cls = rq;
         return MHD_YES;
     }
     if (*upload_size > 0) {
-        if (!rq->too_big && rq->len + *upload_size <= API_MAX_BODY) {
-            char *nb = realloc(rq->body, rq->len + *upload_size);
-            if (!nb) return MHD_NO;
-            rq->body = nb;
-            memcpy(rq->body + rq->len, upload_data, *upload_size);
-            rq->len += *upload_size;
-        } else {
-            rq->too_big = 1;
+        if (!rq->too_big) {
+            int rc = buf_append(&rq->body, upload_data, *upload_size);
+            if (rc == BUF_NOMEM) return MHD_NO;
+            /* Past the bound: the rest is not kept, and the answer is 413. */
+            if (rc == BUF_TOO_LARGE) rq->too_big = 1;
         }
         *upload_size = 0;
         return MHD_YES;
@@ -778,7 +777,7 @@ static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls
 {
     api_req *rq = *con_cls;
     if (!rq) return;
-    free(rq->body);
+    buf_free(&rq->body);
     free(rq);
     *con_cls = NULL;
 }

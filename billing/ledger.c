@@ -10,10 +10,12 @@
 #include "billing/ledger.h"
 
 #include "billing/events.h"
+#include "common/buf.h"
 #include "common/log.h"
 
 #include <inttypes.h>
 #include <jansson.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -358,32 +360,37 @@ int ledger_entries(PGconn *conn, int64_t account_id, int64_t before, int max, le
     return LEDGER_OK;
 }
 
-/* Growable text buffer for array literals; a batch is bounded by the caller. */
+/* Text of an array literal, NUL-terminated (a statement's parameter). No
+ * bound of its own: a batch is bounded by the caller. An out-of-memory is
+ * recorded in oom and checked once, when the literal is complete. */
 typedef struct ledger_buf {
-    char *p;
-    size_t len, cap;
+    struct buf b;
     int oom;
 } ledger_buf;
+
+static void ledger_bufs_init(ledger_buf *cols, int n)
+{
+    for (int j = 0; j < n; j++) {
+        buf_init(&cols[j].b, SIZE_MAX);
+        cols[j].oom = 0;
+    }
+}
+
+static void ledger_bufs_free(ledger_buf *cols, int n)
+{
+    for (int j = 0; j < n; j++) {
+        buf_free(&cols[j].b);
+        cols[j].oom = 0;
+    }
+}
 
 static void ledger_buf_put(ledger_buf *b, const char *s, size_t n)
 {
     if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 4096;
-        char *np;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        np = realloc(b->p, cap);
-        if (!np) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
+    /* Room for the NUL too, so that the literal grows once, not twice. */
+    if (buf_reserve(&b->b, n + 1) != BUF_OK || buf_append(&b->b, s, n) != BUF_OK ||
+        buf_terminate(&b->b) != BUF_OK)
+        b->oom = 1;
 }
 
 /* Appends one quoted element of a Postgres array literal. */
@@ -654,10 +661,11 @@ static int ledger_no_partition(const char *why)
 int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applied, char *why,
                         size_t whylen)
 {
-    ledger_buf cols[LEDGER_SETTLE_COLS] = {{0}};
+    ledger_buf cols[LEDGER_SETTLE_COLS];
     const char *p[LEDGER_SETTLE_COLS];
     int rc = LEDGER_ERROR, k;
 
+    ledger_bufs_init(cols, LEDGER_SETTLE_COLS);
     *applied = 0;
     if (why && whylen) why[0] = '\0';
     if (n <= 0) return LEDGER_OK;
@@ -666,17 +674,14 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
     if (ledger_settle_arrays(cols, c, n, 0, &k) != 0) goto out;
     if (k > 0) {
         for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
-            p[j] = cols[j].p;
+            p[j] = cols[j].b.p;
         rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
         if (rc == LEDGER_CONFLICT && ledger_no_partition(why) &&
             ledger_ensure_partitions(conn, NULL) == LEDGER_OK)
             rc = ledger_settle_result(conn, ledger_settle_exec(conn, p), applied, why, whylen);
         if (rc != LEDGER_OK) goto out;
     }
-    for (int j = 0; j < LEDGER_SETTLE_COLS; j++) {
-        free(cols[j].p);
-        cols[j] = (ledger_buf){0};
-    }
+    ledger_bufs_free(cols, LEDGER_SETTLE_COLS);
     /* Late settles, rare: after the others, so that an expire record of the
      * same batch is a row the upgrade finds. */
     rc = LEDGER_ERROR;
@@ -684,7 +689,7 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
     rc = LEDGER_OK;
     if (k > 0) {
         for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
-            p[j] = cols[j].p;
+            p[j] = cols[j].b.p;
         rc = ledger_settle_result(conn,
                                   ledger_run(conn, LEDGER_LATE_INSERT_SQL, LEDGER_SETTLE_COLS, p),
                                   applied, why, whylen);
@@ -694,8 +699,7 @@ int ledger_settle_batch(PGconn *conn, const ledger_charge *c, int n, int *applie
                 why, whylen);
     }
 out:
-    for (int j = 0; j < LEDGER_SETTLE_COLS; j++)
-        free(cols[j].p);
+    ledger_bufs_free(cols, LEDGER_SETTLE_COLS);
     return rc;
 }
 

@@ -227,12 +227,12 @@ static enum MHD_Result ops_metrics(ops_server *s, struct MHD_Connection *conn)
     promtext p;
     promtext_init(&p);
     bm_render(s->m, &p, ops_ready(s, NULL));
-    if (promtext_done(&p) != 0 || !p.buf) {
+    if (promtext_done(&p) != 0 || !p.b.p) {
         promtext_free(&p);
         return ops_send(conn, 500, NULL, NULL);
     }
     /* The buffer goes to MHD, which frees it. */
-    return ops_send(conn, 200, p.buf, "text/plain; version=0.0.4; charset=utf-8");
+    return ops_send(conn, 200, p.b.p, "text/plain; version=0.0.4; charset=utf-8");
 }
 
 static enum MHD_Result ops_handler(void *cls, struct MHD_Connection *conn, const char *url,

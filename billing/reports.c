@@ -5,7 +5,10 @@
  * point and cost O(accounts x routes x days), not O(calls). Days are UTC. */
 #include "billing/reports.h"
 
+#include "common/buf.h"
+
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,64 +123,63 @@ json_t *reports_usage_json(const report_usage *u)
 }
 
 /* Appends S as one CSV field, quoted when RFC 4180 requires it. */
-static int reports_csv_field(char **buf, size_t *len, size_t *cap, const char *s, int last)
+static int reports_csv_field(struct buf *b, const char *s, int last)
 {
     int quote = strpbrk(s, ",\"\r\n") != NULL;
-    size_t need = strlen(s) * 2 + 4;
-    if (*len + need + 1 > *cap) {
-        size_t ncap = (*cap + need) * 2;
-        char *nb = realloc(*buf, ncap);
-        if (!nb) return -1;
-        *buf = nb;
-        *cap = ncap;
-    }
-    if (quote) (*buf)[(*len)++] = '"';
+    char *o;
+    /* The most the field can take: every byte doubled, two quotes, the
+     * separator (two for CRLF) and the NUL. */
+    if (buf_reserve(b, strlen(s) * 2 + 5) != BUF_OK) return -1;
+    o = b->p + b->len;
+    if (quote) *o++ = '"';
     for (; *s; s++) {
-        if (*s == '"') (*buf)[(*len)++] = '"';
-        (*buf)[(*len)++] = *s;
+        if (*s == '"') *o++ = '"';
+        *o++ = *s;
     }
-    if (quote) (*buf)[(*len)++] = '"';
+    if (quote) *o++ = '"';
     if (last) {
-        (*buf)[(*len)++] = '\r';
-        (*buf)[(*len)++] = '\n';
+        *o++ = '\r';
+        *o++ = '\n';
     } else {
-        (*buf)[(*len)++] = ',';
+        *o++ = ',';
     }
-    (*buf)[*len] = '\0';
+    *o = '\0';
+    b->len = (size_t)(o - b->p);
     return 0;
 }
 
 char *reports_usage_csv(const report_usage *u)
 {
-    char *buf = NULL, num[24];
-    size_t len = 0, cap = 0;
+    struct buf b;
+    char num[24];
     int g = u->group_by, err = 0;
-    if (g & REPORT_BY_ACCOUNT) err |= reports_csv_field(&buf, &len, &cap, "account_id", 0);
-    if (g & REPORT_BY_ROUTE) err |= reports_csv_field(&buf, &len, &cap, "route", 0);
-    if (g & REPORT_BY_DAY) err |= reports_csv_field(&buf, &len, &cap, "day", 0);
-    err |= reports_csv_field(&buf, &len, &cap, "calls", 0);
-    err |= reports_csv_field(&buf, &len, &cap, "points", 0);
-    err |= reports_csv_field(&buf, &len, &cap, "failed_calls", 1);
+    buf_init(&b, SIZE_MAX); /* bounded by the report's rows */
+    if (g & REPORT_BY_ACCOUNT) err |= reports_csv_field(&b, "account_id", 0);
+    if (g & REPORT_BY_ROUTE) err |= reports_csv_field(&b, "route", 0);
+    if (g & REPORT_BY_DAY) err |= reports_csv_field(&b, "day", 0);
+    err |= reports_csv_field(&b, "calls", 0);
+    err |= reports_csv_field(&b, "points", 0);
+    err |= reports_csv_field(&b, "failed_calls", 1);
     for (int i = 0; i < u->nrows && !err; i++) {
         const report_row *row = &u->rows[i];
         if (g & REPORT_BY_ACCOUNT) {
             snprintf(num, sizeof num, "%" PRId64, row->account_id);
-            err |= reports_csv_field(&buf, &len, &cap, num, 0);
+            err |= reports_csv_field(&b, num, 0);
         }
-        if (g & REPORT_BY_ROUTE) err |= reports_csv_field(&buf, &len, &cap, row->route, 0);
-        if (g & REPORT_BY_DAY) err |= reports_csv_field(&buf, &len, &cap, row->day, 0);
+        if (g & REPORT_BY_ROUTE) err |= reports_csv_field(&b, row->route, 0);
+        if (g & REPORT_BY_DAY) err |= reports_csv_field(&b, row->day, 0);
         snprintf(num, sizeof num, "%" PRId64, row->calls);
-        err |= reports_csv_field(&buf, &len, &cap, num, 0);
+        err |= reports_csv_field(&b, num, 0);
         snprintf(num, sizeof num, "%" PRId64, row->points);
-        err |= reports_csv_field(&buf, &len, &cap, num, 0);
+        err |= reports_csv_field(&b, num, 0);
         snprintf(num, sizeof num, "%" PRId64, row->failed_calls);
-        err |= reports_csv_field(&buf, &len, &cap, num, 1);
+        err |= reports_csv_field(&b, num, 1);
     }
     if (err) {
-        free(buf);
+        buf_free(&b);
         return NULL;
     }
-    return buf;
+    return buf_detach(&b, NULL);
 }
 
 /* The statement's queries, inside its read-only snapshot. */

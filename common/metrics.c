@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,13 +50,14 @@ void metric_hist_merge(metric_hist_sum *out, const metric_hist *h, const metric_
 
 void promtext_init(promtext *p)
 {
-    memset(p, 0, sizeof *p);
+    buf_init(&p->b, SIZE_MAX); /* bounded by the metrics there are */
+    p->oom = 0;
 }
 
 void promtext_free(promtext *p)
 {
-    free(p->buf);
-    memset(p, 0, sizeof *p);
+    buf_free(&p->b);
+    p->oom = 0;
 }
 
 int promtext_done(const promtext *p)
@@ -68,32 +70,10 @@ static void promtext_printf(promtext *p, const char *fmt, ...)
 static void promtext_printf(promtext *p, const char *fmt, ...)
 {
     va_list ap;
-    int n;
     if (p->oom) return;
-    for (;;) {
-        size_t room = p->cap - p->len;
-        va_start(ap, fmt);
-        n = vsnprintf(p->buf ? p->buf + p->len : NULL, room, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            p->oom = 1;
-            return;
-        }
-        if ((size_t)n < room) {
-            p->len += (size_t)n;
-            return;
-        }
-        size_t cap = p->cap ? p->cap : 16384;
-        while (cap - p->len <= (size_t)n)
-            cap *= 2;
-        char *b = realloc(p->buf, cap);
-        if (!b) {
-            p->oom = 1;
-            return;
-        }
-        p->buf = b;
-        p->cap = cap;
-    }
+    va_start(ap, fmt);
+    if (buf_vprintf(&p->b, fmt, ap) != BUF_OK) p->oom = 1;
+    va_end(ap);
 }
 
 void promtext_family(promtext *p, const char *name, const char *type, const char *help)

@@ -14,6 +14,8 @@
 #ifndef POINTGATE_METRICS_H
 #define POINTGATE_METRICS_H
 
+#include "common/buf.h"
+
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -90,8 +92,7 @@ void metric_hist_merge(metric_hist_sum *out, const metric_hist *h, const metric_
  * writer records an out-of-memory in `oom` instead of failing each call;
  * check it once at the end (promtext_done). */
 typedef struct promtext {
-    char *buf;
-    size_t len, cap;
+    struct buf b; /* the text, NUL-terminated once anything is written */
     int oom;
 } promtext;
 

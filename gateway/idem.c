@@ -90,7 +90,7 @@ char *idem_marker_answer(const unsigned char fp[IDEM_HASH], const char *rid, con
 
     while ((off = proxy_header_next(c, off, &name, &value)) != 0)
         if (idem_keep_header(name)) head += strlen(name) + strlen(value) + 2;
-    if (c->body_len > max_body || head > IDEM_HEAD_MAX) {
+    if (c->body.len > max_body || head > IDEM_HEAD_MAX) {
         *kept = 0;
         m = malloc(160);
         if (m && (*len = idem_marker_bare(m, 160, fp, rid, c->status, IDEM_WHY_TOO_LARGE)) == 0) {
@@ -103,7 +103,7 @@ char *idem_marker_answer(const unsigned char fp[IDEM_HASH], const char *rid, con
     idem_hex(fp, hex);
     n = snprintf(pre, sizeof pre, "d|%s|%s|%03ld|%zu|", hex, rid, c->status, head);
     if (n <= 0 || (size_t)n >= sizeof pre) return NULL;
-    m = malloc((size_t)n + head + c->body_len);
+    m = malloc((size_t)n + head + c->body.len);
     if (!m) return NULL;
     memcpy(m, pre, (size_t)n);
     at = (size_t)n;
@@ -115,8 +115,8 @@ char *idem_marker_answer(const unsigned char fp[IDEM_HASH], const char *rid, con
         memcpy(m + at + nl, value, vl);
         at += nl + vl;
     }
-    if (c->body_len) memcpy(m + at, c->body, c->body_len);
-    *len = at + c->body_len;
+    if (c->body.len) memcpy(m + at, c->body.p, c->body.len);
+    *len = at + c->body.len;
     return m;
 }
 

@@ -97,7 +97,7 @@ static void ops_metrics(gw_ops *o, struct evhttp_request *req)
     if (promtext_done(&p) != 0)
         ops_json(req, 503, "{\"error\":{\"code\":\"out_of_memory\"}}");
     else
-        ops_send(req, 200, "text/plain; version=0.0.4; charset=utf-8", p.buf, p.len);
+        ops_send(req, 200, "text/plain; version=0.0.4; charset=utf-8", p.b.p, p.b.len);
     promtext_free(&p);
 }
 

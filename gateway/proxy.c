@@ -1,5 +1,10 @@
 /* proxy.c: a small keep-alive HTTP/1.1 client on the worker's loop (see proxy.h).
  *
+ * Owns the pool and the connection side of a call: connecting, the idle
+ * list, the caps and the queue, sending, reading and parsing the response,
+ * timeouts. The message side (request header lines, the framing tail,
+ * which response headers are kept) is proxy_msg.c's.
+ *
  * One call runs on one connection at a time (no pipelining). A connection is
  * busy (carrying a call, or connecting for one) or idle in P's pool. Idle
  * connections are reused LIFO, so the busiest few stay warm and the rest age
@@ -38,7 +43,7 @@
  * proxy_start, or while handing a freed connection to a queued call) is
  * reported through the call's timer event made active, so request.c is never
  * re-entered from its own calls into the proxy. */
-#include "gateway/proxy.h"
+#include "gateway/proxy_int.h"
 
 #include "common/log.h"
 #include "gateway/http1.h"
@@ -54,10 +59,8 @@
 #include <unistd.h>
 
 #define PROXY_READ_BUF (16 * 1024)
-#define PROXY_HEADERS_MAX (64 * 1024)     /* response head, 1xx heads and trailers included */
-#define PROXY_REQ_HEADERS_MAX (64 * 1024) /* request header lines from request.c */
-#define PROXY_TARGET_MAX 8192             /* path prefix + request target */
-#define PROXY_IDLE_MAX 256                /* idle ones kept */
+#define PROXY_TARGET_MAX 8192 /* path prefix + request target */
+#define PROXY_IDLE_MAX 256    /* idle ones kept */
 #define PROXY_IDLE_MS 30000
 #define PROXY_IDLE_TICK_MS 1000
 
@@ -81,8 +84,7 @@ typedef struct proxy_conn {
     unsigned served;     /* complete responses read: > 0 means a reused connection */
     uint64_t idle_until; /* monotonic ms, while idle */
     struct event rev, wev;
-    char *rbuf;
-    size_t rlen, rcap;
+    struct buf rbuf; /* PROXY_READ_BUF, grown up to the head bound for a long line */
     http1_parser hp;
 } proxy_conn;
 
@@ -113,205 +115,6 @@ static uint64_t proxy_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/* ---- header names -------------------------------------------------- */
-
-/* By length first: this runs for every header of every call. */
-static int proxy_hop_by_hop_n(const char *s, size_t n)
-{
-    switch (n) {
-    case 2:
-        return HTTP1_IS(s, n, "te");
-    case 7:
-        return HTTP1_IS(s, n, "trailer") || HTTP1_IS(s, n, "upgrade");
-    case 10:
-        return HTTP1_IS(s, n, "connection") || HTTP1_IS(s, n, "keep-alive");
-    case 16:
-        return HTTP1_IS(s, n, "proxy-connection");
-    case 17:
-        return HTTP1_IS(s, n, "transfer-encoding");
-    case 18:
-        return HTTP1_IS(s, n, "proxy-authenticate");
-    case 19:
-        return HTTP1_IS(s, n, "proxy-authorization");
-    default:
-        return 0;
-    }
-}
-
-int proxy_hop_by_hop(const char *name)
-{
-    return proxy_hop_by_hop_n(name, strlen(name));
-}
-
-static int proxy_skip_response_header(const char *s, size_t n)
-{
-    /* server.c writes its own framing and Date; the gateway writes the billing
-     * headers itself, so an upstream cannot spoof them. */
-    return proxy_hop_by_hop_n(s, n) || HTTP1_IS(s, n, "content-length") || HTTP1_IS(s, n, "date") ||
-           HTTP1_IS(s, n, "x-request-id") || HTTP1_IS(s, n, "x-points-charged") ||
-           HTTP1_IS(s, n, "x-points-remaining");
-}
-
-/* ---- the call's buffers ---------------------------------------------- */
-
-int proxy_call_add_header(proxy_call *c, const char *name, const char *value)
-{
-    size_t nl = strlen(name), vl = value ? strlen(value) : 0, need, o;
-    /* No CR or LF may reach the upstream inside a value (header injection). */
-    if (!http1_token(name, nl) || !http1_text_ok(value ? value : "", vl)) return -1;
-    need = nl + 1 + (vl ? 1 + vl : 0) + 2;
-    if (c->req_hdrs_len + need > PROXY_REQ_HEADERS_MAX) return -1;
-    if (c->req_hdrs_len + need > c->req_hdrs_cap) {
-        size_t cap = c->req_hdrs_cap ? c->req_hdrs_cap : 1024;
-        char *nb;
-        while (cap < c->req_hdrs_len + need)
-            cap *= 2;
-        nb = realloc(c->req_hdrs, cap);
-        if (!nb) return -1;
-        c->req_hdrs = nb;
-        c->req_hdrs_cap = cap;
-    }
-    o = c->req_hdrs_len;
-    memcpy(c->req_hdrs + o, name, nl);
-    o += nl;
-    c->req_hdrs[o++] = ':';
-    if (vl) {
-        c->req_hdrs[o++] = ' ';
-        memcpy(c->req_hdrs + o, value, vl);
-        o += vl;
-    }
-    c->req_hdrs[o++] = '\r';
-    c->req_hdrs[o++] = '\n';
-    c->req_hdrs_len = o;
-    return 0;
-}
-
-/* 1 if a Connection header value names a header: anything but the
- * connection options close and keep-alive. */
-static int proxy_connection_names_headers(const char *v, size_t n)
-{
-    size_t pos = 0, len;
-    const char *e;
-    while (http1_list_next(v, n, &pos, &e, &len))
-        if (!HTTP1_IS(e, len, "close") && !HTTP1_IS(e, len, "keep-alive")) return 1;
-    return 0;
-}
-
-/* Appends a kept response header as "name\0value\0". Bounded by the
- * parser's head limit. 0 or -1 (out of memory). */
-static int proxy_call_keep_header(proxy_call *c, const http1_event *ev)
-{
-    size_t need = ev->name_len + ev->value_len + 2;
-    /* A Connection header that names other headers is kept until the head
-     * is complete, so that proxy_call_drop_listed can find them (they may
-     * come before it). The usual "keep-alive" or "close" names none: such a
-     * header is dropped here with the other hop-by-hop ones. */
-    if (HTTP1_IS(ev->name, ev->name_len, "connection") &&
-        proxy_connection_names_headers(ev->value, ev->value_len))
-        c->conn_listed = 1;
-    else if (proxy_skip_response_header(ev->name, ev->name_len))
-        return 0;
-    if (c->hdrs_len + need > c->hdrs_cap) {
-        size_t cap = c->hdrs_cap ? c->hdrs_cap * 2 : 512;
-        char *nb;
-        while (cap < c->hdrs_len + need)
-            cap *= 2;
-        nb = realloc(c->hdrs, cap);
-        if (!nb) return -1;
-        c->hdrs = nb;
-        c->hdrs_cap = cap;
-    }
-    memcpy(c->hdrs + c->hdrs_len, ev->name, ev->name_len);
-    c->hdrs_len += ev->name_len;
-    c->hdrs[c->hdrs_len++] = '\0';
-    memcpy(c->hdrs + c->hdrs_len, ev->value, ev->value_len);
-    c->hdrs_len += ev->value_len;
-    c->hdrs[c->hdrs_len++] = '\0';
-    return 0;
-}
-
-/* Set on the first byte of a header name to drop: no token has it. */
-#define PROXY_DROPPED '\x01'
-
-/* 1 if one of C's kept Connection headers names NAME. */
-static int proxy_call_listed(const proxy_call *c, const char *name)
-{
-    size_t off = 0, nl = strlen(name);
-    const char *n, *v;
-    while ((off = proxy_header_next(c, off, &n, &v)) != 0)
-        if (strcasecmp(n, "connection") == 0 && http1_list_has(v, strlen(v), name, nl)) return 1;
-    return 0;
-}
-
-/* The head is complete: removes the headers its Connection headers name,
- * and those Connection headers (RFC 9110 7.6.1: they are for this hop
- * only). In place, without allocating: the names to drop are marked first,
- * while every Connection header can still be read, then the rest is packed.
- * Runs only when a Connection header named something (conn_listed). */
-static void proxy_call_drop_listed(proxy_call *c)
-{
-    size_t off = 0, next, w = 0;
-    const char *name, *value;
-    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
-        if (strcasecmp(name, "connection") != 0 && proxy_call_listed(c, name))
-            c->hdrs[off] = PROXY_DROPPED;
-        off = next;
-    }
-    off = 0;
-    while ((next = proxy_header_next(c, off, &name, &value)) != 0) {
-        /* W <= OFF: the move never reaches a pair not read yet. */
-        if (name[0] != PROXY_DROPPED && strcasecmp(name, "connection") != 0) {
-            memmove(c->hdrs + w, c->hdrs + off, next - off);
-            w += next - off;
-        }
-        off = next;
-    }
-    c->hdrs_len = w;
-    c->conn_listed = 0;
-}
-
-/* Makes room for N more body bytes (the parser has checked max_body). */
-static int proxy_call_body_room(proxy_call *c, size_t n, size_t max)
-{
-    size_t cap;
-    char *nb;
-    if (c->body_len + n <= c->body_cap) return 0;
-    if (c->body_len + n > max) return -1;
-    cap = c->body_cap ? c->body_cap : 4096;
-    while (cap < c->body_len + n)
-        cap *= 2;
-    if (cap > max) cap = max;
-    nb = realloc(c->body, cap);
-    if (!nb) return -1;
-    c->body = nb;
-    c->body_cap = cap;
-    return 0;
-}
-
-size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, const char **value)
-{
-    if (off >= c->hdrs_len) return 0;
-    *name = c->hdrs + off;
-    off += strlen(*name) + 1;
-    *value = c->hdrs + off;
-    off += strlen(*value) + 1;
-    return off;
-}
-
-void proxy_call_clear(proxy_call *c)
-{
-    proxy_cancel(c);
-    free(c->req_hdrs);
-    c->req_hdrs = NULL;
-    c->req_hdrs_len = c->req_hdrs_cap = 0;
-    free(c->hdrs);
-    c->hdrs = NULL;
-    c->hdrs_len = c->hdrs_cap = 0;
-    free(c->body);
-    c->body = NULL;
-    c->body_len = c->body_cap = 0;
 }
 
 /* ---- lists (sys/queue.h) ---------------------------------------------- */
@@ -385,7 +188,7 @@ static void proxy_conn_close(proxy_conn *k)
         close(k->fd);
     }
     if (k->fresh) p->nfresh--;
-    free(k->rbuf);
+    buf_free(&k->rbuf);
     free(k);
     p->nconns--;
 }
@@ -465,8 +268,8 @@ static int proxy_conn_open(proxy_conn *k)
 static void proxy_connect(proxy *p, proxy_call *c)
 {
     proxy_conn *k = calloc(1, sizeof *k);
-    if (k) k->rbuf = malloc(PROXY_READ_BUF);
-    if (!k || !k->rbuf) {
+    if (k) buf_init(&k->rbuf, PROXY_HEADERS_MAX);
+    if (!k || buf_reserve_exact(&k->rbuf, PROXY_READ_BUF) != BUF_OK) {
         if (k) free(k);
         log_warn("upstream: out of memory for a connection");
         proxy_call_fail_later(c, PROXY_UNAVAILABLE);
@@ -474,7 +277,6 @@ static void proxy_connect(proxy *p, proxy_call *c)
     }
     k->p = p;
     k->fd = -1;
-    k->rcap = PROXY_READ_BUF;
     k->addr0 = p->addr_next;
     p->nconns++;
     proxy_conn_attach(k, c);
@@ -613,14 +415,8 @@ static void proxy_conn_release(proxy_conn *k, unsigned keepalive_s)
         p->nfresh--;
     }
     k->served++;
-    k->rlen = 0;
-    if (k->rcap > PROXY_READ_BUF) {
-        char *nb = realloc(k->rbuf, PROXY_READ_BUF);
-        if (nb) {
-            k->rbuf = nb;
-            k->rcap = PROXY_READ_BUF;
-        }
-    }
+    buf_reset(&k->rbuf);
+    buf_shrink(&k->rbuf, PROXY_READ_BUF); /* grown for a long header line */
     if (!TAILQ_EMPTY(&p->waiting) && !p->freeing) {
         proxy_call *c = TAILQ_FIRST(&p->waiting);
         proxy_unqueue(p, c);
@@ -683,12 +479,12 @@ static int proxy_conn_parse(proxy_conn *k)
     size_t off = 0, used;
     http1_event ev;
     for (;;) {
-        enum http1_ev e = http1_next(&k->hp, k->rbuf + off, k->rlen - off, &used, &ev);
+        enum http1_ev e = http1_next(&k->hp, k->rbuf.p + off, k->rbuf.len - off, &used, &ev);
         off += used;
         switch (e) {
         case HTTP1_MORE:
-            if (off > 0) memmove(k->rbuf, k->rbuf + off, k->rlen - off);
-            k->rlen -= off;
+            if (off > 0) memmove(k->rbuf.p, k->rbuf.p + off, k->rbuf.len - off);
+            k->rbuf.len -= off;
             return 0;
         case HTTP1_HEADER:
             if (proxy_call_keep_header(c, &ev) != 0) goto oom;
@@ -697,18 +493,18 @@ static int proxy_conn_parse(proxy_conn *k)
             c->status = k->hp.status;
             c->content_length = k->hp.content_length;
             if (c->conn_listed) proxy_call_drop_listed(c);
-            /* A known length is allocated once, exactly. */
+            /* A known length is allocated once, exactly. The parser has
+             * checked max_body, the body's bound too: a refusal here is
+             * the allocator's. */
             if (k->hp.framing == HTTP1_LENGTH &&
-                proxy_call_body_room(c, (size_t)k->hp.content_length, (size_t)k->p->max_body) != 0)
+                buf_reserve_exact(&c->body, (size_t)k->hp.content_length) != BUF_OK)
                 goto oom;
             continue;
         case HTTP1_BODY:
-            if (proxy_call_body_room(c, ev.len, (size_t)k->p->max_body) != 0) goto oom;
-            memcpy(c->body + c->body_len, ev.data, ev.len);
-            c->body_len += ev.len;
+            if (buf_append(&c->body, ev.data, ev.len) != BUF_OK) goto oom;
             continue;
         case HTTP1_DONE:
-            proxy_conn_complete(k, off < k->rlen);
+            proxy_conn_complete(k, off < k->rbuf.len);
             return 1;
         case HTTP1_TOO_LARGE:
             log_debug("upstream: response too large");
@@ -726,21 +522,6 @@ oom:
     return 1;
 }
 
-/* The read buffer is full with a partial line: grow it, within the head
- * bound (http1.c fails a longer line first). 0 or -1. */
-static int proxy_conn_grow(proxy_conn *k)
-{
-    size_t cap = k->rcap * 2;
-    char *nb;
-    if (k->rcap >= PROXY_HEADERS_MAX) return -1;
-    if (cap > PROXY_HEADERS_MAX) cap = PROXY_HEADERS_MAX;
-    nb = realloc(k->rbuf, cap);
-    if (!nb) return -1;
-    k->rbuf = nb;
-    k->rcap = cap;
-    return 0;
-}
-
 static void proxy_on_read(evutil_socket_t fd, short what, void *arg)
 {
     proxy_conn *k = arg;
@@ -755,15 +536,17 @@ static void proxy_on_read(evutil_socket_t fd, short what, void *arg)
     for (;;) {
         size_t room;
         ssize_t n;
-        if (k->rlen == k->rcap && proxy_conn_grow(k) != 0) {
+        /* Full with a partial line: grown, within the head bound (http1.c
+         * fails a longer line first). */
+        if (k->rbuf.len == k->rbuf.cap && buf_reserve(&k->rbuf, 1) != BUF_OK) {
             proxy_conn_end(k, PROXY_TOO_LARGE);
             return;
         }
-        room = k->rcap - k->rlen;
-        n = recv(fd, k->rbuf + k->rlen, room, 0);
+        room = k->rbuf.cap - k->rbuf.len;
+        n = recv(fd, k->rbuf.p + k->rbuf.len, room, 0);
         if (n > 0) {
             c->got_bytes = 1;
-            k->rlen += (size_t)n;
+            k->rbuf.len += (size_t)n;
             if (proxy_conn_parse(k) != 0) return;
             if ((size_t)n < room) return; /* drained, most likely: wait for the next event */
             continue;
@@ -940,29 +723,6 @@ void proxy_free(proxy *p)
     free(p);
 }
 
-/* RFC 9110 9.2.2. */
-static int proxy_idempotent(const char *m)
-{
-    return strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0 || strcmp(m, "PUT") == 0 ||
-           strcmp(m, "DELETE") == 0 || strcmp(m, "OPTIONS") == 0 || strcmp(m, "TRACE") == 0;
-}
-
-/* "Content-Length: N\r\n\r\n" into OUT (48 bytes). */
-static size_t proxy_length_tail(char *out, size_t n)
-{
-    char d[24];
-    size_t nd = 0, o = sizeof("Content-Length: ") - 1;
-    memcpy(out, "Content-Length: ", o);
-    do {
-        d[nd++] = (char)('0' + n % 10);
-        n /= 10;
-    } while (n);
-    while (nd)
-        out[o++] = d[--nd];
-    memcpy(out + o, "\r\n\r\n", 4);
-    return o + 4;
-}
-
 int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method, const char *body,
                 size_t body_len, int64_t timeout_ms, proxy_done_cb done, void *arg)
 {
@@ -977,6 +737,9 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
         !http1_target_ok(target, tlen))
         return -1;
 
+    /* Zeroed by the caller, or cleared: the bounds before the first byte. */
+    if (!c->hdrs.p) buf_init(&c->hdrs, PROXY_HEADERS_MAX);
+    if (!c->body.p) buf_init(&c->body, (size_t)p->max_body);
     c->p = p;
     c->done = done;
     c->arg = arg;
@@ -1000,7 +763,7 @@ int proxy_start(proxy *p, proxy_call *c, const char *target, const char *method,
     c->iov[1] = (struct iovec){p->sp_prefix, p->sp_prefix_len};
     c->iov[2] = (struct iovec){(void *)target, tlen};
     c->iov[3] = (struct iovec){p->http_host, p->http_host_len};
-    c->iov[4] = (struct iovec){c->req_hdrs, c->req_hdrs_len};
+    c->iov[4] = (struct iovec){c->req_hdrs.p, c->req_hdrs.len};
     c->iov[5] = (struct iovec){c->tail, tail_len};
     c->iov[6] = (struct iovec){(void *)body, body ? body_len : 0};
     c->req_len = 0;

@@ -11,6 +11,7 @@
 #ifndef GATEWAY_PROXY_H
 #define GATEWAY_PROXY_H
 
+#include "common/buf.h"
 #include "gateway/config.h"
 
 #include <event2/event.h>
@@ -47,8 +48,7 @@ typedef void (*proxy_done_cb)(void *arg, proxy_call *c);
  * an allocation per call. The caller zeroes it, adds header lines with
  * proxy_call_add_header, starts it with proxy_start, and in the callback
  * reads the result fields at the end (response headers through
- * proxy_header_next); it may take body (then setting body to NULL and
- * body_len and body_cap to 0). Every other field is private to proxy.c:
+ * proxy_header_next); it may take body (with buf_detach). Every other field is private to proxy.c:
  * nothing else reads or writes it. */
 struct proxy_call {
     /* ---- private to proxy.c ---- */
@@ -58,8 +58,7 @@ struct proxy_call {
     struct proxy_conn *conn;       /* the connection carrying it, if any */
     int state;                     /* PROXY_CALL_* in proxy.c */
     /* Request header lines "Name: value\r\n", appended by proxy_call_add_header. */
-    char *req_hdrs;
-    size_t req_hdrs_len, req_hdrs_cap;
+    struct buf req_hdrs;
     /* The request as written: iovecs over memory that stays valid until the
      * call ends (the caller's method, target and body; P's constants). */
     struct iovec iov[PROXY_CALL_IOV];
@@ -74,16 +73,14 @@ struct proxy_call {
     struct event timer;
     proxy_done_cb done;
     void *arg;
-    char *hdrs; /* response headers as "name\0value\0" pairs: read them with
-                   proxy_header_next */
-    size_t hdrs_len, hdrs_cap;
+    struct buf hdrs; /* response headers as "name\0value\0" pairs: read them with
+                 proxy_header_next */
     /* ---- the result: the caller's to read in the callback ---- */
     enum proxy_result result;
     long status;
     int64_t content_length; /* the response's Content-Length, -1 if none; for
                                HEAD, the size of the GET answer (no body came) */
-    char *body;
-    size_t body_len, body_cap;
+    struct buf body;        /* body.p, body.len: the response body */
 };
 
 /* UP must outlive P. MAX_CONNS: open connections at most; calls past it

@@ -620,10 +620,7 @@ static void request_answer_upstream(gw_request *r, int64_t charged, int have_rem
     /* A HEAD answer carries the upstream's Content-Length (the size of the
      * GET answer) and no body; without one (chunked upstream) it says 0. */
     if (c->content_length > 0) server_reply_length(r->conn, c->content_length);
-    body = c->body; /* the server frees it */
-    len = c->body_len;
-    c->body = NULL;
-    c->body_len = c->body_cap = 0;
+    body = buf_detach(&c->body, &len); /* the server frees it */
     request_finish(r, body, len, 1);
 }
 

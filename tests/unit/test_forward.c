@@ -69,7 +69,7 @@ static int forward(const char *const *hdrs, char *out, size_t outlen)
     /* The test links its own server_header* stubs, which ignore the
      * connection: any non-NULL stand-in will do. */
     rc = forward_headers((server_conn *)&t_hdrs, &call, 42, "0123456789abcdef0123456789abcdef");
-    snprintf(out, outlen, "%.*s", (int)call.req_hdrs_len, call.req_hdrs ? call.req_hdrs : "");
+    snprintf(out, outlen, "%.*s", (int)call.req_hdrs.len, call.req_hdrs.p ? call.req_hdrs.p : "");
     proxy_call_clear(&call);
     return rc;
 }

@@ -12,10 +12,10 @@
 
 size_t proxy_header_next(const proxy_call *c, size_t off, const char **name, const char **value)
 {
-    if (off >= c->hdrs_len) return 0;
-    *name = c->hdrs + off;
+    if (off >= c->hdrs.len) return 0;
+    *name = c->hdrs.p + off;
     *value = *name + strlen(*name) + 1;
-    return (size_t)(*value - c->hdrs) + strlen(*value) + 1;
+    return (size_t)(*value - c->hdrs.p) + strlen(*value) + 1;
 }
 
 int forward_response_header(const char *name)
@@ -90,11 +90,11 @@ static void test_answers(void)
     memset(&c, 0, sizeof c);
     memset(fp, 7, sizeof fp);
     memset(body, 'b', sizeof body);
-    c.hdrs = (char *)hdrs;
-    c.hdrs_len = sizeof hdrs - 1;
+    c.hdrs.p = (char *)hdrs;
+    c.hdrs.len = sizeof hdrs - 1;
     c.status = 201;
-    c.body = body;
-    c.body_len = sizeof body;
+    c.body.p = body;
+    c.body.len = sizeof body;
     m = idem_marker_answer(fp, rid, &c, 100, &len, &kept);
     CHECK(m && kept == 1 && strncmp(m, "d|0707", 6) == 0);
     /* reserve.lua hands back what follows the rid's '|' */

@@ -217,6 +217,19 @@ fresh_port() {
     exit 1
 }
 
+# Waits up to 20 s until redis-cli -p PORT CMD prints a line matching RE;
+# else exits with WHAT.
+wait_for() {
+    local port=$1 cmd=$2 re=$3 what=$4
+    for _ in $(seq 1 400); do
+        # shellcheck disable=SC2086
+        rcli -p "$port" $cmd 2>/dev/null | grep -q "$re" && return 0
+        sleep 0.05
+    done
+    echo "stack: $what" >&2
+    exit 1
+}
+
 # A Redis Cluster beside the stack: 6 nodes (3 masters, 3 replicas) with the
 # stack's passwords, cluster bus ports chosen free like the others (not the
 # default port + 10000, which may fall in the ephemeral range), a short
@@ -268,12 +281,7 @@ CONF
         --cluster-replicas 1 --cluster-yes >"$dir/cluster/create.log" 2>&1 ||
         { cat "$dir/cluster/create.log" >&2; exit 1; }
     for p in $ports; do
-        for _ in $(seq 1 400); do
-            rcli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
-            sleep 0.05
-        done
-        rcli -p "$p" cluster info | grep -q '^cluster_state:ok' ||
-            { echo "stack: cluster node $p not ok" >&2; exit 1; }
+        wait_for "$p" "cluster info" '^cluster_state:ok' "cluster node $p not ok"
     done
     # A replica that never finished its first sync may not take over (its
     # data counts as too old): wait for every link.
@@ -281,12 +289,7 @@ CONF
     for p in $ports; do
         n=$((n + 1))
         [ $n -le 3 ] && continue
-        for _ in $(seq 1 400); do
-            rcli -p "$p" info replication 2>/dev/null | grep -q '^master_link_status:up' && break
-            sleep 0.05
-        done
-        rcli -p "$p" info replication | grep -q '^master_link_status:up' ||
-            { echo "stack: cluster replica $p not in sync" >&2; exit 1; }
+        wait_for "$p" "info replication" '^master_link_status:up' "cluster replica $p not in sync"
     done
     n=0
     # Masters first (redis-cli made the first three masters), as seeds.

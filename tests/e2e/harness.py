@@ -323,6 +323,17 @@ class Stack:
         self.admin_url = self.billing.url
         return self.billing
 
+    def wait_epoch(self, timeout=20.0):
+        """Until billing's first repair pass wrote pg:epoch: before it, the
+        gateway rightly answers 503 for a key it cannot find (the data may
+        be missing), which a test of the 401 must not race."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.redis_raw("EXISTS", "pg:epoch") == "1":
+                return
+            time.sleep(0.05)
+        raise AssertionError("billing wrote no pg:epoch")
+
     def start_devsim(self, env=None):
         port = free_port()
         e = {"DEVSIM_LISTEN": f"127.0.0.1:{port}"}

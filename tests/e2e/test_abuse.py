@@ -28,6 +28,7 @@ def _setup(stack):
     if stack.devsim is None:
         stack.start_devsim()
         stack.start_billing()
+        stack.wait_epoch()
     http("POST", stack.devsim.url + "/_sim/reset")
 
 

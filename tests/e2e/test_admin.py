@@ -633,8 +633,10 @@ def test_repair_raises_spent_redis_lost(stack):
     acct, _ = stack.new_account(100)
     red = Redis(stack.redis_port)
     try:
-        assert red.reserve(acct, "lost-1", 30)[0] == 1
-        assert red.settle(acct, "lost-1", 30)[:2] == [1, 30]
+        # Ids of this account's own (a retry's account must not meet the
+        # ledger's row of the first attempt's "lost-1").
+        assert red.reserve(acct, f"lost-{acct}", 30)[0] == 1
+        assert red.settle(acct, f"lost-{acct}", 30)[:2] == [1, 30]
         stack.wait_for(lambda: stack.scalar(f"select spent from accounts where id = {acct}")
                        == "30" and stack.drained(), what="settled")
         for p in stack.procs:
@@ -647,9 +649,9 @@ def test_repair_raises_spent_redis_lost(stack):
         red.call("XDEL", OUTBOX, eid)
         # A call in flight: no repair either (the loss may have brought back
         # a hold whose charge Postgres has; a late settle would count it again).
-        assert red.reserve(acct, "inflight", 1)[0] == 1
+        assert red.reserve(acct, f"inflight-{acct}", 1)[0] == 1
         assert red.credit(acct, 1, 100, 30) == [0, 1, 0]
-        assert red.settle(acct, "inflight", 0, "release", 503)[0] == 1
+        assert red.settle(acct, f"inflight-{acct}", 0, "release", 503)[0] == 1
         red.call("DEL", OUTBOX)  # that release's entry: billing is stopped
         red.call("XGROUP", "CREATE", OUTBOX, "settle", "$", "MKSTREAM")
         assert red.credit(acct, 1, 100, 30) == [0, 1, 1]
@@ -661,7 +663,9 @@ def test_repair_raises_spent_redis_lost(stack):
         red.close()
     stack.start_billing()  # its first repair pass puts it right
     stack.wait_for(lambda: stack.hot(acct)["spent"] == 30, timeout=10, what="spent repaired")
-    assert "Redis had lost settled charges" in stack.billing.output()
+    # The log writer is a thread of its own: the line may follow the write.
+    stack.wait_for(lambda: "Redis had lost settled charges" in stack.billing.output(), timeout=5,
+                   what="the repair's log line")
     _assert_synced(stack, acct)
 
 

@@ -175,11 +175,16 @@ def test_negative_adjustment_waits_for_a_pass_in_its_account_phase(stack):
     holder = subprocess.Popen(
         ["psql", stack.env["DATABASE_URL"], "-At", "-c",
          "SELECT pg_advisory_lock(x'706770617373'::bigint), pg_sleep(1.5)"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(stack.env, PGAPPNAME="adj-lock-holder"))
     try:
-        stack.wait_for(lambda: stack.scalar("select count(*) from pg_locks where locktype = "
-                                            "'advisory' and granted") == "1",
-                       timeout=10, what="the pass's lock held")
+        # The holder's own lock (billing's threads take advisory locks of
+        # their own, e.g. the archive pass's, which must not count here).
+        stack.wait_for(lambda: stack.scalar(
+            "select count(*) from pg_locks l join pg_stat_activity a using (pid) "
+            "where l.locktype = 'advisory' and l.granted "
+            "and a.application_name = 'adj-lock-holder'") == "1",
+            timeout=10, what="the pass's lock held")
         t0 = time.time()
         r = stack.admin("POST", f"/v1/accounts/{acct}/adjustments",
                         {"amount": -10, "reason": "lock"})

@@ -17,7 +17,6 @@ DEL of the outbox, divided by the calls. Prints microseconds per call and
 the ratios to single."""
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,20 +26,13 @@ ROOT = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(
     os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import luahelp  # noqa: E402
+from harness import free_port  # noqa: E402
 from luahelp import Redis  # noqa: E402
 
 ACCOUNTS = 1000
 BATCH = 128
 ROUNDS = 150
 GROUPS = 48  # slot groups: 16 per master of a 3-master cluster
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start(cluster, d):

@@ -160,6 +160,21 @@ ENV
 # DIR/redis/redis.conf (0600: it holds the passwords), read again by
 # redis-start. maxmemory: see README ("Sizing Redis"); noeviction: at the
 # limit writes fail (the gateway answers 503) and nothing is ever evicted.
+# The lines every Redis of a stack shares, single or cluster node: AOF,
+# the memory bound, the passwords and the gateway's ACL user (password $1,
+# commands beyond GATEWAY_REDIS_COMMANDS $2).
+redis_conf_common() {
+    cat <<CONF
+appendonly yes
+appendfsync everysec
+save ""
+maxmemory ${STACK_REDIS_MAXMEMORY:-1gb}
+maxmemory-policy noeviction
+requirepass $REDIS_PASSWORD
+user $GATEWAY_REDIS_USER on >$1 resetkeys ~pg:* resetchannels -@all $GATEWAY_REDIS_COMMANDS${2:+ $2}
+CONF
+}
+
 redis_conf() {
     (
         umask 077
@@ -171,13 +186,7 @@ dir $dir/redis
 daemonize yes
 pidfile $dir/redis/redis.pid
 logfile $dir/redis/redis.log
-appendonly yes
-appendfsync everysec
-save ""
-maxmemory ${STACK_REDIS_MAXMEMORY:-1gb}
-maxmemory-policy noeviction
-requirepass $REDIS_PASSWORD
-user $GATEWAY_REDIS_USER on >$2 resetkeys ~pg:* resetchannels -@all $GATEWAY_REDIS_COMMANDS
+$(redis_conf_common "$2" "")
 CONF
     )
 }
@@ -257,14 +266,8 @@ cluster-config-file nodes.conf
 cluster-port $bus
 cluster-node-timeout 2000
 repl-diskless-sync-delay 0
-appendonly yes
-appendfsync everysec
-save ""
-maxmemory ${STACK_REDIS_MAXMEMORY:-1gb}
-maxmemory-policy noeviction
-requirepass $REDIS_PASSWORD
 masterauth $REDIS_PASSWORD
-user $GATEWAY_REDIS_USER on >$gw_pw resetkeys ~pg:* resetchannels -@all $GATEWAY_REDIS_COMMANDS $GATEWAY_CLUSTER_COMMANDS
+$(redis_conf_common "$gw_pw" "$GATEWAY_CLUSTER_COMMANDS")
 CONF
         )
         redis-server "$dir/cluster/$p/redis.conf" >/dev/null

@@ -64,9 +64,7 @@ int config_load(billing_config *c, int need_redis, int need_listen, int need_pep
             log_error("REDIS_URL=%s: %s", shown, err);
             rc = -1;
         } else if (u.cluster) {
-            /* As the gateway's config.c: refused until routing is wired. */
-            log_error("REDIS_URL: redis+cluster:// is not served by this version yet "
-                      "(docs/SCALING.md); use redis://");
+            log_error("%s", REDISURL_CLUSTER_NOT_SERVED);
             rc = -1;
         }
         redisurl_wipe(&u);

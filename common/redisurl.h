@@ -25,6 +25,11 @@
 #define REDISURL_HOST_MAX 256
 #define REDISURL_CRED_MAX 256
 #define REDISURL_SEEDS_MAX 16
+/* Both programs' refusal of a cluster URL until the hot path routes by slot
+ * (one seed used as a single Redis would answer MOVED to most calls). */
+#define REDISURL_CLUSTER_NOT_SERVED                                                                \
+    "REDIS_URL: redis+cluster:// is not served by this version yet (docs/SCALING.md); use "        \
+    "redis://"
 
 typedef struct redisurl_node {
     char host[REDISURL_HOST_MAX];

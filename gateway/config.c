@@ -167,11 +167,7 @@ int config_load(gw_config *c)
         goto out;
     }
     if (c->redis.cluster) {
-        /* Refused, not half-served: the slot routing (common/cluster.h) is
-         * not wired into the hot path yet (docs/SCALING.md), and one seed
-         * used as a single Redis would answer MOVED to most calls. */
-        log_error("REDIS_URL: redis+cluster:// is not served by this version yet "
-                  "(docs/SCALING.md); use redis://");
+        log_error("%s", REDISURL_CLUSTER_NOT_SERVED);
         goto out;
     }
     if (!upstream) {

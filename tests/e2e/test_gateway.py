@@ -36,6 +36,7 @@ def _setup(stack, routes=None, env=None):
     if stack.devsim is None:
         stack.start_devsim()
         stack.start_billing()
+        stack.wait_epoch()  # before it, an unknown key is rightly a 503, not a 401
         stack.start_gateway(routes or ROUTES, env=env)
     http("POST", stack.devsim.url + "/_sim/reset")
     return stack.gateway.url
